@@ -1,0 +1,215 @@
+//! Public-key types: what a CSR carries, and what CA keys may be generated as.
+
+use crate::Error;
+use const_oid::ObjectIdentifier;
+use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SECP_384_R_1};
+use der::{Decode, Encode};
+use std::fmt;
+use std::str::FromStr;
+use x509_cert::spki::SubjectPublicKeyInfoOwned;
+
+/// Ed25519 algorithm identifier (RFC 8410).
+pub const ID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+
+/// The type of a subject public key, as the policy engine matches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    /// ECDSA on NIST P-256.
+    EcdsaP256,
+    /// ECDSA on NIST P-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+    /// RSA with the given modulus size in bits.
+    Rsa(usize),
+}
+
+impl KeyType {
+    /// Policy name: `ecdsa-p256`, `ecdsa-p384`, `ed25519`, `rsa`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Ed25519 => "ed25519",
+            KeyType::Rsa(_) => "rsa",
+        }
+    }
+
+    /// The rcgen algorithm whose key OIDs describe this key in a SubjectPublicKeyInfo.
+    pub fn rcgen_algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyType::Ed25519 => &rcgen::PKCS_ED25519,
+            KeyType::Rsa(_) => &rcgen::PKCS_RSA_SHA256,
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyType::Rsa(bits) => write!(f, "rsa-{bits}"),
+            other => f.write_str(other.family()),
+        }
+    }
+}
+
+/// A key type Sigil can generate for a CA (root, intermediate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySpec {
+    /// ECDSA P-256 with SHA-256.
+    EcdsaP256,
+    /// ECDSA P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+    /// RSA 3072 with PKCS#1 v1.5 SHA-256.
+    Rsa3072,
+    /// RSA 4096 with PKCS#1 v1.5 SHA-256.
+    Rsa4096,
+}
+
+impl FromStr for KeySpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "ecdsa-p256" | "p256" | "p-256" => KeySpec::EcdsaP256,
+            "ecdsa-p384" | "p384" | "p-384" => KeySpec::EcdsaP384,
+            "ed25519" => KeySpec::Ed25519,
+            "rsa-3072" => KeySpec::Rsa3072,
+            "rsa-4096" | "rsa" => KeySpec::Rsa4096,
+            _ => return Err(Error::KeySpec(s.to_string())),
+        })
+    }
+}
+
+impl fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeySpec::EcdsaP256 => "ecdsa-p256",
+            KeySpec::EcdsaP384 => "ecdsa-p384",
+            KeySpec::Ed25519 => "ed25519",
+            KeySpec::Rsa3072 => "rsa-3072",
+            KeySpec::Rsa4096 => "rsa-4096",
+        })
+    }
+}
+
+/// A subject public key, parsed once from a SubjectPublicKeyInfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    key_type: KeyType,
+    /// The subjectPublicKey BIT STRING contents (EC point, Ed25519 key, RSAPublicKey).
+    raw: Vec<u8>,
+    /// The full SubjectPublicKeyInfo DER.
+    spki_der: Vec<u8>,
+}
+
+#[derive(der::Sequence)]
+struct RsaPublicKeyAsn1<'a> {
+    modulus: der::asn1::UintRef<'a>,
+    public_exponent: der::asn1::UintRef<'a>,
+}
+
+impl PublicKey {
+    /// Parses and classifies a SubjectPublicKeyInfo.
+    pub fn from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey, crate::CsrError> {
+        use crate::CsrError;
+        let raw = spki
+            .subject_public_key
+            .as_bytes()
+            .ok_or_else(|| CsrError::UnsupportedKey("with a non-octet-aligned key".into()))?
+            .to_vec();
+        let alg = spki.algorithm.oid;
+        let key_type = if alg == ID_EC_PUBLIC_KEY {
+            let curve: ObjectIdentifier = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as().ok())
+                .ok_or_else(|| CsrError::UnsupportedKey("EC key without a named curve".into()))?;
+            let (kt, len) = if curve == SECP_256_R_1 {
+                (KeyType::EcdsaP256, 65)
+            } else if curve == SECP_384_R_1 {
+                (KeyType::EcdsaP384, 97)
+            } else {
+                return Err(CsrError::UnsupportedKey(format!("EC curve {curve}")));
+            };
+            if raw.len() != len || raw[0] != 4 {
+                return Err(CsrError::UnsupportedKey(
+                    "EC point that is not an uncompressed point of the curve's size".into(),
+                ));
+            }
+            kt
+        } else if alg == ID_ED25519 {
+            if spki.algorithm.parameters.is_some() || raw.len() != 32 {
+                return Err(CsrError::UnsupportedKey("malformed Ed25519 key".into()));
+            }
+            KeyType::Ed25519
+        } else if alg == RSA_ENCRYPTION {
+            let key = RsaPublicKeyAsn1::from_der(&raw)
+                .map_err(|e| CsrError::UnsupportedKey(format!("malformed RSA key ({e})")))?;
+            let m = key.modulus.as_bytes();
+            let bits = m.len() * 8 - m.first().map_or(8, |b| b.leading_zeros() as usize);
+            if !(2048..=8192).contains(&bits) {
+                return Err(CsrError::RsaKeySize(bits));
+            }
+            KeyType::Rsa(bits)
+        } else {
+            return Err(CsrError::UnsupportedKey(format!("algorithm {alg}")));
+        };
+        let spki_der = spki
+            .to_der()
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        Ok(PublicKey {
+            key_type,
+            raw,
+            spki_der,
+        })
+    }
+
+    /// Parses a DER SubjectPublicKeyInfo.
+    pub fn from_spki_der(der: &[u8]) -> Result<PublicKey, crate::CsrError> {
+        let spki = SubjectPublicKeyInfoOwned::from_der(der)
+            .map_err(|e| crate::CsrError::Malformed(e.to_string()))?;
+        PublicKey::from_spki(&spki)
+    }
+
+    /// The key's type.
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    /// The subjectPublicKey contents.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// The SubjectPublicKeyInfo DER.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki_der
+    }
+
+    /// SHA-256 of the SubjectPublicKeyInfo, hex (used to block compromised keys).
+    pub fn fingerprint(&self) -> String {
+        crate::sha256_hex(&self.spki_der)
+    }
+
+    /// Subject key identifier: SHA-256 of the subjectPublicKey truncated to 160 bits
+    /// (RFC 7093 method 1).
+    pub fn key_identifier(&self) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(&self.raw)[..20].to_vec()
+    }
+}
+
+impl rcgen::PublicKeyData for PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.key_type.rcgen_algorithm()
+    }
+}

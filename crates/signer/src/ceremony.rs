@@ -1,0 +1,154 @@
+//! CA certificates: the offline root, intermediate requests and signing, and the
+//! online issuer that signs leaves.
+
+use crate::{Error, SoftwareKey};
+use rcgen::{CertificateParams, DistinguishedName, Issuer, SigningKey};
+use sigil_core::template::{IntermediateOptions, intermediate_params, root_params};
+use sigil_core::{CaRequest, IssuerInfo, LeafTemplate, Serial};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// A CA certificate together with its private key, ready to sign.
+pub struct CaSigner<K: SigningKey = SoftwareKey> {
+    info: IssuerInfo,
+    issuer: Issuer<'static, K>,
+}
+
+impl<K: SigningKey> std::fmt::Debug for CaSigner<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CaSigner({})", self.info.subject)
+    }
+}
+
+impl<K: SigningKey> CaSigner<K> {
+    /// Pairs a CA certificate with its key; fails if they do not match.
+    pub fn new(cert_der: &[u8], key: K) -> Result<CaSigner<K>, Error> {
+        let info = IssuerInfo::from_der(cert_der)?;
+        if info.public_key.raw() != key.der_bytes() {
+            return Err(Error::KeyMismatch);
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der.to_vec().into(), key)?;
+        Ok(CaSigner { info, issuer })
+    }
+
+    /// Facts about the CA certificate.
+    pub fn info(&self) -> &IssuerInfo {
+        &self.info
+    }
+
+    /// Signs a checked leaf template (consuming it).
+    pub fn sign_leaf(&self, template: LeafTemplate) -> Result<Vec<u8>, Error> {
+        Ok(template.sign(&self.issuer)?)
+    }
+
+    /// Signs arbitrary CA-made parameters for `subject` (intermediates).
+    fn sign_params(
+        &self,
+        params: &CertificateParams,
+        subject: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<u8>, Error> {
+        Ok(params.signed_by(subject, &self.issuer)?.der().to_vec())
+    }
+}
+
+/// Creates a self-signed root certificate for `key`.
+pub fn self_signed_root(
+    key: &SoftwareKey,
+    subject: DistinguishedName,
+    serial: &Serial,
+    now: OffsetDateTime,
+    validity: Duration,
+) -> Result<Vec<u8>, Error> {
+    let params = root_params(subject, key.public_key(), serial, now, validity);
+    Ok(params.self_signed(key)?.der().to_vec())
+}
+
+/// Creates the PKCS#10 request for an intermediate key (subject only; the
+/// extensions are decided by the root ceremony).
+pub fn intermediate_csr(key: &SoftwareKey, subject: DistinguishedName) -> Result<Vec<u8>, Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject;
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+/// The root signs an intermediate from its verified request.
+pub fn sign_intermediate<K: SigningKey>(
+    root: &CaSigner<K>,
+    request: &CaRequest,
+    serial: &Serial,
+    now: OffsetDateTime,
+    validity: Duration,
+    opts: &IntermediateOptions,
+) -> Result<Vec<u8>, Error> {
+    let not_after = now + validity;
+    if not_after > root.info.not_after {
+        return Err(Error::Core(sigil_core::Error::Template(format!(
+            "intermediate would outlive the root (root expires {}); shorten --validity",
+            root.info.not_after
+        ))));
+    }
+    let params = intermediate_params(
+        request.subject.clone(),
+        &request.public_key,
+        serial,
+        now,
+        validity,
+        opts,
+    )?;
+    root.sign_params(&params, &request.public_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_core::KeySpec;
+    use sigil_core::dn::parse_subject;
+
+    #[test]
+    fn root_intermediate_chain_and_mismatch() {
+        let now = OffsetDateTime::now_utc();
+        let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
+        let serial = crate::random_serial().unwrap();
+        let root_der = self_signed_root(
+            &root_key,
+            parse_subject("CN=Test Root,O=Sigil").unwrap(),
+            &serial,
+            now,
+            Duration::from_secs(86400 * 3650),
+        )
+        .unwrap();
+        let root = CaSigner::new(&root_der, root_key).unwrap();
+        assert!(root.info().is_ca && root.info().is_self_issued());
+
+        let (int_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+        let csr = intermediate_csr(&int_key, parse_subject("CN=Test Issuing CA").unwrap()).unwrap();
+        let req = CaRequest::parse(&csr).unwrap();
+        let int_der = sign_intermediate(
+            &root,
+            &req,
+            &crate::random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 365),
+            &IntermediateOptions::default(),
+        )
+        .unwrap();
+        let int = CaSigner::new(&int_der, int_key).unwrap();
+        assert_eq!(int.info().path_len, Some(0));
+        assert_eq!(int.info().issuer, root.info().subject);
+
+        let (other, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+        assert!(matches!(
+            CaSigner::new(&int_der, other),
+            Err(Error::KeyMismatch)
+        ));
+        let too_long = sign_intermediate(
+            &root,
+            &req,
+            &crate::random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 3651 * 2),
+            &IntermediateOptions::default(),
+        );
+        assert!(too_long.is_err());
+    }
+}
