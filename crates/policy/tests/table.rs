@@ -1,0 +1,276 @@
+//! Table-driven policy decisions, including attempts to slip past a rule.
+
+use sigil_core::{Identifier, KeyType, Profile, Requester};
+use sigil_policy::{Outcome, Policy, Request};
+use std::time::Duration;
+
+const POLICY: &str = r#"
+[[rule]]
+name = "payments"
+effect = "allow"
+requesters = ["token:payments-*", "mtls:spiffe://corp/ns/payments/*"]
+dns = ["*.payments.internal", "api.corp.internal"]
+ip = ["10.20.0.0/16"]
+uri = ["spiffe://corp/ns/payments/sa/*"]
+max_lifetime = "72h"
+profiles = ["mtls", "server"]
+key_types = ["ecdsa-p256", "ed25519", "rsa-3072"]
+
+[[rule]]
+name = "platform"
+effect = "allow"
+requesters = ["operator"]
+dns = [".internal"]
+ip = ["10.0.0.0/8", "::/0"]
+email = ["@corp.example"]
+
+[[rule]]
+name = "no-vault"
+effect = "deny"
+requesters = ["*"]
+dns = ["vault.payments.internal", ".secrets.internal"]
+ip = ["10.20.99.0/24"]
+
+[[rule]]
+name = "no-rsa-for-tokens"
+effect = "deny"
+requesters = ["token"]
+key_types = ["rsa-4096"]
+"#;
+
+fn policy() -> Policy {
+    Policy::from_sources([("test.toml", POLICY)]).unwrap()
+}
+
+struct Case {
+    requester: Requester,
+    names: &'static [&'static str],
+    profile: Profile,
+    key: KeyType,
+    lifetime: Option<u64>,
+    allowed: bool,
+    reason_has: &'static str,
+}
+
+fn case(
+    r: Requester,
+    names: &'static [&'static str],
+    allowed: bool,
+    reason_has: &'static str,
+) -> Case {
+    Case {
+        requester: r,
+        names,
+        profile: Profile::Mtls,
+        key: KeyType::EcdsaP256,
+        lifetime: None,
+        allowed,
+        reason_has,
+    }
+}
+
+#[test]
+fn decisions() {
+    let tok = || Requester::Token("payments-web".into());
+    let op = || Requester::Operator("alice".into());
+    let mut cases = vec![
+        case(tok(), &["a.payments.internal"], true, "payments"),
+        // Case and trailing dot normalize before matching.
+        case(tok(), &["A.Payments.Internal."], true, "payments"),
+        case(tok(), &["api.corp.internal"], true, "payments"),
+        // One label only under a '*.' pattern.
+        case(tok(), &["a.b.payments.internal"], false, "no allow rule"),
+        // A different requester kind with the same name is not selected.
+        case(
+            Requester::Mtls("payments-web".into()),
+            &["a.payments.internal"],
+            false,
+            "no allow rule",
+        ),
+        case(
+            Requester::Mtls("spiffe://corp/ns/payments/sa/web".into()),
+            &["spiffe://corp/ns/payments/sa/web"],
+            true,
+            "payments",
+        ),
+        case(
+            tok(),
+            &["spiffe://corp/ns/billing/sa/web"],
+            false,
+            "no allow rule",
+        ),
+        // Deny wins over allow, exactly and for wildcards overlapping a denied name.
+        case(tok(), &["vault.payments.internal"], false, "no-vault"),
+        case(tok(), &["*.payments.internal"], false, "no-vault"),
+        case(op(), &["x.secrets.internal"], false, "no-vault"),
+        case(op(), &["*.secrets.internal"], false, "no-vault"),
+        // One label below .internal never reaches names under secrets.internal.
+        case(op(), &["*.internal"], true, "platform"),
+        case(op(), &["*.payments.internal"], false, "no-vault"),
+        case(op(), &["deep.team.internal"], true, "platform"),
+        // Lookalike suffix is not under the domain.
+        case(op(), &["evilinternal"], false, "no allow rule"),
+        // IPs: containment and deny ranges; IPv4-mapped IPv6 is judged as IPv4.
+        case(tok(), &["10.20.1.1"], true, "payments"),
+        case(tok(), &["10.20.99.7"], false, "no-vault"),
+        case(op(), &["::ffff:10.20.99.7"], false, "no-vault"),
+        case(op(), &["2001:db8::1"], true, "platform"),
+        // Mixed: one bad name refuses the whole request.
+        case(
+            tok(),
+            &["a.payments.internal", "other.internal"],
+            false,
+            "no allow rule",
+        ),
+        case(op(), &["ops@corp.example"], true, "platform"),
+        case(op(), &["ops@corp.example.evil"], false, "no allow rule"),
+    ];
+    // Profile, key type and lifetime limits, with reasons naming the rule.
+    cases.push(Case {
+        profile: Profile::Client,
+        ..case(tok(), &["a.payments.internal"], false, "not profile client")
+    });
+    cases.push(Case {
+        key: KeyType::EcdsaP384,
+        ..case(
+            tok(),
+            &["a.payments.internal"],
+            false,
+            "not key type ecdsa-p384",
+        )
+    });
+    cases.push(Case {
+        key: KeyType::Rsa(2048),
+        ..case(
+            tok(),
+            &["a.payments.internal"],
+            false,
+            "not key type rsa-2048",
+        )
+    });
+    cases.push(Case {
+        key: KeyType::Rsa(3072),
+        ..case(tok(), &["a.payments.internal"], true, "payments")
+    });
+    cases.push(Case {
+        key: KeyType::Rsa(4096),
+        ..case(tok(), &["a.payments.internal"], false, "no-rsa-for-tokens")
+    });
+    cases.push(Case {
+        lifetime: Some(72 * 3600),
+        ..case(tok(), &["a.payments.internal"], true, "payments")
+    });
+    cases.push(Case {
+        lifetime: Some(73 * 3600),
+        ..case(tok(), &["a.payments.internal"], false, "at most 3days")
+    });
+
+    let p = policy();
+    for c in cases {
+        let ids: Vec<Identifier> = c
+            .names
+            .iter()
+            .map(|n| Identifier::parse_any(n).unwrap())
+            .collect();
+        let d = p.evaluate(&Request {
+            requester: &c.requester,
+            identifiers: &ids,
+            profile: c.profile,
+            key_type: c.key,
+            lifetime: c.lifetime.map(Duration::from_secs),
+        });
+        let text = d.to_string();
+        assert_eq!(
+            d.allowed, c.allowed,
+            "{:?} for {}: {text}",
+            c.names, c.requester
+        );
+        assert!(
+            text.contains(c.reason_has),
+            "{:?}: expected '{}' in:\n{text}",
+            c.names,
+            c.reason_has
+        );
+    }
+}
+
+#[test]
+fn lifetime_bound_is_reported() {
+    let p = policy();
+    let ids = vec![Identifier::parse_any("a.payments.internal").unwrap()];
+    let r = Requester::Token("payments-x".into());
+    let d = p.evaluate(&Request {
+        requester: &r,
+        identifiers: &ids,
+        profile: Profile::Mtls,
+        key_type: KeyType::Ed25519,
+        lifetime: None,
+    });
+    assert!(d.allowed);
+    assert_eq!(d.max_lifetime, Some(Duration::from_secs(72 * 3600)));
+    assert_eq!(d.findings[0].outcome, Outcome::Allowed);
+}
+
+#[test]
+fn unicode_homograph_does_not_match_ascii_rule() {
+    let p = policy();
+    // Cyrillic 'а' in "аpi" becomes an xn-- label that no rule names.
+    let ids = vec![Identifier::parse_any("\u{0430}pi.corp.internal").unwrap()];
+    let r = Requester::Token("payments-x".into());
+    let d = p.evaluate(&Request {
+        requester: &r,
+        identifiers: &ids,
+        profile: Profile::Mtls,
+        key_type: KeyType::Ed25519,
+        lifetime: None,
+    });
+    assert!(!d.allowed, "{d}");
+}
+
+#[test]
+fn bad_policies_name_the_problem() {
+    let bad = [
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\n",
+            "must list names",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\ndns=['*.*.x']\n",
+            "wildcard",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['boss']\ndns=['x']\n",
+            "kind must be one of",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\ndns=['x']\nkey_types=['dsa']\n",
+            "unknown key type",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\ndns=['x']\nfoo=1\n",
+            "unknown field",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\nip=['300.1.1.1']\n",
+            "not an IP",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\ndns=['a']\n[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\n",
+            "already used",
+        ),
+    ];
+    for (text, want) in bad {
+        let e = Policy::from_sources([("bad.toml", text)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(e.contains("bad.toml"), "{e}");
+    }
+}
+
+#[test]
+fn shipped_policies_load() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let p = Policy::load_dir(&root).unwrap();
+    assert!(!p.rules().is_empty());
+}
