@@ -1,1 +1,208 @@
-//! placeholder
+//! Sigil storage on SQLite (embedded default) or PostgreSQL (several nodes).
+//!
+//! Every write goes through one group-commit writer per process: concurrent
+//! changes are batched into a single durable transaction (SQLite WAL with
+//! `synchronous=FULL`; PostgreSQL defaults), each with its audit record in the
+//! same transaction. A caller's `commit` returns only after that transaction is
+//! durable. The audit table is append-only (database triggers) and hash-chained.
+
+mod audit;
+mod error;
+mod rows;
+mod writer;
+
+pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
+pub use error::Error;
+pub use rows::{CertificateRow, IssuerRow, NewCertificate, NewIssuer};
+pub use writer::Change;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Which database engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file.
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// A handle to the database. Cheap to clone; all clones share one writer.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    writer: mpsc::Sender<writer::Job>,
+}
+
+impl Store {
+    /// Connects (creating a SQLite file if needed), applies migrations and starts
+    /// the group-commit writer. URLs: `sqlite://PATH`, `postgres://...`.
+    pub async fn open(url: &str) -> Result<Store, Error> {
+        install_default_drivers();
+        let (backend, url) = normalize_url(url)?;
+        let max = match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 16,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL for concurrent readers; FULL so a commit survives power loss.
+                        conn.execute(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| Error::Connect(redact(&url), e))?;
+        migrator(backend).run(&pool).await?;
+        let writer = writer::spawn(pool.clone(), backend);
+        Ok(Store {
+            pool,
+            backend,
+            writer,
+        })
+    }
+
+    /// The engine in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Durably applies one change with its audit record; returns the audit receipt.
+    pub async fn commit(&self, change: Change) -> Result<AuditReceipt, Error> {
+        writer::submit(&self.writer, change).await
+    }
+
+    /// A direct pool handle, for tests that must bypass the application (for
+    /// example to prove the database itself refuses audit tampering).
+    pub fn dangerous_raw_pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn migrator(backend: Backend) -> Migrator {
+    let sql: &'static str = match backend {
+        Backend::Sqlite => include_str!("../../../migrations/sqlite/0001_init.sql"),
+        Backend::Postgres => include_str!("../../../migrations/postgres/0001_init.sql"),
+    };
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        sqlx::AssertSqlSafe(sql).into_sql_str(),
+        false,
+    )])
+}
+
+use sqlx::SqlSafeStr as _;
+
+fn normalize_url(url: &str) -> Result<(Backend, String), Error> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let rest = rest.trim_start_matches("//");
+        if rest.is_empty() || rest.contains(":memory:") {
+            return Err(Error::Config(
+                "SQLite needs a file path (sqlite://PATH); in-memory databases lose every certificate".into(),
+            ));
+        }
+        let sep = if rest.contains('?') { '&' } else { '?' };
+        let mode = if rest.contains("mode=") {
+            String::new()
+        } else {
+            format!("{sep}mode=rwc")
+        };
+        return Ok((Backend::Sqlite, format!("sqlite://{rest}{mode}")));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Backend::Postgres, url.to_string()));
+    }
+    Err(Error::Config(format!(
+        "database URL must start with sqlite:// or postgres:// (got '{}')",
+        redact(url)
+    )))
+}
+
+/// Hides a password in a database URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Helpers for test suites that must run against every backend.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::Path;
+
+    /// Database URLs to test against: a fresh SQLite file in `dir`, and a fresh
+    /// PostgreSQL database when `TEST_DATABASE_URL` is set. With
+    /// `SIGIL_REQUIRE_EXTERNAL=1` a missing PostgreSQL is an error, not a skip.
+    pub async fn backends(dir: &Path) -> Vec<(&'static str, String)> {
+        let mut v = vec![(
+            "sqlite",
+            format!("sqlite://{}", dir.join("sigil-test.db").display()),
+        )];
+        match std::env::var("TEST_DATABASE_URL") {
+            Ok(admin) if !admin.is_empty() => match fresh_postgres(&admin).await {
+                Ok(url) => v.push(("postgres", url)),
+                Err(e) => panic!("TEST_DATABASE_URL is set but unusable: {e}"),
+            },
+            _ => {
+                if std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+                    panic!(
+                        "SIGIL_REQUIRE_EXTERNAL=1 but TEST_DATABASE_URL is not set; run ./scripts/test"
+                    );
+                }
+                eprintln!("note: TEST_DATABASE_URL not set; PostgreSQL tests skipped");
+            }
+        }
+        v
+    }
+
+    /// Creates an empty database next to the one in `admin_url`; returns its URL.
+    pub async fn fresh_postgres(admin_url: &str) -> Result<String, String> {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(admin_url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut rnd = [0u8; 6];
+        getrandom::fill(&mut rnd).map_err(|e| e.to_string())?;
+        let name = format!("sigil_t_{}", hex::encode(rnd));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (base, query) = match admin_url.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin_url, String::new()),
+        };
+        let cut = base.rfind('/').ok_or("URL has no database name")?;
+        Ok(format!("{}/{name}{query}", &base[..cut]))
+    }
+}

@@ -1,0 +1,28 @@
+use thiserror::Error;
+
+/// Storage errors. Messages never include database passwords.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad configuration (URL).
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// Could not connect.
+    #[error("cannot connect to database {0}: {1}")]
+    Connect(String, sqlx::Error),
+    /// Migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A uniqueness conflict (e.g. a serial already used).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The writer task is gone (shutting down).
+    #[error("store is shutting down")]
+    Closed,
+    /// Stored data that cannot be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,185 @@
+//! Row types and read queries.
+
+use crate::{Error, Store};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// An issuing CA to record at install time.
+#[derive(Debug, Clone)]
+pub struct NewIssuer {
+    /// Issuer id.
+    pub id: String,
+    /// Certificate DER.
+    pub cert_der: Vec<u8>,
+    /// Subject text.
+    pub subject: String,
+    /// Validity start (unix s).
+    pub not_before: i64,
+    /// Validity end (unix s).
+    pub not_after: i64,
+    /// Install time (unix s).
+    pub installed_at: i64,
+}
+
+/// A stored issuing CA.
+#[derive(Debug, Clone)]
+pub struct IssuerRow {
+    /// Issuer id.
+    pub id: String,
+    /// Certificate DER.
+    pub cert_der: Vec<u8>,
+    /// Subject text.
+    pub subject: String,
+    /// Validity start (unix s).
+    pub not_before: i64,
+    /// Validity end (unix s).
+    pub not_after: i64,
+    /// Install time (unix s).
+    pub installed_at: i64,
+    /// `active` or `retired`.
+    pub status: String,
+}
+
+/// A certificate to store at issuance.
+#[derive(Debug, Clone)]
+pub struct NewCertificate {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Issuer id.
+    pub issuer_id: String,
+    /// Profile name.
+    pub profile: String,
+    /// Requester (`kind:name`).
+    pub requester: String,
+    /// Identifiers.
+    pub names: Vec<String>,
+    /// SHA-256 of the subject public key info.
+    pub key_fingerprint: String,
+    /// Validity start (unix s).
+    pub not_before: i64,
+    /// Validity end (unix s).
+    pub not_after: i64,
+    /// Issue time (unix s).
+    pub issued_at: i64,
+    /// Certificate DER.
+    pub der: Vec<u8>,
+}
+
+/// A stored certificate.
+pub type CertificateRow = NewCertificate;
+
+fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
+    let names: String = r.try_get("names")?;
+    Ok(CertificateRow {
+        serial: r.try_get("serial")?,
+        issuer_id: r.try_get("issuer_id")?,
+        profile: r.try_get("profile")?,
+        requester: r.try_get("requester")?,
+        names: serde_json::from_str(&names).map_err(|e| Error::Corrupt(e.to_string()))?,
+        key_fingerprint: r.try_get("key_fingerprint")?,
+        not_before: r.try_get("not_before")?,
+        not_after: r.try_get("not_after")?,
+        issued_at: r.try_get("issued_at")?,
+        der: r.try_get("der")?,
+    })
+}
+
+fn issuer_from_row(r: &AnyRow) -> Result<IssuerRow, Error> {
+    Ok(IssuerRow {
+        id: r.try_get("id")?,
+        cert_der: r.try_get("cert_der")?,
+        subject: r.try_get("subject")?,
+        not_before: r.try_get("not_before")?,
+        not_after: r.try_get("not_after")?,
+        installed_at: r.try_get("installed_at")?,
+        status: r.try_get("status")?,
+    })
+}
+
+const CERT_COLS: &str = "serial, issuer_id, profile, requester, names, key_fingerprint, not_before, not_after, issued_at, der";
+
+impl Store {
+    /// All issuers, newest install first.
+    pub async fn issuers(&self) -> Result<Vec<IssuerRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status \
+             FROM issuers ORDER BY installed_at DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(issuer_from_row).collect()
+    }
+
+    /// One issuer by id.
+    pub async fn issuer(&self, id: &str) -> Result<Option<IssuerRow>, Error> {
+        let row = sqlx::query(
+            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status \
+             FROM issuers WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(issuer_from_row).transpose()
+    }
+
+    /// One certificate by serial (lowercase hex).
+    pub async fn certificate(&self, serial: &str) -> Result<Option<CertificateRow>, Error> {
+        let sql = format!("SELECT {CERT_COLS} FROM certificates WHERE serial = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cert_from_row).transpose()
+    }
+
+    /// Certificates, newest first; `name` filters by an exact identifier.
+    pub async fn certificates(
+        &self,
+        name: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<CertificateRow>, Error> {
+        let rows = match name {
+            Some(n) => {
+                // names is a JSON array of strings; match the quoted element.
+                let pattern = format!("%{}%", serde_json::to_string(n).unwrap_or_default());
+                let sql = format!(
+                    "SELECT {CERT_COLS} FROM certificates WHERE names LIKE $1 \
+                     ORDER BY issued_at DESC, serial LIMIT $2 OFFSET $3"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(pattern)
+                    .bind(limit)
+                    .bind(offset)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {CERT_COLS} FROM certificates \
+                     ORDER BY issued_at DESC, serial LIMIT $1 OFFSET $2"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(limit)
+                    .bind(offset)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(cert_from_row).collect()
+    }
+
+    /// Number of stored certificates.
+    pub async fn certificate_count(&self) -> Result<i64, Error> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM certificates")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,270 @@
+//! The group-commit writer: one task per process turns a burst of concurrent
+//! changes into one durable transaction, so throughput does not pay one fsync
+//! per certificate and durability is never weakened.
+
+use crate::audit::{AuditEvent, AuditReceipt, GENESIS_HASH, row_hash};
+use crate::rows::{NewCertificate, NewIssuer};
+use crate::{Backend, Error};
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest number of changes committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Rows per multi-row INSERT statement (keeps bind counts far below limits).
+const ROWS_PER_STATEMENT: usize = 128;
+/// Arbitrary constant naming the audit-chain lock on PostgreSQL.
+const AUDIT_LOCK_KEY: i64 = 0x5167_11a0;
+
+/// One durable change and the audit event that records it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Change {
+    /// A certificate was issued.
+    Issue {
+        /// The certificate row.
+        cert: NewCertificate,
+        /// Its audit event.
+        event: AuditEvent,
+    },
+    /// An issuing CA was installed and becomes the active issuer.
+    InstallIssuer {
+        /// The issuer row.
+        issuer: NewIssuer,
+        /// Its audit event.
+        event: AuditEvent,
+    },
+    /// An event with no other row (a denial, a config change).
+    Record(AuditEvent),
+}
+
+impl Change {
+    fn event(&self) -> &AuditEvent {
+        match self {
+            Change::Issue { event, .. }
+            | Change::InstallIssuer { event, .. }
+            | Change::Record(event) => event,
+        }
+    }
+}
+
+pub(crate) struct Job {
+    change: Change,
+    reply: oneshot::Sender<Result<AuditReceipt, Error>>,
+}
+
+pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
+    let (tx, mut rx) = mpsc::channel::<Job>(4096);
+    tokio::spawn(async move {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        while let Some(job) = rx.recv().await {
+            batch.push(job);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            process(&pool, backend, &mut batch).await;
+        }
+    });
+    tx
+}
+
+pub(crate) async fn submit(tx: &mpsc::Sender<Job>, change: Change) -> Result<AuditReceipt, Error> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Job { change, reply })
+        .await
+        .map_err(|_| Error::Closed)?;
+    rx.await.map_err(|_| Error::Closed)?
+}
+
+async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>) {
+    let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
+    match write(pool, backend, &changes).await {
+        Ok(receipts) => {
+            for (job, r) in batch.drain(..).zip(receipts) {
+                let _ = job.reply.send(Ok(r));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(job) = batch.pop() {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            // One bad change (e.g. a duplicate serial) must not fail its
+            // neighbours: retry each alone so only the culprit gets the error.
+            for job in batch.drain(..) {
+                let r = write(pool, backend, &[&job.change]).await;
+                let _ = job
+                    .reply
+                    .send(r.and_then(|mut v| v.pop().ok_or(Error::Closed)));
+            }
+        }
+    }
+}
+
+fn classify(e: sqlx::Error) -> Error {
+    match e.as_database_error() {
+        Some(d) if d.is_unique_violation() => Error::Conflict(d.message().to_string()),
+        _ => Error::Db(e),
+    }
+}
+
+async fn write(
+    pool: &AnyPool,
+    backend: Backend,
+    changes: &[&Change],
+) -> Result<Vec<AuditReceipt>, Error> {
+    let mut tx = match backend {
+        // IMMEDIATE takes the write lock up front, so reading the chain head and
+        // appending cannot race another process.
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(AUDIT_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+            tx
+        }
+    };
+    let head = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (mut seq, mut prev): (i64, String) = match head {
+        Some(r) => (r.try_get("seq")?, r.try_get("hash")?),
+        None => (0, GENESIS_HASH.to_string()),
+    };
+
+    for change in changes {
+        if let Change::InstallIssuer { issuer, .. } = change {
+            install_issuer(&mut tx, issuer).await?;
+        }
+    }
+    let certs: Vec<&NewCertificate> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Issue { cert, .. } => Some(cert),
+            _ => None,
+        })
+        .collect();
+    for chunk in certs.chunks(ROWS_PER_STATEMENT) {
+        insert_certificates(&mut tx, chunk)
+            .await
+            .map_err(classify)?;
+    }
+
+    let mut receipts = Vec::with_capacity(changes.len());
+    let mut rows = Vec::with_capacity(changes.len());
+    for change in changes {
+        let ev = change.event();
+        seq += 1;
+        let detail = ev.detail.to_string();
+        let hash = row_hash(
+            seq,
+            ev.ts_ms,
+            &ev.kind,
+            &ev.actor,
+            &ev.subject,
+            &detail,
+            &prev,
+        );
+        rows.push((seq, ev, detail, std::mem::replace(&mut prev, hash.clone())));
+        receipts.push(AuditReceipt { seq, hash });
+    }
+    for (chunk, hashes) in rows
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(receipts.chunks(ROWS_PER_STATEMENT))
+    {
+        let mut sql = String::from(
+            "INSERT INTO audit (seq, ts_ms, kind, actor, subject, detail, prev_hash, hash) VALUES ",
+        );
+        push_placeholders(&mut sql, chunk.len(), 8);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((seq, ev, detail, prev_hash), r) in chunk.iter().zip(hashes) {
+            q = q
+                .bind(*seq)
+                .bind(ev.ts_ms)
+                .bind(ev.kind.clone())
+                .bind(ev.actor.clone())
+                .bind(ev.subject.clone())
+                .bind(detail.clone())
+                .bind(prev_hash.clone())
+                .bind(r.hash.clone());
+        }
+        q.execute(&mut *tx).await.map_err(classify)?;
+    }
+    tx.commit().await?;
+    Ok(receipts)
+}
+
+async fn install_issuer(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    issuer: &NewIssuer,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO issuers (id, cert_der, subject, not_before, not_after, installed_at, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'active') \
+         ON CONFLICT (id) DO UPDATE SET status = 'active', installed_at = excluded.installed_at",
+    )
+    .bind(issuer.id.clone())
+    .bind(issuer.cert_der.clone())
+    .bind(issuer.subject.clone())
+    .bind(issuer.not_before)
+    .bind(issuer.not_after)
+    .bind(issuer.installed_at)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE issuers SET status = 'retired' WHERE id <> $1 AND status = 'active'")
+        .bind(issuer.id.clone())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn insert_certificates(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    certs: &[&NewCertificate],
+) -> Result<(), sqlx::Error> {
+    let mut sql = String::from(
+        "INSERT INTO certificates (serial, issuer_id, profile, requester, names, key_fingerprint, \
+         not_before, not_after, issued_at, der) VALUES ",
+    );
+    push_placeholders(&mut sql, certs.len(), 10);
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for c in certs {
+        q = q
+            .bind(c.serial.clone())
+            .bind(c.issuer_id.clone())
+            .bind(c.profile.clone())
+            .bind(c.requester.clone())
+            .bind(serde_json::to_string(&c.names).unwrap_or_else(|_| "[]".into()))
+            .bind(c.key_fingerprint.clone())
+            .bind(c.not_before)
+            .bind(c.not_after)
+            .bind(c.issued_at)
+            .bind(c.der.clone());
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
+    use std::fmt::Write;
+    let mut n = 1;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            let _ = write!(sql, "${n}");
+            n += 1;
+        }
+        sql.push(')');
+    }
+}

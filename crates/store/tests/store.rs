@@ -1,0 +1,216 @@
+//! Storage tests, run on SQLite and (when available) PostgreSQL.
+
+use sigil_store::{AuditEvent, Change, NewCertificate, NewIssuer, Store, testing};
+
+fn event(i: usize) -> AuditEvent {
+    AuditEvent {
+        ts_ms: 1_700_000_000_000 + i as i64,
+        kind: "cert.issued".into(),
+        actor: "operator:test".into(),
+        subject: format!("serial-{i}"),
+        detail: serde_json::json!({ "n": i, "text": "line\nbreak" }),
+    }
+}
+
+fn issuer() -> NewIssuer {
+    NewIssuer {
+        id: "00112233445566778899aabbccddeeff".into(),
+        cert_der: vec![0x30, 0x00],
+        subject: "CN=Test".into(),
+        not_before: 0,
+        not_after: 4_000_000_000,
+        installed_at: 1,
+    }
+}
+
+fn cert(i: usize) -> NewCertificate {
+    NewCertificate {
+        serial: format!("{i:032x}"),
+        issuer_id: issuer().id,
+        profile: "mtls".into(),
+        requester: "operator:test".into(),
+        names: vec![format!("host{i}.internal")],
+        key_fingerprint: format!("fp{i}"),
+        not_before: 10,
+        not_after: 20,
+        issued_at: i as i64,
+        der: vec![1, 2, 3],
+    }
+}
+
+async fn seeded(url: &str, n: usize) -> Store {
+    let store = Store::open(url).await.unwrap();
+    store
+        .commit(Change::InstallIssuer {
+            issuer: issuer(),
+            event: event(0),
+        })
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 1..=n {
+        let s = store.clone();
+        handles.push(tokio::spawn(async move {
+            s.commit(Change::Issue {
+                cert: cert(i),
+                event: event(i),
+            })
+            .await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_keep_chain_and_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 200).await;
+        assert_eq!(store.certificate_count().await.unwrap(), 200, "{name}");
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!(report.rows, 201, "{name}");
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        // Durable read-back with the names decoded.
+        let c = store
+            .certificate(&format!("{:032x}", 7))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.names, vec!["host7.internal".to_string()]);
+        let found = store
+            .certificates(Some("host7.internal"), 10, 0)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1, "{name}");
+        // A duplicate serial fails alone and leaves the chain intact.
+        let dup = store
+            .commit(Change::Issue {
+                cert: cert(7),
+                event: event(999),
+            })
+            .await;
+        assert!(
+            matches!(dup, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {dup:?}"
+        );
+        assert!(store.verify_audit().await.unwrap().first_bad.is_none());
+        assert_eq!(store.issuers().await.unwrap()[0].status, "active");
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_refuses_audit_update_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 3).await;
+        let pool = store.dangerous_raw_pool();
+        let upd = sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+            .execute(pool)
+            .await;
+        assert!(
+            upd.unwrap_err().to_string().contains("append-only"),
+            "{name}"
+        );
+        let del = sqlx::query("DELETE FROM audit WHERE seq = 2")
+            .execute(pool)
+            .await;
+        assert!(
+            del.unwrap_err().to_string().contains("append-only"),
+            "{name}"
+        );
+        if name == "postgres" {
+            let tr = sqlx::query("TRUNCATE audit").execute(pool).await;
+            assert!(tr.is_err(), "{name}: truncate must be refused");
+        }
+        assert!(store.verify_audit().await.unwrap().first_bad.is_none());
+        store.close().await;
+    }
+}
+
+async fn drop_protection(store: &Store, backend: &str) {
+    let pool = store.dangerous_raw_pool();
+    if backend == "sqlite" {
+        sqlx::query("DROP TRIGGER audit_no_update")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("DROP TRIGGER audit_no_delete")
+            .execute(pool)
+            .await
+            .unwrap();
+    } else {
+        sqlx::query("DROP TRIGGER audit_no_update ON audit")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_edited_deleted_and_reordered_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, base_url) in testing::backends(dir.path()).await {
+        // Each tampering gets its own database.
+        for (i, tamper) in ["edit", "delete", "reorder"].into_iter().enumerate() {
+            let url = if name == "sqlite" {
+                format!("sqlite://{}", dir.path().join(format!("t{i}.db")).display())
+            } else {
+                let admin = std::env::var("TEST_DATABASE_URL").unwrap();
+                let _ = &base_url;
+                testing::fresh_postgres(&admin).await.unwrap()
+            };
+            let store = seeded(&url, 5).await;
+            drop_protection(&store, name).await;
+            let pool = store.dangerous_raw_pool();
+            let (sql, bad_seq, why): (&str, i64, &str) = match tamper {
+                "edit" => (
+                    "UPDATE audit SET actor = 'mallory' WHERE seq = 3",
+                    3,
+                    "edited",
+                ),
+                "delete" => ("DELETE FROM audit WHERE seq = 3", 4, "sequence jumps"),
+                // Swap rows 3 and 4 (below).
+                _ => ("", 3, "prev_hash"),
+            };
+            if tamper == "reorder" {
+                // The primary key is checked per row; swap through a free number.
+                for s in [
+                    "UPDATE audit SET seq = -1 WHERE seq = 3",
+                    "UPDATE audit SET seq = 3 WHERE seq = 4",
+                    "UPDATE audit SET seq = 4 WHERE seq = -1",
+                ] {
+                    sqlx::query(s).execute(pool).await.unwrap();
+                }
+            } else {
+                sqlx::query(sql).execute(pool).await.unwrap();
+            }
+            let report = store.verify_audit().await.unwrap();
+            let (seq, reason) = report
+                .first_bad
+                .clone()
+                .unwrap_or_else(|| panic!("{name}/{tamper}: not detected"));
+            assert_eq!(seq, bad_seq, "{name}/{tamper}: {reason}");
+            assert!(reason.contains(why), "{name}/{tamper}: {reason}");
+            store.close().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_are_explained() {
+    let e = Store::open("mysql://x").await.unwrap_err().to_string();
+    assert!(e.contains("sqlite://") && e.contains("postgres://"), "{e}");
+    let e = Store::open("sqlite::memory:")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("file path"), "{e}");
+    assert_eq!(
+        sigil_store::redact("postgres://u:secret@h/db"),
+        "postgres://u:***@h/db"
+    );
+}

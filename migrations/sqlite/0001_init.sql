@@ -1,0 +1,50 @@
+-- Sigil schema (SQLite). Times are unix seconds unless named *_ms.
+
+CREATE TABLE issuers (
+    id           TEXT PRIMARY KEY,
+    cert_der     BLOB NOT NULL,
+    subject      TEXT NOT NULL,
+    not_before   INTEGER NOT NULL,
+    not_after    INTEGER NOT NULL,
+    installed_at INTEGER NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('active', 'retired'))
+);
+
+CREATE TABLE certificates (
+    serial          TEXT PRIMARY KEY,
+    issuer_id       TEXT NOT NULL REFERENCES issuers(id),
+    profile         TEXT NOT NULL,
+    requester       TEXT NOT NULL,
+    names           TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    not_before      INTEGER NOT NULL,
+    not_after       INTEGER NOT NULL,
+    issued_at       INTEGER NOT NULL,
+    der             BLOB NOT NULL
+);
+CREATE INDEX certificates_not_after ON certificates (not_after);
+CREATE INDEX certificates_issuer ON certificates (issuer_id);
+CREATE INDEX certificates_key ON certificates (key_fingerprint);
+
+-- Append-only, hash-chained audit log: each row carries the SHA-256 of the
+-- previous row. The database itself refuses UPDATE and DELETE.
+CREATE TABLE audit (
+    seq       INTEGER PRIMARY KEY,
+    ts_ms     INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit table is append-only');
+END;
+
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit table is append-only');
+END;
