@@ -217,7 +217,7 @@ pub fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, CsrError> {
         .map_err(|e| CsrError::Malformed(format!("bad base64 in PEM: {e}")))
 }
 
-fn verify_signature(
+pub(crate) fn verify_signature(
     key: &PublicKey,
     alg: &ObjectIdentifier,
     msg: &[u8],

@@ -5,6 +5,9 @@ use const_oid::ObjectIdentifier;
 use der::Tagged;
 use rcgen::{DistinguishedName, DnType, DnValue};
 
+/// A distinguished name ready for a certificate template.
+pub type Dn = DistinguishedName;
+
 /// Parses an RFC 4514-style subject such as `CN=Corp Root CA,O=Corp,C=US`.
 /// Supported attributes: CN, O, OU, C, ST, L. Backslash escapes a comma.
 pub fn parse_subject(s: &str) -> Result<DistinguishedName, Error> {

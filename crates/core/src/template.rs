@@ -279,6 +279,8 @@ pub struct LeafSpec<'a> {
     pub now: OffsetDateTime,
     /// Lifetime from `now`.
     pub lifetime: Duration,
+    /// The requester's preferred subject CN (used only if it is an approved DNS name).
+    pub preferred_cn: Option<&'a str>,
 }
 
 /// Per-issuer parts of every leaf, computed once per issuer.
@@ -349,11 +351,15 @@ fn leaf_params(spec: &LeafSpec<'_>, common: &LeafCommon) -> Result<CertificatePa
     let mut dn = DistinguishedName::new();
     // CN is the first DNS name when it fits (64 chars max); otherwise the subject
     // is empty and the SAN extension becomes critical (RFC 5280 §4.1.2.6).
-    if let Some(Identifier::Dns(d)) = spec
-        .identifiers
-        .iter()
-        .find(|i| matches!(i, Identifier::Dns(d) if d.as_str().len() <= 64))
-    {
+    let fits = |i: &&Identifier| matches!(i, Identifier::Dns(d) if d.as_str().len() <= 64);
+    let preferred = spec.preferred_cn.and_then(|cn| {
+        let cn = crate::DnsName::parse(cn).ok()?;
+        spec.identifiers
+            .iter()
+            .filter(fits)
+            .find(|i| matches!(i, Identifier::Dns(d) if *d == cn))
+    });
+    if let Some(Identifier::Dns(d)) = preferred.or_else(|| spec.identifiers.iter().find(fits)) {
         dn.push(DnType::CommonName, d.as_str());
     }
     p.distinguished_name = dn;
@@ -417,7 +423,9 @@ pub fn check_issued_leaf(
     let cert = Certificate::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
     let tbs = cert.tbs_certificate();
     let fail = |m: &str| Err(Error::Template(format!("issued certificate check: {m}")));
-    if tbs.serial_number().as_bytes() != spec.serial.as_bytes() {
+    let got = tbs.serial_number().as_bytes();
+    let got = got.strip_prefix(&[0u8]).unwrap_or(got);
+    if got != spec.serial.as_bytes() {
         return fail("serial differs");
     }
     let spki = tbs
@@ -456,6 +464,39 @@ pub fn check_issued_leaf(
     match tbs.get_extension::<X509Bc>() {
         Ok(Some((true, bc))) if !bc.ca => {}
         _ => return fail("basicConstraints must be critical CA:FALSE"),
+    }
+    Ok(())
+}
+
+/// Verifies that `child_der` was signed by `parent`'s key and names it as issuer.
+pub fn verify_issued_by(child_der: &[u8], parent: &IssuerInfo) -> Result<(), Error> {
+    let cert = Certificate::from_der(child_der).map_err(|e| Error::Certificate(e.to_string()))?;
+    let tbs = cert
+        .tbs_certificate()
+        .to_der()
+        .map_err(|e| Error::Certificate(e.to_string()))?;
+    let sig = cert
+        .signature()
+        .as_bytes()
+        .ok_or_else(|| Error::Certificate("signature is not octet-aligned".into()))?;
+    crate::csr::verify_signature(
+        &parent.public_key,
+        &cert.signature_algorithm().oid,
+        &tbs,
+        sig,
+    )
+    .map_err(|_| {
+        Error::Certificate(format!(
+            "certificate is not signed by {} (signature does not verify)",
+            parent.subject
+        ))
+    })?;
+    let issuer = cert.tbs_certificate().issuer().to_string();
+    if issuer != parent.subject {
+        return Err(Error::Certificate(format!(
+            "certificate names issuer '{issuer}', expected '{}'",
+            parent.subject
+        )));
     }
     Ok(())
 }

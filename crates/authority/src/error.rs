@@ -1,0 +1,37 @@
+use thiserror::Error;
+
+/// Why an authority operation failed. Entry points map these to their own
+/// error formats (CLI text, gRPC status, ACME problem) in one place each.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The CSR is unusable.
+    #[error(transparent)]
+    Csr(#[from] sigil_core::CsrError),
+    /// The policy refused; `reason` names the identifier and rule.
+    #[error("policy denied the request: {reason}")]
+    Denied {
+        /// One-sentence reason.
+        reason: String,
+        /// The full decision, for explanations.
+        decision: sigil_policy::Decision,
+    },
+    /// A lifetime outside what the CA allows.
+    #[error("{0}")]
+    Lifetime(String),
+    /// The CA cannot issue right now.
+    #[error("CA unavailable: {0}")]
+    Unavailable(String),
+    /// Misconfiguration detected at startup.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Storage failed; nothing was issued.
+    #[error(transparent)]
+    Store(#[from] sigil_store::Error),
+    /// Key or signing failure.
+    #[error(transparent)]
+    Signer(#[from] sigil_signer::Error),
+    /// Template or certificate self-check failure (never released).
+    #[error("internal certificate check failed: {0}")]
+    Internal(#[from] sigil_core::Error),
+}

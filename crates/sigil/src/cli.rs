@@ -1,0 +1,236 @@
+//! Command-line interface definition and dispatch.
+
+use crate::{cmd_ca, cmd_ops, serve};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Sigil: a private certificate authority.
+#[derive(Debug, Parser)]
+#[command(name = "sigil", version, about)]
+pub struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Offline root CA ceremony (run on the offline host).
+    #[command(subcommand)]
+    Root(RootCmd),
+    /// Online intermediate: create its key and CSR, install its certificate.
+    #[command(subcommand)]
+    Intermediate(IntermediateCmd),
+    /// Run the CA server.
+    Serve(ServeArgs),
+    /// Issue and inspect certificates.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Naming policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootCmd {
+    /// Create a root key and self-signed certificate in DIR.
+    Init {
+        /// Directory for root.crt and root.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// ecdsa-p384, ecdsa-p256, ed25519, rsa-3072 or rsa-4096.
+        #[arg(long, default_value = "ecdsa-p384")]
+        key_type: String,
+        /// Subject, e.g. "CN=Corp Root CA,O=Corp".
+        #[arg(long, default_value = "CN=Sigil Root CA")]
+        subject: String,
+        /// Validity, e.g. 10y.
+        #[arg(long, default_value = "10y")]
+        validity: String,
+        /// File with the key passphrase (else SIGIL_ROOT_PASSPHRASE or a prompt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Sign an intermediate CA's CSR with the root.
+    Sign {
+        /// Directory holding root.crt and root.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The intermediate's CSR (PEM or DER).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Where to write the intermediate certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity, e.g. 3y.
+        #[arg(long, default_value = "3y")]
+        validity: String,
+        /// pathLenConstraint (0: the intermediate may only issue leaves).
+        #[arg(long, default_value_t = 0)]
+        path_len: u8,
+        /// Permitted DNS subtree (name constraint); repeatable.
+        #[arg(long)]
+        permitted_dns: Vec<String>,
+        /// Permitted IP range (name constraint), CIDR; repeatable.
+        #[arg(long)]
+        permitted_ip: Vec<String>,
+        /// File with the root key passphrase (else SIGIL_ROOT_PASSPHRASE or a prompt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntermediateCmd {
+    /// Generate the intermediate key (encrypted, 0600) and its CSR.
+    Csr {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Key type.
+        #[arg(long, default_value = "ecdsa-p256")]
+        key_type: String,
+        /// Subject.
+        #[arg(long, default_value = "CN=Sigil Issuing CA")]
+        subject: String,
+        /// Where to write the CSR (default: intermediate.csr beside the config).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Install the root-signed intermediate certificate (checks key and chain).
+    Install {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The certificate from `sigil root sign`.
+        #[arg(long)]
+        cert: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Path to sigil.toml.
+    #[arg(long, required_unless_present = "dev")]
+    pub config: Option<PathBuf>,
+    /// Create (or reuse) a development CA in --data-dir and serve it.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory for --dev.
+    #[arg(long, default_value = "./sigil-data")]
+    pub data_dir: PathBuf,
+    /// Override server.http_addr.
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Issue a certificate from a CSR (policy-checked and audited).
+    Issue {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The CSR (PEM or DER).
+        #[arg(long)]
+        csr: PathBuf,
+        /// mtls (default), server or client.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Lifetime, e.g. 24h.
+        #[arg(long)]
+        lifetime: Option<String>,
+        /// Operator name recorded in the audit log (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+        /// Write the chain here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List issued certificates, newest first.
+    List {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only certificates for this exact name.
+        #[arg(long)]
+        name: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Show one certificate.
+    Show {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Serial (hex).
+        #[arg(long)]
+        serial: String,
+        /// Also print the PEM.
+        #[arg(long)]
+        pem: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Recompute the hash chain; name the first bad row.
+    Verify {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the latest audit rows.
+    List {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Explain whether a requester may get names, rule by rule.
+    Check {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Requester, e.g. operator:alice, token:web, mtls:spiffe://corp/ns/x/sa/y.
+        #[arg(long)]
+        requester: String,
+        /// Names to check; repeatable.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Profile.
+        #[arg(long, default_value = "mtls")]
+        profile: String,
+        /// Key type: ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, rsa-4096.
+        #[arg(long, default_value = "ecdsa-p256")]
+        key_type: String,
+        /// Requested lifetime.
+        #[arg(long)]
+        lifetime: Option<String>,
+    },
+}
+
+/// Runs a parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Root(c) => cmd_ca::root(c),
+        Command::Intermediate(c) => cmd_ca::intermediate(c).await,
+        Command::Serve(a) => serve::serve(a).await,
+        Command::Cert(c) => cmd_ops::cert(c).await,
+        Command::Audit(c) => cmd_ops::audit(c).await,
+        Command::Policy(c) => cmd_ops::policy(c),
+    }
+}

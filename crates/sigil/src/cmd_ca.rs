@@ -1,0 +1,343 @@
+//! Key ceremonies: the offline root and the online intermediate.
+
+use crate::cli::{IntermediateCmd, RootCmd};
+use crate::config::Config;
+use crate::passphrase::{self, KEY_ENV, ROOT_ENV};
+use anyhow::{Context, Result, bail};
+use sigil_authority::{Authority, pem};
+use sigil_core::dn::parse_subject;
+use sigil_core::lifetime::parse_duration;
+use sigil_core::template::{IntermediateOptions, verify_issued_by};
+use sigil_core::{CaRequest, Clock, IssuerInfo, KeySpec, SystemClock};
+use sigil_signer::{
+    CaSigner, Passphrase, SoftwareKey, intermediate_csr, random_serial, read_encrypted_key,
+    self_signed_root, sign_intermediate, write_encrypted_key,
+};
+use sigil_store::Store;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Runs a `sigil root` command.
+pub fn root(cmd: RootCmd) -> Result<ExitCode> {
+    match cmd {
+        RootCmd::Init {
+            dir,
+            key_type,
+            subject,
+            validity,
+            passphrase_file,
+        } => {
+            let spec: KeySpec = key_type.parse()?;
+            let subject = parse_subject(&subject)?;
+            let validity = parse_duration(&validity)?;
+            if dir.join("root.key").exists() {
+                bail!(
+                    "{} already exists; a root is created once (use another --dir)",
+                    dir.join("root.key").display()
+                );
+            }
+            let pass = passphrase::obtain_new(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
+            let der = create_root(&dir, spec, subject, validity, &pass)?;
+            let info = IssuerInfo::from_der(&der)?;
+            println!("root certificate: {}", dir.join("root.crt").display());
+            println!(
+                "root key (encrypted, 0600): {}",
+                dir.join("root.key").display()
+            );
+            println!("subject: {}", info.subject);
+            println!("expires: {}", info.not_after);
+            println!("SHA-256 fingerprint: {}", sigil_core::sha256_hex(&der));
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCmd::Sign {
+            dir,
+            csr,
+            out,
+            validity,
+            path_len,
+            permitted_dns,
+            permitted_ip,
+            passphrase_file,
+        } => {
+            let validity = parse_duration(&validity)?;
+            let permitted_ip = permitted_ip
+                .iter()
+                .map(|s| {
+                    s.parse()
+                        .with_context(|| format!("--permitted-ip {s}: not a CIDR"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = IntermediateOptions {
+                path_len,
+                permitted_dns,
+                permitted_ip,
+                crl_url: None,
+            };
+            let pass = passphrase::obtain(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
+            let csr_bytes =
+                std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+            let der = sign_with_root(&dir, &csr_bytes, validity, &opts, &pass)?;
+            write_public(&out, &pem("CERTIFICATE", &der))?;
+            let info = IssuerInfo::from_der(&der)?;
+            println!("intermediate certificate: {}", out.display());
+            println!("subject: {}", info.subject);
+            println!("expires: {}", info.not_after);
+            println!("SHA-256 fingerprint: {}", sigil_core::sha256_hex(&der));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Creates `dir/root.key` (encrypted) and `dir/root.crt`; returns the cert DER.
+pub fn create_root(
+    dir: &Path,
+    spec: KeySpec,
+    subject: rcgen_dn::DistinguishedName,
+    validity: Duration,
+    pass: &Passphrase,
+) -> Result<Vec<u8>> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let (key, pkcs8) = SoftwareKey::generate(spec)?;
+    let der = self_signed_root(
+        &key,
+        subject,
+        &random_serial()?,
+        SystemClock.now(),
+        validity,
+    )?;
+    write_encrypted_key(&dir.join("root.key"), &pkcs8, pass)?;
+    write_public(&dir.join("root.crt"), &pem("CERTIFICATE", &der))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.join("issued"))?;
+    Ok(der)
+}
+
+/// The root in `dir` signs a CA request; a copy is kept in `dir/issued/`.
+pub fn sign_with_root(
+    dir: &Path,
+    csr: &[u8],
+    validity: Duration,
+    opts: &IntermediateOptions,
+    pass: &Passphrase,
+) -> Result<Vec<u8>> {
+    let root_pem = std::fs::read(dir.join("root.crt")).with_context(|| {
+        format!(
+            "no root certificate in {}: run `sigil root init --dir {}` first",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let root_info = IssuerInfo::parse(&root_pem)?;
+    let key = read_encrypted_key(&dir.join("root.key"), pass)?;
+    let root = CaSigner::new(&root_info.der, key)?;
+    let request = CaRequest::parse(csr).context("intermediate CSR rejected")?;
+    let serial = random_serial()?;
+    let der = sign_intermediate(&root, &request, &serial, SystemClock.now(), validity, opts)?;
+    let issued = dir.join("issued");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&issued)?;
+    write_public(
+        &issued.join(format!("{serial}.crt")),
+        &pem("CERTIFICATE", &der),
+    )?;
+    Ok(der)
+}
+
+/// Writes a public file (certificate, CSR) atomically: temp file, then rename.
+pub fn write_public(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp~");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Loads the configured roots.
+pub fn load_roots(cfg: &Config) -> Result<Vec<IssuerInfo>> {
+    cfg.ca
+        .roots
+        .iter()
+        .map(|p| {
+            let p = cfg.resolve(p);
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("cannot read root {}", p.display()))?;
+            IssuerInfo::parse(&bytes).with_context(|| format!("root {}", p.display()))
+        })
+        .collect()
+}
+
+/// The intermediate key passphrase per config (file, env, prompt).
+pub fn key_passphrase(cfg: &Config) -> Result<Passphrase> {
+    let file = cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p));
+    passphrase::obtain(file.as_deref(), KEY_ENV, "intermediate key")
+}
+
+/// Runs a `sigil intermediate` command.
+pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
+    match cmd {
+        IntermediateCmd::Csr {
+            config,
+            key_type,
+            subject,
+            out,
+        } => {
+            let cfg = Config::load(&config)?;
+            let key_path = cfg.resolve(&cfg.ca.intermediate_key);
+            let out = out.unwrap_or_else(|| cfg.resolve(Path::new("intermediate.csr")));
+            let spec: KeySpec = key_type.parse()?;
+            let subject = parse_subject(&subject)?;
+            if key_path.exists() {
+                bail!(
+                    "{} already exists: the intermediate key is generated once; move it away to start over",
+                    key_path.display()
+                );
+            }
+            let file = cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p));
+            let pass = passphrase::obtain_new(file.as_deref(), KEY_ENV, "intermediate key")?;
+            let csr = new_intermediate_key(&key_path, spec, subject, &pass)?;
+            write_public(&out, &pem("CERTIFICATE REQUEST", &csr))?;
+            println!("intermediate key (encrypted, 0600): {}", key_path.display());
+            println!("CSR: {}", out.display());
+            println!(
+                "next: on the offline root host run `sigil root sign --dir ROOT --csr {} --out intermediate.crt`,",
+                out.display()
+            );
+            println!(
+                "      then `sigil intermediate install --config {} --cert intermediate.crt`",
+                config.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        IntermediateCmd::Install { config, cert } => {
+            let cfg = Config::load(&config)?;
+            let bytes =
+                std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let pass = key_passphrase(&cfg)?;
+            let info = install(
+                &cfg,
+                &bytes,
+                &pass,
+                &format!("operator:{}", operator_name(None)),
+            )
+            .await?;
+            println!("installed issuer {} ({})", info.id, info.subject);
+            println!("expires: {}", info.not_after);
+            println!(
+                "certificate: {}",
+                cfg.resolve(&cfg.ca.intermediate_cert).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Generates and stores the intermediate key; returns its CSR DER.
+pub fn new_intermediate_key(
+    key_path: &Path,
+    spec: KeySpec,
+    subject: rcgen_dn::DistinguishedName,
+    pass: &Passphrase,
+) -> Result<Vec<u8>> {
+    if let Some(dir) = key_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let (key, pkcs8) = SoftwareKey::generate(spec)?;
+    let csr = intermediate_csr(&key, subject)?;
+    write_encrypted_key(key_path, &pkcs8, pass)?;
+    Ok(csr)
+}
+
+/// Checks an intermediate certificate (CA, chains to a configured root, matches
+/// the configured key, currently valid), stores it and records the install.
+pub async fn install(
+    cfg: &Config,
+    cert: &[u8],
+    pass: &Passphrase,
+    actor: &str,
+) -> Result<IssuerInfo> {
+    let info = IssuerInfo::parse(cert).context("not a certificate")?;
+    if !info.is_ca {
+        bail!(
+            "{} is not a CA certificate (basicConstraints cA is not set)",
+            info.subject
+        );
+    }
+    let roots = load_roots(cfg)?;
+    let mut errors = Vec::new();
+    let root = roots.iter().find(|r| match verify_issued_by(&info.der, r) {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(e.to_string());
+            false
+        }
+    });
+    let Some(root) = root else {
+        bail!(
+            "certificate does not chain to any configured root ({}): {}",
+            cfg.ca
+                .roots
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            errors.join("; ")
+        );
+    };
+    let now = SystemClock.now();
+    if info.not_after <= now || info.not_before > now + time::Duration::minutes(5) {
+        bail!(
+            "certificate is not currently valid ({} to {})",
+            info.not_before,
+            info.not_after
+        );
+    }
+    let key_path = cfg.resolve(&cfg.ca.intermediate_key);
+    let key = read_encrypted_key(&key_path, pass)?;
+    if key.public_key() != &info.public_key {
+        bail!(
+            "certificate does not match the key in {} (was the CSR made from another key?)",
+            key_path.display()
+        );
+    }
+    let dest = cfg.resolve(&cfg.ca.intermediate_cert);
+    write_public(&dest, &pem("CERTIFICATE", &info.der))?;
+    let store = Store::open(&cfg.database_url()).await?;
+    Authority::install_issuer(&store, &info, actor, now).await?;
+    store.close().await;
+    tracing::info!(issuer = %info.id, root = %root.subject, "intermediate installed");
+    Ok(info)
+}
+
+/// The operator's name for audit records.
+pub fn operator_name(explicit: Option<&str>) -> String {
+    explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("SUDO_USER").ok())
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Re-export so callers need not name rcgen.
+pub mod rcgen_dn {
+    pub use sigil_core::dn::Dn as DistinguishedName;
+}

@@ -1,0 +1,254 @@
+//! Operator commands: issue and inspect certificates, audit, policy.
+
+use crate::cli::{AuditCmd, CertCmd, PolicyCmd};
+use crate::cmd_ca::{key_passphrase, operator_name, write_public};
+use crate::config::Config;
+use anyhow::{Context, Result};
+use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings, pem};
+use sigil_core::lifetime::parse_duration;
+use sigil_core::{CaUrls, Identifier, KeyType, Profile, Requester, SystemClock};
+use sigil_policy::Policy;
+use sigil_signer::read_encrypted_key;
+use sigil_store::Store;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Builds the authority from a config: store, policy, issuer key and certificate.
+pub async fn build_authority(cfg: &Config) -> Result<Authority> {
+    let policy_dir = cfg.resolve(&cfg.policy.dir);
+    let policy = Policy::load_dir(&policy_dir)?;
+    let cert_path = cfg.resolve(&cfg.ca.intermediate_cert);
+    let cert = std::fs::read(&cert_path).with_context(|| {
+        format!(
+            "no intermediate certificate at {}: run `sigil intermediate csr` and `sigil intermediate install` first",
+            cert_path.display()
+        )
+    })?;
+    let info = sigil_core::IssuerInfo::parse(&cert)?;
+    let pass = key_passphrase(cfg)?;
+    let key = read_encrypted_key(&cfg.resolve(&cfg.ca.intermediate_key), &pass)?;
+    let urls = CaUrls::new(&cfg.server.public_url);
+    let issuer = ActiveIssuer::new(&info.der, key, &urls)?;
+    let store = Store::open(&cfg.database_url()).await?;
+    if store.issuer(info.id.as_str()).await?.is_none() {
+        anyhow::bail!(
+            "intermediate {} is not installed in the database: run `sigil intermediate install --config {} --cert {}`",
+            info.id,
+            cfg.path.display(),
+            cert_path.display()
+        );
+    }
+    Ok(Authority::new(
+        Arc::new(SystemClock),
+        policy,
+        issuer,
+        store,
+        Settings {
+            default_lifetime: cfg.default_lifetime()?,
+            max_lifetime: cfg.max_lifetime()?,
+            urls,
+        },
+    ))
+}
+
+/// Runs a `sigil cert` command.
+pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
+    match cmd {
+        CertCmd::Issue {
+            config,
+            csr,
+            profile,
+            lifetime,
+            operator,
+            out,
+        } => {
+            let cfg = Config::load(&config)?;
+            let csr_bytes =
+                std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+            let profile = profile.map(|p| p.parse::<Profile>()).transpose()?;
+            let lifetime = lifetime.map(|l| parse_duration(&l)).transpose()?;
+            let authority = build_authority(&cfg).await?;
+            let issued = authority
+                .issue(IssueRequest {
+                    csr: csr_bytes,
+                    requester: Requester::Operator(operator_name(operator.as_deref())),
+                    profile,
+                    lifetime,
+                })
+                .await;
+            authority.store().close().await;
+            let issued = issued?;
+            match out {
+                Some(path) => write_public(&path, &issued.chain_pem)?,
+                None => print!("{}", issued.chain_pem),
+            }
+            eprintln!(
+                "issued serial {} for {} (valid until {}, audit #{})",
+                issued.serial,
+                issued
+                    .identifiers
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                issued.not_after,
+                issued.receipt.seq
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CertCmd::List {
+            config,
+            name,
+            limit,
+        } => {
+            let cfg = Config::load(&config)?;
+            let store = Store::open(&cfg.database_url()).await?;
+            let rows = store.certificates(name.as_deref(), limit, 0).await?;
+            println!(
+                "{:<34} {:<20} {:<7} {:<24} names",
+                "serial", "not_after", "profile", "requester"
+            );
+            for r in rows {
+                println!(
+                    "{:<34} {:<20} {:<7} {:<24} {}",
+                    r.serial,
+                    fmt_time(r.not_after),
+                    r.profile,
+                    r.requester,
+                    r.names.join(",")
+                );
+            }
+            store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        CertCmd::Show {
+            config,
+            serial,
+            pem: with_pem,
+        } => {
+            let cfg = Config::load(&config)?;
+            let s = sigil_core::Serial::parse_hex(&serial)
+                .with_context(|| format!("'{serial}' is not a hex serial"))?;
+            let store = Store::open(&cfg.database_url()).await?;
+            let row = store.certificate(&s.to_hex()).await?;
+            store.close().await;
+            let Some(r) = row else {
+                anyhow::bail!("no certificate with serial {s}: see `sigil cert list`");
+            };
+            println!("serial:     {}", r.serial);
+            println!("issuer:     {}", r.issuer_id);
+            println!("names:      {}", r.names.join(", "));
+            println!("profile:    {}", r.profile);
+            println!("requester:  {}", r.requester);
+            println!("not before: {}", fmt_time(r.not_before));
+            println!("not after:  {}", fmt_time(r.not_after));
+            println!("key sha256: {}", r.key_fingerprint);
+            if with_pem {
+                print!("{}", pem("CERTIFICATE", &r.der));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn fmt_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Runs a `sigil audit` command.
+pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
+    match cmd {
+        AuditCmd::Verify { config } => {
+            let cfg = Config::load(&config)?;
+            let store = Store::open(&cfg.database_url()).await?;
+            let report = store.verify_audit().await?;
+            store.close().await;
+            match report.first_bad {
+                None => {
+                    println!("audit chain OK: {} rows, head {}", report.rows, report.head);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some((seq, why)) => {
+                    println!("audit chain BROKEN at row {seq}: {why}");
+                    println!("rows before it verify; last good head {}", report.head);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        AuditCmd::List { config, limit } => {
+            let cfg = Config::load(&config)?;
+            let store = Store::open(&cfg.database_url()).await?;
+            for r in store.audit_tail(limit).await? {
+                println!(
+                    "{:>6} {} {:<18} {:<28} {} {}",
+                    r.seq,
+                    fmt_time(r.ts_ms / 1000),
+                    r.kind,
+                    r.actor,
+                    r.subject,
+                    r.detail
+                );
+            }
+            store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs a `sigil policy` command.
+pub fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
+    match cmd {
+        PolicyCmd::Check {
+            config,
+            requester,
+            names,
+            profile,
+            key_type,
+            lifetime,
+        } => {
+            let cfg = Config::load(&config)?;
+            let policy = Policy::load_dir(&cfg.resolve(&cfg.policy.dir))?;
+            let requester = Requester::parse(&requester).with_context(|| {
+                format!("requester '{requester}' must be KIND:NAME with KIND one of operator, token, mtls, acme, eab")
+            })?;
+            let ids = names
+                .iter()
+                .map(|n| Identifier::parse_any(n).with_context(|| format!("name '{n}'")))
+                .collect::<Result<Vec<_>>>()?;
+            let key_type = parse_key_type(&key_type)?;
+            let decision = policy.evaluate(&sigil_policy::Request {
+                requester: &requester,
+                identifiers: &ids,
+                profile: profile.parse()?,
+                key_type,
+                lifetime: lifetime.map(|l| parse_duration(&l)).transpose()?,
+            });
+            print!("{decision}");
+            Ok(if decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn parse_key_type(s: &str) -> Result<KeyType> {
+    Ok(match s {
+        "ecdsa-p256" => KeyType::EcdsaP256,
+        "ecdsa-p384" => KeyType::EcdsaP384,
+        "ed25519" => KeyType::Ed25519,
+        other => match other.strip_prefix("rsa-").and_then(|b| b.parse().ok()) {
+            Some(bits) => KeyType::Rsa(bits),
+            None => {
+                anyhow::bail!("--key-type '{s}': use ecdsa-p256, ecdsa-p384, ed25519 or rsa-BITS")
+            }
+        },
+    })
+}

@@ -1,0 +1,174 @@
+//! `sigil.toml`: one file, paths relative to it, validated at load with errors
+//! that name the key.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and public URL.
+    pub server: ServerConfig,
+    /// Database.
+    pub database: DatabaseConfig,
+    /// Trust anchors and the online issuer.
+    pub ca: CaConfig,
+    /// Leaf lifetimes.
+    #[serde(default)]
+    pub issuance: IssuanceConfig,
+    /// Naming policy location.
+    pub policy: PolicyConfig,
+    /// Where this file was read from (not serialized).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain-HTTP listener for /healthz, /readyz, /roots.pem, /ca, later OCSP/CRL.
+    pub http_addr: SocketAddr,
+    /// Base URL written into certificates (AIA, CRL DP); plain http by RFC practice.
+    pub public_url: String,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (relative to this file) or `postgres://...`.
+    pub url: String,
+}
+
+/// `[ca]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// Root certificates (PEM) that issuers must chain to.
+    pub roots: Vec<PathBuf>,
+    /// The online intermediate's certificate (PEM).
+    pub intermediate_cert: PathBuf,
+    /// The online intermediate's encrypted PKCS#8 key.
+    pub intermediate_key: PathBuf,
+    /// File holding the key passphrase; else `SIGIL_KEY_PASSPHRASE`, else a prompt.
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// `[issuance]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceConfig {
+    /// Leaf lifetime when a request names none (policy may lower it).
+    #[serde(default = "default_lifetime")]
+    pub default_lifetime: String,
+    /// Ceiling for every leaf, whatever policy says.
+    #[serde(default = "max_lifetime")]
+    pub max_lifetime: String,
+}
+
+fn default_lifetime() -> String {
+    "24h".into()
+}
+fn max_lifetime() -> String {
+    "90d".into()
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        IssuanceConfig {
+            default_lifetime: default_lifetime(),
+            max_lifetime: max_lifetime(),
+        }
+    }
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.toml` policy files.
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read config {}: create one (see deploy/sigil.example.toml) or run `sigil serve --dev`",
+                path.display()
+            )
+        })?;
+        let mut cfg: Config = toml::from_str(&text)
+            .with_context(|| format!("config {} is invalid", path.display()))?;
+        cfg.path = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let p = self.path.display();
+        if self.ca.roots.is_empty() {
+            bail!("{p}: ca.roots is empty: list the root certificate(s) issuers must chain to");
+        }
+        if !(self.server.public_url.starts_with("http://")
+            || self.server.public_url.starts_with("https://"))
+        {
+            bail!(
+                "{p}: server.public_url must be an http:// URL (got '{}')",
+                self.server.public_url
+            );
+        }
+        let d = self.default_lifetime()?;
+        let m = self.max_lifetime()?;
+        if d > m {
+            bail!(
+                "{p}: issuance.default_lifetime ({}) exceeds issuance.max_lifetime ({})",
+                self.issuance.default_lifetime,
+                self.issuance.max_lifetime
+            );
+        }
+        Ok(())
+    }
+
+    /// A path from the file, resolved against the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    /// The database URL with a relative SQLite path resolved.
+    pub fn database_url(&self) -> String {
+        let url = &self.database.url;
+        match url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            Some(rest) if !rest.starts_with('/') => {
+                format!("sqlite://{}", self.resolve(Path::new(rest)).display())
+            }
+            _ => url.clone(),
+        }
+    }
+
+    /// Parsed default lifetime.
+    pub fn default_lifetime(&self) -> Result<Duration> {
+        sigil_core::lifetime::parse_duration(&self.issuance.default_lifetime)
+            .with_context(|| format!("{}: issuance.default_lifetime", self.path.display()))
+    }
+
+    /// Parsed max lifetime.
+    pub fn max_lifetime(&self) -> Result<Duration> {
+        sigil_core::lifetime::parse_duration(&self.issuance.max_lifetime)
+            .with_context(|| format!("{}: issuance.max_lifetime", self.path.display()))
+    }
+}

@@ -1,0 +1,46 @@
+//! Where key passphrases come from: a file, an environment variable, or the
+//! terminal, in that order. Never from a command-line argument (visible in ps).
+
+use anyhow::{Context, Result, bail};
+use sigil_signer::Passphrase;
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// Env var for the online intermediate key.
+pub const KEY_ENV: &str = "SIGIL_KEY_PASSPHRASE";
+/// Env var for the offline root key.
+pub const ROOT_ENV: &str = "SIGIL_ROOT_PASSPHRASE";
+
+/// Obtains a passphrase to unlock an existing key.
+pub fn obtain(file: Option<&Path>, env: &str, what: &str) -> Result<Passphrase> {
+    get(file, env, what, false)
+}
+
+/// Obtains a passphrase for a new key (asked twice on a terminal).
+pub fn obtain_new(file: Option<&Path>, env: &str, what: &str) -> Result<Passphrase> {
+    get(file, env, what, true)
+}
+
+fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Passphrase> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read passphrase file {}", f.display()))?;
+        return Ok(Passphrase::new(text));
+    }
+    if let Ok(v) = std::env::var(env) {
+        if !v.is_empty() {
+            return Ok(Passphrase::new(v));
+        }
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no passphrase for the {what}: pass --passphrase-file FILE or set {env}");
+    }
+    let first = rpassword::prompt_password(format!("Passphrase for the {what}: "))?;
+    if confirm {
+        let second = rpassword::prompt_password("Repeat passphrase: ")?;
+        if first != second {
+            bail!("passphrases do not match");
+        }
+    }
+    Ok(Passphrase::new(first))
+}

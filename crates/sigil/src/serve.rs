@@ -1,0 +1,104 @@
+//! `sigil serve`: wire config, authority and listeners; stop cleanly on signals.
+
+use crate::cli::ServeArgs;
+use crate::cmd_ca::load_roots;
+use crate::cmd_ops::build_authority;
+use crate::config::Config;
+use crate::{dev, http};
+use anyhow::{Context, Result};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let config_path = match (&args.config, args.dev) {
+        (_, true) => dev::ensure(&args.data_dir, args.http_addr).await?,
+        (Some(p), false) => p.clone(),
+        (None, false) => anyhow::bail!("pass --config sigil.toml, or --dev for a development CA"),
+    };
+    let mut cfg = Config::load(&config_path)?;
+    if let Some(addr) = args.http_addr {
+        cfg.server.http_addr = addr;
+    }
+    let authority = Arc::new(build_authority(&cfg).await?);
+    let roots = load_roots(&cfg)?;
+    let issuer = authority.active_issuer();
+    authority
+        .record(
+            "server.started",
+            "system",
+            issuer.info().id.as_str(),
+            serde_json::json!({
+                "config": config_path.display().to_string(),
+                "config_sha256": sigil_core::sha256_hex(&std::fs::read(&config_path).unwrap_or_default()),
+                "policy_rules": authority.policy().rules().len(),
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        )
+        .await?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.server.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.http_addr or --http-addr)",
+                cfg.server.http_addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let config_abs = config_path.canonicalize().unwrap_or(config_path.clone());
+    if args.dev {
+        println!(
+            "Sigil development CA (DEV ONLY: its root key is in {})",
+            args.data_dir.display()
+        );
+    } else {
+        println!("Sigil CA");
+    }
+    for r in &roots {
+        println!("root:              {}", r.subject);
+        println!(
+            "root fingerprint:  SHA256 {}",
+            sigil_core::sha256_hex(&r.der)
+        );
+    }
+    println!(
+        "issuer:            {} ({})",
+        issuer.info().subject,
+        issuer.info().id
+    );
+    println!("http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt)");
+    println!("config:            {}", config_abs.display());
+    println!(
+        "issue a cert:      sigil cert issue --config {} --csr leaf.csr",
+        config_abs.display()
+    );
+    tracing::info!(%addr, "listening");
+
+    let state = Arc::new(http::HttpState {
+        authority: authority.clone(),
+        roots,
+    });
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    authority.store().close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
