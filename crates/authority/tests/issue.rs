@@ -1,0 +1,351 @@
+//! The issuance path end to end in-process, on every backend: concurrency,
+//! policy bypass attempts, lifetimes, and denials in the audit log.
+
+use rcgen::{CertificateParams, CustomExtension, DnType, KeyPair, SanType};
+use sigil_authority::{ActiveIssuer, Authority, Error, IssueRequest, Settings};
+use sigil_core::dn::parse_subject;
+use sigil_core::template::IntermediateOptions;
+use sigil_core::{CaRequest, CaUrls, Clock, IssuerInfo, KeySpec, Requester, SystemClock};
+use sigil_policy::Policy;
+use sigil_signer::{
+    CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
+};
+use sigil_store::{Store, testing};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const POLICY: &str = r#"
+[[rule]]
+name = "internal"
+effect = "allow"
+requesters = ["*"]
+dns = [".internal", "*.svc.internal"]
+ip = ["127.0.0.0/8"]
+uri = ["spiffe://corp/ns/*/sa/*"]
+max_lifetime = "7d"
+
+[[rule]]
+name = "short"
+effect = "allow"
+requesters = ["token:short"]
+dns = ["short.example"]
+max_lifetime = "1h"
+"#;
+
+async fn authority(url: &str) -> Authority {
+    let now = SystemClock.now();
+    let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
+    let root_der = self_signed_root(
+        &root_key,
+        parse_subject("CN=Test Root").unwrap(),
+        &random_serial().unwrap(),
+        now,
+        Duration::from_secs(86400 * 3650),
+    )
+    .unwrap();
+    let root = CaSigner::new(&root_der, root_key).unwrap();
+    let (int_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+    let csr = intermediate_csr(&int_key, parse_subject("CN=Test Issuing CA").unwrap()).unwrap();
+    let int_der = sign_intermediate(
+        &root,
+        &CaRequest::parse(&csr).unwrap(),
+        &random_serial().unwrap(),
+        now,
+        Duration::from_secs(86400 * 365),
+        &IntermediateOptions::default(),
+    )
+    .unwrap();
+    let urls = CaUrls::new("http://ca.test:8080");
+    let issuer = ActiveIssuer::new(&int_der, int_key, &urls).unwrap();
+    let store = Store::open(url).await.unwrap();
+    Authority::install_issuer(
+        &store,
+        &IssuerInfo::from_der(&int_der).unwrap(),
+        "operator:test",
+        now,
+    )
+    .await
+    .unwrap();
+    Authority::new(
+        Arc::new(SystemClock),
+        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
+        issuer,
+        store,
+        Settings {
+            default_lifetime: Duration::from_secs(86400),
+            max_lifetime: Duration::from_secs(30 * 86400),
+            urls,
+        },
+    )
+}
+
+fn csr_with(
+    key: &KeyPair,
+    cn: Option<&str>,
+    sans: &[&str],
+    extra: Vec<CustomExtension>,
+) -> Vec<u8> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(cn) = cn {
+        p.distinguished_name.push(DnType::CommonName, cn);
+    }
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) if s.starts_with("spiffe://") => SanType::URI(s.to_string().try_into().unwrap()),
+            Err(_) => SanType::DnsName(s.to_string().try_into().unwrap()),
+        })
+        .collect();
+    p.custom_extensions = extra;
+    p.serialize_request(key).unwrap().der().to_vec()
+}
+
+fn req(csr: Vec<u8>, requester: Requester) -> IssueRequest {
+    IssueRequest {
+        csr,
+        requester,
+        profile: None,
+        lifetime: None,
+    }
+}
+
+fn op() -> Requester {
+    Requester::Operator("test".into())
+}
+
+fn sans_of(der: &[u8]) -> Vec<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .map(|g| g.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_issuances_per_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in testing::backends(dir.path()).await {
+        let ca = Arc::new(authority(&url).await);
+        let keys: Vec<KeyPair> = (0..8).map(|_| KeyPair::generate().unwrap()).collect();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let csr = csr_with(
+                &keys[i % keys.len()],
+                None,
+                &[&format!("host{i}.internal")],
+                vec![],
+            );
+            let ca = ca.clone();
+            tasks.push(tokio::spawn(async move { ca.issue(req(csr, op())).await }));
+        }
+        let mut serials = HashSet::new();
+        let mut seqs = HashSet::new();
+        for t in tasks {
+            let issued = t.await.unwrap().unwrap();
+            serials.insert(issued.serial.to_hex());
+            seqs.insert(issued.receipt.seq);
+        }
+        assert_eq!(serials.len(), 200, "{backend}: serials must be distinct");
+        assert_eq!(
+            seqs.len(),
+            200,
+            "{backend}: audit positions must be distinct"
+        );
+        assert_eq!(
+            ca.store().certificate_count().await.unwrap(),
+            200,
+            "{backend}"
+        );
+        let report = ca.store().verify_audit().await.unwrap();
+        assert!(
+            report.first_bad.is_none(),
+            "{backend}: {:?}",
+            report.first_bad
+        );
+        assert_eq!(report.rows, 201, "{backend}");
+        ca.store().close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypass_attempts_are_refused_or_neutralized() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = testing::backends(dir.path()).await.remove(0).1;
+    let ca = authority(&url).await;
+    let key = KeyPair::generate().unwrap();
+
+    // A CN outside the SANs is a requested name too, and is denied.
+    let e = ca
+        .issue(req(
+            csr_with(&key, Some("evil.example"), &["ok.internal"], vec![]),
+            op(),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Denied { reason, .. } if reason.contains("evil.example")),
+        "{e}"
+    );
+
+    // Names smuggled in issuerAltName (or any other extension) never reach the cert.
+    let ian = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_tagged_implicit(yasna::Tag::context(2), |w| {
+                w.write_ia5_string("evil.example")
+            });
+        })
+    });
+    let smuggle = CustomExtension::from_oid_content(&[2, 5, 29, 18], ian);
+    let basic_ca =
+        CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x03, 0x01, 0x01, 0xff]);
+    let issued = ca
+        .issue(req(
+            csr_with(&key, None, &["ok.internal"], vec![smuggle, basic_ca]),
+            op(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(sans_of(&issued.der), vec!["DNSName(ok.internal)"]);
+    let (_, cert) = x509_parser::parse_x509_certificate(&issued.der).unwrap();
+    assert!(!cert.is_ca(), "a CSR asking for CA:TRUE still gets a leaf");
+    assert!(
+        cert.extensions()
+            .iter()
+            .all(|e| e.oid.to_id_string() != "2.5.29.18")
+    );
+
+    // Case and trailing dots are normalized before policy and in the certificate.
+    let issued = ca
+        .issue(req(
+            csr_with(&key, None, &["OK.Svc.Internal."], vec![]),
+            op(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(sans_of(&issued.der), vec!["DNSName(ok.svc.internal)"]);
+
+    // Malformed names are refused with a reason.
+    for (bad, why) in [
+        ("*.*.svc.internal", "wildcard"),
+        ("a.*.svc.internal", "wildcard"),
+        ("127.0.0.1.", "IP address"),
+    ] {
+        let e = ca
+            .issue(req(csr_with(&key, None, &[bad], vec![]), op()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{bad}: {e}");
+    }
+
+    // A second SAN extension is a duplicate, not a second chance.
+    let dup = CustomExtension::from_oid_content(
+        &[2, 5, 29, 17],
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_tagged_implicit(yasna::Tag::context(2), |w| {
+                    w.write_ia5_string("evil.example")
+                });
+            })
+        }),
+    );
+    let e = ca
+        .issue(req(csr_with(&key, None, &["ok.internal"], vec![dup]), op()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("more than once"), "{e}");
+
+    // Unicode lookalike of an allowed name is a different (punycode) name.
+    let e = ca
+        .issue(req(
+            csr_with(&key, None, &["xn--k-xmb.example"], vec![]),
+            op(),
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Denied { .. }), "{e}");
+
+    // Tampered CSR: signature no longer verifies.
+    let mut csr = csr_with(&key, None, &["ok.internal"], vec![]);
+    let n = csr.len();
+    csr[n - 5] ^= 0x01;
+    let e = ca.issue(req(csr, op())).await.unwrap_err();
+    assert!(
+        e.to_string().contains("does not verify") || e.to_string().contains("not PKCS#10"),
+        "{e}"
+    );
+
+    // Denials are in the audit log with the reason; the chain stays intact.
+    let tail = ca.store().audit_tail(50).await.unwrap();
+    assert!(
+        tail.iter()
+            .any(|r| r.kind == "cert.denied" && r.detail.contains("evil.example"))
+    );
+    assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetimes_follow_settings_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = testing::backends(dir.path()).await.remove(0).1;
+    let ca = authority(&url).await;
+    let key = KeyPair::generate().unwrap();
+    let life = |i: &sigil_authority::Issued| (i.not_after - i.not_before).whole_seconds();
+
+    let issued = ca
+        .issue(req(csr_with(&key, None, &["a.internal"], vec![]), op()))
+        .await
+        .unwrap();
+    assert_eq!(
+        life(&issued),
+        86400 + 60,
+        "default 24h plus the 1-minute backdate"
+    );
+    let now = SystemClock.now().unix_timestamp();
+    assert!(now - issued.not_before.unix_timestamp() <= 61);
+
+    // Policy max (1h) lowers the default; an explicit request above it is denied.
+    let short = Requester::Token("short".into());
+    let issued = ca
+        .issue(req(
+            csr_with(&key, None, &["short.example"], vec![]),
+            short.clone(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(life(&issued), 3600 + 60);
+    let mut r = req(csr_with(&key, None, &["short.example"], vec![]), short);
+    r.lifetime = Some(Duration::from_secs(7200));
+    let e = ca.issue(r).await.unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+
+    // Above the CA-wide ceiling: refused before policy.
+    let mut r = req(csr_with(&key, None, &["a.internal"], vec![]), op());
+    r.lifetime = Some(Duration::from_secs(31 * 86400));
+    assert!(matches!(ca.issue(r).await, Err(Error::Lifetime(_))));
+
+    // SPIFFE IDs and IPs pass through policy into the SAN.
+    let issued = ca
+        .issue(req(
+            csr_with(
+                &key,
+                None,
+                &["spiffe://corp/ns/web/sa/api", "127.0.0.1"],
+                vec![],
+            ),
+            op(),
+        ))
+        .await
+        .unwrap();
+    let sans = sans_of(&issued.der);
+    assert!(
+        sans.iter()
+            .any(|s| s.contains("spiffe://corp/ns/web/sa/api")),
+        "{sans:?}"
+    );
+    assert!(issued.chain_pem.matches("BEGIN CERTIFICATE").count() == 2);
+}
