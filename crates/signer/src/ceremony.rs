@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn root_intermediate_chain_and_mismatch() {
-        let now = OffsetDateTime::now_utc();
+        let now = sigil_core::Clock::now(&sigil_core::SystemClock);
         let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
         let serial = crate::random_serial().unwrap();
         let root_der = self_signed_root(

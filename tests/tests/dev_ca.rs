@@ -1,0 +1,256 @@
+//! The quickstart: `sigil serve --dev` from nothing, certificates for every key
+//! type checked by openssl and pkilint, and the HTTP endpoints.
+
+use sigil_e2e::*;
+use std::path::Path;
+
+fn issue(config: &str, csr: &Path, extra: &[&str]) -> String {
+    let csr = csr.display().to_string();
+    let mut args = vec!["cert", "issue", "--config", config, "--csr", &csr];
+    args.extend_from_slice(extra);
+    ok(sigil(&args))
+}
+
+#[test]
+fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let log = server.log_text();
+    assert!(log.contains("root fingerprint:  SHA256 "), "{log}");
+    assert!(log.contains("DEV ONLY"), "{log}");
+    let config = work.join("data/sigil.toml").display().to_string();
+    assert!(log.contains(&config), "banner names the config path: {log}");
+
+    // HTTP endpoints.
+    assert_eq!(http_get(server.port, "/readyz").unwrap().0, 200);
+    let (status, roots) = http_get(server.port, "/roots.pem").unwrap();
+    assert_eq!(status, 200);
+    let roots_path = work.join("roots.pem");
+    std::fs::write(&roots_path, &roots).unwrap();
+    assert_eq!(
+        std::fs::read(work.join("data/DEV-ONLY-root/root.crt")).unwrap(),
+        roots,
+        "/roots.pem serves the configured root"
+    );
+    assert_eq!(http_get(server.port, "/ca/nothex.crt").unwrap().0, 404);
+
+    // Every CSR key type, verified by openssl against the served root only.
+    let have_openssl = have("openssl");
+    let have_pkilint = have("lint_pkix_cert");
+    if !have_openssl {
+        return;
+    }
+    let cases = [
+        ("p256", "ec:P-256"),
+        ("p384", "ec:P-384"),
+        ("ed25519", "ed25519"),
+        ("rsa2048", "rsa:2048"),
+        ("rsa3072", "rsa:3072"),
+        ("rsa4096", "rsa:4096"),
+    ];
+    let mut caissuers_url = String::new();
+    for (name, alg) in cases {
+        let csr = openssl_csr(
+            work,
+            name,
+            alg,
+            &format!("/CN={name}.internal"),
+            &["DNS:app.localhost", "IP:127.0.0.1"],
+        );
+        let chain = issue(&config, &csr, &[]);
+        let blocks = pem_blocks(&chain);
+        assert_eq!(blocks.len(), 2, "leaf followed by the intermediate");
+        let leaf = work.join(format!("{name}.crt"));
+        let chain_path = work.join(format!("{name}-chain.pem"));
+        std::fs::write(&leaf, &blocks[0]).unwrap();
+        std::fs::write(&chain_path, &chain).unwrap();
+        let v = run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                &roots_path.display().to_string(),
+                "-untrusted",
+                &chain_path.display().to_string(),
+                &leaf.display().to_string(),
+            ],
+        );
+        assert!(
+            v.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let text = ok(run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                &leaf.display().to_string(),
+                "-noout",
+                "-text",
+                "-ext",
+                "subjectAltName",
+            ],
+        ));
+        assert!(
+            text.contains(&format!("DNS:{name}.internal"))
+                && text.contains("DNS:app.localhost")
+                && text.contains("IP Address:127.0.0.1"),
+            "{text}"
+        );
+        let full = ok(run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                &leaf.display().to_string(),
+                "-noout",
+                "-text",
+            ],
+        ));
+        assert!(
+            full.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+            "default profile is mtls: {full}"
+        );
+        assert!(full.contains("OCSP - URI:http://127.0.0.1:"), "{full}");
+        let serial = ok(run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                &leaf.display().to_string(),
+                "-noout",
+                "-serial",
+            ],
+        ));
+        let hex = serial.trim().trim_start_matches("serial=");
+        assert!(
+            hex.len() == 32 || hex.len() == 34,
+            "128-bit serial, got {hex}"
+        );
+        if let Some(line) = full.lines().find(|l| l.contains("CA Issuers - URI:")) {
+            caissuers_url = line.split("URI:").nth(1).unwrap().trim().to_string();
+        }
+        if have_pkilint {
+            assert_eq!(pkilint_errors(&leaf), Vec::<String>::new(), "{name} leaf");
+        }
+    }
+
+    // The caIssuers URL in the leaf serves the intermediate (DER).
+    let path = &caissuers_url[caissuers_url.find("/ca/").unwrap()..];
+    let (status, der) = http_get(server.port, path).unwrap();
+    assert_eq!(status, 200, "{path}");
+    let der_path = work.join("int.der");
+    std::fs::write(&der_path, der).unwrap();
+    let int_text = ok(run(
+        "openssl",
+        &[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            &der_path.display().to_string(),
+            "-noout",
+            "-subject",
+        ],
+    ));
+    assert!(int_text.contains("Issuing CA"), "{int_text}");
+
+    // Each profile's EKU, and pkilint on root and intermediate.
+    for (profile, eku) in [
+        ("server", "TLS Web Server Authentication"),
+        ("client", "TLS Web Client Authentication"),
+    ] {
+        let csr = openssl_csr(work, profile, "ec:P-256", "/CN=svc.internal", &[]);
+        let chain = issue(&config, &csr, &["--profile", profile, "--lifetime", "2h"]);
+        let leaf = work.join(format!("{profile}.crt"));
+        std::fs::write(&leaf, &pem_blocks(&chain)[0]).unwrap();
+        let full = ok(run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                &leaf.display().to_string(),
+                "-noout",
+                "-text",
+            ],
+        ));
+        assert!(
+            full.contains(eku) && !full.contains("Authentication, TLS"),
+            "{profile}: {full}"
+        );
+        if have_pkilint {
+            assert_eq!(
+                pkilint_errors(&leaf),
+                Vec::<String>::new(),
+                "{profile} leaf"
+            );
+        }
+    }
+    if have_pkilint {
+        assert_eq!(pkilint_errors(&roots_path), Vec::<String>::new(), "root");
+        assert_eq!(
+            pkilint_errors(&work.join("data/intermediate.crt")),
+            Vec::<String>::new(),
+            "intermediate"
+        );
+    }
+
+    // Denied names get the policy's reason; the audit chain covers it all.
+    let csr = openssl_csr(work, "evil", "ec:P-256", "/CN=www.example.com", &[]);
+    let err = fails(sigil(&[
+        "cert",
+        "issue",
+        "--config",
+        &config,
+        "--csr",
+        &csr.display().to_string(),
+    ]));
+    assert!(
+        err.contains("www.example.com") && err.contains("no allow rule"),
+        "{err}"
+    );
+    let audit = ok(sigil(&["audit", "verify", "--config", &config]));
+    assert!(audit.contains("audit chain OK"), "{audit}");
+    let list = ok(sigil(&[
+        "audit", "list", "--config", &config, "--limit", "100",
+    ]));
+    assert!(
+        list.contains("cert.denied")
+            && list.contains("cert.issued")
+            && list.contains("issuer.installed"),
+        "{list}"
+    );
+    let certs = ok(sigil(&[
+        "cert",
+        "list",
+        "--config",
+        &config,
+        "--name",
+        "p256.internal",
+    ]));
+    assert_eq!(certs.lines().count(), 2, "header + one row: {certs}");
+
+    let log = server.stop();
+    let pass = std::fs::read_to_string(work.join("data/intermediate.pass")).unwrap();
+    let root_pass = std::fs::read_to_string(work.join("data/DEV-ONLY-root/passphrase")).unwrap();
+    assert!(
+        !log.contains(pass.trim()) && !log.contains(root_pass.trim()),
+        "passphrases must never be logged"
+    );
+    assert!(!log.contains("PRIVATE KEY"));
+}
+
+#[test]
+fn dev_ca_restart_reuses_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&["--dev", "--data-dir", "d"], tmp.path(), &[]);
+    let (_, first) = http_get(s.port, "/roots.pem").unwrap();
+    s.stop();
+    let s = Server::start(&["--dev", "--data-dir", "d"], tmp.path(), &[]);
+    let (_, second) = http_get(s.port, "/roots.pem").unwrap();
+    assert_eq!(first, second, "the same CA is served after a restart");
+    s.stop();
+}
