@@ -1,0 +1,164 @@
+//! Bad input gets a clear error that says what to do, and changes nothing.
+
+use sigil_e2e::*;
+
+#[test]
+fn bad_csrs_and_policy_explanations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    // A dev CA without serving: start once to create it, then stop.
+    let s = Server::start(&["--dev", "--data-dir", "d"], work, &[]);
+    s.stop();
+    let config = work.join("d/sigil.toml").display().to_string();
+    let before = ok(sigil(&["audit", "verify", "--config", &config]));
+
+    let garbage = work.join("garbage.csr");
+    std::fs::write(&garbage, "this is not a CSR").unwrap();
+    let e = fails(sigil(&[
+        "cert",
+        "issue",
+        "--config",
+        &config,
+        "--csr",
+        &garbage.display().to_string(),
+    ]));
+    assert!(e.contains("not PKCS#10"), "{e}");
+
+    if have("openssl") {
+        let weak = openssl_csr(work, "weak", "rsa:1024", "/CN=weak.internal", &[]);
+        let e = fails(sigil(&[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &weak.display().to_string(),
+        ]));
+        assert!(e.contains("1024 bits") && e.contains("2048"), "{e}");
+
+        // Flip a byte inside the signature of a PEM CSR.
+        let good = openssl_csr(work, "good", "ec:P-256", "/CN=good.internal", &[]);
+        let der = run(
+            "openssl",
+            &["req", "-in", &good.display().to_string(), "-outform", "DER"],
+        )
+        .stdout;
+        let mut bad = der.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0x40;
+        let tampered = work.join("tampered.der");
+        std::fs::write(&tampered, bad).unwrap();
+        let e = fails(sigil(&[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &tampered.display().to_string(),
+        ]));
+        assert!(e.contains("does not verify"), "{e}");
+
+        let p521 = openssl_csr(work, "p521", "ec:P-521", "/CN=x.internal", &[]);
+        let e = fails(sigil(&[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &p521.display().to_string(),
+        ]));
+        assert!(e.contains("EC curve"), "{e}");
+
+        let e = fails(sigil(&[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &good.display().to_string(),
+            "--profile",
+            "codesign",
+        ]));
+        assert!(e.contains("unknown profile"), "{e}");
+    }
+    // None of that reached the database: only the denied/failed paths that are
+    // audited by design (none here) — the chain is exactly as before.
+    let after = ok(sigil(&["audit", "verify", "--config", &config]));
+    assert_eq!(before, after);
+
+    let allow = ok(sigil(&[
+        "policy",
+        "check",
+        "--config",
+        &config,
+        "--requester",
+        "token:web",
+        "--name",
+        "App.Localhost.",
+        "--name",
+        "127.0.0.1",
+    ]));
+    assert!(
+        allow.contains("ALLOW") && allow.contains("dev-local") && allow.contains("app.localhost"),
+        "{allow}"
+    );
+    let out = sigil(&[
+        "policy",
+        "check",
+        "--config",
+        &config,
+        "--requester",
+        "token:web",
+        "--name",
+        "db.example.com",
+    ]);
+    assert!(!out.status.success());
+    let deny = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        deny.contains("DENY") && deny.contains("no allow rule lets token:web"),
+        "{deny}"
+    );
+    let e = fails(sigil(&[
+        "policy",
+        "check",
+        "--config",
+        &config,
+        "--requester",
+        "root:x",
+        "--name",
+        "a.internal",
+    ]));
+    assert!(e.contains("KIND:NAME"), "{e}");
+    let e = fails(sigil(&[
+        "policy",
+        "check",
+        "--config",
+        &config,
+        "--requester",
+        "token:x",
+        "--name",
+        "*.*.internal",
+    ]));
+    assert!(e.contains("wildcard"), "{e}");
+}
+
+#[test]
+fn config_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope.toml").display().to_string();
+    let e = fails(sigil(&["serve", "--config", &missing]));
+    assert!(e.contains("nope.toml") && e.contains("--dev"), "{e}");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nhttp_addr = \"127.0.0.1:1\"\npublic_url = \"http://x\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let e = fails(sigil(&[
+        "cert",
+        "list",
+        "--config",
+        &bad.display().to_string(),
+    ]));
+    assert!(e.contains("bogus"), "{e}");
+}
