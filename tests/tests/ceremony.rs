@@ -1,6 +1,8 @@
 //! The production ceremony through the CLI: offline root, online intermediate,
 //! install checks, serving, issuance and audit, on SQLite and PostgreSQL.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use sigil_e2e::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

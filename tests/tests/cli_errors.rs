@@ -1,5 +1,7 @@
 //! Bad input gets a clear error that says what to do, and changes nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use sigil_e2e::*;
 
 #[test]

@@ -1,6 +1,8 @@
 //! The quickstart: `sigil serve --dev` from nothing, certificates for every key
 //! type checked by openssl and pkilint, and the HTTP endpoints.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use sigil_e2e::*;
 use std::path::Path;
 

@@ -1,6 +1,8 @@
 //! The issuance path end to end in-process, on every backend: concurrency,
 //! policy bypass attempts, lifetimes, and denials in the audit log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use rcgen::{CertificateParams, CustomExtension, DnType, KeyPair, SanType};
 use sigil_authority::{ActiveIssuer, Authority, Error, IssueRequest, Settings};
 use sigil_core::dn::parse_subject;

@@ -1,5 +1,7 @@
 //! The CSR parser never panics, whatever it is fed, and accepts only what verifies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use proptest::prelude::*;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use sigil_core::{Csr, CsrError};

@@ -406,11 +406,9 @@ impl Policy {
         let mut bounded = false;
         for id in req.identifiers {
             let finding = self.evaluate_one(req, id);
-            if let (Outcome::Allowed, Some(rule)) = (&finding.0.outcome, &finding.1) {
-                if let Some(m) = rule {
-                    max_lifetime = Some(max_lifetime.map_or(*m, |cur| cur.min(*m)));
-                    bounded = true;
-                }
+            if let (Outcome::Allowed, Some(Some(m))) = (&finding.0.outcome, &finding.1) {
+                max_lifetime = Some(max_lifetime.map_or(*m, |cur| cur.min(*m)));
+                bounded = true;
             }
             findings.push(finding.0);
         }

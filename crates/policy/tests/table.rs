@@ -1,5 +1,7 @@
 //! Table-driven policy decisions, including attempts to slip past a rule.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use sigil_core::{Identifier, KeyType, Profile, Requester};
 use sigil_policy::{Outcome, Policy, Request};
 use std::time::Duration;

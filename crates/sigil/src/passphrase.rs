@@ -27,10 +27,10 @@ fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Pass
             .with_context(|| format!("cannot read passphrase file {}", f.display()))?;
         return Ok(Passphrase::new(text));
     }
-    if let Ok(v) = std::env::var(env) {
-        if !v.is_empty() {
-            return Ok(Passphrase::new(v));
-        }
+    if let Ok(v) = std::env::var(env)
+        && !v.is_empty()
+    {
+        return Ok(Passphrase::new(v));
     }
     if !std::io::stdin().is_terminal() {
         bail!("no passphrase for the {what}: pass --passphrase-file FILE or set {env}");

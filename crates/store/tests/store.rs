@@ -1,5 +1,7 @@
 //! Storage tests, run on SQLite and (when available) PostgreSQL.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
 use sigil_store::{AuditEvent, Change, NewCertificate, NewIssuer, Store, testing};
 
 fn event(i: usize) -> AuditEvent {
