@@ -1,1 +1,185 @@
-fn main() {}
+//! Issuance throughput: parse + verify CSR, policy, build, sign, durable commit of
+//! certificate + audit row, with P-256 CSRs and a P-256 intermediate.
+//!
+//!     cargo bench -p sigil-authority --bench issuance -- [N] [CONCURRENCY] [RUNS]
+//!
+//! Defaults: 20000 certificates, concurrency 32, 5 runs, on SQLite in a temp dir.
+//! With BENCH_DATABASE_URL=postgres://... each run also uses a fresh PostgreSQL
+//! database next to that one. Prints each run, the median and the peak RSS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings};
+use sigil_core::dn::parse_subject;
+use sigil_core::template::IntermediateOptions;
+use sigil_core::{CaRequest, CaUrls, Clock, IssuerInfo, KeySpec, Requester, SystemClock};
+use sigil_policy::Policy;
+use sigil_signer::{
+    CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
+};
+use sigil_store::Store;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const POLICY: &str = r#"
+[[rule]]
+name = "bench"
+effect = "allow"
+requesters = ["*"]
+dns = [".internal"]
+"#;
+
+async fn authority(url: &str, root: &CaSigner, int_der: &[u8], int_pkcs8: &[u8]) -> Authority {
+    let _ = root;
+    let urls = CaUrls::new("http://ca.bench:8080");
+    let key = SoftwareKey::from_pkcs8(int_pkcs8, "bench").unwrap();
+    let issuer = ActiveIssuer::new(int_der, key, &urls).unwrap();
+    let store = Store::open(url).await.unwrap();
+    Authority::install_issuer(
+        &store,
+        &IssuerInfo::from_der(int_der).unwrap(),
+        "operator:bench",
+        SystemClock.now(),
+    )
+    .await
+    .unwrap();
+    Authority::new(
+        Arc::new(SystemClock),
+        Policy::from_sources([("bench.toml", POLICY)]).unwrap(),
+        issuer,
+        store,
+        Settings {
+            default_lifetime: Duration::from_secs(86400),
+            max_lifetime: Duration::from_secs(86400 * 30),
+            urls,
+        },
+    )
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: usize) -> f64 {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (ca, csrs, next) = (ca.clone(), csrs.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let req = IssueRequest {
+                    csr: csrs[i % csrs.len()].clone(),
+                    requester: Requester::Operator("bench".into()),
+                    profile: None,
+                    lifetime: None,
+                };
+                ca.issue(req).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let n: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let conc: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let runs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let now = SystemClock.now();
+        let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
+        let root_der = self_signed_root(
+            &root_key,
+            parse_subject("CN=Bench Root").unwrap(),
+            &random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 3650),
+        )
+        .unwrap();
+        let root = CaSigner::new(&root_der, root_key).unwrap();
+        let (int_key, int_pkcs8) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+        let csr =
+            intermediate_csr(&int_key, parse_subject("CN=Bench Issuing CA").unwrap()).unwrap();
+        let int_der = sign_intermediate(
+            &root,
+            &CaRequest::parse(&csr).unwrap(),
+            &random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 365),
+            &IntermediateOptions::default(),
+        )
+        .unwrap();
+
+        let csrs: Vec<Vec<u8>> = (0..256)
+            .map(|i| {
+                let key = KeyPair::generate().unwrap();
+                let mut p = CertificateParams::default();
+                p.subject_alt_names = vec![SanType::DnsName(
+                    format!("svc{i}.bench.internal").try_into().unwrap(),
+                )];
+                p.serialize_request(&key).unwrap().der().to_vec()
+            })
+            .collect();
+        let csrs = Arc::new(csrs);
+
+        let mut backends = vec![("sqlite", None)];
+        if let Ok(url) = std::env::var("BENCH_DATABASE_URL") {
+            backends.push(("postgres", Some(url)));
+        }
+        for (name, admin) in backends {
+            let mut rates = Vec::new();
+            for run in 0..runs {
+                let dir = tempfile::tempdir().unwrap();
+                let url = match &admin {
+                    None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+                    Some(a) => sigil_store::testing::fresh_postgres(a).await.unwrap(),
+                };
+                let ca = Arc::new(authority(&url, &root, &int_der, &int_pkcs8).await);
+                let rate = run_once(ca.clone(), csrs.clone(), n, conc).await;
+                let report = ca.store().verify_audit().await.unwrap();
+                assert!(report.first_bad.is_none());
+                assert_eq!(ca.store().certificate_count().await.unwrap() as usize, n);
+                ca.store().close().await;
+                println!(
+                    "{name} run {}: {:.0} certificates/s ({n} certs, concurrency {conc})",
+                    run + 1,
+                    rate
+                );
+                rates.push(rate);
+            }
+            println!(
+                "{name} median of {runs}: {:.0} certificates/s; peak RSS so far {:.1} MiB",
+                median(rates),
+                peak_rss_mib()
+            );
+        }
+    });
+}
