@@ -12,7 +12,7 @@ const POLICY: &str = r#"
 name = "ops-internal"
 effect = "allow"
 requesters = ["operator"]
-dns = [".corp.internal"]
+dns = [".corp.internal", ".other.internal"]
 max_lifetime = "7d"
 "#;
 
@@ -297,6 +297,17 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
             "8d",
         ]));
         assert!(e.contains("at most"), "policy max lifetime: {e}");
+        // Policy allows .other.internal, but the intermediate's name constraints do not.
+        let outside = openssl_csr(work, "other", "ec:P-256", "/CN=api.other.internal", &[]);
+        let e = fails(sigil(&[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &outside.display().to_string(),
+        ]));
+        assert!(e.contains("outside the name constraints"), "{e}");
         let listed = ok(sigil(&["cert", "list", "--config", &config]));
         assert!(
             listed.contains("operator:alice") && listed.contains("api.corp.internal"),

@@ -16,6 +16,9 @@ pub enum Error {
         /// The full decision, for explanations.
         decision: sigil_policy::Decision,
     },
+    /// A name the issuing CA itself may not certify.
+    #[error("{0}")]
+    OutsideConstraints(String),
     /// A lifetime outside what the CA allows.
     #[error("{0}")]
     Lifetime(String),

@@ -222,6 +222,16 @@ impl Authority {
 
         let issuer = self.active_issuer();
         let info = issuer.info();
+        if let Some(id) = csr
+            .identifiers()
+            .iter()
+            .find(|id| !info.name_constraints.permits(id))
+        {
+            return Err(Error::OutsideConstraints(format!(
+                "{id} is outside the name constraints of the issuing CA {} (it may only issue for the names its root allowed)",
+                info.subject
+            )));
+        }
         let mut lifetime = req.lifetime.unwrap_or_else(|| {
             decision
                 .max_lifetime

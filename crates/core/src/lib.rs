@@ -5,6 +5,7 @@
 //! (CSR self-signatures) uses aws-lc-rs public-key operations only.
 
 pub mod clock;
+pub mod constraints;
 pub mod csr;
 pub mod dn;
 mod error;

@@ -113,6 +113,8 @@ pub struct IssuerInfo {
     pub is_ca: bool,
     /// pathLenConstraint if any.
     pub path_len: Option<u8>,
+    /// Name constraints the CA is bound by (empty when it has none).
+    pub name_constraints: crate::constraints::NameConstraints,
 }
 
 impl IssuerInfo {
@@ -133,7 +135,13 @@ impl IssuerInfo {
             Ok(Some((_, bc))) => (bc.ca, bc.path_len_constraint),
             _ => (false, None),
         };
+        let name_constraints = match tbs.get_extension::<x509_cert::ext::pkix::NameConstraints>() {
+            Ok(Some((_, nc))) => crate::constraints::NameConstraints::from_x509(&nc),
+            Ok(None) => Default::default(),
+            Err(e) => return Err(Error::Certificate(format!("name constraints: {e}"))),
+        };
         Ok(IssuerInfo {
+            name_constraints,
             id: IssuerId::of(der),
             der: der.to_vec(),
             subject: tbs.subject().to_string(),

@@ -1,0 +1,151 @@
+//! RFC 5280 §4.2.1.10 name constraints of an issuing CA, so the CA never signs a
+//! certificate that relying parties would reject for violating them.
+
+use crate::names::Identifier;
+use ipnet::IpNet;
+use std::net::IpAddr;
+use x509_cert::ext::pkix::name::GeneralName;
+
+/// One constraint subtree, in the forms Sigil can evaluate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Subtree {
+    /// dNSName: the name and everything below it (a leading dot: below only).
+    Dns(String),
+    /// iPAddress range.
+    Ip(IpNet),
+    /// uniformResourceIdentifier host constraint (same rules as dNSName).
+    UriHost(String),
+    /// rfc822Name: a mailbox, a host, or (leading dot) hosts below a domain.
+    Email(String),
+    /// A form Sigil does not evaluate (directoryName, ...): never matches.
+    Other,
+}
+
+/// Permitted and excluded subtrees of one CA certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameConstraints {
+    permitted: Vec<Subtree>,
+    excluded: Vec<Subtree>,
+}
+
+impl NameConstraints {
+    /// Reads the extension's subtrees.
+    pub(crate) fn from_x509(nc: &x509_cert::ext::pkix::NameConstraints) -> NameConstraints {
+        let conv = |t: &Option<Vec<x509_cert::ext::pkix::constraints::name::GeneralSubtree>>| {
+            t.iter()
+                .flatten()
+                .map(|s| match &s.base {
+                    GeneralName::DnsName(d) => Subtree::Dns(d.as_str().to_ascii_lowercase()),
+                    GeneralName::UniformResourceIdentifier(u) => {
+                        Subtree::UriHost(u.as_str().to_ascii_lowercase())
+                    }
+                    GeneralName::Rfc822Name(e) => Subtree::Email(e.as_str().to_ascii_lowercase()),
+                    GeneralName::IpAddress(o) => ip_subtree(o.as_bytes()).unwrap_or(Subtree::Other),
+                    _ => Subtree::Other,
+                })
+                .collect::<Vec<_>>()
+        };
+        NameConstraints {
+            permitted: conv(&nc.permitted_subtrees),
+            excluded: conv(&nc.excluded_subtrees),
+        }
+    }
+
+    /// Whether `id` is inside the permitted subtrees of its type (if any are
+    /// listed) and outside every excluded subtree.
+    pub fn permits(&self, id: &Identifier) -> bool {
+        if self.excluded.iter().any(|s| matches(s, id) == Some(true)) {
+            return false;
+        }
+        let relevant: Vec<bool> = self
+            .permitted
+            .iter()
+            .filter_map(|s| matches(s, id))
+            .collect();
+        relevant.is_empty() || relevant.contains(&true)
+    }
+}
+
+fn ip_subtree(b: &[u8]) -> Option<Subtree> {
+    let net = match b.len() {
+        8 => {
+            let addr = IpAddr::from(<[u8; 4]>::try_from(&b[..4]).ok()?);
+            let mask = u32::from_be_bytes(<[u8; 4]>::try_from(&b[4..]).ok()?);
+            IpNet::new(addr, mask.count_ones() as u8).ok()?
+        }
+        32 => {
+            let addr = IpAddr::from(<[u8; 16]>::try_from(&b[..16]).ok()?);
+            let mask = u128::from_be_bytes(<[u8; 16]>::try_from(&b[16..]).ok()?);
+            IpNet::new(addr, mask.count_ones() as u8).ok()?
+        }
+        _ => return None,
+    };
+    Some(Subtree::Ip(net))
+}
+
+/// `Some(matched)` when the subtree is of the identifier's type, else `None`.
+fn matches(s: &Subtree, id: &Identifier) -> Option<bool> {
+    match (s, id) {
+        (Subtree::Dns(c), Identifier::Dns(d)) => Some(host_in(d.base(), c)),
+        (Subtree::Ip(net), Identifier::Ip(ip)) => Some(net.contains(ip)),
+        (Subtree::UriHost(c), Identifier::Uri(u)) => {
+            let rest = &u.as_str()["spiffe://".len()..];
+            let host = rest.split('/').next().unwrap_or(rest);
+            Some(host_in(host, c))
+        }
+        (Subtree::Email(c), Identifier::Email(e)) => {
+            let e = e.to_ascii_lowercase();
+            let host = e.rsplit_once('@').map_or("", |(_, h)| h);
+            Some(if c.contains('@') {
+                e == *c
+            } else if c.starts_with('.') {
+                host.ends_with(c.as_str())
+            } else {
+                host == c
+            })
+        }
+        (Subtree::Other, _) => None,
+        _ => None,
+    }
+}
+
+/// dNSName semantics: `c` matches itself and names below; `.c` only names below.
+fn host_in(name: &str, c: &str) -> bool {
+    if c.is_empty() {
+        return true;
+    }
+    match c.strip_prefix('.') {
+        Some(parent) => crate::DnsName::is_strictly_under(name, parent),
+        None => name == c || crate::DnsName::is_strictly_under(name, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_ip_and_exclusions() {
+        let nc = NameConstraints {
+            permitted: vec![
+                Subtree::Dns("corp.internal".into()),
+                Subtree::Ip("10.0.0.0/8".parse().unwrap()),
+            ],
+            excluded: vec![Subtree::Dns("secret.corp.internal".into())],
+        };
+        let id = |s: &str| Identifier::parse_any(s).unwrap();
+        assert!(nc.permits(&id("corp.internal")));
+        assert!(nc.permits(&id("a.b.corp.internal")));
+        assert!(nc.permits(&id("*.corp.internal")));
+        assert!(!nc.permits(&id("evilcorp.internal")));
+        assert!(!nc.permits(&id("x.secret.corp.internal")));
+        assert!(nc.permits(&id("10.1.2.3")));
+        assert!(!nc.permits(&id("192.168.1.1")));
+        // No URI subtrees listed: URIs are unconstrained.
+        assert!(nc.permits(&id("spiffe://corp/x")));
+        assert_eq!(
+            ip_subtree(&[10, 0, 0, 0, 255, 0, 0, 0]),
+            Some(Subtree::Ip("10.0.0.0/8".parse().unwrap()))
+        );
+    }
+}
