@@ -23,7 +23,6 @@ CREATE TABLE certificates (
     der             BYTEA NOT NULL
 );
 CREATE INDEX certificates_not_after ON certificates (not_after);
-CREATE INDEX certificates_issuer ON certificates (issuer_id);
 CREATE INDEX certificates_key ON certificates (key_fingerprint);
 
 -- Append-only, hash-chained audit log: each row carries the SHA-256 of the
@@ -45,6 +44,23 @@ BEGIN
 END;
 $$;
 
+-- Rows may only be appended at the head of the chain.
+CREATE FUNCTION audit_check_append() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    head_seq  BIGINT;
+    head_hash TEXT;
+BEGIN
+    SELECT seq, hash INTO head_seq, head_hash FROM audit ORDER BY seq DESC LIMIT 1;
+    IF NEW.seq <> COALESCE(head_seq, 0) + 1
+       OR NEW.prev_hash <> COALESCE(head_hash, repeat('0', 64)) THEN
+        RAISE EXCEPTION 'audit table is append-only: rows must extend the chain head';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER audit_append_only BEFORE INSERT ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_check_append();
 CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit
     FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit

@@ -23,7 +23,6 @@ CREATE TABLE certificates (
     der             BLOB NOT NULL
 );
 CREATE INDEX certificates_not_after ON certificates (not_after);
-CREATE INDEX certificates_issuer ON certificates (issuer_id);
 CREATE INDEX certificates_key ON certificates (key_fingerprint);
 
 -- Append-only, hash-chained audit log: each row carries the SHA-256 of the
@@ -38,6 +37,17 @@ CREATE TABLE audit (
     prev_hash TEXT NOT NULL,
     hash      TEXT NOT NULL
 );
+
+-- Rows may only be appended at the head of the chain: this also stops
+-- INSERT OR REPLACE from rewriting an existing row.
+CREATE TRIGGER audit_append_only BEFORE INSERT ON audit
+WHEN NEW.seq <> (SELECT COALESCE(MAX(seq), 0) + 1 FROM audit)
+  OR NEW.prev_hash <> COALESCE(
+        (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1),
+        '0000000000000000000000000000000000000000000000000000000000000000')
+BEGIN
+    SELECT RAISE(ABORT, 'audit table is append-only: rows must extend the chain head');
+END;
 
 CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
 BEGIN

@@ -283,3 +283,10 @@ pub fn pem_blocks(text: &str) -> Vec<String> {
         .map(|b| b[b.find("-----BEGIN").unwrap_or(0)..].to_string())
         .collect()
 }
+
+/// Writes a secret file (passphrase) with mode 0600, as Sigil requires.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

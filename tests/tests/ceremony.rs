@@ -19,8 +19,7 @@ max_lifetime = "7d"
 fn write_config(ca: &Path, db_url: &str, port: u16) -> String {
     std::fs::create_dir_all(ca.join("policies")).unwrap();
     std::fs::write(ca.join("policies/ops.toml"), POLICY).unwrap();
-    std::fs::write(ca.join("int.pass"), "intermediate passphrase 42\n").unwrap();
-    std::fs::set_permissions(ca.join("int.pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_secret(&ca.join("int.pass"), "intermediate passphrase 42\n");
     let cfg = format!(
         r#"[server]
 http_addr = "127.0.0.1:{port}"
@@ -55,7 +54,18 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
     let ca = work.join("ca");
     std::fs::create_dir_all(&ca).unwrap();
     let root_pass = work.join("root.pass");
+    // A passphrase file others can read is refused, like a readable key file.
     std::fs::write(&root_pass, "root passphrase 1234\n").unwrap();
+    let loose = fails(sigil(&[
+        "root",
+        "init",
+        "--dir",
+        &root.display().to_string(),
+        "--passphrase-file",
+        &root_pass.display().to_string(),
+    ]));
+    assert!(loose.contains("chmod 600"), "{loose}");
+    write_secret(&root_pass, "root passphrase 1234\n");
     let rp = root_pass.display().to_string();
     let rdir = root.display().to_string();
 
@@ -115,7 +125,7 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
     );
 
     // Offline host signs; a wrong passphrase is refused first.
-    std::fs::write(work.join("wrong.pass"), "not the passphrase").unwrap();
+    write_secret(&work.join("wrong.pass"), "not the passphrase");
     let csr = ca.join("intermediate.csr").display().to_string();
     let int = ca.join("intermediate.crt").display().to_string();
     let e = fails(sigil(&[
@@ -359,7 +369,7 @@ async fn ceremony_on_postgres_with_p384_root() {
 fn every_root_key_type_passes_openssl_and_pkilint() {
     let tmp = tempfile::tempdir().unwrap();
     let pass = tmp.path().join("p");
-    std::fs::write(&pass, "root passphrase 1234").unwrap();
+    write_secret(&pass, "root passphrase 1234");
     for kt in [
         "ecdsa-p256",
         "ecdsa-p384",

@@ -175,63 +175,19 @@ impl Authority {
     }
 
     /// Issues a certificate. Returns only after certificate and audit row are durable.
+    /// Every refusal of a well-formed request (policy, lifetime, name constraints)
+    /// is audited before the error is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, Error> {
         let csr = Csr::parse(&req.csr)?;
         let profile = req.profile.unwrap_or_default();
         let now = self.clock.now();
-        if let Some(l) = req.lifetime {
-            if l > self.settings.max_lifetime {
-                return Err(Error::Lifetime(format!(
-                    "requested lifetime {} exceeds this CA's maximum of {}",
-                    sigil_core::lifetime::format_duration(l),
-                    sigil_core::lifetime::format_duration(self.settings.max_lifetime)
-                )));
-            }
-            if l < Duration::from_secs(60) {
-                return Err(Error::Lifetime("lifetime must be at least 1 minute".into()));
-            }
-        }
-        let decision = self.check(
-            &req.requester,
-            csr.identifiers(),
-            profile,
-            csr.key_type(),
-            req.lifetime,
-        );
-        if !decision.allowed {
-            let reason = decision
-                .denial_reason()
-                .unwrap_or_else(|| "request not allowed".to_string());
-            let names: Vec<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
-            self.store
-                .commit(Change::Record(AuditEvent {
-                    ts_ms: unix_ms(now),
-                    kind: "cert.denied".into(),
-                    actor: req.requester.to_string(),
-                    subject: names.first().cloned().unwrap_or_default(),
-                    detail: json!({
-                        "names": names,
-                        "profile": profile.name(),
-                        "key_type": csr.key_type().to_string(),
-                        "reason": reason,
-                    }),
-                }))
-                .await?;
-            return Err(Error::Denied { reason, decision });
-        }
-
+        let names: Vec<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
         let issuer = self.active_issuer();
+        let decision = match self.admit(&req, &csr, profile, &issuer) {
+            Ok(d) => d,
+            Err(e) => return Err(self.refuse(&req, &csr, &names, profile, now, e).await),
+        };
         let info = issuer.info();
-        if let Some(id) = csr
-            .identifiers()
-            .iter()
-            .find(|id| !info.name_constraints.permits(id))
-        {
-            return Err(Error::OutsideConstraints(format!(
-                "{id} is outside the name constraints of the issuing CA {} (it may only issue for the names its root allowed)",
-                info.subject
-            )));
-        }
         let mut lifetime = req.lifetime.unwrap_or_else(|| {
             decision
                 .max_lifetime
@@ -263,10 +219,7 @@ impl Authority {
         let template = LeafTemplate::new(&spec, &issuer.common)?;
         let der = issuer.signer.sign_leaf(template)?;
         check_issued_leaf(&der, &spec, info)?;
-        let not_before = sigil_core::template::whole_seconds(now - sigil_core::template::BACKDATE);
-        let not_after = sigil_core::template::whole_seconds(now + lifetime);
-
-        let names: Vec<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
+        let (not_before, not_after) = spec.validity();
         let receipt = self
             .store
             .commit(Change::Issue {
@@ -309,6 +262,89 @@ impl Authority {
             issuer_id: info.id.to_string(),
             receipt,
         })
+    }
+
+    /// The checks that may refuse a well-formed request; returns the policy decision.
+    fn admit(
+        &self,
+        req: &IssueRequest,
+        csr: &Csr,
+        profile: Profile,
+        issuer: &ActiveIssuer,
+    ) -> Result<Decision, Error> {
+        if let Some(l) = req.lifetime {
+            if l > self.settings.max_lifetime {
+                return Err(Error::Lifetime(format!(
+                    "requested lifetime {} exceeds this CA's maximum of {}",
+                    sigil_core::lifetime::format_duration(l),
+                    sigil_core::lifetime::format_duration(self.settings.max_lifetime)
+                )));
+            }
+            if l < Duration::from_secs(60) {
+                return Err(Error::Lifetime("lifetime must be at least 1 minute".into()));
+            }
+        }
+        let decision = self.check(
+            &req.requester,
+            csr.identifiers(),
+            profile,
+            csr.key_type(),
+            req.lifetime,
+        );
+        if !decision.allowed {
+            let reason = decision
+                .denial_reason()
+                .unwrap_or_else(|| "request not allowed".to_string());
+            return Err(Error::Denied { reason, decision });
+        }
+        let info = issuer.info();
+        if let Some(id) = csr
+            .identifiers()
+            .iter()
+            .find(|id| !info.name_constraints.permits(id))
+        {
+            return Err(Error::OutsideConstraints(format!(
+                "{id} is outside the name constraints of the issuing CA {} (it may only issue for the names its root allowed)",
+                info.subject
+            )));
+        }
+        Ok(decision)
+    }
+
+    /// Audits a refusal; returns the error for the caller (or the store's, if
+    /// the refusal could not be recorded).
+    async fn refuse(
+        &self,
+        req: &IssueRequest,
+        csr: &Csr,
+        names: &[String],
+        profile: Profile,
+        now: OffsetDateTime,
+        err: Error,
+    ) -> Error {
+        let reason = match &err {
+            Error::Denied { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        let recorded = self
+            .store
+            .commit(Change::Record(AuditEvent {
+                ts_ms: unix_ms(now),
+                kind: "cert.denied".into(),
+                actor: req.requester.to_string(),
+                subject: names.first().cloned().unwrap_or_default(),
+                detail: json!({
+                    "names": names,
+                    "profile": profile.name(),
+                    "key_type": csr.key_type().to_string(),
+                    "reason": reason,
+                }),
+            }))
+            .await;
+        match recorded {
+            Ok(_) => err,
+            Err(e) => e.into(),
+        }
     }
 
     /// Records a ceremony install: the issuer row and its audit event, atomically.

@@ -47,21 +47,7 @@ impl Csr {
 
     /// Parses a DER CSR.
     pub fn from_der(der: &[u8]) -> Result<Csr, CsrError> {
-        if der.len() > MAX_CSR_BYTES {
-            return Err(CsrError::TooLarge(der.len(), MAX_CSR_BYTES));
-        }
-        let req = CertReq::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
-        let public_key = PublicKey::from_spki(&req.info.public_key)?;
-        // Strict DER decoding guarantees re-encoding yields the signed bytes.
-        let tbs = req
-            .info
-            .to_der()
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
-        let signature = req
-            .signature
-            .as_bytes()
-            .ok_or_else(|| CsrError::Malformed("signature is not octet-aligned".into()))?;
-        verify_signature(&public_key, &req.algorithm.oid, &tbs, signature)?;
+        let (req, public_key) = parse_verified(der)?;
 
         let common_name = subject_common_name(&req.info.subject)?;
         let mut identifiers = BTreeSet::new();
@@ -84,6 +70,14 @@ impl Csr {
             for ext in &exts.0 {
                 if !seen.insert(ext.extn_id) {
                     return Err(CsrError::DuplicateExtension(ext.extn_id.to_string()));
+                }
+                // Every extension value must be one well-formed DER element, even
+                // though only subjectAltName is used.
+                if der::asn1::AnyRef::from_der(ext.extn_value.as_bytes()).is_err() {
+                    return Err(CsrError::MalformedExtension(
+                        ext.extn_id.to_string(),
+                        "value is not well-formed DER".into(),
+                    ));
                 }
                 if ext.extn_id == ID_CE_SUBJECT_ALT_NAME {
                     let san = SubjectAltName::from_der(ext.extn_value.as_bytes()).map_err(|e| {
@@ -168,17 +162,7 @@ impl CaRequest {
             return Err(CsrError::TooLarge(input.len(), MAX_CSR_BYTES).into());
         }
         let der = decode_pem_or_der(input)?;
-        let req = CertReq::from_der(&der).map_err(|e| CsrError::Malformed(e.to_string()))?;
-        let public_key = PublicKey::from_spki(&req.info.public_key)?;
-        let tbs = req
-            .info
-            .to_der()
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
-        let signature = req
-            .signature
-            .as_bytes()
-            .ok_or_else(|| CsrError::Malformed("signature is not octet-aligned".into()))?;
-        verify_signature(&public_key, &req.algorithm.oid, &tbs, signature)?;
+        let (req, public_key) = parse_verified(&der)?;
         if subject_common_name(&req.info.subject)?.is_none() {
             return Err(CsrError::Malformed("a CA request needs a subject CN".into()).into());
         }
@@ -188,6 +172,41 @@ impl CaRequest {
             subject_text: req.info.subject.to_string(),
         })
     }
+}
+
+/// The three parts of any signed X.509 structure, with the signed part's bytes
+/// exactly as received (decoding may normalize, e.g. sort SET OF, so the
+/// signature is checked over the original bytes, never a re-encoding).
+#[derive(der::Sequence)]
+struct SignedParts<'a> {
+    tbs: der::asn1::AnyRef<'a>,
+    algorithm: x509_cert::spki::AlgorithmIdentifierRef<'a>,
+    signature: der::asn1::BitStringRef<'a>,
+}
+
+/// Verifies `der`'s signature with `key`; returns nothing on success.
+pub(crate) fn verify_signed(der: &[u8], key: &PublicKey) -> Result<(), CsrError> {
+    let parts = SignedParts::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let tbs = parts
+        .tbs
+        .to_der()
+        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let signature = parts
+        .signature
+        .as_bytes()
+        .ok_or_else(|| CsrError::Malformed("signature is not octet-aligned".into()))?;
+    verify_signature(key, &parts.algorithm.oid, &tbs, signature)
+}
+
+/// Decodes a CSR, classifies its key and verifies its self-signature.
+fn parse_verified(der: &[u8]) -> Result<(CertReq, PublicKey), CsrError> {
+    if der.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(der.len(), MAX_CSR_BYTES));
+    }
+    let req = CertReq::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let public_key = PublicKey::from_spki(&req.info.public_key)?;
+    verify_signed(der, &public_key)?;
+    Ok((req, public_key))
 }
 
 /// Accepts DER, or PEM with any label spelling, line width or surrounding text.

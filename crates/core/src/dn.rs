@@ -61,8 +61,19 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, Error> {
 /// keeping each value's string type.
 pub fn from_x509_name(name: &x509_cert::name::Name) -> Result<DistinguishedName, Error> {
     let mut dn = DistinguishedName::new();
+    let mut seen = std::collections::BTreeSet::new();
     {
         for atv in name.iter() {
+            // rcgen keeps one value per attribute type; refuse rather than drop one.
+            if !seen.insert(atv.oid) {
+                return Err(Error::Subject(
+                    name.to_string(),
+                    format!(
+                        "attribute {} appears more than once; use each attribute type once",
+                        atv.oid
+                    ),
+                ));
+            }
             let ty = dn_type(&atv.oid);
             let text = crate::csr::directory_string(&atv.value).ok_or_else(|| {
                 Error::Subject(atv.oid.to_string(), "unsupported string type".into())

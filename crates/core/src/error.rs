@@ -90,7 +90,7 @@ pub enum CsrError {
 #[non_exhaustive]
 pub enum Error {
     /// A malformed duration string.
-    #[error("invalid duration '{0}': use forms like 15m, 24h, 90d, 3y")]
+    #[error("invalid duration '{0}': use forms like 15m, 24h, 90d, 3y (at most 100y)")]
     Duration(String),
     /// A malformed distinguished-name string.
     #[error("invalid subject '{0}': {1}")]

@@ -46,6 +46,22 @@ impl KeyType {
     }
 }
 
+impl FromStr for KeyType {
+    type Err = Error;
+    /// Parses `ecdsa-p256`, `ecdsa-p384`, `ed25519` or `rsa-BITS`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "ecdsa-p256" => KeyType::EcdsaP256,
+            "ecdsa-p384" => KeyType::EcdsaP384,
+            "ed25519" => KeyType::Ed25519,
+            other => match other.strip_prefix("rsa-").and_then(|b| b.parse().ok()) {
+                Some(bits) => KeyType::Rsa(bits),
+                None => return Err(Error::KeySpec(s.to_string())),
+            },
+        })
+    }
+}
+
 impl fmt::Display for KeyType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -3,10 +3,14 @@
 use crate::Error;
 use std::time::Duration;
 
+/// Longest duration accepted anywhere (100 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 86_400);
+
 /// Parses a duration like `15m`, `24h`, `90d` or `3y` (a year is 365.25 days).
 pub fn parse_duration(s: &str) -> Result<Duration, Error> {
     let d = humantime::parse_duration(s.trim()).map_err(|_| Error::Duration(s.to_string()))?;
-    if d.is_zero() {
+    // Also keeps `now + d` far from the calendar's end, so it cannot overflow.
+    if d.is_zero() || d > MAX_DURATION {
         return Err(Error::Duration(s.to_string()));
     }
     Ok(d)
@@ -45,5 +49,6 @@ mod tests {
         assert!(parse_duration("10y").unwrap() > Duration::from_secs(3650 * 86_400));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("20000y").is_err());
     }
 }

@@ -235,7 +235,9 @@ impl fmt::Display for Identifier {
     }
 }
 
-/// Validates `local@domain`; the domain is normalized as a (non-wildcard) DNS name.
+/// Validates `local@domain` and lowercases it: the domain is normalized as a
+/// (non-wildcard) DNS name, and the local part is folded too so that case can
+/// never separate a requested address from a policy rule.
 pub fn parse_email(s: &str) -> Result<String, NameError> {
     let bad = || NameError::InvalidEmail(s.chars().take(256).collect());
     let (local, domain) = s.rsplit_once('@').ok_or_else(bad)?;
@@ -251,7 +253,7 @@ pub fn parse_email(s: &str) -> Result<String, NameError> {
     if domain.is_wildcard() {
         return Err(bad());
     }
-    Ok(format!("{local}@{domain}"))
+    Ok(format!("{}@{domain}", local.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -336,7 +338,7 @@ mod tests {
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_email("Ops@Example.COM").unwrap(), "Ops@example.com");
+        assert_eq!(parse_email("Ops@Example.COM").unwrap(), "ops@example.com");
         assert!(parse_email("no-at-sign").is_err());
         assert!(parse_email("a@*.example.com").is_err());
         assert_eq!(

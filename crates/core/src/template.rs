@@ -99,6 +99,8 @@ pub struct IssuerInfo {
     pub der: Vec<u8>,
     /// Subject as a printable string.
     pub subject: String,
+    /// Subject exactly as encoded (issuer names are compared as DER).
+    pub subject_der: Vec<u8>,
     /// Issuer as a printable string.
     pub issuer: String,
     /// The subject public key.
@@ -145,6 +147,10 @@ impl IssuerInfo {
             id: IssuerId::of(der),
             der: der.to_vec(),
             subject: tbs.subject().to_string(),
+            subject_der: tbs
+                .subject()
+                .to_der()
+                .map_err(|e| Error::Certificate(e.to_string()))?,
             issuer: tbs.issuer().to_string(),
             public_key,
             key_id,
@@ -291,6 +297,16 @@ pub struct LeafSpec<'a> {
     pub preferred_cn: Option<&'a str>,
 }
 
+impl LeafSpec<'_> {
+    /// notBefore (backdated) and notAfter, in whole seconds.
+    pub fn validity(&self) -> (OffsetDateTime, OffsetDateTime) {
+        (
+            whole_seconds(self.now - BACKDATE),
+            whole_seconds(self.now + self.lifetime),
+        )
+    }
+}
+
 /// Per-issuer parts of every leaf, computed once per issuer.
 #[derive(Debug, Clone)]
 pub struct LeafCommon {
@@ -377,8 +393,7 @@ fn leaf_params(spec: &LeafSpec<'_>, common: &LeafCommon) -> Result<CertificatePa
         .map(san_of)
         .collect::<Result<_, _>>()?;
     p.serial_number = Some(SerialNumber::from_slice(spec.serial.as_bytes()));
-    p.not_before = whole_seconds(spec.now - BACKDATE);
-    p.not_after = whole_seconds(spec.now + spec.lifetime);
+    (p.not_before, p.not_after) = spec.validity();
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = spec.profile.key_usages(spec.public_key.key_type());
     p.extended_key_usages = spec.profile.extended_key_usages();
@@ -443,7 +458,7 @@ pub fn check_issued_leaf(
     if spki != spec.public_key.spki_der() {
         return fail("public key differs from the CSR's");
     }
-    if tbs.issuer().to_string() != issuer.subject {
+    if tbs.issuer().to_der().ok().as_deref() != Some(issuer.subject_der.as_slice()) {
         return fail("issuer name differs from the issuing CA's subject");
     }
     let sans = match tbs.get_extension::<SubjectAltName>() {
@@ -479,28 +494,14 @@ pub fn check_issued_leaf(
 /// Verifies that `child_der` was signed by `parent`'s key and names it as issuer.
 pub fn verify_issued_by(child_der: &[u8], parent: &IssuerInfo) -> Result<(), Error> {
     let cert = Certificate::from_der(child_der).map_err(|e| Error::Certificate(e.to_string()))?;
-    let tbs = cert
-        .tbs_certificate()
-        .to_der()
-        .map_err(|e| Error::Certificate(e.to_string()))?;
-    let sig = cert
-        .signature()
-        .as_bytes()
-        .ok_or_else(|| Error::Certificate("signature is not octet-aligned".into()))?;
-    crate::csr::verify_signature(
-        &parent.public_key,
-        &cert.signature_algorithm().oid,
-        &tbs,
-        sig,
-    )
-    .map_err(|_| {
+    crate::csr::verify_signed(child_der, &parent.public_key).map_err(|_| {
         Error::Certificate(format!(
             "certificate is not signed by {} (signature does not verify)",
             parent.subject
         ))
     })?;
-    let issuer = cert.tbs_certificate().issuer().to_string();
-    if issuer != parent.subject {
+    let issuer = cert.tbs_certificate().issuer();
+    if issuer.to_der().ok().as_deref() != Some(parent.subject_der.as_slice()) {
         return Err(Error::Certificate(format!(
             "certificate names issuer '{issuer}', expected '{}'",
             parent.subject

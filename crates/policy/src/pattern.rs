@@ -94,7 +94,7 @@ impl UriPattern {
         let id = SpiffeId::parse(&probe).map_err(|e| e.to_string())?;
         let rest = &id.as_str()["spiffe://".len()..];
         let (td, _) = rest.split_once('/').unwrap_or((rest, ""));
-        let orig_rest = &s["spiffe://".len()..];
+        let orig_rest = s.get("spiffe://".len()..).unwrap_or("");
         let segments: Vec<String> = orig_rest
             .split_once('/')
             .map(|(_, p)| p.split('/').map(str::to_string).collect())
@@ -107,7 +107,8 @@ impl UriPattern {
                 return Err(format!("'{s}': '**' is only allowed as the last segment"));
             }
         }
-        if td.contains('*') {
+        let orig_td = orig_rest.split('/').next().unwrap_or(orig_rest);
+        if orig_td.contains('*') {
             return Err(format!("'{s}': the trust domain cannot be a wildcard"));
         }
         Ok(UriPattern {
@@ -318,6 +319,8 @@ mod tests {
         assert!(UriPattern::parse("spiffe://corp/ns/a*b").is_err());
         assert!(UriPattern::parse("spiffe://corp/**/x").is_err());
         assert!(UriPattern::parse("https://corp/x").is_err());
+        assert!(UriPattern::parse("spiffe://*/admin/**").is_err());
+        assert!(UriPattern::parse("spiffe://c*/admin").is_err());
     }
 
     #[test]
@@ -342,6 +345,12 @@ mod tests {
         let e = EmailPattern::parse("@Corp.Example").unwrap();
         assert!(e.matches("ops@corp.example"));
         assert!(!e.matches("ops@evil.corp.example"));
+        let admin = EmailPattern::parse("Admin@corp.example").unwrap();
+        let asked = sigil_core::names::parse_email("ADMIN@Corp.Example").unwrap();
+        assert!(
+            admin.matches(&asked),
+            "case never separates a requested address from a rule"
+        );
     }
 
     proptest::proptest! {

@@ -142,7 +142,7 @@ impl Rule {
             .map(|s| {
                 s.parse::<IpNet>()
                     .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map(|n| n.trunc())
+                    .map(|n| canonical_net(n.trunc()))
                     .map_err(|_| format!("'{s}' is not an IP address or CIDR"))
             })
             .collect::<Result<_, _>>()
@@ -516,6 +516,17 @@ impl Policy {
             }
         });
         (finding(Outcome::NotAllowed, None, why), None)
+    }
+}
+
+/// IPv4-mapped IPv6 ranges become IPv4 ranges, as requested IPs do.
+fn canonical_net(n: IpNet) -> IpNet {
+    match n {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(n, IpNet::V4),
+            None => n,
+        },
+        _ => n,
     }
 }
 

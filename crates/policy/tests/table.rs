@@ -31,7 +31,7 @@ name = "no-vault"
 effect = "deny"
 requesters = ["*"]
 dns = ["vault.payments.internal", ".secrets.internal"]
-ip = ["10.20.99.0/24"]
+ip = ["::ffff:10.20.99.0/120"]
 
 [[rule]]
 name = "no-rsa-for-tokens"

@@ -319,11 +319,13 @@ pub async fn install(
             key_path.display()
         );
     }
+    // Database first: a certificate file never names an issuer the database lacks.
+    let store = Store::open(&cfg.database_url()).await?;
+    let recorded = Authority::install_issuer(&store, &info, actor, now).await;
+    store.close().await;
+    recorded?;
     let dest = cfg.resolve(&cfg.ca.intermediate_cert);
     write_public(&dest, &pem("CERTIFICATE", &info.der))?;
-    let store = Store::open(&cfg.database_url()).await?;
-    Authority::install_issuer(&store, &info, actor, now).await?;
-    store.close().await;
     tracing::info!(issuer = %info.id, root = %root.subject, "intermediate installed");
     Ok(info)
 }

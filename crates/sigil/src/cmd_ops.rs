@@ -30,13 +30,20 @@ pub async fn build_authority(cfg: &Config) -> Result<Authority> {
     let urls = CaUrls::new(&cfg.server.public_url);
     let issuer = ActiveIssuer::new(&info.der, key, &urls)?;
     let store = Store::open(&cfg.database_url()).await?;
-    if store.issuer(info.id.as_str()).await?.is_none() {
-        anyhow::bail!(
+    match store.issuer(info.id.as_str()).await? {
+        None => anyhow::bail!(
             "intermediate {} is not installed in the database: run `sigil intermediate install --config {} --cert {}`",
             info.id,
             cfg.path.display(),
             cert_path.display()
-        );
+        ),
+        Some(row) if row.status != "active" => anyhow::bail!(
+            "intermediate {} in {} is {} (a newer intermediate was installed); point ca.intermediate_cert and ca.intermediate_key at the active one",
+            info.id,
+            cert_path.display(),
+            row.status
+        ),
+        Some(_) => {}
     }
     Ok(Authority::new(
         Arc::new(SystemClock),
@@ -103,6 +110,10 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
         } => {
             let cfg = Config::load(&config)?;
             let store = Store::open(&cfg.database_url()).await?;
+            let name = name
+                .map(|n| Identifier::parse_any(&n).with_context(|| format!("--name '{n}'")))
+                .transpose()?
+                .map(|id| id.to_string());
             let rows = store.certificates(name.as_deref(), limit, 0).await?;
             println!(
                 "{:<34} {:<20} {:<7} {:<24} names",
@@ -221,7 +232,7 @@ pub fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                 .iter()
                 .map(|n| Identifier::parse_any(n).with_context(|| format!("name '{n}'")))
                 .collect::<Result<Vec<_>>>()?;
-            let key_type = parse_key_type(&key_type)?;
+            let key_type: KeyType = key_type.parse()?;
             let decision = policy.evaluate(&sigil_policy::Request {
                 requester: &requester,
                 identifiers: &ids,
@@ -237,18 +248,4 @@ pub fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             })
         }
     }
-}
-
-fn parse_key_type(s: &str) -> Result<KeyType> {
-    Ok(match s {
-        "ecdsa-p256" => KeyType::EcdsaP256,
-        "ecdsa-p384" => KeyType::EcdsaP384,
-        "ed25519" => KeyType::Ed25519,
-        other => match other.strip_prefix("rsa-").and_then(|b| b.parse().ok()) {
-            Some(bits) => KeyType::Rsa(bits),
-            None => {
-                anyhow::bail!("--key-type '{s}': use ecdsa-p256, ecdsa-p384, ed25519 or rsa-BITS")
-            }
-        },
-    })
 }

@@ -36,6 +36,12 @@ pub async fn ensure(dir: &Path, http_addr: Option<SocketAddr>) -> Result<PathBuf
     if config_path.exists() {
         return Ok(config_path);
     }
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        anyhow::bail!(
+            "{} exists but holds no sigil.toml (an interrupted dev setup?); delete it or choose another --data-dir",
+            dir.display()
+        );
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -23,6 +23,19 @@ pub fn obtain_new(file: Option<&Path>, env: &str, what: &str) -> Result<Passphra
 
 fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Passphrase> {
     if let Some(f) = file {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(f)
+            .with_context(|| format!("cannot read passphrase file {}", f.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "passphrase file {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
+                f.display(),
+                f.display()
+            );
+        }
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("cannot read passphrase file {}", f.display()))?;
         return Ok(Passphrase::new(text));

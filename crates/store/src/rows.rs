@@ -132,7 +132,8 @@ impl Store {
         row.as_ref().map(cert_from_row).transpose()
     }
 
-    /// Certificates, newest first; `name` filters by an exact identifier.
+    /// Certificates, newest first; `name` filters by an exact identifier in its
+    /// normalized form (see `sigil_core::Identifier`).
     pub async fn certificates(
         &self,
         name: Option<&str>,
@@ -141,10 +142,19 @@ impl Store {
     ) -> Result<Vec<CertificateRow>, Error> {
         let rows = match name {
             Some(n) => {
-                // names is a JSON array of strings; match the quoted element.
-                let pattern = format!("%{}%", serde_json::to_string(n).unwrap_or_default());
+                // names is a JSON array of normalized strings; match the quoted
+                // element, with LIKE wildcards in the name escaped.
+                let quoted = serde_json::to_string(n).unwrap_or_default();
+                let escaped: String = quoted
+                    .chars()
+                    .flat_map(|c| match c {
+                        '%' | '_' | '!' => vec!['!', c],
+                        c => vec![c],
+                    })
+                    .collect();
+                let pattern = format!("%{escaped}%");
                 let sql = format!(
-                    "SELECT {CERT_COLS} FROM certificates WHERE names LIKE $1 \
+                    "SELECT {CERT_COLS} FROM certificates WHERE names LIKE $1 ESCAPE '!' \
                      ORDER BY issued_at DESC, serial LIMIT $2 OFFSET $3"
                 );
                 sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -10,8 +10,10 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Largest number of changes committed in one transaction.
 const MAX_BATCH: usize = 512;
-/// Rows per multi-row INSERT statement (keeps bind counts far below limits).
-const ROWS_PER_STATEMENT: usize = 128;
+/// Rows per multi-row INSERT statement. Small and fixed so the prepared
+/// statements are reused from the cache (SQLite resolves bind names linearly,
+/// so very wide statements cost quadratic time).
+const ROWS_PER_STATEMENT: usize = 16;
 /// Arbitrary constant naming the audit-chain lock on PostgreSQL.
 const AUDIT_LOCK_KEY: i64 = 0x5167_11a0;
 

@@ -124,6 +124,24 @@ async fn database_refuses_audit_update_and_delete() {
             del.unwrap_err().to_string().contains("append-only"),
             "{name}"
         );
+        // Rewriting a row by re-inserting it, or appending out of sequence, is refused.
+        let cols = "INSERT INTO audit (seq, ts_ms, kind, actor, subject, detail, prev_hash, hash)";
+        let replace = if name == "sqlite" {
+            format!(
+                "INSERT OR REPLACE INTO audit (seq, ts_ms, kind, actor, subject, detail, prev_hash, hash) VALUES (2, 0, 'k', 'mallory', 's', '{{}}', 'p', 'h')"
+            )
+        } else {
+            format!(
+                "{cols} VALUES (2, 0, 'k', 'mallory', 's', '{{}}', 'p', 'h') ON CONFLICT (seq) DO UPDATE SET actor = 'mallory'"
+            )
+        };
+        let r = sqlx::query(sqlx::AssertSqlSafe(replace))
+            .execute(pool)
+            .await;
+        assert!(r.unwrap_err().to_string().contains("append-only"), "{name}");
+        let gap = format!("{cols} VALUES (99, 0, 'k', 'a', 's', '{{}}', 'p', 'h')");
+        let r = sqlx::query(sqlx::AssertSqlSafe(gap)).execute(pool).await;
+        assert!(r.unwrap_err().to_string().contains("append-only"), "{name}");
         if name == "postgres" {
             let tr = sqlx::query("TRUNCATE audit").execute(pool).await;
             assert!(tr.is_err(), "{name}: truncate must be refused");
@@ -214,5 +232,9 @@ async fn bad_urls_are_explained() {
     assert_eq!(
         sigil_store::redact("postgres://u:secret@h/db"),
         "postgres://u:***@h/db"
+    );
+    assert_eq!(
+        sigil_store::redact("postgres://h/db?user=u&password=secret"),
+        "postgres://h/db?user=u&password=***"
     );
 }
