@@ -23,7 +23,6 @@ CREATE TABLE certificates (
     der             BYTEA NOT NULL
 );
 CREATE INDEX certificates_not_after ON certificates (not_after);
-CREATE INDEX certificates_key ON certificates (key_fingerprint);
 
 -- Append-only, hash-chained audit log: each row carries the SHA-256 of the
 -- previous row. The database itself refuses UPDATE, DELETE and TRUNCATE.

@@ -56,9 +56,12 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL for concurrent readers; FULL so a commit survives power loss.
+                        // A larger page cache and fewer checkpoints cut page I/O;
+                        // neither affects durability.
                         conn.execute(
-                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
-                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000;",
+                            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000; \
+                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192;",
                         )
                         .await?;
                     }
