@@ -10,6 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness
 
 use rcgen::{CertificateParams, KeyPair, SanType};
+
+// The same allocator as the `sigil` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings};
 use sigil_core::dn::parse_subject;
 use sigil_core::template::IntermediateOptions;
