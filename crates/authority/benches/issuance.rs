@@ -16,13 +16,9 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings};
-use sigil_core::dn::parse_subject;
-use sigil_core::template::IntermediateOptions;
-use sigil_core::{CaRequest, CaUrls, Clock, IssuerInfo, KeySpec, Requester, SystemClock};
+use sigil_core::{CaUrls, Clock, IssuerInfo, Requester, SystemClock};
 use sigil_policy::Policy;
-use sigil_signer::{
-    CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
-};
+use sigil_signer::testing::TestCa;
 use sigil_store::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,20 +32,15 @@ requesters = ["*"]
 dns = [".internal"]
 "#;
 
-async fn authority(url: &str, root: &CaSigner, int_der: &[u8], int_pkcs8: &[u8]) -> Authority {
-    let _ = root;
+async fn authority(url: &str, ca: &TestCa) -> Authority {
     let urls = CaUrls::new("http://ca.bench:8080");
-    let key = SoftwareKey::from_pkcs8(int_pkcs8, "bench").unwrap();
-    let issuer = ActiveIssuer::new(int_der, key, &urls).unwrap();
+    let issuer =
+        ActiveIssuer::new(&ca.intermediate_der, ca.intermediate_key().unwrap(), &urls).unwrap();
     let store = Store::open(url).await.unwrap();
-    Authority::install_issuer(
-        &store,
-        &IssuerInfo::from_der(int_der).unwrap(),
-        "operator:bench",
-        SystemClock.now(),
-    )
-    .await
-    .unwrap();
+    let info = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
+    Authority::install_issuer(&store, &info, "operator:bench", SystemClock.now())
+        .await
+        .unwrap();
     Authority::new(
         Arc::new(SystemClock),
         Policy::from_sources([("bench.toml", POLICY)]).unwrap(),
@@ -119,29 +110,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let now = SystemClock.now();
-        let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
-        let root_der = self_signed_root(
-            &root_key,
-            parse_subject("CN=Bench Root").unwrap(),
-            &random_serial().unwrap(),
-            now,
-            Duration::from_secs(86400 * 3650),
-        )
-        .unwrap();
-        let root = CaSigner::new(&root_der, root_key).unwrap();
-        let (int_key, int_pkcs8) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
-        let csr =
-            intermediate_csr(&int_key, parse_subject("CN=Bench Issuing CA").unwrap()).unwrap();
-        let int_der = sign_intermediate(
-            &root,
-            &CaRequest::parse(&csr).unwrap(),
-            &random_serial().unwrap(),
-            now,
-            Duration::from_secs(86400 * 365),
-            &IntermediateOptions::default(),
-        )
-        .unwrap();
+        let ca = TestCa::new(SystemClock.now()).unwrap();
 
         let csrs: Vec<Vec<u8>> = (0..256)
             .map(|i| {
@@ -167,12 +136,15 @@ fn main() {
                     None => format!("sqlite://{}", dir.path().join("bench.db").display()),
                     Some(a) => sigil_store::testing::fresh_postgres(a).await.unwrap(),
                 };
-                let ca = Arc::new(authority(&url, &root, &int_der, &int_pkcs8).await);
-                let rate = run_once(ca.clone(), csrs.clone(), n, conc).await;
-                let report = ca.store().verify_audit().await.unwrap();
+                let authority = Arc::new(authority(&url, &ca).await);
+                let rate = run_once(authority.clone(), csrs.clone(), n, conc).await;
+                let report = authority.store().verify_audit().await.unwrap();
                 assert!(report.first_bad.is_none());
-                assert_eq!(ca.store().certificate_count().await.unwrap() as usize, n);
-                ca.store().close().await;
+                assert_eq!(
+                    authority.store().certificate_count().await.unwrap() as usize,
+                    n
+                );
+                authority.store().close().await;
                 println!(
                     "{name} run {}: {:.0} certificates/s ({n} certs, concurrency {conc})",
                     run + 1,

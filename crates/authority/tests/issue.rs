@@ -5,13 +5,9 @@
 
 use rcgen::{CertificateParams, CustomExtension, DnType, KeyPair, SanType};
 use sigil_authority::{ActiveIssuer, Authority, Error, IssueRequest, Settings};
-use sigil_core::dn::parse_subject;
-use sigil_core::template::IntermediateOptions;
-use sigil_core::{CaRequest, CaUrls, Clock, IssuerInfo, KeySpec, Requester, SystemClock};
+use sigil_core::{CaUrls, Clock, IssuerInfo, Requester, SystemClock};
 use sigil_policy::Policy;
-use sigil_signer::{
-    CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
-};
+use sigil_signer::testing::TestCa;
 use sigil_store::{Store, testing};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -37,33 +33,14 @@ max_lifetime = "1h"
 
 async fn authority(url: &str) -> Authority {
     let now = SystemClock.now();
-    let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384).unwrap();
-    let root_der = self_signed_root(
-        &root_key,
-        parse_subject("CN=Test Root").unwrap(),
-        &random_serial().unwrap(),
-        now,
-        Duration::from_secs(86400 * 3650),
-    )
-    .unwrap();
-    let root = CaSigner::new(&root_der, root_key).unwrap();
-    let (int_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
-    let csr = intermediate_csr(&int_key, parse_subject("CN=Test Issuing CA").unwrap()).unwrap();
-    let int_der = sign_intermediate(
-        &root,
-        &CaRequest::parse(&csr).unwrap(),
-        &random_serial().unwrap(),
-        now,
-        Duration::from_secs(86400 * 365),
-        &IntermediateOptions::default(),
-    )
-    .unwrap();
+    let ca = TestCa::new(now).unwrap();
     let urls = CaUrls::new("http://ca.test:8080");
-    let issuer = ActiveIssuer::new(&int_der, int_key, &urls).unwrap();
+    let issuer =
+        ActiveIssuer::new(&ca.intermediate_der, ca.intermediate_key().unwrap(), &urls).unwrap();
     let store = Store::open(url).await.unwrap();
     Authority::install_issuer(
         &store,
-        &IssuerInfo::from_der(&int_der).unwrap(),
+        &IssuerInfo::from_der(&ca.intermediate_der).unwrap(),
         "operator:test",
         now,
     )

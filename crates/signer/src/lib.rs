@@ -32,3 +32,62 @@ pub fn random_serial() -> Result<Serial, Error> {
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
     aws_lc_rs::rand::fill(buf).map_err(|_| Error::Crypto("random generator failed"))
 }
+
+/// Throwaway CAs for test suites and benchmarks.
+#[doc(hidden)]
+pub mod testing {
+    use crate::{
+        CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
+    };
+    use sigil_core::dn::parse_subject;
+    use sigil_core::template::IntermediateOptions;
+    use sigil_core::{CaRequest, KeySpec};
+    use std::time::Duration;
+    use time::OffsetDateTime;
+    use zeroize::Zeroizing;
+
+    /// An in-memory root (P-384) and intermediate (P-256) it signed.
+    pub struct TestCa {
+        /// The root, able to sign.
+        pub root: CaSigner,
+        /// The intermediate certificate.
+        pub intermediate_der: Vec<u8>,
+        /// The intermediate's PKCS#8 key.
+        pub intermediate_pkcs8: Zeroizing<Vec<u8>>,
+    }
+
+    impl TestCa {
+        /// Creates the pair, valid from `now` (root 10 years, intermediate 1 year).
+        pub fn new(now: OffsetDateTime) -> Result<TestCa, crate::Error> {
+            let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP384)?;
+            let root_der = self_signed_root(
+                &root_key,
+                parse_subject("CN=Test Root")?,
+                &random_serial()?,
+                now,
+                Duration::from_secs(86400 * 3650),
+            )?;
+            let root = CaSigner::new(&root_der, root_key)?;
+            let (int_key, intermediate_pkcs8) = SoftwareKey::generate(KeySpec::EcdsaP256)?;
+            let csr = intermediate_csr(&int_key, parse_subject("CN=Test Issuing CA")?)?;
+            let intermediate_der = sign_intermediate(
+                &root,
+                &CaRequest::parse(&csr)?,
+                &random_serial()?,
+                now,
+                Duration::from_secs(86400 * 365),
+                &IntermediateOptions::default(),
+            )?;
+            Ok(TestCa {
+                root,
+                intermediate_der,
+                intermediate_pkcs8,
+            })
+        }
+
+        /// A fresh handle on the intermediate's key.
+        pub fn intermediate_key(&self) -> Result<SoftwareKey, crate::Error> {
+            SoftwareKey::from_pkcs8(&self.intermediate_pkcs8, "test intermediate")
+        }
+    }
+}
