@@ -465,23 +465,23 @@ pub fn check_issued_leaf(
         Ok(Some((_, san))) => san.0,
         _ => return fail("subjectAltName missing"),
     };
-    let mut got = sans
-        .into_iter()
-        .map(|gn| match gn {
-            GeneralName::DnsName(s) => Identifier::parse_any(s.as_str()).ok(),
-            GeneralName::IpAddress(o) => Identifier::from_ip_bytes(o.as_bytes()).ok(),
-            GeneralName::UniformResourceIdentifier(s) => {
-                crate::SpiffeId::parse(s.as_str()).ok().map(Identifier::Uri)
-            }
-            GeneralName::Rfc822Name(s) => Some(Identifier::Email(s.as_str().to_string())),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default();
-    got.sort();
-    let mut want = spec.identifiers.to_vec();
-    want.sort();
-    if got != want {
+    // The template writes the approved identifiers in order, already normalized,
+    // so each SAN must equal its identifier exactly.
+    let same = |gn: &GeneralName, id: &Identifier| match (gn, id) {
+        (GeneralName::DnsName(s), Identifier::Dns(d)) => s.as_str() == d.as_str(),
+        (GeneralName::IpAddress(o), Identifier::Ip(_)) => {
+            Identifier::from_ip_bytes(o.as_bytes()).ok().as_ref() == Some(id)
+        }
+        (GeneralName::UniformResourceIdentifier(s), Identifier::Uri(u)) => s.as_str() == u.as_str(),
+        (GeneralName::Rfc822Name(s), Identifier::Email(e)) => s.as_str() == e,
+        _ => false,
+    };
+    if sans.len() != spec.identifiers.len()
+        || !sans
+            .iter()
+            .zip(spec.identifiers)
+            .all(|(gn, id)| same(gn, id))
+    {
         return fail("subjectAltName differs from the approved identifiers");
     }
     match tbs.get_extension::<X509Bc>() {

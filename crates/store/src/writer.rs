@@ -13,7 +13,7 @@ const MAX_BATCH: usize = 512;
 /// Rows per multi-row INSERT statement. Small and fixed so the prepared
 /// statements are reused from the cache (SQLite resolves bind names linearly,
 /// so very wide statements cost quadratic time).
-const ROWS_PER_STATEMENT: usize = 16;
+const ROWS_PER_STATEMENT: usize = 32;
 /// Arbitrary constant naming the audit-chain lock on PostgreSQL.
 const AUDIT_LOCK_KEY: i64 = 0x5167_11a0;
 
@@ -58,6 +58,7 @@ pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
     let (tx, mut rx) = mpsc::channel::<Job>(4096);
     tokio::spawn(async move {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        let mut head: Option<Head> = None;
         while let Some(job) = rx.recv().await {
             batch.push(job);
             while batch.len() < MAX_BATCH {
@@ -66,7 +67,7 @@ pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
                     Err(_) => break,
                 }
             }
-            process(&pool, backend, &mut batch).await;
+            process(&pool, backend, &mut batch, &mut head).await;
         }
     });
     tx
@@ -80,9 +81,18 @@ pub(crate) async fn submit(tx: &mpsc::Sender<Job>, change: Change) -> Result<Aud
     rx.await.map_err(|_| Error::Closed)?
 }
 
-async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>) {
+/// The chain head (last seq and hash) as this writer last committed it.
+type Head = (i64, String);
+
+async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>, head: &mut Option<Head>) {
     let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
-    match write(pool, backend, &changes).await {
+    let cached = head.is_some();
+    let mut result = write(pool, backend, &changes, head).await;
+    if result.is_err() && cached {
+        // Another process may have appended since: retry once from the stored head.
+        result = write(pool, backend, &changes, head).await;
+    }
+    match result {
         Ok(receipts) => {
             for (job, r) in batch.drain(..).zip(receipts) {
                 let _ = job.reply.send(Ok(r));
@@ -97,13 +107,30 @@ async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>) {
             // One bad change (e.g. a duplicate serial) must not fail its
             // neighbours: retry each alone so only the culprit gets the error.
             for job in batch.drain(..) {
-                let r = write(pool, backend, &[&job.change]).await;
+                let r = write(pool, backend, &[&job.change], head).await;
                 let _ = job
                     .reply
                     .send(r.and_then(|mut v| v.pop().ok_or(Error::Closed)));
             }
         }
     }
+}
+
+/// Writes one batch. `head` caches the chain head between batches; the database
+/// trigger refuses rows that do not extend the real head, so a stale cache
+/// (another process appended) only costs a retry. Any failure clears it.
+async fn write(
+    pool: &AnyPool,
+    backend: Backend,
+    changes: &[&Change],
+    head: &mut Option<Head>,
+) -> Result<Vec<AuditReceipt>, Error> {
+    let result = write_batch(pool, backend, changes, head.take()).await;
+    if let Ok((receipts, new_head)) = result {
+        *head = Some(new_head);
+        return Ok(receipts);
+    }
+    result.map(|(r, _)| r)
 }
 
 fn classify(e: sqlx::Error) -> Error {
@@ -113,11 +140,12 @@ fn classify(e: sqlx::Error) -> Error {
     }
 }
 
-async fn write(
+async fn write_batch(
     pool: &AnyPool,
     backend: Backend,
     changes: &[&Change],
-) -> Result<Vec<AuditReceipt>, Error> {
+    cached_head: Option<Head>,
+) -> Result<(Vec<AuditReceipt>, Head), Error> {
     let mut tx = match backend {
         // IMMEDIATE takes the write lock up front, so reading the chain head and
         // appending cannot race another process.
@@ -131,12 +159,17 @@ async fn write(
             tx
         }
     };
-    let head = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(&mut *tx)
-        .await?;
-    let (mut seq, mut prev): (i64, String) = match head {
-        Some(r) => (r.try_get("seq")?, r.try_get("hash")?),
-        None => (0, GENESIS_HASH.to_string()),
+    let (mut seq, mut prev): Head = match cached_head {
+        Some(h) => h,
+        None => {
+            let row = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                Some(r) => (r.try_get("seq")?, r.try_get("hash")?),
+                None => (0, GENESIS_HASH.to_string()),
+            }
+        }
     };
 
     for change in changes {
@@ -188,17 +221,17 @@ async fn write(
             q = q
                 .bind(*seq)
                 .bind(ev.ts_ms)
-                .bind(ev.kind.clone())
-                .bind(ev.actor.clone())
-                .bind(ev.subject.clone())
-                .bind(detail.clone())
-                .bind(prev_hash.clone())
-                .bind(r.hash.clone());
+                .bind(ev.kind.as_str())
+                .bind(ev.actor.as_str())
+                .bind(ev.subject.as_str())
+                .bind(detail.as_str())
+                .bind(prev_hash.as_str())
+                .bind(r.hash.as_str());
         }
         q.execute(&mut *tx).await.map_err(classify)?;
     }
     tx.commit().await?;
-    Ok(receipts)
+    Ok((receipts, (seq, prev)))
 }
 
 async fn install_issuer(
@@ -234,19 +267,23 @@ async fn insert_certificates(
          not_before, not_after, issued_at, der) VALUES ",
     );
     push_placeholders(&mut sql, certs.len(), 10);
+    let names: Vec<String> = certs
+        .iter()
+        .map(|c| serde_json::to_string(&c.names).unwrap_or_else(|_| "[]".into()))
+        .collect();
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for c in certs {
+    for (c, names) in certs.iter().zip(&names) {
         q = q
-            .bind(c.serial.clone())
-            .bind(c.issuer_id.clone())
-            .bind(c.profile.clone())
-            .bind(c.requester.clone())
-            .bind(serde_json::to_string(&c.names).unwrap_or_else(|_| "[]".into()))
-            .bind(c.key_fingerprint.clone())
+            .bind(c.serial.as_str())
+            .bind(c.issuer_id.as_str())
+            .bind(c.profile.as_str())
+            .bind(c.requester.as_str())
+            .bind(names.as_str())
+            .bind(c.key_fingerprint.as_str())
             .bind(c.not_before)
             .bind(c.not_after)
             .bind(c.issued_at)
-            .bind(c.der.clone());
+            .bind(c.der.as_slice());
     }
     q.execute(&mut **tx).await?;
     Ok(())

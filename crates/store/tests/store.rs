@@ -239,3 +239,44 @@ async fn bad_urls_are_explained() {
         "postgres://h/db?user=u&password=***"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_one_database_keep_one_chain() {
+    // Like the CLI beside a running server, or two nodes on one PostgreSQL:
+    // each writer's cached chain head goes stale and must be refreshed.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let a = seeded(&url, 1).await;
+        let b = Store::open(&url).await.unwrap();
+        for i in 10..30 {
+            let (s, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            s.commit(Change::Issue {
+                cert: cert(i),
+                event: event(i),
+            })
+            .await
+            .unwrap();
+            let _ = other;
+        }
+        // Concurrent bursts from both.
+        let mut tasks = Vec::new();
+        for i in 100..160 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                s.commit(Change::Issue {
+                    cert: cert(i),
+                    event: event(i),
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let report = a.verify_audit().await.unwrap();
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        assert_eq!(report.rows, 2 + 20 + 60, "{name}");
+        a.close().await;
+        b.close().await;
+    }
+}
