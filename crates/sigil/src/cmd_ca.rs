@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::passphrase::{self, KEY_ENV, ROOT_ENV};
 use anyhow::{Context, Result, bail};
 use sigil_authority::{Authority, pem};
-use sigil_core::dn::parse_subject;
+use sigil_core::dn::{Dn, parse_subject};
 use sigil_core::lifetime::parse_duration;
 use sigil_core::template::{IntermediateOptions, verify_issued_by};
 use sigil_core::{CaRequest, Clock, IssuerInfo, KeySpec, SystemClock};
@@ -94,7 +94,7 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
 pub fn create_root(
     dir: &Path,
     spec: KeySpec,
-    subject: rcgen_dn::DistinguishedName,
+    subject: Dn,
     validity: Duration,
     pass: &Passphrase,
 ) -> Result<Vec<u8>> {
@@ -255,7 +255,7 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
 pub fn new_intermediate_key(
     key_path: &Path,
     spec: KeySpec,
-    subject: rcgen_dn::DistinguishedName,
+    subject: Dn,
     pass: &Passphrase,
 ) -> Result<Vec<u8>> {
     if let Some(dir) = key_path.parent() {
@@ -337,9 +337,4 @@ pub fn operator_name(explicit: Option<&str>) -> String {
         .or_else(|| std::env::var("SUDO_USER").ok())
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "unknown".into())
-}
-
-/// Re-export so callers need not name rcgen.
-pub mod rcgen_dn {
-    pub use sigil_core::dn::Dn as DistinguishedName;
 }
