@@ -254,5 +254,11 @@ fn dev_ca_restart_reuses_data_dir() {
     let s = Server::start(&["--dev", "--data-dir", "d"], tmp.path(), &[]);
     let (_, second) = http_get(s.port, "/roots.pem").unwrap();
     assert_eq!(first, second, "the same CA is served after a restart");
+    // Certificates name the new address (AIA/CRL DP follow the dev server).
+    let config = std::fs::read_to_string(tmp.path().join("d/sigil.toml")).unwrap();
+    assert!(
+        config.contains(&format!("http://127.0.0.1:{}", s.port)),
+        "{config}"
+    );
     s.stop();
 }

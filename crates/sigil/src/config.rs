@@ -121,7 +121,7 @@ impl Config {
             || self.server.public_url.starts_with("https://"))
         {
             bail!(
-                "{p}: server.public_url must be an http:// URL (got '{}')",
+                "{p}: server.public_url must be an http:// (or https://) URL (got '{}')",
                 self.server.public_url
             );
         }
