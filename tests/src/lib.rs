@@ -290,3 +290,11 @@ pub fn write_secret(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// Runs `sigil cert issue --config CONFIG --csr CSR EXTRA...`.
+pub fn cert_issue(config: &str, csr: &Path, extra: &[&str]) -> Output {
+    let csr = csr.display().to_string();
+    let mut args = vec!["cert", "issue", "--config", config, "--csr", &csr];
+    args.extend_from_slice(extra);
+    sigil(&args)
+}

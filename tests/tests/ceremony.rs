@@ -268,18 +268,11 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
             "/CN=api.corp.internal",
             &["DNS:api.corp.internal"],
         );
-        let chain = ok(sigil(&[
-            "cert",
-            "issue",
-            "--config",
+        let chain = ok(cert_issue(
             &config,
-            "--csr",
-            &leaf_csr.display().to_string(),
-            "--lifetime",
-            "48h",
-            "--operator",
-            "alice",
-        ]));
+            &leaf_csr,
+            &["--lifetime", "48h", "--operator", "alice"],
+        ));
         let chain_path = work.join("api-chain.pem");
         std::fs::write(&chain_path, &chain).unwrap();
         let leaf = work.join("api.crt");
@@ -296,27 +289,11 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
             ],
         );
         assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &leaf_csr.display().to_string(),
-            "--lifetime",
-            "8d",
-        ]));
+        let e = fails(cert_issue(&config, &leaf_csr, &["--lifetime", "8d"]));
         assert!(e.contains("at most"), "policy max lifetime: {e}");
         // Policy allows .other.internal, but the intermediate's name constraints do not.
         let outside = openssl_csr(work, "other", "ec:P-256", "/CN=api.other.internal", &[]);
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &outside.display().to_string(),
-        ]));
+        let e = fails(cert_issue(&config, &outside, &[]));
         assert!(e.contains("outside the name constraints"), "{e}");
         let listed = ok(sigil(&["cert", "list", "--config", &config]));
         assert!(

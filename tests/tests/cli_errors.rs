@@ -16,26 +16,12 @@ fn bad_csrs_and_policy_explanations() {
 
     let garbage = work.join("garbage.csr");
     std::fs::write(&garbage, "this is not a CSR").unwrap();
-    let e = fails(sigil(&[
-        "cert",
-        "issue",
-        "--config",
-        &config,
-        "--csr",
-        &garbage.display().to_string(),
-    ]));
+    let e = fails(cert_issue(&config, &garbage, &[]));
     assert!(e.contains("not PKCS#10"), "{e}");
 
     if have("openssl") {
         let weak = openssl_csr(work, "weak", "rsa:1024", "/CN=weak.internal", &[]);
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &weak.display().to_string(),
-        ]));
+        let e = fails(cert_issue(&config, &weak, &[]));
         assert!(e.contains("1024 bits") && e.contains("2048"), "{e}");
 
         // Flip a byte inside the signature of a PEM CSR.
@@ -50,41 +36,18 @@ fn bad_csrs_and_policy_explanations() {
         bad[n - 3] ^= 0x40;
         let tampered = work.join("tampered.der");
         std::fs::write(&tampered, bad).unwrap();
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &tampered.display().to_string(),
-        ]));
+        let e = fails(cert_issue(&config, &tampered, &[]));
         assert!(e.contains("does not verify"), "{e}");
 
         let p521 = openssl_csr(work, "p521", "ec:P-521", "/CN=x.internal", &[]);
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &p521.display().to_string(),
-        ]));
+        let e = fails(cert_issue(&config, &p521, &[]));
         assert!(e.contains("EC curve"), "{e}");
 
-        let e = fails(sigil(&[
-            "cert",
-            "issue",
-            "--config",
-            &config,
-            "--csr",
-            &good.display().to_string(),
-            "--profile",
-            "codesign",
-        ]));
+        let e = fails(cert_issue(&config, &good, &["--profile", "codesign"]));
         assert!(e.contains("unknown profile"), "{e}");
     }
-    // None of that reached the database: only the denied/failed paths that are
-    // audited by design (none here) — the chain is exactly as before.
+    // Malformed input is refused before policy, so nothing reached the database:
+    // the audit chain is exactly as before.
     let after = ok(sigil(&["audit", "verify", "--config", &config]));
     assert_eq!(before, after);
 

@@ -7,10 +7,7 @@ use sigil_e2e::*;
 use std::path::Path;
 
 fn issue(config: &str, csr: &Path, extra: &[&str]) -> String {
-    let csr = csr.display().to_string();
-    let mut args = vec!["cert", "issue", "--config", config, "--csr", &csr];
-    args.extend_from_slice(extra);
-    ok(sigil(&args))
+    ok(cert_issue(config, csr, extra))
 }
 
 #[test]
@@ -202,14 +199,7 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
 
     // Denied names get the policy's reason; the audit chain covers it all.
     let csr = openssl_csr(work, "evil", "ec:P-256", "/CN=www.example.com", &[]);
-    let err = fails(sigil(&[
-        "cert",
-        "issue",
-        "--config",
-        &config,
-        "--csr",
-        &csr.display().to_string(),
-    ]));
+    let err = fails(cert_issue(&config, &csr, &[]));
     assert!(
         err.contains("www.example.com") && err.contains("no allow rule"),
         "{err}"
