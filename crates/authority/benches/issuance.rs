@@ -81,6 +81,7 @@ async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: u
                     requester: Requester::Operator("bench".into()),
                     profile: None,
                     lifetime: None,
+                    token: None,
                 };
                 ca.issue(req).await.unwrap();
             }

@@ -22,6 +22,21 @@ pub enum Error {
     /// A lifetime outside what the CA allows.
     #[error("{0}")]
     Lifetime(String),
+    /// The presented bootstrap token does not cover the requested names.
+    #[error("{0}")]
+    TokenScope(String),
+    /// The bootstrap token was already spent.
+    #[error("{0}")]
+    TokenReplayed(String),
+    /// The certificate cannot be renewed (revoked, expired, not ours, names changed).
+    #[error("{0}")]
+    NotRenewable(String),
+    /// A revocation request that cannot be carried out as asked.
+    #[error("{0}")]
+    InvalidRevocation(String),
+    /// No such certificate.
+    #[error("{0}")]
+    NotFound(String),
     /// The CA cannot issue right now.
     #[error("CA unavailable: {0}")]
     Unavailable(String),

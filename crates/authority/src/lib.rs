@@ -10,10 +10,16 @@ pub use error::Error;
 
 use serde_json::json;
 use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
-use sigil_core::{CaUrls, Clock, Csr, Identifier, IssuerInfo, KeyType, Profile, Requester, Serial};
+use sigil_core::{
+    CaUrls, Clock, Csr, Identifier, IssuerInfo, KeyType, LeafInfo, Profile, PublicKey, Requester,
+    Serial,
+};
 use sigil_policy::{Decision, Policy, Request};
 use sigil_signer::{CaSigner, SoftwareKey};
-use sigil_store::{AuditEvent, AuditReceipt, Change, NewCertificate, NewIssuer, Store};
+use sigil_store::{
+    AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewIssuer, NewRevocation,
+    SpentToken, Store,
+};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -77,6 +83,67 @@ pub struct IssueRequest {
     pub profile: Option<Profile>,
     /// Requested lifetime (default from settings, bounded by policy).
     pub lifetime: Option<Duration>,
+    /// The bootstrap token that authenticated the request, if any.
+    pub token: Option<TokenGrant>,
+}
+
+/// A verified one-time bootstrap token presented with a request. The entry
+/// point checks its signature and expiry; the authority enforces its scope and
+/// spends it in the same transaction as the certificate it pays for.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    /// The token id (`jti`), accepted once.
+    pub jti: String,
+    /// The token's subject (the requester name).
+    pub subject: String,
+    /// Expiry (unix s).
+    pub expires_at: i64,
+    /// The only identifiers the token may obtain.
+    pub sans: Vec<Identifier>,
+}
+
+/// A renewal by the holder of a current certificate.
+#[derive(Debug, Clone)]
+pub struct RenewRequest {
+    /// The caller's current certificate, DER (as presented over mTLS).
+    pub current: Vec<u8>,
+    /// Who asks (the mTLS identity).
+    pub caller: Requester,
+    /// A CSR for a new key, with the same names; `None` keeps the key.
+    pub csr: Option<Vec<u8>>,
+}
+
+/// A recorded revocation.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// The revoked serial.
+    pub serial: Serial,
+    /// When.
+    pub revoked_at: OffsetDateTime,
+    /// Where it sits in the audit chain.
+    pub receipt: AuditReceipt,
+}
+
+/// What the shared issuance path needs besides the subject.
+struct Ask<'a> {
+    /// Who is asking, for the audit record.
+    actor: &'a Requester,
+    /// Who the policy is asked about (the original requester for renewals).
+    policy_requester: &'a Requester,
+    profile: Profile,
+    lifetime: Option<Duration>,
+    /// Audit kind on success.
+    kind: &'static str,
+    /// The serial being renewed.
+    renews: Option<&'a str>,
+    token: Option<&'a TokenGrant>,
+}
+
+/// Names and key to certify.
+struct Applicant<'a> {
+    identifiers: &'a [Identifier],
+    public_key: &'a PublicKey,
+    common_name: Option<&'a str>,
 }
 
 /// A freshly issued, durably stored certificate.
@@ -175,26 +242,243 @@ impl Authority {
     }
 
     /// Issues a certificate. Returns only after certificate and audit row are durable.
-    /// Every refusal of a well-formed request (policy, lifetime, name constraints)
-    /// is audited before the error is returned.
+    /// Every refusal of a well-formed request (policy, lifetime, name constraints,
+    /// a token's scope or reuse) is audited before the error is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, Error> {
         let csr = Csr::parse(&req.csr)?;
-        let profile = req.profile.unwrap_or_default();
-        let now = self.clock.now();
-        let names: Vec<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
-        let issuer = self.active_issuer();
-        let decision = match self.admit(&req, &csr, profile, &issuer) {
-            Ok(d) => d,
-            Err(e) => return Err(self.refuse(&req, &csr, &names, profile, now, e).await),
+        let applicant = Applicant {
+            identifiers: csr.identifiers(),
+            public_key: csr.public_key(),
+            common_name: csr.common_name(),
         };
+        let profile = req.profile.unwrap_or_default();
+        let ask = Ask {
+            actor: &req.requester,
+            policy_requester: &req.requester,
+            profile,
+            lifetime: req.lifetime,
+            kind: "cert.issued",
+            renews: None,
+            token: req.token.as_ref(),
+        };
+        self.issue_for(&applicant, ask).await
+    }
+
+    /// Renews the caller's current certificate: same names, same profile, the
+    /// same key unless a CSR brings a new one. The current certificate must be
+    /// one of ours, unexpired and unrevoked. The policy is asked again, as the
+    /// requester that originally obtained the certificate, so tightening a rule
+    /// also stops renewals.
+    pub async fn renew(&self, req: RenewRequest) -> Result<Issued, Error> {
+        let now = self.clock.now();
+        let current = LeafInfo::from_der(&req.current).map_err(|e| {
+            Error::NotRenewable(format!("the presented certificate is unreadable: {e}"))
+        })?;
+        let serial = current.serial.to_hex();
+        let row = self
+            .store
+            .certificate(&serial)
+            .await?
+            .filter(|r| r.der == req.current)
+            .ok_or_else(|| {
+                Error::NotRenewable(format!("certificate {serial} was not issued by this CA"))
+            })?;
+        let refuse = |e: Error| async {
+            self.record_refusal(
+                &req.caller,
+                &row.names,
+                "cert.renewal_denied",
+                current.public_key.key_type(),
+                &row.profile,
+                &e,
+            )
+            .await
+            .err()
+            .map_or(e, Error::from)
+        };
+        if let Some(rev) = self.store.revocation(&serial).await? {
+            let e = Error::NotRenewable(format!(
+                "certificate {serial} is revoked ({}); request a new one with a bootstrap token",
+                sigil_core::revocation::reason_name(rev.reason)
+            ));
+            return Err(refuse(e).await);
+        }
+        if current.not_after <= now {
+            let e = Error::NotRenewable(format!(
+                "certificate {serial} expired at {}; request a new one with a bootstrap token",
+                current.not_after
+            ));
+            return Err(refuse(e).await);
+        }
+        let csr = match &req.csr {
+            Some(bytes) => Some(Csr::parse(bytes)?),
+            None => None,
+        };
+        if let Some(csr) = &csr {
+            let mut want: Vec<String> = current.identifiers.iter().map(|i| i.to_string()).collect();
+            let mut got: Vec<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
+            want.sort();
+            got.sort();
+            if want != got {
+                let e = Error::NotRenewable(format!(
+                    "a renewal keeps the certificate's names ({}); the CSR asks for {}",
+                    want.join(", "),
+                    got.join(", ")
+                ));
+                return Err(refuse(e).await);
+            }
+        }
+        let applicant = Applicant {
+            identifiers: &current.identifiers,
+            public_key: csr.as_ref().map_or(&current.public_key, |c| c.public_key()),
+            common_name: None,
+        };
+        let original = Requester::parse(&row.requester).ok_or_else(|| {
+            Error::NotRenewable(format!(
+                "certificate {serial} records an unknown requester '{}'",
+                row.requester
+            ))
+        })?;
+        let profile: Profile = row.profile.parse().map_err(|_| {
+            Error::NotRenewable(format!(
+                "certificate {serial} records an unknown profile '{}'",
+                row.profile
+            ))
+        })?;
+        let lifetime = Duration::from_secs(
+            u64::try_from(row.not_after - row.not_before)
+                .unwrap_or(0)
+                .saturating_sub(sigil_core::template::BACKDATE.as_secs())
+                .max(60),
+        );
+        let ask = Ask {
+            actor: &req.caller,
+            policy_requester: &original,
+            profile,
+            lifetime: Some(lifetime.min(self.settings.max_lifetime)),
+            kind: "cert.renewed",
+            renews: Some(&serial),
+            token: None,
+        };
+        self.issue_for(&applicant, ask).await
+    }
+
+    /// Revokes a certificate. `by` is who asks; the entry point has already
+    /// established that they may (their own certificate, or an operator).
+    pub async fn revoke(
+        &self,
+        serial: &Serial,
+        reason: i32,
+        by: &Requester,
+    ) -> Result<Revoked, Error> {
+        let hex = serial.to_hex();
+        if !sigil_core::revocation::is_valid_reason(reason) {
+            return Err(Error::InvalidRevocation(format!(
+                "reason code {reason} is not a CRLReason Sigil accepts (0-5, 9, 10)"
+            )));
+        }
+        let row = self
+            .store
+            .certificate(&hex)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no certificate with serial {hex}")))?;
+        let now = self.clock.now();
+        let receipt = self
+            .store
+            .commit(Change::Revoke {
+                revocation: NewRevocation {
+                    serial: hex.clone(),
+                    issuer_id: row.issuer_id.clone(),
+                    reason,
+                    revoked_at: now.unix_timestamp(),
+                    revoked_by: by.to_string(),
+                },
+                event: AuditEvent {
+                    ts_ms: unix_ms(now),
+                    kind: "cert.revoked".into(),
+                    actor: by.to_string(),
+                    subject: hex.clone(),
+                    detail: json!({
+                        "issuer": row.issuer_id,
+                        "names": row.names,
+                        "reason": sigil_core::revocation::reason_name(reason),
+                    }),
+                },
+            })
+            .await
+            .map_err(|e| match e {
+                sigil_store::Error::Conflict(_) => {
+                    Error::InvalidRevocation(format!("certificate {hex} is already revoked"))
+                }
+                other => other.into(),
+            })?;
+        Ok(Revoked {
+            serial: serial.clone(),
+            revoked_at: now,
+            receipt,
+        })
+    }
+
+    /// Whether a certificate is revoked.
+    pub async fn is_revoked(&self, serial: &Serial) -> Result<bool, Error> {
+        Ok(self.store.revocation(&serial.to_hex()).await?.is_some())
+    }
+
+    /// The certificate row for a serial, if this CA issued it.
+    pub async fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRow>, Error> {
+        Ok(self.store.certificate(&serial.to_hex()).await?)
+    }
+
+    /// Issuers that relying parties should trust now (active and retired ones
+    /// whose certificates have not expired), newest first, DER.
+    pub async fn trusted_issuers(&self) -> Result<Vec<Vec<u8>>, Error> {
+        let now = self.clock.now().unix_timestamp();
+        Ok(self
+            .store
+            .issuers()
+            .await?
+            .into_iter()
+            .filter(|i| i.not_after > now)
+            .map(|i| i.cert_der)
+            .collect())
+    }
+
+    async fn issue_for(&self, applicant: &Applicant<'_>, ask: Ask<'_>) -> Result<Issued, Error> {
+        let now = self.clock.now();
+        let names: Vec<String> = applicant
+            .identifiers
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        let key_type = applicant.public_key.key_type();
+        let issuer = self.active_issuer();
+        let decision = match self.admit(applicant, &ask, &issuer).await {
+            Ok(d) => d,
+            Err(e) => {
+                let kind = match (&e, ask.renews) {
+                    (Error::TokenReplayed(_), _) => "token.replayed",
+                    (_, Some(_)) => "cert.renewal_denied",
+                    _ => "cert.denied",
+                };
+                return Err(self
+                    .record_refusal(ask.actor, &names, kind, key_type, ask.profile.name(), &e)
+                    .await
+                    .err()
+                    .map_or(e, Error::from));
+            }
+        };
+        let profile = ask.profile;
         let info = issuer.info();
-        let mut lifetime = req.lifetime.unwrap_or_else(|| {
+        let mut lifetime = ask.lifetime.unwrap_or_else(|| {
             decision
                 .max_lifetime
                 .map_or(self.settings.default_lifetime, |m| {
                     m.min(self.settings.default_lifetime)
                 })
         });
+        if let Some(m) = decision.max_lifetime {
+            lifetime = lifetime.min(m);
+        }
         // Never outlive the issuer: truncate to its notAfter.
         let until_issuer_end = info.not_after - now;
         if until_issuer_end <= time::Duration::minutes(1) {
@@ -208,49 +492,83 @@ impl Authority {
 
         let serial = sigil_signer::random_serial()?;
         let spec = LeafSpec {
-            identifiers: csr.identifiers(),
-            public_key: csr.public_key(),
+            identifiers: applicant.identifiers,
+            public_key: applicant.public_key,
             profile,
             serial: &serial,
             now,
             lifetime,
-            preferred_cn: csr.common_name(),
+            preferred_cn: applicant.common_name,
         };
         let template = LeafTemplate::new(&spec, &issuer.common)?;
         let der = issuer.signer.sign_leaf(template)?;
         check_issued_leaf(&der, &spec, info)?;
         let (not_before, not_after) = spec.validity();
-        let receipt = self
+        let mut detail = json!({
+            "issuer": info.id.as_str(),
+            "names": names,
+            "profile": profile.name(),
+            "key_type": key_type.to_string(),
+            "not_after": not_after.unix_timestamp(),
+            "rules": decision.allowing_rules(),
+        });
+        if let Some(old) = ask.renews {
+            detail["renews"] = json!(old);
+        }
+        if let Some(t) = ask.token {
+            detail["token"] = json!(t.jti);
+        }
+        let committed = self
             .store
             .commit(Change::Issue {
                 cert: NewCertificate {
                     serial: serial.to_hex(),
                     issuer_id: info.id.to_string(),
                     profile: profile.name().to_string(),
-                    requester: req.requester.to_string(),
+                    requester: ask.policy_requester.to_string(),
                     names: names.clone(),
-                    key_fingerprint: csr.public_key().fingerprint(),
+                    key_fingerprint: applicant.public_key.fingerprint(),
                     not_before: not_before.unix_timestamp(),
                     not_after: not_after.unix_timestamp(),
                     issued_at: now.unix_timestamp(),
                     der: der.clone(),
                 },
+                token: ask.token.map(|t| SpentToken {
+                    jti: t.jti.clone(),
+                    subject: t.subject.clone(),
+                    used_at: now.unix_timestamp(),
+                    expires_at: t.expires_at,
+                }),
                 event: AuditEvent {
                     ts_ms: unix_ms(now),
-                    kind: "cert.issued".into(),
-                    actor: req.requester.to_string(),
+                    kind: ask.kind.into(),
+                    actor: ask.actor.to_string(),
                     subject: serial.to_hex(),
-                    detail: json!({
-                        "issuer": info.id.as_str(),
-                        "names": names,
-                        "profile": profile.name(),
-                        "key_type": csr.key_type().to_string(),
-                        "not_after": not_after.unix_timestamp(),
-                        "rules": decision.allowing_rules(),
-                    }),
+                    detail,
                 },
             })
-            .await?;
+            .await;
+        let receipt = match (committed, ask.token) {
+            (Ok(r), _) => r,
+            // Only the token's uniqueness can conflict here (serials are 128
+            // random bits): another request spent it first.
+            (Err(sigil_store::Error::Conflict(_)), Some(t)) => {
+                let e = Error::TokenReplayed(format!("token {} was already used", t.jti));
+                return Err(self
+                    .record_refusal(
+                        ask.actor,
+                        &names,
+                        "token.replayed",
+                        key_type,
+                        profile.name(),
+                        &e,
+                    )
+                    .await
+                    .err()
+                    .map_or(e, Error::from));
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
         let chain_pem = format!("{}{}", pem("CERTIFICATE", &der), issuer.chain_pem);
         Ok(Issued {
             serial,
@@ -258,21 +576,20 @@ impl Authority {
             chain_pem,
             not_before,
             not_after,
-            identifiers: csr.identifiers().to_vec(),
+            identifiers: applicant.identifiers.to_vec(),
             issuer_id: info.id.to_string(),
             receipt,
         })
     }
 
     /// The checks that may refuse a well-formed request; returns the policy decision.
-    fn admit(
+    async fn admit(
         &self,
-        req: &IssueRequest,
-        csr: &Csr,
-        profile: Profile,
+        applicant: &Applicant<'_>,
+        ask: &Ask<'_>,
         issuer: &ActiveIssuer,
     ) -> Result<Decision, Error> {
-        if let Some(l) = req.lifetime {
+        if let Some(l) = ask.lifetime {
             if l > self.settings.max_lifetime {
                 return Err(Error::Lifetime(format!(
                     "requested lifetime {} exceeds this CA's maximum of {}",
@@ -284,12 +601,36 @@ impl Authority {
                 return Err(Error::Lifetime("lifetime must be at least 1 minute".into()));
             }
         }
+        if let Some(token) = ask.token {
+            if let Some(id) = applicant
+                .identifiers
+                .iter()
+                .find(|id| !token.sans.contains(id))
+            {
+                return Err(Error::TokenScope(format!(
+                    "the bootstrap token for '{}' does not cover {id} (it allows: {})",
+                    token.subject,
+                    token
+                        .sans
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if self.store.token_spent(&token.jti).await? {
+                return Err(Error::TokenReplayed(format!(
+                    "token {} was already used; bootstrap tokens are accepted once",
+                    token.jti
+                )));
+            }
+        }
         let decision = self.check(
-            &req.requester,
-            csr.identifiers(),
-            profile,
-            csr.key_type(),
-            req.lifetime,
+            ask.policy_requester,
+            applicant.identifiers,
+            ask.profile,
+            applicant.public_key.key_type(),
+            ask.lifetime,
         );
         if !decision.allowed {
             let reason = decision
@@ -298,8 +639,8 @@ impl Authority {
             return Err(Error::Denied { reason, decision });
         }
         let info = issuer.info();
-        if let Some(id) = csr
-            .identifiers()
+        if let Some(id) = applicant
+            .identifiers
             .iter()
             .find(|id| !info.name_constraints.permits(id))
         {
@@ -311,40 +652,35 @@ impl Authority {
         Ok(decision)
     }
 
-    /// Audits a refusal; returns the error for the caller (or the store's, if
-    /// the refusal could not be recorded).
-    async fn refuse(
+    /// Audits a refusal. Returns the store's error if it could not be recorded.
+    async fn record_refusal(
         &self,
-        req: &IssueRequest,
-        csr: &Csr,
+        actor: &Requester,
         names: &[String],
-        profile: Profile,
-        now: OffsetDateTime,
-        err: Error,
-    ) -> Error {
-        let reason = match &err {
+        kind: &str,
+        key_type: KeyType,
+        profile: &str,
+        err: &Error,
+    ) -> Result<(), sigil_store::Error> {
+        let reason = match err {
             Error::Denied { reason, .. } => reason.clone(),
             other => other.to_string(),
         };
-        let recorded = self
-            .store
+        self.store
             .commit(Change::Record(AuditEvent {
-                ts_ms: unix_ms(now),
-                kind: "cert.denied".into(),
-                actor: req.requester.to_string(),
+                ts_ms: unix_ms(self.clock.now()),
+                kind: kind.into(),
+                actor: actor.to_string(),
                 subject: names.first().cloned().unwrap_or_default(),
                 detail: json!({
                     "names": names,
-                    "profile": profile.name(),
-                    "key_type": csr.key_type().to_string(),
+                    "profile": profile,
+                    "key_type": key_type.to_string(),
                     "reason": reason,
                 }),
             }))
-            .await;
-        match recorded {
-            Ok(_) => err,
-            Err(e) => e.into(),
-        }
+            .await
+            .map(|_| ())
     }
 
     /// Records a ceremony install: the issuer row and its audit event, atomically.

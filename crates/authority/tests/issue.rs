@@ -88,6 +88,7 @@ fn req(csr: Vec<u8>, requester: Requester) -> IssueRequest {
         requester,
         profile: None,
         lifetime: None,
+        token: None,
     }
 }
 
@@ -327,4 +328,160 @@ async fn lifetimes_follow_settings_and_policy() {
         "{sans:?}"
     );
     assert!(issued.chain_pem.matches("BEGIN CERTIFICATE").count() == 2);
+}
+
+fn grant(jti: &str, sans: &[&str]) -> sigil_authority::TokenGrant {
+    sigil_authority::TokenGrant {
+        jti: jti.into(),
+        subject: "web".into(),
+        expires_at: SystemClock.now().unix_timestamp() + 600,
+        sans: sans
+            .iter()
+            .map(|s| sigil_core::Identifier::parse_any(s).unwrap())
+            .collect(),
+    }
+}
+
+async fn audit_kinds(ca: &Authority) -> Vec<String> {
+    ca.store()
+        .audit_rows(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_scoped_and_spent_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let ca = authority(&url).await;
+        let key = KeyPair::generate().unwrap();
+        let ask = |sans: &[&str], jti: &str, grant_sans: &[&str]| IssueRequest {
+            token: Some(grant(jti, grant_sans)),
+            ..req(
+                csr_with(&key, None, sans, vec![]),
+                Requester::Token("web".into()),
+            )
+        };
+        // Names beyond the token's scope are refused even though policy allows them.
+        let e = ca
+            .issue(ask(
+                &["web.internal", "db.internal"],
+                "t1",
+                &["web.internal"],
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TokenScope(_)), "{name}: {e}");
+        assert!(e.to_string().contains("db.internal"), "{name}: {e}");
+        // The refused request did not spend the token.
+        ca.issue(ask(&["web.internal"], "t1", &["web.internal"]))
+            .await
+            .unwrap();
+        let e = ca
+            .issue(ask(&["web.internal"], "t1", &["web.internal"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TokenReplayed(_)), "{name}: {e}");
+        let kinds = audit_kinds(&ca).await;
+        assert!(
+            kinds.contains(&"token.replayed".to_string()),
+            "{name}: {kinds:?}"
+        );
+        assert!(
+            kinds.contains(&"cert.denied".to_string()),
+            "{name}: {kinds:?}"
+        );
+        assert_eq!(ca.store().certificate_count().await.unwrap(), 1, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_names_and_refuses_revoked_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let ca = authority(&url).await;
+        let key = KeyPair::generate().unwrap();
+        let first = ca
+            .issue(req(
+                csr_with(&key, None, &["api.svc.internal"], vec![]),
+                Requester::Token("api".into()),
+            ))
+            .await
+            .unwrap();
+        let caller = Requester::Mtls("api.svc.internal".into());
+        // Same key.
+        let renewed = ca
+            .renew(sigil_authority::RenewRequest {
+                current: first.der.clone(),
+                caller: caller.clone(),
+                csr: None,
+            })
+            .await
+            .unwrap();
+        assert_ne!(renewed.serial, first.serial, "{name}");
+        let a = sigil_core::LeafInfo::from_der(&first.der).unwrap();
+        let b = sigil_core::LeafInfo::from_der(&renewed.der).unwrap();
+        assert_eq!(a.public_key.spki_der(), b.public_key.spki_der(), "{name}");
+        assert_eq!(a.identifiers, b.identifiers, "{name}");
+        let row = ca.certificate(&renewed.serial).await.unwrap().unwrap();
+        assert_eq!(
+            row.requester, "token:api",
+            "{name}: keeps the original requester"
+        );
+        // New key, same names.
+        let key2 = KeyPair::generate().unwrap();
+        let rekeyed = ca
+            .renew(sigil_authority::RenewRequest {
+                current: renewed.der.clone(),
+                caller: caller.clone(),
+                csr: Some(csr_with(&key2, None, &["api.svc.internal"], vec![])),
+            })
+            .await
+            .unwrap();
+        let c = sigil_core::LeafInfo::from_der(&rekeyed.der).unwrap();
+        assert_ne!(c.public_key.spki_der(), b.public_key.spki_der(), "{name}");
+        // Other names are not a renewal.
+        let e = ca
+            .renew(sigil_authority::RenewRequest {
+                current: rekeyed.der.clone(),
+                caller: caller.clone(),
+                csr: Some(csr_with(&key2, None, &["other.svc.internal"], vec![])),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotRenewable(_)), "{name}: {e}");
+        // Revoke, then renewal is refused; revoking twice is refused too.
+        ca.revoke(&rekeyed.serial, 1, &caller).await.unwrap();
+        assert!(ca.is_revoked(&rekeyed.serial).await.unwrap());
+        let e = ca.revoke(&rekeyed.serial, 1, &caller).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidRevocation(_)), "{name}: {e}");
+        let e = ca
+            .renew(sigil_authority::RenewRequest {
+                current: rekeyed.der.clone(),
+                caller: caller.clone(),
+                csr: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("revoked"), "{name}: {e}");
+        // A certificate this CA never stored is not renewable.
+        let other = TestCa::new(SystemClock.now()).unwrap();
+        let e = ca
+            .renew(sigil_authority::RenewRequest {
+                current: other.intermediate_der.clone(),
+                caller: caller.clone(),
+                csr: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotRenewable(_)), "{name}: {e}");
+        let kinds = audit_kinds(&ca).await;
+        for k in ["cert.renewed", "cert.revoked", "cert.renewal_denied"] {
+            assert!(kinds.contains(&k.to_string()), "{name}: {k} in {kinds:?}");
+        }
+        assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
+    }
 }

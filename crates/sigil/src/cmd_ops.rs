@@ -81,6 +81,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
                     requester: Requester::Operator(operator_name(operator.as_deref())),
                     profile,
                     lifetime,
+                    token: None,
                 })
                 .await;
             authority.store().close().await;

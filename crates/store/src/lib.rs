@@ -13,7 +13,9 @@ mod writer;
 
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
 pub use error::Error;
-pub use rows::{CertificateRow, IssuerRow, NewCertificate, NewIssuer};
+pub use rows::{
+    CertificateRow, IssuerRow, NewCertificate, NewIssuer, NewRevocation, RevocationRow, SpentToken,
+};
 pub use writer::Change;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -103,17 +105,46 @@ impl Store {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let sql: &'static str = match backend {
-        Backend::Sqlite => include_str!("../../../migrations/sqlite/0001_init.sql"),
-        Backend::Postgres => include_str!("../../../migrations/postgres/0001_init.sql"),
+    let files: [(i64, &str, &'static str); 2] = match backend {
+        Backend::Sqlite => [
+            (
+                1,
+                "init",
+                include_str!("../../../migrations/sqlite/0001_init.sql"),
+            ),
+            (
+                2,
+                "revocation_tokens",
+                include_str!("../../../migrations/sqlite/0002_revocation_tokens.sql"),
+            ),
+        ],
+        Backend::Postgres => [
+            (
+                1,
+                "init",
+                include_str!("../../../migrations/postgres/0001_init.sql"),
+            ),
+            (
+                2,
+                "revocation_tokens",
+                include_str!("../../../migrations/postgres/0002_revocation_tokens.sql"),
+            ),
+        ],
     };
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::AssertSqlSafe(sql).into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(
+        files
+            .into_iter()
+            .map(|(version, name, sql)| {
+                Migration::new(
+                    version,
+                    name.into(),
+                    MigrationType::Simple,
+                    sqlx::AssertSqlSafe(sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
 use sqlx::SqlSafeStr as _;

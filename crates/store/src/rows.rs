@@ -68,6 +68,37 @@ pub struct NewCertificate {
 /// A stored certificate.
 pub type CertificateRow = NewCertificate;
 
+/// A revocation to record.
+#[derive(Debug, Clone)]
+pub struct NewRevocation {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Issuer id of the certificate.
+    pub issuer_id: String,
+    /// RFC 5280 CRLReason code (0-10 except 7).
+    pub reason: i32,
+    /// Revocation time (unix s).
+    pub revoked_at: i64,
+    /// Who revoked it (`kind:name`).
+    pub revoked_by: String,
+}
+
+/// A stored revocation.
+pub type RevocationRow = NewRevocation;
+
+/// A bootstrap token spent by an issuance.
+#[derive(Debug, Clone)]
+pub struct SpentToken {
+    /// The token's `jti`.
+    pub jti: String,
+    /// The token's subject.
+    pub subject: String,
+    /// When it was used (unix s).
+    pub used_at: i64,
+    /// When it would have expired (unix s).
+    pub expires_at: i64,
+}
+
 fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
     let names: String = r.try_get("names")?;
     Ok(CertificateRow {
@@ -177,6 +208,38 @@ impl Store {
             }
         };
         rows.iter().map(cert_from_row).collect()
+    }
+
+    /// The revocation of a certificate, if it is revoked.
+    pub async fn revocation(&self, serial: &str) -> Result<Option<RevocationRow>, Error> {
+        let row = sqlx::query(
+            "SELECT serial, issuer_id, reason, revoked_at, revoked_by FROM revocations WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<RevocationRow, Error> {
+            let reason: i64 = r.try_get("reason")?;
+            Ok(RevocationRow {
+                serial: r.try_get("serial")?,
+                issuer_id: r.try_get("issuer_id")?,
+                reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
+                revoked_at: r.try_get("revoked_at")?,
+                revoked_by: r.try_get("revoked_by")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Whether a bootstrap token id has been spent.
+    pub async fn token_spent(&self, jti: &str) -> Result<bool, Error> {
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM used_tokens WHERE jti = $1")
+                .bind(jti)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Number of stored certificates.

@@ -3,7 +3,7 @@
 //! per certificate and durability is never weakened.
 
 use crate::audit::{AuditEvent, AuditReceipt, GENESIS_HASH, row_hash};
-use crate::rows::{NewCertificate, NewIssuer};
+use crate::rows::{NewCertificate, NewIssuer, NewRevocation, SpentToken};
 use crate::{Backend, Error};
 use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +25,16 @@ pub enum Change {
     Issue {
         /// The certificate row.
         cert: NewCertificate,
+        /// The one-time bootstrap token this issuance spends, if any: a token
+        /// already spent fails the change with `Error::Conflict`.
+        token: Option<SpentToken>,
+        /// Its audit event.
+        event: AuditEvent,
+    },
+    /// A certificate was revoked (fails with `Error::Conflict` if it already was).
+    Revoke {
+        /// The revocation row.
+        revocation: NewRevocation,
         /// Its audit event.
         event: AuditEvent,
     },
@@ -43,6 +53,7 @@ impl Change {
     fn event(&self) -> &AuditEvent {
         match self {
             Change::Issue { event, .. }
+            | Change::Revoke { event, .. }
             | Change::InstallIssuer { event, .. }
             | Change::Record(event) => event,
         }
@@ -173,8 +184,12 @@ async fn write_batch(
     };
 
     for change in changes {
-        if let Change::InstallIssuer { issuer, .. } = change {
-            install_issuer(&mut tx, issuer).await?;
+        match change {
+            Change::InstallIssuer { issuer, .. } => install_issuer(&mut tx, issuer).await?,
+            Change::Issue {
+                token: Some(token), ..
+            } => spend_token(&mut tx, token).await.map_err(classify)?,
+            _ => {}
         }
     }
     let certs: Vec<&NewCertificate> = changes
@@ -188,6 +203,12 @@ async fn write_batch(
         insert_certificates(&mut tx, chunk)
             .await
             .map_err(classify)?;
+    }
+
+    for change in changes {
+        if let Change::Revoke { revocation, .. } = change {
+            revoke(&mut tx, revocation).await.map_err(classify)?;
+        }
     }
 
     let mut receipts = Vec::with_capacity(changes.len());
@@ -255,6 +276,40 @@ async fn install_issuer(
         .bind(issuer.id.clone())
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+async fn spend_token(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    token: &SpentToken,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO used_tokens (jti, subject, used_at, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(token.jti.as_str())
+    .bind(token.subject.as_str())
+    .bind(token.used_at)
+    .bind(token.expires_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn revoke(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    r: &NewRevocation,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO revocations (serial, issuer_id, reason, revoked_at, revoked_by) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(r.serial.as_str())
+    .bind(r.issuer_id.as_str())
+    .bind(i64::from(r.reason))
+    .bind(r.revoked_at)
+    .bind(r.revoked_by.as_str())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -55,6 +55,7 @@ async fn seeded(url: &str, n: usize) -> Store {
         handles.push(tokio::spawn(async move {
             s.commit(Change::Issue {
                 cert: cert(i),
+                token: None,
                 event: event(i),
             })
             .await
@@ -91,6 +92,7 @@ async fn concurrent_commits_keep_chain_and_rows() {
         let dup = store
             .commit(Change::Issue {
                 cert: cert(7),
+                token: None,
                 event: event(999),
             })
             .await;
@@ -252,6 +254,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
             let (s, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
             s.commit(Change::Issue {
                 cert: cert(i),
+                token: None,
                 event: event(i),
             })
             .await
@@ -265,6 +268,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
             tasks.push(tokio::spawn(async move {
                 s.commit(Change::Issue {
                     cert: cert(i),
+                    token: None,
                     event: event(i),
                 })
                 .await
@@ -278,5 +282,110 @@ async fn two_writers_on_one_database_keep_one_chain() {
         assert_eq!(report.rows, 2 + 20 + 60, "{name}");
         a.close().await;
         b.close().await;
+    }
+}
+
+fn spent(jti: &str) -> sigil_store::SpentToken {
+    sigil_store::SpentToken {
+        jti: jti.into(),
+        subject: "web".into(),
+        used_at: 5,
+        expires_at: 600,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_spent_once_even_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 0).await;
+        // Two concurrent issuances with the same token: exactly one wins, and
+        // the loser leaves neither a certificate nor an audit row behind.
+        let mut tasks = Vec::new();
+        for i in 1..=2 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.commit(Change::Issue {
+                    cert: cert(i),
+                    token: Some(spent("jti-1")),
+                    event: event(i),
+                })
+                .await
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "{name}: {results:?}");
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(sigil_store::Error::Conflict(_)))),
+            "{name}: {results:?}"
+        );
+        assert!(store.token_spent("jti-1").await.unwrap(), "{name}");
+        assert!(!store.token_spent("jti-2").await.unwrap(), "{name}");
+        assert_eq!(store.certificate_count().await.unwrap(), 1, "{name}");
+        assert_eq!(store.verify_audit().await.unwrap().rows, 2, "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_recorded_once_and_final() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 2).await;
+        let rev = sigil_store::NewRevocation {
+            serial: cert(1).serial,
+            issuer_id: issuer().id,
+            reason: 1,
+            revoked_at: 99,
+            revoked_by: "operator:test".into(),
+        };
+        store
+            .commit(Change::Revoke {
+                revocation: rev.clone(),
+                event: event(50),
+            })
+            .await
+            .unwrap();
+        let again = store
+            .commit(Change::Revoke {
+                revocation: rev.clone(),
+                event: event(51),
+            })
+            .await;
+        assert!(
+            matches!(again, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {again:?}"
+        );
+        let got = store.revocation(&rev.serial).await.unwrap().unwrap();
+        assert_eq!((got.reason, got.revoked_at), (1, 99), "{name}");
+        assert!(store.revocation(&cert(2).serial).await.unwrap().is_none());
+        // A serial that was never issued cannot be revoked.
+        let unknown = store
+            .commit(Change::Revoke {
+                revocation: sigil_store::NewRevocation {
+                    serial: "ff".into(),
+                    ..rev.clone()
+                },
+                event: event(52),
+            })
+            .await;
+        assert!(unknown.is_err(), "{name}");
+        // The database itself refuses to undo a revocation.
+        let undo = sqlx::query("DELETE FROM revocations")
+            .execute(store.dangerous_raw_pool())
+            .await;
+        assert!(undo.is_err(), "{name}");
+        assert_eq!(
+            store.verify_audit().await.unwrap().rows,
+            1 + 2 + 1,
+            "{name}"
+        );
+        store.close().await;
     }
 }
