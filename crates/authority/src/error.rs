@@ -34,6 +34,9 @@ pub enum Error {
     /// A revocation request that cannot be carried out as asked.
     #[error("{0}")]
     InvalidRevocation(String),
+    /// The certificate was already revoked.
+    #[error("{0}")]
+    AlreadyRevoked(String),
     /// No such certificate.
     #[error("{0}")]
     NotFound(String),
@@ -52,4 +55,11 @@ pub enum Error {
     /// Template or certificate self-check failure (never released).
     #[error("internal certificate check failed: {0}")]
     Internal(#[from] sigil_core::Error),
+}
+
+impl Error {
+    /// Whether the store is shutting down (the caller may retry elsewhere).
+    pub fn is_shutting_down(&self) -> bool {
+        matches!(self, Error::Store(sigil_store::Error::Closed))
+    }
 }

@@ -41,6 +41,8 @@ pub struct ActiveIssuer {
     common: LeafCommon,
     /// The issuer certificate and, when known, its parents up to (excluding) the root, PEM.
     chain_pem: String,
+    /// The same chain, DER.
+    chain_der: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ActiveIssuer {
@@ -61,6 +63,7 @@ impl ActiveIssuer {
         let common = LeafCommon::new(urls, &signer.info().id)?;
         Ok(ActiveIssuer {
             chain_pem: pem("CERTIFICATE", cert_der),
+            chain_der: vec![cert_der.to_vec()],
             signer,
             common,
         })
@@ -155,6 +158,8 @@ pub struct Issued {
     pub der: Vec<u8>,
     /// Leaf followed by its chain (without the root), PEM.
     pub chain_pem: String,
+    /// Leaf followed by its chain (without the root), DER each.
+    pub chain_der: Vec<Vec<u8>>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
     /// End of validity.
@@ -408,7 +413,7 @@ impl Authority {
             .await
             .map_err(|e| match e {
                 sigil_store::Error::Conflict(_) => {
-                    Error::InvalidRevocation(format!("certificate {hex} is already revoked"))
+                    Error::AlreadyRevoked(format!("certificate {hex} is already revoked"))
                 }
                 other => other.into(),
             })?;
@@ -570,10 +575,14 @@ impl Authority {
             (Err(e), _) => return Err(e.into()),
         };
         let chain_pem = format!("{}{}", pem("CERTIFICATE", &der), issuer.chain_pem);
+        let chain_der = std::iter::once(der.clone())
+            .chain(issuer.chain_der.iter().cloned())
+            .collect();
         Ok(Issued {
             serial,
             der,
             chain_pem,
+            chain_der,
             not_before,
             not_after,
             identifiers: applicant.identifiers.to_vec(),

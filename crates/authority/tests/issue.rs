@@ -457,7 +457,7 @@ async fn renewal_keeps_names_and_refuses_revoked_certificates() {
         ca.revoke(&rekeyed.serial, 1, &caller).await.unwrap();
         assert!(ca.is_revoked(&rekeyed.serial).await.unwrap());
         let e = ca.revoke(&rekeyed.serial, 1, &caller).await.unwrap_err();
-        assert!(matches!(e, Error::InvalidRevocation(_)), "{name}: {e}");
+        assert!(matches!(e, Error::AlreadyRevoked(_)), "{name}: {e}");
         let e = ca
             .renew(sigil_authority::RenewRequest {
                 current: rekeyed.der.clone(),

@@ -35,6 +35,11 @@ pub enum Command {
     /// Naming policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Bootstrap tokens for the gRPC CSR API.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Obtains a certificate over gRPC and keeps it renewed.
+    Agent(crate::agent::AgentArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +133,29 @@ pub struct ServeArgs {
     /// Override server.http_addr.
     #[arg(long)]
     pub http_addr: Option<std::net::SocketAddr>,
+    /// gRPC CSR API listener (overrides grpc.addr; the dev CA defaults to 127.0.0.1:9443).
+    #[arg(long)]
+    pub grpc_addr: Option<std::net::SocketAddr>,
+}
+
+/// `sigil token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Prints a one-time bootstrap token (a signed JWT) for the gRPC Sign call.
+    Create {
+        /// Server configuration (its [grpc] section names the token-signing key).
+        #[arg(long)]
+        config: PathBuf,
+        /// Who the token is for; policies see it as requester `token:SUBJECT`.
+        #[arg(long)]
+        subject: String,
+        /// A name the token may obtain (repeat for several).
+        #[arg(long, required = true)]
+        san: Vec<String>,
+        /// How long the token stays usable.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,5 +260,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cert(c) => cmd_ops::cert(c).await,
         Command::Audit(c) => cmd_ops::audit(c).await,
         Command::Policy(c) => cmd_ops::policy(c),
+        Command::Token(c) => crate::cmd_token::token(c),
+        Command::Agent(a) => crate::agent::run(a).await,
     }
 }

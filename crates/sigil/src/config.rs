@@ -22,6 +22,9 @@ pub struct Config {
     pub issuance: IssuanceConfig,
     /// Naming policy location.
     pub policy: PolicyConfig,
+    /// The gRPC CSR API; absent means no gRPC listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcConfig>,
     /// Where this file was read from (not serialized).
     #[serde(skip)]
     pub path: PathBuf,
@@ -88,6 +91,50 @@ impl Default for IssuanceConfig {
     }
 }
 
+/// `[grpc]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// TLS listener for the CSR API (client certificates verified against ca.roots).
+    pub addr: SocketAddr,
+    /// Names in the listener's own certificate (issued by this CA, renewed in place).
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// Lifetime of the listener's certificate.
+    #[serde(default = "default_server_cert_lifetime")]
+    pub server_cert_lifetime: String,
+    /// Bootstrap-token signing key (Ed25519, encrypted with the intermediate key's
+    /// passphrase; created on first use).
+    #[serde(default = "default_token_key")]
+    pub token_key: PathBuf,
+    /// mTLS identities (SPIFFE URI or DNS name) that may revoke any certificate.
+    #[serde(default)]
+    pub operators: Vec<String>,
+}
+
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_server_cert_lifetime() -> String {
+    "24h".into()
+}
+fn default_token_key() -> PathBuf {
+    "token.key".into()
+}
+
+impl GrpcConfig {
+    /// Defaults for a listener on `addr`.
+    pub fn on(addr: SocketAddr) -> GrpcConfig {
+        GrpcConfig {
+            addr,
+            server_names: default_server_names(),
+            server_cert_lifetime: default_server_cert_lifetime(),
+            token_key: default_token_key(),
+            operators: Vec::new(),
+        }
+    }
+}
+
 /// `[policy]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +171,15 @@ impl Config {
                 "{p}: server.public_url must be an http:// (or https://) URL (got '{}')",
                 self.server.public_url
             );
+        }
+        if let Some(g) = &self.grpc {
+            if g.server_names.is_empty() {
+                bail!(
+                    "{p}: grpc.server_names is empty: list the names clients use to reach the gRPC listener"
+                );
+            }
+            sigil_core::lifetime::parse_duration(&g.server_cert_lifetime)
+                .with_context(|| format!("{p}: grpc.server_cert_lifetime"))?;
         }
         let d = self.default_lifetime()?;
         let m = self.max_lifetime()?;

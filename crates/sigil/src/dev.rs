@@ -3,7 +3,9 @@
 //! directory and the banner say so.
 
 use crate::cmd_ca::{create_root, install, new_intermediate_key, sign_with_root, write_public};
-use crate::config::{CaConfig, Config, DatabaseConfig, IssuanceConfig, PolicyConfig, ServerConfig};
+use crate::config::{
+    CaConfig, Config, DatabaseConfig, GrpcConfig, IssuanceConfig, PolicyConfig, ServerConfig,
+};
 use anyhow::{Context, Result};
 use sigil_core::KeySpec;
 use sigil_core::dn::parse_subject;
@@ -31,18 +33,31 @@ max_lifetime = "30d"
 "#;
 
 /// Creates the dev CA in `dir` unless it exists; returns the config path.
-pub async fn ensure(dir: &Path, http_addr: Option<SocketAddr>) -> Result<PathBuf> {
+pub async fn ensure(
+    dir: &Path,
+    http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
+) -> Result<PathBuf> {
     let config_path = dir.join("sigil.toml");
     if config_path.exists() {
-        if let Some(addr) = http_addr {
-            // The dev config is ours: follow a new address so the URLs written
-            // into certificates (AIA, CRL DP) keep pointing at this server.
-            let mut cfg = Config::load(&config_path)?;
-            if cfg.server.http_addr != addr {
-                cfg.server.http_addr = addr;
-                cfg.server.public_url = format!("http://{addr}");
-                write_config(&cfg)?;
+        // The dev config is ours: follow new addresses so the URLs written into
+        // certificates (AIA, CRL DP) keep pointing at this server.
+        let mut cfg = Config::load(&config_path)?;
+        let mut changed = false;
+        if let Some(addr) = http_addr.filter(|a| *a != cfg.server.http_addr) {
+            cfg.server.http_addr = addr;
+            cfg.server.public_url = format!("http://{addr}");
+            changed = true;
+        }
+        if let Some(addr) = grpc_addr.filter(|a| cfg.grpc.as_ref().map(|g| g.addr) != Some(*a)) {
+            match cfg.grpc.as_mut() {
+                Some(g) => g.addr = addr,
+                None => cfg.grpc = Some(GrpcConfig::on(addr)),
             }
+            changed = true;
+        }
+        if changed {
+            write_config(&cfg)?;
         }
         return Ok(config_path);
     }
@@ -96,6 +111,9 @@ pub async fn ensure(dir: &Path, http_addr: Option<SocketAddr>) -> Result<PathBuf
         policy: PolicyConfig {
             dir: "policies".into(),
         },
+        grpc: Some(GrpcConfig::on(
+            grpc_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9443))),
+        )),
         path: config_path.clone(),
     };
     std::fs::create_dir_all(dir.join("policies"))?;

@@ -1,10 +1,13 @@
 //! The `sigil` binary: `sigil serve` and the admin commands.
 
+mod agent;
 mod cli;
 mod cmd_ca;
 mod cmd_ops;
+mod cmd_token;
 mod config;
 mod dev;
+mod grpc_server;
 mod http;
 mod passphrase;
 mod serve;

@@ -1,24 +1,34 @@
 //! `sigil serve`: wire config, authority and listeners; stop cleanly on signals.
 
 use crate::cli::ServeArgs;
-use crate::cmd_ca::load_roots;
+use crate::cmd_ca::{key_passphrase, load_roots};
 use crate::cmd_ops::build_authority;
+use crate::cmd_token::{token_key, verifier};
 use crate::config::Config;
+use crate::config::GrpcConfig;
+use crate::grpc_server::GrpcListener;
 use crate::{dev, http};
 use anyhow::{Context, Result};
+use sigil_grpc::Notifier;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config_path = match (&args.config, args.dev) {
-        (_, true) => dev::ensure(&args.data_dir, args.http_addr).await?,
+        (_, true) => dev::ensure(&args.data_dir, args.http_addr, args.grpc_addr).await?,
         (Some(p), false) => p.clone(),
         (None, false) => anyhow::bail!("pass --config sigil.toml, or --dev for a development CA"),
     };
     let mut cfg = Config::load(&config_path)?;
     if let Some(addr) = args.http_addr {
         cfg.server.http_addr = addr;
+    }
+    if let Some(addr) = args.grpc_addr {
+        match cfg.grpc.as_mut() {
+            Some(g) => g.addr = addr,
+            None => cfg.grpc = Some(GrpcConfig::on(addr)),
+        }
     }
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
@@ -46,6 +56,17 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let grpc = match &cfg.grpc {
+        Some(g) => {
+            let pass = key_passphrase(&cfg)?;
+            let tokens = verifier(&token_key(&cfg, g, &pass)?);
+            Some(
+                GrpcListener::start(g, authority.clone(), &roots, tokens, Notifier::default())
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let config_abs = config_path.canonicalize().unwrap_or(config_path.clone());
     if args.dev {
         println!(
@@ -68,6 +89,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         issuer.info().id
     );
     println!("http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt)");
+    if let Some(g) = &grpc {
+        println!(
+            "grpc:              {}  (mTLS; sigil.v1.CertificateAuthority, reflection on)",
+            g.local_addr()?
+        );
+        println!(
+            "bootstrap token:   sigil token create --config {} --subject NAME --san NAME",
+            config_abs.display()
+        );
+    }
     println!("config:            {}", config_abs.display());
     println!(
         "issue a cert:      sigil cert issue --config {} --csr leaf.csr",
@@ -79,9 +110,20 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         authority: authority.clone(),
         roots,
     });
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http =
+        axum::serve(listener, http::router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
+    let http_task = tokio::spawn(async move { http.await });
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    http_task.await??;
+    if let Some(t) = grpc_task {
+        t.await??;
+    }
     authority.store().close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

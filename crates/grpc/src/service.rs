@@ -1,0 +1,413 @@
+//! The `CertificateAuthority` service.
+
+use crate::pb::certificate_authority_server::CertificateAuthority;
+use crate::pb::{
+    self, CertificateResponse, RenewRequest, RevokeRequest, RevokeResponse, RotationNotice,
+    SignRequest, TrustBundle, TrustBundleRequest, WatchRotationRequest, rotation_notice::Kind,
+};
+use crate::tokens::TokenVerifier;
+use sigil_authority::{Authority, Error, IssueRequest, Issued};
+use sigil_core::{LeafInfo, Profile, Requester, Serial};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// Largest CSR accepted (bytes); larger requests get `ResourceExhausted`.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// Static settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Root certificates, PEM, for `GetTrustBundle`.
+    pub roots_pem: String,
+    /// mTLS identities that may revoke any certificate.
+    pub operators: Vec<String>,
+}
+
+/// Something connected clients should react to.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A new issuer took over issuance.
+    IssuerRotated {
+        /// Its id.
+        issuer: String,
+    },
+    /// Certificates issued before `before` (unix s) should be renewed now.
+    RenewIssuedBefore {
+        /// Cut-off, unix seconds.
+        before: i64,
+        /// Why.
+        reason: String,
+    },
+    /// One certificate was revoked; its holder should renew or re-bootstrap.
+    Revoked {
+        /// Serial, hex.
+        serial: String,
+    },
+}
+
+/// Fan-out of notices to `WatchRotation` streams.
+#[derive(Debug, Clone)]
+pub struct Notifier(broadcast::Sender<Notice>);
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier(broadcast::channel(256).0)
+    }
+}
+
+impl Notifier {
+    /// Tells every watcher (no-op without watchers).
+    pub fn send(&self, notice: Notice) {
+        let _ = self.0.send(notice);
+    }
+}
+
+/// The service state.
+#[derive(Debug, Clone)]
+pub struct CaService {
+    authority: Arc<Authority>,
+    tokens: TokenVerifier,
+    config: Arc<ServiceConfig>,
+    notifier: Notifier,
+}
+
+impl CaService {
+    /// Assembles the service.
+    pub fn new(
+        authority: Arc<Authority>,
+        tokens: TokenVerifier,
+        config: ServiceConfig,
+        notifier: Notifier,
+    ) -> CaService {
+        CaService {
+            authority,
+            tokens,
+            config: Arc::new(config),
+            notifier,
+        }
+    }
+
+    /// The caller's client certificate, if it presented one (the TLS layer has
+    /// already verified the chain and validity against Sigil's roots). A
+    /// certificate this CA revoked is refused here.
+    async fn peer(&self, req: &Request<impl Sized>) -> Result<Option<Peer>, Status> {
+        let Some(certs) = req.peer_certs() else {
+            return Ok(None);
+        };
+        let Some(leaf) = certs.first() else {
+            return Ok(None);
+        };
+        let info = LeafInfo::from_der(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
+        let identity = info.identity().ok_or_else(|| {
+            Status::unauthenticated(
+                "client certificate has no SPIFFE URI or DNS SAN to identify it",
+            )
+        })?;
+        if self
+            .authority
+            .is_revoked(&info.serial)
+            .await
+            .map_err(status)?
+        {
+            self.audit_auth_failure(
+                &Requester::Mtls(identity.clone()),
+                "client certificate is revoked",
+            )
+            .await;
+            return Err(Status::unauthenticated(format!(
+                "client certificate {} is revoked; obtain a new one with a bootstrap token",
+                info.serial
+            )));
+        }
+        Ok(Some(Peer {
+            requester: Requester::Mtls(identity),
+            der: leaf.as_ref().to_vec(),
+            serial: info.serial,
+        }))
+    }
+
+    async fn audit_auth_failure(&self, actor: &Requester, reason: &str) {
+        let r = self
+            .authority
+            .record(
+                "grpc.auth_failed",
+                &actor.to_string(),
+                "",
+                serde_json::json!({ "reason": reason }),
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not audit an authentication failure");
+        }
+    }
+
+    fn bearer(req: &Request<impl Sized>) -> Result<Option<String>, Status> {
+        let Some(v) = req.metadata().get("authorization") else {
+            return Ok(None);
+        };
+        let v = v
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
+        Ok(Some(token.trim().to_string()))
+    }
+}
+
+struct Peer {
+    requester: Requester,
+    der: Vec<u8>,
+    serial: Serial,
+}
+
+fn response(issued: Issued) -> CertificateResponse {
+    let nb = issued.not_before.unix_timestamp();
+    let na = issued.not_after.unix_timestamp();
+    CertificateResponse {
+        chain_pem: issued.chain_pem,
+        chain_der: issued.chain_der,
+        serial: issued.serial.to_hex(),
+        not_before: nb,
+        not_after: na,
+        renew_after: crate::renew_after(nb, na),
+    }
+}
+
+/// Maps an authority error to a status, in one place.
+fn status(e: Error) -> Status {
+    match e {
+        Error::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
+        Error::Denied { reason, .. } => Status::permission_denied(format!("policy: {reason}")),
+        Error::OutsideConstraints(m) | Error::TokenScope(m) | Error::NotRenewable(m) => {
+            Status::permission_denied(m)
+        }
+        Error::TokenReplayed(m) => Status::unauthenticated(m),
+        Error::Lifetime(m) | Error::InvalidRevocation(m) => Status::invalid_argument(m),
+        Error::AlreadyRevoked(m) => Status::failed_precondition(m),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::Unavailable(m) => Status::unavailable(m),
+        e if e.is_shutting_down() => Status::unavailable("the CA is shutting down; retry"),
+        other => {
+            tracing::error!(error = %other, "internal error");
+            Status::internal("internal error; the CA's log has details")
+        }
+    }
+}
+
+fn check_csr_len(csr: &[u8]) -> Result<(), Status> {
+    if csr.len() > MAX_CSR_LEN {
+        return Err(Status::resource_exhausted(format!(
+            "CSR is {} bytes; the limit is {MAX_CSR_LEN}",
+            csr.len()
+        )));
+    }
+    Ok(())
+}
+
+type NoticeStream = Pin<Box<dyn Stream<Item = Result<RotationNotice, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CertificateAuthority for CaService {
+    async fn sign(
+        &self,
+        req: Request<SignRequest>,
+    ) -> Result<Response<CertificateResponse>, Status> {
+        let bearer = Self::bearer(&req)?;
+        let peer = self.peer(&req).await?;
+        let body = req.into_inner();
+        check_csr_len(&body.csr)?;
+        if body.csr.is_empty() {
+            return Err(Status::invalid_argument(
+                "csr is empty: send a PKCS#10 CSR (DER or PEM)",
+            ));
+        }
+        let (requester, token) = match (bearer, peer) {
+            (Some(t), _) => match self.tokens.verify(&t) {
+                Ok(grant) => (Requester::Token(grant.subject.clone()), Some(grant)),
+                Err(e) => {
+                    self.audit_auth_failure(&Requester::Token(String::new()), &e.to_string())
+                        .await;
+                    return Err(Status::unauthenticated(e.to_string()));
+                }
+            },
+            (None, Some(p)) => (p.requester, None),
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "Sign needs a bootstrap token (authorization: Bearer ...) or a client certificate",
+                ));
+            }
+        };
+        let profile = match body.profile.as_str() {
+            "" => None,
+            p => Some(p.parse::<Profile>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "unknown profile '{p}': use mtls, server or client"
+                ))
+            })?),
+        };
+        let lifetime =
+            (body.lifetime_seconds > 0).then(|| Duration::from_secs(body.lifetime_seconds));
+        let issued = self
+            .authority
+            .issue(IssueRequest {
+                csr: body.csr,
+                requester,
+                profile,
+                lifetime,
+                token,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response(issued)))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<RenewRequest>,
+    ) -> Result<Response<CertificateResponse>, Status> {
+        let peer = self.peer(&req).await?.ok_or_else(|| {
+            Status::unauthenticated(
+                "Renew needs the current certificate as the TLS client certificate",
+            )
+        })?;
+        let body = req.into_inner();
+        check_csr_len(&body.csr)?;
+        let issued = self
+            .authority
+            .renew(sigil_authority::RenewRequest {
+                current: peer.der,
+                caller: peer.requester,
+                csr: (!body.csr.is_empty()).then_some(body.csr),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response(issued)))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let peer = self.peer(&req).await?.ok_or_else(|| {
+            Status::unauthenticated(
+                "Revoke needs a client certificate (the one to revoke, or an operator's)",
+            )
+        })?;
+        let body = req.into_inner();
+        let serial = if body.serial.is_empty() {
+            peer.serial.clone()
+        } else {
+            Serial::parse_hex(&body.serial).ok_or_else(|| {
+                Status::invalid_argument(format!("'{}' is not a hex serial", body.serial))
+            })?
+        };
+        let is_operator = self
+            .config
+            .operators
+            .iter()
+            .any(|o| o == peer.requester.name());
+        if serial != peer.serial && !is_operator {
+            let reason = format!(
+                "{} may revoke only its own certificate ({})",
+                peer.requester.name(),
+                peer.serial
+            );
+            self.audit_auth_failure(&peer.requester, &reason).await;
+            return Err(Status::permission_denied(reason));
+        }
+        let revoked = self
+            .authority
+            .revoke(&serial, body.reason, &peer.requester)
+            .await
+            .map_err(status)?;
+        self.notifier.send(Notice::Revoked {
+            serial: serial.to_hex(),
+        });
+        Ok(Response::new(RevokeResponse {
+            serial: revoked.serial.to_hex(),
+            revoked_at: revoked.revoked_at.unix_timestamp(),
+        }))
+    }
+
+    async fn get_trust_bundle(
+        &self,
+        _req: Request<TrustBundleRequest>,
+    ) -> Result<Response<TrustBundle>, Status> {
+        let issuers = self.authority.trusted_issuers().await.map_err(status)?;
+        let intermediates_pem = issuers
+            .iter()
+            .map(|der| sigil_authority::pem("CERTIFICATE", der))
+            .collect::<String>();
+        Ok(Response::new(TrustBundle {
+            roots_pem: self.config.roots_pem.clone(),
+            intermediates_pem,
+            active_issuer: self.authority.active_issuer().info().id.to_string(),
+        }))
+    }
+
+    type WatchRotationStream = NoticeStream;
+
+    async fn watch_rotation(
+        &self,
+        req: Request<WatchRotationRequest>,
+    ) -> Result<Response<NoticeStream>, Status> {
+        let mine = req.into_inner().serial.to_ascii_lowercase();
+        let active = self.authority.active_issuer().info().id.to_string();
+        let first = RotationNotice {
+            kind: Kind::Current as i32,
+            active_issuer: active,
+            renew_issued_before: 0,
+            message: String::new(),
+        };
+        let rx = self.notifier.0.subscribe();
+        let authority = self.authority.clone();
+        let updates = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |n| {
+            let active = authority.active_issuer().info().id.to_string();
+            match n {
+                Ok(Notice::IssuerRotated { issuer }) => Some(Ok(RotationNotice {
+                    kind: Kind::IssuerRotated as i32,
+                    active_issuer: issuer,
+                    renew_issued_before: 0,
+                    message: "a new intermediate issues certificates now".into(),
+                })),
+                Ok(Notice::RenewIssuedBefore { before, reason }) => Some(Ok(RotationNotice {
+                    kind: Kind::RenewNow as i32,
+                    active_issuer: active,
+                    renew_issued_before: before,
+                    message: reason,
+                })),
+                Ok(Notice::Revoked { serial }) if serial == mine => Some(Ok(RotationNotice {
+                    kind: Kind::RenewNow as i32,
+                    active_issuer: active,
+                    renew_issued_before: 0,
+                    message: format!("certificate {serial} was revoked"),
+                })),
+                Ok(Notice::Revoked { .. }) => None,
+                // Lagged: the watcher missed notices; tell it to check now.
+                Err(_) => Some(Ok(RotationNotice {
+                    kind: Kind::RenewNow as i32,
+                    active_issuer: active,
+                    renew_issued_before: 0,
+                    message: "notices were missed; check your certificate".into(),
+                })),
+            }
+        });
+        let stream = tokio_stream::once(Ok(first)).chain(updates);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The tonic server for the service, with Sigil's message-size limit.
+pub fn server(
+    svc: CaService,
+) -> pb::certificate_authority_server::CertificateAuthorityServer<CaService> {
+    pb::certificate_authority_server::CertificateAuthorityServer::new(svc)
+        .max_decoding_message_size(MAX_CSR_LEN + 4096)
+}
