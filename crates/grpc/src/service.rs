@@ -409,5 +409,5 @@ pub fn server(
     svc: CaService,
 ) -> pb::certificate_authority_server::CertificateAuthorityServer<CaService> {
     pb::certificate_authority_server::CertificateAuthorityServer::new(svc)
-        .max_decoding_message_size(MAX_CSR_LEN + 4096)
+        .max_decoding_message_size(1024 * 1024)
 }

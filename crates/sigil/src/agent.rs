@@ -51,6 +51,9 @@ pub struct AgentArgs {
     /// Certificate profile for the first certificate: mtls, server or client.
     #[arg(long, default_value = "mtls")]
     profile: String,
+    /// Requested certificate lifetime (e.g. 2m, 24h); default: the CA's.
+    #[arg(long)]
+    lifetime: Option<String>,
     /// Obtain (or load) the certificate, write it, and exit instead of renewing forever.
     #[arg(long)]
     once: bool,
@@ -104,8 +107,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             )?;
             let token = std::fs::read_to_string(token_file)
                 .with_context(|| format!("cannot read --token-file {}", token_file.display()))?;
+            let lifetime = match &args.lifetime {
+                Some(l) => sigil_core::lifetime::parse_duration(l)
+                    .context("--lifetime")?
+                    .as_secs(),
+                None => 0,
+            };
             let h = client
-                .sign(token.trim(), &args.profile)
+                .sign(token.trim(), &args.profile, lifetime)
                 .await
                 .context("obtaining the first certificate failed")?;
             install(&args, &h)?;
@@ -248,13 +257,13 @@ impl Client {
             .with_context(|| format!("cannot reach the CA at {}", self.url))
     }
 
-    async fn sign(&self, token: &str, profile: &str) -> Result<Held> {
+    async fn sign(&self, token: &str, profile: &str, lifetime_seconds: u64) -> Result<Held> {
         let (key_pem, csr) = new_key_and_csr(token_sans(token)?)?;
         let mut client = CertificateAuthorityClient::new(self.channel(None).await?);
         let mut req = tonic::Request::new(SignRequest {
             csr,
             profile: profile.into(),
-            lifetime_seconds: 0,
+            lifetime_seconds,
         });
         req.metadata_mut().insert(
             "authorization",

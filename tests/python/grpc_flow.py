@@ -1,0 +1,107 @@
+"""A gRPC client for Sigil generated from proto/ with grpcio-tools.
+
+Drives: bootstrap token -> Sign -> Renew over mTLS with the new certificate
+(re-keyed) -> Revoke -> Renew refused. Prints one JSON object with what it saw;
+the Rust test asserts on it. Needs: grpcio, grpcio-tools, and openssl on PATH
+(for keys and CSRs).
+
+usage: grpc_flow.py PROTO_DIR WORK_DIR HOST:PORT ROOTS_PEM TOKEN NAME
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+from grpc_tools import protoc
+
+
+def generate(proto_dir, out_dir):
+    rc = protoc.main([
+        "grpc_tools.protoc",
+        f"-I{proto_dir}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        os.path.join(proto_dir, "sigil/v1/ca.proto"),
+    ])
+    if rc != 0:
+        raise SystemExit(f"protoc failed with {rc}")
+    sys.path.insert(0, out_dir)
+
+
+def key_and_csr(work, stem, name):
+    key = os.path.join(work, f"{stem}.key")
+    csr = os.path.join(work, f"{stem}.csr")
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", csr, "-outform", "DER",
+         "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True)
+    with open(key, "rb") as k, open(csr, "rb") as c:
+        return k.read(), c.read()
+
+
+def main():
+    proto_dir, work, target, roots_path, token, name = sys.argv[1:7]
+    gen = os.path.join(work, "pygen")
+    os.makedirs(gen, exist_ok=True)
+    generate(proto_dir, gen)
+    from sigil.v1 import ca_pb2, ca_pb2_grpc  # noqa: E402
+
+    with open(roots_path, "rb") as f:
+        roots = f.read()
+    host = target.rsplit(":", 1)[0]
+    opts = (("grpc.ssl_target_name_override", host),)
+    seen = {}
+
+    def stub(key=None, chain=None):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=chain)
+        return ca_pb2_grpc.CertificateAuthorityStub(
+            grpc.secure_channel(target, creds, options=opts))
+
+    # Trust bundle, no client certificate.
+    bundle = stub().GetTrustBundle(ca_pb2.TrustBundleRequest(), timeout=30)
+    seen["bundle_has_root"] = roots.decode().strip() in bundle.roots_pem
+    seen["bundle_intermediates"] = bundle.intermediates_pem.count("BEGIN CERTIFICATE")
+
+    # First certificate with the bootstrap token.
+    key1, csr1 = key_and_csr(work, "py1", name)
+    first = stub().Sign(ca_pb2.SignRequest(csr=csr1), timeout=30,
+                        metadata=(("authorization", f"Bearer {token}"),))
+    seen["sign_serial"] = first.serial
+    seen["sign_chain_len"] = len(first.chain_der)
+    seen["sign_renew_after_inside"] = first.not_before < first.renew_after < first.not_after
+
+    # The same token again is refused.
+    try:
+        stub().Sign(ca_pb2.SignRequest(csr=csr1), timeout=30,
+                    metadata=(("authorization", f"Bearer {token}"),))
+        seen["replay"] = "OK"
+    except grpc.RpcError as e:
+        seen["replay"] = e.code().name
+
+    # Renew over mTLS with the first certificate, with a new key.
+    key2, csr2 = key_and_csr(work, "py2", name)
+    second = stub(key1, first.chain_pem.encode()).Renew(ca_pb2.RenewRequest(csr=csr2), timeout=30)
+    seen["renew_serial"] = second.serial
+    with open(os.path.join(work, "py-renewed.pem"), "w") as f:
+        f.write(second.chain_pem)
+
+    # Revoke the renewed certificate with itself, then renewing with it fails.
+    client2 = stub(key2, second.chain_pem.encode())
+    rev = client2.Revoke(ca_pb2.RevokeRequest(reason=4), timeout=30)
+    seen["revoked_serial"] = rev.serial
+    try:
+        stub(key2, second.chain_pem.encode()).Renew(ca_pb2.RenewRequest(), timeout=30)
+        seen["renew_after_revoke"] = "OK"
+    except grpc.RpcError as e:
+        seen["renew_after_revoke"] = e.code().name
+        seen["renew_after_revoke_detail"] = e.details()
+
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()

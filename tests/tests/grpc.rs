@@ -1,0 +1,690 @@
+//! The gRPC CSR API against the real server: a Python grpcio client generated
+//! from proto/, a Rust tonic client with the refusals, and the renewal agent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
+use sigil_core::Clock as _;
+use sigil_e2e::*;
+use sigil_grpc::pb::certificate_authority_client::CertificateAuthorityClient;
+use sigil_grpc::pb::{RenewRequest, RevokeRequest, SignRequest, TrustBundleRequest};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+struct Ca {
+    _tmp: tempfile::TempDir,
+    work: PathBuf,
+    server: Option<Server>,
+    grpc: u16,
+    config: String,
+    roots: String,
+}
+
+impl Ca {
+    fn start() -> Ca {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().to_path_buf();
+        let grpc = free_port();
+        let server = Server::start(
+            &[
+                "--dev",
+                "--data-dir",
+                "data",
+                "--grpc-addr",
+                &format!("127.0.0.1:{grpc}"),
+            ],
+            &work,
+            &[],
+        );
+        let log = server.log_text();
+        assert!(
+            log.contains(&format!("grpc:              127.0.0.1:{grpc}")),
+            "{log}"
+        );
+        let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+        std::fs::write(work.join("roots.pem"), &roots).unwrap();
+        Ca {
+            config: work.join("data/sigil.toml").display().to_string(),
+            _tmp: tmp,
+            work,
+            server: Some(server),
+            grpc,
+            roots,
+        }
+    }
+
+    fn token(&self, subject: &str, sans: &[&str]) -> String {
+        let mut args = vec![
+            "token",
+            "create",
+            "--config",
+            &self.config,
+            "--subject",
+            subject,
+        ];
+        for s in sans {
+            args.extend(["--san", s]);
+        }
+        ok(sigil(&args)).trim().to_string()
+    }
+
+    async fn channel(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.roots))
+            .domain_name("localhost");
+        if let Some((chain, key)) = identity {
+            tls = tls.identity(Identity::from_pem(chain, key));
+        }
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.grpc))?
+            .tls_config(tls)?
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+    }
+
+    async fn client(&self, identity: Option<(&str, &str)>) -> CertificateAuthorityClient<Channel> {
+        CertificateAuthorityClient::new(self.channel(identity).await.unwrap())
+    }
+
+    fn audit(&self) -> String {
+        ok(sigil(&[
+            "audit",
+            "list",
+            "--config",
+            &self.config,
+            "--limit",
+            "200",
+        ]))
+    }
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+    }
+}
+
+fn key_and_csr(sans: &[&str]) -> (String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = p.serialize_request(&key).unwrap().der().to_vec();
+    (key.serialize_pem(), csr)
+}
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn sign_req(csr: Vec<u8>) -> SignRequest {
+    SignRequest {
+        csr,
+        profile: String::new(),
+        lifetime_seconds: 0,
+    }
+}
+
+#[test]
+fn python_grpcio_client_signs_renews_and_revokes() {
+    let python = if have("python3") { "python3" } else { return };
+    let probe = run(python, &["-c", "import grpc, grpc_tools"]);
+    if !probe.status.success() {
+        assert!(
+            std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+            "grpcio/grpcio-tools missing; run ./scripts/test"
+        );
+        eprintln!("note: python grpcio not installed; skipping");
+        return;
+    }
+    let ca = Ca::start();
+    let token = ca.token("py-web", &["py.internal"]);
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/grpc_flow.py");
+    let out = run(
+        python,
+        &[
+            &script.display().to_string(),
+            &proto.display().to_string(),
+            &ca.work.display().to_string(),
+            &format!("localhost:{}", ca.grpc),
+            &ca.work.join("roots.pem").display().to_string(),
+            &token,
+            "py.internal",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(seen["bundle_has_root"], true, "{seen}");
+    assert_eq!(seen["bundle_intermediates"], 1, "{seen}");
+    assert_eq!(seen["sign_chain_len"], 2, "leaf + intermediate: {seen}");
+    assert_eq!(seen["sign_renew_after_inside"], true, "{seen}");
+    assert_eq!(seen["replay"], "UNAUTHENTICATED", "{seen}");
+    assert_ne!(seen["renew_serial"], seen["sign_serial"], "{seen}");
+    assert_eq!(seen["revoked_serial"], seen["renew_serial"], "{seen}");
+    assert_eq!(seen["renew_after_revoke"], "UNAUTHENTICATED", "{seen}");
+    assert!(
+        seen["renew_after_revoke_detail"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{seen}"
+    );
+    // openssl accepts what the Python client got, against the served root.
+    if have("openssl") {
+        let renewed = ca.work.join("py-renewed.pem");
+        let blocks = pem_blocks(&std::fs::read_to_string(&renewed).unwrap());
+        std::fs::write(ca.work.join("py-leaf.pem"), &blocks[0]).unwrap();
+        std::fs::write(ca.work.join("py-int.pem"), blocks[1..].concat()).unwrap();
+        let v = run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                &ca.work.join("roots.pem").display().to_string(),
+                "-untrusted",
+                &ca.work.join("py-int.pem").display().to_string(),
+                &ca.work.join("py-leaf.pem").display().to_string(),
+            ],
+        );
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    }
+    let audit = ca.audit();
+    for kind in [
+        "cert.issued",
+        "cert.renewed",
+        "cert.revoked",
+        "token.replayed",
+        "grpc.auth_failed",
+    ] {
+        assert!(audit.contains(kind), "{kind} missing from audit:\n{audit}");
+    }
+    assert!(audit.contains("token:py-web"), "{audit}");
+    assert!(audit.contains("mtls:py.internal"), "{audit}");
+}
+
+/// A client certificate for `name` signed by the dev CA's own intermediate
+/// (read from its data dir), with the given validity: lets the test present
+/// an expired certificate that is otherwise genuine.
+fn cert_from_dev_intermediate(
+    ca: &Ca,
+    name: &str,
+    not_after_offset: time::Duration,
+) -> (String, String) {
+    let data = ca.work.join("data");
+    let pass = sigil_signer::Passphrase::new(
+        std::fs::read_to_string(data.join("intermediate.pass"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    );
+    let int_key = sigil_signer::read_encrypted_key(&data.join("intermediate.key"), &pass).unwrap();
+    let int_pem = std::fs::read_to_string(data.join("intermediate.crt")).unwrap();
+    let int_der = sigil_core::csr::decode_pem_or_der(int_pem.as_bytes()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&int_der.into(), int_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let now = sigil_core::SystemClock.now();
+    p.not_before = now - time::Duration::hours(2);
+    p.not_after = now + not_after_offset;
+    p.use_authority_key_identifier_extension = true;
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (format!("{}{int_pem}", cert.pem()), key.serialize_pem())
+}
+
+/// A certificate from a CA that has nothing to do with Sigil.
+fn cert_from_other_ca(name: &str) -> (String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_p.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_p, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        format!("{}{}", cert.pem(), ca_cert.pem()),
+        key.serialize_pem(),
+    )
+}
+
+/// A token signed with the server's own token key but with chosen claims
+/// (e.g. already expired), which `sigil token create` would never produce.
+fn forged_token(ca: &Ca, claims: &sigil_grpc::tokens::Claims) -> String {
+    use rcgen::SigningKey as _;
+    let data = ca.work.join("data");
+    let pass = sigil_signer::Passphrase::new(
+        std::fs::read_to_string(data.join("intermediate.pass"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    );
+    let key = sigil_signer::read_encrypted_key(&data.join("token.key"), &pass).unwrap();
+    let input = claims.signing_input("test").unwrap();
+    sigil_grpc::tokens::assemble(&input, &key.sign(input.as_bytes()).unwrap())
+}
+
+async fn call_fails<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+) -> tonic::Status {
+    r.expect_err("the call should have been refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_client_flow_and_every_refusal() {
+    let ca = Ca::start();
+
+    // Trust bundle needs no client certificate.
+    let bundle = ca
+        .client(None)
+        .await
+        .get_trust_bundle(TrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bundle.roots_pem.trim(), ca.roots.trim());
+    assert_eq!(bundle.active_issuer.len(), 32);
+
+    // Server reflection lists the service.
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut r = ServerReflectionClient::new(ca.channel(None).await.unwrap());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected reflection answer: {resp:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"sigil.v1.CertificateAuthority".to_string()),
+            "{names:?}"
+        );
+    }
+
+    // token -> Sign.
+    let token = ca.token("web", &["web.internal"]);
+    let (key1, csr1) = key_and_csr(&["web.internal"]);
+    let first = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(csr1.clone()), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.chain_der.len(), 2);
+    assert!(first.not_before < first.renew_after && first.renew_after < first.not_after);
+
+    // Replayed token.
+    let s = call_fails(
+        ca.client(None)
+            .await
+            .sign(with_token(sign_req(csr1.clone()), &token))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("already used"), "{s:?}");
+
+    // Renew over mTLS (same key), then with a new key.
+    let mut as_first = ca.client(Some((&first.chain_pem, &key1))).await;
+    let renewed = as_first
+        .renew(RenewRequest { csr: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(renewed.serial, first.serial);
+    let (key2, csr2) = key_and_csr(&["web.internal"]);
+    let rekeyed = as_first
+        .renew(RenewRequest { csr: csr2 })
+        .await
+        .unwrap()
+        .into_inner();
+    // Renewal may not change names.
+    let (_, csr_other) = key_and_csr(&["db.internal"]);
+    let s = call_fails(as_first.renew(RenewRequest { csr: csr_other }).await).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // Revoking somebody else's certificate is refused; one's own works.
+    let mut as_rekeyed = ca.client(Some((&rekeyed.chain_pem, &key2))).await;
+    let s = call_fails(
+        as_rekeyed
+            .revoke(RevokeRequest {
+                serial: first.serial.clone(),
+                reason: 1,
+            })
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = call_fails(
+        as_rekeyed
+            .revoke(RevokeRequest {
+                serial: String::new(),
+                reason: 7,
+            })
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    as_rekeyed
+        .revoke(RevokeRequest {
+            serial: String::new(),
+            reason: 1,
+        })
+        .await
+        .unwrap();
+    // Revoked client certificate: every call that uses it is refused.
+    let mut revoked = ca.client(Some((&rekeyed.chain_pem, &key2))).await;
+    let s = call_fails(revoked.renew(RenewRequest { csr: vec![] }).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("revoked"), "{s:?}");
+    let (_, csr3) = key_and_csr(&["web.internal"]);
+    let s = call_fails(revoked.sign(sign_req(csr3)).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+
+    // No client certificate and no token.
+    let mut anon = ca.client(None).await;
+    let s = call_fails(anon.renew(RenewRequest { csr: vec![] }).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let (_, csr4) = key_and_csr(&["web.internal"]);
+    let s = call_fails(anon.sign(sign_req(csr4)).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+
+    // Token for other SANs.
+    let t = ca.token("web2", &["web2.internal"]);
+    let (_, csr5) = key_and_csr(&["other.internal"]);
+    let s = call_fails(anon.sign(with_token(sign_req(csr5), &t)).await).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("other.internal"), "{s:?}");
+
+    // Names the policy denies (the token covers them; the dev policy does not).
+    let t = ca.token("ext", &["www.example.com"]);
+    let (_, csr6) = key_and_csr(&["www.example.com"]);
+    let s = call_fails(anon.sign(with_token(sign_req(csr6), &t)).await).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("policy"), "{s:?}");
+
+    // Expired token, and a token with a bad signature.
+    let now = sigil_core::SystemClock.now().unix_timestamp();
+    let mut claims = sigil_grpc::tokens::Claims::new(
+        "late",
+        &["late.internal".to_string()],
+        "expired-jti".into(),
+        now - 3600,
+        600,
+    )
+    .unwrap();
+    let expired = forged_token(&ca, &claims);
+    let (_, csr7) = key_and_csr(&["late.internal"]);
+    let s = call_fails(
+        anon.sign(with_token(sign_req(csr7.clone()), &expired))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("expired"), "{s:?}");
+    claims.exp = now + 600;
+    let good = forged_token(&ca, &claims);
+    let tampered = format!("{}A", &good[..good.len() - 1]);
+    let tampered = if tampered == good {
+        format!("{}B", &good[..good.len() - 1])
+    } else {
+        tampered
+    };
+    let s = call_fails(
+        anon.sign(with_token(sign_req(csr7.clone()), &tampered))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+
+    // Bad and oversized CSRs.
+    let t = ca.token("bad", &["bad.internal"]);
+    let s = call_fails(
+        anon.sign(with_token(sign_req(b"not a csr".to_vec()), &t))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = call_fails(
+        anon.sign(with_token(sign_req(vec![0x30; 20 * 1024]), &t))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+
+    // An expired certificate from our own intermediate: the TLS layer refuses it.
+    let (chain, key) = cert_from_dev_intermediate(&ca, "old.internal", -time::Duration::hours(1));
+    let refused = match ca.channel(Some((&chain, &key))).await {
+        Err(_) => true,
+        Ok(ch) => CertificateAuthorityClient::new(ch)
+            .renew(RenewRequest { csr: vec![] })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "an expired client certificate must be refused");
+    // The same, still valid, is accepted by TLS but unknown to the CA's records.
+    let (chain, key) = cert_from_dev_intermediate(&ca, "stray.internal", time::Duration::hours(1));
+    let s = call_fails(
+        ca.client(Some((&chain, &key)))
+            .await
+            .renew(RenewRequest { csr: vec![] })
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // A certificate from another CA.
+    let (chain, key) = cert_from_other_ca("web.internal");
+    let refused = match ca.channel(Some((&chain, &key))).await {
+        Err(_) => true,
+        Ok(ch) => CertificateAuthorityClient::new(ch)
+            .renew(RenewRequest { csr: vec![] })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a foreign client certificate must be refused");
+
+    let audit = ca.audit();
+    for kind in [
+        "cert.denied",
+        "token.replayed",
+        "cert.renewal_denied",
+        "grpc.auth_failed",
+    ] {
+        assert!(audit.contains(kind), "{kind} missing from audit:\n{audit}");
+    }
+    // The audit chain is intact after all of it (exit status 0).
+    ok(sigil(&["audit", "verify", "--config", &ca.config]));
+}
+
+#[test]
+fn agent_renews_short_lived_certificates_and_reloads() {
+    let ca = Ca::start();
+    let token = ca.token("agent", &["agent.internal"]);
+    let token_file = ca.work.join("token");
+    write_secret(&token_file, &token);
+    let out = ca.work.join("out");
+    let reloads = ca.work.join("reloads.log");
+    let metrics_port = free_port();
+    let log = ca.work.join("agent.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut agent = std::process::Command::new(sigil_bin())
+        .args([
+            "agent",
+            "--server",
+            &format!("localhost:{}", ca.grpc),
+            "--ca-bundle",
+            &ca.work.join("roots.pem").display().to_string(),
+            "--token-file",
+            &token_file.display().to_string(),
+            "--out-dir",
+            &out.display().to_string(),
+            "--lifetime",
+            "2m",
+            "--reload-cmd",
+            &format!("echo reloaded >> {}", reloads.display()),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+
+    // A reader that keeps loading the files the agent replaces: every read must
+    // be a whole certificate (or key), never a partial write.
+    let mut serials = std::collections::BTreeSet::new();
+    let mut reads = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while serials.len() < 3 && Instant::now() < deadline {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!(
+                "agent exited with {status}:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        if let (Ok(cert), Ok(key)) = (
+            std::fs::read_to_string(out.join("cert.pem")),
+            std::fs::read_to_string(out.join("key.pem")),
+        ) {
+            assert!(
+                cert.starts_with("-----BEGIN CERTIFICATE-----")
+                    && cert.trim_end().ends_with("-----END CERTIFICATE-----"),
+                "partial cert: {cert}"
+            );
+            assert!(
+                key.starts_with("-----BEGIN PRIVATE KEY-----")
+                    && key.trim_end().ends_with("-----END PRIVATE KEY-----"),
+                "partial key"
+            );
+            let der = sigil_core::csr::decode_pem_or_der(cert.as_bytes()).unwrap();
+            let leaf = sigil_core::LeafInfo::from_der(&der).unwrap();
+            assert_eq!(leaf.identifiers.len(), 1);
+            serials.insert(leaf.serial.to_hex());
+            reads += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        serials.len() >= 3,
+        "expected the first certificate and two renewals, saw {serials:?}:\n{text}"
+    );
+    assert!(
+        reads > 100,
+        "the reader should have raced the writer many times ({reads})"
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+    let reload_count = std::fs::read_to_string(&reloads).unwrap().lines().count();
+    assert!(
+        reload_count >= 3,
+        "reload command ran {reload_count} times:\n{text}"
+    );
+    assert!(text.matches("renewed: certificate").count() >= 2, "{text}");
+
+    let (status, body) = http_get(metrics_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).unwrap();
+    let expiry: i64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("sigil_agent_certificate_not_after_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = sigil_core::SystemClock.now().unix_timestamp();
+    assert!(
+        expiry > now && expiry <= now + 130,
+        "gauge {expiry} vs now {now}:\n{body}"
+    );
+    assert!(body.contains("sigil_agent_renewals_total "), "{body}");
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // The certificate survives the agent: still valid files on disk.
+    assert!(out.join("chain.pem").exists() && out.join("key.pem").exists());
+}
+
+#[test]
+fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
+    let ca = Ca::start();
+    let out = ca.work.join("out");
+    // Not a JWT at all: refused before contacting the server.
+    let garbage = ca.work.join("garbage-token");
+    write_secret(&garbage, "not-a-token");
+    // A well-formed token whose signature is not the CA's: refused by the server.
+    let real = ca.token("a", &["a.internal"]);
+    let (signed, sig) = real.rsplit_once('.').unwrap();
+    let other_sig = match sig.strip_prefix('A') {
+        Some(rest) => format!("B{rest}"),
+        None => format!("A{}", sig.get(1..).unwrap()),
+    };
+    let bad = ca.work.join("bad-token");
+    write_secret(&bad, &format!("{signed}.{other_sig}"));
+    let args = |server: String, token: &Path| {
+        vec![
+            "agent".to_string(),
+            "--server".into(),
+            server,
+            "--ca-bundle".into(),
+            ca.work.join("roots.pem").display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--out-dir".into(),
+            out.display().to_string(),
+        ]
+    };
+    let a = args(format!("localhost:{}", ca.grpc), &garbage);
+    let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(e.contains("not a JWT"), "{e}");
+    let a = args(format!("localhost:{}", ca.grpc), &bad);
+    let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(
+        e.contains("first certificate") && e.contains("Unauthenticated"),
+        "{e}"
+    );
+    assert!(e.contains("signature"), "{e}");
+    let good = ca.work.join("good-token");
+    write_secret(&good, &ca.token("a", &["a.internal"]));
+    let a = args(format!("localhost:{}", free_port()), &good);
+    let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(e.contains("cannot reach the CA"), "{e}");
+    assert!(!out.join("cert.pem").exists());
+}
