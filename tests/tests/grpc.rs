@@ -6,7 +6,10 @@
 use sigil_core::Clock as _;
 use sigil_e2e::*;
 use sigil_grpc::pb::certificate_authority_client::CertificateAuthorityClient;
-use sigil_grpc::pb::{RenewRequest, RevokeRequest, SignRequest, TrustBundleRequest};
+use sigil_grpc::pb::rotation_notice::Kind;
+use sigil_grpc::pb::{
+    RenewRequest, RevokeRequest, SignRequest, TrustBundleRequest, WatchRotationRequest,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -52,6 +55,39 @@ impl Ca {
             grpc,
             roots,
         }
+    }
+
+    /// Restarts the server after `edit` rewrites its config text.
+    fn restart_with(&mut self, edit: impl FnOnce(String) -> String) {
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        let path = self.work.join("data/sigil.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
+        self.server = Some(Server::start(
+            &["--config", &path.display().to_string()],
+            &self.work,
+            &[],
+        ));
+    }
+
+    /// Serial of the certificate the gRPC listener presents now (via openssl).
+    fn listener_serial(&self) -> String {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect 127.0.0.1:{} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -serial",
+                self.grpc
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            text.starts_with("serial="),
+            "no listener certificate: {text}"
+        );
+        text
     }
 
     fn token(&self, subject: &str, sans: &[&str]) -> String {
@@ -398,6 +434,17 @@ async fn tonic_client_flow_and_every_refusal() {
     )
     .await;
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // A watcher for this certificate hears of its revocation at once.
+    let mut watch = as_rekeyed
+        .watch_rotation(WatchRotationRequest {
+            serial: rekeyed.serial.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let current = watch.message().await.unwrap().unwrap();
+    assert_eq!(current.kind(), Kind::Current);
+    assert_eq!(current.active_issuer, bundle.active_issuer);
     as_rekeyed
         .revoke(RevokeRequest {
             serial: String::new(),
@@ -405,6 +452,13 @@ async fn tonic_client_flow_and_every_refusal() {
         })
         .await
         .unwrap();
+    let notice = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a notice within seconds")
+        .unwrap()
+        .unwrap();
+    assert_eq!(notice.kind(), Kind::RenewNow, "{notice:?}");
+    assert!(notice.message.contains(&rekeyed.serial), "{notice:?}");
     // Revoked client certificate: every call that uses it is refused.
     let mut revoked = ca.client(Some((&rekeyed.chain_pem, &key2))).await;
     let s = call_fails(revoked.renew(RenewRequest { csr: vec![] }).await).await;
@@ -532,7 +586,16 @@ async fn tonic_client_flow_and_every_refusal() {
 
 #[test]
 fn agent_renews_short_lived_certificates_and_reloads() {
-    let ca = Ca::start();
+    let mut ca = Ca::start();
+    // Short-lived listener certificate too, to see it renewed in place.
+    ca.restart_with(|t| {
+        assert!(t.contains("server_cert_lifetime = \"24h\""), "{t}");
+        t.replace(
+            "server_cert_lifetime = \"24h\"",
+            "server_cert_lifetime = \"2m\"",
+        )
+    });
+    let listener_before = have("openssl").then(|| ca.listener_serial());
     let token = ca.token("agent", &["agent.internal"]);
     let token_file = ca.work.join("token");
     write_secret(&token_file, &token);
@@ -638,6 +701,24 @@ fn agent_renews_short_lived_certificates_and_reloads() {
 
     let _ = agent.kill();
     let _ = agent.wait();
+    // The gRPC listener renewed its own certificate without a restart
+    // (it renews 2/3 into 2m + 1m backdating, i.e. after about a minute).
+    if let Some(before) = listener_before {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ca.listener_serial() == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_ne!(
+            ca.listener_serial(),
+            before,
+            "listener certificate not renewed"
+        );
+        let log = ca.server.as_ref().unwrap().log_text();
+        assert!(
+            log.contains("renewed the gRPC listener certificate"),
+            "{log}"
+        );
+    }
     // The certificate survives the agent: still valid files on disk.
     assert!(out.join("chain.pem").exists() && out.join("key.pem").exists());
 }
