@@ -20,6 +20,7 @@ use sigil_store::{
     AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewIssuer, NewRevocation,
     SpentToken, Store,
 };
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -179,6 +180,20 @@ pub struct Authority {
     issuer: RwLock<Arc<ActiveIssuer>>,
     store: Store,
     settings: Settings,
+    revoked: RevokedSet,
+}
+
+/// How often a server should call [`Authority::sync_revocations`].
+pub const REVOCATION_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Revoked serials held in memory for the per-request client-certificate check.
+#[derive(Debug, Default)]
+struct RevokedSet {
+    serials: RwLock<std::collections::HashSet<String>>,
+    /// Largest revoked_at (unix s) loaded so far.
+    high_water: AtomicI64,
+    /// When the last sync started (unix ms); 0 = never.
+    synced_at_ms: AtomicI64,
 }
 
 impl std::fmt::Debug for Authority {
@@ -204,6 +219,7 @@ impl Authority {
             issuer: RwLock::new(Arc::new(issuer)),
             store,
             settings,
+            revoked: RevokedSet::default(),
         }
     }
 
@@ -417,6 +433,10 @@ impl Authority {
                 }
                 other => other.into(),
             })?;
+        match self.revoked.serials.write() {
+            Ok(mut g) => g.insert(hex.clone()),
+            Err(p) => p.into_inner().insert(hex.clone()),
+        };
         Ok(Revoked {
             serial: serial.clone(),
             revoked_at: now,
@@ -424,9 +444,47 @@ impl Authority {
         })
     }
 
-    /// Whether a certificate is revoked.
+    /// Whether a certificate is revoked. Answered from memory while
+    /// [`Authority::sync_revocations`] runs at least every
+    /// [`REVOCATION_SYNC_INTERVAL`] (so a revocation made elsewhere, by another
+    /// node or the CLI, is seen within about that long; one made here at once);
+    /// otherwise from the database.
     pub async fn is_revoked(&self, serial: &Serial) -> Result<bool, Error> {
-        Ok(self.store.revocation(&serial.to_hex()).await?.is_some())
+        let hex = serial.to_hex();
+        let fresh = self.revoked.synced_at_ms.load(Ordering::Acquire)
+            > unix_ms(self.clock.now()) - 3 * REVOCATION_SYNC_INTERVAL.as_millis() as i64;
+        if fresh {
+            let set = match self.revoked.serials.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            return Ok(set.contains(&hex));
+        }
+        Ok(self.store.revocation(&hex).await?.is_some())
+    }
+
+    /// Loads revocations recorded since the last sync into memory (all of them
+    /// the first time). Run it every [`REVOCATION_SYNC_INTERVAL`].
+    pub async fn sync_revocations(&self) -> Result<(), Error> {
+        let started = unix_ms(self.clock.now());
+        let since = self.revoked.high_water.load(Ordering::Acquire);
+        // Overlap by a few seconds: rows committed late with an earlier
+        // revoked_at (another node's clock, a slow transaction) are not missed.
+        let rows = self.store.revoked_since(since.saturating_sub(5)).await?;
+        let mut high = since;
+        {
+            let mut set = match self.revoked.serials.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            for (serial, at) in rows {
+                high = high.max(at);
+                set.insert(serial);
+            }
+        }
+        self.revoked.high_water.store(high, Ordering::Release);
+        self.revoked.synced_at_ms.store(started, Ordering::Release);
+        Ok(())
     }
 
     /// The certificate row for a serial, if this CA issued it.

@@ -485,3 +485,57 @@ async fn renewal_keeps_names_and_refuses_revoked_certificates() {
         assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_made_elsewhere_are_seen_after_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let here = authority(&url).await;
+        let key = KeyPair::generate().unwrap();
+        let cert = here
+            .issue(req(
+                csr_with(&key, None, &["a.internal"], vec![]),
+                Requester::Token("a".into()),
+            ))
+            .await
+            .unwrap();
+        here.sync_revocations().await.unwrap();
+        assert!(!here.is_revoked(&cert.serial).await.unwrap(), "{name}");
+        // Another process on the same database (a node, the CLI) revokes it.
+        let elsewhere = Store::open(&url).await.unwrap();
+        elsewhere
+            .commit(sigil_store::Change::Revoke {
+                revocation: sigil_store::NewRevocation {
+                    serial: cert.serial.to_hex(),
+                    issuer_id: cert.issuer_id.clone(),
+                    reason: 1,
+                    revoked_at: SystemClock.now().unix_timestamp(),
+                    revoked_by: "operator:elsewhere".into(),
+                },
+                event: sigil_store::AuditEvent {
+                    ts_ms: 1,
+                    kind: "cert.revoked".into(),
+                    actor: "operator:elsewhere".into(),
+                    subject: cert.serial.to_hex(),
+                    detail: serde_json::json!({}),
+                },
+            })
+            .await
+            .unwrap();
+        here.sync_revocations().await.unwrap();
+        assert!(here.is_revoked(&cert.serial).await.unwrap(), "{name}");
+        // One revoked here is known at once, without a sync.
+        let other = here
+            .issue(req(
+                csr_with(&key, None, &["b.internal"], vec![]),
+                Requester::Token("b".into()),
+            ))
+            .await
+            .unwrap();
+        here.revoke(&other.serial, 4, &Requester::Operator("t".into()))
+            .await
+            .unwrap();
+        assert!(here.is_revoked(&other.serial).await.unwrap(), "{name}");
+        elsewhere.close().await;
+    }
+}

@@ -32,6 +32,20 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
+    authority.sync_revocations().await?;
+    {
+        let authority = authority.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sigil_authority::REVOCATION_SYNC_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = authority.sync_revocations().await {
+                    tracing::warn!(error = %e, "revocation sync failed; checks fall back to the database");
+                }
+            }
+        });
+    }
     let issuer = authority.active_issuer();
     authority
         .record(

@@ -231,6 +231,17 @@ impl Store {
         .transpose()
     }
 
+    /// Serials revoked at or after `since` (unix s), with their revocation time.
+    pub async fn revoked_since(&self, since: i64) -> Result<Vec<(String, i64)>, Error> {
+        let rows = sqlx::query("SELECT serial, revoked_at FROM revocations WHERE revoked_at >= $1")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("serial")?, r.try_get("revoked_at")?)))
+            .collect()
+    }
+
     /// Whether a bootstrap token id has been spent.
     pub async fn token_spent(&self, jti: &str) -> Result<bool, Error> {
         Ok(
