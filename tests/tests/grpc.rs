@@ -468,8 +468,34 @@ async fn tonic_client_flow_and_every_refusal() {
     let s = call_fails(revoked.sign(sign_req(csr3)).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
 
-    // No client certificate and no token.
+    // A token covering the certificate's names may revoke it; one that does
+    // not cover them may not.
     let mut anon = ca.client(None).await;
+    let other = ca.token("x", &["x.internal"]);
+    let s = call_fails(
+        anon.revoke(with_token(
+            RevokeRequest {
+                serial: renewed.serial.clone(),
+                reason: 1,
+            },
+            &other,
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let covering = ca.token("web", &["web.internal"]);
+    anon.revoke(with_token(
+        RevokeRequest {
+            serial: renewed.serial.clone(),
+            reason: 3,
+        },
+        &covering,
+    ))
+    .await
+    .unwrap();
+
+    // No client certificate and no token.
     let s = call_fails(anon.renew(RenewRequest { csr: vec![] }).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     let (_, csr4) = key_and_csr(&["web.internal"]);
@@ -577,6 +603,7 @@ async fn tonic_client_flow_and_every_refusal() {
         "token.replayed",
         "cert.renewal_denied",
         "grpc.auth_failed",
+        "cert.revoke_denied",
     ] {
         assert!(audit.contains(kind), "{kind} missing from audit:\n{audit}");
     }

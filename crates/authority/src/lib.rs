@@ -392,6 +392,68 @@ impl Authority {
         reason: i32,
         by: &Requester,
     ) -> Result<Revoked, Error> {
+        let result = self.revoke_unaudited_refusal(serial, reason, by).await;
+        self.audit_revoke_refusal(result, serial, by).await
+    }
+
+    /// Revokes a certificate on the strength of a bootstrap token whose names
+    /// cover every name in the certificate (the token is checked, not spent).
+    pub async fn revoke_with_token(
+        &self,
+        serial: &Serial,
+        reason: i32,
+        grant: &TokenGrant,
+    ) -> Result<Revoked, Error> {
+        let by = Requester::Token(grant.subject.clone());
+        let result = match self.store.certificate(&serial.to_hex()).await? {
+            None => Err(Error::NotFound(format!(
+                "no certificate with serial {serial}"
+            ))),
+            Some(row) => {
+                let allowed: Vec<String> = grant.sans.iter().map(|i| i.to_string()).collect();
+                match row.names.iter().find(|n| !allowed.contains(n)) {
+                    Some(n) => Err(Error::TokenScope(format!(
+                        "the token for '{}' does not cover {n}, a name in certificate {serial}",
+                        grant.subject
+                    ))),
+                    None => self.revoke_unaudited_refusal(serial, reason, &by).await,
+                }
+            }
+        };
+        self.audit_revoke_refusal(result, serial, &by).await
+    }
+
+    async fn audit_revoke_refusal(
+        &self,
+        result: Result<Revoked, Error>,
+        serial: &Serial,
+        by: &Requester,
+    ) -> Result<Revoked, Error> {
+        let e = match result {
+            Ok(r) => return Ok(r),
+            Err(e @ (Error::Store(_) | Error::Internal(_) | Error::Signer(_))) => return Err(e),
+            Err(e) => e,
+        };
+        let recorded = self
+            .record(
+                "cert.revoke_denied",
+                &by.to_string(),
+                &serial.to_hex(),
+                json!({ "reason": e.to_string() }),
+            )
+            .await;
+        match recorded {
+            Ok(_) => Err(e),
+            Err(store) => Err(store),
+        }
+    }
+
+    async fn revoke_unaudited_refusal(
+        &self,
+        serial: &Serial,
+        reason: i32,
+        by: &Requester,
+    ) -> Result<Revoked, Error> {
         let hex = serial.to_hex();
         if !sigil_core::revocation::is_valid_reason(reason) {
             return Err(Error::InvalidRevocation(format!(

@@ -295,6 +295,35 @@ impl CertificateAuthority for CaService {
         &self,
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
+        if let Some(token) = Self::bearer(&req)? {
+            // A token whose names cover the certificate's may revoke it.
+            let grant = match self.tokens.verify(&token) {
+                Ok(g) => g,
+                Err(e) => {
+                    self.audit_auth_failure(&Requester::Token(String::new()), &e.to_string())
+                        .await;
+                    return Err(Status::unauthenticated(e.to_string()));
+                }
+            };
+            let body = req.into_inner();
+            let serial = Serial::parse_hex(&body.serial).ok_or_else(|| {
+                Status::invalid_argument(
+                    "with a token, name the certificate to revoke by its hex serial",
+                )
+            })?;
+            let revoked = self
+                .authority
+                .revoke_with_token(&serial, body.reason, &grant)
+                .await
+                .map_err(status)?;
+            self.notifier.send(Notice::Revoked {
+                serial: serial.to_hex(),
+            });
+            return Ok(Response::new(RevokeResponse {
+                serial: revoked.serial.to_hex(),
+                revoked_at: revoked.revoked_at.unix_timestamp(),
+            }));
+        }
         let peer = self.peer(&req).await?.ok_or_else(|| {
             Status::unauthenticated(
                 "Revoke needs a client certificate (the one to revoke, or an operator's)",
