@@ -101,22 +101,28 @@ pub struct Server {
     child: Option<Child>,
     /// The HTTP port.
     pub port: u16,
+    /// The gRPC port chosen for a `--dev` server (none with `--config`).
+    pub grpc_port: Option<u16>,
     /// stdout+stderr log file.
     pub log: PathBuf,
 }
 
 impl Server {
-    /// Starts `sigil serve ARGS --http-addr 127.0.0.1:PORT` and waits for /healthz.
+    /// Starts `sigil serve ARGS --http-addr 127.0.0.1:PORT` (and, for `--dev`,
+    /// `--grpc-addr 127.0.0.1:PORT2`) and waits for /healthz.
     pub fn start(args: &[&str], workdir: &Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log = workdir.join(format!("serve-{port}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let addr = format!("127.0.0.1:{port}");
+        // A dev server would take the fixed default gRPC port: give it a free one.
+        let grpc_port = (args.contains(&"--dev") && !args.contains(&"--grpc-addr")).then(free_port);
         let mut c = Command::new(sigil_bin());
-        c.arg("serve")
-            .args(args)
-            .args(["--http-addr", &addr])
-            .current_dir(workdir)
+        c.arg("serve").args(args).args(["--http-addr", &addr]);
+        if let Some(g) = grpc_port {
+            c.args(["--grpc-addr", &format!("127.0.0.1:{g}")]);
+        }
+        c.current_dir(workdir)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
@@ -127,6 +133,7 @@ impl Server {
         let mut s = Server {
             child: Some(child),
             port,
+            grpc_port,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -28,18 +28,8 @@ impl Ca {
     fn start() -> Ca {
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().to_path_buf();
-        let grpc = free_port();
-        let server = Server::start(
-            &[
-                "--dev",
-                "--data-dir",
-                "data",
-                "--grpc-addr",
-                &format!("127.0.0.1:{grpc}"),
-            ],
-            &work,
-            &[],
-        );
+        let server = Server::start(&["--dev", "--data-dir", "data"], &work, &[]);
+        let grpc = server.grpc_port.unwrap();
         let log = server.log_text();
         assert!(
             log.contains(&format!("grpc:              127.0.0.1:{grpc}")),
