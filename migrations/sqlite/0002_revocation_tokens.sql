@@ -8,7 +8,10 @@ CREATE TABLE revocations (
     issuer_id  TEXT NOT NULL REFERENCES issuers(id),
     reason     INTEGER NOT NULL CHECK (reason BETWEEN 0 AND 5 OR reason IN (9, 10)),
     revoked_at INTEGER NOT NULL,
-    revoked_by TEXT NOT NULL
+    revoked_by TEXT NOT NULL,
+    -- The seq of the audit row recording it: increases in commit order, so
+    -- readers can follow new revocations without trusting node clocks.
+    audit_seq  INTEGER NOT NULL UNIQUE
 );
 CREATE INDEX revocations_issuer ON revocations (issuer_id, revoked_at);
 

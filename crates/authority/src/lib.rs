@@ -180,20 +180,37 @@ pub struct Authority {
     issuer: RwLock<Arc<ActiveIssuer>>,
     store: Store,
     settings: Settings,
-    revoked: RevokedSet,
+    cache: Cache,
 }
 
-/// How often a server should call [`Authority::sync_revocations`].
-pub const REVOCATION_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a server should call [`Authority::sync`].
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Revoked serials held in memory for the per-request client-certificate check.
+/// What the per-request client-certificate checks read from memory.
 #[derive(Debug, Default)]
-struct RevokedSet {
-    serials: RwLock<std::collections::HashSet<String>>,
-    /// Largest revoked_at (unix s) loaded so far.
-    high_water: AtomicI64,
+struct Cache {
+    /// Revoked serials (hex).
+    revoked: RwLock<std::collections::HashSet<String>>,
+    /// Subject names (DER) of this CA's issuers, active and retired.
+    issuer_names: RwLock<Vec<Vec<u8>>>,
+    /// Audit seq of the last revocation loaded.
+    revoked_upto: AtomicI64,
     /// When the last sync started (unix ms); 0 = never.
     synced_at_ms: AtomicI64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match l.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match l.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl std::fmt::Debug for Authority {
@@ -219,8 +236,13 @@ impl Authority {
             issuer: RwLock::new(Arc::new(issuer)),
             store,
             settings,
-            revoked: RevokedSet::default(),
+            cache: Cache::default(),
         }
+    }
+
+    /// The current time by the authority's clock.
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
     }
 
     /// The store.
@@ -396,8 +418,9 @@ impl Authority {
         self.audit_revoke_refusal(result, serial, by).await
     }
 
-    /// Revokes a certificate on the strength of a bootstrap token whose names
-    /// cover every name in the certificate (the token is checked, not spent).
+    /// Revokes a certificate on the strength of an unspent bootstrap token whose
+    /// names cover every name in the certificate. The token is not spent, so
+    /// the holder can still obtain a replacement with it.
     pub async fn revoke_with_token(
         &self,
         serial: &Serial,
@@ -409,6 +432,12 @@ impl Authority {
             None => Err(Error::NotFound(format!(
                 "no certificate with serial {serial}"
             ))),
+            Some(_) if self.store.token_spent(&grant.jti).await? => {
+                Err(Error::TokenReplayed(format!(
+                    "token {} was already used; bootstrap tokens are accepted once",
+                    grant.jti
+                )))
+            }
             Some(row) => {
                 let allowed: Vec<String> = grant.sans.iter().map(|i| i.to_string()).collect();
                 match row.names.iter().find(|n| !allowed.contains(n)) {
@@ -495,10 +524,7 @@ impl Authority {
                 }
                 other => other.into(),
             })?;
-        match self.revoked.serials.write() {
-            Ok(mut g) => g.insert(hex.clone()),
-            Err(p) => p.into_inner().insert(hex.clone()),
-        };
+        write(&self.cache.revoked).insert(hex.clone());
         Ok(Revoked {
             serial: serial.clone(),
             revoked_at: now,
@@ -507,45 +533,61 @@ impl Authority {
     }
 
     /// Whether a certificate is revoked. Answered from memory while
-    /// [`Authority::sync_revocations`] runs at least every
-    /// [`REVOCATION_SYNC_INTERVAL`] (so a revocation made elsewhere, by another
-    /// node or the CLI, is seen within about that long; one made here at once);
-    /// otherwise from the database.
+    /// [`Authority::sync`] runs at least every [`SYNC_INTERVAL`] (a revocation
+    /// made elsewhere, by another node or the CLI, is seen within about that
+    /// long; one made here at once); otherwise from the database.
     pub async fn is_revoked(&self, serial: &Serial) -> Result<bool, Error> {
         let hex = serial.to_hex();
-        let fresh = self.revoked.synced_at_ms.load(Ordering::Acquire)
-            > unix_ms(self.clock.now()) - 3 * REVOCATION_SYNC_INTERVAL.as_millis() as i64;
-        if fresh {
-            let set = match self.revoked.serials.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            return Ok(set.contains(&hex));
+        if self.cache_is_fresh() {
+            return Ok(read(&self.cache.revoked).contains(&hex));
         }
         Ok(self.store.revocation(&hex).await?.is_some())
     }
 
-    /// Loads revocations recorded since the last sync into memory (all of them
-    /// the first time). Run it every [`REVOCATION_SYNC_INTERVAL`].
-    pub async fn sync_revocations(&self) -> Result<(), Error> {
+    /// Whether `leaf` names one of this CA's issuers (active or retired) as its
+    /// issuer: certificates from other CAs under the same root are not ours.
+    pub async fn issued_here(&self, leaf: &LeafInfo) -> Result<bool, Error> {
+        if self.cache_is_fresh() {
+            return Ok(read(&self.cache.issuer_names).contains(&leaf.issuer_der));
+        }
+        Ok(self.issuer_subjects().await?.contains(&leaf.issuer_der))
+    }
+
+    fn cache_is_fresh(&self) -> bool {
+        self.cache.synced_at_ms.load(Ordering::Acquire)
+            > unix_ms(self.clock.now()) - 3 * SYNC_INTERVAL.as_millis() as i64
+    }
+
+    async fn issuer_subjects(&self) -> Result<Vec<Vec<u8>>, Error> {
+        Ok(self
+            .store
+            .issuers()
+            .await?
+            .iter()
+            .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
+            .map(|i| i.subject_der)
+            .collect())
+    }
+
+    /// Brings the in-memory view of revocations and issuers up to date with the
+    /// database (revocations in commit order, so none is skipped whatever the
+    /// nodes' clocks say). A server runs it every [`SYNC_INTERVAL`].
+    pub async fn sync(&self) -> Result<(), Error> {
         let started = unix_ms(self.clock.now());
-        let since = self.revoked.high_water.load(Ordering::Acquire);
-        // Overlap by a few seconds: rows committed late with an earlier
-        // revoked_at (another node's clock, a slow transaction) are not missed.
-        let rows = self.store.revoked_since(since.saturating_sub(5)).await?;
-        let mut high = since;
+        let after = self.cache.revoked_upto.load(Ordering::Acquire);
+        let rows = self.store.revoked_after(after).await?;
+        let issuers = self.issuer_subjects().await?;
+        let mut upto = after;
         {
-            let mut set = match self.revoked.serials.write() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            for (serial, at) in rows {
-                high = high.max(at);
+            let mut set = write(&self.cache.revoked);
+            for (serial, seq) in rows {
+                upto = upto.max(seq);
                 set.insert(serial);
             }
         }
-        self.revoked.high_water.store(high, Ordering::Release);
-        self.revoked.synced_at_ms.store(started, Ordering::Release);
+        *write(&self.cache.issuer_names) = issuers;
+        self.cache.revoked_upto.store(upto, Ordering::Release);
+        self.cache.synced_at_ms.store(started, Ordering::Release);
         Ok(())
     }
 

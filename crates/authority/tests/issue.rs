@@ -499,7 +499,7 @@ async fn revocations_made_elsewhere_are_seen_after_a_sync() {
             ))
             .await
             .unwrap();
-        here.sync_revocations().await.unwrap();
+        here.sync().await.unwrap();
         assert!(!here.is_revoked(&cert.serial).await.unwrap(), "{name}");
         // Another process on the same database (a node, the CLI) revokes it.
         let elsewhere = Store::open(&url).await.unwrap();
@@ -522,7 +522,7 @@ async fn revocations_made_elsewhere_are_seen_after_a_sync() {
             })
             .await
             .unwrap();
-        here.sync_revocations().await.unwrap();
+        here.sync().await.unwrap();
         assert!(here.is_revoked(&cert.serial).await.unwrap(), "{name}");
         // One revoked here is known at once, without a sync.
         let other = here

@@ -103,6 +103,20 @@ impl CaService {
         };
         let info = LeafInfo::from_der(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
+        // The handshake checked validity once; a long-lived connection must
+        // not outlast the certificate.
+        let now = self.authority.now();
+        if now < info.not_before || now > info.not_after {
+            return Err(Status::unauthenticated(format!(
+                "client certificate {} is not valid now (valid {} to {})",
+                info.serial, info.not_before, info.not_after
+            )));
+        }
+        if !self.authority.issued_here(&info).await.map_err(status)? {
+            return Err(Status::unauthenticated(
+                "client certificate was not issued by one of this CA's intermediates",
+            ));
+        }
         let identity = info.identity().ok_or_else(|| {
             Status::unauthenticated(
                 "client certificate has no SPIFFE URI or DNS SAN to identify it",
@@ -220,7 +234,12 @@ impl CertificateAuthority for CaService {
         req: Request<SignRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
         let bearer = Self::bearer(&req)?;
-        let peer = self.peer(&req).await?;
+        // A token, when present, is the credential: the client certificate
+        // (perhaps revoked, which is why a token is being used) is not consulted.
+        let peer = match bearer {
+            Some(_) => None,
+            None => self.peer(&req).await?,
+        };
         let body = req.into_inner();
         check_csr_len(&body.csr)?;
         if body.csr.is_empty() {
@@ -337,11 +356,13 @@ impl CertificateAuthority for CaService {
                 Status::invalid_argument(format!("'{}' is not a hex serial", body.serial))
             })?
         };
-        let is_operator = self
-            .config
-            .operators
-            .iter()
-            .any(|o| o == peer.requester.name());
+        // Operators are SPIFFE IDs only: a DNS name is too easy to obtain.
+        let is_operator = peer.requester.name().starts_with("spiffe://")
+            && self
+                .config
+                .operators
+                .iter()
+                .any(|o| o == peer.requester.name());
         if serial != peer.serial && !is_operator {
             let reason = format!(
                 "{} may revoke only its own certificate ({})",
@@ -419,13 +440,10 @@ impl CertificateAuthority for CaService {
                     message: format!("certificate {serial} was revoked"),
                 })),
                 Ok(Notice::Revoked { .. }) => None,
-                // Lagged: the watcher missed notices; tell it to check now.
-                Err(_) => Some(Ok(RotationNotice {
-                    kind: Kind::RenewNow as i32,
-                    active_issuer: active,
-                    renew_issued_before: 0,
-                    message: "notices were missed; check your certificate".into(),
-                })),
+                // Lagged (a burst of revocations): do not make every watcher
+                // renew at once; a missed revocation of its own certificate
+                // still surfaces when it next renews.
+                Err(_) => None,
             }
         });
         let stream = tokio_stream::once(Ok(first)).chain(updates);

@@ -144,6 +144,12 @@ impl TokenVerifier {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| TokenError::Invalid(describe(&e)))?;
         let c = data.claims;
+        if c.exp - c.iat > MAX_TTL_SECS || c.iat > c.exp {
+            return Err(TokenError::Invalid(format!(
+                "token lifetime exceeds the {} day maximum",
+                MAX_TTL_SECS / 86400
+            )));
+        }
         if c.jti.is_empty() || c.jti.len() > 128 {
             return Err(TokenError::Invalid("token has no usable jti".into()));
         }

@@ -48,9 +48,13 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics (certificate expiry) on this address.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Certificate profile for the first certificate: mtls, server or client.
-    #[arg(long, default_value = "mtls")]
+    /// Certificate profile for the first certificate. Only profiles with
+    /// clientAuth can renew themselves over mTLS, so: mtls or client.
+    #[arg(long, default_value = "mtls", value_parser = ["mtls", "client"])]
     profile: String,
+    /// Attempts at the first certificate before giving up (transient errors only).
+    #[arg(long, default_value_t = 4)]
+    first_attempts: u32,
     /// Requested certificate lifetime (e.g. 2m, 24h); default: the CA's.
     #[arg(long)]
     lifetime: Option<String>,
@@ -113,11 +117,20 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     .as_secs(),
                 None => 0,
             };
-            let h = client
-                .sign(token.trim(), &args.profile, lifetime)
-                .await
-                .context("obtaining the first certificate failed")?;
-            install(&args, &h)?;
+            let mut attempt = 1;
+            let h = loop {
+                match client.sign(token.trim(), &args.profile, lifetime).await {
+                    Ok(h) => break h,
+                    Err(e) if attempt < args.first_attempts && is_transient(&e) => {
+                        let wait = 1u64 << (attempt - 1).min(5);
+                        eprintln!("first certificate: {e:#}; retrying in {wait} s");
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e.context("obtaining the first certificate failed")),
+                }
+            };
+            install(&args, &h).await?;
             h
         }
     };
@@ -142,9 +155,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         if now < due {
             wait_until_due(&client, &held, due).await;
         }
-        match client.renew(&held).await {
+        let renewed = match client.renew(&held).await {
+            Ok(h) => install(&args, &h).await.map(|()| h),
+            Err(e) => Err(e),
+        };
+        match renewed {
             Ok(h) => {
-                install(&args, &h)?;
                 failures = 0;
                 metrics.renewals.fetch_add(1, Ordering::Relaxed);
                 metrics
@@ -271,10 +287,7 @@ impl Client {
                 .parse()
                 .context("the token holds characters that cannot be sent")?,
         );
-        let resp = client
-            .sign(req)
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()))?;
+        let resp = client.sign(req).await.map_err(refused)?;
         held_from(resp.into_inner(), key_pem)
     }
 
@@ -288,10 +301,7 @@ impl Client {
             .collect();
         let (key_pem, csr) = new_key_and_csr(sans)?;
         let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
-        let resp = client
-            .renew(RenewRequest { csr })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()))?;
+        let resp = client.renew(RenewRequest { csr }).await.map_err(refused)?;
         held_from(resp.into_inner(), key_pem)
     }
 
@@ -319,8 +329,35 @@ impl Client {
     }
 }
 
-fn code_name(c: tonic::Code) -> String {
-    format!("{c:?}")
+/// Worth retrying: the server was unreachable or briefly unable to answer.
+fn is_transient(e: &anyhow::Error) -> bool {
+    if let Some(s) = e.downcast_ref::<Refused>() {
+        return matches!(
+            s.0,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
+        );
+    }
+    // Not a gRPC status: connecting or TLS failed.
+    true
+}
+
+/// A gRPC refusal, kept typed so the caller can tell transient from final.
+#[derive(Debug)]
+struct Refused(tonic::Code, String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0, self.1)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(s: tonic::Status) -> anyhow::Error {
+    Refused(s.code(), s.message().to_string()).into()
 }
 
 /// The names a token grants (read, not verified: the CA verifies it).
@@ -339,9 +376,23 @@ fn token_sans(token: &str) -> Result<Vec<String>> {
 }
 
 fn new_key_and_csr(sans: Vec<String>) -> Result<(String, Vec<u8>)> {
+    use sigil_core::Identifier;
     let key = rcgen::KeyPair::generate().context("generating a key")?;
-    let mut params = rcgen::CertificateParams::new(sans).context("invalid name for the CSR")?;
+    let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
+    let ia5 = |s: &str| {
+        rcgen::string::Ia5String::try_from(s).with_context(|| format!("invalid name '{s}'"))
+    };
+    for s in &sans {
+        let id = Identifier::parse_any(s).with_context(|| format!("invalid name '{s}'"))?;
+        params.subject_alt_names.push(match id {
+            Identifier::Dns(d) => rcgen::SanType::DnsName(ia5(d.as_str())?),
+            Identifier::Ip(ip) => rcgen::SanType::IpAddress(ip),
+            Identifier::Uri(u) => rcgen::SanType::URI(ia5(u.as_str())?),
+            Identifier::Email(e) => rcgen::SanType::Rfc822Name(ia5(&e)?),
+            other => bail!("cannot request a {} name in a CSR", other.kind()),
+        });
+    }
     let csr = params.serialize_request(&key)?.der().to_vec();
     Ok((key.serialize_pem(), csr))
 }
@@ -361,9 +412,12 @@ fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
 }
 
 fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
+    finish_interrupted_install(&args.out_dir)?;
+    // What the agent last wrote wins over --cert/--key (those only seed it).
+    let ours = (args.out_dir.join("chain.pem"), args.out_dir.join("key.pem"));
     let (chain_path, key_path) = match (&args.cert, &args.key) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
-        _ => (args.out_dir.join("chain.pem"), args.out_dir.join("key.pem")),
+        (Some(c), Some(k)) if !(ours.0.exists() && ours.1.exists()) => (c.clone(), k.clone()),
+        _ => ours,
     };
     if !chain_path.exists() || !key_path.exists() {
         if args.cert.is_some() {
@@ -383,6 +437,15 @@ fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
         .with_context(|| format!("{} holds no certificate", chain_path.display()))?;
     let leaf = LeafInfo::from_der(&der)
         .with_context(|| format!("{} is not a readable certificate", chain_path.display()))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)
+        .with_context(|| format!("{} is not a readable PKCS#8 key", key_path.display()))?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.public_key.spki_der() {
+        bail!(
+            "{} does not belong to the certificate in {}; restore the matching pair or start over with --token-file",
+            key_path.display(),
+            chain_path.display()
+        );
+    }
     if leaf.not_after <= SystemClock.now() {
         if args.token_file.is_some() {
             eprintln!(
@@ -409,39 +472,95 @@ fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
     }))
 }
 
-/// Writes key, leaf and chain atomically, then runs the reload hooks.
-fn install(args: &AgentArgs, h: &Held) -> Result<()> {
+/// The files the agent maintains, in the order they are replaced.
+const FILES: [&str; 3] = ["key.pem", "cert.pem", "chain.pem"];
+/// How long a reload hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Writes key, leaf and chain, then runs the reload hooks. All three are first
+/// written completely as `*.new` (fsynced); only then is each renamed over
+/// its predecessor, so each file is always whole, and a crash between the
+/// renames is finished on the next start (see `finish_interrupted_install`).
+async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     let leaf_pem = first_pem_block(&h.chain_pem);
-    // Key first: a reader that sees the new certificate also finds its key.
-    write_atomic(&args.out_dir.join("key.pem"), h.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&args.out_dir.join("cert.pem"), leaf_pem.as_bytes(), 0o644)?;
-    write_atomic(
-        &args.out_dir.join("chain.pem"),
-        h.chain_pem.as_bytes(),
-        0o644,
-    )?;
+    let contents: [(&[u8], u32); 3] = [
+        (h.key_pem.as_bytes(), 0o600),
+        (leaf_pem.as_bytes(), 0o644),
+        (h.chain_pem.as_bytes(), 0o644),
+    ];
+    for (name, (data, mode)) in FILES.iter().zip(contents) {
+        write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
+    }
+    for name in FILES {
+        let dir = &args.out_dir;
+        std::fs::rename(dir.join(format!("{name}.new")), dir.join(name))
+            .with_context(|| format!("cannot replace {}", dir.join(name).display()))?;
+    }
+    if let Ok(d) = std::fs::File::open(&args.out_dir) {
+        let _ = d.sync_all();
+    }
     if let Some(cmd) = &args.reload_cmd {
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .status()
-            .with_context(|| format!("cannot run --reload-cmd '{cmd}'"))?;
-        if !status.success() {
-            eprintln!("warning: --reload-cmd '{cmd}' exited with {status}");
-        }
+        run_hook(tokio::process::Command::new("sh").arg("-c").arg(cmd), cmd).await;
     }
     if let Some(spec) = &args.reload_signal {
         let (pid, sig) = spec
             .split_once(':')
             .with_context(|| format!("--reload-signal must be PID:SIGNAL (got '{spec}')"))?;
-        let status = std::process::Command::new("kill")
-            .arg("-s")
-            .arg(sig)
-            .arg(pid)
-            .status()
-            .context("cannot run kill for --reload-signal")?;
-        if !status.success() {
-            eprintln!("warning: signalling {pid} with {sig} failed ({status})");
+        run_hook(
+            tokio::process::Command::new("kill")
+                .arg("-s")
+                .arg(sig)
+                .arg(pid),
+            &format!("kill -s {sig} {pid}"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Runs a reload hook with a timeout; a failing hook is reported, not fatal.
+async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
+    cmd.kill_on_drop(true);
+    match tokio::time::timeout(HOOK_TIMEOUT, cmd.status()).await {
+        Ok(Ok(s)) if s.success() => {}
+        Ok(Ok(s)) => eprintln!("warning: reload hook '{what}' exited with {s}"),
+        Ok(Err(e)) => eprintln!("warning: cannot run reload hook '{what}': {e}"),
+        Err(_) => eprintln!(
+            "warning: reload hook '{what}' still running after {} s; killed",
+            HOOK_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// After a crash during `install`: if all three `*.new` files were written,
+/// the install is completed; otherwise the partial `*.new` files are removed
+/// and the previous, still consistent, files stay.
+fn finish_interrupted_install(dir: &Path) -> Result<()> {
+    let new = |n: &str| dir.join(format!("{n}.new"));
+    let complete = FILES.iter().all(|n| new(n).exists());
+    let any = FILES.iter().any(|n| new(n).exists());
+    if complete {
+        for n in FILES {
+            std::fs::rename(new(n), dir.join(n))
+                .with_context(|| format!("cannot finish replacing {}", dir.join(n).display()))?;
+        }
+        eprintln!(
+            "finished an interrupted certificate update in {}",
+            dir.display()
+        );
+    } else if any {
+        // Renames go key, cert, chain: a missing key.pem.new with others
+        // present means the key was already moved; finish the rest.
+        if !new("key.pem").exists() {
+            for n in &FILES[1..] {
+                if new(n).exists() {
+                    std::fs::rename(new(n), dir.join(n))?;
+                }
+            }
+        } else {
+            for n in FILES {
+                let _ = std::fs::remove_file(new(n));
+            }
         }
     }
     Ok(())
@@ -455,30 +574,17 @@ fn first_pem_block(chain: &str) -> String {
     }
 }
 
-/// Writes `path` via a temporary file in the same directory, fsync and rename,
-/// so readers see the old or the new content, never a mix.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+/// Writes a file completely and fsyncs it (created fresh with `mode`).
+fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
     Ok(())
 }
 
@@ -520,4 +626,56 @@ async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Metrics>) -> Result<()
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn csr_carries_spiffe_ip_and_dns_names_as_such() {
+        let (_, csr) = new_key_and_csr(vec![
+            "spiffe://corp/ns/a/sa/b".into(),
+            "10.0.0.1".into(),
+            "a.internal".into(),
+        ])
+        .unwrap();
+        let parsed = sigil_core::Csr::parse(&csr).unwrap();
+        let mut kinds: Vec<&str> = parsed.identifiers().iter().map(|i| i.kind()).collect();
+        kinds.sort();
+        assert_eq!(kinds, ["dns", "ip", "uri"]);
+    }
+
+    #[test]
+    fn an_interrupted_install_is_finished_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let put = |n: &str, t: &str| std::fs::write(d.join(n), t).unwrap();
+        let get = |n: &str| std::fs::read_to_string(d.join(n)).unwrap();
+        for n in FILES {
+            put(n, "old");
+        }
+        // All three new files written, crash before any rename: finished.
+        for n in FILES {
+            put(&format!("{n}.new"), "new");
+        }
+        finish_interrupted_install(d).unwrap();
+        assert!(
+            FILES
+                .iter()
+                .all(|n| get(n) == "new" && !d.join(format!("{n}.new")).exists())
+        );
+        // Crash after renaming the key: the rest follows.
+        put("cert.pem.new", "newer");
+        put("chain.pem.new", "newer");
+        put("key.pem", "newer");
+        finish_interrupted_install(d).unwrap();
+        assert!(FILES.iter().all(|n| get(n) == "newer"));
+        // Crash while writing the new files: they are dropped, the old stay.
+        put("key.pem.new", "partial");
+        finish_interrupted_install(d).unwrap();
+        assert!(FILES.iter().all(|n| get(n) == "newer"));
+        assert!(!d.join("key.pem.new").exists());
+    }
 }

@@ -21,21 +21,64 @@ pub fn grpc_section(cfg: &Config) -> Result<&GrpcConfig> {
     })
 }
 
-/// Loads the token-signing key, creating it (Ed25519, encrypted, 0600) on first use.
+/// Loads the token-signing key, creating it (Ed25519, encrypted, 0600) on first
+/// use, with its public half beside it (`<token_key>.pub`) for the server.
 pub fn token_key(cfg: &Config, grpc: &GrpcConfig, pass: &Passphrase) -> Result<SoftwareKey> {
     let path = cfg.resolve(&grpc.token_key);
     if !path.exists() {
         let (_, pkcs8) = SoftwareKey::generate(KeySpec::Ed25519)?;
         match write_encrypted_key(&path, &pkcs8, pass) {
-            Ok(()) => {
-                tracing::info!(path = %path.display(), "created the bootstrap-token signing key")
-            }
+            Ok(()) => tracing::warn!(
+                path = %path.display(),
+                "created a new bootstrap-token signing key (tokens made with any earlier key no longer verify)"
+            ),
             // Another process created it first: use theirs.
             Err(_) if path.exists() => {}
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
         }
     }
-    read_encrypted_key(&path, pass).with_context(|| format!("token-signing key {}", path.display()))
+    let key = read_encrypted_key(&path, pass)
+        .with_context(|| format!("token-signing key {}", path.display()))?;
+    if key.public_key().key_type() != sigil_core::KeyType::Ed25519 {
+        bail!("token-signing key {} is not an Ed25519 key", path.display());
+    }
+    let public = public_path(cfg, grpc);
+    if !public.exists() {
+        crate::cmd_ca::write_public(
+            &public,
+            &sigil_authority::pem("PUBLIC KEY", key.public_key().spki_der()),
+        )?;
+    }
+    Ok(key)
+}
+
+fn public_path(cfg: &Config, grpc: &GrpcConfig) -> std::path::PathBuf {
+    let mut p = cfg.resolve(&grpc.token_key).into_os_string();
+    p.push(".pub");
+    p.into()
+}
+
+/// The server's token verifier, from the public key file; only if that is
+/// missing is the private key opened (and created if need be) to write it.
+pub fn server_verifier(
+    cfg: &Config,
+    grpc: &GrpcConfig,
+    pass: impl FnOnce() -> Result<Passphrase>,
+) -> Result<TokenVerifier> {
+    let public = public_path(cfg, grpc);
+    if public.exists() && cfg.resolve(&grpc.token_key).exists() {
+        let text =
+            std::fs::read(&public).with_context(|| format!("cannot read {}", public.display()))?;
+        let der = sigil_core::csr::decode_pem_or_der(&text)
+            .with_context(|| format!("{} is not a PEM public key", public.display()))?;
+        let key = sigil_core::PublicKey::from_spki_der(&der)
+            .with_context(|| format!("{} is not a public key", public.display()))?;
+        if key.key_type() != sigil_core::KeyType::Ed25519 {
+            bail!("{} is not an Ed25519 public key", public.display());
+        }
+        return Ok(TokenVerifier::new(key.raw()));
+    }
+    Ok(verifier(&token_key(cfg, grpc, &pass()?)?))
 }
 
 /// Key id: the first 16 hex digits of the public key's SHA-256.

@@ -178,6 +178,15 @@ impl Config {
                     "{p}: grpc.server_names is empty: list the names clients use to reach the gRPC listener"
                 );
             }
+            if let Some(o) = g
+                .operators
+                .iter()
+                .find(|o| sigil_core::SpiffeId::parse(o).is_err())
+            {
+                bail!(
+                    "{p}: grpc.operators entry '{o}' is not a SPIFFE ID (spiffe://TRUST-DOMAIN/PATH); operators are identified by SPIFFE ID only"
+                );
+            }
             sigil_core::lifetime::parse_duration(&g.server_cert_lifetime)
                 .with_context(|| format!("{p}: grpc.server_cert_lifetime"))?;
         }

@@ -3,7 +3,7 @@
 use crate::cli::ServeArgs;
 use crate::cmd_ca::{key_passphrase, load_roots};
 use crate::cmd_ops::build_authority;
-use crate::cmd_token::{token_key, verifier};
+use crate::cmd_token::server_verifier;
 use crate::config::Config;
 use crate::config::GrpcConfig;
 use crate::grpc_server::GrpcListener;
@@ -32,16 +32,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
-    authority.sync_revocations().await?;
+    authority.sync().await?;
     {
         let authority = authority.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(sigil_authority::REVOCATION_SYNC_INTERVAL);
+            let mut tick = tokio::time::interval(sigil_authority::SYNC_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = authority.sync_revocations().await {
-                    tracing::warn!(error = %e, "revocation sync failed; checks fall back to the database");
+                if let Err(e) = authority.sync().await {
+                    tracing::warn!(error = %e, "sync with the database failed; client-certificate checks fall back to it");
                 }
             }
         });
@@ -72,8 +72,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let addr = listener.local_addr()?;
     let grpc = match &cfg.grpc {
         Some(g) => {
-            let pass = key_passphrase(&cfg)?;
-            let tokens = verifier(&token_key(&cfg, g, &pass)?);
+            let tokens = server_verifier(&cfg, g, || key_passphrase(&cfg))?;
             Some(
                 GrpcListener::start(g, authority.clone(), &roots, tokens, Notifier::default())
                     .await?,

@@ -231,14 +231,17 @@ impl Store {
         .transpose()
     }
 
-    /// Serials revoked at or after `since` (unix s), with their revocation time.
-    pub async fn revoked_since(&self, since: i64) -> Result<Vec<(String, i64)>, Error> {
-        let rows = sqlx::query("SELECT serial, revoked_at FROM revocations WHERE revoked_at >= $1")
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?;
+    /// Serials revoked after the revocation recorded by audit row `after_seq`,
+    /// with that row's seq, in commit order (0 = from the start).
+    pub async fn revoked_after(&self, after_seq: i64) -> Result<Vec<(String, i64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT serial, audit_seq FROM revocations WHERE audit_seq > $1 ORDER BY audit_seq",
+        )
+        .bind(after_seq)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("serial")?, r.try_get("revoked_at")?)))
+            .map(|r| Ok((r.try_get("serial")?, r.try_get("audit_seq")?)))
             .collect()
     }
 

@@ -205,12 +205,6 @@ async fn write_batch(
             .map_err(classify)?;
     }
 
-    for change in changes {
-        if let Change::Revoke { revocation, .. } = change {
-            revoke(&mut tx, revocation).await.map_err(classify)?;
-        }
-    }
-
     let mut receipts = Vec::with_capacity(changes.len());
     let mut rows = Vec::with_capacity(changes.len());
     for change in changes {
@@ -228,6 +222,13 @@ async fn write_batch(
         );
         rows.push((seq, ev, detail, std::mem::replace(&mut prev, hash.clone())));
         receipts.push(AuditReceipt { seq, hash });
+    }
+    for (change, receipt) in changes.iter().zip(&receipts) {
+        if let Change::Revoke { revocation, .. } = change {
+            revoke(&mut tx, revocation, receipt.seq)
+                .await
+                .map_err(classify)?;
+        }
     }
     for (chunk, hashes) in rows
         .chunks(ROWS_PER_STATEMENT)
@@ -298,16 +299,18 @@ async fn spend_token(
 async fn revoke(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     r: &NewRevocation,
+    audit_seq: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO revocations (serial, issuer_id, reason, revoked_at, revoked_by) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO revocations (serial, issuer_id, reason, revoked_at, revoked_by, audit_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(r.serial.as_str())
     .bind(r.issuer_id.as_str())
     .bind(i64::from(r.reason))
     .bind(r.revoked_at)
     .bind(r.revoked_by.as_str())
+    .bind(audit_seq)
     .execute(&mut **tx)
     .await?;
     Ok(())
