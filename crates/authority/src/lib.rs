@@ -388,17 +388,27 @@ impl Authority {
                 row.profile
             ))
         })?;
-        let lifetime = Duration::from_secs(
-            u64::try_from(row.not_after - row.not_before)
-                .unwrap_or(0)
-                .saturating_sub(sigil_core::template::BACKDATE.as_secs())
-                .max(60),
-        );
+        // Keep the lifetime the certificate was issued with, unless it was cut
+        // short at its issuer's expiry: then fall back to the default.
+        let truncated = self
+            .store
+            .issuer(&row.issuer_id)
+            .await?
+            .is_some_and(|i| i.not_after == row.not_after);
+        let lifetime = (!truncated).then(|| {
+            Duration::from_secs(
+                u64::try_from(row.not_after - row.not_before)
+                    .unwrap_or(0)
+                    .saturating_sub(sigil_core::template::BACKDATE.as_secs())
+                    .max(60),
+            )
+            .min(self.settings.max_lifetime)
+        });
         let ask = Ask {
             actor: &req.caller,
             policy_requester: &original,
             profile,
-            lifetime: Some(lifetime.min(self.settings.max_lifetime)),
+            lifetime,
             kind: "cert.renewed",
             renews: Some(&serial),
             token: None,
