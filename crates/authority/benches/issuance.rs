@@ -169,7 +169,20 @@ fn main() {
                     Some(a) => sigil_store::testing::fresh_postgres(a).await.unwrap(),
                 };
                 let authority = Arc::new(authority(&url, &ca).await);
+                // As `sigil serve` does: keep the in-memory revocation and
+                // blocked-key view fresh.
+                authority.sync().await.unwrap();
+                let syncer = {
+                    let a = authority.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(sigil_authority::SYNC_INTERVAL).await;
+                            let _ = a.sync().await;
+                        }
+                    })
+                };
                 let rate = run_once(authority.clone(), csrs.clone(), n, conc).await;
+                syncer.abort();
                 let report = authority.store().verify_audit().await.unwrap();
                 assert!(report.first_bad.is_none());
                 assert_eq!(

@@ -34,6 +34,9 @@ pub enum Error {
     /// A revocation request that cannot be carried out as asked.
     #[error("{0}")]
     InvalidRevocation(String),
+    /// The key was revoked for keyCompromise and may not be certified again.
+    #[error("{0}")]
+    KeyCompromised(String),
     /// The certificate was already revoked.
     #[error("{0}")]
     AlreadyRevoked(String),

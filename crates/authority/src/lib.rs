@@ -7,6 +7,7 @@
 mod error;
 
 pub use error::Error;
+pub use sigil_store::CrlRow;
 
 use serde_json::json;
 use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
@@ -193,6 +194,8 @@ struct Cache {
     revoked: RwLock<std::collections::HashSet<String>>,
     /// Subject names (DER) of this CA's issuers, active and retired.
     issuer_names: RwLock<Vec<Vec<u8>>>,
+    /// Key fingerprints blocked by keyCompromise revocations.
+    blocked_keys: RwLock<std::collections::HashSet<String>>,
     /// Audit seq of the last revocation loaded.
     revoked_upto: AtomicI64,
     /// When the last sync started (unix ms); 0 = never.
@@ -514,6 +517,8 @@ impl Authority {
                     reason,
                     revoked_at: now.unix_timestamp(),
                     revoked_by: by.to_string(),
+                    // keyCompromise: that key is never certified again.
+                    block_key: (reason == 1).then(|| row.key_fingerprint.clone()),
                 },
                 event: AuditEvent {
                     ts_ms: unix_ms(now),
@@ -535,6 +540,9 @@ impl Authority {
                 other => other.into(),
             })?;
         write(&self.cache.revoked).insert(hex.clone());
+        if reason == 1 {
+            write(&self.cache.blocked_keys).insert(row.key_fingerprint.clone());
+        }
         Ok(Revoked {
             serial: serial.clone(),
             revoked_at: now,
@@ -579,14 +587,91 @@ impl Authority {
             .collect())
     }
 
-    /// Brings the in-memory view of revocations and issuers up to date with the
-    /// database (revocations in commit order, so none is skipped whatever the
-    /// nodes' clocks say). A server runs it every [`SYNC_INTERVAL`].
-    pub async fn sync(&self) -> Result<(), Error> {
+    /// The newest stored CRL of an issuer.
+    pub async fn latest_crl(&self, issuer_id: &str) -> Result<Option<CrlRow>, Error> {
+        Ok(self.store.latest_crl(issuer_id).await?)
+    }
+
+    /// Whether a public key was blocked by a keyCompromise revocation.
+    pub async fn key_blocked(&self, key: &PublicKey) -> Result<bool, Error> {
+        let fp = key.fingerprint();
+        if self.cache_is_fresh() {
+            return Ok(read(&self.cache.blocked_keys).contains(&fp));
+        }
+        Ok(self.store.key_blocked(&fp).await?)
+    }
+
+    /// Signs and stores a fresh CRL for the active issuer, valid for
+    /// `validity`; entries stay listed until `grace` after their certificate
+    /// expires. The CRL number is taken from the database, so it grows across
+    /// nodes too.
+    pub async fn publish_crl(
+        &self,
+        validity: Duration,
+        grace: Duration,
+    ) -> Result<sigil_store::CrlRow, Error> {
+        let issuer = self.active_issuer();
+        let info = issuer.info();
+        let id = info.id.to_string();
+        let now = self.clock.now();
+        let min_not_after = now.unix_timestamp() - i64::try_from(grace.as_secs()).unwrap_or(0);
+        let entries = self
+            .store
+            .crl_entries(&id, min_not_after)
+            .await?
+            .into_iter()
+            .map(|e| {
+                Ok(sigil_core::crl::CrlEntry {
+                    serial: Serial::parse_hex(&e.serial).ok_or_else(|| {
+                        Error::Internal(sigil_core::Error::Certificate(format!(
+                            "stored serial '{}' is not hex",
+                            e.serial
+                        )))
+                    })?,
+                    revoked_at: OffsetDateTime::from_unix_timestamp(e.revoked_at).map_err(
+                        |err| Error::Internal(sigil_core::Error::Certificate(err.to_string())),
+                    )?,
+                    reason: e.reason,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let number = self.store.next_crl_number(&id).await?;
+        let next_update = now + validity;
+        let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
+            issuer: info,
+            number: u64::try_from(number).unwrap_or(0),
+            this_update: now,
+            next_update,
+            entries: &entries,
+            url: self.settings.urls.crl(&info.id),
+        })?;
+        let der = issuer.signer.sign_crl(template)?;
+        let row = sigil_store::CrlRow {
+            issuer_id: id,
+            number,
+            this_update: now.unix_timestamp(),
+            next_update: next_update.unix_timestamp(),
+            der,
+        };
+        self.store.save_crl(&row).await?;
+        Ok(row)
+    }
+
+    /// Brings the in-memory view of revocations, blocked keys and issuers up
+    /// to date with the database (revocations in commit order, so none is
+    /// skipped whatever the nodes' clocks say). Returns how many revocations
+    /// were new. A server runs it every [`SYNC_INTERVAL`].
+    pub async fn sync(&self) -> Result<usize, Error> {
         let started = unix_ms(self.clock.now());
         let after = self.cache.revoked_upto.load(Ordering::Acquire);
         let rows = self.store.revoked_after(after).await?;
+        let new = rows.len();
         let issuers = self.issuer_subjects().await?;
+        let blocked = if new > 0 || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
+            Some(self.store.blocked_keys().await?)
+        } else {
+            None
+        };
         let mut upto = after;
         {
             let mut set = write(&self.cache.revoked);
@@ -596,9 +681,12 @@ impl Authority {
             }
         }
         *write(&self.cache.issuer_names) = issuers;
+        if let Some(b) = blocked {
+            *write(&self.cache.blocked_keys) = b.into_iter().collect();
+        }
         self.cache.revoked_upto.store(upto, Ordering::Release);
         self.cache.synced_at_ms.store(started, Ordering::Release);
-        Ok(())
+        Ok(new)
     }
 
     /// The certificate row for a serial, if this CA issued it.
@@ -805,6 +893,12 @@ impl Authority {
                     token.jti
                 )));
             }
+        }
+        if self.key_blocked(applicant.public_key).await? {
+            return Err(Error::KeyCompromised(format!(
+                "this public key (SHA-256 {}) belongs to a certificate revoked for keyCompromise; generate a new key",
+                applicant.public_key.fingerprint()
+            )));
         }
         let decision = self.check(
             ask.policy_requester,

@@ -511,6 +511,7 @@ async fn revocations_made_elsewhere_are_seen_after_a_sync() {
                     reason: 1,
                     revoked_at: SystemClock.now().unix_timestamp(),
                     revoked_by: "operator:elsewhere".into(),
+                    block_key: None,
                 },
                 event: sigil_store::AuditEvent {
                     ts_ms: 1,

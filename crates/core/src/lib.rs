@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod constraints;
+pub mod crl;
 pub mod csr;
 pub mod dn;
 mod error;

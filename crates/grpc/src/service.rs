@@ -199,9 +199,10 @@ fn status(e: Error) -> Status {
     match e {
         Error::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
         Error::Denied { reason, .. } => Status::permission_denied(format!("policy: {reason}")),
-        Error::OutsideConstraints(m) | Error::TokenScope(m) | Error::NotRenewable(m) => {
-            Status::permission_denied(m)
-        }
+        Error::OutsideConstraints(m)
+        | Error::TokenScope(m)
+        | Error::NotRenewable(m)
+        | Error::KeyCompromised(m) => Status::permission_denied(m),
         Error::TokenReplayed(m) => Status::unauthenticated(m),
         Error::Lifetime(m) | Error::InvalidRevocation(m) => Status::invalid_argument(m),
         Error::AlreadyRevoked(m) => Status::failed_precondition(m),

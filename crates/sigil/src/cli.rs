@@ -35,6 +35,22 @@ pub enum Command {
     /// Naming policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Revokes a certificate (an operator action, audited).
+    Revoke {
+        /// Server configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Serial of the certificate, hex (colons allowed).
+        #[arg(long)]
+        serial: String,
+        /// RFC 5280 reason: unspecified, keyCompromise (also blocks the key),
+        /// affiliationChanged, superseded, cessationOfOperation, privilegeWithdrawn, or a code.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        /// Operator name for the audit log (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
     /// Bootstrap tokens for the gRPC CSR API.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -261,6 +277,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => cmd_ops::audit(c).await,
         Command::Policy(c) => cmd_ops::policy(c),
         Command::Token(c) => crate::cmd_token::token(c),
+        Command::Revoke {
+            config,
+            serial,
+            reason,
+            operator,
+        } => cmd_ops::revoke(&config, &serial, &reason, operator.as_deref()).await,
         Command::Agent(a) => crate::agent::run(a).await,
     }
 }

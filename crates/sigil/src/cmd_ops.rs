@@ -163,6 +163,38 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
     }
 }
 
+/// `sigil revoke`.
+pub async fn revoke(
+    config: &std::path::Path,
+    serial: &str,
+    reason: &str,
+    operator: Option<&str>,
+) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let serial = sigil_core::Serial::parse_hex(serial).with_context(|| {
+        format!("--serial '{serial}' is not a hex serial (see `sigil cert list`)")
+    })?;
+    let code = sigil_core::revocation::parse_reason(reason).with_context(|| {
+        format!("--reason '{reason}' is not an RFC 5280 reason (e.g. keyCompromise, superseded, cessationOfOperation)")
+    })?;
+    let authority = build_authority(&cfg).await?;
+    let by = Requester::Operator(operator_name(operator));
+    let result = authority.revoke(&serial, code, &by).await;
+    authority.store().close().await;
+    let revoked = result?;
+    println!(
+        "revoked {} ({}) at {}",
+        revoked.serial,
+        sigil_core::revocation::reason_name(code),
+        revoked.revoked_at
+    );
+    if code == 1 {
+        println!("its public key is blocked: no certificate will be issued for it again");
+    }
+    println!("a running server publishes the change in its CRL within seconds");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn fmt_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()

@@ -10,6 +10,7 @@ use crate::grpc_server::GrpcListener;
 use crate::{dev, http};
 use anyhow::{Context, Result};
 use sigil_grpc::Notifier;
+use sigil_revocation::{CrlSettings, Revocation};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -33,15 +34,23 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
     authority.sync().await?;
+    let revocation = Revocation::new(authority.clone(), CrlSettings::default());
+    revocation.publish_now().await?;
+    tokio::spawn(revocation.clone().run());
     {
-        let authority = authority.clone();
+        let (authority, revocation) = (authority.clone(), revocation.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sigil_authority::SYNC_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = authority.sync().await {
-                    tracing::warn!(error = %e, "sync with the database failed; client-certificate checks fall back to it");
+                match authority.sync().await {
+                    // New revocations (here, on another node, or by the CLI).
+                    Ok(n) if n > 0 => revocation.revocations_changed(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sync with the database failed; client-certificate checks fall back to it")
+                    }
                 }
             }
         });
@@ -101,7 +110,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         issuer.info().subject,
         issuer.info().id
     );
-    println!("http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt)");
+    println!(
+        "http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt /crl/<id>.crl)"
+    );
     if let Some(g) = &grpc {
         println!(
             "grpc:              {}  (mTLS; sigil.v1.CertificateAuthority, reflection on)",
@@ -127,8 +138,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let http =
-        axum::serve(listener, http::router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let app = http::router(state).merge(sigil_revocation::router(revocation));
+    let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let http_task = tokio::spawn(async move { http.await });
     shutdown_signal().await;

@@ -36,6 +36,11 @@ impl<K: SigningKey> CaSigner<K> {
         &self.info
     }
 
+    /// Signs a CRL template (consuming it).
+    pub fn sign_crl(&self, template: sigil_core::crl::CrlTemplate) -> Result<Vec<u8>, Error> {
+        Ok(template.sign(&self.issuer)?)
+    }
+
     /// Signs a checked leaf template (consuming it).
     pub fn sign_leaf(&self, template: LeafTemplate) -> Result<Vec<u8>, Error> {
         Ok(template.sign(&self.issuer)?)

@@ -14,7 +14,8 @@ mod writer;
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
 pub use error::Error;
 pub use rows::{
-    CertificateRow, IssuerRow, NewCertificate, NewIssuer, NewRevocation, RevocationRow, SpentToken,
+    CertificateRow, CrlRow, IssuerRow, NewCertificate, NewIssuer, NewRevocation, RevocationRow,
+    RevokedEntry, SpentToken,
 };
 pub use writer::Change;
 
@@ -105,7 +106,7 @@ impl Store {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 2] = match backend {
+    let files: [(i64, &str, &'static str); 3] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -116,6 +117,11 @@ fn migrator(backend: Backend) -> Migrator {
                 2,
                 "revocation_tokens",
                 include_str!("../../../migrations/sqlite/0002_revocation_tokens.sql"),
+            ),
+            (
+                3,
+                "crl_blocked_keys",
+                include_str!("../../../migrations/sqlite/0003_crl_blocked_keys.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -128,6 +134,11 @@ fn migrator(backend: Backend) -> Migrator {
                 2,
                 "revocation_tokens",
                 include_str!("../../../migrations/postgres/0002_revocation_tokens.sql"),
+            ),
+            (
+                3,
+                "crl_blocked_keys",
+                include_str!("../../../migrations/postgres/0003_crl_blocked_keys.sql"),
             ),
         ],
     };

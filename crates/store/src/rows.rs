@@ -81,10 +81,39 @@ pub struct NewRevocation {
     pub revoked_at: i64,
     /// Who revoked it (`kind:name`).
     pub revoked_by: String,
+    /// For keyCompromise: the key fingerprint to block from ever being
+    /// certified again (not stored with the revocation row).
+    pub block_key: Option<String>,
 }
 
 /// A stored revocation.
 pub type RevocationRow = NewRevocation;
+
+/// One entry for a CRL.
+#[derive(Debug, Clone)]
+pub struct RevokedEntry {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Revocation time (unix s).
+    pub revoked_at: i64,
+    /// CRLReason code.
+    pub reason: i32,
+}
+
+/// A published CRL.
+#[derive(Debug, Clone)]
+pub struct CrlRow {
+    /// Issuer id.
+    pub issuer_id: String,
+    /// CRL number.
+    pub number: i64,
+    /// thisUpdate (unix s).
+    pub this_update: i64,
+    /// nextUpdate (unix s).
+    pub next_update: i64,
+    /// DER.
+    pub der: Vec<u8>,
+}
 
 /// A bootstrap token spent by an issuance.
 #[derive(Debug, Clone)]
@@ -226,6 +255,7 @@ impl Store {
                 reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
                 revoked_at: r.try_get("revoked_at")?,
                 revoked_by: r.try_get("revoked_by")?,
+                block_key: None,
             })
         })
         .transpose()
@@ -243,6 +273,111 @@ impl Store {
         rows.iter()
             .map(|r| Ok((r.try_get("serial")?, r.try_get("audit_seq")?)))
             .collect()
+    }
+
+    /// Whether a public key (SPKI SHA-256, hex) is blocked after a keyCompromise.
+    pub async fn key_blocked(&self, fingerprint: &str) -> Result<bool, Error> {
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM blocked_keys WHERE fingerprint = $1")
+                .bind(fingerprint)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Every blocked key fingerprint.
+    pub async fn blocked_keys(&self) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query("SELECT fingerprint FROM blocked_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("fingerprint")?)).collect()
+    }
+
+    /// Revocations of an issuer's certificates that expire after `not_after_min`
+    /// (unix s), for its CRL, in serial order.
+    pub async fn crl_entries(
+        &self,
+        issuer_id: &str,
+        not_after_min: i64,
+    ) -> Result<Vec<RevokedEntry>, Error> {
+        let rows = sqlx::query(
+            "SELECT r.serial, r.revoked_at, r.reason FROM revocations r \
+             JOIN certificates c ON c.serial = r.serial \
+             WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial",
+        )
+        .bind(issuer_id)
+        .bind(not_after_min)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let reason: i64 = r.try_get("reason")?;
+                Ok(RevokedEntry {
+                    serial: r.try_get("serial")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                    reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the next CRL number for an issuer (atomically; numbers only grow,
+    /// whichever node asks).
+    pub async fn next_crl_number(&self, issuer_id: &str) -> Result<i64, Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO crl_numbers (issuer_id, last) VALUES ($1, 0) ON CONFLICT (issuer_id) DO NOTHING",
+        )
+        .bind(issuer_id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "UPDATE crl_numbers SET last = last + 1 WHERE issuer_id = $1 RETURNING last",
+        )
+        .bind(issuer_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let n: i64 = row.try_get("last")?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Stores a CRL unless a newer one (higher number) is already stored.
+    pub async fn save_crl(&self, crl: &CrlRow) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO crls (issuer_id, number, this_update, next_update, der) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (issuer_id) DO UPDATE SET number = excluded.number, this_update = excluded.this_update, \
+             next_update = excluded.next_update, der = excluded.der WHERE crls.number < excluded.number",
+        )
+        .bind(crl.issuer_id.as_str())
+        .bind(crl.number)
+        .bind(crl.this_update)
+        .bind(crl.next_update)
+        .bind(crl.der.as_slice())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest stored CRL of an issuer.
+    pub async fn latest_crl(&self, issuer_id: &str) -> Result<Option<CrlRow>, Error> {
+        let row = sqlx::query(
+            "SELECT issuer_id, number, this_update, next_update, der FROM crls WHERE issuer_id = $1",
+        )
+        .bind(issuer_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<CrlRow, Error> {
+            Ok(CrlRow {
+                issuer_id: r.try_get("issuer_id")?,
+                number: r.try_get("number")?,
+                this_update: r.try_get("this_update")?,
+                next_update: r.try_get("next_update")?,
+                der: r.try_get("der")?,
+            })
+        })
+        .transpose()
     }
 
     /// Whether a bootstrap token id has been spent.

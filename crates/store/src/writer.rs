@@ -313,6 +313,17 @@ async fn revoke(
     .bind(audit_seq)
     .execute(&mut **tx)
     .await?;
+    if let Some(fp) = &r.block_key {
+        sqlx::query(
+            "INSERT INTO blocked_keys (fingerprint, serial, blocked_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (fingerprint) DO NOTHING",
+        )
+        .bind(fp.as_str())
+        .bind(r.serial.as_str())
+        .bind(r.revoked_at)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

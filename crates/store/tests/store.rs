@@ -344,6 +344,7 @@ async fn revocations_are_recorded_once_and_final() {
             reason: 1,
             revoked_at: 99,
             revoked_by: "operator:test".into(),
+            block_key: None,
         };
         store
             .commit(Change::Revoke {
@@ -387,5 +388,53 @@ async fn revocations_are_recorded_once_and_final() {
             "{name}"
         );
         store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_numbers_only_grow_across_writers_and_the_newest_crl_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let a = seeded(&url, 0).await;
+        let b = Store::open(&url).await.unwrap();
+        let id = issuer().id;
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move { s.next_crl_number(&id).await }));
+        }
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap().unwrap());
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            (1..=20).collect::<Vec<i64>>(),
+            "{name}: unique and gapless"
+        );
+        let crl = |n: i64| sigil_store::CrlRow {
+            issuer_id: id.clone(),
+            number: n,
+            this_update: n,
+            next_update: n + 10,
+            der: vec![n as u8],
+        };
+        a.save_crl(&crl(5)).await.unwrap();
+        b.save_crl(&crl(3)).await.unwrap(); // older: ignored
+        assert_eq!(
+            a.latest_crl(&id).await.unwrap().unwrap().number,
+            5,
+            "{name}"
+        );
+        b.save_crl(&crl(7)).await.unwrap();
+        assert_eq!(
+            a.latest_crl(&id).await.unwrap().unwrap().der,
+            vec![7],
+            "{name}"
+        );
+        a.close().await;
+        b.close().await;
     }
 }

@@ -1,0 +1,197 @@
+//! Revocation publishing for relying parties: per-issuer CRLs, regenerated
+//! shortly after each revocation and before their nextUpdate, served over
+//! plain HTTP at the URL written into every certificate (RFC 5280 practice).
+//!
+//! Signing goes through the authority; this crate holds no key.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sigil_authority::Authority;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// CRL timing.
+#[derive(Debug, Clone)]
+pub struct CrlSettings {
+    /// nextUpdate − thisUpdate.
+    pub validity: Duration,
+    /// How long after a certificate expires its entry stays listed.
+    pub grace: Duration,
+    /// Wait after a revocation before regenerating, to batch bursts.
+    pub debounce: Duration,
+}
+
+impl Default for CrlSettings {
+    fn default() -> Self {
+        CrlSettings {
+            validity: Duration::from_secs(24 * 3600),
+            grace: Duration::from_secs(3600),
+            debounce: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A CRL ready to serve.
+#[derive(Debug, Clone)]
+struct Published {
+    der: Arc<Vec<u8>>,
+    etag: String,
+    this_update: i64,
+    next_update: i64,
+}
+
+impl Published {
+    fn from_row(row: sigil_authority::CrlRow) -> Published {
+        use sha2::Digest;
+        Published {
+            etag: format!("\"{}\"", hex::encode(&sha2::Sha256::digest(&row.der)[..16])),
+            der: Arc::new(row.der),
+            this_update: row.this_update,
+            next_update: row.next_update,
+        }
+    }
+}
+
+/// Publishes CRLs and serves them.
+#[derive(Debug)]
+pub struct Revocation {
+    authority: Arc<Authority>,
+    settings: CrlSettings,
+    crls: RwLock<HashMap<String, Published>>,
+    wake: Notify,
+}
+
+impl Revocation {
+    /// Creates the publisher (call [`Revocation::run`] to start it).
+    pub fn new(authority: Arc<Authority>, settings: CrlSettings) -> Arc<Revocation> {
+        Arc::new(Revocation {
+            authority,
+            settings,
+            crls: RwLock::new(HashMap::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Signals that revocations changed: a new CRL follows within the debounce.
+    pub fn revocations_changed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Publishes once now (at startup), then keeps the CRL fresh: after each
+    /// change (debounced) and at half its validity.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let refresh = match self.publish().await {
+                Ok(p) => {
+                    let half = (p.next_update - p.this_update) / 2;
+                    Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "publishing the CRL failed; retrying in 10 s");
+                    Duration::from_secs(10)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(refresh) => {}
+                _ = self.wake.notified() => tokio::time::sleep(self.settings.debounce).await,
+            }
+        }
+    }
+
+    /// Signs, stores and caches a fresh CRL for the active issuer now.
+    pub async fn publish_now(&self) -> Result<(), sigil_authority::Error> {
+        self.publish().await.map(|_| ())
+    }
+
+    async fn publish(&self) -> Result<Published, sigil_authority::Error> {
+        let row = self
+            .authority
+            .publish_crl(self.settings.validity, self.settings.grace)
+            .await?;
+        let id = row.issuer_id.clone();
+        let number = row.number;
+        let p = Published::from_row(row);
+        match self.crls.write() {
+            Ok(mut g) => g.insert(id.clone(), p.clone()),
+            Err(e) => e.into_inner().insert(id.clone(), p.clone()),
+        };
+        tracing::info!(issuer = %id, number, "published CRL");
+        Ok(p)
+    }
+
+    async fn get(&self, issuer: &str) -> Option<Published> {
+        let cached = match self.crls.read() {
+            Ok(g) => g.get(issuer).cloned(),
+            Err(e) => e.into_inner().get(issuer).cloned(),
+        };
+        if cached.is_some() {
+            return cached;
+        }
+        // Another node's or a retired issuer's CRL: from the database.
+        match self.authority.latest_crl(issuer).await {
+            Ok(row) => row.map(Published::from_row),
+            Err(e) => {
+                tracing::error!(error = %e, "reading a stored CRL failed");
+                None
+            }
+        }
+    }
+}
+
+/// Routes: `GET /crl/<issuer-id>.crl` (DER, `application/pkix-crl`).
+pub fn router(state: Arc<Revocation>) -> Router {
+    Router::new()
+        .route("/crl/{file}", get(crl))
+        .with_state(state)
+}
+
+async fn crl(
+    State(s): State<Arc<Revocation>>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(id) = file
+        .strip_suffix(".crl")
+        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+    else {
+        return (StatusCode::NOT_FOUND, "no such CRL\n").into_response();
+    };
+    let Some(p) = s.get(&id.to_ascii_lowercase()).await else {
+        return (StatusCode::NOT_FOUND, "no CRL for this issuer\n").into_response();
+    };
+    let now = s.authority.now().unix_timestamp();
+    let max_age = (p.next_update - now).clamp(0, 300);
+    let mut h = HeaderMap::new();
+    let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set(&mut h, header::CONTENT_TYPE, "application/pkix-crl".into());
+    set(&mut h, header::ETAG, p.etag.clone());
+    set(
+        &mut h,
+        header::CACHE_CONTROL,
+        format!("public, max-age={max_age}, no-transform"),
+    );
+    let http_time = |t: i64| {
+        httpdate::fmt_http_date(
+            std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
+        )
+    };
+    set(&mut h, header::LAST_MODIFIED, http_time(p.this_update));
+    set(&mut h, header::EXPIRES, http_time(p.next_update));
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == p.etag))
+    {
+        return (StatusCode::NOT_MODIFIED, h).into_response();
+    }
+    (StatusCode::OK, h, p.der.as_ref().clone()).into_response()
+}

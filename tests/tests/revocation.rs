@@ -1,0 +1,222 @@
+//! Revocation as relying parties see it: the CRL at the URL in every
+//! certificate, checked by `openssl verify -crl_check` and pkilint, and
+//! keyCompromise blocking the key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
+use sigil_e2e::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn crl_number(crl_pem: &Path) -> String {
+    let out = run(
+        "openssl",
+        &[
+            "crl",
+            "-in",
+            &crl_pem.display().to_string(),
+            "-noout",
+            "-crlnumber",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Downloads the CRL (DER) and writes it as PEM for openssl.
+fn fetch_crl(port: u16, issuer: &str, dir: &Path, name: &str) -> std::path::PathBuf {
+    let (status, der) = http_get(port, &format!("/crl/{issuer}.crl")).unwrap();
+    assert_eq!(status, 200);
+    let der_path = dir.join(format!("{name}.der"));
+    std::fs::write(&der_path, &der).unwrap();
+    let pem = dir.join(format!("{name}.pem"));
+    let out = run(
+        "openssl",
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            &der_path.display().to_string(),
+            "-out",
+            &pem.display().to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pem
+}
+
+fn verify_with_crl(dir: &Path, crl: &Path) -> (bool, String) {
+    let out = run(
+        "openssl",
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            &dir.join("root.pem").display().to_string(),
+            "-untrusted",
+            &dir.join("int.pem").display().to_string(),
+            "-CRLfile",
+            &crl.display().to_string(),
+            &dir.join("leaf.pem").display().to_string(),
+        ],
+    );
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
+    if !have("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let log = server.log_text();
+    let issuer = log
+        .lines()
+        .find_map(|l| l.strip_prefix("issuer:"))
+        .and_then(|l| {
+            l.rsplit_once('(')
+                .map(|(_, id)| id.trim_end_matches(')').to_string())
+        })
+        .expect("issuer id in the banner");
+    let config = work.join("data/sigil.toml").display().to_string();
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+
+    let csr = openssl_csr(
+        work,
+        "leaf",
+        "ec:P-256",
+        "/CN=crl.internal",
+        &["DNS:crl.internal"],
+    );
+    let chain = ok(cert_issue(&config, &csr, &[]));
+    let blocks = pem_blocks(&chain);
+    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
+    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+    let text = String::from_utf8_lossy(
+        &run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                &work.join("leaf.pem").display().to_string(),
+                "-noout",
+                "-text",
+                "-serial",
+            ],
+        )
+        .stdout,
+    )
+    .to_string();
+    assert!(
+        text.contains(&format!("/crl/{issuer}.crl")),
+        "CDP names this CRL: {text}"
+    );
+    let serial = text
+        .lines()
+        .find_map(|l| l.strip_prefix("serial="))
+        .unwrap()
+        .to_string();
+
+    // Before: the CRL verifies and does not list the certificate.
+    let before = fetch_crl(server.port, &issuer, work, "before");
+    let (ok_before, out) = verify_with_crl(work, &before);
+    assert!(ok_before, "{out}");
+    let n_before = crl_number(&before);
+
+    // Revoke with the CLI while the server runs.
+    let out = ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &serial,
+        "--reason",
+        "keyCompromise",
+    ]));
+    assert!(out.contains("blocked"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let c = fetch_crl(server.port, &issuer, work, "after");
+        if crl_number(&c) != n_before {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "CRL not regenerated within 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (ok_after, out) = verify_with_crl(work, &after);
+    assert!(!ok_after, "{out}");
+    assert!(out.contains("error 23") && out.contains("revoked"), "{out}");
+    let listing = String::from_utf8_lossy(
+        &run(
+            "openssl",
+            &[
+                "crl",
+                "-in",
+                &after.display().to_string(),
+                "-noout",
+                "-text",
+            ],
+        )
+        .stdout,
+    )
+    .to_string();
+    assert!(
+        listing.to_uppercase().contains(&serial.to_uppercase()),
+        "{listing}"
+    );
+    assert!(listing.contains("Key Compromise"), "{listing}");
+    assert!(listing.contains("Issuing Distribution Point"), "{listing}");
+    assert!(listing.contains("Authority Key Identifier"), "{listing}");
+
+    // Revoking again is refused; the same key cannot be certified again.
+    let e = fails(sigil(&["revoke", "--config", &config, "--serial", &serial]));
+    assert!(e.contains("already revoked"), "{e}");
+    let e = fails(cert_issue(&config, &csr, &[]));
+    assert!(e.contains("keyCompromise"), "{e}");
+
+    // pkilint: no ERROR or FATAL on the CRL.
+    if have("lint_crl") {
+        let out = run(
+            "lint_crl",
+            &[
+                "lint",
+                "-t",
+                "CRL",
+                "-p",
+                "PKIX",
+                "-s",
+                "ERROR",
+                &work.join("after.der").display().to_string(),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.trim().is_empty(),
+            "pkilint findings on the CRL:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    server.stop();
+}
