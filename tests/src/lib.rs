@@ -193,9 +193,35 @@ impl Drop for Server {
 
 /// A minimal HTTP/1.0 GET on loopback; returns status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    http_request(port, "GET", path, None)
+}
+
+/// A minimal HTTP/1.0 POST on loopback; returns status and body.
+pub fn http_post(port: u16, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    http_request(port, "POST", path, Some(body))
+}
+
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n")?;
+    if let Some(b) = body {
+        write!(
+            s,
+            "Content-Type: application/ocsp-request\r\nContent-Length: {}\r\n",
+            b.len()
+        )?;
+    }
+    write!(s, "\r\n")?;
+    if let Some(b) = body {
+        // The server may answer (413) before reading everything.
+        let _ = s.write_all(b);
+    }
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let split = buf

@@ -220,3 +220,202 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
     }
     server.stop();
 }
+
+fn ocsp(args: &[&str]) -> String {
+    let out = run("openssl", &[&["ocsp"], args].concat());
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
+    if !have("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let config = work.join("data/sigil.toml").display().to_string();
+    let p = |n: &str| work.join(n).display().to_string();
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+    let csr = openssl_csr(
+        work,
+        "leaf",
+        "ec:P-256",
+        "/CN=ocsp.internal",
+        &["DNS:ocsp.internal"],
+    );
+    let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &[])));
+    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
+    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+    let url = format!("http://127.0.0.1:{}/ocsp", server.port);
+    let base = [
+        "-issuer",
+        &p("int.pem"),
+        "-cert",
+        &p("leaf.pem"),
+        "-url",
+        &url,
+        "-CAfile",
+        &p("root.pem"),
+    ];
+
+    // good, with a nonce (fresh) and without (pre-signed / cached), POST.
+    let out = ocsp(&base);
+    assert!(
+        out.contains("Response verify OK") && out.contains("leaf.pem: good"),
+        "{out}"
+    );
+    let out = ocsp(&[&base[..], &["-no_nonce"]].concat());
+    assert!(
+        out.contains("Response verify OK") && out.contains("leaf.pem: good"),
+        "{out}"
+    );
+
+    // Revoke with the CLI; within 5 s OCSP says revoked, with the reason.
+    let serial = String::from_utf8_lossy(
+        &run(
+            "openssl",
+            &["x509", "-in", &p("leaf.pem"), "-noout", "-serial"],
+        )
+        .stdout,
+    )
+    .trim()
+    .trim_start_matches("serial=")
+    .to_string();
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &serial,
+        "--reason",
+        "cessationOfOperation",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = ocsp(&[&base[..], &["-no_nonce"]].concat());
+        if out.contains("leaf.pem: revoked") {
+            assert!(out.contains("Response verify OK"), "{out}");
+            assert!(out.contains("cessationOfOperation"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still not revoked after 5 s: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = ocsp(&base);
+    assert!(
+        out.contains("Response verify OK") && out.contains("leaf.pem: revoked"),
+        "nonce: {out}"
+    );
+
+    // GET /ocsp/<base64>, then verified offline.
+    ocsp(&[
+        "-issuer",
+        &p("int.pem"),
+        "-cert",
+        &p("leaf.pem"),
+        "-no_nonce",
+        "-reqout",
+        &p("req.der"),
+    ]);
+    let req = std::fs::read(work.join("req.der")).unwrap();
+    let b64 = {
+        use std::io::Write;
+        let mut child = std::process::Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&req).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let (status, resp) = http_get(server.port, &format!("/ocsp/{b64}")).unwrap();
+    assert_eq!(status, 200);
+    std::fs::write(work.join("revoked.der"), &resp).unwrap();
+    let out = ocsp(&[
+        "-respin",
+        &p("revoked.der"),
+        "-issuer",
+        &p("int.pem"),
+        "-cert",
+        &p("leaf.pem"),
+        "-CAfile",
+        &p("root.pem"),
+        "-no_nonce",
+    ]);
+    assert!(
+        out.contains("Response verify OK") && out.contains("leaf.pem: revoked"),
+        "{out}"
+    );
+
+    // A serial this CA never issued: unknown. Another issuer: unauthorized.
+    let out = ocsp(&[
+        "-issuer",
+        &p("int.pem"),
+        "-serial",
+        "0x1234567890",
+        "-url",
+        &url,
+        "-CAfile",
+        &p("root.pem"),
+        "-no_nonce",
+        "-respout",
+        &p("unknown.der"),
+    ]);
+    assert!(
+        out.contains("Response verify OK") && out.contains(": unknown"),
+        "{out}"
+    );
+    let out = ocsp(&[
+        "-issuer",
+        &p("root.pem"),
+        "-serial",
+        "0x01",
+        "-url",
+        &url,
+        "-CAfile",
+        &p("root.pem"),
+        "-no_nonce",
+    ]);
+    assert!(
+        out.contains("unauthorized") || out.contains("Unauthorized"),
+        "{out}"
+    );
+
+    // Garbage, truncated and oversized requests: an OCSP error status, and the
+    // responder keeps answering.
+    for body in [b"garbage".to_vec(), req[..req.len() / 2].to_vec()] {
+        let (status, resp) = http_post(server.port, "/ocsp", &body).unwrap();
+        assert_eq!(
+            (status, resp),
+            (200, vec![0x30, 0x03, 0x0a, 0x01, 0x01]),
+            "malformedRequest"
+        );
+    }
+    let (status, _) = http_post(server.port, "/ocsp", &vec![0u8; 64 * 1024]).unwrap();
+    assert_eq!(status, 413, "oversized body refused");
+    let out = ocsp(&[&base[..], &["-no_nonce"]].concat());
+    assert!(out.contains("leaf.pem: revoked"), "{out}");
+
+    // pkilint: no ERROR or FATAL on revoked and unknown responses.
+    if have("lint_ocsp_response") {
+        for f in ["revoked.der", "unknown.der"] {
+            let out = run("lint_ocsp_response", &["lint", "-s", "ERROR", &p(f)]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.trim().is_empty(), "pkilint on {f}:\n{text}");
+        }
+    }
+    server.stop();
+}

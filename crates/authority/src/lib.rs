@@ -77,6 +77,35 @@ impl ActiveIssuer {
     }
 }
 
+/// A delegated OCSP responder: its key (held here, usable only to sign) and
+/// its certificate from the active issuer.
+pub struct OcspSigner {
+    key: SoftwareKey,
+    /// The responder certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// Its issuer's certificate, DER (included in responses for chaining).
+    pub issuer_der: Vec<u8>,
+    /// Its issuer's id.
+    pub issuer_id: String,
+    /// SHA-1 of the responder public key (`byKey` responder id).
+    pub key_hash: Vec<u8>,
+    /// When the responder certificate expires.
+    pub not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for OcspSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OcspSigner(issuer {})", self.issuer_id)
+    }
+}
+
+impl OcspSigner {
+    /// Signs OCSP ResponseData (ECDSA P-256 with SHA-256, DER signature).
+    pub fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, Error> {
+        Ok(self.key.sign_bytes(tbs)?)
+    }
+}
+
 /// Everything a caller supplies to get a certificate.
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
@@ -587,6 +616,78 @@ impl Authority {
             .collect())
     }
 
+    /// Creates a delegated OCSP responder for the active issuer: a fresh P-256
+    /// key and a short-lived certificate (audited as `ocsp_signer.issued`).
+    pub async fn new_ocsp_signer(&self, lifetime: Duration) -> Result<OcspSigner, Error> {
+        let issuer = self.active_issuer();
+        let info = issuer.info();
+        let (key, _pkcs8) = SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?;
+        let serial = sigil_signer::random_serial()?;
+        let now = self.clock.now();
+        let params = sigil_core::template::ocsp_signer_params(
+            &info.subject,
+            key.public_key(),
+            &serial,
+            now,
+            lifetime,
+        );
+        let cert_der = issuer.signer.sign_ocsp_signer(&params, &key)?;
+        let leaf = LeafInfo::from_der(&cert_der)?;
+        self.record(
+            "ocsp_signer.issued",
+            "system",
+            &serial.to_hex(),
+            json!({
+                "issuer": info.id.as_str(),
+                "not_after": leaf.not_after.unix_timestamp(),
+                "sha256": sigil_core::sha256_hex(&cert_der),
+            }),
+        )
+        .await?;
+        Ok(OcspSigner {
+            key_hash: sigil_core::ocsp::key_hash(key.public_key()),
+            key,
+            cert_der,
+            issuer_der: info.der.clone(),
+            issuer_id: info.id.to_string(),
+            not_after: leaf.not_after,
+        })
+    }
+
+    /// What OCSP says about a serial of `issuer_id`: good, revoked, or unknown
+    /// (never issued by it).
+    pub async fn ocsp_status(
+        &self,
+        issuer_id: &str,
+        serial: &Serial,
+    ) -> Result<sigil_core::ocsp::Status, Error> {
+        use sigil_core::ocsp::Status;
+        let hex = serial.to_hex();
+        let Some(row) = self.store.certificate(&hex).await? else {
+            return Ok(Status::Unknown);
+        };
+        if row.issuer_id != issuer_id {
+            return Ok(Status::Unknown);
+        }
+        Ok(match self.store.revocation(&hex).await? {
+            Some(r) => Status::Revoked {
+                at: OffsetDateTime::from_unix_timestamp(r.revoked_at)
+                    .map_err(|e| Error::Internal(sigil_core::Error::Certificate(e.to_string())))?,
+                reason: r.reason,
+            },
+            None => Status::Good,
+        })
+    }
+
+    /// Serials of an issuer's certificates that expire after `after` (unix s).
+    pub async fn unexpired_serials(
+        &self,
+        issuer_id: &str,
+        after: i64,
+    ) -> Result<Vec<String>, Error> {
+        Ok(self.store.unexpired_serials(issuer_id, after).await?)
+    }
+
     /// The newest stored CRL of an issuer.
     pub async fn latest_crl(&self, issuer_id: &str) -> Result<Option<CrlRow>, Error> {
         Ok(self.store.latest_crl(issuer_id).await?)
@@ -659,15 +760,15 @@ impl Authority {
 
     /// Brings the in-memory view of revocations, blocked keys and issuers up
     /// to date with the database (revocations in commit order, so none is
-    /// skipped whatever the nodes' clocks say). Returns how many revocations
-    /// were new. A server runs it every [`SYNC_INTERVAL`].
-    pub async fn sync(&self) -> Result<usize, Error> {
+    /// skipped whatever the nodes' clocks say). Returns the serials newly
+    /// seen revoked. A server runs it every [`SYNC_INTERVAL`].
+    pub async fn sync(&self) -> Result<Vec<String>, Error> {
         let started = unix_ms(self.clock.now());
         let after = self.cache.revoked_upto.load(Ordering::Acquire);
         let rows = self.store.revoked_after(after).await?;
-        let new = rows.len();
+        let new: Vec<String> = rows.iter().map(|(s, _)| s.clone()).collect();
         let issuers = self.issuer_subjects().await?;
-        let blocked = if new > 0 || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
+        let blocked = if !new.is_empty() || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
             Some(self.store.blocked_keys().await?)
         } else {
             None

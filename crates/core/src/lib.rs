@@ -14,6 +14,7 @@ pub mod key;
 pub mod leaf;
 pub mod lifetime;
 pub mod names;
+pub mod ocsp;
 pub mod profile;
 pub mod requester;
 pub mod revocation;

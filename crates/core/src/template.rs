@@ -217,6 +217,42 @@ pub struct IntermediateOptions {
     pub crl_url: Option<String>,
 }
 
+/// Parameters of a delegated OCSP responder certificate (RFC 6960 4.2.2.2):
+/// id-kp-OCSPSigning, id-pkix-ocsp-nocheck, digitalSignature, not a CA.
+pub fn ocsp_signer_params(
+    issuer_subject: &str,
+    key: &PublicKey,
+    serial: &Serial,
+    now: OffsetDateTime,
+    validity: Duration,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("OCSP responder for {issuer_subject}")
+            .chars()
+            .take(64)
+            .collect::<String>(),
+    );
+    p.distinguished_name = dn;
+    p.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
+    p.not_before = whole_seconds(now - BACKDATE);
+    p.not_after = whole_seconds(now + validity);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::OcspSigning];
+    p.key_identifier_method = KeyIdMethod::PreSpecified(key.key_identifier());
+    p.use_authority_key_identifier_extension = true;
+    // id-pkix-ocsp-nocheck: relying parties need not check this certificate's
+    // own revocation status; its short lifetime stands in for that.
+    p.custom_extensions = vec![CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
+        vec![0x05, 0x00],
+    )];
+    p
+}
+
 /// Parameters of an intermediate CA certificate.
 pub fn intermediate_params(
     subject: DistinguishedName,

@@ -1,10 +1,17 @@
 //! Revocation publishing for relying parties: per-issuer CRLs, regenerated
-//! shortly after each revocation and before their nextUpdate, served over
-//! plain HTTP at the URL written into every certificate (RFC 5280 practice).
+//! shortly after each revocation and before their nextUpdate, and an OCSP
+//! responder with pre-signed responses, both over plain HTTP at the URLs
+//! written into every certificate (RFC 5280 / RFC 6960 practice).
 //!
 //! Signing goes through the authority; this crate holds no key.
 
+pub mod ocsp;
+
+pub use ocsp::{NoncePolicy, Ocsp, OcspSettings};
+
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -143,11 +150,77 @@ impl Revocation {
     }
 }
 
-/// Routes: `GET /crl/<issuer-id>.crl` (DER, `application/pkix-crl`).
-pub fn router(state: Arc<Revocation>) -> Router {
-    Router::new()
+/// Routes: `GET /crl/<issuer-id>.crl` (DER, `application/pkix-crl`), and OCSP
+/// by `POST /ocsp` and `GET /ocsp/<base64 request>`.
+pub fn router(state: Arc<Revocation>, responder: Arc<Ocsp>) -> Router {
+    let crls = Router::new()
         .route("/crl/{file}", get(crl))
-        .with_state(state)
+        .with_state(state);
+    let ocsp = Router::new()
+        .route("/ocsp", axum::routing::post(ocsp_post))
+        .route("/ocsp/{*request}", get(ocsp_get))
+        .layer(DefaultBodyLimit::max(sigil_core::ocsp::MAX_REQUEST_LEN))
+        .with_state(responder);
+    crls.merge(ocsp)
+}
+
+async fn ocsp_post(State(o): State<Arc<Ocsp>>, body: Bytes) -> Response {
+    ocsp_response(&o, o.answer(&body).await)
+}
+
+async fn ocsp_get(State(o): State<Arc<Ocsp>>, Path(request): Path<String>) -> Response {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let trimmed = request.trim_start_matches('/');
+    let der = STANDARD
+        .decode(trimmed)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(trimmed.trim_end_matches('=')))
+        .unwrap_or_default();
+    ocsp_response(&o, o.answer(&der).await)
+}
+
+fn http_time(t: i64) -> String {
+    httpdate::fmt_http_date(
+        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
+    )
+}
+
+fn ocsp_response(o: &Ocsp, a: ocsp::Answer) -> Response {
+    use sha2::Digest;
+    let mut h = HeaderMap::new();
+    let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set(
+        &mut h,
+        header::CONTENT_TYPE,
+        "application/ocsp-response".into(),
+    );
+    match a.window {
+        Some((this_update, next_update)) => {
+            let now = o.now();
+            let max_age = (next_update - now).max(0);
+            set(
+                &mut h,
+                header::CACHE_CONTROL,
+                format!("public, max-age={max_age}, no-transform, must-revalidate"),
+            );
+            set(&mut h, header::LAST_MODIFIED, http_time(this_update));
+            set(&mut h, header::EXPIRES, http_time(next_update));
+            set(
+                &mut h,
+                header::ETAG,
+                format!(
+                    "\"{}\"",
+                    hex::encode(&sha2::Sha256::digest(a.der.as_slice())[..16])
+                ),
+            );
+        }
+        None => set(&mut h, header::CACHE_CONTROL, "no-cache, no-store".into()),
+    }
+    (StatusCode::OK, h, a.der.as_ref().clone()).into_response()
 }
 
 async fn crl(
@@ -179,11 +252,6 @@ async fn crl(
         header::CACHE_CONTROL,
         format!("public, max-age={max_age}, no-transform"),
     );
-    let http_time = |t: i64| {
-        httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
-        )
-    };
     set(&mut h, header::LAST_MODIFIED, http_time(p.this_update));
     set(&mut h, header::EXPIRES, http_time(p.next_update));
     if headers

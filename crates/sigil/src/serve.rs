@@ -10,7 +10,7 @@ use crate::grpc_server::GrpcListener;
 use crate::{dev, http};
 use anyhow::{Context, Result};
 use sigil_grpc::Notifier;
-use sigil_revocation::{CrlSettings, Revocation};
+use sigil_revocation::{CrlSettings, Ocsp, OcspSettings, Revocation};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -37,8 +37,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let revocation = Revocation::new(authority.clone(), CrlSettings::default());
     revocation.publish_now().await?;
     tokio::spawn(revocation.clone().run());
+    let responder = Ocsp::new(authority.clone(), OcspSettings::default());
+    let presigned = responder.refresh().await?;
+    tracing::info!(responses = presigned, "pre-signed OCSP responses");
+    tokio::spawn(responder.clone().run());
     {
-        let (authority, revocation) = (authority.clone(), revocation.clone());
+        let (authority, revocation, responder) =
+            (authority.clone(), revocation.clone(), responder.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sigil_authority::SYNC_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,7 +51,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                 tick.tick().await;
                 match authority.sync().await {
                     // New revocations (here, on another node, or by the CLI).
-                    Ok(n) if n > 0 => revocation.revocations_changed(),
+                    Ok(serials) if !serials.is_empty() => {
+                        responder.revoked(&serials).await;
+                        revocation.revocations_changed();
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "sync with the database failed; client-certificate checks fall back to it")
@@ -111,7 +119,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         issuer.info().id
     );
     println!(
-        "http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt /crl/<id>.crl)"
+        "http:              http://{addr}  (/healthz /readyz /roots.pem /ca/<id>.crt /crl/<id>.crl /ocsp)"
     );
     if let Some(g) = &grpc {
         println!(
@@ -138,7 +146,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let app = http::router(state).merge(sigil_revocation::router(revocation));
+    let app = http::router(state).merge(sigil_revocation::router(revocation, responder));
     let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let http_task = tokio::spawn(async move { http.await });

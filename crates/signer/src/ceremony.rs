@@ -36,6 +36,15 @@ impl<K: SigningKey> CaSigner<K> {
         &self.info
     }
 
+    /// Signs a delegated OCSP responder certificate for `subject`.
+    pub fn sign_ocsp_signer(
+        &self,
+        params: &CertificateParams,
+        subject: &SoftwareKey,
+    ) -> Result<Vec<u8>, Error> {
+        self.sign_params(params, subject)
+    }
+
     /// Signs a CRL template (consuming it).
     pub fn sign_crl(&self, template: sigil_core::crl::CrlTemplate) -> Result<Vec<u8>, Error> {
         Ok(template.sign(&self.issuer)?)

@@ -119,6 +119,12 @@ impl SoftwareKey {
     pub fn public_key(&self) -> &PublicKey {
         &self.public
     }
+
+    /// Signs `msg` (ECDSA: DER signature over SHA-256/384; Ed25519: raw;
+    /// RSA: PKCS#1 v1.5 SHA-256) for formats rcgen does not build (OCSP, JWS).
+    pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        rcgen::SigningKey::sign(self, msg).map_err(|_| Error::Crypto("signing failed"))
+    }
 }
 
 struct SpkiOnly<'a> {

@@ -275,6 +275,21 @@ impl Store {
             .collect()
     }
 
+    /// Serials of an issuer's certificates with notAfter after `after` (unix s).
+    pub async fn unexpired_serials(
+        &self,
+        issuer_id: &str,
+        after: i64,
+    ) -> Result<Vec<String>, Error> {
+        let rows =
+            sqlx::query("SELECT serial FROM certificates WHERE issuer_id = $1 AND not_after > $2")
+                .bind(issuer_id)
+                .bind(after)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok(r.try_get("serial")?)).collect()
+    }
+
     /// Whether a public key (SPKI SHA-256, hex) is blocked after a keyCompromise.
     pub async fn key_blocked(&self, fingerprint: &str) -> Result<bool, Error> {
         Ok(

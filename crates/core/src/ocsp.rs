@@ -1,0 +1,311 @@
+//! OCSP (RFC 6960) requests and responses. The ASN.1 types come from
+//! `x509-ocsp`, which exists only for the previous RustCrypto generation
+//! (`der` 0.7); they stay inside this module and meet the rest at DER bytes.
+//! Nothing here signs: callers get the to-be-signed bytes and hand back a
+//! signature made by the responder key.
+
+use crate::template::IssuerInfo;
+use crate::{Error, Serial};
+use der_07::asn1::{BitString, GeneralizedTime, Null, ObjectIdentifier, OctetString};
+use der_07::{Decode, Encode};
+use time::OffsetDateTime;
+use x509_cert_02::ext::Extension;
+use x509_cert_02::spki::AlgorithmIdentifierOwned;
+use x509_ocsp::{
+    BasicOcspResponse, CertId, CertStatus, OcspGeneralizedTime, OcspRequest, OcspResponse,
+    OcspResponseStatus, ResponderId, ResponseData, RevokedInfo, SingleResponse,
+};
+
+const SHA1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.14.3.2.26");
+const SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
+const NONCE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1.2");
+const ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+/// Largest OCSP request accepted (bytes).
+pub const MAX_REQUEST_LEN: usize = 16 * 1024;
+/// Most certificates answered in one request.
+pub const MAX_CERTS_PER_REQUEST: usize = 8;
+
+/// Why a request cannot be answered with status `successful`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a well-formed OCSP request (or too large / too many certificates).
+    Malformed,
+    /// For an issuer this responder does not serve.
+    Unauthorized,
+    /// Something failed on our side.
+    Internal,
+    /// Overloaded: try again.
+    TryLater,
+}
+
+/// One certificate asked about.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// The CertID exactly as sent (echoed in the response).
+    cert_id: CertId,
+    /// Its serial.
+    pub serial: Serial,
+}
+
+/// A parsed request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The certificates asked about (at least one).
+    pub queries: Vec<Query>,
+    /// The nonce extension value, if any (RFC 8954).
+    pub nonce: Option<Vec<u8>>,
+}
+
+/// How an issuer is named in CertIDs, with SHA-1 and SHA-256.
+#[derive(Debug, Clone)]
+pub struct IssuerHashes {
+    sha1: (Vec<u8>, Vec<u8>),
+    sha256: (Vec<u8>, Vec<u8>),
+}
+
+fn digest(alg: &'static aws_lc_rs::digest::Algorithm, data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(alg, data).as_ref().to_vec()
+}
+
+impl IssuerHashes {
+    /// Hashes of the issuer's subject DER and public key bits.
+    pub fn of(issuer: &IssuerInfo) -> IssuerHashes {
+        let (name, key) = (&issuer.subject_der, issuer.public_key.raw());
+        let sha1 = &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY;
+        let sha256 = &aws_lc_rs::digest::SHA256;
+        IssuerHashes {
+            sha1: (digest(sha1, name), digest(sha1, key)),
+            sha256: (digest(sha256, name), digest(sha256, key)),
+        }
+    }
+
+    /// Whether a CertID names this issuer.
+    pub fn matches(&self, q: &Query) -> bool {
+        let id = &q.cert_id;
+        let (name, key) = match id.hash_algorithm.oid {
+            SHA1 => &self.sha1,
+            SHA256 => &self.sha256,
+            _ => return false,
+        };
+        id.issuer_name_hash.as_bytes() == name.as_slice()
+            && id.issuer_key_hash.as_bytes() == key.as_slice()
+    }
+
+    /// The CertID (SHA-1, as most clients send) for one of this issuer's serials.
+    pub fn cert_id(&self, serial: &Serial) -> Result<Query, Error> {
+        let bad = |e: der_07::Error| Error::Template(format!("CertID: {e}"));
+        Ok(Query {
+            cert_id: CertId {
+                hash_algorithm: AlgorithmIdentifierOwned {
+                    oid: SHA1,
+                    parameters: Some(Null.into()),
+                },
+                issuer_name_hash: OctetString::new(self.sha1.0.clone()).map_err(bad)?,
+                issuer_key_hash: OctetString::new(self.sha1.1.clone()).map_err(bad)?,
+                serial_number: x509_cert_02::serial_number::SerialNumber::new(serial.as_bytes())
+                    .map_err(bad)?,
+            },
+            serial: serial.clone(),
+        })
+    }
+}
+
+/// Parses a DER OCSP request; unsigned requests only need be honoured.
+pub fn parse_request(der: &[u8]) -> Result<Request, Refusal> {
+    if der.len() > MAX_REQUEST_LEN {
+        return Err(Refusal::Malformed);
+    }
+    let req = OcspRequest::from_der(der).map_err(|_| Refusal::Malformed)?;
+    let tbs = req.tbs_request;
+    if tbs.request_list.is_empty() || tbs.request_list.len() > MAX_CERTS_PER_REQUEST {
+        return Err(Refusal::Malformed);
+    }
+    let mut queries = Vec::with_capacity(tbs.request_list.len());
+    for r in tbs.request_list {
+        let serial = Serial::parse_hex(&hex::encode(r.req_cert.serial_number.as_bytes()))
+            .ok_or(Refusal::Malformed)?;
+        queries.push(Query {
+            cert_id: r.req_cert,
+            serial,
+        });
+    }
+    let nonce = tbs
+        .request_extensions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.extn_id == NONCE)
+        .map(|e| {
+            // RFC 8954: the value is an OCTET STRING of 1-32 bytes; some
+            // clients send the raw bytes. Echo the extension value as sent.
+            e.extn_value.as_bytes().to_vec()
+        });
+    if nonce.as_ref().is_some_and(|n| n.is_empty() || n.len() > 34) {
+        return Err(Refusal::Malformed);
+    }
+    Ok(Request { queries, nonce })
+}
+
+/// What is known of one certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum Status {
+    /// Issued and not revoked.
+    Good,
+    /// Revoked at a time, with a CRLReason code.
+    Revoked {
+        /// When.
+        at: OffsetDateTime,
+        /// CRLReason code (0 = unspecified, omitted).
+        reason: i32,
+    },
+    /// Not a certificate this CA issued.
+    Unknown,
+}
+
+fn gtime(t: OffsetDateTime) -> Result<OcspGeneralizedTime, Error> {
+    let secs = u64::try_from(t.unix_timestamp())
+        .map_err(|_| Error::Template("time before 1970".into()))?;
+    GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(secs))
+        .map(OcspGeneralizedTime)
+        .map_err(|e| Error::Template(format!("time: {e}")))
+}
+
+/// The to-be-signed part of a response (ResponseData, DER).
+pub fn response_data(
+    responder_key_hash: &[u8],
+    produced_at: OffsetDateTime,
+    answers: &[(&Query, Status)],
+    this_update: OffsetDateTime,
+    next_update: OffsetDateTime,
+    nonce: Option<&[u8]>,
+) -> Result<Vec<u8>, Error> {
+    let bad = |e: der_07::Error| Error::Template(format!("OCSP response: {e}"));
+    let mut responses = Vec::with_capacity(answers.len());
+    for (q, status) in answers {
+        let cert_status = match status {
+            Status::Good => CertStatus::good(),
+            Status::Unknown => CertStatus::unknown(),
+            Status::Revoked { at, reason } => CertStatus::revoked(RevokedInfo {
+                revocation_time: gtime(*at)?,
+                revocation_reason: if *reason == 0 {
+                    None
+                } else {
+                    Some(crl_reason(*reason)?)
+                },
+            }),
+        };
+        responses.push(SingleResponse {
+            cert_id: q.cert_id.clone(),
+            cert_status,
+            this_update: gtime(this_update)?,
+            next_update: Some(gtime(next_update)?),
+            single_extensions: None,
+        });
+    }
+    let response_extensions = match nonce {
+        Some(n) => Some(vec![Extension {
+            extn_id: NONCE,
+            critical: false,
+            extn_value: OctetString::new(n.to_vec()).map_err(bad)?,
+        }]),
+        None => None,
+    };
+    let data = ResponseData {
+        version: Default::default(),
+        responder_id: ResponderId::ByKey(
+            OctetString::new(responder_key_hash.to_vec()).map_err(bad)?,
+        ),
+        produced_at: gtime(produced_at)?,
+        responses,
+        response_extensions,
+    };
+    data.to_der().map_err(bad)
+}
+
+fn crl_reason(code: i32) -> Result<x509_cert_02::ext::pkix::CrlReason, Error> {
+    use x509_cert_02::ext::pkix::CrlReason as R;
+    Ok(match code {
+        0 => R::Unspecified,
+        1 => R::KeyCompromise,
+        2 => R::CaCompromise,
+        3 => R::AffiliationChanged,
+        4 => R::Superseded,
+        5 => R::CessationOfOperation,
+        9 => R::PrivilegeWithdrawn,
+        10 => R::AaCompromise,
+        other => return Err(Error::Template(format!("reason {other} in OCSP"))),
+    })
+}
+
+/// A successful response: ResponseData, its ECDSA P-256/SHA-256 signature
+/// (DER) by the responder key, and the certificates that let a client chain
+/// the responder to the root (responder certificate, then its issuer).
+pub fn successful(tbs: &[u8], signature: &[u8], certs: &[&[u8]]) -> Result<Vec<u8>, Error> {
+    let bad = |e: der_07::Error| Error::Template(format!("OCSP response: {e}"));
+    let certs = certs
+        .iter()
+        .map(|c| x509_cert_02::Certificate::from_der(c).map_err(bad))
+        .collect::<Result<Vec<_>, _>>()?;
+    let basic = BasicOcspResponse {
+        tbs_response_data: ResponseData::from_der(tbs).map_err(bad)?,
+        signature_algorithm: AlgorithmIdentifierOwned {
+            oid: ECDSA_SHA256,
+            parameters: None,
+        },
+        signature: BitString::from_bytes(signature).map_err(bad)?,
+        certs: Some(certs),
+    };
+    OcspResponse::successful(basic)
+        .map_err(bad)?
+        .to_der()
+        .map_err(bad)
+}
+
+/// An unsuccessful response (no signature, per RFC 6960 section 2.3).
+pub fn refusal(r: Refusal) -> Vec<u8> {
+    let status = match r {
+        Refusal::Malformed => OcspResponseStatus::MalformedRequest,
+        Refusal::Unauthorized => OcspResponseStatus::Unauthorized,
+        Refusal::Internal => OcspResponseStatus::InternalError,
+        Refusal::TryLater => OcspResponseStatus::TryLater,
+    };
+    OcspResponse {
+        response_status: status,
+        response_bytes: None,
+    }
+    .to_der()
+    // SEQUENCE { ENUMERATED n }: cannot fail to encode; keep a literal fallback.
+    .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, status as u8])
+}
+
+/// SHA-1 of a public key's bits: the responder's `byKey` id.
+pub fn key_hash(public_key: &crate::PublicKey) -> Vec<u8> {
+    digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        public_key.raw(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn refusals_encode() {
+        assert_eq!(
+            refusal(Refusal::Malformed),
+            vec![0x30, 0x03, 0x0a, 0x01, 0x01]
+        );
+        assert_eq!(
+            refusal(Refusal::Unauthorized),
+            vec![0x30, 0x03, 0x0a, 0x01, 0x06]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The OCSP responder (RFC 6960, RFC 5019 profile). Responses for every
+//! unexpired certificate of the active issuer are signed ahead of time by a
+//! delegated responder and kept in memory, so answering a plain request is a
+//! lookup; requests with a nonce or several certificates get a freshly signed
+//! answer under a concurrency bound.
+
+use sigil_authority::{Authority, OcspSigner};
+use sigil_core::Serial;
+use sigil_core::ocsp::{self, IssuerHashes, Query, Refusal, Status};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+
+/// What to do with a request nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoncePolicy {
+    /// Sign a fresh response echoing it (bounded concurrency).
+    Honour,
+    /// Answer from the pre-signed cache without the nonce (RFC 5019 style).
+    Ignore,
+}
+
+/// Responder settings.
+#[derive(Debug, Clone)]
+pub struct OcspSettings {
+    /// nextUpdate − thisUpdate of each response.
+    pub validity: Duration,
+    /// Lifetime of the delegated responder certificate.
+    pub signer_lifetime: Duration,
+    /// Nonce handling.
+    pub nonce: NoncePolicy,
+    /// Freshly signed responses in progress at once; beyond it: tryLater.
+    pub max_fresh: usize,
+}
+
+impl Default for OcspSettings {
+    fn default() -> Self {
+        OcspSettings {
+            validity: Duration::from_secs(3600),
+            signer_lifetime: Duration::from_secs(2 * 24 * 3600),
+            nonce: NoncePolicy::Honour,
+            max_fresh: 64,
+        }
+    }
+}
+
+/// A signed response ready to send.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The DER `OCSPResponse`.
+    pub der: Arc<Vec<u8>>,
+    /// thisUpdate and nextUpdate (unix s) when the response is cacheable.
+    pub window: Option<(i64, i64)>,
+}
+
+struct Current {
+    signer: OcspSigner,
+    hashes: IssuerHashes,
+}
+
+/// The responder.
+pub struct Ocsp {
+    authority: Arc<Authority>,
+    settings: OcspSettings,
+    current: RwLock<Option<Arc<Current>>>,
+    cache: RwLock<HashMap<String, Answer>>,
+    fresh: Semaphore,
+}
+
+impl std::fmt::Debug for Ocsp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ocsp")
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match l.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match l.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Ocsp {
+    /// A responder; [`Ocsp::refresh`] makes it ready.
+    pub fn new(authority: Arc<Authority>, settings: OcspSettings) -> Arc<Ocsp> {
+        Arc::new(Ocsp {
+            authority,
+            fresh: Semaphore::new(settings.max_fresh.max(1)),
+            settings,
+            current: RwLock::new(None),
+            cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Gets a new responder certificate when the current one is past half its
+    /// life (or the issuer changed), then signs responses for every
+    /// unexpired certificate again.
+    pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
+        let now = self.authority.now();
+        let active = self.authority.active_issuer();
+        let need_signer = match read(&self.current).as_ref() {
+            None => true,
+            Some(c) => {
+                c.signer.issuer_id != active.info().id.as_str()
+                    || c.signer.not_after - now < self.settings.signer_lifetime / 2
+            }
+        };
+        if need_signer {
+            let signer = self
+                .authority
+                .new_ocsp_signer(self.settings.signer_lifetime)
+                .await?;
+            let hashes = IssuerHashes::of(active.info());
+            *write(&self.current) = Some(Arc::new(Current { signer, hashes }));
+        }
+        let Some(cur) = read(&self.current).clone() else {
+            return Ok(0);
+        };
+        let serials = self
+            .authority
+            .unexpired_serials(&cur.signer.issuer_id, now.unix_timestamp())
+            .await?;
+        let mut fresh = HashMap::with_capacity(serials.len());
+        for hex in serials {
+            let Some(serial) = Serial::parse_hex(&hex) else {
+                continue;
+            };
+            let q = cur.hashes.cert_id(&serial)?;
+            let status = self
+                .authority
+                .ocsp_status(&cur.signer.issuer_id, &serial)
+                .await?;
+            fresh.insert(hex, self.sign(&cur, &[(&q, status)], None, now)?);
+        }
+        let n = fresh.len();
+        *write(&self.cache) = fresh;
+        Ok(n)
+    }
+
+    /// Re-signs the responses of newly revoked certificates at once.
+    pub async fn revoked(&self, serials: &[String]) {
+        let Some(cur) = read(&self.current).clone() else {
+            return;
+        };
+        let now = self.authority.now();
+        for hex in serials {
+            let Some(serial) = Serial::parse_hex(hex) else {
+                continue;
+            };
+            let signed = async {
+                let q = cur.hashes.cert_id(&serial)?;
+                let status = self
+                    .authority
+                    .ocsp_status(&cur.signer.issuer_id, &serial)
+                    .await?;
+                self.sign(&cur, &[(&q, status)], None, now)
+            };
+            match signed.await {
+                Ok(a) => {
+                    write(&self.cache).insert(hex.clone(), a);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, serial = %hex, "re-signing an OCSP response failed");
+                    // Never keep serving `good` for a revoked certificate.
+                    write(&self.cache).remove(hex);
+                }
+            }
+        }
+    }
+
+    /// Keeps responses and the responder certificate fresh.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let wait = self.settings.validity / 2;
+            tokio::time::sleep(wait).await;
+            match self.refresh().await {
+                Ok(n) => tracing::info!(responses = n, "re-signed OCSP responses"),
+                Err(e) => tracing::error!(error = %e, "refreshing OCSP responses failed"),
+            }
+        }
+    }
+
+    fn sign(
+        &self,
+        cur: &Current,
+        answers: &[(&Query, Status)],
+        nonce: Option<&[u8]>,
+        now: OffsetDateTime,
+    ) -> Result<Answer, sigil_authority::Error> {
+        let this_update = now - Duration::from_secs(60);
+        let next_update = now + self.settings.validity;
+        let tbs = ocsp::response_data(
+            &cur.signer.key_hash,
+            now,
+            answers,
+            this_update,
+            next_update,
+            nonce,
+        )?;
+        let sig = cur.signer.sign(&tbs)?;
+        let der = ocsp::successful(&tbs, &sig, &[&cur.signer.cert_der, &cur.signer.issuer_der])?;
+        Ok(Answer {
+            der: Arc::new(der),
+            window: nonce
+                .is_none()
+                .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp())),
+        })
+    }
+
+    /// The current time by the authority's clock (unix s).
+    pub fn now(&self) -> i64 {
+        self.authority.now().unix_timestamp()
+    }
+
+    /// Answers a DER request. Never fails: problems become OCSP error statuses.
+    pub async fn answer(&self, request: &[u8]) -> Answer {
+        match self.try_answer(request).await {
+            Ok(a) => a,
+            Err(r) => Answer {
+                der: Arc::new(ocsp::refusal(r)),
+                window: None,
+            },
+        }
+    }
+
+    async fn try_answer(&self, request: &[u8]) -> Result<Answer, Refusal> {
+        let req = ocsp::parse_request(request)?;
+        let cur = read(&self.current).clone().ok_or(Refusal::TryLater)?;
+        if !req.queries.iter().all(|q| cur.hashes.matches(q)) {
+            return Err(Refusal::Unauthorized);
+        }
+        let nonce = match self.settings.nonce {
+            NoncePolicy::Honour => req.nonce.as_deref(),
+            NoncePolicy::Ignore => None,
+        };
+        if let ([q], None) = (req.queries.as_slice(), nonce)
+            && let Some(a) = read(&self.cache).get(&q.serial.to_hex())
+        {
+            return Ok(a.clone());
+        }
+        // Signed now: bounded, so floods of nonces or unknown serials cannot
+        // take the responder down.
+        let _permit = self.fresh.try_acquire().map_err(|_| Refusal::TryLater)?;
+        let mut answers = Vec::with_capacity(req.queries.len());
+        for q in &req.queries {
+            let status = self
+                .authority
+                .ocsp_status(&cur.signer.issuer_id, &q.serial)
+                .await
+                .map_err(|_| Refusal::Internal)?;
+            answers.push((q, status));
+        }
+        let now = self.authority.now();
+        let a = self
+            .sign(&cur, &answers, nonce, now)
+            .map_err(|_| Refusal::Internal)?;
+        // Cache a plain single answer for a certificate we issued.
+        if let ([(q, Status::Good | Status::Revoked { .. })], None) = (answers.as_slice(), nonce) {
+            write(&self.cache).insert(q.serial.to_hex(), a.clone());
+        }
+        Ok(a)
+    }
+}
