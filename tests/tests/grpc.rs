@@ -53,8 +53,14 @@ impl Ca {
             s.stop();
         }
         let path = self.work.join("data/sigil.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, edit(text)).unwrap();
+        let text = edit(std::fs::read_to_string(&path).unwrap());
+        // A fresh port: the old one may have become some connection's
+        // ephemeral port in the meantime.
+        let old_addr = format!("addr = \"127.0.0.1:{}\"", self.grpc);
+        assert!(text.contains(&old_addr), "{text}");
+        self.grpc = free_port();
+        let text = text.replace(&old_addr, &format!("addr = \"127.0.0.1:{}\"", self.grpc));
+        std::fs::write(&path, text).unwrap();
         self.server = Some(Server::start(
             &["--config", &path.display().to_string()],
             &self.work,
