@@ -679,6 +679,15 @@ impl Authority {
         })
     }
 
+    /// Revocations of an issuer's certificates that expire after `after` (unix s).
+    pub async fn revocations_of(
+        &self,
+        issuer_id: &str,
+        after: i64,
+    ) -> Result<Vec<sigil_store::RevokedEntry>, Error> {
+        Ok(self.store.crl_entries(issuer_id, after).await?)
+    }
+
     /// Serials of an issuer's certificates that expire after `after` (unix s).
     pub async fn unexpired_serials(
         &self,

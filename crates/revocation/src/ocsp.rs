@@ -55,7 +55,8 @@ pub struct Answer {
     pub window: Option<(i64, i64)>,
 }
 
-struct Current {
+/// The responder in use: its key and certificate, and its issuer's CertID hashes.
+pub struct Current {
     signer: OcspSigner,
     hashes: IssuerHashes,
 }
@@ -101,48 +102,73 @@ impl Ocsp {
         })
     }
 
-    /// Gets a new responder certificate when the current one is past half its
-    /// life (or the issuer changed), then signs responses for every
-    /// unexpired certificate again.
-    pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
+    /// Gets a new responder certificate when there is none, the current one
+    /// is past half its life, or the active issuer changed. Quick: call it
+    /// before serving.
+    pub async fn ensure_signer(&self) -> Result<Arc<Current>, sigil_authority::Error> {
         let now = self.authority.now();
         let active = self.authority.active_issuer();
-        let need_signer = match read(&self.current).as_ref() {
-            None => true,
-            Some(c) => {
-                c.signer.issuer_id != active.info().id.as_str()
-                    || c.signer.not_after - now < self.settings.signer_lifetime / 2
-            }
-        };
-        if need_signer {
-            let signer = self
-                .authority
-                .new_ocsp_signer(self.settings.signer_lifetime)
-                .await?;
-            let hashes = IssuerHashes::of(active.info());
-            *write(&self.current) = Some(Arc::new(Current { signer, hashes }));
+        if let Some(c) = read(&self.current).as_ref()
+            && c.signer.issuer_id == active.info().id.as_str()
+            && c.signer.not_after - now >= self.settings.signer_lifetime / 2
+        {
+            return Ok(c.clone());
         }
-        let Some(cur) = read(&self.current).clone() else {
-            return Ok(0);
-        };
+        let signer = self
+            .authority
+            .new_ocsp_signer(self.settings.signer_lifetime)
+            .await?;
+        let hashes = IssuerHashes::of(active.info());
+        let cur = Arc::new(Current { signer, hashes });
+        *write(&self.current) = Some(cur.clone());
+        Ok(cur)
+    }
+
+    /// Signs responses for every unexpired certificate of the active issuer
+    /// again (two queries, then one signature each). Until it completes,
+    /// requests are answered by fresh signatures.
+    pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
+        let cur = self.ensure_signer().await?;
+        let now = self.authority.now();
+        let id = &cur.signer.issuer_id;
         let serials = self
             .authority
-            .unexpired_serials(&cur.signer.issuer_id, now.unix_timestamp())
+            .unexpired_serials(id, now.unix_timestamp())
             .await?;
+        let revoked: HashMap<String, (i64, i32)> = self
+            .authority
+            .revocations_of(id, now.unix_timestamp())
+            .await?
+            .into_iter()
+            .map(|e| (e.serial, (e.revoked_at, e.reason)))
+            .collect();
         let mut fresh = HashMap::with_capacity(serials.len());
         for hex in serials {
             let Some(serial) = Serial::parse_hex(&hex) else {
                 continue;
             };
+            let status = match revoked.get(&hex) {
+                None => Status::Good,
+                Some((at, reason)) => Status::Revoked {
+                    at: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
+                    reason: *reason,
+                },
+            };
             let q = cur.hashes.cert_id(&serial)?;
-            let status = self
-                .authority
-                .ocsp_status(&cur.signer.issuer_id, &serial)
-                .await?;
             fresh.insert(hex, self.sign(&cur, &[(&q, status)], None, now)?);
         }
         let n = fresh.len();
-        *write(&self.cache) = fresh;
+        // Keep answers signed meanwhile (new certificates, revocations) that
+        // this snapshot may predate: they are at least as new.
+        let mut cache = write(&self.cache);
+        for (k, v) in fresh {
+            let newer = cache.get(&k).is_some_and(|old| {
+                old.window.map(|w| w.0) > v.window.map(|w| w.0)
+            });
+            if !newer {
+                cache.insert(k, v);
+            }
+        }
         Ok(n)
     }
 
@@ -177,15 +203,15 @@ impl Ocsp {
         }
     }
 
-    /// Keeps responses and the responder certificate fresh.
+    /// Pre-signs now, then keeps responses and the responder certificate
+    /// fresh (at half the response validity).
     pub async fn run(self: Arc<Self>) {
         loop {
-            let wait = self.settings.validity / 2;
-            tokio::time::sleep(wait).await;
             match self.refresh().await {
-                Ok(n) => tracing::info!(responses = n, "re-signed OCSP responses"),
-                Err(e) => tracing::error!(error = %e, "refreshing OCSP responses failed"),
+                Ok(n) => tracing::info!(responses = n, "pre-signed OCSP responses"),
+                Err(e) => tracing::error!(error = %e, "pre-signing OCSP responses failed"),
             }
+            tokio::time::sleep(self.settings.validity / 2).await;
         }
     }
 

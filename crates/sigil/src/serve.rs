@@ -38,8 +38,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     revocation.publish_now().await?;
     tokio::spawn(revocation.clone().run());
     let responder = Ocsp::new(authority.clone(), OcspSettings::default());
-    let presigned = responder.refresh().await?;
-    tracing::info!(responses = presigned, "pre-signed OCSP responses");
+    responder.ensure_signer().await?;
     tokio::spawn(responder.clone().run());
     {
         let (authority, revocation, responder) =
