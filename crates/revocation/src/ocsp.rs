@@ -162,9 +162,9 @@ impl Ocsp {
         // this snapshot may predate: they are at least as new.
         let mut cache = write(&self.cache);
         for (k, v) in fresh {
-            let newer = cache.get(&k).is_some_and(|old| {
-                old.window.map(|w| w.0) > v.window.map(|w| w.0)
-            });
+            let newer = cache
+                .get(&k)
+                .is_some_and(|old| old.window.map(|w| w.0) > v.window.map(|w| w.0));
             if !newer {
                 cache.insert(k, v);
             }
