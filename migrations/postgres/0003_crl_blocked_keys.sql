@@ -9,7 +9,7 @@ CREATE TABLE crl_numbers (
 
 -- The newest CRL per issuer, as served at /crl/<issuer>.crl.
 CREATE TABLE crls (
-    issuer_id   TEXT PRIMARY KEY REFERENCES issuers(id),
+    issuer_id   TEXT PRIMARY KEY,
     number      BIGINT NOT NULL,
     this_update BIGINT NOT NULL,
     next_update BIGINT NOT NULL,

@@ -9,7 +9,7 @@ CREATE TABLE crl_numbers (
 
 -- The newest CRL per issuer, as served at /crl/<issuer>.crl.
 CREATE TABLE crls (
-    issuer_id   TEXT PRIMARY KEY REFERENCES issuers(id),
+    issuer_id   TEXT PRIMARY KEY,
     number      INTEGER NOT NULL,
     this_update INTEGER NOT NULL,
     next_update INTEGER NOT NULL,

@@ -419,3 +419,185 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
     }
     server.stop();
 }
+
+#[test]
+fn root_arl_signed_offline_is_published_and_checked_by_openssl() {
+    if !have("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let log = server.log_text();
+    let issuer = log
+        .lines()
+        .find_map(|l| l.strip_prefix("issuer:"))
+        .and_then(|l| {
+            l.rsplit_once('(')
+                .map(|(_, id)| id.trim_end_matches(')').to_string())
+        })
+        .unwrap();
+    let config = work.join("data/sigil.toml").display().to_string();
+    let p = |n: &str| work.join(n).display().to_string();
+    let root_dir = p("data/DEV-ONLY-root");
+    let root_pass = p("data/DEV-ONLY-root/passphrase");
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+    let csr = openssl_csr(
+        work,
+        "leaf",
+        "ec:P-256",
+        "/CN=arl.internal",
+        &["DNS:arl.internal"],
+    );
+    let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &[])));
+    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
+    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+
+    // The dev intermediate's CRL DP names the root's ARL on this server.
+    let int_text = String::from_utf8_lossy(
+        &run(
+            "openssl",
+            &["x509", "-in", &p("int.pem"), "-noout", "-text"],
+        )
+        .stdout,
+    )
+    .to_string();
+    let cdp = int_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("URI:"))
+        .expect("intermediate has a CRL distribution point")
+        .to_string();
+    let arl_path = p("arl.der");
+    let arl = |extra: &[&str]| {
+        let mut args = vec!["root", "crl", "--dir", &root_dir, "--out", &arl_path];
+        args.extend(["--passphrase-file", &root_pass]);
+        args.extend(extra);
+        let out = ok(sigil(&args));
+        let installed = ok(sigil(&[
+            "crl",
+            "install",
+            "--config",
+            &config,
+            &p("arl.der"),
+        ]));
+        let url = installed
+            .rsplit_once("served at ")
+            .unwrap()
+            .1
+            .trim()
+            .to_string();
+        (out, url)
+    };
+    let check = || {
+        let (_, der) = http_get(server.port, &format!("/crl/{issuer}.crl")).unwrap();
+        std::fs::write(work.join("int-crl.der"), der).unwrap();
+        let pem = |der: &str, pem: &str| {
+            run(
+                "openssl",
+                &["crl", "-inform", "DER", "-in", &p(der), "-out", &p(pem)],
+            );
+        };
+        pem("int-crl.der", "int-crl.pem");
+        pem("arl-served.der", "arl.pem");
+        let out = run(
+            "openssl",
+            &[
+                "verify",
+                "-crl_check_all",
+                "-CAfile",
+                &p("root.pem"),
+                "-untrusted",
+                &p("int.pem"),
+                "-CRLfile",
+                &p("int-crl.pem"),
+                "-CRLfile",
+                &p("arl.pem"),
+                &p("leaf.pem"),
+            ],
+        );
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // An empty ARL: the whole chain checks out with -crl_check_all.
+    let (out, url) = arl(&[]);
+    // The dev CA installed number 1 at setup; this is the next.
+    assert!(out.contains("ARL number 2"), "{out}");
+    assert_eq!(url, cdp);
+    let root_id = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .trim_end_matches(".crl")
+        .to_string();
+    let (status, served) = http_get(server.port, &format!("/crl/{root_id}.crl")).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(served, std::fs::read(work.join("arl.der")).unwrap());
+    std::fs::write(work.join("arl-served.der"), &served).unwrap();
+    let (ok_before, text) = check();
+    assert!(ok_before, "{text}");
+
+    // Revoke the intermediate in the ARL: every leaf under it now fails.
+    let int_serial = String::from_utf8_lossy(
+        &run(
+            "openssl",
+            &["x509", "-in", &p("int.pem"), "-noout", "-serial"],
+        )
+        .stdout,
+    )
+    .trim()
+    .trim_start_matches("serial=")
+    .to_string();
+    let (out, _) = arl(&["--revoke", &int_serial, "--reason", "cACompromise"]);
+    assert!(
+        out.contains("ARL number 3") && out.contains("1 revoked"),
+        "{out}"
+    );
+    let (_, served) = http_get(server.port, &format!("/crl/{root_id}.crl")).unwrap();
+    std::fs::write(work.join("arl-served.der"), &served).unwrap();
+    let (ok_after, text) = check();
+    assert!(!ok_after && text.contains("revoked"), "{text}");
+
+    // An older ARL is not installed over a newer one.
+    std::fs::write(
+        work.join("old.der"),
+        std::fs::read(work.join("arl.der")).unwrap(),
+    )
+    .unwrap();
+    let e = fails(sigil(&[
+        "crl",
+        "install",
+        "--config",
+        &config,
+        &p("old.der"),
+    ]));
+    assert!(e.contains("already has number"), "{e}");
+    if have("lint_crl") {
+        let out = run(
+            "lint_crl",
+            &[
+                "lint",
+                "-t",
+                "ARL",
+                "-p",
+                "PKIX",
+                "-s",
+                "ERROR",
+                &p("arl-served.der"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.trim().is_empty(), "pkilint on the ARL:\n{text}");
+    }
+    server.stop();
+}

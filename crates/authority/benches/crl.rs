@@ -64,6 +64,7 @@ fn main() {
             next_update: now + Duration::from_secs(86_400),
             entries: &entries,
             url: "http://ca.bench/crl/x.crl".into(),
+            only_ca_certs: false,
         })
         .unwrap();
         let der = signer.sign_crl(template).unwrap();

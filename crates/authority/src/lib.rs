@@ -754,6 +754,7 @@ impl Authority {
             next_update,
             entries: &entries,
             url: self.settings.urls.crl(&info.id),
+            only_ca_certs: false,
         })?;
         let der = issuer.signer.sign_crl(template)?;
         let row = sigil_store::CrlRow {

@@ -33,8 +33,11 @@ pub struct CrlSpec<'a> {
     /// The revoked certificates.
     pub entries: &'a [CrlEntry],
     /// Where this CRL is published (its Issuing Distribution Point, which
-    /// matches the CRL DP in the issuer's certificates).
+    /// matches the CRL DP in the issuer's certificates; unused for an ARL).
     pub url: String,
+    /// A root's ARL (its revoked CA certificates; no Issuing Distribution
+    /// Point) rather than an issuer's CRL of end-entity certificates.
+    pub only_ca_certs: bool,
 }
 
 /// A checked CRL, ready to be signed by its issuer.
@@ -86,11 +89,17 @@ impl CrlTemplate {
             this_update: crate::template::whole_seconds(spec.this_update),
             next_update: crate::template::whole_seconds(spec.next_update),
             crl_number: SerialNumber::from(spec.number),
-            issuing_distribution_point: Some(CrlIssuingDistributionPoint {
-                distribution_point: CrlDistributionPoint {
-                    uris: vec![spec.url.clone()],
-                },
-                scope: Some(CrlScope::UserCertsOnly),
+            // An issuer's CRL names its distribution point and scope. A root's
+            // ARL carries none: it must also cover the self-signed root, which
+            // has no CRL DP, or `openssl verify -crl_check_all` calls the scope
+            // different (RFC 5280 6.3.3 b).
+            issuing_distribution_point: (!spec.only_ca_certs).then(|| {
+                CrlIssuingDistributionPoint {
+                    distribution_point: CrlDistributionPoint {
+                        uris: vec![spec.url.clone()],
+                    },
+                    scope: Some(CrlScope::UserCertsOnly),
+                }
             }),
             revoked_certs,
             key_identifier_method: KeyIdMethod::PreSpecified(spec.issuer.key_id.clone()),
@@ -109,4 +118,70 @@ impl CrlTemplate {
             .der()
             .to_vec())
     }
+}
+
+/// What a relying party checks on a CRL before publishing it.
+#[derive(Debug, Clone)]
+pub struct CrlFacts {
+    /// CRL number.
+    pub number: u64,
+    /// thisUpdate.
+    pub this_update: OffsetDateTime,
+    /// nextUpdate.
+    pub next_update: OffsetDateTime,
+    /// How many certificates it lists.
+    pub entries: usize,
+}
+
+/// Parses a CRL (DER or PEM) and checks that `issuer` signed it and is named
+/// as its issuer; returns its number and validity.
+pub fn verify_crl(input: &[u8], issuer: &IssuerInfo) -> Result<(CrlFacts, Vec<u8>), Error> {
+    use der::{Decode, Encode};
+    use x509_cert::crl::CertificateList;
+    use x509_cert::ext::pkix::CrlNumber;
+    let der = crate::csr::decode_pem_or_der(input)
+        .map_err(|e| Error::Certificate(format!("not a CRL: {e}")))?;
+    let crl = CertificateList::<x509_cert::certificate::Rfc5280>::from_der(&der)
+        .map_err(|e| Error::Certificate(format!("not a CRL: {e}")))?;
+    crate::csr::verify_signed(&der, &issuer.public_key).map_err(|_| {
+        Error::Certificate(format!(
+            "the CRL is not signed by {} (signature does not verify)",
+            issuer.subject
+        ))
+    })?;
+    let tbs = &crl.tbs_cert_list;
+    if tbs.issuer.to_der().ok().as_deref() != Some(issuer.subject_der.as_slice()) {
+        return Err(Error::Certificate(format!(
+            "the CRL names issuer '{}', expected '{}'",
+            tbs.issuer, issuer.subject
+        )));
+    }
+    let number = tbs
+        .crl_extensions
+        .iter()
+        .flatten()
+        .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_CRL_NUMBER)
+        .and_then(|e| CrlNumber::from_der(e.extn_value.as_bytes()).ok())
+        .and_then(|n| {
+            let b = n.0.as_bytes();
+            (b.len() <= 8).then(|| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+        })
+        .ok_or_else(|| Error::Certificate("the CRL has no usable CRL number".into()))?;
+    let ts = |t: &x509_cert::time::Time| {
+        OffsetDateTime::from_unix_timestamp(t.to_unix_duration().as_secs() as i64)
+            .map_err(|e| Error::Certificate(e.to_string()))
+    };
+    let next_update = tbs
+        .next_update
+        .as_ref()
+        .ok_or_else(|| Error::Certificate("the CRL has no nextUpdate".into()))?;
+    Ok((
+        CrlFacts {
+            number,
+            this_update: ts(&tbs.this_update)?,
+            next_update: ts(next_update)?,
+            entries: tbs.revoked_certificates.as_ref().map_or(0, Vec::len),
+        },
+        der,
+    ))
 }

@@ -54,6 +54,9 @@ pub enum Command {
     /// Bootstrap tokens for the gRPC CSR API.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// CRLs made elsewhere (the offline root's ARL).
+    #[command(subcommand)]
+    Crl(CrlCmd),
     /// Obtains a certificate over gRPC and keeps it renewed.
     Agent(crate::agent::AgentArgs),
 }
@@ -104,6 +107,32 @@ pub enum RootCmd {
         /// File with the root key passphrase (else SIGIL_ROOT_PASSPHRASE or a prompt).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// CRL distribution point to write into the intermediate: where the
+        /// server publishes this root's ARL (`<public_url>/crl/<root-id>.crl`).
+        #[arg(long)]
+        crl_url: Option<String>,
+    },
+    /// Signs this root's ARL (the CA certificates it has revoked), optionally
+    /// adding a revocation first. Publish it with `sigil crl install`.
+    Crl {
+        /// The root directory (root.crt, root.key; the ARL state is kept here).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the ARL (DER).
+        #[arg(long)]
+        out: PathBuf,
+        /// Serial (hex) of an intermediate to revoke first.
+        #[arg(long)]
+        revoke: Option<String>,
+        /// RFC 5280 reason for --revoke (e.g. keyCompromise, cACompromise, superseded).
+        #[arg(long, default_value = "superseded")]
+        reason: String,
+        /// nextUpdate − thisUpdate.
+        #[arg(long, default_value = "30d")]
+        validity: String,
+        /// File holding the root key passphrase; else SIGIL_ROOT_PASSPHRASE, else a prompt.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -152,6 +181,20 @@ pub struct ServeArgs {
     /// gRPC CSR API listener (overrides grpc.addr; the dev CA defaults to 127.0.0.1:9443).
     #[arg(long)]
     pub grpc_addr: Option<std::net::SocketAddr>,
+}
+
+/// `sigil crl ...`
+#[derive(Debug, Subcommand)]
+pub enum CrlCmd {
+    /// Verifies a root's ARL against the configured roots and publishes it at
+    /// `/crl/<root-id>.crl`.
+    Install {
+        /// Server configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The ARL from `sigil root crl`.
+        crl: PathBuf,
+    },
 }
 
 /// `sigil token ...`
@@ -277,6 +320,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(c) => cmd_ops::audit(c).await,
         Command::Policy(c) => cmd_ops::policy(c),
         Command::Token(c) => crate::cmd_token::token(c),
+        Command::Crl(CrlCmd::Install { config, crl }) => cmd_ca::install_crl(&config, &crl).await,
         Command::Revoke {
             config,
             serial,

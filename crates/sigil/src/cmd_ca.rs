@@ -60,6 +60,7 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
             permitted_dns,
             permitted_ip,
             passphrase_file,
+            crl_url,
         } => {
             let validity = parse_duration(&validity)?;
             let permitted_ip = permitted_ip
@@ -73,7 +74,7 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
                 path_len,
                 permitted_dns,
                 permitted_ip,
-                crl_url: None,
+                crl_url,
             };
             let pass = passphrase::obtain(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
             let csr_bytes =
@@ -87,6 +88,181 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
             println!("SHA-256 fingerprint: {}", sigil_core::sha256_hex(&der));
             Ok(ExitCode::SUCCESS)
         }
+        RootCmd::Crl {
+            dir,
+            out,
+            revoke,
+            reason,
+            validity,
+            passphrase_file,
+        } => root_crl(
+            &dir,
+            &out,
+            revoke.as_deref(),
+            &reason,
+            &validity,
+            passphrase_file.as_deref(),
+        ),
+    }
+}
+
+/// One entry of the root's ARL state (`ROOT/arl.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ArlEntry {
+    serial: String,
+    revoked_at: i64,
+    reason: i32,
+}
+
+/// The root's ARL state: its revocations and the last CRL number.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ArlState {
+    number: u64,
+    revoked: Vec<ArlEntry>,
+}
+
+pub fn root_crl(
+    dir: &Path,
+    out: &Path,
+    revoke: Option<&str>,
+    reason: &str,
+    validity: &str,
+    passphrase_file: Option<&Path>,
+) -> Result<ExitCode> {
+    use sigil_core::Clock as _;
+    let validity = parse_duration(validity)?;
+    let root_der = std::fs::read(dir.join("root.crt"))
+        .with_context(|| format!("no root certificate in {}", dir.display()))?;
+    let info = IssuerInfo::parse(&root_der)?;
+    let state_path = dir.join("arl.json");
+    let mut state: ArlState = match std::fs::read(&state_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{} is corrupt", state_path.display()))?,
+        Err(_) => ArlState::default(),
+    };
+    let now = sigil_core::SystemClock.now();
+    if let Some(s) = revoke {
+        let serial = sigil_core::Serial::parse_hex(s)
+            .with_context(|| format!("--revoke '{s}' is not a hex serial"))?;
+        let code = sigil_core::revocation::parse_reason(reason)
+            .filter(|c| sigil_core::revocation::is_valid_reason(*c))
+            .with_context(|| {
+                format!("--reason '{reason}' is not an RFC 5280 reason this CA accepts")
+            })?;
+        if state.revoked.iter().any(|e| e.serial == serial.to_hex()) {
+            bail!("{} is already in this root's ARL", serial.to_hex());
+        }
+        state.revoked.push(ArlEntry {
+            serial: serial.to_hex(),
+            revoked_at: now.unix_timestamp(),
+            reason: code,
+        });
+    }
+    let entries = state
+        .revoked
+        .iter()
+        .map(|e| {
+            Ok(sigil_core::crl::CrlEntry {
+                serial: sigil_core::Serial::parse_hex(&e.serial)
+                    .with_context(|| format!("{} holds a bad serial", state_path.display()))?,
+                revoked_at: time::OffsetDateTime::from_unix_timestamp(e.revoked_at)?,
+                reason: e.reason,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    state.number += 1;
+    let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
+        issuer: &info,
+        number: state.number,
+        this_update: now,
+        next_update: now + validity,
+        entries: &entries,
+        url: String::new(),
+        only_ca_certs: true,
+    })?;
+    let pass = passphrase::obtain(passphrase_file, ROOT_ENV, "root key")?;
+    let key = read_encrypted_key(&dir.join("root.key"), &pass)?;
+    let der = CaSigner::new(&info.der, key)?.sign_crl(template)?;
+    write_replacing(&state_path, &serde_json::to_vec_pretty(&state)?)?;
+    write_replacing(out, &der)?;
+    println!(
+        "ARL number {} with {} revoked CA certificate(s), valid until {}: {}",
+        state.number,
+        entries.len(),
+        now + validity,
+        out.display()
+    );
+    println!(
+        "publish it on the server: sigil crl install --config sigil.toml {}",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_replacing(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `sigil crl install`: verify a root's ARL and publish it.
+pub async fn install_crl(config: &Path, crl: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let bytes = std::fs::read(crl).with_context(|| format!("cannot read {}", crl.display()))?;
+    println!("{}", publish_root_crl(&cfg, &bytes).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Verifies a root's ARL against the configured roots and stores it for the
+/// server to publish (unless a newer one is already there).
+pub async fn publish_root_crl(cfg: &Config, bytes: &[u8]) -> Result<String> {
+    let roots = load_roots(cfg)?;
+    let mut last_err = None;
+    for root in &roots {
+        let (facts, der) = match sigil_core::crl::verify_crl(bytes, root) {
+            Ok(v) => v,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        let store = Store::open(&cfg.database_url()).await?;
+        let id = root.id.to_string();
+        let current = store.latest_crl(&id).await?;
+        if let Some(cur) = current
+            && u64::try_from(cur.number).unwrap_or(0) >= facts.number
+        {
+            store.close().await;
+            bail!(
+                "the published ARL of this root already has number {} (this one: {}); sign a newer one",
+                cur.number,
+                facts.number
+            );
+        }
+        let saved = store
+            .save_crl(&sigil_store::CrlRow {
+                issuer_id: id,
+                number: i64::try_from(facts.number)?,
+                this_update: facts.this_update.unix_timestamp(),
+                next_update: facts.next_update.unix_timestamp(),
+                der,
+            })
+            .await;
+        store.close().await;
+        saved?;
+        return Ok(format!(
+            "installed ARL number {} of {} ({} entries, next update {}): served at {}",
+            facts.number,
+            root.subject,
+            facts.entries,
+            facts.next_update,
+            sigil_core::CaUrls::new(&cfg.server.public_url).crl(&root.id)
+        ));
+    }
+    match last_err {
+        Some(e) => Err(anyhow::anyhow!(e)).context("the CRL is not from a configured root"),
+        None => bail!("no roots configured"),
     }
 }
 

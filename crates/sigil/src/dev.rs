@@ -2,7 +2,10 @@
 //! The root key lives there too, which is acceptable only for development; the
 //! directory and the banner say so.
 
-use crate::cmd_ca::{create_root, install, new_intermediate_key, sign_with_root, write_public};
+use crate::cmd_ca::{
+    create_root, install, new_intermediate_key, publish_root_crl, root_crl, sign_with_root,
+    write_public,
+};
 use crate::config::{
     CaConfig, Config, DatabaseConfig, GrpcConfig, IssuanceConfig, PolicyConfig, ServerConfig,
 };
@@ -79,7 +82,7 @@ pub async fn ensure(
     // Root, kept here only because this is a development CA.
     let root_dir = dir.join(ROOT_DIR);
     let root_pass = Passphrase::generate()?;
-    create_root(
+    let root_der = create_root(
         &root_dir,
         KeySpec::EcdsaP384,
         parse_subject("CN=Sigil Development Root (DEV ONLY),O=Sigil")?,
@@ -119,6 +122,9 @@ pub async fn ensure(
     std::fs::create_dir_all(dir.join("policies"))?;
     write_public(&dir.join("policies").join("dev.toml"), DEV_POLICY)?;
 
+    let arl_url = sigil_core::CaUrls::new(&cfg.server.public_url).crl(&sigil_core::IssuerId::of(
+        &sigil_core::csr::decode_pem_or_der(&root_der)?,
+    ));
     let int_pass = Passphrase::generate()?;
     write_secret(&dir.join("intermediate.pass"), int_pass.expose())?;
     let csr = new_intermediate_key(
@@ -131,10 +137,25 @@ pub async fn ensure(
         &root_dir,
         &csr,
         Duration::from_secs(3 * 365 * 86400),
-        &IntermediateOptions::default(),
+        &IntermediateOptions {
+            // The intermediate's CRL DP: the root's ARL as this server publishes it.
+            crl_url: Some(arl_url.clone()),
+            ..IntermediateOptions::default()
+        },
         &root_pass,
     )?;
     install(&cfg, &cert, &int_pass, "operator:dev-setup").await?;
+    // An initial (empty) ARL, so relying parties can check the whole chain.
+    let arl = root_dir.join("arl.der");
+    root_crl(
+        &root_dir,
+        &arl,
+        None,
+        "superseded",
+        "365d",
+        Some(&root_dir.join("passphrase")),
+    )?;
+    publish_root_crl(&cfg, &std::fs::read(&arl)?).await?;
     // Written last: its presence means the dev CA is complete.
     write_config(&cfg)?;
     Ok(config_path)
