@@ -2,9 +2,11 @@
 //!
 //!     grpc_load grpc  ADDR ROOTS.pem TOKEN SERVER_PID [CERTS] [CONNECTIONS] [RUNS]
 //!     grpc_load cfssl URL SERVER_PID [CERTS] [CONNECTIONS] [RUNS]
+//!     grpc_load ocsp  URL REQUEST_DIR SERVER_PID [REQUESTS] [CONNECTIONS] [RUNS]
 //!
 //! `grpc`: Sigil's CertificateAuthority/Sign over TLS with a client certificate
-//! (obtained once with TOKEN); `cfssl`: cfssl's /api/v1/cfssl/sign. Each
+//! (obtained once with TOKEN); `cfssl`: cfssl's /api/v1/cfssl/sign; `ocsp`:
+//! POSTs the DER OCSP requests in REQUEST_DIR (any responder). Each
 //! connection keeps one request in flight; CSRs (P-256) are made beforehand.
 //! Prints per run: certificates/s, p50/p99 latency, server CPU per certificate
 //! (from /proc/PID/stat) and server RSS, then the medians. Run by
@@ -111,7 +113,7 @@ where
 fn report(name: &str, conns: usize, pid: u32, runs: Vec<Run>) {
     for (i, r) in runs.iter().enumerate() {
         println!(
-            "{name} run {}: {:.0} certificates/s, p50 {:.1} ms, p99 {:.1} ms, server CPU {:.0} us/cert ({conns} connections)",
+            "{name} run {}: {:.0} per second, p50 {:.1} ms, p99 {:.1} ms, server CPU {:.0} us each ({conns} connections)",
             i + 1,
             r.rate,
             r.p50_ms,
@@ -119,8 +121,13 @@ fn report(name: &str, conns: usize, pid: u32, runs: Vec<Run>) {
             r.cpu_us
         );
     }
+    let unit = if name == "ocsp" {
+        "responses"
+    } else {
+        "certificates"
+    };
     println!(
-        "{name} median of {}: {:.0} certificates/s, p50 {:.1} ms, p99 {:.1} ms, server CPU {:.0} us/cert; server RSS {:.1} MiB (peak {:.1} MiB)",
+        "{name} median of {}: {:.0} {unit}/s, p50 {:.1} ms, p99 {:.1} ms, server CPU {:.0} us each; server RSS {:.1} MiB (peak {:.1} MiB)",
         runs.len(),
         median(runs.iter().map(|r| r.rate).collect()),
         median(runs.iter().map(|r| r.p50_ms).collect()),
@@ -269,6 +276,79 @@ async fn cfssl_mode(args: &[String]) {
     report("cfssl", conns, pid, results);
 }
 
+/// CPU seconds this process has used (the load generator's own cost).
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id())
+}
+
+async fn ocsp_mode(args: &[String]) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let url = args[0].clone();
+    let dir = std::path::PathBuf::from(&args[1]);
+    let pid: u32 = args[2].parse().unwrap();
+    let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let conns: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(8);
+    let runs: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let mut reqs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "der"))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    reqs.sort();
+    assert!(!reqs.is_empty(), "no *.der requests in {}", dir.display());
+    let reqs = Arc::new(reqs);
+    let mut results = Vec::new();
+    let mut driver_cpu = Vec::new();
+    // One warm-up pass (first answers may be signed on demand), then the runs.
+    for run in 0..=runs {
+        let clients: Arc<Vec<_>> = Arc::new(
+            (0..conns)
+                .map(|_| {
+                    Client::builder(TokioExecutor::new())
+                        .pool_max_idle_per_host(1)
+                        .build_http::<Full<bytes::Bytes>>()
+                })
+                .collect(),
+        );
+        let (reqs, url) = (reqs.clone(), url.clone());
+        let count = if run == 0 { reqs.len() * 2 } else { n };
+        let own0 = own_cpu_seconds();
+        let r = drive(pid, count, conns, move |w, i| {
+            let c = clients[w].clone();
+            let body = reqs[i % reqs.len()].clone();
+            let url = url.clone();
+            async move {
+                let req = hyper::Request::post(url)
+                    .header("content-type", "application/ocsp-request")
+                    .body(Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                let resp = c.request(req).await.expect("OCSP request");
+                assert!(resp.status().is_success(), "OCSP HTTP {}", resp.status());
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                // OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED (0 = successful), ... }
+                let status = body.windows(3).position(|w| w == [0x0a, 0x01, 0x00]);
+                assert!(
+                    status.is_some_and(|p| p <= 4),
+                    "OCSP response not successful"
+                );
+            }
+        })
+        .await;
+        if run > 0 {
+            driver_cpu.push((own_cpu_seconds() - own0) / n as f64 * 1e6);
+            results.push(r);
+        }
+    }
+    report("ocsp", conns, pid, results);
+    println!(
+        "ocsp load generator CPU: median {:.0} us/response",
+        median(driver_cpu)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -281,6 +361,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("grpc") => rt.block_on(grpc_mode(&args[1..])),
         Some("cfssl") => rt.block_on(cfssl_mode(&args[1..])),
+        Some("ocsp") => rt.block_on(ocsp_mode(&args[1..])),
         _ => eprintln!(
             "usage: grpc_load grpc ADDR ROOTS TOKEN PID [N] [CONNS] [RUNS] | cfssl URL PID [N] [CONNS] [RUNS]"
         ),
