@@ -46,7 +46,7 @@ impl Default for CrlSettings {
 /// A CRL ready to serve.
 #[derive(Debug, Clone)]
 struct Published {
-    der: Arc<Vec<u8>>,
+    der: Bytes,
     etag: String,
     this_update: i64,
     next_update: i64,
@@ -57,7 +57,7 @@ impl Published {
         use sha2::Digest;
         Published {
             etag: format!("\"{}\"", hex::encode(&sha2::Sha256::digest(&row.der)[..16])),
-            der: Arc::new(row.der),
+            der: row.der.into(),
             this_update: row.this_update,
             next_update: row.next_update,
         }
@@ -186,7 +186,6 @@ fn http_time(t: i64) -> String {
 }
 
 fn ocsp_response(o: &Ocsp, a: ocsp::Answer) -> Response {
-    use sha2::Digest;
     let mut h = HeaderMap::new();
     let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -209,18 +208,11 @@ fn ocsp_response(o: &Ocsp, a: ocsp::Answer) -> Response {
             );
             set(&mut h, header::LAST_MODIFIED, http_time(this_update));
             set(&mut h, header::EXPIRES, http_time(next_update));
-            set(
-                &mut h,
-                header::ETAG,
-                format!(
-                    "\"{}\"",
-                    hex::encode(&sha2::Sha256::digest(a.der.as_slice())[..16])
-                ),
-            );
+            set(&mut h, header::ETAG, a.etag.clone());
         }
         None => set(&mut h, header::CACHE_CONTROL, "no-cache, no-store".into()),
     }
-    (StatusCode::OK, h, a.der.as_ref().clone()).into_response()
+    (StatusCode::OK, h, a.der).into_response()
 }
 
 async fn crl(
@@ -261,5 +253,5 @@ async fn crl(
     {
         return (StatusCode::NOT_MODIFIED, h).into_response();
     }
-    (StatusCode::OK, h, p.der.as_ref().clone()).into_response()
+    (StatusCode::OK, h, p.der).into_response()
 }

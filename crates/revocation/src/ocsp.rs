@@ -22,6 +22,12 @@ pub enum NoncePolicy {
     Ignore,
 }
 
+/// A strong HTTP entity tag for a body: 128 bits of its SHA-256.
+pub(crate) fn etag_of(body: &[u8]) -> String {
+    use sha2::Digest;
+    format!("\"{}\"", hex::encode(&sha2::Sha256::digest(body)[..16]))
+}
+
 /// Responder settings.
 #[derive(Debug, Clone)]
 pub struct OcspSettings {
@@ -49,8 +55,10 @@ impl Default for OcspSettings {
 /// A signed response ready to send.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    /// The DER `OCSPResponse`.
-    pub der: Arc<Vec<u8>>,
+    /// The DER `OCSPResponse` (shared, so serving it copies nothing).
+    pub der: axum::body::Bytes,
+    /// Its HTTP entity tag, computed once at signing.
+    pub etag: String,
     /// thisUpdate and nextUpdate (unix s) when the response is cacheable.
     pub window: Option<(i64, i64)>,
 }
@@ -235,7 +243,8 @@ impl Ocsp {
         let sig = cur.signer.sign(&tbs)?;
         let der = ocsp::successful(&tbs, &sig, &[&cur.signer.cert_der, &cur.signer.issuer_der])?;
         Ok(Answer {
-            der: Arc::new(der),
+            etag: etag_of(&der),
+            der: der.into(),
             window: nonce
                 .is_none()
                 .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp())),
@@ -252,7 +261,8 @@ impl Ocsp {
         match self.try_answer(request).await {
             Ok(a) => a,
             Err(r) => Answer {
-                der: Arc::new(ocsp::refusal(r)),
+                der: ocsp::refusal(r).into(),
+                etag: String::new(),
                 window: None,
             },
         }
