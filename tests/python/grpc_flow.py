@@ -5,6 +5,10 @@ Drives: bootstrap token -> Sign -> Renew over mTLS with the new certificate
 the Rust test asserts on it. Needs: grpcio, grpcio-tools, and openssl on PATH
 (for keys and CSRs).
 
+Then, as a relying party with Python `cryptography`: OCSP (POST to the URL in
+the certificate) must say revoked within 5 s and the CRL must list it within
+10 s.
+
 usage: grpc_flow.py PROTO_DIR WORK_DIR HOST:PORT ROOTS_PEM TOKEN NAME
 """
 
@@ -12,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 
 import grpc
 from grpc_tools import protoc
@@ -100,7 +106,57 @@ def main():
         seen["renew_after_revoke"] = e.code().name
         seen["renew_after_revoke_detail"] = e.details()
 
+    seen.update(relying_party(second.chain_pem.encode()))
     print(json.dumps(seen))
+
+
+def relying_party(chain_pem):
+    """Checks the revoked certificate the way a relying party would."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+    from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
+
+    certs = x509.load_pem_x509_certificates(chain_pem)
+    leaf, issuer = certs[0], certs[1]
+    aia = leaf.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_INFORMATION_ACCESS).value
+    ocsp_url = next(d.access_location.value for d in aia
+                    if d.access_method == AuthorityInformationAccessOID.OCSP)
+    cdp = leaf.extensions.get_extension_for_oid(ExtensionOID.CRL_DISTRIBUTION_POINTS).value
+    crl_url = cdp[0].full_name[0].value
+    req = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA1()).build()
+    out = {"ocsp": "timeout", "crl": "timeout"}
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        http = urllib.request.Request(
+            ocsp_url, data=req.public_bytes(serialization_der()),
+            headers={"Content-Type": "application/ocsp-request"})
+        resp = ocsp.load_der_ocsp_response(urllib.request.urlopen(http, timeout=10).read())
+        if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            out["ocsp"] = str(resp.response_status)
+            break
+        if resp.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+            out["ocsp"] = "revoked"
+            out["ocsp_reason"] = resp.revocation_reason.name if resp.revocation_reason else None
+            # The responder certificate is delegated by the issuer.
+            out["ocsp_responder_issued_by_issuer"] = any(
+                c.issuer == issuer.subject for c in resp.certificates)
+            break
+        time.sleep(0.25)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        crl = x509.load_der_x509_crl(urllib.request.urlopen(crl_url, timeout=10).read())
+        if crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None:
+            out["crl"] = "listed"
+            out["crl_signature_valid"] = crl.is_signature_valid(issuer.public_key())
+            break
+        time.sleep(0.5)
+    return out
+
+
+def serialization_der():
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return Encoding.DER
 
 
 if __name__ == "__main__":

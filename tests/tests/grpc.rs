@@ -223,6 +223,13 @@ fn python_grpcio_client_signs_renews_and_revokes() {
             .contains("revoked"),
         "{seen}"
     );
+    // Python `cryptography` as a relying party: OCSP and the CRL see the
+    // gRPC revocation (reason 4, superseded).
+    assert_eq!(seen["ocsp"], "revoked", "{seen}");
+    assert_eq!(seen["ocsp_reason"], "superseded", "{seen}");
+    assert_eq!(seen["ocsp_responder_issued_by_issuer"], true, "{seen}");
+    assert_eq!(seen["crl"], "listed", "{seen}");
+    assert_eq!(seen["crl_signature_valid"], true, "{seen}");
     // openssl accepts what the Python client got, against the served root.
     if have("openssl") {
         let renewed = ca.work.join("py-renewed.pem");

@@ -273,7 +273,8 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
         out.contains("Response verify OK") && out.contains("leaf.pem: good"),
         "{out}"
     );
-    let out = ocsp(&[&base[..], &["-no_nonce"]].concat());
+    let good_der = p("good.der");
+    let out = ocsp(&[&base[..], &["-no_nonce", "-respout", &good_der]].concat());
     assert!(
         out.contains("Response verify OK") && out.contains("leaf.pem: good"),
         "{out}"
@@ -411,7 +412,7 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
 
     // pkilint: no ERROR or FATAL on revoked and unknown responses.
     if have("lint_ocsp_response") {
-        for f in ["revoked.der", "unknown.der"] {
+        for f in ["good.der", "revoked.der", "unknown.der"] {
             let out = run("lint_ocsp_response", &["lint", "-s", "ERROR", &p(f)]);
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.trim().is_empty(), "pkilint on {f}:\n{text}");
