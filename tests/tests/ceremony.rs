@@ -315,6 +315,59 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
             shown.contains("BEGIN CERTIFICATE") && shown.contains("api.corp.internal"),
             "{shown}"
         );
+
+        // A second node on the same database: a revocation (made by the CLI,
+        // a third process) reaches OCSP on both nodes within seconds.
+        let second = Server::start(&["--config", &config], work, &[]);
+        let ocsp_status = |port: u16| {
+            let out = run(
+                "openssl",
+                &[
+                    "ocsp",
+                    "-issuer",
+                    &ca.join("intermediate.crt").display().to_string(),
+                    "-cert",
+                    &leaf.display().to_string(),
+                    "-url",
+                    &format!("http://127.0.0.1:{port}/ocsp"),
+                    "-CAfile",
+                    &ca.join("root.crt").display().to_string(),
+                    "-no_nonce",
+                ],
+            );
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("Response verify OK"),
+                "{text}"
+            );
+            text
+        };
+        for port in [server.port, second.port] {
+            assert!(
+                ocsp_status(port).contains(": good"),
+                "{backend} node {port}"
+            );
+        }
+        ok(sigil(&[
+            "revoke",
+            "--config",
+            &config,
+            "--serial",
+            &serial,
+            "--reason",
+            "superseded",
+        ]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for port in [server.port, second.port] {
+            while !ocsp_status(port).contains(": revoked") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{backend}: node {port} still says good"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        second.stop();
     }
     let audit = ok(sigil(&["audit", "verify", "--config", &config]));
     assert!(audit.contains("audit chain OK"), "{backend}: {audit}");
