@@ -418,6 +418,53 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
             assert!(text.trim().is_empty(), "pkilint on {f}:\n{text}");
         }
     }
+    // A restarted node answers from the stored pre-signed responses at once
+    // (those its previous run signed; revoked ones are re-signed on demand).
+    let csr2 = openssl_csr(
+        work,
+        "second",
+        "ec:P-256",
+        "/CN=ocsp2.internal",
+        &["DNS:ocsp2.internal"],
+    );
+    ok(cert_issue(&config, &csr2, &[]));
+    server.stop();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    std::thread::sleep(Duration::from_secs(2)); // its first pre-signing pass stores them
+    server.stop();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let log = server.log_text();
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("OCSP responses loaded from the database"))
+        .and_then(|l| {
+            // The count ends the line (log styling may precede it).
+            let digits: String = l
+                .trim_end()
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.chars().rev().collect::<String>().parse::<u32>().ok()
+        })
+        .unwrap_or(0);
+    assert!(loaded >= 1, "{log}");
+    let url = format!("http://127.0.0.1:{}/ocsp", server.port);
+    let out = ocsp(&[
+        "-issuer",
+        &p("int.pem"),
+        "-cert",
+        &p("leaf.pem"),
+        "-url",
+        &url,
+        "-CAfile",
+        &p("root.pem"),
+        "-no_nonce",
+    ]);
+    assert!(
+        out.contains("Response verify OK") && out.contains("leaf.pem: revoked"),
+        "{out}"
+    );
     server.stop();
 }
 

@@ -7,7 +7,7 @@
 mod error;
 
 pub use error::Error;
-pub use sigil_store::CrlRow;
+pub use sigil_store::{CrlRow, SignedOcsp};
 
 use serde_json::json;
 use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
@@ -686,6 +686,22 @@ impl Authority {
         after: i64,
     ) -> Result<Vec<sigil_store::RevokedEntry>, Error> {
         Ok(self.store.crl_entries(issuer_id, after).await?)
+    }
+
+    /// Keeps pre-signed OCSP responses in the database.
+    pub async fn save_ocsp(&self, rows: &[sigil_store::SignedOcsp]) -> Result<(), Error> {
+        Ok(self.store.save_ocsp(rows).await?)
+    }
+
+    /// Stored OCSP responses of an issuer valid for at least `margin` more.
+    pub async fn stored_ocsp(
+        &self,
+        issuer_id: &str,
+        margin: Duration,
+    ) -> Result<Vec<sigil_store::SignedOcsp>, Error> {
+        let after =
+            self.clock.now().unix_timestamp() + i64::try_from(margin.as_secs()).unwrap_or(0);
+        Ok(self.store.stored_ocsp(issuer_id, after).await?)
     }
 
     /// Serials of an issuer's certificates that expire after `after` (unix s).

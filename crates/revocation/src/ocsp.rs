@@ -166,6 +166,7 @@ impl Ocsp {
             fresh.insert(hex, self.sign(&cur, &[(&q, status)], None, now)?);
         }
         let n = fresh.len();
+        self.persist(id, fresh.iter()).await;
         // Keep answers signed meanwhile (new certificates, revocations) that
         // this snapshot may predate: they are at least as new.
         let mut cache = write(&self.cache);
@@ -200,6 +201,8 @@ impl Ocsp {
             };
             match signed.await {
                 Ok(a) => {
+                    self.persist(&cur.signer.issuer_id, [(hex, &a)].into_iter())
+                        .await;
                     write(&self.cache).insert(hex.clone(), a);
                 }
                 Err(e) => {
@@ -207,6 +210,64 @@ impl Ocsp {
                     // Never keep serving `good` for a revoked certificate.
                     write(&self.cache).remove(hex);
                 }
+            }
+        }
+    }
+
+    /// Answers from the responses stored by an earlier run (or another node)
+    /// until the first pre-signing pass completes. Responses for
+    /// certificates revoked since are left out (they are signed on demand).
+    /// Call after the authority's first sync. Returns how many were loaded.
+    pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
+        let Some(cur) = read(&self.current).clone() else {
+            return Ok(0);
+        };
+        let rows = self
+            .authority
+            .stored_ocsp(&cur.signer.issuer_id, self.settings.validity / 4)
+            .await?;
+        let mut loaded = 0;
+        for r in rows {
+            let Some(serial) = Serial::parse_hex(&r.serial) else {
+                continue;
+            };
+            if self.authority.is_revoked(&serial).await? {
+                continue;
+            }
+            let a = Answer {
+                etag: etag_of(&r.der),
+                der: r.der.into(),
+                window: Some((r.this_update, r.next_update)),
+            };
+            write(&self.cache).entry(r.serial).or_insert(a);
+            loaded += 1;
+        }
+        Ok(loaded)
+    }
+
+    /// Stores signed answers so a restarted node can serve them at once.
+    /// Failures are logged: the in-memory answers stay authoritative.
+    async fn persist<'a>(
+        &self,
+        issuer_id: &str,
+        answers: impl Iterator<Item = (&'a String, &'a Answer)>,
+    ) {
+        let rows: Vec<sigil_authority::SignedOcsp> = answers
+            .filter_map(|(serial, a)| {
+                a.window
+                    .map(|(this_update, next_update)| sigil_authority::SignedOcsp {
+                        serial: serial.clone(),
+                        issuer_id: issuer_id.to_string(),
+                        this_update,
+                        next_update,
+                        der: a.der.to_vec(),
+                    })
+            })
+            .collect();
+        for chunk in rows.chunks(1000) {
+            if let Err(e) = self.authority.save_ocsp(chunk).await {
+                tracing::warn!(error = %e, "storing pre-signed OCSP responses failed");
+                return;
             }
         }
     }

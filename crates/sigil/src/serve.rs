@@ -39,6 +39,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     tokio::spawn(revocation.clone().run());
     let responder = Ocsp::new(authority.clone(), OcspSettings::default());
     responder.ensure_signer().await?;
+    let stored = responder.load_stored().await?;
+    tracing::info!(
+        responses = stored,
+        "OCSP responses loaded from the database"
+    );
     tokio::spawn(responder.clone().run());
     {
         let (authority, revocation, responder) =

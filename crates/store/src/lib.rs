@@ -15,7 +15,7 @@ pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, r
 pub use error::Error;
 pub use rows::{
     CertificateRow, CrlRow, IssuerRow, NewCertificate, NewIssuer, NewRevocation, RevocationRow,
-    RevokedEntry, SpentToken,
+    RevokedEntry, SignedOcsp, SpentToken,
 };
 pub use writer::Change;
 
@@ -106,7 +106,7 @@ impl Store {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 3] = match backend {
+    let files: [(i64, &str, &'static str); 4] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -122,6 +122,11 @@ fn migrator(backend: Backend) -> Migrator {
                 3,
                 "crl_blocked_keys",
                 include_str!("../../../migrations/sqlite/0003_crl_blocked_keys.sql"),
+            ),
+            (
+                4,
+                "ocsp_responses",
+                include_str!("../../../migrations/sqlite/0004_ocsp_responses.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -139,6 +144,11 @@ fn migrator(backend: Backend) -> Migrator {
                 3,
                 "crl_blocked_keys",
                 include_str!("../../../migrations/postgres/0003_crl_blocked_keys.sql"),
+            ),
+            (
+                4,
+                "ocsp_responses",
+                include_str!("../../../migrations/postgres/0004_ocsp_responses.sql"),
             ),
         ],
     };

@@ -100,6 +100,21 @@ pub struct RevokedEntry {
     pub reason: i32,
 }
 
+/// A pre-signed OCSP response.
+#[derive(Debug, Clone)]
+pub struct SignedOcsp {
+    /// Certificate serial, lowercase hex.
+    pub serial: String,
+    /// Issuer id.
+    pub issuer_id: String,
+    /// thisUpdate (unix s).
+    pub this_update: i64,
+    /// nextUpdate (unix s).
+    pub next_update: i64,
+    /// The DER OCSPResponse.
+    pub der: Vec<u8>,
+}
+
 /// A published CRL.
 #[derive(Debug, Clone)]
 pub struct CrlRow {
@@ -288,6 +303,53 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter().map(|r| Ok(r.try_get("serial")?)).collect()
+    }
+
+    /// Stores pre-signed OCSP responses, replacing older ones of the same
+    /// certificates (one transaction).
+    pub async fn save_ocsp(&self, rows: &[SignedOcsp]) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial) DO UPDATE SET \
+                 issuer_id = excluded.issuer_id, this_update = excluded.this_update, \
+                 next_update = excluded.next_update, der = excluded.der \
+                 WHERE ocsp_responses.this_update <= excluded.this_update",
+            )
+            .bind(r.serial.as_str())
+            .bind(r.issuer_id.as_str())
+            .bind(r.this_update)
+            .bind(r.next_update)
+            .bind(r.der.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stored OCSP responses of an issuer still valid after `after` (unix s).
+    pub async fn stored_ocsp(&self, issuer_id: &str, after: i64) -> Result<Vec<SignedOcsp>, Error> {
+        let rows = sqlx::query(
+            "SELECT serial, issuer_id, this_update, next_update, der FROM ocsp_responses \
+             WHERE issuer_id = $1 AND next_update > $2",
+        )
+        .bind(issuer_id)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SignedOcsp {
+                    serial: r.try_get("serial")?,
+                    issuer_id: r.try_get("issuer_id")?,
+                    this_update: r.try_get("this_update")?,
+                    next_update: r.try_get("next_update")?,
+                    der: r.try_get("der")?,
+                })
+            })
+            .collect()
     }
 
     /// Whether a public key (SPKI SHA-256, hex) is blocked after a keyCompromise.

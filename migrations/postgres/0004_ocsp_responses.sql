@@ -1,0 +1,10 @@
+-- Pre-signed OCSP responses, newest per certificate: a restarted node answers
+-- from here at once instead of waiting for a full re-signing pass.
+CREATE TABLE ocsp_responses (
+    serial      TEXT PRIMARY KEY,
+    issuer_id   TEXT NOT NULL,
+    this_update BIGINT NOT NULL,
+    next_update BIGINT NOT NULL,
+    der         BYTEA NOT NULL
+);
+CREATE INDEX ocsp_responses_issuer ON ocsp_responses (issuer_id, next_update);
