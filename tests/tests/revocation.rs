@@ -8,6 +8,61 @@ use sigil_e2e::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// A running dev CA that has issued one P-256 leaf for `name`: `root.pem`,
+/// `leaf.pem` and `int.pem` are written in the work dir, and the CSR
+/// (`leaf.csr`) is kept for re-use.
+struct Fixture {
+    server: Server,
+    config: String,
+    /// Id of the issuing intermediate (from the server banner).
+    issuer: String,
+    csr: std::path::PathBuf,
+}
+
+fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let issuer = server
+        .log_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("issuer:"))
+        .and_then(|l| {
+            l.rsplit_once('(')
+                .map(|(_, id)| id.trim_end_matches(')').to_string())
+        })
+        .expect("issuer id in the banner");
+    let config = work.join("data/sigil.toml").display().to_string();
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+    let csr = openssl_csr(
+        work,
+        "leaf",
+        "ec:P-256",
+        &format!("/CN={name}"),
+        &[&format!("DNS:{name}")],
+    );
+    let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &[])));
+    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
+    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+    Fixture {
+        server,
+        config,
+        issuer,
+        csr,
+    }
+}
+
+/// stdout followed by stderr.
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn crl_number(crl_pem: &Path) -> String {
     let out = run(
         "openssl",
@@ -69,14 +124,7 @@ fn verify_with_crl(dir: &Path, crl: &Path) -> (bool, String) {
             &dir.join("leaf.pem").display().to_string(),
         ],
     );
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), text(&out))
 }
 
 #[test]
@@ -86,34 +134,12 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let log = server.log_text();
-    let issuer = log
-        .lines()
-        .find_map(|l| l.strip_prefix("issuer:"))
-        .and_then(|l| {
-            l.rsplit_once('(')
-                .map(|(_, id)| id.trim_end_matches(')').to_string())
-        })
-        .expect("issuer id in the banner");
-    let config = work.join("data/sigil.toml").display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
-
-    let csr = openssl_csr(
-        work,
-        "leaf",
-        "ec:P-256",
-        "/CN=crl.internal",
-        &["DNS:crl.internal"],
-    );
-    let chain = ok(cert_issue(&config, &csr, &[]));
-    let blocks = pem_blocks(&chain);
-    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
-    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+    let Fixture {
+        server,
+        config,
+        issuer,
+        csr,
+    } = dev_ca_with_leaf(work, "crl.internal");
     let text = String::from_utf8_lossy(
         &run(
             "openssl",
@@ -222,12 +248,7 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
 }
 
 fn ocsp(args: &[&str]) -> String {
-    let out = run("openssl", &[&["ocsp"], args].concat());
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    text(&run("openssl", &[&["ocsp"], args].concat()))
 }
 
 #[test]
@@ -237,24 +258,8 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let config = work.join("data/sigil.toml").display().to_string();
+    let Fixture { server, config, .. } = dev_ca_with_leaf(work, "ocsp.internal");
     let p = |n: &str| work.join(n).display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
-    let csr = openssl_csr(
-        work,
-        "leaf",
-        "ec:P-256",
-        "/CN=ocsp.internal",
-        &["DNS:ocsp.internal"],
-    );
-    let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &[])));
-    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
-    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
     let url = format!("http://127.0.0.1:{}/ocsp", server.port);
     let base = [
         "-issuer",
@@ -475,36 +480,15 @@ fn root_arl_signed_offline_is_published_and_checked_by_openssl() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let log = server.log_text();
-    let issuer = log
-        .lines()
-        .find_map(|l| l.strip_prefix("issuer:"))
-        .and_then(|l| {
-            l.rsplit_once('(')
-                .map(|(_, id)| id.trim_end_matches(')').to_string())
-        })
-        .unwrap();
-    let config = work.join("data/sigil.toml").display().to_string();
+    let Fixture {
+        server,
+        config,
+        issuer,
+        ..
+    } = dev_ca_with_leaf(work, "arl.internal");
     let p = |n: &str| work.join(n).display().to_string();
     let root_dir = p("data/DEV-ONLY-root");
     let root_pass = p("data/DEV-ONLY-root/passphrase");
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
-    let csr = openssl_csr(
-        work,
-        "leaf",
-        "ec:P-256",
-        "/CN=arl.internal",
-        &["DNS:arl.internal"],
-    );
-    let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &[])));
-    std::fs::write(work.join("leaf.pem"), &blocks[0]).unwrap();
-    std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
-
     // The dev intermediate's CRL DP names the root's ARL on this server.
     let int_text = String::from_utf8_lossy(
         &run(
