@@ -220,8 +220,6 @@ async fn grpc_mode(args: &[String]) {
 
 async fn cfssl_mode(args: &[String]) {
     use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
     let url = format!("{}/api/v1/cfssl/sign", args[0].trim_end_matches('/'));
     let pid: u32 = args[1].parse().unwrap();
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
@@ -237,16 +235,7 @@ async fn cfssl_mode(args: &[String]) {
     );
     let mut results = Vec::new();
     for _ in 0..runs {
-        // One client (one keep-alive connection) per worker.
-        let clients: Arc<Vec<_>> = Arc::new(
-            (0..conns)
-                .map(|_| {
-                    Client::builder(TokioExecutor::new())
-                        .pool_max_idle_per_host(1)
-                        .build_http::<Full<bytes::Bytes>>()
-                })
-                .collect(),
-        );
+        let clients = http_clients(conns);
         let (bodies, url) = (bodies.clone(), url.clone());
         results.push(
             drive(pid, n, conns, move |w, i| {
@@ -276,6 +265,26 @@ async fn cfssl_mode(args: &[String]) {
     report("cfssl", conns, pid, results);
 }
 
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// One HTTP/1.1 client (one keep-alive connection) per worker.
+fn http_clients(conns: usize) -> Arc<Vec<HttpClient>> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    Arc::new(
+        (0..conns)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(1)
+                    .build_http()
+            })
+            .collect(),
+    )
+}
+
 /// CPU seconds this process has used (the load generator's own cost).
 fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id())
@@ -283,8 +292,6 @@ fn own_cpu_seconds() -> f64 {
 
 async fn ocsp_mode(args: &[String]) {
     use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
     let url = args[0].clone();
     let dir = std::path::PathBuf::from(&args[1]);
     let pid: u32 = args[2].parse().unwrap();
@@ -304,15 +311,7 @@ async fn ocsp_mode(args: &[String]) {
     let mut driver_cpu = Vec::new();
     // One warm-up pass (first answers may be signed on demand), then the runs.
     for run in 0..=runs {
-        let clients: Arc<Vec<_>> = Arc::new(
-            (0..conns)
-                .map(|_| {
-                    Client::builder(TokioExecutor::new())
-                        .pool_max_idle_per_host(1)
-                        .build_http::<Full<bytes::Bytes>>()
-                })
-                .collect(),
-        );
+        let clients = http_clients(conns);
         let (reqs, url) = (reqs.clone(), url.clone());
         let count = if run == 0 { reqs.len() * 2 } else { n };
         let own0 = own_cpu_seconds();

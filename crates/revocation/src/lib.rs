@@ -22,6 +22,22 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// A read guard even if a writer panicked (the maps stay usable).
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match l.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A write guard even if a writer panicked.
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match l.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// CRL timing.
 #[derive(Debug, Clone)]
 pub struct CrlSettings {
@@ -123,19 +139,13 @@ impl Revocation {
         let id = row.issuer_id.clone();
         let number = row.number;
         let p = Published::from_row(row);
-        match self.crls.write() {
-            Ok(mut g) => g.insert(id.clone(), p.clone()),
-            Err(e) => e.into_inner().insert(id.clone(), p.clone()),
-        };
+        write(&self.crls).insert(id.clone(), p.clone());
         tracing::info!(issuer = %id, number, "published CRL");
         Ok(p)
     }
 
     async fn get(&self, issuer: &str) -> Option<Published> {
-        let cached = match self.crls.read() {
-            Ok(g) => g.get(issuer).cloned(),
-            Err(e) => e.into_inner().get(issuer).cloned(),
-        };
+        let cached = read(&self.crls).get(issuer).cloned();
         if cached.is_some() {
             return cached;
         }

@@ -4,6 +4,7 @@
 //! lookup; requests with a nonce or several certificates get a freshly signed
 //! answer under a concurrency bound.
 
+use crate::{read, write};
 use sigil_authority::{Authority, OcspSigner};
 use sigil_core::Serial;
 use sigil_core::ocsp::{self, IssuerHashes, Query, Refusal, Status};
@@ -81,20 +82,6 @@ pub struct Ocsp {
 impl std::fmt::Debug for Ocsp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ocsp")
-    }
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    match l.read() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    match l.write() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
