@@ -103,6 +103,8 @@ pub struct Server {
     pub port: u16,
     /// The gRPC port chosen for a `--dev` server (none with `--config`).
     pub grpc_port: Option<u16>,
+    /// The HTTPS (ACME) port chosen for a `--dev` server (none with `--config`).
+    pub https_port: Option<u16>,
     /// stdout+stderr log file.
     pub log: PathBuf,
 }
@@ -122,6 +124,12 @@ impl Server {
         if let Some(g) = grpc_port {
             c.args(["--grpc-addr", &format!("127.0.0.1:{g}")]);
         }
+        // Likewise for the HTTPS (ACME) listener.
+        let https_port =
+            (args.contains(&"--dev") && !args.contains(&"--https-addr")).then(free_port);
+        if let Some(h) = https_port {
+            c.args(["--https-addr", &format!("127.0.0.1:{h}")]);
+        }
         c.current_dir(workdir)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
@@ -134,6 +142,7 @@ impl Server {
             child: Some(child),
             port,
             grpc_port,
+            https_port,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -311,9 +311,91 @@ impl Authority {
             requester,
             identifiers,
             profile,
-            key_type,
+            key_type: Some(key_type),
             lifetime,
         })
+    }
+
+    /// Decides whether `requester` may have these names before any key is known
+    /// (an ACME order or pre-authorization): the policy as far as it does not
+    /// depend on the key, and the issuer's name constraints. A refusal is
+    /// audited (`cert.denied`, stage `order`) and returned; the full check runs
+    /// again at issuance.
+    pub async fn check_names(
+        &self,
+        requester: &Requester,
+        identifiers: &[Identifier],
+        profile: Profile,
+        lifetime: Option<Duration>,
+    ) -> Result<(), Error> {
+        let decision = self.policy().evaluate(&Request {
+            requester,
+            identifiers,
+            profile,
+            key_type: None,
+            lifetime,
+        });
+        let refusal = if !decision.allowed {
+            let reason = decision
+                .denial_reason()
+                .unwrap_or_else(|| "request not allowed".to_string());
+            Some(Error::Denied { reason, decision })
+        } else {
+            let issuer = self.active_issuer();
+            let info = issuer.info();
+            identifiers
+                .iter()
+                .find(|id| !info.name_constraints.permits(id))
+                .map(|id| {
+                    Error::OutsideConstraints(format!(
+                        "{id} is outside the name constraints of the issuing CA {} (it may only issue for the names its root allowed)",
+                        info.subject
+                    ))
+                })
+        };
+        let Some(e) = refusal else {
+            return Ok(());
+        };
+        let names: Vec<String> = identifiers.iter().map(|i| i.to_string()).collect();
+        let reason = match &e {
+            Error::Denied { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        self.store
+            .commit(Change::Record(AuditEvent {
+                ts_ms: unix_ms(self.clock.now()),
+                kind: "cert.denied".into(),
+                actor: requester.to_string(),
+                subject: names.first().cloned().unwrap_or_default(),
+                detail: json!({
+                    "names": names,
+                    "profile": profile.name(),
+                    "stage": "order",
+                    "reason": reason,
+                }),
+            }))
+            .await?;
+        Err(e)
+    }
+
+    /// A stored certificate followed by its issuer chain (without the root), PEM.
+    pub async fn chain_pem(&self, row: &CertificateRow) -> Result<String, Error> {
+        let active = self.active_issuer();
+        if active.info().id.as_str() == row.issuer_id {
+            return Ok(format!(
+                "{}{}",
+                pem("CERTIFICATE", &row.der),
+                active.chain_pem
+            ));
+        }
+        let issuer = self.store.issuer(&row.issuer_id).await?.ok_or_else(|| {
+            Error::Unavailable(format!("issuer {} is not recorded", row.issuer_id))
+        })?;
+        Ok(format!(
+            "{}{}",
+            pem("CERTIFICATE", &row.der),
+            pem("CERTIFICATE", &issuer.cert_der)
+        ))
     }
 
     /// Issues a certificate. Returns only after certificate and audit row are durable.

@@ -262,8 +262,9 @@ pub struct Request<'a> {
     pub identifiers: &'a [Identifier],
     /// The profile.
     pub profile: Profile,
-    /// The subject key type.
-    pub key_type: KeyType,
+    /// The subject key type; `None` before the key is known (an ACME order):
+    /// then only rules that hold for every key type decide.
+    pub key_type: Option<KeyType>,
     /// The lifetime explicitly asked for, if any.
     pub lifetime: Option<Duration>,
 }
@@ -438,7 +439,9 @@ impl Policy {
             if rule.selects(req.requester)
                 && rule.touches(id)
                 && rule.profile_ok(req.profile)
-                && rule.key_ok(req.key_type)
+                && req
+                    .key_type
+                    .map_or(rule.key_types.is_none(), |k| rule.key_ok(k))
             {
                 let why = format!("denied by rule '{}' ({})", rule.name, rule.file);
                 return (finding(Outcome::Denied, Some(rule), why), None);
@@ -464,11 +467,11 @@ impl Policy {
                     req.profile,
                     list(rule.profiles.iter().flatten())
                 ))
-            } else if !rule.key_ok(req.key_type) {
+            } else if let Some(k) = req.key_type.filter(|k| !rule.key_ok(*k)) {
                 Some(format!(
                     "rule '{}' covers it but not key type {} (allowed: {})",
                     rule.name,
-                    req.key_type,
+                    k,
                     list(rule.key_types.iter().flatten())
                 ))
             } else if let (Some(want), Some(max)) = (req.lifetime, rule.max_lifetime) {

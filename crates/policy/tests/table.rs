@@ -178,7 +178,7 @@ fn decisions() {
             requester: &c.requester,
             identifiers: &ids,
             profile: c.profile,
-            key_type: c.key,
+            key_type: Some(c.key),
             lifetime: c.lifetime.map(Duration::from_secs),
         });
         let text = d.to_string();
@@ -205,7 +205,7 @@ fn lifetime_bound_is_reported() {
         requester: &r,
         identifiers: &ids,
         profile: Profile::Mtls,
-        key_type: KeyType::Ed25519,
+        key_type: Some(KeyType::Ed25519),
         lifetime: None,
     });
     assert!(d.allowed);
@@ -223,7 +223,7 @@ fn unicode_homograph_does_not_match_ascii_rule() {
         requester: &r,
         identifiers: &ids,
         profile: Profile::Mtls,
-        key_type: KeyType::Ed25519,
+        key_type: Some(KeyType::Ed25519),
         lifetime: None,
     });
     assert!(!d.allowed, "{d}");

@@ -57,6 +57,9 @@ pub enum Command {
     /// CRLs made elsewhere (the offline root's ARL).
     #[command(subcommand)]
     Crl(CrlCmd),
+    /// ACME: external-account-binding keys and renewal deadlines (ARI).
+    #[command(subcommand)]
+    Acme(AcmeCmd),
     /// Obtains a certificate over gRPC and keeps it renewed.
     Agent(crate::agent::AgentArgs),
 }
@@ -181,6 +184,21 @@ pub struct ServeArgs {
     /// gRPC CSR API listener (overrides grpc.addr; the dev CA defaults to 127.0.0.1:9443).
     #[arg(long)]
     pub grpc_addr: Option<std::net::SocketAddr>,
+    /// HTTPS (ACME) listener (overrides acme.https_addr; the dev CA defaults to 127.0.0.1:8443).
+    #[arg(long)]
+    pub https_addr: Option<std::net::SocketAddr>,
+    /// Port contacted for http-01 validation (overrides acme.validation_http_port).
+    #[arg(long)]
+    pub validation_http_port: Option<u16>,
+    /// Port contacted for tls-alpn-01 validation (overrides acme.validation_tls_port).
+    #[arg(long)]
+    pub validation_tls_port: Option<u16>,
+    /// DNS server IP:PORT for dns-01 and validation lookups (overrides acme.dns_resolver).
+    #[arg(long)]
+    pub dns_resolver: Option<std::net::SocketAddr>,
+    /// Require an external account binding for new ACME accounts (sets acme.eab_required).
+    #[arg(long)]
+    pub eab_required: bool,
 }
 
 /// `sigil crl ...`
@@ -214,6 +232,51 @@ pub enum TokenCmd {
         /// How long the token stays usable.
         #[arg(long, default_value = "10m")]
         ttl: String,
+    },
+}
+
+/// `sigil acme ...`
+#[derive(Debug, Subcommand)]
+pub enum AcmeCmd {
+    /// External account binding keys.
+    #[command(subcommand)]
+    Eab(EabCmd),
+    /// Asks ACME clients (through ARI) to renew a certificate, or everything
+    /// from one issuer, by a deadline.
+    Ari {
+        /// Server configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// One certificate, by hex serial.
+        #[arg(long, conflicts_with = "issuer")]
+        serial: Option<String>,
+        /// Every certificate of one issuer, by issuer id.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Deadline: RFC 3339 time or a duration from now (e.g. 6h).
+        #[arg(long)]
+        renew_by: String,
+        /// Operator name for the audit log (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+/// `sigil acme eab ...`
+#[derive(Debug, Subcommand)]
+pub enum EabCmd {
+    /// Creates an EAB key (prints its key id and base64url HMAC key).
+    Create {
+        /// Server configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The requester name accounts bound to this key act as in the naming
+        /// policy (`eab:NAME`); default: the key id.
+        #[arg(long)]
+        requester: Option<String>,
+        /// Operator name for the audit log (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
     },
 }
 
@@ -328,5 +391,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             operator,
         } => cmd_ops::revoke(&config, &serial, &reason, operator.as_deref()).await,
         Command::Agent(a) => crate::agent::run(a).await,
+        Command::Acme(c) => crate::cmd_acme::acme(c).await,
     }
 }

@@ -270,7 +270,7 @@ pub fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                 requester: &requester,
                 identifiers: &ids,
                 profile: profile.parse()?,
-                key_type,
+                key_type: Some(key_type),
                 lifetime: lifetime.map(|l| parse_duration(&l)).transpose()?,
             });
             print!("{decision}");

@@ -25,6 +25,9 @@ pub struct Config {
     /// The gRPC CSR API; absent means no gRPC listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcConfig>,
+    /// The ACME server (HTTPS listener); absent means no ACME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
     /// Where this file was read from (not serialized).
     #[serde(skip)]
     pub path: PathBuf,
@@ -135,6 +138,89 @@ impl GrpcConfig {
     }
 }
 
+/// `[acme]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// HTTPS listener for the ACME directory (`/acme/directory`).
+    pub https_addr: SocketAddr,
+    /// Public base URL clients use (`https://ca.corp.internal:8443`); default
+    /// `https://<https_addr>`. JWS `url` values must match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Names in the listener's own certificate (issued by this CA, renewed in place).
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// Lifetime of the listener's certificate.
+    #[serde(default = "default_server_cert_lifetime")]
+    pub server_cert_lifetime: String,
+    /// New accounts must carry an external account binding (`sigil acme eab create`).
+    #[serde(default)]
+    pub eab_required: bool,
+    /// Port contacted for http-01.
+    #[serde(default = "default_http01_port")]
+    pub validation_http_port: u16,
+    /// Port contacted for tls-alpn-01.
+    #[serde(default = "default_tls_alpn_port")]
+    pub validation_tls_port: u16,
+    /// DNS server (`IP:PORT`) for dns-01 and name lookups; default: the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_resolver: Option<SocketAddr>,
+    /// Resolve names under `.localhost` to 127.0.0.1 when validating (development).
+    #[serde(default)]
+    pub localhost_loopback: bool,
+    /// How long a valid authorization is reused for new orders.
+    #[serde(default = "default_authz_reuse")]
+    pub authz_reuse: String,
+    /// How long pending orders and authorizations live.
+    #[serde(default = "default_authz_reuse")]
+    pub order_lifetime: String,
+    /// `meta.termsOfService` in the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms_of_service: Option<String>,
+    /// `meta.website` in the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub website: Option<String>,
+}
+
+fn default_http01_port() -> u16 {
+    80
+}
+fn default_tls_alpn_port() -> u16 {
+    443
+}
+fn default_authz_reuse() -> String {
+    "24h".into()
+}
+
+impl AcmeConfig {
+    /// Defaults for a listener on `addr`.
+    pub fn on(addr: SocketAddr) -> AcmeConfig {
+        AcmeConfig {
+            https_addr: addr,
+            base_url: None,
+            server_names: default_server_names(),
+            server_cert_lifetime: default_server_cert_lifetime(),
+            eab_required: false,
+            validation_http_port: default_http01_port(),
+            validation_tls_port: default_tls_alpn_port(),
+            dns_resolver: None,
+            localhost_loopback: false,
+            authz_reuse: default_authz_reuse(),
+            order_lifetime: default_authz_reuse(),
+            terms_of_service: None,
+            website: None,
+        }
+    }
+
+    /// The base URL JWS `url` values are checked against.
+    pub fn base_url(&self) -> String {
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.https_addr))
+    }
+}
+
 /// `[policy]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +275,24 @@ impl Config {
             }
             sigil_core::lifetime::parse_duration(&g.server_cert_lifetime)
                 .with_context(|| format!("{p}: grpc.server_cert_lifetime"))?;
+        }
+        if let Some(a) = &self.acme {
+            if a.server_names.is_empty() {
+                bail!(
+                    "{p}: acme.server_names is empty: list the names ACME clients use to reach the HTTPS listener"
+                );
+            }
+            if let Some(u) = a.base_url.as_ref().filter(|u| !u.starts_with("https://")) {
+                bail!("{p}: acme.base_url must be an https:// URL (got '{u}')");
+            }
+            for (key, value) in [
+                ("acme.server_cert_lifetime", &a.server_cert_lifetime),
+                ("acme.authz_reuse", &a.authz_reuse),
+                ("acme.order_lifetime", &a.order_lifetime),
+            ] {
+                sigil_core::lifetime::parse_duration(value)
+                    .with_context(|| format!("{p}: {key}"))?;
+            }
         }
         let d = self.default_lifetime()?;
         let m = self.max_lifetime()?;

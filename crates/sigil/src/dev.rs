@@ -7,7 +7,8 @@ use crate::cmd_ca::{
     write_public,
 };
 use crate::config::{
-    CaConfig, Config, DatabaseConfig, GrpcConfig, IssuanceConfig, PolicyConfig, ServerConfig,
+    AcmeConfig, CaConfig, Config, DatabaseConfig, GrpcConfig, IssuanceConfig, PolicyConfig,
+    ServerConfig,
 };
 use anyhow::{Context, Result};
 use sigil_core::KeySpec;
@@ -35,11 +36,21 @@ ip = ["127.0.0.0/8", "::1"]
 max_lifetime = "30d"
 "#;
 
+/// The dev CA's ACME section: names under `.localhost` are validated on
+/// 127.0.0.1 (RFC 6761), so stock clients work on one machine.
+fn dev_acme(addr: SocketAddr) -> AcmeConfig {
+    AcmeConfig {
+        localhost_loopback: true,
+        ..AcmeConfig::on(addr)
+    }
+}
+
 /// Creates the dev CA in `dir` unless it exists; returns the config path.
 pub async fn ensure(
     dir: &Path,
     http_addr: Option<SocketAddr>,
     grpc_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
 ) -> Result<PathBuf> {
     let config_path = dir.join("sigil.toml");
     if config_path.exists() {
@@ -56,6 +67,15 @@ pub async fn ensure(
             match cfg.grpc.as_mut() {
                 Some(g) => g.addr = addr,
                 None => cfg.grpc = Some(GrpcConfig::on(addr)),
+            }
+            changed = true;
+        }
+        if let Some(addr) =
+            https_addr.filter(|a| cfg.acme.as_ref().map(|c| c.https_addr) != Some(*a))
+        {
+            match cfg.acme.as_mut() {
+                Some(c) => c.https_addr = addr,
+                None => cfg.acme = Some(dev_acme(addr)),
             }
             changed = true;
         }
@@ -116,6 +136,9 @@ pub async fn ensure(
         },
         grpc: Some(GrpcConfig::on(
             grpc_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9443))),
+        )),
+        acme: Some(dev_acme(
+            https_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443))),
         )),
         path: config_path.clone(),
     };

@@ -1,7 +1,9 @@
 //! The `sigil` binary: `sigil serve` and the admin commands.
 
+mod acme_server;
 mod agent;
 mod cli;
+mod cmd_acme;
 mod cmd_ca;
 mod cmd_ops;
 mod cmd_token;
@@ -11,6 +13,7 @@ mod grpc_server;
 mod http;
 mod passphrase;
 mod serve;
+mod tls_cert;
 
 use clap::Parser;
 

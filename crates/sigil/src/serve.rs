@@ -1,11 +1,12 @@
 //! `sigil serve`: wire config, authority and listeners; stop cleanly on signals.
 
+use crate::acme_server::AcmeListener;
 use crate::cli::ServeArgs;
 use crate::cmd_ca::{key_passphrase, load_roots};
 use crate::cmd_ops::build_authority;
 use crate::cmd_token::server_verifier;
 use crate::config::Config;
-use crate::config::GrpcConfig;
+use crate::config::{AcmeConfig, GrpcConfig};
 use crate::grpc_server::GrpcListener;
 use crate::{dev, http};
 use anyhow::{Context, Result};
@@ -17,7 +18,15 @@ use std::sync::Arc;
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config_path = match (&args.config, args.dev) {
-        (_, true) => dev::ensure(&args.data_dir, args.http_addr, args.grpc_addr).await?,
+        (_, true) => {
+            dev::ensure(
+                &args.data_dir,
+                args.http_addr,
+                args.grpc_addr,
+                args.https_addr,
+            )
+            .await?
+        }
         (Some(p), false) => p.clone(),
         (None, false) => anyhow::bail!("pass --config sigil.toml, or --dev for a development CA"),
     };
@@ -30,6 +39,34 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             Some(g) => g.addr = addr,
             None => cfg.grpc = Some(GrpcConfig::on(addr)),
         }
+    }
+    if let Some(addr) = args.https_addr {
+        match cfg.acme.as_mut() {
+            Some(a) => a.https_addr = addr,
+            None => cfg.acme = Some(AcmeConfig::on(addr)),
+        }
+    }
+    let acme_flags = args.validation_http_port.is_some()
+        || args.validation_tls_port.is_some()
+        || args.dns_resolver.is_some()
+        || args.eab_required;
+    match cfg.acme.as_mut() {
+        Some(a) => {
+            if let Some(p) = args.validation_http_port {
+                a.validation_http_port = p;
+            }
+            if let Some(p) = args.validation_tls_port {
+                a.validation_tls_port = p;
+            }
+            if let Some(r) = args.dns_resolver {
+                a.dns_resolver = Some(r);
+            }
+            a.eab_required |= args.eab_required;
+        }
+        None if acme_flags => anyhow::bail!(
+            "ACME flags need an ACME listener: add an [acme] section to the config or pass --https-addr"
+        ),
+        None => {}
     }
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
@@ -101,6 +138,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
         None => None,
     };
+    let acme = match &cfg.acme {
+        Some(a) => Some(AcmeListener::start(a, authority.clone()).await?),
+        None => None,
+    };
     let config_abs = config_path.canonicalize().unwrap_or(config_path.clone());
     if args.dev {
         println!(
@@ -135,6 +176,17 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             config_abs.display()
         );
     }
+    if let Some(a) = &acme {
+        println!(
+            "acme:              {}/acme/directory  (listening on {})",
+            cfg.acme.as_ref().map(|c| c.base_url()).unwrap_or_default(),
+            a.local_addr()?
+        );
+        println!(
+            "eab key:           sigil acme eab create --config {} [--requester NAME]",
+            config_abs.display()
+        );
+    }
     println!("config:            {}", config_abs.display());
     println!(
         "issue a cert:      sigil cert issue --config {} --csr leaf.csr",
@@ -153,11 +205,15 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let app = http::router(state).merge(sigil_revocation::router(revocation, responder));
     let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
+    let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
     let http_task = tokio::spawn(async move { http.await });
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     http_task.await??;
     if let Some(t) = grpc_task {
+        t.await??;
+    }
+    if let Some(t) = acme_task {
         t.await??;
     }
     authority.store().close().await;

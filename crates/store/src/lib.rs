@@ -6,11 +6,13 @@
 //! same transaction. A caller's `commit` returns only after that transaction is
 //! durable. The audit table is append-only (database triggers) and hash-chained.
 
+mod acme;
 mod audit;
 mod error;
 mod rows;
 mod writer;
 
+pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey};
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
 pub use error::Error;
 pub use rows::{
@@ -106,7 +108,7 @@ impl Store {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 4] = match backend {
+    let files: [(i64, &str, &'static str); 5] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -127,6 +129,11 @@ fn migrator(backend: Backend) -> Migrator {
                 4,
                 "ocsp_responses",
                 include_str!("../../../migrations/sqlite/0004_ocsp_responses.sql"),
+            ),
+            (
+                5,
+                "acme",
+                include_str!("../../../migrations/sqlite/0005_acme.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -149,6 +156,11 @@ fn migrator(backend: Backend) -> Migrator {
                 4,
                 "ocsp_responses",
                 include_str!("../../../migrations/postgres/0004_ocsp_responses.sql"),
+            ),
+            (
+                5,
+                "acme",
+                include_str!("../../../migrations/postgres/0005_acme.sql"),
             ),
         ],
     };

@@ -2,6 +2,7 @@
 //! changes into one durable transaction, so throughput does not pay one fsync
 //! per certificate and durability is never weakened.
 
+use crate::acme::AcmeWrite;
 use crate::audit::{AuditEvent, AuditReceipt, GENESIS_HASH, row_hash};
 use crate::rows::{NewCertificate, NewIssuer, NewRevocation, SpentToken};
 use crate::{Backend, Error};
@@ -45,6 +46,13 @@ pub enum Change {
         /// Its audit event.
         event: AuditEvent,
     },
+    /// An ACME account or EAB key change.
+    Acme {
+        /// The change.
+        write: AcmeWrite,
+        /// Its audit event.
+        event: AuditEvent,
+    },
     /// An event with no other row (a denial, a config change).
     Record(AuditEvent),
 }
@@ -55,6 +63,7 @@ impl Change {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
             | Change::InstallIssuer { event, .. }
+            | Change::Acme { event, .. }
             | Change::Record(event) => event,
         }
     }
@@ -144,7 +153,7 @@ async fn write(
     result.map(|(r, _)| r)
 }
 
-fn classify(e: sqlx::Error) -> Error {
+pub(crate) fn classify(e: sqlx::Error) -> Error {
     match e.as_database_error() {
         Some(d) if d.is_unique_violation() => Error::Conflict(d.message().to_string()),
         _ => Error::Db(e),
@@ -186,6 +195,7 @@ async fn write_batch(
     for change in changes {
         match change {
             Change::InstallIssuer { issuer, .. } => install_issuer(&mut tx, issuer).await?,
+            Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::Issue {
                 token: Some(token), ..
             } => spend_token(&mut tx, token).await.map_err(classify)?,

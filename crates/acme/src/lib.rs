@@ -1,0 +1,317 @@
+//! Sigil's ACME server (RFC 8555) as an axum `Router`: JWS and nonces,
+//! accounts (with EAB and key change), orders and pre-authorization,
+//! http-01 / dns-01 / tls-alpn-01 validation, finalize through the one
+//! issuance path, certificate download, revocation, ARI (RFC 9773) and
+//! profiles. All protocol state lives in the database, so consecutive requests
+//! may hit different nodes.
+
+mod ari;
+mod handlers;
+mod jws;
+mod model;
+mod nonce;
+mod problem;
+mod validate;
+
+pub use ari::cert_id;
+pub use problem::Problem;
+pub use validate::{ChallengeType, ValidationSettings, Validator};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use jws::{AccountKey, Jws};
+use sigil_authority::Authority;
+use sigil_core::Requester;
+use sigil_store::AcmeAccount;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ACME settings from configuration.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// Public base URL of the HTTPS listener (`https://host:port`, no trailing slash).
+    pub base_url: String,
+    /// newAccount must carry an external account binding.
+    pub eab_required: bool,
+    /// How long a valid authorization is reused for new orders.
+    pub authz_reuse: Duration,
+    /// How long pending orders and authorizations live.
+    pub order_lifetime: Duration,
+    /// Largest accepted request body.
+    pub max_body: usize,
+    /// Seconds a nonce stays valid.
+    pub nonce_ttl: Duration,
+    /// `meta.termsOfService`.
+    pub terms_of_service: Option<String>,
+    /// `meta.website`.
+    pub website: Option<String>,
+    /// Challenge validation.
+    pub validation: ValidationSettings,
+}
+
+impl AcmeSettings {
+    /// Defaults for a server reachable at `base_url`.
+    pub fn new(base_url: &str) -> AcmeSettings {
+        AcmeSettings {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            eab_required: false,
+            authz_reuse: Duration::from_secs(24 * 3600),
+            order_lifetime: Duration::from_secs(24 * 3600),
+            max_body: 64 * 1024,
+            nonce_ttl: Duration::from_secs(3600),
+            terms_of_service: None,
+            website: None,
+            validation: ValidationSettings::default(),
+        }
+    }
+}
+
+/// The ACME service state.
+pub struct Acme {
+    authority: Arc<Authority>,
+    settings: AcmeSettings,
+    nonces: nonce::Nonces,
+    validator: Validator,
+}
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a request must be signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signer {
+    /// By an existing account (`kid`).
+    Account,
+    /// By a key given inline (`jwk`): newAccount.
+    Key,
+    /// Either (revokeCert).
+    Either,
+}
+
+/// An authenticated request.
+#[derive(Debug)]
+struct Authed {
+    jws: Jws,
+    key: AccountKey,
+    account: Option<AcmeAccount>,
+}
+
+impl Authed {
+    fn account(&self) -> Result<&AcmeAccount, Problem> {
+        self.account
+            .as_ref()
+            .ok_or_else(|| Problem::malformed("this request must be signed by an account (kid)"))
+    }
+}
+
+impl Acme {
+    /// Loads the shared nonce key and builds the validator.
+    pub async fn new(
+        authority: Arc<Authority>,
+        settings: AcmeSettings,
+    ) -> Result<Arc<Acme>, String> {
+        let nonces = nonce::Nonces::new(
+            authority.store().clone(),
+            i64::try_from(settings.nonce_ttl.as_secs()).unwrap_or(3600),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let validator = Validator::new(settings.validation.clone())?;
+        Ok(Arc::new(Acme {
+            authority,
+            settings,
+            nonces,
+            validator,
+        }))
+    }
+
+    fn now(&self) -> i64 {
+        self.authority.now().unix_timestamp()
+    }
+
+    /// An absolute URL for a path under the listener.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.base_url)
+    }
+
+    fn account_url(&self, id: &str) -> String {
+        self.url(&format!("/acme/account/{id}"))
+    }
+
+    /// Forgets expired nonces; call now and then.
+    pub async fn prune(&self) {
+        if let Err(e) = self.nonces.prune(self.now()).await {
+            tracing::warn!(error = %e, "pruning spent ACME nonces failed");
+        }
+    }
+
+    /// RFC 8555 §6.2–6.5: content type, size, JWS form, algorithm, exactly one
+    /// of jwk/kid, url, signature, then the nonce (spent last, so a forged
+    /// request cannot burn one).
+    async fn authenticate(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: Body,
+        signer: Signer,
+    ) -> Result<Authed, Problem> {
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/jose+json"))
+        {
+            let mut p = Problem::malformed(format!(
+                "Content-Type must be application/jose+json (got '{ct}')"
+            ));
+            p.status = axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return Err(p);
+        }
+        let bytes = axum::body::to_bytes(body, self.settings.max_body)
+            .await
+            .map_err(|_| {
+                let mut p = Problem::malformed(format!(
+                    "request body exceeds {} bytes",
+                    self.settings.max_body
+                ));
+                p.status = axum::http::StatusCode::PAYLOAD_TOO_LARGE;
+                p
+            })?;
+        let jws = Jws::parse(&bytes)?;
+        jws::algorithm(&jws.header.alg)?;
+        let want_url = self.url(path);
+        match jws.header.url.as_deref() {
+            Some(u) if u == want_url => {}
+            Some(u) => {
+                return Err(Problem::unauthorized(format!(
+                    "JWS url '{u}' does not match the request URL '{want_url}'"
+                )));
+            }
+            None => return Err(Problem::malformed("JWS protected header has no url")),
+        }
+        let (key, account) = match (&jws.header.jwk, &jws.header.kid, signer) {
+            (Some(_), Some(_), _) => {
+                return Err(Problem::malformed(
+                    "JWS protected header must have exactly one of jwk and kid, not both",
+                ));
+            }
+            (None, None, _) => {
+                return Err(Problem::malformed(
+                    "JWS protected header must have one of jwk or kid",
+                ));
+            }
+            (Some(_), None, Signer::Account) => {
+                return Err(Problem::malformed(
+                    "this request must be signed by an account: use kid, not jwk",
+                ));
+            }
+            (None, Some(_), Signer::Key) => {
+                return Err(Problem::malformed(
+                    "newAccount must be signed with jwk (the new account's key), not kid",
+                ));
+            }
+            (Some(jwk), None, _) => (AccountKey::from_jwk(jwk)?, None),
+            (None, Some(kid), _) => {
+                let account = self.account_by_kid(kid).await?;
+                let stored: serde_json::Value = serde_json::from_str(&account.jwk)
+                    .map_err(|e| Problem::server_internal(format!("stored account key: {e}")))?;
+                (AccountKey::from_jwk(&stored)?, Some(account))
+            }
+        };
+        jws.verify(&key)?;
+        let nonce = jws
+            .header
+            .nonce
+            .as_deref()
+            .ok_or_else(|| Problem::bad_nonce("JWS protected header has no nonce"))?;
+        self.nonces.spend(nonce, self.now()).await?;
+        Ok(Authed { jws, key, account })
+    }
+
+    async fn account_by_kid(&self, kid: &str) -> Result<AcmeAccount, Problem> {
+        let prefix = self.url("/acme/account/");
+        let id = kid.strip_prefix(&prefix).filter(|id| !id.contains('/'));
+        let account = match id {
+            Some(id) => self.authority.store().acme_account(id).await?,
+            None => None,
+        };
+        let account = account
+            .ok_or_else(|| Problem::account_does_not_exist(format!("no account at '{kid}'")))?;
+        if account.status != "valid" {
+            return Err(Problem::unauthorized(format!(
+                "account {kid} is {}",
+                account.status
+            )));
+        }
+        Ok(account)
+    }
+
+    fn requester(account: &AcmeAccount) -> Result<Requester, Problem> {
+        Requester::parse(&account.requester).ok_or_else(|| {
+            Problem::server_internal(format!(
+                "account {} records an unknown requester",
+                account.id
+            ))
+        })
+    }
+}
+
+/// Adds `Replay-Nonce`, `Cache-Control: no-store` and the directory link to
+/// every ACME response (RFC 8555 §6.5, §7.1).
+async fn common_headers(State(acme): State<Arc<Acme>>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let nonce = acme.nonces.issue(acme.now());
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&nonce) {
+        h.insert("replay-nonce", v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("<{}>;rel=\"index\"", acme.url("/acme/directory")))
+    {
+        h.append(header::LINK, v);
+    }
+    resp
+}
+
+/// The ACME routes under `/acme`.
+pub fn router(acme: Arc<Acme>) -> Router {
+    use handlers as h;
+    Router::new()
+        .route("/acme/directory", get(h::directory))
+        .route(
+            "/acme/new-nonce",
+            get(h::new_nonce_get).head(h::new_nonce_head),
+        )
+        .route("/acme/new-account", post(h::new_account))
+        .route("/acme/account/{id}", post(h::account))
+        .route("/acme/account/{id}/orders", post(h::account_orders))
+        .route("/acme/key-change", post(h::key_change))
+        .route("/acme/new-order", post(h::new_order))
+        .route("/acme/new-authz", post(h::new_authz))
+        .route("/acme/order/{id}", post(h::order))
+        .route("/acme/order/{id}/finalize", post(h::finalize))
+        .route("/acme/authz/{id}", post(h::authz))
+        .route("/acme/chall/{authz}/{kind}", post(h::challenge))
+        .route("/acme/cert/{serial}", post(h::certificate))
+        .route("/acme/revoke-cert", post(h::revoke_cert))
+        .route("/acme/renewal-info/{id}", get(h::renewal_info))
+        .layer(axum::middleware::from_fn_with_state(
+            acme.clone(),
+            common_headers,
+        ))
+        .with_state(acme)
+}

@@ -1,0 +1,137 @@
+//! The TLS certificate of Sigil's own listeners (gRPC, HTTPS/ACME): issued by
+//! this CA's intermediate through the normal issuance path (policy and audit
+//! included) and renewed in place, with no restart.
+
+use anyhow::{Context, Result};
+use rcgen::{CertificateParams, KeyPair};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_authority::{Authority, IssueRequest};
+use sigil_core::{Profile, Requester};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The requester name the server uses for its own listener certificates.
+pub const SERVER_REQUESTER: &str = "sigil-server";
+
+/// The rustls provider used by every listener.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A listener certificate, swapped in place when renewed.
+#[derive(Debug)]
+pub struct ServerCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        })
+    }
+}
+
+impl ServerCert {
+    /// Issues the first certificate for `names` and starts its renewal task
+    /// (at 2/3 of the lifetime; retried every minute on failure).
+    pub async fn start(
+        authority: Arc<Authority>,
+        names: &[String],
+        lifetime: Duration,
+        label: &'static str,
+    ) -> Result<Arc<ServerCert>> {
+        let (cert, renew_at) = issue(&authority, names, lifetime, label).await?;
+        let me = Arc::new(ServerCert(RwLock::new(cert)));
+        tokio::spawn(renew_loop(
+            authority,
+            names.to_vec(),
+            lifetime,
+            label,
+            me.clone(),
+            renew_at,
+        ));
+        Ok(me)
+    }
+
+    fn set(&self, cert: Arc<CertifiedKey>) {
+        match self.0.write() {
+            Ok(mut g) => *g = cert,
+            Err(p) => *p.into_inner() = cert,
+        }
+    }
+}
+
+/// Issues a listener certificate; returns the TLS key with its chain and the
+/// renewal time (unix s).
+async fn issue(
+    authority: &Authority,
+    names: &[String],
+    lifetime: Duration,
+    label: &str,
+) -> Result<(Arc<CertifiedKey>, i64)> {
+    let key =
+        KeyPair::generate().with_context(|| format!("generating the {label} listener key"))?;
+    let mut params = CertificateParams::new(names.to_vec())
+        .with_context(|| format!("the {label} listener's server_names hold an invalid name"))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key)?.der().to_vec();
+    let issued = authority
+        .issue(IssueRequest {
+            csr,
+            requester: Requester::Operator(SERVER_REQUESTER.into()),
+            profile: Some(Profile::Server),
+            lifetime: Some(lifetime),
+            token: None,
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cannot issue the {label} listener certificate for {}: the policy must allow requester operator:{SERVER_REQUESTER} these names",
+                names.join(", ")
+            )
+        })?;
+    let chain: Vec<CertificateDer<'static>> = issued
+        .chain_der
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .with_context(|| format!("loading the {label} listener key"))?;
+    let renew_at = sigil_grpc::renew_after(
+        issued.not_before.unix_timestamp(),
+        issued.not_after.unix_timestamp(),
+    );
+    Ok((Arc::new(CertifiedKey::new(chain, signing)), renew_at))
+}
+
+async fn renew_loop(
+    authority: Arc<Authority>,
+    names: Vec<String>,
+    lifetime: Duration,
+    label: &'static str,
+    cert: Arc<ServerCert>,
+    mut renew_at: i64,
+) {
+    loop {
+        let now = authority.now().unix_timestamp();
+        let wait = u64::try_from(renew_at - now).unwrap_or(0);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        match issue(&authority, &names, lifetime, label).await {
+            Ok((next, at)) => {
+                cert.set(next);
+                renew_at = at;
+                tracing::info!(listener = label, "renewed the listener certificate");
+            }
+            Err(e) => {
+                tracing::error!(listener = label, error = %format!("{e:#}"), "renewing the listener certificate failed; retrying in 60 s");
+                renew_at = authority.now().unix_timestamp() + 60;
+            }
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! ACME state: accounts, EAB keys, orders, authorizations, nonces and renewal
+//! hints. Account and EAB changes go through the writer with an audit record
+//! ([`crate::Change::Acme`]); orders, authorizations and nonces are protocol
+//! state written directly (their outcome, issuance or denial, is audited by
+//! the authority).
+
+use crate::{Error, Store};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// A stored ACME account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeAccount {
+    /// Account id (the last segment of its URL).
+    pub id: String,
+    /// RFC 7638 thumbprint of the account key (unique).
+    pub thumbprint: String,
+    /// The account key, JWK JSON.
+    pub jwk: String,
+    /// `valid`, `deactivated` or `revoked`.
+    pub status: String,
+    /// Contact URLs, JSON array.
+    pub contact: String,
+    /// The requester the naming policy sees (`acme:<id>` or `eab:<name>`).
+    pub requester: String,
+    /// The EAB key id the account is bound to.
+    pub eab_kid: Option<String>,
+    /// Creation time (unix s).
+    pub created_at: i64,
+}
+
+/// An external-account-binding key.
+#[derive(Debug, Clone)]
+pub struct EabKey {
+    /// Key id.
+    pub kid: String,
+    /// HMAC-SHA256 key.
+    pub hmac_key: Vec<u8>,
+    /// Requester name accounts bound to it act as (`eab:<requester>`).
+    pub requester: String,
+    /// Creation time (unix s).
+    pub created_at: i64,
+    /// The account it is bound to, once used.
+    pub account_id: Option<String>,
+}
+
+/// An account or EAB change, written with its audit record.
+#[derive(Debug, Clone)]
+pub enum AcmeWrite {
+    /// A new account; with `eab_kid`, the key is bound to it in the same
+    /// transaction (a key already bound fails with `Error::Conflict`).
+    NewAccount(AcmeAccount),
+    /// Key, status or contact of an existing account.
+    UpdateAccount(AcmeAccount),
+    /// A new EAB key.
+    NewEabKey(EabKey),
+    /// An operator's renew-by time (ARI) for `scope` (`serial:HEX` or `issuer:ID`).
+    RenewalHint {
+        /// What it covers.
+        scope: String,
+        /// Renew before (unix s).
+        renew_by: i64,
+        /// When set (unix s).
+        set_at: i64,
+    },
+}
+
+/// An order or authorization: indexed columns plus a JSON body the ACME
+/// crate owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeObject {
+    /// Object id.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Status as RFC 8555 names it.
+    pub status: String,
+    /// Expiry (unix s).
+    pub expires_at: i64,
+    /// The rest, JSON.
+    pub body: String,
+    /// Creation time (unix s).
+    pub created_at: i64,
+}
+
+/// Which object table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeTable {
+    /// `acme_orders`.
+    Orders,
+    /// `acme_authzs`.
+    Authzs,
+}
+
+impl AcmeTable {
+    fn name(self) -> &'static str {
+        match self {
+            AcmeTable::Orders => "acme_orders",
+            AcmeTable::Authzs => "acme_authzs",
+        }
+    }
+}
+
+const ACCOUNT_COLS: &str = "id, thumbprint, jwk, status, contact, requester, eab_kid, created_at";
+
+fn account_from_row(r: &AnyRow) -> Result<AcmeAccount, Error> {
+    Ok(AcmeAccount {
+        id: r.try_get("id")?,
+        thumbprint: r.try_get("thumbprint")?,
+        jwk: r.try_get("jwk")?,
+        status: r.try_get("status")?,
+        contact: r.try_get("contact")?,
+        requester: r.try_get("requester")?,
+        eab_kid: r.try_get("eab_kid")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn object_from_row(r: &AnyRow) -> Result<AcmeObject, Error> {
+    Ok(AcmeObject {
+        id: r.try_get("id")?,
+        account_id: r.try_get("account_id")?,
+        status: r.try_get("status")?,
+        expires_at: r.try_get("expires_at")?,
+        body: r.try_get("body")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// Applies an account/EAB write inside the writer's transaction.
+pub(crate) async fn apply(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    write: &AcmeWrite,
+) -> Result<(), Error> {
+    if let AcmeWrite::NewAccount(AcmeAccount {
+        id,
+        eab_kid: Some(kid),
+        ..
+    }) = write
+    {
+        let bound = sqlx::query(
+            "UPDATE acme_eab_keys SET account_id = $1 WHERE kid = $2 AND account_id IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(kid.as_str())
+        .execute(&mut **tx)
+        .await?;
+        if bound.rows_affected() != 1 {
+            return Err(Error::Conflict(format!(
+                "EAB key {kid} is already bound to an account"
+            )));
+        }
+    }
+    apply_sql(tx, write).await.map_err(crate::writer::classify)
+}
+
+async fn apply_sql(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    write: &AcmeWrite,
+) -> Result<(), sqlx::Error> {
+    match write {
+        AcmeWrite::NewAccount(a) => {
+            let sql = format!(
+                "INSERT INTO acme_accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(a.id.as_str())
+                .bind(a.thumbprint.as_str())
+                .bind(a.jwk.as_str())
+                .bind(a.status.as_str())
+                .bind(a.contact.as_str())
+                .bind(a.requester.as_str())
+                .bind(a.eab_kid.clone())
+                .bind(a.created_at)
+                .execute(&mut **tx)
+                .await?;
+        }
+        AcmeWrite::UpdateAccount(a) => {
+            sqlx::query(
+                "UPDATE acme_accounts SET thumbprint = $1, jwk = $2, status = $3, contact = $4 \
+                 WHERE id = $5",
+            )
+            .bind(a.thumbprint.as_str())
+            .bind(a.jwk.as_str())
+            .bind(a.status.as_str())
+            .bind(a.contact.as_str())
+            .bind(a.id.as_str())
+            .execute(&mut **tx)
+            .await?;
+        }
+        AcmeWrite::NewEabKey(k) => {
+            sqlx::query(
+                "INSERT INTO acme_eab_keys (kid, hmac_key, requester, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(k.kid.as_str())
+            .bind(k.hmac_key.as_slice())
+            .bind(k.requester.as_str())
+            .bind(k.created_at)
+            .execute(&mut **tx)
+            .await?;
+        }
+        AcmeWrite::RenewalHint {
+            scope,
+            renew_by,
+            set_at,
+        } => {
+            sqlx::query(
+                "INSERT INTO acme_renewal_hints (scope, renew_by, set_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (scope) DO UPDATE SET renew_by = excluded.renew_by, set_at = excluded.set_at",
+            )
+            .bind(scope.as_str())
+            .bind(*renew_by)
+            .bind(*set_at)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// A shared secret by name, created with `fresh` by the first node to ask.
+    pub async fn acme_secret(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, Error> {
+        sqlx::query(
+            "INSERT INTO acme_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM acme_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    /// Records a nonce as used. `false` if it already was (a replay).
+    pub async fn acme_spend_nonce(&self, nonce: &str, expires_at: i64) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "INSERT INTO acme_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets used nonces that have expired anyway.
+    pub async fn acme_prune_nonces(&self, now: i64) -> Result<u64, Error> {
+        let r = sqlx::query("DELETE FROM acme_nonces WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// An account by id.
+    pub async fn acme_account(&self, id: &str) -> Result<Option<AcmeAccount>, Error> {
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM acme_accounts WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    /// An account by key thumbprint.
+    pub async fn acme_account_by_key(
+        &self,
+        thumbprint: &str,
+    ) -> Result<Option<AcmeAccount>, Error> {
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM acme_accounts WHERE thumbprint = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(thumbprint)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    /// An EAB key by id.
+    pub async fn acme_eab_key(&self, kid: &str) -> Result<Option<EabKey>, Error> {
+        let row = sqlx::query(
+            "SELECT kid, hmac_key, requester, created_at, account_id FROM acme_eab_keys WHERE kid = $1",
+        )
+        .bind(kid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(EabKey {
+                kid: r.try_get("kid")?,
+                hmac_key: r.try_get("hmac_key")?,
+                requester: r.try_get("requester")?,
+                created_at: r.try_get("created_at")?,
+                account_id: r.try_get("account_id")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Inserts an order and its new authorizations in one transaction.
+    pub async fn acme_insert_order(
+        &self,
+        order: &AcmeObject,
+        new_authzs: &[(AcmeObject, String)],
+    ) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        for (a, identifier) in new_authzs {
+            sqlx::query(
+                "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(a.id.as_str())
+            .bind(a.account_id.as_str())
+            .bind(identifier.as_str())
+            .bind(a.status.as_str())
+            .bind(a.expires_at)
+            .bind(a.body.as_str())
+            .bind(a.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !order.id.is_empty() {
+            sqlx::query(
+                "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(order.id.as_str())
+            .bind(order.account_id.as_str())
+            .bind(order.status.as_str())
+            .bind(order.expires_at)
+            .bind(order.body.as_str())
+            .bind(order.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One order or authorization.
+    pub async fn acme_object(
+        &self,
+        table: AcmeTable,
+        id: &str,
+    ) -> Result<Option<AcmeObject>, Error> {
+        let sql = format!(
+            "SELECT id, account_id, status, expires_at, body, created_at FROM {} WHERE id = $1",
+            table.name()
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(object_from_row).transpose()
+    }
+
+    /// Replaces status, expiry and body if the stored status is still `from`
+    /// (compare-and-set across nodes). `false` if it changed meanwhile.
+    pub async fn acme_update(
+        &self,
+        table: AcmeTable,
+        from: &str,
+        to: &AcmeObject,
+    ) -> Result<bool, Error> {
+        let sql = format!(
+            "UPDATE {} SET status = $1, expires_at = $2, body = $3 WHERE id = $4 AND status = $5",
+            table.name()
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(to.status.as_str())
+            .bind(to.expires_at)
+            .bind(to.body.as_str())
+            .bind(to.id.as_str())
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The account's latest valid authorization for `identifier` that is
+    /// still valid at `until`.
+    pub async fn acme_valid_authz(
+        &self,
+        account_id: &str,
+        identifier: &str,
+        until: i64,
+    ) -> Result<Option<AcmeObject>, Error> {
+        let row = sqlx::query(
+            "SELECT id, account_id, status, expires_at, body, created_at FROM acme_authzs \
+             WHERE account_id = $1 AND identifier = $2 AND status = 'valid' AND expires_at > $3 \
+             ORDER BY expires_at DESC LIMIT 1",
+        )
+        .bind(account_id)
+        .bind(identifier)
+        .bind(until)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(object_from_row).transpose()
+    }
+
+    /// Identifiers the account holds valid authorizations for at `now`.
+    pub async fn acme_authorized_identifiers(
+        &self,
+        account_id: &str,
+        now: i64,
+    ) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT identifier FROM acme_authzs \
+             WHERE account_id = $1 AND status = 'valid' AND expires_at > $2",
+        )
+        .bind(account_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("identifier").map_err(Error::from))
+            .collect()
+    }
+
+    /// The ids of an account's orders, newest first (at most `limit`).
+    pub async fn acme_order_ids(&self, account_id: &str, limit: i64) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query(
+            "SELECT id FROM acme_orders WHERE account_id = $1 ORDER BY created_at DESC, id LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(Error::from))
+            .collect()
+    }
+
+    /// The earliest operator renew-by time among `scopes`.
+    pub async fn acme_renewal_hint(&self, scopes: &[String]) -> Result<Option<i64>, Error> {
+        let mut best: Option<i64> = None;
+        for scope in scopes {
+            let row = sqlx::query("SELECT renew_by FROM acme_renewal_hints WHERE scope = $1")
+                .bind(scope.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(r) = row {
+                let t: i64 = r.try_get("renew_by")?;
+                best = Some(best.map_or(t, |b| b.min(t)));
+            }
+        }
+        Ok(best)
+    }
+}
