@@ -3,10 +3,13 @@
 //!     grpc_load grpc  ADDR ROOTS.pem TOKEN SERVER_PID [CERTS] [CONNECTIONS] [RUNS]
 //!     grpc_load cfssl URL SERVER_PID [CERTS] [CONNECTIONS] [RUNS]
 //!     grpc_load ocsp  URL REQUEST_DIR SERVER_PID [REQUESTS] [CONNECTIONS] [RUNS]
+//!     grpc_load acme  DIRECTORY_URL ROOTS.pem SERVER_PID HTTP01_PORT [CERTS] [CONCURRENCY] [RUNS]
 //!
 //! `grpc`: Sigil's CertificateAuthority/Sign over TLS with a client certificate
 //! (obtained once with TOKEN); `cfssl`: cfssl's /api/v1/cfssl/sign; `ocsp`:
-//! POSTs the DER OCSP requests in REQUEST_DIR (any responder). Each
+//! POSTs the DER OCSP requests in REQUEST_DIR (any responder); `acme`: the
+//! whole RFC 8555 flow per certificate with http-01 answered by the driver on
+//! HTTP01_PORT (any ACME server). Each
 //! connection keeps one request in flight; CSRs (P-256) are made beforehand.
 //! Prints per run: certificates/s, p50/p99 latency, server CPU per certificate
 //! (from /proc/PID/stat) and server RSS, then the medians. Run by
@@ -348,6 +351,64 @@ async fn ocsp_mode(args: &[String]) {
     );
 }
 
+/// `acme DIRECTORY ROOTS.pem SERVER_PID RESPONDER_PORT [CERTS] [CONCURRENCY] [RUNS]`
+async fn acme_mode(args: &[String]) {
+    let directory = args[0].clone();
+    let roots = std::fs::read_to_string(&args[1]).unwrap();
+    let pid: u32 = args[2].parse().unwrap();
+    let port: u16 = args[3].parse().unwrap();
+    let n: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let conns: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let runs: usize = args.get(6).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let tokens = acme::Tokens::default();
+    tokio::spawn(acme::responder(port, tokens.clone()));
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(tokio::sync::Mutex::new(
+            acme::Client::new(&directory, &roots).await,
+        ));
+    }
+    let clients = Arc::new(clients);
+    let mut results = Vec::new();
+    let mut driver_cpu = Vec::new();
+    for run in 0..runs {
+        let orders: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
+            (0..n)
+                .map(|i| {
+                    let name = format!("o{run}-{i}.load.localhost");
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    let mut p = rcgen::CertificateParams::new(vec![name.clone()]).unwrap();
+                    p.distinguished_name = rcgen::DistinguishedName::new();
+                    let der = p.serialize_request(&key).unwrap().der().to_vec();
+                    (name, der)
+                })
+                .collect(),
+        );
+        let (clients, tokens) = (clients.clone(), tokens.clone());
+        let own0 = own_cpu_seconds();
+        let r = drive(pid, n, conns, move |w, i| {
+            let (clients, tokens, orders) = (clients.clone(), tokens.clone(), orders.clone());
+            async move {
+                let mut c = clients[w].lock().await;
+                let (name, der) = &orders[i];
+                let pem = c.obtain(name, der, &tokens).await;
+                assert!(pem.contains("BEGIN CERTIFICATE"));
+            }
+        })
+        .await;
+        driver_cpu.push((own_cpu_seconds() - own0) / n as f64 * 1e6);
+        results.push(r);
+    }
+    report("acme", conns, pid, results);
+    println!(
+        "acme load generator CPU: median {:.0} us/certificate",
+        median(driver_cpu)
+    );
+}
+
+#[path = "load/acme.rs"]
+mod acme;
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -361,6 +422,7 @@ fn main() {
         Some("grpc") => rt.block_on(grpc_mode(&args[1..])),
         Some("cfssl") => rt.block_on(cfssl_mode(&args[1..])),
         Some("ocsp") => rt.block_on(ocsp_mode(&args[1..])),
+        Some("acme") => rt.block_on(acme_mode(&args[1..])),
         _ => eprintln!(
             "usage: grpc_load grpc ADDR ROOTS TOKEN PID [N] [CONNS] [RUNS] | cfssl URL PID [N] [CONNS] [RUNS]"
         ),

@@ -334,6 +334,7 @@ pub async fn account(
                 },
             })
             .await?;
+        acme.remember_account(&next);
     }
     Ok(json_reply(
         StatusCode::OK,
@@ -440,6 +441,7 @@ pub async fn key_change(State(acme): St, headers: HeaderMap, body: Body) -> Repl
             }
             other => other.into(),
         })?;
+    acme.remember_account(&next);
     Ok(json_reply(
         StatusCode::OK,
         &account_json(&acme, &next),
@@ -616,7 +618,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         }),
         created_at: now,
     };
-    store.acme_insert_order(&order, &fresh).await?;
+    store.acme_insert_order(Some(&order), &fresh).await?;
     let url = acme.order_url(&order.id);
     Ok(json_reply(
         StatusCode::CREATED,
@@ -698,12 +700,8 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     }
     let life = i64::try_from(acme.settings.order_lifetime.as_secs()).unwrap_or(86400);
     let a = pending_authz(&account.id, &wire, now, now + life)?;
-    let empty = AcmeObject {
-        id: String::new(),
-        ..a.clone()
-    };
     store
-        .acme_insert_order(&empty, &[(a.clone(), wire.key())])
+        .acme_insert_order(None, &[(a.clone(), wire.key())])
         .await?;
     let url = acme.authz_url(&a.id);
     Ok(json_reply(
@@ -831,10 +829,15 @@ pub async fn finalize(
         ..order.clone()
     };
     let store = acme.authority.store();
-    if !store
-        .acme_update(AcmeTable::Orders, "ready", &processing)
+    // Stored as pending (ready is derived from its authorizations) or as
+    // ready (created with reused authorizations).
+    let moved = store
+        .acme_update(AcmeTable::Orders, "pending", &processing)
         .await?
-    {
+        || store
+            .acme_update(AcmeTable::Orders, "ready", &processing)
+            .await?;
+    if !moved {
         return Err(Problem::order_not_ready(
             "the order is already being finalized",
         ));

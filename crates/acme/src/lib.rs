@@ -77,7 +77,17 @@ pub struct Acme {
     settings: AcmeSettings,
     nonces: nonce::Nonces,
     validator: Validator,
+    /// Accounts read recently, with when (unix ms): each signed request
+    /// needs its account, and clients send several per certificate.
+    accounts: std::sync::Mutex<std::collections::HashMap<String, (AcmeAccount, i64)>>,
 }
+
+/// How long a cached account is trusted. Changes made on this node replace
+/// the entry at once; another node's deactivation or key change is seen
+/// within this time.
+const ACCOUNT_CACHE_MS: i64 = 1000;
+/// Bound on cached accounts (the cache is cleared when full).
+const ACCOUNT_CACHE_MAX: usize = 100_000;
 
 impl std::fmt::Debug for Acme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,6 +142,7 @@ impl Acme {
             settings,
             nonces,
             validator,
+            accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -241,11 +252,40 @@ impl Acme {
         Ok(Authed { jws, key, account })
     }
 
+    fn now_ms(&self) -> i64 {
+        (self.authority.now().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    fn cached_account(&self, id: &str) -> Option<AcmeAccount> {
+        let map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id)
+            .filter(|(_, at)| self.now_ms() - at < ACCOUNT_CACHE_MS)
+            .map(|(a, _)| a.clone())
+    }
+
+    /// Records an account as just read or written.
+    pub(crate) fn remember_account(&self, account: &AcmeAccount) {
+        let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= ACCOUNT_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(account.id.clone(), (account.clone(), self.now_ms()));
+    }
+
     async fn account_by_kid(&self, kid: &str) -> Result<AcmeAccount, Problem> {
         let prefix = self.url("/acme/account/");
         let id = kid.strip_prefix(&prefix).filter(|id| !id.contains('/'));
         let account = match id {
-            Some(id) => self.authority.store().acme_account(id).await?,
+            Some(id) => match self.cached_account(id) {
+                Some(a) => Some(a),
+                None => {
+                    let a = self.authority.store().acme_account(id).await?;
+                    if let Some(a) = &a {
+                        self.remember_account(a);
+                    }
+                    a
+                }
+            },
             None => None,
         };
         let account = account

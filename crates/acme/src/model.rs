@@ -352,7 +352,12 @@ impl Acme {
                         body.error = Some(err);
                         Some("invalid")
                     } else if all_valid {
-                        Some("ready")
+                        // Derived, not stored: finalize moves a pending order
+                        // with valid authorizations straight to processing.
+                        return Ok(Some(AcmeObject {
+                            status: "ready".into(),
+                            ..order
+                        }));
                     } else {
                         None
                     }

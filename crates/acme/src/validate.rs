@@ -349,6 +349,13 @@ impl Validator {
         if target.kind != "dns" {
             return Err(Problem::malformed("dns-01 validates DNS names only"));
         }
+        let v = target.value.to_ascii_lowercase();
+        if v == "localhost" || v.ends_with(".localhost") {
+            return Err(Problem::dns(format!(
+                "dns-01: names under .localhost never reach DNS (RFC 6761), so {} cannot be validated by dns-01; use http-01 or tls-alpn-01, or a name under another zone (e.g. .internal) for wildcards",
+                target.value
+            )));
+        }
         let want = B64.encode(aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA256,
             key_auth.as_bytes(),

@@ -101,6 +101,110 @@ impl AcmeTable {
     }
 }
 
+/// An unaudited ACME protocol-state write, committed through the writer.
+#[derive(Debug, Clone)]
+pub enum StateWrite {
+    /// Records a nonce as used; no effect (false) if it already was.
+    SpendNonce {
+        /// The nonce.
+        nonce: String,
+        /// When it would have expired anyway (unix s).
+        expires_at: i64,
+    },
+    /// New authorizations and, optionally, the order that uses them.
+    Insert {
+        /// The order, if any (pre-authorization has none).
+        order: Option<AcmeObject>,
+        /// New authorizations with their lookup identifier (`dns:name`).
+        authzs: Vec<(AcmeObject, String)>,
+    },
+    /// Replaces an object if its stored status is still `from`; no effect
+    /// (false) if another request changed it first.
+    Update {
+        /// Which table.
+        table: AcmeTable,
+        /// Expected current status.
+        from: String,
+        /// The new row.
+        to: AcmeObject,
+    },
+}
+
+/// Applies a state write inside the writer's transaction.
+pub(crate) async fn apply_state(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    write: &StateWrite,
+) -> Result<bool, Error> {
+    apply_state_sql(tx, write)
+        .await
+        .map_err(crate::writer::classify)
+}
+
+async fn apply_state_sql(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    write: &StateWrite,
+) -> Result<bool, sqlx::Error> {
+    match write {
+        StateWrite::SpendNonce { nonce, expires_at } => {
+            let r = sqlx::query(
+                "INSERT INTO acme_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
+            )
+            .bind(nonce.as_str())
+            .bind(*expires_at)
+            .execute(&mut **tx)
+            .await?;
+            Ok(r.rows_affected() == 1)
+        }
+        StateWrite::Insert { order, authzs } => {
+            for (a, identifier) in authzs {
+                sqlx::query(
+                    "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(a.id.as_str())
+                .bind(a.account_id.as_str())
+                .bind(identifier.as_str())
+                .bind(a.status.as_str())
+                .bind(a.expires_at)
+                .bind(a.body.as_str())
+                .bind(a.created_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            if let Some(o) = order {
+                sqlx::query(
+                    "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(o.id.as_str())
+                .bind(o.account_id.as_str())
+                .bind(o.status.as_str())
+                .bind(o.expires_at)
+                .bind(o.body.as_str())
+                .bind(o.created_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Ok(true)
+        }
+        StateWrite::Update { table, from, to } => {
+            let sql = format!(
+                "UPDATE {} SET status = $1, expires_at = $2, body = $3 WHERE id = $4 AND status = $5",
+                table.name()
+            );
+            let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(to.status.as_str())
+                .bind(to.expires_at)
+                .bind(to.body.as_str())
+                .bind(to.id.as_str())
+                .bind(from.as_str())
+                .execute(&mut **tx)
+                .await?;
+            Ok(r.rows_affected() == 1)
+        }
+    }
+}
+
 const ACCOUNT_COLS: &str = "id, thumbprint, jwk, status, contact, requester, eab_kid, created_at";
 
 fn account_from_row(r: &AnyRow) -> Result<AcmeAccount, Error> {
@@ -235,16 +339,13 @@ impl Store {
         Ok(row.try_get("value")?)
     }
 
-    /// Records a nonce as used. `false` if it already was (a replay).
+    /// Records a nonce as used (durably, batched). `false` if it already was (a replay).
     pub async fn acme_spend_nonce(&self, nonce: &str, expires_at: i64) -> Result<bool, Error> {
-        let r = sqlx::query(
-            "INSERT INTO acme_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
-        )
-        .bind(nonce)
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        self.apply(StateWrite::SpendNonce {
+            nonce: nonce.to_string(),
+            expires_at,
+        })
+        .await
     }
 
     /// Forgets used nonces that have expired anyway.
@@ -299,44 +400,18 @@ impl Store {
         .transpose()
     }
 
-    /// Inserts an order and its new authorizations in one transaction.
+    /// Inserts new authorizations and the order that uses them (if any) atomically.
     pub async fn acme_insert_order(
         &self,
-        order: &AcmeObject,
+        order: Option<&AcmeObject>,
         new_authzs: &[(AcmeObject, String)],
     ) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await?;
-        for (a, identifier) in new_authzs {
-            sqlx::query(
-                "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(a.id.as_str())
-            .bind(a.account_id.as_str())
-            .bind(identifier.as_str())
-            .bind(a.status.as_str())
-            .bind(a.expires_at)
-            .bind(a.body.as_str())
-            .bind(a.created_at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !order.id.is_empty() {
-            sqlx::query(
-                "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(order.id.as_str())
-            .bind(order.account_id.as_str())
-            .bind(order.status.as_str())
-            .bind(order.expires_at)
-            .bind(order.body.as_str())
-            .bind(order.created_at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.apply(StateWrite::Insert {
+            order: order.cloned(),
+            authzs: new_authzs.to_vec(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// One order or authorization.
@@ -364,19 +439,12 @@ impl Store {
         from: &str,
         to: &AcmeObject,
     ) -> Result<bool, Error> {
-        let sql = format!(
-            "UPDATE {} SET status = $1, expires_at = $2, body = $3 WHERE id = $4 AND status = $5",
-            table.name()
-        );
-        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(to.status.as_str())
-            .bind(to.expires_at)
-            .bind(to.body.as_str())
-            .bind(to.id.as_str())
-            .bind(from)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() == 1)
+        self.apply(StateWrite::Update {
+            table,
+            from: from.to_string(),
+            to: to.clone(),
+        })
+        .await
     }
 
     /// The account's latest valid authorization for `identifier` that is

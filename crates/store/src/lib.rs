@@ -12,7 +12,7 @@ mod error;
 mod rows;
 mod writer;
 
-pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey};
+pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, StateWrite};
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
 pub use error::Error;
 pub use rows::{
@@ -61,12 +61,14 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL for concurrent readers; FULL so a commit survives power loss.
-                        // A larger page cache and fewer checkpoints cut page I/O;
-                        // neither affects durability.
+                        // A larger page cache, fewer checkpoints and memory-mapped
+                        // reads (readers re-read pages after every commit) cut page
+                        // I/O; none affects durability.
                         conn.execute(
                             "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
                              PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000; \
-                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192;",
+                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192; \
+                             PRAGMA mmap_size=268435456;",
                         )
                         .await?;
                     }
@@ -92,7 +94,18 @@ impl Store {
 
     /// Durably applies one change with its audit record; returns the audit receipt.
     pub async fn commit(&self, change: Change) -> Result<AuditReceipt, Error> {
-        writer::submit(&self.writer, change).await
+        writer::submit(&self.writer, change)
+            .await?
+            .receipt
+            .ok_or_else(|| Error::Corrupt("an audited change produced no audit row".into()))
+    }
+
+    /// Durably applies a protocol-state write (no audit row), batched with
+    /// the other writes. Returns whether it took effect.
+    pub async fn apply(&self, write: StateWrite) -> Result<bool, Error> {
+        Ok(writer::submit(&self.writer, Change::State(write))
+            .await?
+            .changed)
     }
 
     /// A direct pool handle, for tests that must bypass the application (for

@@ -2,7 +2,7 @@
 //! changes into one durable transaction, so throughput does not pay one fsync
 //! per certificate and durability is never weakened.
 
-use crate::acme::AcmeWrite;
+use crate::acme::{AcmeWrite, StateWrite};
 use crate::audit::{AuditEvent, AuditReceipt, GENESIS_HASH, row_hash};
 use crate::rows::{NewCertificate, NewIssuer, NewRevocation, SpentToken};
 use crate::{Backend, Error};
@@ -55,23 +55,37 @@ pub enum Change {
     },
     /// An event with no other row (a denial, a config change).
     Record(AuditEvent),
+    /// Protocol state with no audit record of its own (ACME nonces, orders,
+    /// authorizations); batched with everything else for one fsync.
+    State(StateWrite),
 }
 
 impl Change {
-    fn event(&self) -> &AuditEvent {
+    fn event(&self) -> Option<&AuditEvent> {
         match self {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
             | Change::InstallIssuer { event, .. }
             | Change::Acme { event, .. }
-            | Change::Record(event) => event,
+            | Change::Record(event) => Some(event),
+            Change::State(_) => None,
         }
     }
 }
 
+/// What a committed change produced.
+#[derive(Debug, Clone)]
+pub(crate) struct Applied {
+    /// The audit row, for audited changes.
+    pub receipt: Option<AuditReceipt>,
+    /// For state writes: whether it took effect (a compare-and-set matched,
+    /// a nonce was not yet spent).
+    pub changed: bool,
+}
+
 pub(crate) struct Job {
     change: Change,
-    reply: oneshot::Sender<Result<AuditReceipt, Error>>,
+    reply: oneshot::Sender<Result<Applied, Error>>,
 }
 
 pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
@@ -93,7 +107,7 @@ pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
     tx
 }
 
-pub(crate) async fn submit(tx: &mpsc::Sender<Job>, change: Change) -> Result<AuditReceipt, Error> {
+pub(crate) async fn submit(tx: &mpsc::Sender<Job>, change: Change) -> Result<Applied, Error> {
     let (reply, rx) = oneshot::channel();
     tx.send(Job { change, reply })
         .await
@@ -144,7 +158,7 @@ async fn write(
     backend: Backend,
     changes: &[&Change],
     head: &mut Option<Head>,
-) -> Result<Vec<AuditReceipt>, Error> {
+) -> Result<Vec<Applied>, Error> {
     let result = write_batch(pool, backend, changes, head.take()).await;
     if let Ok((receipts, new_head)) = result {
         *head = Some(new_head);
@@ -165,7 +179,7 @@ async fn write_batch(
     backend: Backend,
     changes: &[&Change],
     cached_head: Option<Head>,
-) -> Result<(Vec<AuditReceipt>, Head), Error> {
+) -> Result<(Vec<Applied>, Head), Error> {
     let mut tx = match backend {
         // IMMEDIATE takes the write lock up front, so reading the chain head and
         // appending cannot race another process.
@@ -192,10 +206,12 @@ async fn write_batch(
         }
     };
 
-    for change in changes {
+    let mut changed = vec![true; changes.len()];
+    for (change, changed) in changes.iter().zip(changed.iter_mut()) {
         match change {
             Change::InstallIssuer { issuer, .. } => install_issuer(&mut tx, issuer).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
+            Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
             Change::Issue {
                 token: Some(token), ..
             } => spend_token(&mut tx, token).await.map_err(classify)?,
@@ -217,8 +233,14 @@ async fn write_batch(
 
     let mut receipts = Vec::with_capacity(changes.len());
     let mut rows = Vec::with_capacity(changes.len());
+    // Receipt index per change (None for unaudited state writes).
+    let mut receipt_of = Vec::with_capacity(changes.len());
     for change in changes {
-        let ev = change.event();
+        let Some(ev) = change.event() else {
+            receipt_of.push(None);
+            continue;
+        };
+        receipt_of.push(Some(receipts.len()));
         seq += 1;
         let detail = ev.detail.to_string();
         let hash = row_hash(
@@ -233,9 +255,9 @@ async fn write_batch(
         rows.push((seq, ev, detail, std::mem::replace(&mut prev, hash.clone())));
         receipts.push(AuditReceipt { seq, hash });
     }
-    for (change, receipt) in changes.iter().zip(&receipts) {
-        if let Change::Revoke { revocation, .. } = change {
-            revoke(&mut tx, revocation, receipt.seq)
+    for (change, idx) in changes.iter().zip(&receipt_of) {
+        if let (Change::Revoke { revocation, .. }, Some(i)) = (change, idx) {
+            revoke(&mut tx, revocation, receipts[*i].seq)
                 .await
                 .map_err(classify)?;
         }
@@ -263,7 +285,15 @@ async fn write_batch(
         q.execute(&mut *tx).await.map_err(classify)?;
     }
     tx.commit().await?;
-    Ok((receipts, (seq, prev)))
+    let applied = receipt_of
+        .iter()
+        .zip(changed)
+        .map(|(idx, changed)| Applied {
+            receipt: idx.map(|i| receipts[i].clone()),
+            changed,
+        })
+        .collect();
+    Ok((applied, (seq, prev)))
 }
 
 async fn install_issuer(

@@ -1,0 +1,1436 @@
+//! The ACME server (RFC 8555, renewal information per RFC 9773, profiles)
+//! against the real binary: whole flows with the instant-acme client, whose
+//! challenges are answered by an HTTP-01 responder and a DNS server run by the
+//! test, and hand-signed JWS requests for each refusal, checking the exact
+//! problem type.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use aws_lc_rs::{digest, hmac};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Body;
+use hyper::header::{CONTENT_TYPE, HOST, HeaderMap};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use instant_acme::{
+    Account, AccountBuilder, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse,
+    CertificateIdentifier, ChallengeType, ExternalAccountKey, HttpClient, Identifier, Key,
+    NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
+};
+use serde_json::{Value, json};
+use sigil_e2e::*;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{
+    CertificateDer, Der, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
+};
+use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const JOSE: &str = "application/jose+json";
+
+// ---------------------------------------------------------------------------
+// HTTPS client trusting only the dev root: one connection per request.
+
+#[derive(Clone)]
+struct Https {
+    tls: TlsConnector,
+}
+
+impl Https {
+    fn trusting(root_pem: &Path) -> Https {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(root_pem).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Https {
+            tls: TlsConnector::from(Arc::new(config)),
+        }
+    }
+
+    async fn send<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, BoxError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        tokio::time::timeout(Duration::from_secs(60), self.send_once(req))
+            .await
+            .map_err(|_| "HTTPS request timed out after 60s")?
+    }
+
+    async fn send_once<B>(&self, mut req: Request<B>) -> Result<Response<Full<Bytes>>, BoxError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let uri = req.uri().clone();
+        let authority = uri.authority().ok_or("URL without authority")?.clone();
+        let host = authority.host().to_string();
+        let port = authority.port_u16().unwrap_or(443);
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = target.parse()?;
+        req.headers_mut().insert(HOST, authority.as_str().parse()?);
+        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        let tls = self.tls.connect(ServerName::try_from(host)?, tcp).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let rsp = sender.send_request(req).await?;
+        let (parts, body) = rsp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Response::from_parts(parts, Full::new(body)))
+    }
+
+    async fn get(&self, url: &str) -> Resp {
+        self.call(Method::GET, url, None, Bytes::new()).await
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Resp {
+        let mut req = Request::builder().method(method.clone()).uri(url);
+        if let Some(ct) = content_type {
+            req = req.header(CONTENT_TYPE, ct);
+        }
+        let rsp = self
+            .send(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let (parts, body) = rsp.into_parts();
+        Resp {
+            what: format!("{method} {url}"),
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+}
+
+impl HttpClient for Https {
+    fn request(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let this = self.clone();
+        Box::pin(async move {
+            match this.send(req).await {
+                Ok(rsp) => Ok(BytesResponse::from(rsp)),
+                Err(e) => Err(instant_acme::Error::Other(e)),
+            }
+        })
+    }
+}
+
+/// A response, kept whole so a failed assertion can show it.
+struct Resp {
+    what: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: not JSON:\n{}", self.show()))
+    }
+
+    fn location(&self) -> String {
+        self.header("location")
+            .unwrap_or_else(|| panic!("no Location:\n{}", self.show()))
+    }
+
+    fn show(&self) -> String {
+        let mut s = format!("{} -> {}\n", self.what, self.status);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+        }
+        s.push('\n');
+        s.push_str(&String::from_utf8_lossy(&self.body));
+        s
+    }
+
+    fn expect_ok(self) -> Resp {
+        assert!(
+            self.status.is_success(),
+            "expected success:\n{}",
+            self.show()
+        );
+        self
+    }
+
+    /// Asserts an RFC 7807 problem document of type `urn:ietf:params:acme:error:{name}`.
+    fn problem(&self, name: &str) -> Value {
+        let ct = self.header("content-type").unwrap_or_default();
+        assert!(
+            ct.starts_with("application/problem+json"),
+            "expected a problem document of type {name}:\n{}",
+            self.show()
+        );
+        let v = self.json();
+        assert_eq!(
+            v["type"].as_str(),
+            Some(format!("urn:ietf:params:acme:error:{name}").as_str()),
+            "\n{}",
+            self.show()
+        );
+        assert!(
+            !self.status.is_success(),
+            "a problem with a success status:\n{}",
+            self.show()
+        );
+        v
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Challenge responders run by the test.
+
+type Tokens = Arc<Mutex<HashMap<String, String>>>;
+type TxtRecords = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
+/// An HTTP-01 responder: `/.well-known/acme-challenge/<token>` → key authorization.
+async fn start_http01() -> (u16, Tokens) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tokens = Tokens::default();
+    let map = tokens.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let map = map.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 2048];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let answer = path
+                    .strip_prefix("/.well-known/acme-challenge/")
+                    .and_then(|t| map.lock().unwrap().get(t).cloned());
+                let rsp = match answer {
+                    Some(ka) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ka}",
+                        ka.len()
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_string()
+                    }
+                };
+                let _ = sock.write_all(rsp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, tokens)
+}
+
+/// A DNS server answering TXT queries from a map, over UDP and TCP on one port.
+async fn start_dns() -> (u16, TxtRecords) {
+    let records = TxtRecords::default();
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)).await else {
+            continue;
+        };
+        let map = records.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                if let Some(answer) = dns_answer(&buf[..n], &map) {
+                    let _ = udp.send_to(&answer, peer).await;
+                }
+            }
+        });
+        let map = records.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = tcp.accept().await {
+                let map = map.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let mut len = [0u8; 2];
+                        if sock.read_exact(&mut len).await.is_err() {
+                            break;
+                        }
+                        let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if sock.read_exact(&mut q).await.is_err() {
+                            break;
+                        }
+                        let Some(a) = dns_answer(&q, &map) else { break };
+                        let mut out = u16::try_from(a.len()).unwrap().to_be_bytes().to_vec();
+                        out.extend_from_slice(&a);
+                        if sock.write_all(&out).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        return (port, records);
+    }
+}
+
+/// The response to one DNS query: the TXT records held for the name (NOERROR
+/// with no answers otherwise). `None` for what is not a one-question query.
+fn dns_answer(q: &[u8], records: &TxtRecords) -> Option<Vec<u8>> {
+    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*q.get(i)?);
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    if q.len() < question_end {
+        return None;
+    }
+    let name = labels.join(".");
+    let txts = if qtype == 16 {
+        records
+            .lock()
+            .unwrap()
+            .get(&name)
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&q[..2]);
+    out.push(0x84 | (q[2] & 0x01)); // response, authoritative, RD copied
+    out.push(0x80); // recursion available, NOERROR
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&u16::try_from(txts.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&q[12..question_end]);
+    for t in txts {
+        out.extend_from_slice(&[0xc0, 0x0c]); // the question's name
+        out.extend_from_slice(&16u16.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&u16::try_from(t.len() + 1).unwrap().to_be_bytes());
+        out.push(u8::try_from(t.len()).unwrap());
+        out.extend_from_slice(t.as_bytes());
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------
+// The dev server with its ACME listener.
+
+struct Acme {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    server: Server,
+    https: Https,
+    dir_url: String,
+    dir: Value,
+    tokens: Tokens,
+    txt: TxtRecords,
+    root: PathBuf,
+}
+
+impl Acme {
+    async fn start(extra: &[&str]) -> Acme {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().to_path_buf();
+        let (http_port, tokens) = start_http01().await;
+        let (dns_port, txt) = start_dns().await;
+        let http_port = http_port.to_string();
+        let resolver = format!("127.0.0.1:{dns_port}");
+        let mut args = vec![
+            "--dev",
+            "--data-dir",
+            "data",
+            "--validation-http-port",
+            &http_port,
+            "--dns-resolver",
+            &resolver,
+        ];
+        args.extend_from_slice(extra);
+        let server = tokio::task::block_in_place(|| Server::start(&args, &work, &[]));
+        let https_port = server.https_port.expect("dev server HTTPS port");
+        let data = work.join("data");
+        let root = data.join("DEV-ONLY-root/root.crt");
+        let https = Https::trusting(&root);
+        let dir_url = format!("https://127.0.0.1:{https_port}/acme/directory");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let dir = loop {
+            let req = Request::get(&dir_url)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            match https.send(req).await {
+                Ok(rsp) if rsp.status() == StatusCode::OK => {
+                    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+                    break serde_json::from_slice::<Value>(&body).unwrap();
+                }
+                r if Instant::now() > deadline => panic!(
+                    "no ACME directory at {dir_url}: {:?}\n{}",
+                    r.map(|r| r.status()),
+                    server.log_text()
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        Acme {
+            _tmp: tmp,
+            data,
+            server,
+            https,
+            dir_url,
+            dir,
+            tokens,
+            txt,
+            root,
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        self.dir[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("directory has no {name}: {}", self.dir))
+            .to_owned()
+    }
+
+    fn builder(&self) -> AccountBuilder {
+        Account::builder_with_http(Box::new(self.https.clone()))
+    }
+
+    async fn account(&self) -> (Account, AccountCredentials) {
+        self.builder()
+            .create(&new_account(), self.dir_url.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("newAccount: {e}\n{}", self.server.log_text()))
+    }
+
+    async fn restore(&self, creds: &AccountCredentials) -> Account {
+        let copy = serde_json::from_value(serde_json::to_value(creds).unwrap()).unwrap();
+        self.builder().from_credentials(copy).await.unwrap()
+    }
+
+    /// Answers every pending authorization of `order` with `kind` and waits until it is ready.
+    async fn solve(&self, order: &mut Order, kind: ChallengeType) {
+        let mut authzs = order.authorizations();
+        while let Some(authz) = authzs.next().await {
+            let mut authz = authz.unwrap();
+            match authz.status {
+                AuthorizationStatus::Valid => continue,
+                AuthorizationStatus::Pending => {}
+                s => panic!("authorization {} is {s:?}", authz.url()),
+            }
+            let id = authz.identifier();
+            let base = match id.identifier {
+                Identifier::Dns(d) => d.clone(),
+                Identifier::Ip(ip) => ip.to_string(),
+                other => panic!("unexpected identifier {other:?}"),
+            };
+            let offered: Vec<_> = authz.challenges.iter().map(|c| c.r#type.clone()).collect();
+            let mut ch = authz
+                .challenge(kind.clone())
+                .unwrap_or_else(|| panic!("{kind:?} not offered for {base}: {offered:?}"));
+            let ka = ch.key_authorization();
+            match kind {
+                ChallengeType::Http01 => {
+                    self.tokens
+                        .lock()
+                        .unwrap()
+                        .insert(ch.token.clone(), ka.as_str().to_owned());
+                }
+                ChallengeType::Dns01 => {
+                    self.txt
+                        .lock()
+                        .unwrap()
+                        .entry(format!("_acme-challenge.{base}"))
+                        .or_default()
+                        .push(ka.dns_value());
+                }
+                _ => unreachable!(),
+            }
+            ch.set_ready().await.unwrap();
+        }
+        let status = order
+            .poll_ready(&RetryPolicy::default())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "order did not become ready: {e}\n{}",
+                    self.server.log_text()
+                )
+            });
+        assert_eq!(status, OrderStatus::Ready, "{:?}", order.state());
+    }
+
+    /// Finalizes a ready order with a fresh key; returns the PEM chain.
+    async fn finalize(&self, order: &mut Order) -> String {
+        order.finalize().await.unwrap();
+        order
+            .poll_certificate(&RetryPolicy::default())
+            .await
+            .unwrap_or_else(|e| panic!("no certificate: {e}\n{}", self.server.log_text()))
+    }
+
+    /// Order, http-01, finalize: the PEM chain.
+    async fn issue(&self, account: &Account, new_order: &NewOrder<'_>) -> String {
+        let mut order = account.new_order(new_order).await.unwrap();
+        self.solve(&mut order, ChallengeType::Http01).await;
+        self.finalize(&mut order).await
+    }
+
+    /// `openssl verify` of a PEM chain (leaf first) against the dev root only.
+    fn openssl_verify(&self, chain: &str, name: &str) {
+        if !have("openssl") {
+            return;
+        }
+        let path = self.data.join(format!("{name}.chain.pem"));
+        std::fs::write(&path, chain).unwrap();
+        let p = path.display().to_string();
+        let out = run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                &self.root.display().to_string(),
+                "-untrusted",
+                &p,
+                &p,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(": OK"),
+            "openssl verify: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The audit rows as `kind|actor|subject|detail` lines, read with sqlite3.
+    fn audit_rows(&self) -> Option<String> {
+        if !have("sqlite3") {
+            return None;
+        }
+        let db = self.data.join("sigil.db").display().to_string();
+        let out = run(
+            "sqlite3",
+            &[&db, "select kind, actor, subject, detail from audit"],
+        );
+        assert!(
+            out.status.success(),
+            "sqlite3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn new_account() -> NewAccount<'static> {
+    NewAccount {
+        contact: &[],
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    }
+}
+
+fn dns(name: &str) -> Identifier {
+    Identifier::Dns(name.to_owned())
+}
+
+/// The ACME problem name (`urn:ietf:params:acme:error:` stripped) of a client error.
+fn problem_name(e: &instant_acme::Error) -> String {
+    match e {
+        instant_acme::Error::Api(p) => p
+            .r#type
+            .as_deref()
+            .unwrap_or("")
+            .trim_start_matches("urn:ietf:params:acme:error:")
+            .to_owned(),
+        other => panic!("expected an ACME problem, got: {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Certificates.
+
+fn pem_certs(chain: &str) -> Vec<Vec<u8>> {
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    assert!(!certs.is_empty(), "no certificate in:\n{chain}");
+    certs
+}
+
+fn parse(der: &[u8]) -> X509Certificate<'_> {
+    X509Certificate::from_der(der).unwrap().1
+}
+
+fn sans(der: &[u8]) -> Vec<String> {
+    let cert = parse(der);
+    let ext = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SAN extension");
+    ext.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => d.to_string(),
+            GeneralName::IPAddress(b) if b.len() == 4 => {
+                IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string()
+            }
+            GeneralName::IPAddress(b) if b.len() == 16 => {
+                IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string()
+            }
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// (serverAuth, clientAuth) from the extended key usage extension.
+fn eku(der: &[u8]) -> (bool, bool) {
+    let cert = parse(der);
+    let ext = cert.extended_key_usage().unwrap().expect("EKU extension");
+    (ext.value.server_auth, ext.value.client_auth)
+}
+
+/// The RFC 9773 certificate identifier: base64url(AKI keyIdentifier) "." base64url(serial).
+fn cert_id(der: &[u8]) -> CertificateIdentifier<'static> {
+    let cert = parse(der);
+    let aki = cert
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0),
+            _ => None,
+        })
+        .expect("AKI keyIdentifier");
+    CertificateIdentifier::new(
+        Der::from_slice(aki),
+        Der::from_slice(cert.tbs_certificate.raw_serial()),
+    )
+    .into_owned()
+}
+
+fn csr_der(names: &[&str], key: &rcgen::KeyPair) -> Vec<u8> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+// ---------------------------------------------------------------------------
+// Hand-made JWS (ES256) for the requests a well-behaved client never sends.
+
+fn b64(data: impl AsRef<[u8]>) -> String {
+    URL_SAFE_NO_PAD.encode(data)
+}
+
+struct Raw {
+    https: Https,
+    dir: Value,
+    key: EcdsaKeyPair,
+    pkcs8: Vec<u8>,
+    kid: String,
+}
+
+impl Raw {
+    /// A new account (newAccount signed with the JWK).
+    async fn register(ca: &Acme) -> Raw {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8).unwrap();
+        let mut raw = Raw {
+            https: ca.https.clone(),
+            dir: ca.dir.clone(),
+            key,
+            pkcs8,
+            kid: String::new(),
+        };
+        let url = raw.url("newAccount");
+        let protected =
+            json!({"alg": "ES256", "jwk": raw.jwk(), "nonce": raw.nonce().await, "url": url});
+        let body = raw.sign(&protected, Some(&json!({"termsOfServiceAgreed": true})));
+        let rsp = raw.send(&url, &body).await.expect_ok();
+        assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
+        raw.kid = rsp.location();
+        raw
+    }
+
+    fn url(&self, name: &str) -> String {
+        self.dir[name].as_str().unwrap().to_owned()
+    }
+
+    fn jwk(&self) -> Value {
+        let p = self.key.public_key().as_ref();
+        json!({"crv": "P-256", "kty": "EC", "x": b64(&p[1..33]), "y": b64(&p[33..65])})
+    }
+
+    /// RFC 7638 thumbprint of the account key.
+    fn thumbprint(&self) -> String {
+        let p = self.key.public_key().as_ref();
+        let canonical = format!(
+            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+            b64(&p[1..33]),
+            b64(&p[33..65])
+        );
+        b64(digest::digest(&digest::SHA256, canonical.as_bytes()))
+    }
+
+    async fn nonce(&self) -> String {
+        let rsp = self
+            .https
+            .call(Method::HEAD, &self.url("newNonce"), None, Bytes::new())
+            .await;
+        rsp.header("replay-nonce")
+            .unwrap_or_else(|| panic!("no Replay-Nonce:\n{}", rsp.show()))
+    }
+
+    /// A flattened JWS with this key's signature; `None` payload is POST-as-GET.
+    fn sign(&self, protected: &Value, payload: Option<&Value>) -> Value {
+        let protected = b64(serde_json::to_vec(protected).unwrap());
+        let payload = payload.map_or(String::new(), |p| b64(serde_json::to_vec(p).unwrap()));
+        let sig = self
+            .key
+            .sign(
+                &SystemRandom::new(),
+                format!("{protected}.{payload}").as_bytes(),
+            )
+            .unwrap();
+        json!({"protected": protected, "payload": payload, "signature": b64(sig)})
+    }
+
+    /// The usual protected header: ES256, kid, a fresh nonce, `url`.
+    async fn header(&self, url: &str) -> Value {
+        json!({"alg": "ES256", "kid": self.kid, "nonce": self.nonce().await, "url": url})
+    }
+
+    async fn send(&self, url: &str, body: &Value) -> Resp {
+        self.send_bytes(url, JOSE, serde_json::to_vec(body).unwrap())
+            .await
+    }
+
+    async fn send_bytes(&self, url: &str, content_type: &str, body: Vec<u8>) -> Resp {
+        self.https
+            .call(Method::POST, url, Some(content_type), Bytes::from(body))
+            .await
+    }
+
+    /// A correctly signed POST (`None`: POST-as-GET).
+    async fn post(&self, url: &str, payload: Option<&Value>) -> Resp {
+        let body = self.sign(&self.header(url).await, payload);
+        self.send(url, &body).await
+    }
+
+    async fn new_order(&self, names: &[&str]) -> Resp {
+        let ids: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"type": "dns", "value": n}))
+            .collect();
+        self.post(&self.url("newOrder"), Some(&json!({"identifiers": ids})))
+            .await
+    }
+
+    /// Answers the http-01 challenge of a pending authorization and waits until it is valid.
+    async fn validate_http01(&self, ca: &Acme, authz_url: &str) {
+        let authz = self.post(authz_url, None).await.expect_ok().json();
+        if authz["status"] == "valid" {
+            return;
+        }
+        let ch = authz["challenges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "http-01")
+            .unwrap_or_else(|| panic!("no http-01 challenge: {authz}"));
+        let token = ch["token"].as_str().unwrap();
+        ca.tokens
+            .lock()
+            .unwrap()
+            .insert(token.to_owned(), format!("{token}.{}", self.thumbprint()));
+        self.post(ch["url"].as_str().unwrap(), Some(&json!({})))
+            .await
+            .expect_ok();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = self.post(authz_url, None).await.expect_ok().json();
+            match a["status"].as_str() {
+                Some("valid") => return,
+                Some("pending") if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                _ => panic!("authorization {authz_url} did not become valid: {a}"),
+            }
+        }
+    }
+
+    /// A new order for `names`, validated over http-01, until it is ready: its JSON and URL.
+    async fn ready_order(&self, ca: &Acme, names: &[&str]) -> (Value, String) {
+        let rsp = self.new_order(names).await.expect_ok();
+        let url = rsp.location();
+        for authz in rsp.json()["authorizations"].as_array().unwrap() {
+            self.validate_http01(ca, authz.as_str().unwrap()).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let order = self.post(&url, None).await.expect_ok().json();
+            match order["status"].as_str() {
+                Some("ready") => return (order, url),
+                Some("pending") if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                _ => panic!("order {url} did not become ready: {order}"),
+            }
+        }
+    }
+
+    /// An instant-acme handle on this same account.
+    async fn as_instant(&self, ca: &Acme) -> Account {
+        let pkcs8 = PrivatePkcs8KeyDer::from(self.pkcs8.clone());
+        let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
+        let (account, _) = ca
+            .builder()
+            .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), ca.dir_url.clone())
+            .await
+            .unwrap();
+        assert_eq!(account.id(), self.kid);
+        account
+    }
+}
+
+// ===========================================================================
+// A. Flows with instant-acme.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_order_finalize_chain_verifies_against_dev_root() {
+    let ca = Acme::start(&[]).await;
+    for name in [
+        "newNonce",
+        "newAccount",
+        "newOrder",
+        "newAuthz",
+        "revokeCert",
+        "keyChange",
+        "renewalInfo",
+    ] {
+        let url = ca.url(name);
+        assert!(
+            url.starts_with(&format!(
+                "https://127.0.0.1:{}/acme/",
+                ca.server.https_port.unwrap()
+            )),
+            "{name}: {url}"
+        );
+    }
+    assert_ne!(
+        ca.dir["meta"]["externalAccountRequired"], true,
+        "{}",
+        ca.dir
+    );
+
+    let (account, _) = ca.account().await;
+    let ids = [dns("web.localhost"), dns("api.web.localhost")];
+    let mut order = account.new_order(&NewOrder::new(&ids)).await.unwrap();
+    assert_eq!(order.state().status, OrderStatus::Pending);
+    assert_eq!(order.state().authorizations.len(), 2);
+    ca.solve(&mut order, ChallengeType::Http01).await;
+    let chain = ca.finalize(&mut order).await;
+
+    let certs = pem_certs(&chain);
+    assert!(certs.len() >= 2, "leaf and intermediate expected:\n{chain}");
+    let mut got = sans(&certs[0]);
+    got.sort();
+    assert_eq!(got, ["api.web.localhost", "web.localhost"]);
+    ca.openssl_verify(&chain, "web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_identifier_via_http01() {
+    let ca = Acme::start(&[]).await;
+    let (account, _) = ca.account().await;
+    let ids = [Identifier::Ip("127.0.0.1".parse().unwrap())];
+    let mut order = account.new_order(&NewOrder::new(&ids)).await.unwrap();
+    {
+        let mut authzs = order.authorizations();
+        let authz = authzs.next().await.unwrap().unwrap();
+        let types: Vec<_> = authz.challenges.iter().map(|c| c.r#type.clone()).collect();
+        // RFC 8738: no dns-01 for an IP address.
+        assert!(!types.contains(&ChallengeType::Dns01), "{types:?}");
+    }
+    ca.solve(&mut order, ChallengeType::Http01).await;
+    let chain = ca.finalize(&mut order).await;
+    assert_eq!(sans(&pem_certs(&chain)[0]), ["127.0.0.1"]);
+    ca.openssl_verify(&chain, "ip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_via_dns01() {
+    let ca = Acme::start(&[]).await;
+    let (account, _) = ca.account().await;
+    let ids = [dns("*.wild.internal")];
+    let mut order = account.new_order(&NewOrder::new(&ids)).await.unwrap();
+    {
+        let mut authzs = order.authorizations();
+        let authz = authzs.next().await.unwrap().unwrap();
+        assert!(authz.wildcard, "{:?}", *authz);
+        assert_eq!(
+            authz.identifier().identifier,
+            &dns("wild.internal"),
+            "the authorization names the base domain"
+        );
+    }
+    ca.solve(&mut order, ChallengeType::Dns01).await;
+    let chain = ca.finalize(&mut order).await;
+    assert_eq!(sans(&pem_certs(&chain)[0]), ["*.wild.internal"]);
+    ca.openssl_verify(&chain, "wild");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eab_required() {
+    let ca = Acme::start(&["--eab-required"]).await;
+    assert_eq!(
+        ca.dir["meta"]["externalAccountRequired"], true,
+        "{}",
+        ca.dir
+    );
+
+    // Without a binding: refused.
+    let err = ca
+        .builder()
+        .create(&new_account(), ca.dir_url.clone(), None)
+        .await
+        .err()
+        .expect("newAccount without EAB must be refused");
+    assert_eq!(problem_name(&err), "externalAccountRequired", "{err}");
+
+    // With a key made by the CLI: the account works.
+    let config = ca.data.join("sigil.toml").display().to_string();
+    let out = tokio::task::block_in_place(|| {
+        ok(sigil(&[
+            "acme",
+            "eab",
+            "create",
+            "--config",
+            &config,
+            "--requester",
+            "team-web",
+        ]))
+    });
+    let field = |label: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no '{label}' in:\n{out}"))
+    };
+    let kid = field("EAB key id:");
+    let hmac_key = URL_SAFE_NO_PAD.decode(field("EAB HMAC key:")).unwrap();
+
+    // A binding made with the wrong HMAC key is refused too.
+    let wrong = ExternalAccountKey::new(kid.clone(), b"not the key that was issued......");
+    let err = ca
+        .builder()
+        .create(&new_account(), ca.dir_url.clone(), Some(&wrong))
+        .await
+        .err()
+        .expect("newAccount with a bad EAB MAC must be refused");
+    assert!(
+        matches!(err, instant_acme::Error::Api(_)),
+        "expected a problem document: {err}"
+    );
+
+    let eab = ExternalAccountKey::new(kid, &hmac_key);
+    let (account, _) = ca
+        .builder()
+        .create(&new_account(), ca.dir_url.clone(), Some(&eab))
+        .await
+        .unwrap_or_else(|e| panic!("newAccount with EAB: {e}\n{}", ca.server.log_text()));
+    let chain = ca
+        .issue(&account, &NewOrder::new(&[dns("eab.localhost")]))
+        .await;
+    assert_eq!(sans(&pem_certs(&chain)[0]), ["eab.localhost"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_then_only_the_new_key_works() {
+    let ca = Acme::start(&[]).await;
+    let (mut account, old_creds) = ca.account().await;
+    let id = account.id().to_owned();
+    let new_creds = account.update_key().await.unwrap();
+    assert_eq!(account.id(), id);
+
+    // The new key signs for the same account.
+    account
+        .new_order(&NewOrder::new(&[dns("rolled.localhost")]))
+        .await
+        .unwrap();
+    let again = ca.restore(&new_creds).await;
+    again
+        .new_order(&NewOrder::new(&[dns("rolled.localhost")]))
+        .await
+        .unwrap();
+
+    // The old key, with the account URL as kid: its signature no longer verifies.
+    let old = ca.restore(&old_creds).await;
+    let err = old
+        .new_order(&NewOrder::new(&[dns("rolled.localhost")]))
+        .await
+        .err()
+        .expect("the old key must be refused");
+    assert_eq!(problem_name(&err), "malformed", "{err}");
+
+    // And it no longer finds any account.
+    let pkcs8 = old_creds.private_key().clone_key();
+    let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
+    let err = ca
+        .builder()
+        .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), ca.dir_url.clone())
+        .await
+        .err()
+        .expect("onlyReturnExisting with the old key must fail");
+    assert_eq!(problem_name(&err), "accountDoesNotExist", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivated_account_is_refused() {
+    let ca = Acme::start(&[]).await;
+    let (account, creds) = ca.account().await;
+    account.deactivate().await.unwrap();
+    let account = ca.restore(&creds).await;
+    let err = account
+        .new_order(&NewOrder::new(&[dns("gone.localhost")]))
+        .await
+        .err()
+        .expect("a deactivated account must be refused");
+    assert_eq!(problem_name(&err), "unauthorized", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_authorization_is_reused_by_new_order() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let rsp = raw
+        .post(
+            &raw.url("newAuthz"),
+            Some(&json!({"identifier": {"type": "dns", "value": "pre.localhost"}})),
+        )
+        .await
+        .expect_ok();
+    assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
+    let authz_url = rsp.location();
+    let authz = rsp.json();
+    assert_eq!(authz["status"], "pending", "{authz}");
+    assert_eq!(
+        authz["identifier"],
+        json!({"type": "dns", "value": "pre.localhost"})
+    );
+    raw.validate_http01(&ca, &authz_url).await;
+
+    let account = raw.as_instant(&ca).await;
+    let mut order = account
+        .new_order(&NewOrder::new(&[dns("pre.localhost")]))
+        .await
+        .unwrap();
+    let state = order.state();
+    assert_eq!(state.status, OrderStatus::Ready, "{state:?}");
+    let urls: Vec<_> = state.authorizations.iter().map(|a| a.url.clone()).collect();
+    assert_eq!(urls, [authz_url], "the order reuses the pre-authorization");
+    let chain = ca.finalize(&mut order).await;
+    assert_eq!(sans(&pem_certs(&chain)[0]), ["pre.localhost"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_info_and_replaces() {
+    let ca = Acme::start(&[]).await;
+    let (account, _) = ca.account().await;
+    let ids = [dns("ari.localhost")];
+    let chain = ca.issue(&account, &NewOrder::new(&ids)).await;
+    let leaf = &pem_certs(&chain)[0];
+    let id = cert_id(leaf);
+
+    let rsp = ca
+        .https
+        .get(&format!("{}/{id}", ca.url("renewalInfo")))
+        .await
+        .expect_ok();
+    let info = rsp.json();
+    let at = |k: &str| {
+        let s = info["suggestedWindow"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no suggestedWindow.{k}:\n{}", rsp.show()));
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("suggestedWindow.{k} {s:?}: {e}"))
+    };
+    let (start, end) = (at("start"), at("end"));
+    let not_after = parse(leaf).validity().not_after.to_datetime();
+    assert!(start < end, "{info}");
+    assert!(
+        end <= not_after,
+        "window ends after the certificate: {info}"
+    );
+
+    // An order naming the certificate it replaces (instant-acme checks the echo).
+    let mut order = account
+        .new_order(&NewOrder::new(&ids).replaces(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(order.state().replaces.as_ref(), Some(&id));
+    if order.state().status != OrderStatus::Ready {
+        ca.solve(&mut order, ChallengeType::Http01).await;
+    }
+    let renewed = ca.finalize(&mut order).await;
+    let renewed_leaf = &pem_certs(&renewed)[0];
+    assert_ne!(cert_id(renewed_leaf), id, "a new certificate");
+    assert_eq!(sans(renewed_leaf), ["ari.localhost"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_set_extended_key_usage() {
+    let ca = Acme::start(&[]).await;
+    let profiles = ca.dir["meta"]["profiles"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no meta.profiles: {}", ca.dir));
+    let mut names: Vec<_> = profiles.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["client", "mtls", "server"]);
+
+    let (account, _) = ca.account().await;
+    for (profile, want) in [
+        ("server", (true, false)),
+        ("client", (false, true)),
+        ("mtls", (true, true)),
+    ] {
+        let ids = [dns(&format!("{profile}.profile.localhost"))];
+        let mut order = account
+            .new_order(&NewOrder::new(&ids).profile(profile))
+            .await
+            .unwrap();
+        assert_eq!(order.state().profile.as_deref(), Some(profile));
+        ca.solve(&mut order, ChallengeType::Http01).await;
+        let chain = ca.finalize(&mut order).await;
+        assert_eq!(
+            eku(&pem_certs(&chain)[0]),
+            want,
+            "profile {profile}: (serverAuth, clientAuth)"
+        );
+        ca.openssl_verify(&chain, profile);
+    }
+
+    let err = account
+        .new_order(&NewOrder::new(&[dns("x.localhost")]).profile("no-such-profile"))
+        .await
+        .err()
+        .expect("an unknown profile must be refused");
+    assert_eq!(problem_name(&err), "invalidProfile", "{err}");
+}
+
+// ===========================================================================
+// B. Refusals, with hand-signed requests.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_nonce_is_bad_nonce_with_a_fresh_one() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let nonce = raw.nonce().await;
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": raw.kid, "nonce": nonce, "url": raw.kid}),
+        None,
+    );
+    raw.send(&raw.kid, &body).await.expect_ok();
+    let replay = raw.send(&raw.kid, &body).await;
+    replay.problem("badNonce");
+    assert_eq!(replay.status, StatusCode::BAD_REQUEST, "{}", replay.show());
+    let fresh = replay
+        .header("replay-nonce")
+        .unwrap_or_else(|| panic!("badNonce without Replay-Nonce:\n{}", replay.show()));
+    assert_ne!(fresh, nonce);
+    // The nonce handed back works.
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": raw.kid, "nonce": fresh, "url": raw.kid}),
+        None,
+    );
+    raw.send(&raw.kid, &body).await.expect_ok();
+
+    // A nonce the server never issued.
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": raw.kid, "nonce": b64(b"made up by the client"), "url": raw.kid}),
+        None,
+    );
+    raw.send(&raw.kid, &body).await.problem("badNonce");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_in_protected_header_must_match() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    // Signed for newOrder, sent to the account URL (RFC 8555 §6.4: unauthorized).
+    let mut protected = raw.header(&raw.url("newOrder")).await;
+    let body = raw.sign(&protected, None);
+    raw.send(&raw.kid, &body).await.problem("unauthorized");
+    // No url at all: malformed.
+    protected = raw.header(&raw.kid).await;
+    protected.as_object_mut().unwrap().remove("url");
+    let body = raw.sign(&protected, None);
+    raw.send(&raw.kid, &body).await.problem("malformed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_algorithms_are_bad_signature_algorithm() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+
+    // alg none, no signature.
+    let mut protected = raw.header(&raw.kid).await;
+    protected["alg"] = json!("none");
+    let p64 = b64(serde_json::to_vec(&protected).unwrap());
+    let body = json!({"protected": p64, "payload": "", "signature": ""});
+    let rsp = raw.send(&raw.kid, &body).await;
+    let problem = rsp.problem("badSignatureAlgorithm");
+    // RFC 8555 §6.2: the problem lists the algorithms the server accepts.
+    let algs = problem["algorithms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no algorithms field:\n{}", rsp.show()));
+    assert!(algs.contains(&json!("ES256")), "{}", rsp.show());
+
+    // HS256 (a MAC is no account signature), with a valid HMAC over the input.
+    let mut protected = raw.header(&raw.kid).await;
+    protected["alg"] = json!("HS256");
+    let p64 = b64(serde_json::to_vec(&protected).unwrap());
+    let mac_key = hmac::Key::new(hmac::HMAC_SHA256, b"any shared secret");
+    let tag = hmac::sign(&mac_key, format!("{p64}.").as_bytes());
+    let body = json!({"protected": p64, "payload": "", "signature": b64(tag)});
+    raw.send(&raw.kid, &body)
+        .await
+        .problem("badSignatureAlgorithm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwk_and_kid_together_are_malformed() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let mut protected = raw.header(&raw.kid).await;
+    protected["jwk"] = raw.jwk();
+    let body = raw.sign(&protected, None);
+    raw.send(&raw.kid, &body).await.problem("malformed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kid_is_account_does_not_exist() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    // Same URL shape as a real account, last path segment changed.
+    let (prefix, _) = raw.kid.rsplit_once('/').unwrap();
+    let unknown = format!("{prefix}/{}", b64(b"no-such-account-at-all"));
+    let url = raw.url("newOrder");
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": unknown, "nonce": raw.nonce().await, "url": url}),
+        Some(&json!({"identifiers": [{"type": "dns", "value": "a.localhost"}]})),
+    );
+    raw.send(&url, &body).await.problem("accountDoesNotExist");
+}
+
+/// RFC 8555 names no problem type for a signature that does not verify;
+/// Boulder and Pebble both answer `malformed`, and so must Sigil.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_signature_is_malformed() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let url = raw.url("newOrder");
+    let mut body = raw.sign(
+        &raw.header(&url).await,
+        Some(&json!({"identifiers": [{"type": "dns", "value": "t.localhost"}]})),
+    );
+    let mut sig = URL_SAFE_NO_PAD
+        .decode(body["signature"].as_str().unwrap())
+        .unwrap();
+    sig[10] ^= 0x01;
+    body["signature"] = json!(b64(&sig));
+    raw.send(&url, &body).await.problem("malformed");
+
+    // A payload swapped after signing fails the same way.
+    let mut body = raw.sign(
+        &raw.header(&url).await,
+        Some(&json!({"identifiers": [{"type": "dns", "value": "t.localhost"}]})),
+    );
+    body["payload"] = json!(b64(serde_json::to_vec(
+        &json!({"identifiers": [{"type": "dns", "value": "u.localhost"}]})
+    )
+    .unwrap()));
+    raw.send(&url, &body).await.problem("malformed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_is_refused() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let url = raw.url("newOrder");
+    let filler = "a".repeat(70 * 1024);
+    let body = raw.sign(
+        &raw.header(&url).await,
+        Some(&json!({"identifiers": [{"type": "dns", "value": "big.localhost"}], "x": filler})),
+    );
+    let bytes = serde_json::to_vec(&body).unwrap();
+    assert!(bytes.len() > 64 * 1024);
+    let rsp = raw.send_bytes(&url, JOSE, bytes).await;
+    assert!(
+        matches!(rsp.status.as_u16(), 400 | 413),
+        "expected 400 or 413:\n{}",
+        rsp.show()
+    );
+    rsp.problem("malformed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_content_type_is_415() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let body = raw.sign(&raw.header(&raw.kid).await, None);
+    let rsp = raw
+        .send_bytes(
+            &raw.kid,
+            "application/json",
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        rsp.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        rsp.show()
+    );
+    rsp.problem("malformed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_before_ready_is_order_not_ready() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let order = raw.new_order(&["early.localhost"]).await.expect_ok().json();
+    assert_eq!(order["status"], "pending", "{order}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = b64(csr_der(&["early.localhost"], &key));
+    raw.post(
+        order["finalize"].as_str().unwrap(),
+        Some(&json!({"csr": csr})),
+    )
+    .await
+    .problem("orderNotReady");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_must_match_the_order_and_not_use_the_account_key() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+
+    // Names other than the order's.
+    let (order, _) = raw.ready_order(&ca, &["csr-a.localhost"]).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let finalize = order["finalize"].as_str().unwrap();
+    for names in [
+        &["csr-b.localhost"][..],
+        &["csr-a.localhost", "csr-b.localhost"][..],
+    ] {
+        let csr = b64(csr_der(names, &key));
+        raw.post(finalize, Some(&json!({"csr": csr})))
+            .await
+            .problem("badCSR");
+    }
+
+    // The account key as the certificate key (RFC 8555 §11.1).
+    let (order, _) = raw.ready_order(&ca, &["csr-c.localhost"]).await;
+    let account_key = rcgen::KeyPair::try_from(raw.pkcs8.as_slice()).unwrap();
+    let csr = b64(csr_der(&["csr-c.localhost"], &account_key));
+    raw.post(
+        order["finalize"].as_str().unwrap(),
+        Some(&json!({"csr": csr})),
+    )
+    .await
+    .problem("badCSR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_authorization_offers_only_dns01() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let order = raw.new_order(&["*.x.localhost"]).await.expect_ok().json();
+    let authz_url = order["authorizations"][0].as_str().unwrap().to_owned();
+    let authz = raw.post(&authz_url, None).await.expect_ok().json();
+    assert_eq!(authz["wildcard"], true, "{authz}");
+    assert_eq!(authz["identifier"]["value"], "x.localhost", "{authz}");
+    let types: Vec<&str> = authz["challenges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["dns-01"], "{authz}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_outside_policy_are_rejected_and_audited() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let rsp = raw.new_order(&["denied.example.com"]).await;
+    rsp.problem("rejectedIdentifier");
+    // One allowed name does not carry a denied one.
+    raw.new_order(&["ok.localhost", "denied.example.com"])
+        .await
+        .problem("rejectedIdentifier");
+
+    if let Some(rows) = ca.audit_rows() {
+        assert!(
+            rows.lines()
+                .any(|r| r.starts_with("cert.denied|") && r.contains("denied.example.com")),
+            "no cert.denied audit row naming denied.example.com:\n{rows}"
+        );
+    }
+}
