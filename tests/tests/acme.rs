@@ -1434,3 +1434,72 @@ async fn names_outside_policy_are_rejected_and_audited() {
         );
     }
 }
+
+/// Two `sigil serve` nodes on one database behind one public URL (as behind
+/// a load balancer): a nonce from one node is accepted once by the other,
+/// and orders and accounts created on one are served by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_nonces_accounts_and_orders() {
+    let a = Acme::start(&[]).await;
+    let port_a = a.server.https_port.unwrap();
+    // Pin the public base URL to node A's address for both nodes.
+    let config = a.data.join("sigil.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let base = format!("https://127.0.0.1:{port_a}");
+    let text = text.replacen("[acme]\n", &format!("[acme]\nbase_url = \"{base}\"\n"), 1);
+    assert!(text.contains("base_url"), "no [acme] section:\n{text}");
+    std::fs::write(&config, text).unwrap();
+    let data = a.data.to_string_lossy().into_owned();
+    let work = a.data.parent().unwrap().join("node-b");
+    std::fs::create_dir_all(&work).unwrap();
+    let b =
+        tokio::task::block_in_place(|| Server::start(&["--dev", "--data-dir", &data], &work, &[]));
+    let port_b = b.https_port.unwrap();
+    let on_b = |url: &str| url.replacen(&format!(":{port_a}/"), &format!(":{port_b}/"), 1);
+    // Node B answers the directory with the shared public URLs.
+    let dir_b = a.https.get(&on_b(&a.dir_url)).await.expect_ok().json();
+    assert_eq!(dir_b["newOrder"], a.dir["newOrder"]);
+
+    let raw = Raw::register(&a).await;
+    // A nonce from A, used at B: accepted once, then refused on both nodes.
+    let nonce = raw.nonce().await;
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": raw.kid, "nonce": nonce, "url": raw.kid}),
+        None,
+    );
+    let got = raw.send(&on_b(&raw.kid), &body).await.expect_ok();
+    assert_eq!(got.json()["status"], "valid", "{}", got.show());
+    raw.send(&on_b(&raw.kid), &body).await.problem("badNonce");
+    raw.send(&raw.kid, &body).await.problem("badNonce");
+
+    // A nonce from B, used at A.
+    let rsp = a
+        .https
+        .call(
+            Method::HEAD,
+            &on_b(&raw.url("newNonce")),
+            None,
+            Bytes::new(),
+        )
+        .await;
+    let nonce_b = rsp.header("replay-nonce").unwrap();
+    let body = raw.sign(
+        &json!({"alg": "ES256", "kid": raw.kid, "nonce": nonce_b, "url": raw.kid}),
+        None,
+    );
+    raw.send(&raw.kid, &body).await.expect_ok();
+    raw.send(&on_b(&raw.kid), &body).await.problem("badNonce");
+
+    // An order placed on A is read on B.
+    let order = raw.new_order(&["two-nodes.localhost"]).await.expect_ok();
+    let order_url = order.location();
+    let url = order_url.clone();
+    let protected = raw.header(&url).await;
+    let seen = raw
+        .send(&on_b(&order_url), &raw.sign(&protected, None))
+        .await
+        .expect_ok();
+    assert_eq!(seen.json()["identifiers"], order.json()["identifiers"]);
+    assert_eq!(seen.json()["status"], "pending");
+    b.stop();
+}

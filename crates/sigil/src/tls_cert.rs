@@ -126,10 +126,10 @@ async fn renew_loop(
             Ok((next, at)) => {
                 cert.set(next);
                 renew_at = at;
-                tracing::info!(listener = label, "renewed the listener certificate");
+                tracing::info!("renewed the {label} listener certificate");
             }
             Err(e) => {
-                tracing::error!(listener = label, error = %format!("{e:#}"), "renewing the listener certificate failed; retrying in 60 s");
+                tracing::error!(error = %format!("{e:#}"), "renewing the {label} listener certificate failed; retrying in 60 s");
                 renew_at = authority.now().unix_timestamp() + 60;
             }
         }
