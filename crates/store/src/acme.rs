@@ -145,16 +145,8 @@ async fn apply_state_sql(
     write: &StateWrite,
 ) -> Result<bool, sqlx::Error> {
     match write {
-        StateWrite::SpendNonce { nonce, expires_at } => {
-            let r = sqlx::query(
-                "INSERT INTO acme_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
-            )
-            .bind(nonce.as_str())
-            .bind(*expires_at)
-            .execute(&mut **tx)
-            .await?;
-            Ok(r.rows_affected() == 1)
-        }
+        // Batched by the writer (several per statement).
+        StateWrite::SpendNonce { .. } => Ok(true),
         StateWrite::Insert { order, authzs } => {
             for (a, identifier) in authzs {
                 sqlx::query(

@@ -67,8 +67,7 @@ impl Store {
                         conn.execute(
                             "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
                              PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000; \
-                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192; \
-                             PRAGMA mmap_size=268435456;",
+                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192;",
                         )
                         .await?;
                     }

@@ -207,8 +207,12 @@ async fn write_batch(
     };
 
     let mut changed = vec![true; changes.len()];
+    spend_nonces(&mut tx, changes, &mut changed)
+        .await
+        .map_err(classify)?;
     for (change, changed) in changes.iter().zip(changed.iter_mut()) {
         match change {
+            Change::State(StateWrite::SpendNonce { .. }) => {}
             Change::InstallIssuer { issuer, .. } => install_issuer(&mut tx, issuer).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
@@ -294,6 +298,45 @@ async fn write_batch(
         })
         .collect();
     Ok((applied, (seq, prev)))
+}
+
+/// Records the batch's spent nonces with a few multi-row statements; a nonce
+/// already recorded (or repeated within the batch) is marked not changed.
+async fn spend_nonces(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    changes: &[&Change],
+    changed: &mut [bool],
+) -> Result<(), sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut pending: Vec<(usize, &str, i64)> = Vec::new();
+    for (i, c) in changes.iter().enumerate() {
+        if let Change::State(StateWrite::SpendNonce { nonce, expires_at }) = c {
+            if seen.insert(nonce.as_str()) {
+                pending.push((i, nonce.as_str(), *expires_at));
+            } else {
+                changed[i] = false;
+            }
+        }
+    }
+    for chunk in pending.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from("INSERT INTO acme_nonces (nonce, expires_at) VALUES ");
+        push_placeholders(&mut sql, chunk.len(), 2);
+        sql.push_str(" ON CONFLICT (nonce) DO NOTHING RETURNING nonce");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (_, nonce, expires_at) in chunk {
+            q = q.bind(*nonce).bind(*expires_at);
+        }
+        let inserted: std::collections::HashSet<String> = q
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("nonce"))
+            .collect::<Result<_, _>>()?;
+        for (i, nonce, _) in chunk {
+            changed[*i] = inserted.contains(*nonce);
+        }
+    }
+    Ok(())
 }
 
 async fn install_issuer(

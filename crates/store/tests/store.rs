@@ -438,3 +438,178 @@ async fn crl_numbers_only_grow_across_writers_and_the_newest_crl_wins() {
         b.close().await;
     }
 }
+
+fn acme_object(id: &str, status: &str, body: &str) -> sigil_store::AcmeObject {
+    sigil_store::AcmeObject {
+        id: id.into(),
+        account_id: "acct1".into(),
+        status: status.into(),
+        expires_at: 1_000,
+        body: body.into(),
+        created_at: 1,
+    }
+}
+
+fn acme_event(kind: &str) -> AuditEvent {
+    AuditEvent {
+        ts_ms: 1_700_000_000_000,
+        kind: kind.into(),
+        actor: "acme:acct1".into(),
+        subject: "acct1".into(),
+        detail: serde_json::json!({}),
+    }
+}
+
+/// ACME protocol state on every backend: nonces spent once (also when the
+/// same nonce arrives twice in one batch), compare-and-set updates, EAB keys
+/// binding one account, authorization reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_state_on_every_backend() {
+    use sigil_store::{AcmeAccount, AcmeTable, AcmeWrite, EabKey};
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = Store::open(&url).await.unwrap();
+        // The shared secret is created once and then returned as stored.
+        let s1 = store.acme_secret("k", b"first").await.unwrap();
+        let s2 = store.acme_secret("k", b"second").await.unwrap();
+        assert_eq!(
+            (s1.as_slice(), s2.as_slice()),
+            (&b"first"[..], &b"first"[..])
+        );
+
+        // Nonces: concurrent spends of the same nonce succeed exactly once.
+        let spends: Vec<_> = (0..16)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let nonce = format!("nonce-{}", i % 4);
+                    store.acme_spend_nonce(&nonce, 100).await.unwrap()
+                })
+            })
+            .collect();
+        let mut accepted = 0;
+        for s in spends {
+            accepted += usize::from(s.await.unwrap());
+        }
+        assert_eq!(accepted, 4, "{name}: each of 4 nonces accepted once");
+        assert!(!store.acme_spend_nonce("nonce-0", 100).await.unwrap());
+        assert_eq!(store.acme_prune_nonces(1_000).await.unwrap(), 4);
+        assert!(store.acme_spend_nonce("nonce-0", 100).await.unwrap());
+
+        // Accounts and EAB: a key binds one account.
+        store
+            .commit(Change::Acme {
+                write: AcmeWrite::NewEabKey(EabKey {
+                    kid: "kid1".into(),
+                    hmac_key: vec![7; 32],
+                    requester: "team-a".into(),
+                    created_at: 1,
+                    account_id: None,
+                }),
+                event: acme_event("acme.eab.created"),
+            })
+            .await
+            .unwrap();
+        let account = |id: &str, tp: &str| AcmeAccount {
+            id: id.into(),
+            thumbprint: tp.into(),
+            jwk: "{}".into(),
+            status: "valid".into(),
+            contact: "[]".into(),
+            requester: "eab:team-a".into(),
+            eab_kid: Some("kid1".into()),
+            created_at: 1,
+        };
+        store
+            .commit(Change::Acme {
+                write: AcmeWrite::NewAccount(account("acct1", "tp1")),
+                event: acme_event("acme.account.created"),
+            })
+            .await
+            .unwrap();
+        let again = store
+            .commit(Change::Acme {
+                write: AcmeWrite::NewAccount(account("acct2", "tp2")),
+                event: acme_event("acme.account.created"),
+            })
+            .await;
+        assert!(
+            matches!(again, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {again:?}"
+        );
+        assert_eq!(
+            store
+                .acme_eab_key("kid1")
+                .await
+                .unwrap()
+                .unwrap()
+                .account_id
+                .as_deref(),
+            Some("acct1")
+        );
+        assert_eq!(
+            store.acme_account_by_key("tp1").await.unwrap().unwrap().id,
+            "acct1"
+        );
+        assert!(store.acme_account("acct2").await.unwrap().is_none());
+
+        // Orders and authorizations: insert, compare-and-set, reuse lookup.
+        let authz = acme_object("az1", "pending", r#"{"a":1}"#);
+        let order = acme_object("or1", "pending", r#"{"o":1}"#);
+        store
+            .acme_insert_order(Some(&order), &[(authz.clone(), "dns:a.internal".into())])
+            .await
+            .unwrap();
+        let valid = acme_object("az1", "valid", r#"{"a":2}"#);
+        assert!(
+            store
+                .acme_update(AcmeTable::Authzs, "pending", &valid)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .acme_update(AcmeTable::Authzs, "pending", &valid)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .acme_object(AcmeTable::Authzs, "az1")
+                .await
+                .unwrap()
+                .unwrap()
+                .body,
+            r#"{"a":2}"#
+        );
+        let reuse = store
+            .acme_valid_authz("acct1", "dns:a.internal", 500)
+            .await
+            .unwrap();
+        assert_eq!(reuse.map(|a| a.id).as_deref(), Some("az1"));
+        assert!(
+            store
+                .acme_valid_authz("acct1", "dns:a.internal", 1_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store
+                .acme_authorized_identifiers("acct1", 500)
+                .await
+                .unwrap(),
+            vec!["dns:a.internal".to_string()]
+        );
+        assert_eq!(
+            store.acme_order_ids("acct1", 10).await.unwrap(),
+            vec!["or1"]
+        );
+        // The audit chain holds the account and EAB rows (not the refused
+        // account) and still verifies.
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!(report.rows, 2, "{name}");
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        store.close().await;
+    }
+}

@@ -18,6 +18,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A request with no answer by then is retried on a new connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Key authorizations the responder serves, by token.
 pub type Tokens = Arc<Mutex<HashMap<String, String>>>;
 
@@ -70,6 +73,8 @@ pub struct Client {
     conn: Option<SendRequest<Full<Bytes>>>,
     addr: SocketAddr,
     host: String,
+    /// `host:port`, for the Host header.
+    authority: String,
     tls: tokio_rustls::TlsConnector,
     dir: Value,
     rng: SystemRandom,
@@ -138,6 +143,7 @@ impl Client {
             conn: None,
             addr,
             host,
+            authority: authority.to_string(),
             tls: tls_connector(roots_pem),
             dir: Value::Null,
             rng,
@@ -193,7 +199,7 @@ impl Client {
             let mut req = hyper::Request::builder()
                 .method(method.clone())
                 .uri(path)
-                .header("host", &self.host);
+                .header("host", &self.authority);
             if body.is_some() {
                 req = req.header("content-type", "application/jose+json");
             }
@@ -205,9 +211,9 @@ impl Client {
                 self.conn = None;
                 continue;
             }
-            let resp = match conn.send_request(req).await {
-                Ok(r) => r,
-                Err(_) => {
+            let resp = match tokio::time::timeout(REQUEST_TIMEOUT, conn.send_request(req)).await {
+                Ok(Ok(r)) => r,
+                _ => {
                     self.conn = None;
                     continue;
                 }
@@ -223,7 +229,13 @@ impl Client {
                 self.nonce = Some(n);
             }
             let location = header("location");
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let Ok(Ok(body)) =
+                tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect()).await
+            else {
+                self.conn = None;
+                continue;
+            };
+            let body = body.to_bytes();
             return Resp {
                 status,
                 location,
@@ -235,6 +247,7 @@ impl Client {
 
     /// A signed POST (`payload` None = POST-as-GET); retries once on badNonce.
     pub async fn post(&mut self, url: &str, payload: Option<Value>) -> Resp {
+        let mut last = String::new();
         for _ in 0..5 {
             if self.nonce.is_none() {
                 let u = self.dir("newNonce");
@@ -267,8 +280,9 @@ impl Client {
             if !bad_nonce {
                 return r;
             }
+            last = String::from_utf8_lossy(&r.body).into_owned();
         }
-        panic!("badNonce five times in a row at {url}");
+        panic!("badNonce five times in a row at {url}: {last}");
     }
 
     /// One certificate, start to finish; returns the PEM chain.
