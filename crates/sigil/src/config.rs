@@ -341,3 +341,35 @@ impl Config {
             .with_context(|| format!("{}: issuance.max_lifetime", self.path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+    use super::*;
+
+    /// The documented example loads and validates, every section included.
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let cfg = Config::load(&path).unwrap();
+        let acme = cfg.acme.expect("[acme] in the example");
+        assert_eq!(acme.base_url(), "https://ca.internal:8443");
+        assert!(acme.eab_required);
+        assert!(cfg.grpc.is_some());
+    }
+
+    #[test]
+    fn acme_base_url_defaults_to_the_listener_and_must_be_https() {
+        let acme = AcmeConfig::on("127.0.0.1:8443".parse().unwrap());
+        assert_eq!(acme.base_url(), "https://127.0.0.1:8443");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("base_url = \"https://", "base_url = \"http://");
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("sigil.toml");
+        std::fs::write(&bad, text).unwrap();
+        let e = Config::load(&bad).unwrap_err().to_string();
+        assert!(e.contains("acme.base_url must be an https:// URL"), "{e}");
+    }
+}
