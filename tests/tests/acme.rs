@@ -1503,3 +1503,82 @@ async fn two_nodes_share_nonces_accounts_and_orders() {
     assert_eq!(seen.json()["status"], "pending");
     b.stop();
 }
+
+/// notBefore and notAfter in newOrder are echoed and become the certificate's
+/// validity (the lifetime counts from notBefore); too far ahead is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_validity_window_is_honoured() {
+    use time::format_description::well_known::Rfc3339;
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let now = sigil_core::Clock::now(&sigil_core::SystemClock);
+    let nb = (now + time::Duration::hours(1))
+        .replace_nanosecond(0)
+        .unwrap();
+    let na = (now + time::Duration::hours(4))
+        .replace_nanosecond(0)
+        .unwrap();
+    let (nb_s, na_s) = (nb.format(&Rfc3339).unwrap(), na.format(&Rfc3339).unwrap());
+    let rsp = raw
+        .post(
+            &raw.url("newOrder"),
+            Some(&json!({
+                "identifiers": [{"type": "dns", "value": "window.localhost"}],
+                "notBefore": nb_s, "notAfter": na_s,
+            })),
+        )
+        .await
+        .expect_ok();
+    let order = rsp.json();
+    assert_eq!(order["notBefore"], nb_s.as_str(), "{order}");
+    assert_eq!(order["notAfter"], na_s.as_str(), "{order}");
+    let url = rsp.location();
+    raw.validate_http01(&ca, order["authorizations"][0].as_str().unwrap())
+        .await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = b64(csr_der(&["window.localhost"], &key));
+    let done = raw
+        .post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": csr})),
+        )
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(done["status"], "valid", "{done}");
+    let again = raw.post(&url, None).await.expect_ok().json();
+    assert_eq!(again["notBefore"], nb_s.as_str(), "{again}");
+    let chain = raw
+        .post(done["certificate"].as_str().unwrap(), None)
+        .await
+        .expect_ok();
+    let certs = pem_certs(&String::from_utf8_lossy(&chain.body));
+    let leaf = parse(&certs[0]);
+    let (got_nb, got_na) = (
+        leaf.validity().not_before.timestamp(),
+        leaf.validity().not_after.timestamp(),
+    );
+    // notBefore is backdated by at most a minute; notAfter is exact.
+    assert!(
+        got_nb <= nb.unix_timestamp() && got_nb >= nb.unix_timestamp() - 61,
+        "notBefore {got_nb} vs {}",
+        nb.unix_timestamp()
+    );
+    assert!(
+        (got_na - na.unix_timestamp()).abs() <= 1,
+        "notAfter {got_na} vs {}",
+        na.unix_timestamp()
+    );
+
+    // More than 30 days ahead: refused at newOrder.
+    let far = (now + time::Duration::days(40)).format(&Rfc3339).unwrap();
+    raw.post(
+        &raw.url("newOrder"),
+        Some(&json!({
+            "identifiers": [{"type": "dns", "value": "far.localhost"}],
+            "notBefore": far,
+        })),
+    )
+    .await
+    .problem("malformed");
+}

@@ -559,17 +559,23 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         .as_deref()
         .map(|s| parse_time("notAfter", s))
         .transpose()?;
-    if not_before.is_some_and(|nb| nb.unix_timestamp() > now + 60) {
-        return Err(Problem::malformed(
-            "notBefore in the future is not supported: certificates start when issued; omit notBefore",
-        ));
+    let max_ahead = i64::try_from(sigil_authority::MAX_FUTURE_START.as_secs()).unwrap_or(0);
+    if not_before.is_some_and(|nb| nb.unix_timestamp() > now + max_ahead) {
+        return Err(Problem::malformed(format!(
+            "notBefore may be at most {} days ahead",
+            max_ahead / 86400
+        )));
     }
+    // The lifetime counts from the later of notBefore and the time of issuance.
+    let start = not_before.map_or(now, |nb| nb.unix_timestamp().max(now));
     let lifetime = match not_after {
-        Some(na) if na.unix_timestamp() <= now + 60 => {
-            return Err(Problem::malformed("notAfter must be in the future"));
+        Some(na) if na.unix_timestamp() <= start + 60 => {
+            return Err(Problem::malformed(
+                "notAfter must be more than a minute after notBefore and in the future",
+            ));
         }
         Some(na) => Some(Duration::from_secs(
-            u64::try_from(na.unix_timestamp() - now).unwrap_or(60),
+            u64::try_from(na.unix_timestamp() - start).unwrap_or(60),
         )),
         None => None,
     };
@@ -850,6 +856,11 @@ pub async fn finalize(
             profile: Some(profile),
             lifetime: body.lifetime.map(Duration::from_secs),
             token: None,
+            not_before: body
+                .not_before
+                .as_deref()
+                .map(|s| parse_time("notBefore", s))
+                .transpose()?,
         })
         .await;
     body.processing_since = None;

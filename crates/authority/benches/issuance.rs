@@ -82,6 +82,7 @@ async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: u
                     profile: None,
                     lifetime: None,
                     token: None,
+                    not_before: None,
                 };
                 ca.issue(req).await.unwrap();
             }

@@ -119,7 +119,13 @@ pub struct IssueRequest {
     pub lifetime: Option<Duration>,
     /// The bootstrap token that authenticated the request, if any.
     pub token: Option<TokenGrant>,
+    /// Start of validity when later than now (an ACME order's notBefore);
+    /// the lifetime counts from it. At most [`MAX_FUTURE_START`] ahead.
+    pub not_before: Option<OffsetDateTime>,
 }
+
+/// How far in the future a requested start of validity may lie.
+pub const MAX_FUTURE_START: Duration = Duration::from_secs(30 * 86400);
 
 /// A verified one-time bootstrap token presented with a request. The entry
 /// point checks its signature and expiry; the authority enforces its scope and
@@ -171,6 +177,8 @@ struct Ask<'a> {
     /// The serial being renewed.
     renews: Option<&'a str>,
     token: Option<&'a TokenGrant>,
+    /// Requested start of validity (None or past: now).
+    not_before: Option<OffsetDateTime>,
 }
 
 /// Names and key to certify.
@@ -417,6 +425,7 @@ impl Authority {
             kind: "cert.issued",
             renews: None,
             token: req.token.as_ref(),
+            not_before: req.not_before,
         };
         self.issue_for(&applicant, ask).await
     }
@@ -526,6 +535,7 @@ impl Authority {
             kind: "cert.renewed",
             renews: Some(&serial),
             token: None,
+            not_before: None,
         };
         self.issue_for(&applicant, ask).await
     }
@@ -953,12 +963,20 @@ impl Authority {
         if let Some(m) = decision.max_lifetime {
             lifetime = lifetime.min(m);
         }
+        // Validity starts now, or at a requested later time.
+        let start = ask.not_before.map_or(now, |nb| nb.max(now));
         // Never outlive the issuer: truncate to its notAfter.
-        let until_issuer_end = info.not_after - now;
-        if until_issuer_end <= time::Duration::minutes(1) {
+        let until_issuer_end = info.not_after - start;
+        if info.not_after - now <= time::Duration::minutes(1) {
             return Err(Error::Unavailable(
                 "the issuing CA has expired; install a new intermediate".into(),
             ));
+        }
+        if until_issuer_end <= time::Duration::minutes(1) {
+            return Err(Error::Lifetime(format!(
+                "the requested start {start} is after the issuing CA expires ({})",
+                info.not_after
+            )));
         }
         if time::Duration::try_from(lifetime).is_ok_and(|l| l > until_issuer_end) {
             lifetime = until_issuer_end.try_into().unwrap_or(lifetime);
@@ -970,7 +988,7 @@ impl Authority {
             public_key: applicant.public_key,
             profile,
             serial: &serial,
-            now,
+            now: start,
             lifetime,
             preferred_cn: applicant.common_name,
         };
@@ -1067,6 +1085,15 @@ impl Authority {
         ask: &Ask<'_>,
         issuer: &ActiveIssuer,
     ) -> Result<Decision, Error> {
+        if let Some(nb) = ask.not_before {
+            let ahead = nb - self.clock.now();
+            if time::Duration::try_from(MAX_FUTURE_START).is_ok_and(|m| ahead > m) {
+                return Err(Error::Lifetime(format!(
+                    "a certificate may start at most {} from now (asked {nb})",
+                    sigil_core::lifetime::format_duration(MAX_FUTURE_START)
+                )));
+            }
+        }
         if let Some(l) = ask.lifetime {
             if l > self.settings.max_lifetime {
                 return Err(Error::Lifetime(format!(

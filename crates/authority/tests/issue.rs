@@ -89,6 +89,7 @@ fn req(csr: Vec<u8>, requester: Requester) -> IssueRequest {
         profile: None,
         lifetime: None,
         token: None,
+        not_before: None,
     }
 }
 

@@ -282,6 +282,7 @@ impl CertificateAuthority for CaService {
                 profile,
                 lifetime,
                 token,
+                not_before: None,
             })
             .await
             .map_err(status)?;

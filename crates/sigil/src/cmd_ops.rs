@@ -82,6 +82,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
                     profile,
                     lifetime,
                     token: None,
+                    not_before: None,
                 })
                 .await;
             authority.store().close().await;

@@ -85,6 +85,7 @@ async fn issue(
             profile: Some(Profile::Server),
             lifetime: Some(lifetime),
             token: None,
+            not_before: None,
         })
         .await
         .with_context(|| {
