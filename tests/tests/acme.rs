@@ -1582,3 +1582,55 @@ async fn order_validity_window_is_honoured() {
     .await
     .problem("malformed");
 }
+
+/// `acme.orders_per_minute`: beyond it, newOrder is `rateLimited` (HTTP 429)
+/// with a Retry-After the client can act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_beyond_the_account_rate_are_rate_limited() {
+    let first = Acme::start(&[]).await;
+    let config = first.data.join("sigil.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("orders_per_minute = 0\n", "orders_per_minute = 2\n", 1);
+    assert!(
+        text.contains("orders_per_minute = 2"),
+        "no acme.orders_per_minute:\n{text}"
+    );
+    std::fs::write(&config, text).unwrap();
+    // A node started on the edited configuration.
+    let data = first.data.to_string_lossy().into_owned();
+    let work = first.data.parent().unwrap().join("limited");
+    std::fs::create_dir_all(&work).unwrap();
+    let server =
+        tokio::task::block_in_place(|| Server::start(&["--dev", "--data-dir", &data], &work, &[]));
+    let dir_url = format!(
+        "https://127.0.0.1:{}/acme/directory",
+        server.https_port.unwrap()
+    );
+    let dir = first.https.get(&dir_url).await.expect_ok().json();
+    let ca = Acme {
+        server,
+        dir_url,
+        dir,
+        ..first
+    };
+    let raw = Raw::register(&ca).await;
+    raw.new_order(&["rl1.localhost"]).await.expect_ok();
+    raw.new_order(&["rl2.localhost"]).await.expect_ok();
+    let limited = raw.new_order(&["rl3.localhost"]).await;
+    limited.problem("rateLimited");
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        limited.show()
+    );
+    let wait: u64 = limited
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("no Retry-After:\n{}", limited.show()))
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    // Another account has its own budget.
+    let other = Raw::register(&ca).await;
+    other.new_order(&["rl4.localhost"]).await.expect_ok();
+}

@@ -545,6 +545,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         .await?;
     let account = req.account()?.clone();
     let requester = Acme::requester(&account)?;
+    acme.take_order_token(&account.id)?;
     let payload: NewOrder = req.jws.json()?;
     let (wire, ids) = order_identifiers(&payload.identifiers)?;
     let profile = profile_of(payload.profile.as_deref())?;

@@ -50,6 +50,8 @@ pub struct AcmeSettings {
     pub terms_of_service: Option<String>,
     /// `meta.website`.
     pub website: Option<String>,
+    /// New orders per account per minute on this node (0: no limit).
+    pub orders_per_minute: u32,
     /// Challenge validation.
     pub validation: ValidationSettings,
 }
@@ -66,6 +68,7 @@ impl AcmeSettings {
             nonce_ttl: Duration::from_secs(3600),
             terms_of_service: None,
             website: None,
+            orders_per_minute: 0,
             validation: ValidationSettings::default(),
         }
     }
@@ -80,6 +83,51 @@ pub struct Acme {
     /// Accounts read recently, with when (unix ms): each signed request
     /// needs its account, and clients send several per certificate.
     accounts: std::sync::Mutex<std::collections::HashMap<String, (AcmeAccount, i64)>>,
+    /// Per-account new-order budget.
+    order_budget: std::sync::Mutex<OrderLimiter>,
+}
+
+/// A token bucket per account: `rate` tokens a minute, holding at most a
+/// minute's worth. Per node: with several nodes an account gets up to
+/// `rate` per node.
+#[derive(Debug)]
+struct OrderLimiter {
+    rate: u32,
+    /// Tokens left and when last refilled (unix ms), per account.
+    buckets: std::collections::HashMap<String, (f64, i64)>,
+}
+
+impl OrderLimiter {
+    fn new(rate: u32) -> OrderLimiter {
+        OrderLimiter {
+            rate,
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Takes a token; `Err(seconds)` until the next one when none is left.
+    fn take(&mut self, account: &str, now_ms: i64) -> Result<(), u64> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let (cap, per_ms) = (f64::from(self.rate), f64::from(self.rate) / 60_000.0);
+        if self.buckets.len() >= ACCOUNT_CACHE_MAX {
+            // Full buckets carry no state worth keeping.
+            self.buckets
+                .retain(|_, (t, at)| *t + (now_ms - *at) as f64 * per_ms < cap);
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry(account.to_string())
+            .or_insert((cap, now_ms));
+        *tokens = (*tokens + (now_ms - *at).max(0) as f64 * per_ms).min(cap);
+        *at = now_ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        Err(((1.0 - *tokens) / per_ms / 1000.0).ceil().max(1.0) as u64)
+    }
 }
 
 /// How long a cached account is trusted. Changes made on this node replace
@@ -137,12 +185,14 @@ impl Acme {
         .await
         .map_err(|e| e.to_string())?;
         let validator = Validator::new(settings.validation.clone())?;
+        let order_budget = std::sync::Mutex::new(OrderLimiter::new(settings.orders_per_minute));
         Ok(Arc::new(Acme {
             authority,
             settings,
             nonces,
             validator,
             accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            order_budget,
         }))
     }
 
@@ -263,6 +313,20 @@ impl Acme {
             .map(|(a, _)| a.clone())
     }
 
+    /// Takes one new-order token for `account`, or `rateLimited` with the
+    /// seconds until the next one.
+    pub(crate) fn take_order_token(&self, account: &str) -> Result<(), Problem> {
+        let mut limiter = self.order_budget.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.take(account, self.now_ms()).map_err(|wait| {
+            let mut p = Problem::rate_limited(format!(
+                "this account may place {} orders per minute; retry in {wait} s",
+                self.settings.orders_per_minute
+            ));
+            p.retry_after = Some(wait);
+            p
+        })
+    }
+
     /// Records an account as just read or written.
     pub(crate) fn remember_account(&self, account: &AcmeAccount) {
         let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
@@ -354,4 +418,30 @@ pub fn router(acme: Arc<Acme>) -> Router {
             common_headers,
         ))
         .with_state(acme)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OrderLimiter;
+
+    #[test]
+    fn order_limiter_allows_a_minute_of_burst_then_refills() {
+        let mut l = OrderLimiter::new(2);
+        assert!(l.take("a", 0).is_ok());
+        assert!(l.take("a", 0).is_ok());
+        // Empty: one token comes back every 30 s.
+        assert_eq!(l.take("a", 0), Err(30));
+        assert_eq!(l.take("a", 15_000), Err(15));
+        // Other accounts have their own budget.
+        assert!(l.take("b", 15_000).is_ok());
+        assert!(l.take("a", 30_000).is_ok());
+        assert!(l.take("a", 30_000).is_err());
+        // Never more than a minute's worth.
+        assert!(l.take("a", 10_000_000).is_ok());
+        assert!(l.take("a", 10_000_000).is_ok());
+        assert!(l.take("a", 10_000_000).is_err());
+        // 0 means no limit.
+        let mut off = OrderLimiter::new(0);
+        assert!((0..1000).all(|_| off.take("a", 0).is_ok()));
+    }
 }

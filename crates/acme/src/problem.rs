@@ -69,6 +69,7 @@ problems! {
     invalid_contact => "invalidContact", BAD_REQUEST;
     invalid_profile => "invalidProfile", BAD_REQUEST;
     already_replaced => "alreadyReplaced", CONFLICT;
+    rate_limited => "rateLimited", TOO_MANY_REQUESTS;
 }
 
 impl Problem {

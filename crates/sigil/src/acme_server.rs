@@ -38,6 +38,7 @@ pub fn settings(cfg: &AcmeConfig) -> Result<AcmeSettings> {
     s.order_lifetime = parse("order_lifetime", &cfg.order_lifetime)?;
     s.terms_of_service = cfg.terms_of_service.clone();
     s.website = cfg.website.clone();
+    s.orders_per_minute = cfg.orders_per_minute;
     s.validation = ValidationSettings {
         http_port: cfg.validation_http_port,
         tls_port: cfg.validation_tls_port,

@@ -181,6 +181,10 @@ pub struct AcmeConfig {
     /// `meta.website` in the directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub website: Option<String>,
+    /// New orders per account per minute, per node (0: no limit). Beyond it
+    /// clients get `rateLimited` with `Retry-After`.
+    #[serde(default)]
+    pub orders_per_minute: u32,
 }
 
 fn default_http01_port() -> u16 {
@@ -210,6 +214,7 @@ impl AcmeConfig {
             order_lifetime: default_authz_reuse(),
             terms_of_service: None,
             website: None,
+            orders_per_minute: 0,
         }
     }
 
