@@ -3,7 +3,7 @@
 //! `sigil-acme` router behind it.
 
 use crate::config::AcmeConfig;
-use crate::tls_cert::{ServerCert, provider};
+use crate::tls_cert::{ServerCert, accept_loop, provider};
 use anyhow::{Context, Result};
 use sigil_acme::{Acme, AcmeSettings, ValidationSettings};
 use sigil_authority::Authority;
@@ -14,11 +14,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-
-/// TLS handshakes slower than this are dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections handshaking at once; more wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 512;
 
 /// Everything `serve` needs to run the ACME listener.
 pub struct AcmeListener {
@@ -86,7 +81,7 @@ impl AcmeListener {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let addr = self.listener.local_addr()?;
         let (tx, rx) = mpsc::channel(128);
-        let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx));
+        let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx, "HTTPS"));
         let pruner = {
             let acme = self.acme.clone();
             tokio::spawn(async move {
@@ -104,40 +99,6 @@ impl AcmeListener {
         accept.abort();
         pruner.abort();
         result.context("HTTPS server failed")
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTPS accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    drop(permit);
-                    let _ = tx.send((tls, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
     }
 }
 

@@ -3,7 +3,7 @@
 //! configured roots, and the `sigil.v1` services behind it.
 
 use crate::config::GrpcConfig;
-use crate::tls_cert::{ServerCert, provider};
+use crate::tls_cert::{ServerCert, accept_loop, provider};
 use anyhow::{Context, Result};
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
@@ -14,9 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-
-/// TLS handshakes slower than this are dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything `serve` needs to run the gRPC listener.
 pub struct GrpcListener {
@@ -87,33 +84,11 @@ impl GrpcListener {
     /// Serves until `shutdown` completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel(128);
-        let acceptor = self.acceptor;
-        let listener = self.listener;
-        let accept = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx, "gRPC"));
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            |(tls, _peer)| Ok::<_, std::io::Error>(tls),
+        );
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(256)

@@ -1,6 +1,7 @@
-//! The TLS certificate of Sigil's own listeners (gRPC, HTTPS/ACME): issued by
-//! this CA's intermediate through the normal issuance path (policy and audit
-//! included) and renewed in place, with no restart.
+//! What Sigil's own TLS listeners (gRPC, HTTPS/ACME) share: their certificate,
+//! issued by this CA's intermediate through the normal issuance path (policy
+//! and audit included) and renewed in place with no restart, and the accept
+//! loop that completes TLS handshakes off the accept path.
 
 use anyhow::{Context, Result};
 use rcgen::{CertificateParams, KeyPair};
@@ -10,8 +11,13 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_authority::{Authority, IssueRequest};
 use sigil_core::{Profile, Requester};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 /// The requester name the server uses for its own listener certificates.
 pub const SERVER_REQUESTER: &str = "sigil-server";
@@ -134,5 +140,48 @@ async fn renew_loop(
                 renew_at = authority.now().unix_timestamp() + 60;
             }
         }
+    }
+}
+
+/// TLS handshakes slower than this are dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections handshaking at once; more wait in the kernel's backlog.
+pub const MAX_HANDSHAKES: usize = 512;
+
+/// Accepts TCP connections and hands completed TLS handshakes to `tx`.
+/// Handshakes run off the accept loop (a slow client cannot stall it), at
+/// most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    label: &'static str,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = label, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    drop(permit);
+                    let _ = tx.send((tls, peer)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
     }
 }
