@@ -1634,3 +1634,219 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
     let other = Raw::register(&ca).await;
     other.new_order(&["rl4.localhost"]).await.expect_ok();
 }
+
+/// Signs `protected.payload` with `sign` and posts it to `url`.
+async fn signed_post(
+    ca: &Acme,
+    url: &str,
+    header: Value,
+    payload: &Value,
+    sign: &dyn Fn(&[u8]) -> Vec<u8>,
+) -> Resp {
+    let nonce = ca
+        .https
+        .call(Method::HEAD, &ca.url("newNonce"), None, Bytes::new())
+        .await
+        .header("replay-nonce")
+        .unwrap();
+    let mut protected = header;
+    protected["nonce"] = json!(nonce);
+    protected["url"] = json!(url);
+    let p64 = b64(serde_json::to_vec(&protected).unwrap());
+    let body64 = if payload.is_null() {
+        String::new()
+    } else {
+        b64(serde_json::to_vec(payload).unwrap())
+    };
+    let sig = sign(format!("{p64}.{body64}").as_bytes());
+    let body = json!({"protected": p64, "payload": body64, "signature": b64(sig)});
+    ca.https
+        .call(
+            Method::POST,
+            url,
+            Some(JOSE),
+            Bytes::from(serde_json::to_vec(&body).unwrap()),
+        )
+        .await
+}
+
+/// Account keys of every accepted kind work: newAccount with the JWK, then a
+/// request signed by kid (ES384, EdDSA, PS256 and RS256; ES256 is used everywhere else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_keys_es384_eddsa_ps256_rs256() {
+    use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize};
+    use aws_lc_rs::signature::{
+        ECDSA_P384_SHA384_FIXED_SIGNING, Ed25519KeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256,
+    };
+    let ca = Acme::start(&[]).await;
+    let rng = SystemRandom::new();
+
+    let p384 = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P384_SHA384_FIXED_SIGNING,
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
+            .unwrap()
+            .as_ref(),
+    )
+    .unwrap();
+    let pt = p384.public_key().as_ref().to_vec();
+    let es384 = (
+        "ES384",
+        json!({"kty": "EC", "crv": "P-384", "x": b64(&pt[1..49]), "y": b64(&pt[49..97])}),
+        Box::new(move |m: &[u8]| {
+            p384.sign(&SystemRandom::new(), m)
+                .unwrap()
+                .as_ref()
+                .to_vec()
+        }) as Box<dyn Fn(&[u8]) -> Vec<u8>>,
+    );
+    let ed = Ed25519KeyPair::generate().unwrap();
+    let eddsa = (
+        "EdDSA",
+        json!({"kty": "OKP", "crv": "Ed25519", "x": b64(ed.public_key().as_ref())}),
+        Box::new(move |m: &[u8]| ed.sign(m).as_ref().to_vec()) as Box<dyn Fn(&[u8]) -> Vec<u8>>,
+    );
+    let rsa_jwk = |k: &RsaKeyPair| {
+        json!({
+            "kty": "RSA",
+            "n": b64(k.public_key().modulus().big_endian_without_leading_zero()),
+            "e": b64(k.public_key().exponent().big_endian_without_leading_zero()),
+        })
+    };
+    let rsa_signer = |k: RsaKeyPair, pad: &'static dyn aws_lc_rs::signature::RsaEncoding| {
+        Box::new(move |m: &[u8]| {
+            let mut sig = vec![0u8; k.public_modulus_len()];
+            k.sign(pad, &SystemRandom::new(), m, &mut sig).unwrap();
+            sig
+        }) as Box<dyn Fn(&[u8]) -> Vec<u8>>
+    };
+    let pss = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let pkcs1 = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let ps256 = ("PS256", rsa_jwk(&pss), rsa_signer(pss, &RSA_PSS_SHA256));
+    let rs256 = (
+        "RS256",
+        rsa_jwk(&pkcs1),
+        rsa_signer(pkcs1, &RSA_PKCS1_SHA256),
+    );
+
+    for (alg, jwk, sign) in [es384, eddsa, ps256, rs256] {
+        let created = signed_post(
+            &ca,
+            &ca.url("newAccount"),
+            json!({"alg": alg, "jwk": jwk}),
+            &json!({"termsOfServiceAgreed": true}),
+            &*sign,
+        )
+        .await
+        .expect_ok();
+        assert_eq!(
+            created.status,
+            StatusCode::CREATED,
+            "{alg}: {}",
+            created.show()
+        );
+        let kid = created.location();
+        let fetched = signed_post(
+            &ca,
+            &kid,
+            json!({"alg": alg, "kid": kid}),
+            &Value::Null,
+            &*sign,
+        )
+        .await
+        .expect_ok();
+        assert_eq!(
+            fetched.json()["status"],
+            "valid",
+            "{alg}: {}",
+            fetched.show()
+        );
+        // The same key with an algorithm of another family is refused.
+        let wrong = if alg == "ES384" { "ES256" } else { "ES384" };
+        signed_post(
+            &ca,
+            &kid,
+            json!({"alg": wrong, "kid": kid}),
+            &Value::Null,
+            &*sign,
+        )
+        .await
+        .problem("badSignatureAlgorithm");
+    }
+}
+
+/// The ARI window moves earlier when an operator sets a deadline
+/// (`sigil acme ari`) and to now once the certificate is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_window_follows_operator_deadline_and_revocation() {
+    let ca = Acme::start(&[]).await;
+    let (account, _) = ca.account().await;
+    let chain = ca
+        .issue(&account, &NewOrder::new(&[dns("ari-move.localhost")]))
+        .await;
+    let leaf = pem_certs(&chain)[0].clone();
+    let id = cert_id(&leaf);
+    let serial = hex_serial(&leaf);
+    let window = || async {
+        let info = ca
+            .https
+            .get(&format!("{}/{id}", ca.url("renewalInfo")))
+            .await
+            .expect_ok()
+            .json();
+        let at = |k: &str| {
+            time::OffsetDateTime::parse(
+                info["suggestedWindow"][k].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .unix_timestamp()
+        };
+        (at("start"), at("end"))
+    };
+    let now = || sigil_core::Clock::now(&sigil_core::SystemClock).unix_timestamp();
+    let (start, end) = window().await;
+    assert!(
+        start < end && end > now() + 3600,
+        "default window ({start}, {end})"
+    );
+
+    let config = ca.data.join("sigil.toml");
+    let config = config.to_string_lossy();
+    ok(sigil(&[
+        "acme",
+        "ari",
+        "--config",
+        &config,
+        "--serial",
+        &serial,
+        "--renew-by",
+        "10m",
+    ]));
+    let (start, end) = window().await;
+    assert!(start < end, "({start}, {end})");
+    assert!(end <= now() + 600 + 5, "deadline not applied: ends {end}");
+
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &serial,
+        "--reason",
+        "superseded",
+    ]));
+    let (start, end) = window().await;
+    assert!(start < end && end <= now() + 5, "revoked: ({start}, {end})");
+    // The operator's deadline is audited.
+    if let Some(audit) = ca.audit_rows() {
+        assert!(audit.contains("acme.ari.renew_by"), "{audit}");
+    }
+}
+
+fn hex_serial(der: &[u8]) -> String {
+    hex_bytes(parse(der).tbs_certificate.raw_serial())
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
