@@ -111,8 +111,21 @@ pub struct Server {
 
 impl Server {
     /// Starts `sigil serve ARGS --http-addr 127.0.0.1:PORT` (and, for `--dev`,
-    /// `--grpc-addr 127.0.0.1:PORT2`) and waits for /healthz.
+    /// `--grpc-addr` and `--https-addr` on free ports) and waits for /healthz.
+    /// A port taken by another test between choosing and binding it is
+    /// retried with new ports.
     pub fn start(args: &[&str], workdir: &Path, env: &[(&str, &str)]) -> Server {
+        for _ in 0..4 {
+            match Server::try_start(args, workdir, env) {
+                Ok(s) => return s,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("sigil serve found no free ports in 4 attempts");
+    }
+
+    fn try_start(args: &[&str], workdir: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
         let port = free_port();
         let log = workdir.join(format!("serve-{port}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -147,11 +160,14 @@ impl Server {
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok((200, _)) = http_get(port, "/healthz") {
-                return s;
-            }
             if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
-                panic!("sigil serve exited with {status}:\n{}", s.log_text());
+                return Err(format!(
+                    "sigil serve exited with {status}:\n{}",
+                    s.log_text()
+                ));
+            }
+            if let Ok((200, _)) = http_get(port, "/healthz") {
+                return Ok(s);
             }
             assert!(
                 Instant::now() < deadline,
