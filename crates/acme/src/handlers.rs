@@ -979,7 +979,11 @@ pub async fn challenge(
         })?;
     let reply = |a: &AcmeObject| -> Reply {
         let ab: AuthzBody = decode(a)?;
-        let c = &ab.challenges[idx.min(ab.challenges.len().saturating_sub(1))];
+        let c = ab
+            .challenges
+            .iter()
+            .find(|c| c.kind == kind)
+            .ok_or_else(|| Problem::server_internal("the stored authorization lost a challenge"))?;
         let mut resp = json_reply(StatusCode::OK, &acme.challenge_json(&a.id, c), None);
         link(&mut resp, &acme.authz_url(&a.id), "up");
         Ok(resp)
