@@ -1460,7 +1460,16 @@ async fn two_nodes_share_nonces_accounts_and_orders() {
     let dir_b = a.https.get(&on_b(&a.dir_url)).await.expect_ok().json();
     assert_eq!(dir_b["newOrder"], a.dir["newOrder"]);
 
-    let raw = Raw::register(&a).await;
+    shared_state_checks(&a, port_a, port_b).await;
+    b.stop();
+}
+
+/// What two nodes behind one base URL must agree on: a nonce from either is
+/// accepted once by the other, and accounts and orders are shared. `a` is the
+/// node the base URL names; `port_b` the other node's HTTPS port.
+async fn shared_state_checks(a: &Acme, port_a: u16, port_b: u16) {
+    let on_b = |url: &str| url.replacen(&format!(":{port_a}/"), &format!(":{port_b}/"), 1);
+    let raw = Raw::register(a).await;
     // A nonce from A, used at B: accepted once, then refused on both nodes.
     let nonce = raw.nonce().await;
     let body = raw.sign(
@@ -1501,7 +1510,6 @@ async fn two_nodes_share_nonces_accounts_and_orders() {
         .expect_ok();
     assert_eq!(seen.json()["identifiers"], order.json()["identifiers"]);
     assert_eq!(seen.json()["status"], "pending");
-    b.stop();
 }
 
 /// notBefore and notAfter in newOrder are echoed and become the certificate's
@@ -1849,4 +1857,69 @@ fn hex_serial(der: &[u8]) -> String {
 
 fn hex_bytes(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The same on PostgreSQL: two nodes of one CA on one database, the public
+/// URL naming the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
+    let admin = match std::env::var("TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            assert!(
+                std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "SIGIL_REQUIRE_EXTERNAL=1 but TEST_DATABASE_URL is not set"
+            );
+            eprintln!("TEST_DATABASE_URL not set: skipped");
+            return;
+        }
+    };
+    let pg = sigil_store::testing::fresh_postgres(&admin).await.unwrap();
+    // A dev CA (made on SQLite), moved to PostgreSQL: its intermediate is
+    // installed there, and every node then runs on it.
+    let first = Acme::start(&[]).await;
+    let config = first.data.join("sigil.toml");
+    let port_a = free_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replacen("url = \"sqlite://sigil.db\"", &format!("url = \"{pg}\""), 1)
+        .replacen(
+            "[acme]\n",
+            &format!("[acme]\nbase_url = \"https://127.0.0.1:{port_a}\"\n"),
+            1,
+        );
+    assert!(text.contains(&pg) && text.contains("base_url"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_string_lossy().into_owned();
+    let cert = first.data.join("intermediate.crt");
+    ok(sigil(&[
+        "intermediate",
+        "install",
+        "--config",
+        &cfg,
+        "--cert",
+        &cert.to_string_lossy(),
+    ]));
+    let data = first.data.to_string_lossy().into_owned();
+    let start = |name: &str, extra: &[&str]| {
+        let work = first.data.parent().unwrap().join(name);
+        std::fs::create_dir_all(&work).unwrap();
+        let mut args = vec!["--dev", "--data-dir", &data];
+        args.extend_from_slice(extra);
+        tokio::task::block_in_place(|| Server::start(&args, &work, &[]))
+    };
+    let https_a = format!("127.0.0.1:{port_a}");
+    let node_a = start("pg-a", &["--https-addr", &https_a]);
+    let node_b = start("pg-b", &[]);
+    let port_b = node_b.https_port.unwrap();
+    let dir_url = format!("https://{https_a}/acme/directory");
+    let dir = first.https.get(&dir_url).await.expect_ok().json();
+    let a = Acme {
+        server: node_a,
+        dir_url,
+        dir,
+        ..first
+    };
+    shared_state_checks(&a, port_a, port_b).await;
+    node_b.stop();
 }
