@@ -1170,7 +1170,7 @@ pub async fn renewal_info(State(acme): St, Path(id): Path<String>) -> Reply {
     let retired = store
         .issuer(&row.issuer_id)
         .await?
-        .is_some_and(|i| i.status != "active");
+        .is_some_and(|i| i.state == sigil_authority::IssuerState::Retired);
     let revoked = store.revocation(&row.serial).await?.is_some();
     let hint = store
         .acme_renewal_hint(&[

@@ -38,7 +38,7 @@ async fn authority(url: &str, ca: &TestCa) -> Authority {
         ActiveIssuer::new(&ca.intermediate_der, ca.intermediate_key().unwrap(), &urls).unwrap();
     let store = Store::open(url).await.unwrap();
     let info = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
-    Authority::install_issuer(&store, &info, "operator:bench", SystemClock.now())
+    sigil_authority::issuers::install(&store, &info, None, "operator:bench", SystemClock.now())
         .await
         .unwrap();
     Authority::new(

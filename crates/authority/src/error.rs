@@ -49,6 +49,10 @@ pub enum Error {
     /// Misconfiguration detected at startup.
     #[error("configuration: {0}")]
     Config(String),
+    /// An issuer lifecycle step out of order (activating what is not staged,
+    /// staging an issuer already in use).
+    #[error("{0}")]
+    Rotation(String),
     /// Storage failed; nothing was issued.
     #[error(transparent)]
     Store(#[from] sigil_store::Error),

@@ -5,9 +5,11 @@
 //! sign once → post-sign check → durable commit of certificate + audit → chain.
 
 mod error;
+pub mod issuers;
 
 pub use error::Error;
-pub use sigil_store::{CrlRow, SignedOcsp};
+pub use issuers::IssuerKeys;
+pub use sigil_store::{CrlRow, IssuerRow, IssuerState, SignedOcsp};
 
 use serde_json::json;
 use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
@@ -18,8 +20,8 @@ use sigil_core::{
 use sigil_policy::{Decision, Policy, Request};
 use sigil_signer::{CaSigner, SoftwareKey};
 use sigil_store::{
-    AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewIssuer, NewRevocation,
-    SpentToken, Store,
+    AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewRevocation, SpentToken,
+    Store,
 };
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -215,10 +217,22 @@ pub struct Issued {
 pub struct Authority {
     clock: Arc<dyn Clock>,
     policy: RwLock<Arc<Policy>>,
-    issuer: RwLock<Arc<ActiveIssuer>>,
+    issuers: RwLock<issuers::IssuerSet>,
+    keys: Option<Arc<dyn IssuerKeys>>,
     store: Store,
     settings: Settings,
     cache: Cache,
+}
+
+/// What a [`Authority::sync`] found.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Serials newly seen revoked.
+    pub revoked: Vec<String>,
+    /// Whether the set or states of issuers changed.
+    pub issuers_changed: bool,
+    /// Whether another issuer took over issuance.
+    pub rotated: bool,
 }
 
 /// How often a server should call [`Authority::sync`].
@@ -237,16 +251,18 @@ struct Cache {
     revoked_upto: AtomicI64,
     /// When the last sync started (unix ms); 0 = never.
     synced_at_ms: AtomicI64,
+    /// When previous issuers were last checked for retirement (unix s).
+    retire_checked: AtomicI64,
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     match l.read() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
 }
 
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     match l.write() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -262,7 +278,9 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
-    /// Assembles the authority. The issuer must already be installed in `store`.
+    /// Assembles the authority around one active issuer, which must already
+    /// be installed in `store`. Without [`Authority::with_keys`] it cannot
+    /// follow a rotation.
     pub fn new(
         clock: Arc<dyn Clock>,
         policy: Policy,
@@ -273,11 +291,52 @@ impl Authority {
         Authority {
             clock,
             policy: RwLock::new(Arc::new(policy)),
-            issuer: RwLock::new(Arc::new(issuer)),
+            issuers: RwLock::new(issuers::IssuerSet::single(issuer)),
+            keys: None,
             store,
             settings,
             cache: Cache::default(),
         }
+    }
+
+    /// Lets the authority load the keys of issuers staged or activated later.
+    pub fn with_keys(mut self, keys: Arc<dyn IssuerKeys>) -> Authority {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Assembles the authority from the issuers recorded in `store`: the
+    /// active one, and the staged and previous ones it holds keys for.
+    pub async fn open(
+        clock: Arc<dyn Clock>,
+        policy: Policy,
+        store: Store,
+        settings: Settings,
+        keys: Arc<dyn IssuerKeys>,
+    ) -> Result<Authority, Error> {
+        let rows = store.issuers().await?;
+        let Some(row) = rows
+            .iter()
+            .find(|r| r.state == IssuerState::Active)
+            .cloned()
+        else {
+            return Err(Error::Config(if rows.is_empty() {
+                "no intermediate is installed: run `sigil intermediate csr`, sign it offline, then `sigil intermediate install`".into()
+            } else {
+                "no intermediate is active: activate the staged one with `sigil intermediate activate`".into()
+            }));
+        };
+        let urls = settings.urls.clone();
+        let k = keys.clone();
+        let active = tokio::task::spawn_blocking(move || {
+            let key = k.load(&row)?;
+            ActiveIssuer::new(&row.cert_der, key, &urls)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("loading the issuer key failed: {e}")))??;
+        let authority = Authority::new(clock, policy, active, store, settings).with_keys(keys);
+        authority.sync().await?;
+        Ok(authority)
     }
 
     /// The current time by the authority's clock.
@@ -288,14 +347,6 @@ impl Authority {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// The issuer currently taking new issuance.
-    pub fn active_issuer(&self) -> Arc<ActiveIssuer> {
-        match self.issuer.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
     }
 
     /// The policy in force.
@@ -388,12 +439,11 @@ impl Authority {
 
     /// A stored certificate followed by its issuer chain (without the root), PEM.
     pub async fn chain_pem(&self, row: &CertificateRow) -> Result<String, Error> {
-        let active = self.active_issuer();
-        if active.info().id.as_str() == row.issuer_id {
+        if let Some(issuer) = self.loaded_issuer(&row.issuer_id) {
             return Ok(format!(
                 "{}{}",
                 pem("CERTIFICATE", &row.der),
-                active.chain_pem
+                issuer.chain_pem
             ));
         }
         let issuer = self.store.issuer(&row.issuer_id).await?.ok_or_else(|| {
@@ -708,10 +758,14 @@ impl Authority {
             .collect())
     }
 
-    /// Creates a delegated OCSP responder for the active issuer: a fresh P-256
+    /// Creates a delegated OCSP responder for a loaded issuer: a fresh P-256
     /// key and a short-lived certificate (audited as `ocsp_signer.issued`).
-    pub async fn new_ocsp_signer(&self, lifetime: Duration) -> Result<OcspSigner, Error> {
-        let issuer = self.active_issuer();
+    pub async fn new_ocsp_signer(
+        &self,
+        issuer_id: &str,
+        lifetime: Duration,
+    ) -> Result<OcspSigner, Error> {
+        let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
         let (key, _pkcs8) = SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?;
         let serial = sigil_signer::random_serial()?;
@@ -744,6 +798,11 @@ impl Authority {
             issuer_id: info.id.to_string(),
             not_after: leaf.not_after,
         })
+    }
+
+    fn held_issuer(&self, id: &str) -> Result<Arc<ActiveIssuer>, Error> {
+        self.loaded_issuer(id)
+            .ok_or_else(|| Error::Unavailable(format!("issuer {id} is not loaded on this node")))
     }
 
     /// What OCSP says about a serial of `issuer_id`: good, revoked, or unknown
@@ -819,16 +878,17 @@ impl Authority {
         Ok(self.store.key_blocked(&fp).await?)
     }
 
-    /// Signs and stores a fresh CRL for the active issuer, valid for
+    /// Signs and stores a fresh CRL for a loaded issuer, valid for
     /// `validity`; entries stay listed until `grace` after their certificate
     /// expires. The CRL number is taken from the database, so it grows across
     /// nodes too.
     pub async fn publish_crl(
         &self,
+        issuer_id: &str,
         validity: Duration,
         grace: Duration,
     ) -> Result<sigil_store::CrlRow, Error> {
-        let issuer = self.active_issuer();
+        let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
         let id = info.id.to_string();
         let now = self.clock.now();
@@ -878,14 +938,20 @@ impl Authority {
 
     /// Brings the in-memory view of revocations, blocked keys and issuers up
     /// to date with the database (revocations in commit order, so none is
-    /// skipped whatever the nodes' clocks say). Returns the serials newly
-    /// seen revoked. A server runs it every [`SYNC_INTERVAL`].
-    pub async fn sync(&self) -> Result<Vec<String>, Error> {
+    /// skipped whatever the nodes' clocks say), and carries out due issuer
+    /// lifecycle steps. A server runs it every [`SYNC_INTERVAL`].
+    pub async fn sync(&self) -> Result<Synced, Error> {
         let started = unix_ms(self.clock.now());
         let after = self.cache.revoked_upto.load(Ordering::Acquire);
         let rows = self.store.revoked_after(after).await?;
         let new: Vec<String> = rows.iter().map(|(s, _)| s.clone()).collect();
-        let issuers = self.issuer_subjects().await?;
+        let issuer_rows = self.store.issuers().await?;
+        let issuers: Vec<Vec<u8>> = issuer_rows
+            .iter()
+            .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
+            .map(|i| i.subject_der)
+            .collect();
+        let (issuers_changed, rotated) = self.sync_issuers(issuer_rows).await?;
         let blocked = if !new.is_empty() || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
             Some(self.store.blocked_keys().await?)
         } else {
@@ -905,7 +971,11 @@ impl Authority {
         }
         self.cache.revoked_upto.store(upto, Ordering::Release);
         self.cache.synced_at_ms.store(started, Ordering::Release);
-        Ok(new)
+        Ok(Synced {
+            revoked: new,
+            issuers_changed,
+            rotated,
+        })
     }
 
     /// The certificate row for a serial, if this CA issued it.
@@ -913,8 +983,8 @@ impl Authority {
         Ok(self.store.certificate(&serial.to_hex()).await?)
     }
 
-    /// Issuers that relying parties should trust now (active and retired ones
-    /// whose certificates have not expired), newest first, DER.
+    /// Issuers that relying parties should trust now (staged, active and
+    /// previous ones that have not expired), newest first, DER.
     pub async fn trusted_issuers(&self) -> Result<Vec<Vec<u8>>, Error> {
         let now = self.clock.now().unix_timestamp();
         Ok(self
@@ -922,7 +992,7 @@ impl Authority {
             .issuers()
             .await?
             .into_iter()
-            .filter(|i| i.not_after > now)
+            .filter(|i| i.state != IssuerState::Retired && i.not_after > now)
             .map(|i| i.cert_der)
             .collect())
     }
@@ -1192,39 +1262,6 @@ impl Authority {
             }))
             .await
             .map(|_| ())
-    }
-
-    /// Records a ceremony install: the issuer row and its audit event, atomically.
-    pub async fn install_issuer(
-        store: &Store,
-        info: &IssuerInfo,
-        actor: &str,
-        now: OffsetDateTime,
-    ) -> Result<AuditReceipt, Error> {
-        Ok(store
-            .commit(Change::InstallIssuer {
-                issuer: NewIssuer {
-                    id: info.id.to_string(),
-                    cert_der: info.der.clone(),
-                    subject: info.subject.clone(),
-                    not_before: info.not_before.unix_timestamp(),
-                    not_after: info.not_after.unix_timestamp(),
-                    installed_at: now.unix_timestamp(),
-                },
-                event: AuditEvent {
-                    ts_ms: unix_ms(now),
-                    kind: "issuer.installed".into(),
-                    actor: actor.to_string(),
-                    subject: info.id.to_string(),
-                    detail: json!({
-                        "subject": info.subject,
-                        "issuer": info.issuer,
-                        "not_after": info.not_after.unix_timestamp(),
-                        "sha256": sigil_core::sha256_hex(&info.der),
-                    }),
-                },
-            })
-            .await?)
     }
 
     /// Records an event with no other row (config changes, startup).

@@ -38,9 +38,10 @@ async fn authority(url: &str) -> Authority {
     let issuer =
         ActiveIssuer::new(&ca.intermediate_der, ca.intermediate_key().unwrap(), &urls).unwrap();
     let store = Store::open(url).await.unwrap();
-    Authority::install_issuer(
+    sigil_authority::issuers::install(
         &store,
         &IssuerInfo::from_der(&ca.intermediate_der).unwrap(),
+        None,
         "operator:test",
         now,
     )

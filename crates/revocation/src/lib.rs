@@ -105,17 +105,17 @@ impl Revocation {
         self.wake.notify_one();
     }
 
-    /// Publishes once now (at startup), then keeps the CRL fresh: after each
-    /// change (debounced) and at half its validity.
+    /// Publishes once now (at startup), then keeps every serving issuer's
+    /// CRL fresh: after each change (debounced) and at half its validity.
     pub async fn run(self: Arc<Self>) {
         loop {
-            let refresh = match self.publish().await {
+            let refresh = match self.publish_all().await {
                 Ok(p) => {
                     let half = (p.next_update - p.this_update) / 2;
                     Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1))
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "publishing the CRL failed; retrying in 10 s");
+                    tracing::error!(error = %e, "publishing a CRL failed; retrying in 10 s");
                     Duration::from_secs(10)
                 }
             };
@@ -126,15 +126,46 @@ impl Revocation {
         }
     }
 
-    /// Signs, stores and caches a fresh CRL for the active issuer now.
+    /// Signs, stores and caches a fresh CRL for every serving issuer now.
     pub async fn publish_now(&self) -> Result<(), sigil_authority::Error> {
-        self.publish().await.map(|_| ())
+        self.publish_all().await.map(|_| ())
     }
 
-    async fn publish(&self) -> Result<Published, sigil_authority::Error> {
+    /// Publishes for the active and previous issuers; returns the CRL that
+    /// needs refreshing soonest. An issuer that fails does not hold up the
+    /// others; the first error is returned after all were tried.
+    async fn publish_all(&self) -> Result<Published, sigil_authority::Error> {
+        let mut soonest: Option<Published> = None;
+        let mut failed = None;
+        for issuer in self.authority.serving_issuers() {
+            match self.publish(issuer.info().id.as_str()).await {
+                Ok(p) => {
+                    if soonest
+                        .as_ref()
+                        .is_none_or(|s| p.next_update < s.next_update)
+                    {
+                        soonest = Some(p);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(issuer = %issuer.info().id, error = %e, "publishing a CRL failed");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match (failed, soonest) {
+            (Some(e), _) => Err(e),
+            (None, Some(p)) => Ok(p),
+            (None, None) => Err(sigil_authority::Error::Unavailable(
+                "no issuer to publish a CRL for".into(),
+            )),
+        }
+    }
+
+    async fn publish(&self, issuer_id: &str) -> Result<Published, sigil_authority::Error> {
         let row = self
             .authority
-            .publish_crl(self.settings.validity, self.settings.grace)
+            .publish_crl(issuer_id, self.settings.validity, self.settings.grace)
             .await?;
         let id = row.issuer_id.clone();
         let number = row.number;

@@ -1,11 +1,12 @@
 //! The OCSP responder (RFC 6960, RFC 5019 profile). Responses for every
-//! unexpired certificate of the active issuer are signed ahead of time by a
-//! delegated responder and kept in memory, so answering a plain request is a
+//! unexpired certificate of each serving issuer (the active one and those it
+//! replaced) are signed ahead of time by that issuer's delegated responder
+//! and kept in memory, so answering a plain request is a
 //! lookup; requests with a nonce or several certificates get a freshly signed
 //! answer under a concurrency bound.
 
 use crate::{read, write};
-use sigil_authority::{Authority, OcspSigner};
+use sigil_authority::{ActiveIssuer, Authority, OcspSigner};
 use sigil_core::Serial;
 use sigil_core::ocsp::{self, IssuerHashes, Query, Refusal, Status};
 use std::collections::HashMap;
@@ -74,7 +75,8 @@ pub struct Current {
 pub struct Ocsp {
     authority: Arc<Authority>,
     settings: OcspSettings,
-    current: RwLock<Option<Arc<Current>>>,
+    /// The delegated responder of each serving issuer, by issuer id.
+    current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<String, Answer>>,
     fresh: Semaphore,
 }
@@ -92,38 +94,59 @@ impl Ocsp {
             authority,
             fresh: Semaphore::new(settings.max_fresh.max(1)),
             settings,
-            current: RwLock::new(None),
+            current: RwLock::new(HashMap::new()),
             cache: RwLock::new(HashMap::new()),
         })
     }
 
-    /// Gets a new responder certificate when there is none, the current one
-    /// is past half its life, or the active issuer changed. Quick: call it
-    /// before serving.
-    pub async fn ensure_signer(&self) -> Result<Arc<Current>, sigil_authority::Error> {
+    /// Makes sure every serving issuer has a responder certificate with at
+    /// least half its life left, and drops those of issuers no longer
+    /// serving. Quick when nothing is due: call it before serving.
+    pub async fn ensure_signers(&self) -> Result<Vec<Arc<Current>>, sigil_authority::Error> {
+        let serving = self.authority.serving_issuers();
+        let mut out = Vec::with_capacity(serving.len());
+        for issuer in &serving {
+            out.push(self.ensure_signer(issuer).await?);
+        }
+        write(&self.current).retain(|id, _| serving.iter().any(|i| i.info().id.as_str() == id));
+        Ok(out)
+    }
+
+    async fn ensure_signer(
+        &self,
+        issuer: &ActiveIssuer,
+    ) -> Result<Arc<Current>, sigil_authority::Error> {
         let now = self.authority.now();
-        let active = self.authority.active_issuer();
-        if let Some(c) = read(&self.current).as_ref()
-            && c.signer.issuer_id == active.info().id.as_str()
+        let id = issuer.info().id.as_str();
+        if let Some(c) = read(&self.current).get(id)
             && c.signer.not_after - now >= self.settings.signer_lifetime / 2
         {
             return Ok(c.clone());
         }
         let signer = self
             .authority
-            .new_ocsp_signer(self.settings.signer_lifetime)
+            .new_ocsp_signer(id, self.settings.signer_lifetime)
             .await?;
-        let hashes = IssuerHashes::of(active.info());
+        let hashes = IssuerHashes::of(issuer.info());
         let cur = Arc::new(Current { signer, hashes });
-        *write(&self.current) = Some(cur.clone());
+        write(&self.current).insert(id.to_string(), cur.clone());
         Ok(cur)
     }
 
-    /// Signs responses for every unexpired certificate of the active issuer
-    /// again (two queries, then one signature each). Until it completes,
-    /// requests are answered by fresh signatures.
+    /// Signs responses for every unexpired certificate of every serving
+    /// issuer again. Until it completes, requests are answered by fresh
+    /// signatures.
     pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
-        let cur = self.ensure_signer().await?;
+        let mut n = 0;
+        for cur in self.ensure_signers().await? {
+            n += self.refresh_issuer(&cur).await?;
+        }
+        Ok(n)
+    }
+
+    /// Signs responses for every unexpired certificate of one issuer (two
+    /// queries, then one signature each).
+    async fn refresh_issuer(&self, cur: &Current) -> Result<usize, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
         let serials = self
@@ -150,7 +173,7 @@ impl Ocsp {
                 },
             };
             let q = cur.hashes.cert_id(&serial)?;
-            fresh.insert(hex, self.sign(&cur, &[(&q, status)], None, now)?);
+            fresh.insert(hex, self.sign(cur, &[(&q, status)], None, now)?);
         }
         let n = fresh.len();
         self.persist(id, fresh.iter()).await;
@@ -170,12 +193,23 @@ impl Ocsp {
 
     /// Re-signs the responses of newly revoked certificates at once.
     pub async fn revoked(&self, serials: &[String]) {
-        let Some(cur) = read(&self.current).clone() else {
-            return;
-        };
         let now = self.authority.now();
         for hex in serials {
             let Some(serial) = Serial::parse_hex(hex) else {
+                continue;
+            };
+            let issuer = match self.authority.certificate(&serial).await {
+                Ok(Some(row)) => row.issuer_id,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, serial = %hex, "looking up a revoked certificate failed");
+                    write(&self.cache).remove(hex);
+                    continue;
+                }
+            };
+            let Some(cur) = read(&self.current).get(&issuer).cloned() else {
+                // Not serving (yet) on this node: answered by a fresh signature.
+                write(&self.cache).remove(hex);
                 continue;
             };
             let signed = async {
@@ -206,13 +240,15 @@ impl Ocsp {
     /// certificates revoked since are left out (they are signed on demand).
     /// Call after the authority's first sync. Returns how many were loaded.
     pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
-        let Some(cur) = read(&self.current).clone() else {
-            return Ok(0);
-        };
-        let rows = self
-            .authority
-            .stored_ocsp(&cur.signer.issuer_id, self.settings.validity / 4)
-            .await?;
+        let ids: Vec<String> = read(&self.current).keys().cloned().collect();
+        let mut rows = Vec::new();
+        for id in ids {
+            rows.extend(
+                self.authority
+                    .stored_ocsp(&id, self.settings.validity / 4)
+                    .await?,
+            );
+        }
         let mut loaded = 0;
         for r in rows {
             let Some(serial) = Serial::parse_hex(&r.serial) else {
@@ -318,7 +354,17 @@ impl Ocsp {
 
     async fn try_answer(&self, request: &[u8]) -> Result<Answer, Refusal> {
         let req = ocsp::parse_request(request)?;
-        let cur = read(&self.current).clone().ok_or(Refusal::TryLater)?;
+        // One responder signs the whole answer, so every query must name the
+        // same issuer (RFC 6960 §4.2.1 leaves mixed requests to the responder).
+        let cur = {
+            let current = read(&self.current);
+            let first = req.queries.first().ok_or(Refusal::Malformed)?;
+            current
+                .values()
+                .find(|c| c.hashes.matches(first))
+                .cloned()
+                .ok_or(Refusal::Unauthorized)?
+        };
         if !req.queries.iter().all(|q| cur.hashes.matches(q)) {
             return Err(Refusal::Unauthorized);
         }

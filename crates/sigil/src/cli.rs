@@ -164,6 +164,45 @@ pub enum IntermediateCmd {
         /// The certificate from `sigil root sign`.
         #[arg(long)]
         cert: PathBuf,
+        /// Install the certificate for the key made by `sigil intermediate
+        /// rotate` as staged: trusted from now on, issuing only once activated.
+        #[arg(long)]
+        stage: bool,
+    },
+    /// Start a rotation: generate the next intermediate key (encrypted, 0600)
+    /// and its CSR. Nothing changes for clients until it is signed, staged
+    /// and activated.
+    Rotate {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Key type (default: the current intermediate's).
+        #[arg(long)]
+        key_type: Option<String>,
+        /// Subject (default: the current intermediate's).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Where to write the CSR (default: intermediate-next.csr beside the config).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Switch new issuance to the staged intermediate, now or at a set time.
+    /// The replaced issuer keeps answering OCSP and publishing CRLs until its
+    /// last certificate expires.
+    Activate {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// When: RFC 3339 time or a duration from now (`2h`). Default: now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Ask clients (ACME ARI, gRPC WatchRotation) to renew certificates
+        /// of the replaced issuer by this time (RFC 3339 or duration from now).
+        #[arg(long)]
+        renew_all_by: Option<String>,
+        /// Operator name for the audit log (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
     },
 }
 

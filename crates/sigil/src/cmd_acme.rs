@@ -85,12 +85,16 @@ async fn eab_create(
 }
 
 /// `TIME` as RFC 3339, or a duration from now (`6h`).
-fn parse_when(s: &str, now: time::OffsetDateTime) -> Result<time::OffsetDateTime> {
+pub(crate) fn parse_when(
+    flag: &str,
+    s: &str,
+    now: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
         return Ok(t);
     }
     let d = sigil_core::lifetime::parse_duration(s).with_context(|| {
-        format!("--renew-by '{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration from now (6h)")
+        format!("{flag} '{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration from now (6h)")
     })?;
     Ok(now + d)
 }
@@ -104,7 +108,7 @@ async fn ari(
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let now = sigil_core::SystemClock.now();
-    let when = parse_when(renew_by, now)?;
+    let when = parse_when("--renew-by", renew_by, now)?;
     let store = Store::open(&cfg.database_url()).await?;
     let scope = match (serial, issuer) {
         (Some(s), None) => {

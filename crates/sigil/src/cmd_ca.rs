@@ -4,7 +4,7 @@ use crate::cli::{IntermediateCmd, RootCmd};
 use crate::config::Config;
 use crate::passphrase::{self, KEY_ENV, ROOT_ENV};
 use anyhow::{Context, Result, bail};
-use sigil_authority::{Authority, pem};
+use sigil_authority::pem;
 use sigil_core::dn::{Dn, parse_subject};
 use sigil_core::lifetime::parse_duration;
 use sigil_core::template::{IntermediateOptions, verify_issued_by};
@@ -404,7 +404,28 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        IntermediateCmd::Install { config, cert } => {
+        IntermediateCmd::Install {
+            config,
+            cert,
+            stage: true,
+        } => crate::cmd_rotate::install_staged(&config, &cert).await,
+        IntermediateCmd::Rotate {
+            config,
+            key_type,
+            subject,
+            out,
+        } => crate::cmd_rotate::rotate(&config, key_type, subject, out).await,
+        IntermediateCmd::Activate {
+            config,
+            at,
+            renew_all_by,
+            operator,
+        } => crate::cmd_rotate::activate(&config, at, renew_all_by, operator.as_deref()).await,
+        IntermediateCmd::Install {
+            config,
+            cert,
+            stage: false,
+        } => {
             let cfg = Config::load(&config)?;
             let bytes =
                 std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
@@ -451,6 +472,28 @@ pub async fn install(
     pass: &Passphrase,
     actor: &str,
 ) -> Result<IssuerInfo> {
+    let key_path = cfg.resolve(&cfg.ca.intermediate_key);
+    let (info, root) = check_intermediate(cfg, cert, &key_path, pass)?;
+    // Database first: a certificate file never names an issuer the database lacks.
+    let store = Store::open(&cfg.database_url()).await?;
+    let now = SystemClock.now();
+    let recorded = sigil_authority::issuers::install(&store, &info, None, actor, now).await;
+    store.close().await;
+    recorded?;
+    let dest = cfg.resolve(&cfg.ca.intermediate_cert);
+    write_public(&dest, &pem("CERTIFICATE", &info.der))?;
+    tracing::info!(issuer = %info.id, root = %root.subject, "intermediate installed");
+    Ok(info)
+}
+
+/// Checks that `cert` is a currently valid CA certificate, chains to a
+/// configured root and certifies the key in `key_path`. Returns it and its root.
+pub fn check_intermediate(
+    cfg: &Config,
+    cert: &[u8],
+    key_path: &Path,
+    pass: &Passphrase,
+) -> Result<(IssuerInfo, IssuerInfo)> {
     let info = IssuerInfo::parse(cert).context("not a certificate")?;
     if !info.is_ca {
         bail!(
@@ -487,23 +530,15 @@ pub async fn install(
             info.not_after
         );
     }
-    let key_path = cfg.resolve(&cfg.ca.intermediate_key);
-    let key = read_encrypted_key(&key_path, pass)?;
+    let key = read_encrypted_key(key_path, pass)?;
     if key.public_key() != &info.public_key {
         bail!(
             "certificate does not match the key in {} (was the CSR made from another key?)",
             key_path.display()
         );
     }
-    // Database first: a certificate file never names an issuer the database lacks.
-    let store = Store::open(&cfg.database_url()).await?;
-    let recorded = Authority::install_issuer(&store, &info, actor, now).await;
-    store.close().await;
-    recorded?;
-    let dest = cfg.resolve(&cfg.ca.intermediate_cert);
-    write_public(&dest, &pem("CERTIFICATE", &info.der))?;
-    tracing::info!(issuer = %info.id, root = %root.subject, "intermediate installed");
-    Ok(info)
+    let root = root.clone();
+    Ok((info, root))
 }
 
 /// The operator's name for audit records.

@@ -4,11 +4,10 @@ use crate::cli::{AuditCmd, CertCmd, PolicyCmd};
 use crate::cmd_ca::{key_passphrase, operator_name, write_public};
 use crate::config::Config;
 use anyhow::{Context, Result};
-use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings, pem};
+use sigil_authority::{Authority, IssueRequest, Settings, pem};
 use sigil_core::lifetime::parse_duration;
 use sigil_core::{CaUrls, Identifier, KeyType, Profile, Requester, SystemClock};
 use sigil_policy::Policy;
-use sigil_signer::read_encrypted_key;
 use sigil_store::Store;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,45 +16,27 @@ use std::sync::Arc;
 pub async fn build_authority(cfg: &Config) -> Result<Authority> {
     let policy_dir = cfg.resolve(&cfg.policy.dir);
     let policy = Policy::load_dir(&policy_dir)?;
-    let cert_path = cfg.resolve(&cfg.ca.intermediate_cert);
-    let cert = std::fs::read(&cert_path).with_context(|| {
-        format!(
-            "no intermediate certificate at {}: run `sigil intermediate csr` and `sigil intermediate install` first",
-            cert_path.display()
-        )
-    })?;
-    let info = sigil_core::IssuerInfo::parse(&cert)?;
     let pass = key_passphrase(cfg)?;
-    let key = read_encrypted_key(&cfg.resolve(&cfg.ca.intermediate_key), &pass)?;
     let urls = CaUrls::new(&cfg.server.public_url);
-    let issuer = ActiveIssuer::new(&info.der, key, &urls)?;
     let store = Store::open(&cfg.database_url()).await?;
-    match store.issuer(info.id.as_str()).await? {
-        None => anyhow::bail!(
-            "intermediate {} is not installed in the database: run `sigil intermediate install --config {} --cert {}`",
-            info.id,
-            cfg.path.display(),
-            cert_path.display()
-        ),
-        Some(row) if row.status != "active" => anyhow::bail!(
-            "intermediate {} in {} is {} (a newer intermediate was installed); point ca.intermediate_cert and ca.intermediate_key at the active one",
-            info.id,
-            cert_path.display(),
-            row.status
-        ),
-        Some(_) => {}
+    let settings = Settings {
+        default_lifetime: cfg.default_lifetime()?,
+        max_lifetime: cfg.max_lifetime()?,
+        urls,
+    };
+    let keys = Arc::new(crate::cmd_rotate::FileKeys::new(cfg, pass));
+    let opened =
+        Authority::open(Arc::new(SystemClock), policy, store.clone(), settings, keys).await;
+    match opened {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            store.close().await;
+            Err(anyhow::Error::new(e).context(format!(
+                "cannot start the CA from {} and its database",
+                cfg.path.display()
+            )))
+        }
     }
-    Ok(Authority::new(
-        Arc::new(SystemClock),
-        policy,
-        issuer,
-        store,
-        Settings {
-            default_lifetime: cfg.default_lifetime()?,
-            max_lifetime: cfg.max_lifetime()?,
-            urls,
-        },
-    ))
 }
 
 /// Runs a `sigil cert` command.

@@ -23,6 +23,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/roots.pem", get(roots_pem))
+        .route("/bundle.pem", get(bundle_pem))
         .route("/ca/{file}", get(ca_cert))
         .with_state(state)
 }
@@ -43,6 +44,34 @@ async fn roots_pem(State(s): State<Arc<HttpState>>) -> Response {
     let body: String = s.roots.iter().map(|r| pem("CERTIFICATE", &r.der)).collect();
     (
         [(header::CONTENT_TYPE, "application/pem-certificate-chain")],
+        body,
+    )
+        .into_response()
+}
+
+/// Roots, then every issuer relying parties should accept now: staged (so
+/// peers trust it before it issues), active, and previous ones. Roots alone
+/// stay at /roots.pem: trusting an intermediate as an anchor would outlive
+/// its revocation by the root.
+async fn bundle_pem(State(s): State<Arc<HttpState>>) -> Response {
+    let issuers = match s.authority.trusted_issuers().await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "issuer lookup failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
+        }
+    };
+    let body: String = s
+        .roots
+        .iter()
+        .map(|r| pem("CERTIFICATE", &r.der))
+        .chain(issuers.iter().map(|der| pem("CERTIFICATE", der)))
+        .collect();
+    (
+        [
+            (header::CONTENT_TYPE, "application/pem-certificate-chain"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         body,
     )
         .into_response()

@@ -6,6 +6,7 @@ mod cli;
 mod cmd_acme;
 mod cmd_ca;
 mod cmd_ops;
+mod cmd_rotate;
 mod cmd_token;
 mod config;
 mod dev;

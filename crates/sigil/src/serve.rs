@@ -10,7 +10,8 @@ use crate::config::{AcmeConfig, GrpcConfig};
 use crate::grpc_server::GrpcListener;
 use crate::{dev, http};
 use anyhow::{Context, Result};
-use sigil_grpc::Notifier;
+use sigil_authority::Authority;
+use sigil_grpc::{Notice, Notifier};
 use sigil_revocation::{CrlSettings, Ocsp, OcspSettings, Revocation};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -75,28 +76,44 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     revocation.publish_now().await?;
     tokio::spawn(revocation.clone().run());
     let responder = Ocsp::new(authority.clone(), OcspSettings::default());
-    responder.ensure_signer().await?;
+    responder.ensure_signers().await?;
     let stored = responder.load_stored().await?;
     tracing::info!(
         responses = stored,
         "OCSP responses loaded from the database"
     );
     tokio::spawn(responder.clone().run());
+    let notifier = Notifier::default();
     {
-        let (authority, revocation, responder) =
-            (authority.clone(), revocation.clone(), responder.clone());
+        let (authority, revocation, responder, notifier) = (
+            authority.clone(),
+            revocation.clone(),
+            responder.clone(),
+            notifier.clone(),
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sigil_authority::SYNC_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 match authority.sync().await {
-                    // New revocations (here, on another node, or by the CLI).
-                    Ok(serials) if !serials.is_empty() => {
-                        responder.revoked(&serials).await;
-                        revocation.revocations_changed();
+                    Ok(synced) => {
+                        if synced.issuers_changed {
+                            issuers_changed(
+                                &authority,
+                                &revocation,
+                                &responder,
+                                &notifier,
+                                synced.rotated,
+                            )
+                            .await;
+                        }
+                        // New revocations (here, on another node, or by the CLI).
+                        if !synced.revoked.is_empty() {
+                            responder.revoked(&synced.revoked).await;
+                            revocation.revocations_changed();
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "sync with the database failed; client-certificate checks fall back to it")
                     }
@@ -131,10 +148,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let grpc = match &cfg.grpc {
         Some(g) => {
             let tokens = server_verifier(&cfg, g, || key_passphrase(&cfg))?;
-            Some(
-                GrpcListener::start(g, authority.clone(), &roots, tokens, Notifier::default())
-                    .await?,
-            )
+            Some(GrpcListener::start(g, authority.clone(), &roots, tokens, notifier.clone()).await?)
         }
         None => None,
     };
@@ -219,6 +233,51 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     authority.store().close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a rotation step (here or on another node): responders for the
+/// serving issuers, their CRLs, and word to gRPC watchers.
+async fn issuers_changed(
+    authority: &Authority,
+    revocation: &Revocation,
+    responder: &Arc<Ocsp>,
+    notifier: &Notifier,
+    rotated: bool,
+) {
+    if let Err(e) = responder.ensure_signers().await {
+        tracing::error!(error = %e, "OCSP responders for the new issuers failed; retrying with the next refresh");
+    }
+    revocation.revocations_changed();
+    let r = responder.clone();
+    tokio::spawn(async move {
+        if let Err(e) = r.refresh().await {
+            tracing::error!(error = %e, "pre-signing OCSP responses after an issuer change failed");
+        }
+    });
+    if !rotated {
+        return;
+    }
+    let active = authority.active_issuer().info().id.to_string();
+    notifier.send(Notice::IssuerRotated {
+        issuer: active.clone(),
+    });
+    // When the operator asked (`activate --renew-all-by`), certificates of
+    // the replaced issuers should move to the new one now.
+    for old in authority.serving_issuers().iter().skip(1) {
+        let scope = format!("issuer:{}", old.info().id);
+        match authority.store().acme_renewal_hint(&[scope]).await {
+            Ok(Some(by)) => notifier.send(Notice::RenewIssuedBefore {
+                before: authority.now().unix_timestamp(),
+                reason: format!(
+                    "issuer {} replaced {}: renew onto it by {by} (unix time)",
+                    active,
+                    old.info().id
+                ),
+            }),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading renewal hints failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -16,10 +16,10 @@ pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, StateWrite
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
 pub use error::Error;
 pub use rows::{
-    CertificateRow, CrlRow, IssuerRow, NewCertificate, NewIssuer, NewRevocation, RevocationRow,
-    RevokedEntry, SignedOcsp, SpentToken,
+    CertificateRow, CrlRow, IssuerRow, IssuerState, NewCertificate, NewIssuer, NewRevocation,
+    RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
 };
-pub use writer::Change;
+pub use writer::{Change, IssuerChange};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -120,7 +120,7 @@ impl Store {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 5] = match backend {
+    let files: [(i64, &str, &'static str); 6] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -146,6 +146,11 @@ fn migrator(backend: Backend) -> Migrator {
                 5,
                 "acme",
                 include_str!("../../../migrations/sqlite/0005_acme.sql"),
+            ),
+            (
+                6,
+                "issuer_rotation",
+                include_str!("../../../migrations/sqlite/0006_issuer_rotation.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -173,6 +178,11 @@ fn migrator(backend: Backend) -> Migrator {
                 5,
                 "acme",
                 include_str!("../../../migrations/postgres/0005_acme.sql"),
+            ),
+            (
+                6,
+                "issuer_rotation",
+                include_str!("../../../migrations/postgres/0006_issuer_rotation.sql"),
             ),
         ],
     };

@@ -19,6 +19,55 @@ pub struct NewIssuer {
     pub not_after: i64,
     /// Install time (unix s).
     pub installed_at: i64,
+    /// Where its key is (a file name in the key directory); `None` for the
+    /// configured intermediate key.
+    pub key_ref: Option<String>,
+}
+
+/// The lifecycle state of an issuing CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IssuerState {
+    /// Installed, trusted, not yet issuing.
+    Staged,
+    /// The one issuer taking new issuance.
+    Active,
+    /// Replaced; still answers OCSP and publishes CRLs for its certificates.
+    Previous,
+    /// Its last certificate expired; nothing more is published.
+    Retired,
+}
+
+impl IssuerState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuerState::Staged => "staged",
+            IssuerState::Active => "active",
+            IssuerState::Previous => "previous",
+            IssuerState::Retired => "retired",
+        }
+    }
+
+    fn parse(s: &str) -> Result<IssuerState, Error> {
+        Ok(match s {
+            "staged" => IssuerState::Staged,
+            "active" => IssuerState::Active,
+            "previous" => IssuerState::Previous,
+            "retired" => IssuerState::Retired,
+            other => return Err(Error::Corrupt(format!("unknown issuer state '{other}'"))),
+        })
+    }
+
+    /// Whether relying parties need its OCSP responses and CRLs.
+    pub fn serves_revocation(self) -> bool {
+        matches!(self, IssuerState::Active | IssuerState::Previous)
+    }
+}
+
+impl std::fmt::Display for IssuerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A stored issuing CA.
@@ -36,8 +85,14 @@ pub struct IssuerRow {
     pub not_after: i64,
     /// Install time (unix s).
     pub installed_at: i64,
-    /// `active` or `retired`.
-    pub status: String,
+    /// Its lifecycle state.
+    pub state: IssuerState,
+    /// Where its key is (see [`NewIssuer::key_ref`]).
+    pub key_ref: Option<String>,
+    /// When a staged issuer is due to take over (unix s).
+    pub activate_at: Option<i64>,
+    /// Last state change (unix s).
+    pub changed_at: Option<i64>,
 }
 
 /// A certificate to store at issuance.
@@ -167,7 +222,10 @@ fn issuer_from_row(r: &AnyRow) -> Result<IssuerRow, Error> {
         not_before: r.try_get("not_before")?,
         not_after: r.try_get("not_after")?,
         installed_at: r.try_get("installed_at")?,
-        status: r.try_get("status")?,
+        state: IssuerState::parse(&r.try_get::<String, _>("status")?)?,
+        key_ref: r.try_get("key_ref")?,
+        activate_at: r.try_get("activate_at")?,
+        changed_at: r.try_get("changed_at")?,
     })
 }
 
@@ -177,7 +235,7 @@ impl Store {
     /// All issuers, newest install first.
     pub async fn issuers(&self) -> Result<Vec<IssuerRow>, Error> {
         let rows = sqlx::query(
-            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status \
+            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status, key_ref, activate_at, changed_at \
              FROM issuers ORDER BY installed_at DESC, id",
         )
         .fetch_all(&self.pool)
@@ -185,10 +243,22 @@ impl Store {
         rows.iter().map(issuer_from_row).collect()
     }
 
+    /// Whether an issuer has a certificate valid after `after` (unix s).
+    pub async fn issuer_has_unexpired(&self, issuer_id: &str, after: i64) -> Result<bool, Error> {
+        let row = sqlx::query(
+            "SELECT serial FROM certificates WHERE not_after > $1 AND issuer_id = $2 LIMIT 1",
+        )
+        .bind(after)
+        .bind(issuer_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// One issuer by id.
     pub async fn issuer(&self, id: &str) -> Result<Option<IssuerRow>, Error> {
         let row = sqlx::query(
-            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status \
+            "SELECT id, cert_der, subject, not_before, not_after, installed_at, status, key_ref, activate_at, changed_at \
              FROM issuers WHERE id = $1",
         )
         .bind(id)

@@ -39,10 +39,11 @@ pub enum Change {
         /// Its audit event.
         event: AuditEvent,
     },
-    /// An issuing CA was installed and becomes the active issuer.
-    InstallIssuer {
-        /// The issuer row.
-        issuer: NewIssuer,
+    /// An issuing CA's lifecycle step (fails with `Error::Conflict` when the
+    /// issuer is not in the state the step starts from).
+    Issuer {
+        /// The step.
+        change: IssuerChange,
         /// Its audit event.
         event: AuditEvent,
     },
@@ -60,12 +61,43 @@ pub enum Change {
     State(StateWrite),
 }
 
+/// A step in an issuing CA's lifecycle.
+#[derive(Debug, Clone)]
+pub enum IssuerChange {
+    /// Installed and active at once (the first intermediate); the active
+    /// issuer, if any, becomes previous.
+    Install(NewIssuer),
+    /// Installed as staged: trusted, not issuing.
+    Stage(NewIssuer),
+    /// A staged issuer takes over issuance at `at` (unix s).
+    Schedule {
+        /// Issuer id.
+        id: String,
+        /// When.
+        at: i64,
+    },
+    /// A staged issuer becomes active now; the active one becomes previous.
+    Activate {
+        /// Issuer id.
+        id: String,
+        /// Now (unix s).
+        at: i64,
+    },
+    /// A previous issuer whose certificates all expired is retired.
+    Retire {
+        /// Issuer id.
+        id: String,
+        /// Now (unix s).
+        at: i64,
+    },
+}
+
 impl Change {
     fn event(&self) -> Option<&AuditEvent> {
         match self {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
-            | Change::InstallIssuer { event, .. }
+            | Change::Issuer { event, .. }
             | Change::Acme { event, .. }
             | Change::Record(event) => Some(event),
             Change::State(_) => None,
@@ -213,7 +245,7 @@ async fn write_batch(
     for (change, changed) in changes.iter().zip(changed.iter_mut()) {
         match change {
             Change::State(StateWrite::SpendNonce { .. }) => {}
-            Change::InstallIssuer { issuer, .. } => install_issuer(&mut tx, issuer).await?,
+            Change::Issuer { change, .. } => issuer_change(&mut tx, change).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
             Change::Issue {
@@ -339,28 +371,107 @@ async fn spend_nonces(
     Ok(())
 }
 
-async fn install_issuer(
+async fn insert_issuer(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     issuer: &NewIssuer,
+    status: &str,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO issuers (id, cert_der, subject, not_before, not_after, installed_at, status) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'active') \
-         ON CONFLICT (id) DO UPDATE SET status = 'active', installed_at = excluded.installed_at",
-    )
-    .bind(issuer.id.clone())
-    .bind(issuer.cert_der.clone())
-    .bind(issuer.subject.clone())
-    .bind(issuer.not_before)
-    .bind(issuer.not_after)
-    .bind(issuer.installed_at)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE issuers SET status = 'retired' WHERE id <> $1 AND status = 'active'")
+    // Staging never takes an issuer out of use; installing as active may
+    // (an operator going back to an earlier intermediate).
+    let sql = format!(
+        "INSERT INTO issuers (id, cert_der, subject, not_before, not_after, installed_at, status, key_ref, changed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $6) \
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, installed_at = excluded.installed_at, \
+         key_ref = excluded.key_ref, changed_at = excluded.changed_at, activate_at = NULL{}",
+        if status == "staged" {
+            " WHERE issuers.status = 'staged' OR issuers.status = 'retired'"
+        } else {
+            ""
+        }
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(issuer.id.clone())
+        .bind(issuer.cert_der.clone())
+        .bind(issuer.subject.clone())
+        .bind(issuer.not_before)
+        .bind(issuer.not_after)
+        .bind(issuer.installed_at)
+        .bind(status.to_string())
+        .bind(issuer.key_ref.clone())
         .execute(&mut **tx)
         .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::Conflict(format!(
+            "issuer {} is already installed and in use",
+            issuer.id
+        )));
+    }
     Ok(())
+}
+
+async fn issuer_change(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    change: &IssuerChange,
+) -> Result<(), Error> {
+    let demote = |id: String, at: i64| {
+        sqlx::query(
+            "UPDATE issuers SET status = 'previous', changed_at = $2 WHERE status = 'active' AND id <> $1",
+        )
+        .bind(id)
+        .bind(at)
+    };
+    let conflict =
+        |what: &str, id: &str| Err(Error::Conflict(format!("issuer {id} is not {what}")));
+    match change {
+        IssuerChange::Install(issuer) => {
+            demote(issuer.id.clone(), issuer.installed_at)
+                .execute(&mut **tx)
+                .await?;
+            insert_issuer(tx, issuer, "active").await
+        }
+        IssuerChange::Stage(issuer) => insert_issuer(tx, issuer, "staged").await,
+        IssuerChange::Schedule { id, at } => {
+            let done = sqlx::query(
+                "UPDATE issuers SET activate_at = $2 WHERE id = $1 AND status = 'staged'",
+            )
+            .bind(id.clone())
+            .bind(*at)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return conflict("staged", id);
+            }
+            Ok(())
+        }
+        IssuerChange::Activate { id, at } => {
+            demote(id.clone(), *at).execute(&mut **tx).await?;
+            let done = sqlx::query(
+                "UPDATE issuers SET status = 'active', activate_at = NULL, changed_at = $2 \
+                 WHERE id = $1 AND status = 'staged'",
+            )
+            .bind(id.clone())
+            .bind(*at)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return conflict("staged", id);
+            }
+            Ok(())
+        }
+        IssuerChange::Retire { id, at } => {
+            let done = sqlx::query(
+                "UPDATE issuers SET status = 'retired', changed_at = $2 WHERE id = $1 AND status = 'previous'",
+            )
+            .bind(id.clone())
+            .bind(*at)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return conflict("previous", id);
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn spend_token(

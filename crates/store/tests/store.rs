@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
 
-use sigil_store::{AuditEvent, Change, NewCertificate, NewIssuer, Store, testing};
+use sigil_store::{
+    AuditEvent, Change, IssuerChange, IssuerState, NewCertificate, NewIssuer, Store, testing,
+};
 
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
@@ -22,6 +24,7 @@ fn issuer() -> NewIssuer {
         not_before: 0,
         not_after: 4_000_000_000,
         installed_at: 1,
+        key_ref: None,
     }
 }
 
@@ -43,8 +46,8 @@ fn cert(i: usize) -> NewCertificate {
 async fn seeded(url: &str, n: usize) -> Store {
     let store = Store::open(url).await.unwrap();
     store
-        .commit(Change::InstallIssuer {
-            issuer: issuer(),
+        .commit(Change::Issuer {
+            change: IssuerChange::Install(issuer()),
             event: event(0),
         })
         .await
@@ -101,7 +104,7 @@ async fn concurrent_commits_keep_chain_and_rows() {
             "{name}: {dup:?}"
         );
         assert!(store.verify_audit().await.unwrap().first_bad.is_none());
-        assert_eq!(store.issuers().await.unwrap()[0].status, "active");
+        assert_eq!(store.issuers().await.unwrap()[0].state, IssuerState::Active);
         store.close().await;
     }
 }
@@ -610,6 +613,129 @@ async fn acme_state_on_every_backend() {
         let report = store.verify_audit().await.unwrap();
         assert_eq!(report.rows, 2, "{name}");
         assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_lifecycle_steps_only_from_the_right_state() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 3).await;
+        let old = issuer().id;
+        let next = NewIssuer {
+            id: "ffeeddccbbaa99887766554433221100".into(),
+            subject: "CN=Next".into(),
+            installed_at: 5,
+            key_ref: Some("intermediate-ffee.key".into()),
+            ..issuer()
+        };
+        let step = |change: IssuerChange| Change::Issuer {
+            change,
+            event: event(100),
+        };
+        let state = |id: String| {
+            let store = store.clone();
+            async move { store.issuer(&id).await.unwrap().unwrap().state }
+        };
+        // Out of order: nothing staged yet.
+        let early = store
+            .commit(step(IssuerChange::Activate {
+                id: next.id.clone(),
+                at: 6,
+            }))
+            .await;
+        assert!(
+            matches!(early, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {early:?}"
+        );
+        store
+            .commit(step(IssuerChange::Stage(next.clone())))
+            .await
+            .unwrap();
+        assert_eq!(state(next.id.clone()).await, IssuerState::Staged, "{name}");
+        assert_eq!(state(old.clone()).await, IssuerState::Active, "{name}");
+        // The active issuer cannot be staged again.
+        let restage = store.commit(step(IssuerChange::Stage(issuer()))).await;
+        assert!(
+            matches!(restage, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {restage:?}"
+        );
+        store
+            .commit(step(IssuerChange::Schedule {
+                id: next.id.clone(),
+                at: 50,
+            }))
+            .await
+            .unwrap();
+        let row = store.issuer(&next.id).await.unwrap().unwrap();
+        assert_eq!(row.activate_at, Some(50), "{name}");
+        assert_eq!(row.key_ref.as_deref(), Some("intermediate-ffee.key"));
+        store
+            .commit(step(IssuerChange::Activate {
+                id: next.id.clone(),
+                at: 50,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(state(next.id.clone()).await, IssuerState::Active, "{name}");
+        assert_eq!(state(old.clone()).await, IssuerState::Previous, "{name}");
+        let row = store.issuer(&next.id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.activate_at, row.changed_at),
+            (None, Some(50)),
+            "{name}"
+        );
+        // A second activation (another node) loses the compare-and-set.
+        let again = store
+            .commit(step(IssuerChange::Activate {
+                id: next.id.clone(),
+                at: 51,
+            }))
+            .await;
+        assert!(
+            matches!(again, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {again:?}"
+        );
+        // Only a previous issuer retires.
+        let wrong = store
+            .commit(step(IssuerChange::Retire {
+                id: next.id.clone(),
+                at: 60,
+            }))
+            .await;
+        assert!(
+            matches!(wrong, Err(sigil_store::Error::Conflict(_))),
+            "{name}: {wrong:?}"
+        );
+        assert!(
+            store.issuer_has_unexpired(&old, 19).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !store.issuer_has_unexpired(&old, 20).await.unwrap(),
+            "{name}"
+        );
+        store
+            .commit(step(IssuerChange::Retire {
+                id: old.clone(),
+                at: 60,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(state(old.clone()).await, IssuerState::Retired, "{name}");
+        let active: Vec<_> = store
+            .issuers()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.state == IssuerState::Active)
+            .collect();
+        assert_eq!(active.len(), 1, "{name}");
+        assert!(
+            store.verify_audit().await.unwrap().first_bad.is_none(),
+            "{name}"
+        );
         store.close().await;
     }
 }
