@@ -799,3 +799,160 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     assert!(e.contains("cannot reach the CA"), "{e}");
     assert!(!out.join("cert.pem").exists());
 }
+
+/// Policies reload on file change and on SIGHUP, with no restart and no
+/// dropped connection; a broken policy is refused and the old one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reloads_without_restart_and_refuses_a_broken_file() {
+    let ca = Ca::start();
+    let server = ca.server.as_ref().unwrap();
+    let mut client = ca.client(None).await;
+    let (_, csr) = key_and_csr(&["api.corp.example"]);
+    let token = ca.token("corp-api", &["api.corp.example"]);
+    let s = call_fails(client.sign(with_token(sign_req(csr.clone()), &token)).await).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // A new policy file: picked up within seconds, on the same connection.
+    let policies = ca.work.join("data/policies");
+    std::fs::write(
+        policies.join("corp.toml"),
+        "[[rule]]\nname = \"corp\"\neffect = \"allow\"\nrequesters = [\"*\"]\ndns = [\".corp.example\"]\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let issued = loop {
+        let token = ca.token("corp-api", &["api.corp.example"]);
+        match client.sign(with_token(sign_req(csr.clone()), &token)).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => {
+                assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+                assert!(Instant::now() < deadline, "policy not reloaded: {s:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert!(issued.chain_pem.contains("BEGIN CERTIFICATE"));
+
+    // A broken file is refused and audited; the policy in force stays.
+    std::fs::write(policies.join("broken.toml"), "[[rule]]\nname = \n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ca.audit().contains("policy.reload_failed") {
+        assert!(Instant::now() < deadline, "refusal not audited");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let token = ca.token("corp-api", &["api.corp.example"]);
+    client
+        .sign(with_token(sign_req(csr.clone()), &token))
+        .await
+        .expect("the previous policy stays in force");
+
+    // SIGHUP: reloads (now without the corp rule) and the server lives on.
+    std::fs::remove_file(policies.join("broken.toml")).unwrap();
+    std::fs::remove_file(policies.join("corp.toml")).unwrap();
+    let hup = run("kill", &["-HUP", &server.pid().to_string()]);
+    assert!(hup.status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let token = ca.token("corp-api", &["api.corp.example"]);
+        match client.sign(with_token(sign_req(csr.clone()), &token)).await {
+            Err(s) if s.code() == Code::PermissionDenied => break,
+            other => {
+                assert!(Instant::now() < deadline, "still allowed: {other:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    assert_eq!(http_get(server.port, "/healthz").unwrap().0, 200);
+    let audit = ca.audit();
+    assert!(audit.contains("policy.reloaded"), "{audit}");
+    assert!(server.log_text().contains("policy reloaded"));
+}
+
+/// A rotation reaches watchers: ISSUER_ROTATED with the new issuer, and
+/// RENEW_NOW when the operator asked for renewal onto it; the trust bundle
+/// carries both issuers from staging on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_is_announced_to_watchers_and_bundle() {
+    let ca = Ca::start();
+    let mut client = ca.client(None).await;
+    let before = client
+        .get_trust_bundle(TrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pem_blocks(&before.intermediates_pem).len(), 1);
+    let mut watch = client
+        .watch_rotation(WatchRotationRequest {
+            serial: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let current = watch.message().await.unwrap().unwrap();
+    assert_eq!(current.kind(), Kind::Current);
+    assert_eq!(current.active_issuer, before.active_issuer);
+
+    let data = ca.work.join("data");
+    let d = |n: &str| data.join(n).display().to_string();
+    ok(sigil(&["intermediate", "rotate", "--config", &ca.config]));
+    ok(sigil(&[
+        "root",
+        "sign",
+        "--dir",
+        &d("DEV-ONLY-root"),
+        "--csr",
+        &d("intermediate-next.csr"),
+        "--out",
+        &d("next.crt"),
+        "--passphrase-file",
+        &d("DEV-ONLY-root/passphrase"),
+    ]));
+    ok(sigil(&[
+        "intermediate",
+        "install",
+        "--config",
+        &ca.config,
+        "--stage",
+        "--cert",
+        &d("next.crt"),
+    ]));
+    let staged = client
+        .get_trust_bundle(TrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pem_blocks(&staged.intermediates_pem).len(), 2, "{staged:?}");
+    assert_eq!(
+        staged.active_issuer, before.active_issuer,
+        "staged is not active"
+    );
+    ok(sigil(&[
+        "intermediate",
+        "activate",
+        "--config",
+        &ca.config,
+        "--renew-all-by",
+        "2h",
+    ]));
+    let rotated = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a notice within seconds")
+        .unwrap()
+        .unwrap();
+    assert_eq!(rotated.kind(), Kind::IssuerRotated, "{rotated:?}");
+    assert_ne!(rotated.active_issuer, before.active_issuer);
+    let renew = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a renewal notice")
+        .unwrap()
+        .unwrap();
+    assert_eq!(renew.kind(), Kind::RenewNow, "{renew:?}");
+    assert!(renew.renew_issued_before > 0, "{renew:?}");
+    let after = client
+        .get_trust_bundle(TrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.active_issuer, rotated.active_issuer);
+    assert_eq!(pem_blocks(&after.intermediates_pem).len(), 2, "old and new");
+}

@@ -357,6 +357,24 @@ impl Authority {
         }
     }
 
+    /// Replaces the naming policy (a reload), audited as `policy.reloaded`
+    /// with the rule count and a digest of the files. Requests already
+    /// evaluating keep the policy they started with.
+    pub async fn replace_policy(
+        &self,
+        policy: Policy,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<AuditReceipt, Error> {
+        let mut detail = detail;
+        detail["rules"] = json!(policy.rules().len());
+        let receipt = self
+            .record("policy.reloaded", actor, "policy", detail)
+            .await?;
+        *write(&self.policy) = Arc::new(policy);
+        Ok(receipt)
+    }
+
     /// Asks the policy without issuing (for `sigil policy check`).
     pub fn check(
         &self,

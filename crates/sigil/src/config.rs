@@ -243,8 +243,20 @@ impl Config {
                 path.display()
             )
         })?;
-        let mut cfg: Config = toml::from_str(&text)
+        let mut table: toml::Table = toml::from_str(&text)
             .with_context(|| format!("config {} is invalid", path.display()))?;
+        let applied = apply_env(&mut table, std::env::vars())?;
+        let mut cfg: Config = table.try_into().with_context(|| {
+            if applied.is_empty() {
+                format!("config {} is invalid", path.display())
+            } else {
+                format!(
+                    "config {} with overrides from {} is invalid",
+                    path.display(),
+                    applied.join(", ")
+                )
+            }
+        })?;
         cfg.path = path.to_path_buf();
         cfg.validate()?;
         Ok(cfg)
@@ -347,6 +359,70 @@ impl Config {
     }
 }
 
+/// Config sections that `SIGIL_<SECTION>_<KEY>` environment variables may set.
+const SECTIONS: [&str; 7] = [
+    "server", "database", "ca", "issuance", "policy", "grpc", "acme",
+];
+
+/// Applies `SIGIL_<SECTION>_<KEY>=VALUE` overrides (e.g. `SIGIL_DATABASE_URL`,
+/// `SIGIL_ACME_EAB_REQUIRED=true`) to the parsed file. A value replacing a
+/// string is taken as text; anything else is parsed as a TOML value
+/// (`true`, `30`, `["a", "b"]`). Variables naming other sections (such as
+/// `SIGIL_KEY_PASSPHRASE`) are not config and are left alone. Returns the
+/// variables applied; unknown keys fail the load, naming the variable.
+pub fn apply_env(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<Vec<String>> {
+    let mut applied = Vec::new();
+    let mut vars: Vec<(String, String)> = vars.collect();
+    vars.sort();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("SIGIL_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+            lower
+                .strip_prefix(s)
+                .and_then(|k| k.strip_prefix('_'))
+                .filter(|k| !k.is_empty())
+                .map(|k| (*s, k.to_string()))
+        }) else {
+            continue;
+        };
+        // Passphrases have their own variables; never treat them as config.
+        if name.contains("PASSPHRASE") {
+            continue;
+        }
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sect) = entry else {
+            bail!("{name}: [{section}] in the config file is not a table");
+        };
+        let v = match sect.get(&key) {
+            Some(toml::Value::String(_)) => toml::Value::String(value),
+            _ => parse_value(&value).with_context(|| {
+                format!("{name}: '{value}' is not a valid value for {section}.{key}")
+            })?,
+        };
+        sect.insert(key, v);
+        applied.push(name);
+    }
+    Ok(applied)
+}
+
+/// A TOML value from an environment string; bare words are strings.
+fn parse_value(text: &str) -> Result<toml::Value> {
+    let doc: Result<toml::Table, _> = toml::from_str(&format!("v = {text}"));
+    match doc.ok().and_then(|mut t| t.remove("v")) {
+        Some(v) => Ok(v),
+        None if !text.contains(['[', '{', '"', '\n']) => Ok(toml::Value::String(text.to_string())),
+        None => bail!("not a TOML value"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
@@ -361,6 +437,60 @@ mod tests {
         assert_eq!(acme.base_url(), "https://ca.internal:8443");
         assert!(acme.eab_required);
         assert!(cfg.grpc.is_some());
+    }
+
+    #[test]
+    fn environment_overrides_name_the_variable() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut table: toml::Table = toml::from_str(&text).unwrap();
+        let vars = [
+            ("SIGIL_DATABASE_URL", "postgres://sigil@db.internal/sigil"),
+            ("SIGIL_ACME_EAB_REQUIRED", "false"),
+            ("SIGIL_ACME_ORDERS_PER_MINUTE", "7"),
+            ("SIGIL_SERVER_HTTP_ADDR", "0.0.0.0:8080"),
+            ("SIGIL_KEY_PASSPHRASE", "not config"),
+            ("SIGIL_REQUIRE_EXTERNAL", "1"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let applied = apply_env(&mut table, vars.into_iter()).unwrap();
+        assert_eq!(applied.len(), 4, "{applied:?}");
+        let cfg: Config = table.try_into().unwrap();
+        assert_eq!(cfg.database.url, "postgres://sigil@db.internal/sigil");
+        assert_eq!(cfg.server.http_addr.to_string(), "0.0.0.0:8080");
+        let acme = cfg.acme.unwrap();
+        assert!(!acme.eab_required);
+        assert_eq!(acme.orders_per_minute, 7);
+
+        // An unknown key fails the load, and the message names the variable.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sigil.toml");
+        std::fs::write(&file, &text).unwrap();
+        let mut table: toml::Table = toml::from_str(&text).unwrap();
+        let applied = apply_env(
+            &mut table,
+            [("SIGIL_ACME_NO_SUCH_KEY".to_string(), "1".to_string())].into_iter(),
+        )
+        .unwrap();
+        assert_eq!(applied, ["SIGIL_ACME_NO_SUCH_KEY"]);
+        let e = format!("{:#}", table.try_into::<Config>().unwrap_err());
+        assert!(e.contains("no_such_key"), "{e}");
+        // A value of the wrong type is refused with the variable's name.
+        let mut table: toml::Table = toml::from_str(&text).unwrap();
+        let e = apply_env(
+            &mut table,
+            [(
+                "SIGIL_ACME_ORDERS_PER_MINUTE".to_string(),
+                "[1,".to_string(),
+            )]
+            .into_iter(),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("SIGIL_ACME_ORDERS_PER_MINUTE"),
+            "{e:#}"
+        );
     }
 
     #[test]

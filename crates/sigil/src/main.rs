@@ -13,6 +13,7 @@ mod dev;
 mod grpc_server;
 mod http;
 mod passphrase;
+mod reload;
 mod serve;
 mod tls_cert;
 

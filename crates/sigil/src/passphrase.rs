@@ -22,14 +22,25 @@ pub fn obtain_new(file: Option<&Path>, env: &str, what: &str) -> Result<Passphra
 }
 
 fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Passphrase> {
-    if let Some(f) = file {
+    // `<ENV>_FILE` names a file, e.g. a systemd credential
+    // (`Environment=SIGIL_KEY_PASSPHRASE_FILE=%d/intermediate-passphrase`).
+    let from_env = std::env::var_os(format!("{env}_FILE"))
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from);
+    if let Some(f) = file.map(Path::to_path_buf).or(from_env) {
+        let f = f.as_path();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(f)
             .with_context(|| format!("cannot read passphrase file {}", f.display()))?
             .permissions()
             .mode()
             & 0o777;
-        if mode & 0o077 != 0 {
+        // systemd grants credential access by ACL, which shows as group bits;
+        // the credentials directory itself is private to the service.
+        let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .is_some_and(|d| !d.is_empty() && f.starts_with(Path::new(&d)));
+        let loose = if in_credentials { 0o007 } else { 0o077 };
+        if mode & loose != 0 {
             bail!(
                 "passphrase file {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
                 f.display(),
@@ -46,7 +57,9 @@ fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Pass
         return Ok(Passphrase::new(v));
     }
     if !std::io::stdin().is_terminal() {
-        bail!("no passphrase for the {what}: pass --passphrase-file FILE or set {env}");
+        bail!(
+            "no passphrase for the {what}: pass --passphrase-file FILE, or set {env}_FILE (a file) or {env}"
+        );
     }
     let first = rpassword::prompt_password(format!("Passphrase for the {what}: "))?;
     if confirm {

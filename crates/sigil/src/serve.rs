@@ -83,6 +83,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         "OCSP responses loaded from the database"
     );
     tokio::spawn(responder.clone().run());
+    tokio::spawn(crate::reload::watch(
+        authority.clone(),
+        cfg.resolve(&cfg.policy.dir),
+    ));
     let notifier = Notifier::default();
     {
         let (authority, revocation, responder, notifier) = (
