@@ -626,6 +626,8 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         created_at: now,
     };
     store.acme_insert_order(Some(&order), &fresh).await?;
+    metrics::counter!("sigil_acme_orders_total", "status" => if all_valid { "ready" } else { "pending" })
+        .increment(1);
     let url = acme.order_url(&order.id);
     Ok(json_reply(
         StatusCode::CREATED,
@@ -888,6 +890,7 @@ pub async fn finalize(
     store
         .acme_update(AcmeTable::Orders, "processing", &done)
         .await?;
+    metrics::counter!("sigil_acme_orders_total", "status" => status).increment(1);
     result?;
     let url = acme.order_url(&id);
     Ok(json_reply(
@@ -1024,6 +1027,12 @@ pub async fn challenge(
             "invalid"
         }
     };
+    metrics::counter!(
+        "sigil_acme_challenges_total",
+        "type" => kind.clone(),
+        "status" => next_status
+    )
+    .increment(1);
     let reuse = i64::try_from(acme.settings.authz_reuse.as_secs()).unwrap_or(86400);
     let next = AcmeObject {
         status: next_status.into(),

@@ -213,6 +213,28 @@ pub struct Issued {
     pub receipt: AuditReceipt,
 }
 
+/// Which door a request came through, for metrics.
+fn entry_point(r: &Requester) -> &'static str {
+    match r {
+        Requester::Operator(_) => "cli",
+        Requester::Token(_) | Requester::Mtls(_) => "grpc",
+        Requester::AcmeAccount(_) | Requester::Eab(_) => "acme",
+        _ => "other",
+    }
+}
+
+/// Counts a policy refusal per deciding rule.
+fn count_denials(decision: &Decision) {
+    for f in decision
+        .findings
+        .iter()
+        .filter(|f| f.outcome != sigil_policy::Outcome::Allowed)
+    {
+        let rule = f.rule.clone().unwrap_or_else(|| "(no rule allows)".into());
+        metrics::counter!("sigil_policy_denials_total", "rule" => rule).increment(1);
+    }
+}
+
 /// The registration authority.
 pub struct Authority {
     clock: Arc<dyn Clock>,
@@ -413,6 +435,7 @@ impl Authority {
             lifetime,
         });
         let refusal = if !decision.allowed {
+            count_denials(&decision);
             let reason = decision
                 .denial_reason()
                 .unwrap_or_else(|| "request not allowed".to_string());
@@ -1015,7 +1038,40 @@ impl Authority {
             .collect())
     }
 
+    /// Issues and counts the outcome (`sigil_issuances_total`, and
+    /// `sigil_policy_denials_total` per deciding rule).
     async fn issue_for(&self, applicant: &Applicant<'_>, ask: Ask<'_>) -> Result<Issued, Error> {
+        let profile = ask.profile.name();
+        let entry_point = entry_point(ask.actor);
+        let result = self.issue_inner(applicant, ask).await;
+        let outcome = match &result {
+            Ok(_) => "issued",
+            Err(Error::Denied { decision, .. }) => {
+                count_denials(decision);
+                "denied"
+            }
+            Err(
+                Error::Csr(_)
+                | Error::OutsideConstraints(_)
+                | Error::Lifetime(_)
+                | Error::TokenScope(_)
+                | Error::TokenReplayed(_)
+                | Error::NotRenewable(_)
+                | Error::KeyCompromised(_),
+            ) => "refused",
+            Err(_) => "error",
+        };
+        metrics::counter!(
+            "sigil_issuances_total",
+            "profile" => profile,
+            "entry_point" => entry_point,
+            "result" => outcome
+        )
+        .increment(1);
+        result
+    }
+
+    async fn issue_inner(&self, applicant: &Applicant<'_>, ask: Ask<'_>) -> Result<Issued, Error> {
         let now = self.clock.now();
         let names: Vec<String> = applicant
             .identifiers

@@ -64,8 +64,24 @@ impl Default for CrlSettings {
 struct Published {
     der: Bytes,
     etag: String,
+    number: i64,
     this_update: i64,
     next_update: i64,
+}
+
+/// Facts about a published CRL, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct CrlFacts {
+    /// Issuer id.
+    pub issuer: String,
+    /// CRL number.
+    pub number: i64,
+    /// thisUpdate (unix s).
+    pub this_update: i64,
+    /// nextUpdate (unix s).
+    pub next_update: i64,
+    /// DER size in bytes.
+    pub bytes: usize,
 }
 
 impl Published {
@@ -74,6 +90,7 @@ impl Published {
         Published {
             etag: format!("\"{}\"", hex::encode(&sha2::Sha256::digest(&row.der)[..16])),
             der: row.der.into(),
+            number: row.number,
             this_update: row.this_update,
             next_update: row.next_update,
         }
@@ -173,6 +190,20 @@ impl Revocation {
         write(&self.crls).insert(id.clone(), p.clone());
         tracing::info!(issuer = %id, number, "published CRL");
         Ok(p)
+    }
+
+    /// The CRLs this node published, per issuer.
+    pub fn published(&self) -> Vec<CrlFacts> {
+        read(&self.crls)
+            .iter()
+            .map(|(issuer, p)| CrlFacts {
+                issuer: issuer.clone(),
+                number: p.number,
+                this_update: p.this_update,
+                next_update: p.next_update,
+                bytes: p.der.len(),
+            })
+            .collect()
     }
 
     async fn get(&self, issuer: &str) -> Option<Published> {

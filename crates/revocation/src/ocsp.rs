@@ -63,6 +63,9 @@ pub struct Answer {
     pub etag: String,
     /// thisUpdate and nextUpdate (unix s) when the response is cacheable.
     pub window: Option<(i64, i64)>,
+    /// What it says, for metrics: `good`, `revoked`, `unknown`, `multiple`,
+    /// or the refusal (`malformed`, `unauthorized`, `error`, `try_later`).
+    pub status: &'static str,
 }
 
 /// The responder in use: its key and certificate, and its issuer's CertID hashes.
@@ -258,6 +261,7 @@ impl Ocsp {
                 continue;
             }
             let a = Answer {
+                status: "good",
                 etag: etag_of(&r.der),
                 der: r.der.into(),
                 window: Some((r.this_update, r.next_update)),
@@ -326,13 +330,29 @@ impl Ocsp {
         )?;
         let sig = cur.signer.sign(&tbs)?;
         let der = ocsp::successful(&tbs, &sig, &[&cur.signer.cert_der, &cur.signer.issuer_der])?;
+        let status = match answers {
+            [(_, Status::Good)] => "good",
+            [(_, Status::Revoked { .. })] => "revoked",
+            [(_, Status::Unknown)] => "unknown",
+            _ => "multiple",
+        };
         Ok(Answer {
+            status,
             etag: etag_of(&der),
             der: der.into(),
             window: nonce
                 .is_none()
                 .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp())),
         })
+    }
+
+    /// The delegated responder of each serving issuer: issuer id and the
+    /// responder certificate's notAfter.
+    pub fn signers(&self) -> Vec<(String, OffsetDateTime)> {
+        read(&self.current)
+            .iter()
+            .map(|(id, c)| (id.clone(), c.signer.not_after))
+            .collect()
     }
 
     /// The current time by the authority's clock (unix s).
@@ -342,9 +362,23 @@ impl Ocsp {
 
     /// Answers a DER request. Never fails: problems become OCSP error statuses.
     pub async fn answer(&self, request: &[u8]) -> Answer {
+        let started = std::time::Instant::now();
+        let a = self.answer_or_refuse(request).await;
+        metrics::counter!("sigil_ocsp_requests_total", "status" => a.status).increment(1);
+        metrics::histogram!("sigil_ocsp_response_seconds").record(started.elapsed().as_secs_f64());
+        a
+    }
+
+    async fn answer_or_refuse(&self, request: &[u8]) -> Answer {
         match self.try_answer(request).await {
             Ok(a) => a,
             Err(r) => Answer {
+                status: match r {
+                    Refusal::Malformed => "malformed",
+                    Refusal::Unauthorized => "unauthorized",
+                    Refusal::Internal => "error",
+                    Refusal::TryLater => "try_later",
+                },
                 der: ocsp::refusal(r).into(),
                 etag: String::new(),
                 window: None,

@@ -62,6 +62,30 @@ pub enum Command {
     Acme(AcmeCmd),
     /// Obtains a certificate over gRPC and keeps it renewed.
     Agent(crate::agent::AgentArgs),
+    /// Consistent online backup of a SQLite database (safe while serving).
+    /// Keys and config are not in it: back those up separately.
+    Backup {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the copy (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Database moves.
+    #[command(subcommand)]
+    Db(DbCmd),
+    /// What needs attention: issuers (state, expiry, certificates
+    /// outstanding), CRL freshness, OCSP responder expiry. Exits 1 when
+    /// something is due within 30 days or already overdue.
+    Status {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Warn about anything due within this long.
+        #[arg(long, default_value = "30d")]
+        warn_within: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +227,22 @@ pub enum IntermediateCmd {
         /// Operator name for the audit log (default: $SUDO_USER or $USER).
         #[arg(long)]
         operator: Option<String>,
+    },
+}
+
+/// `sigil db ...`
+#[derive(Debug, Subcommand)]
+pub enum DbCmd {
+    /// Copy a CA to a fresh database (e.g. SQLite to PostgreSQL to run
+    /// several nodes): certificates, revocations, CRLs, ACME state and the
+    /// audit chain, which is verified on arrival. Stop the server first.
+    Migrate {
+        /// Source URL, e.g. sqlite:///var/lib/sigil/sigil.db
+        #[arg(long)]
+        from: String,
+        /// Target URL, e.g. postgres://sigil@db.internal/sigil (must be empty).
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -430,6 +470,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             operator,
         } => cmd_ops::revoke(&config, &serial, &reason, operator.as_deref()).await,
         Command::Agent(a) => crate::agent::run(a).await,
+        Command::Backup { config, out } => crate::cmd_status::backup(&config, &out).await,
+        Command::Db(DbCmd::Migrate { from, to }) => crate::cmd_status::migrate(&from, &to).await,
+        Command::Status {
+            config,
+            warn_within,
+        } => crate::cmd_status::status(&config, &warn_within).await,
         Command::Acme(c) => crate::cmd_acme::acme(c).await,
     }
 }

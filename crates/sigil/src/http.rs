@@ -1,12 +1,15 @@
-//! The plain-HTTP surface: health, readiness, trust anchors, issuer certificates.
+//! The plain-HTTP surface: health, readiness, metrics, trust anchors, issuer
+//! certificates.
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
 use sigil_authority::{Authority, pem};
 use sigil_core::{Clock, IssuerId, IssuerInfo, SystemClock};
+use sigil_revocation::{Ocsp, Revocation};
 use std::sync::Arc;
 
 /// Shared state of the HTTP routes.
@@ -15,6 +18,12 @@ pub struct HttpState {
     pub authority: Arc<Authority>,
     /// Configured roots.
     pub roots: Vec<IssuerInfo>,
+    /// CRL publisher (for freshness).
+    pub revocation: Arc<Revocation>,
+    /// OCSP responder (for freshness).
+    pub responder: Arc<Ocsp>,
+    /// The Prometheus recorder's handle; `None` serves no /metrics.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// Builds the router.
@@ -22,22 +31,128 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/roots.pem", get(roots_pem))
         .route("/bundle.pem", get(bundle_pem))
         .route("/ca/{file}", get(ca_cert))
         .with_state(state)
 }
 
-async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
+/// What keeps this node from serving, one line each; empty when ready.
+async fn not_ready(s: &HttpState) -> Vec<String> {
+    let mut why = Vec::new();
     if let Err(e) = s.authority.store().ping().await {
         tracing::warn!(error = %e, "readiness: database unreachable");
-        return (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response();
+        why.push("database unreachable".to_string());
     }
+    let now = SystemClock.now();
     let issuer = s.authority.active_issuer();
-    if issuer.info().not_after <= SystemClock.now() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "issuing CA expired\n").into_response();
+    if issuer.info().not_after <= now {
+        why.push(format!("issuing CA {} expired", issuer.info().id));
     }
-    "ready\n".into_response()
+    let t = now.unix_timestamp();
+    let crls = s.revocation.published();
+    let signers = s.responder.signers();
+    for i in s.authority.serving_issuers() {
+        let id = i.info().id.to_string();
+        match crls.iter().find(|c| c.issuer == id) {
+            Some(c) if c.next_update > t => {}
+            Some(_) => why.push(format!("CRL of issuer {id} is past its nextUpdate")),
+            None => why.push(format!("no CRL published for issuer {id}")),
+        }
+        match signers.iter().find(|(sid, _)| *sid == id) {
+            Some((_, until)) if *until > now => {}
+            Some(_) => why.push(format!("OCSP responder certificate of issuer {id} expired")),
+            None => why.push(format!("no OCSP responder for issuer {id}")),
+        }
+    }
+    why
+}
+
+async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
+    let why = not_ready(&s).await;
+    if why.is_empty() {
+        return "ready\n".into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{}\n", why.join("\n")),
+    )
+        .into_response()
+}
+
+/// Prometheus text format. Gauges that describe state (expiry, CRL
+/// freshness, pool use, readiness) are set at scrape time; counters and
+/// histograms accumulate as requests are served.
+async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
+    let Some(handle) = &s.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are off\n").into_response();
+    };
+    let now = SystemClock.now();
+    let t = now.unix_timestamp();
+    let expiry = |kind: &'static str, id: String, subject: String, not_after: i64| {
+        metrics::gauge!(
+            "sigil_certificate_expiry_seconds",
+            "kind" => kind,
+            "id" => id,
+            "subject" => subject
+        )
+        .set((not_after - t) as f64);
+    };
+    for r in &s.roots {
+        expiry(
+            "root",
+            r.id.to_string(),
+            r.subject.clone(),
+            r.not_after.unix_timestamp(),
+        );
+    }
+    for (state, i) in s.authority.issuer_states() {
+        let info = i.info();
+        expiry(
+            "issuer",
+            info.id.to_string(),
+            info.subject.clone(),
+            info.not_after.unix_timestamp(),
+        );
+        metrics::gauge!("sigil_issuer_active", "id" => info.id.to_string()).set(
+            if state == sigil_authority::IssuerState::Active {
+                1.0
+            } else {
+                0.0
+            },
+        );
+    }
+    for (issuer, until) in s.responder.signers() {
+        expiry(
+            "ocsp_signer",
+            issuer,
+            "OCSP responder".into(),
+            until.unix_timestamp(),
+        );
+    }
+    for c in s.revocation.published() {
+        metrics::gauge!("sigil_crl_age_seconds", "issuer" => c.issuer.clone())
+            .set((t - c.this_update) as f64);
+        metrics::gauge!("sigil_crl_next_update_seconds", "issuer" => c.issuer.clone())
+            .set((c.next_update - t) as f64);
+        metrics::gauge!("sigil_crl_bytes", "issuer" => c.issuer.clone()).set(c.bytes as f64);
+        metrics::gauge!("sigil_crl_number", "issuer" => c.issuer).set(c.number as f64);
+    }
+    let (open, idle) = s.authority.store().pool_use();
+    metrics::gauge!("sigil_db_pool_connections", "state" => "idle").set(idle as f64);
+    metrics::gauge!("sigil_db_pool_connections", "state" => "in_use")
+        .set(f64::from(open).max(idle as f64) - idle as f64);
+    let ready = not_ready(&s).await.is_empty();
+    metrics::gauge!("sigil_ready").set(if ready { 1.0 } else { 0.0 });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }
 
 async fn roots_pem(State(s): State<Arc<HttpState>>) -> Response {

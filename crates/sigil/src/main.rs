@@ -7,6 +7,7 @@ mod cmd_acme;
 mod cmd_ca;
 mod cmd_ops;
 mod cmd_rotate;
+mod cmd_status;
 mod cmd_token;
 mod config;
 mod dev;

@@ -69,6 +69,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         ),
         None => {}
     }
+    let metrics_handle = install_metrics();
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
     authority.sync().await?;
@@ -215,6 +216,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let state = Arc::new(http::HttpState {
         authority: authority.clone(),
         roots,
+        revocation: revocation.clone(),
+        responder: responder.clone(),
+        metrics: metrics_handle,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -280,6 +284,36 @@ async fn issuers_changed(
             }),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "reading renewal hints failed"),
+        }
+    }
+}
+
+/// Installs the Prometheus recorder (once per process); `None` if another
+/// recorder is already installed.
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    const LATENCY: [f64; 12] = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+    ];
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&LATENCY)
+        .ok()?;
+    match builder.install_recorder() {
+        Ok(h) => {
+            // Histogram samples queue until drained; drain them even when
+            // nobody scrapes, so memory stays flat under load.
+            let upkeep = h.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(h)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics is off");
+            None
         }
     }
 }

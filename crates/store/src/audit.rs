@@ -84,7 +84,7 @@ pub fn row_hash(
     hex::encode(h.finalize())
 }
 
-fn audit_from_row(r: &sqlx::any::AnyRow) -> Result<AuditRow, Error> {
+pub(crate) fn audit_from_row(r: &sqlx::any::AnyRow) -> Result<AuditRow, Error> {
     Ok(AuditRow {
         seq: r.try_get("seq")?,
         ts_ms: r.try_get("ts_ms")?,
@@ -106,6 +106,19 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// The newest `n` audit rows of one kind, newest first.
+    pub async fn audit_latest_of_kind(&self, kind: &str, n: i64) -> Result<Vec<AuditRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT seq, ts_ms, kind, actor, subject, detail, prev_hash, hash \
+             FROM audit WHERE kind = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(kind)
+        .bind(n)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(audit_from_row).collect()
@@ -137,7 +150,6 @@ impl Store {
             head: GENESIS_HASH.to_string(),
             first_bad: None,
         };
-        let mut expect_seq = 1i64;
         let mut last = 0i64;
         loop {
             let page = self.audit_rows(last, 5000).await?;
@@ -146,37 +158,53 @@ impl Store {
             }
             for row in page {
                 last = row.seq;
-                report.rows += 1;
-                let problem = if row.seq != expect_seq {
-                    Some(format!(
-                        "sequence jumps from {} to {} (rows deleted or renumbered)",
-                        expect_seq - 1,
-                        row.seq
-                    ))
-                } else if row.prev_hash != report.head {
-                    Some("prev_hash does not match the previous row (rows deleted, inserted or reordered)".to_string())
-                } else if row.hash
-                    != row_hash(
-                        row.seq,
-                        row.ts_ms,
-                        &row.kind,
-                        &row.actor,
-                        &row.subject,
-                        &row.detail,
-                        &row.prev_hash,
-                    )
-                {
-                    Some("row hash does not match its contents (row edited)".to_string())
-                } else {
-                    None
-                };
-                if let Some(p) = problem {
-                    report.first_bad = Some((row.seq, p));
+                if !extend(&mut report, row) {
                     return Ok(report);
                 }
-                report.head = row.hash;
-                expect_seq += 1;
             }
+        }
+    }
+}
+
+/// Checks `row` against the chain so far; on success it becomes the head,
+/// otherwise `first_bad` names it. Returns whether the chain still holds.
+pub(crate) fn extend(report: &mut ChainReport, row: AuditRow) -> bool {
+    report.rows += 1;
+    let expect_seq = i64::try_from(report.rows).unwrap_or(i64::MAX);
+    let problem = if row.seq != expect_seq {
+        Some(format!(
+            "sequence jumps from {} to {} (rows deleted or renumbered)",
+            expect_seq - 1,
+            row.seq
+        ))
+    } else if row.prev_hash != report.head {
+        Some(
+            "prev_hash does not match the previous row (rows deleted, inserted or reordered)"
+                .to_string(),
+        )
+    } else if row.hash
+        != row_hash(
+            row.seq,
+            row.ts_ms,
+            &row.kind,
+            &row.actor,
+            &row.subject,
+            &row.detail,
+            &row.prev_hash,
+        )
+    {
+        Some("row hash does not match its contents (row edited)".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => {
+            report.first_bad = Some((row.seq, p));
+            false
+        }
+        None => {
+            report.head = row.hash;
+            true
         }
     }
 }

@@ -8,12 +8,14 @@
 
 mod acme;
 mod audit;
+mod copy;
 mod error;
 mod rows;
 mod writer;
 
 pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, StateWrite};
 pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
+pub use copy::CopyReport;
 pub use error::Error;
 pub use rows::{
     CertificateRow, CrlRow, IssuerRow, IssuerState, NewCertificate, NewIssuer, NewRevocation,
@@ -111,6 +113,11 @@ impl Store {
     /// example to prove the database itself refuses audit tampering).
     pub fn dangerous_raw_pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Connections open in the pool, and how many of them are idle.
+    pub fn pool_use(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
     }
 
     /// Closes the pool.

@@ -255,6 +255,18 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// How many of an issuer's certificates are valid after `after` (unix s).
+    pub async fn count_unexpired(&self, issuer_id: &str, after: i64) -> Result<i64, Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM certificates WHERE not_after > $1 AND issuer_id = $2",
+        )
+        .bind(after)
+        .bind(issuer_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// One issuer by id.
     pub async fn issuer(&self, id: &str) -> Result<Option<IssuerRow>, Error> {
         let row = sqlx::query(
@@ -548,7 +560,10 @@ impl Store {
 
     /// Whether the database answers (readiness).
     pub async fn ping(&self) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         sqlx::query("SELECT 1").execute(&self.pool).await?;
+        metrics::histogram!("sigil_db_query_seconds", "op" => "ping")
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 }

@@ -153,7 +153,10 @@ type Head = (i64, String);
 async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>, head: &mut Option<Head>) {
     let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
     let cached = head.is_some();
+    let started = std::time::Instant::now();
     let mut result = write(pool, backend, &changes, head).await;
+    metrics::histogram!("sigil_db_query_seconds", "op" => "commit")
+        .record(started.elapsed().as_secs_f64());
     if result.is_err() && cached {
         // Another process may have appended since: retry once from the stored head.
         result = write(pool, backend, &changes, head).await;

@@ -1,0 +1,291 @@
+//! Running it in production: /metrics and /readyz, `sigil status`, online
+//! backup with a restore, and moving a CA from SQLite to PostgreSQL with
+//! `sigil db migrate`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
+use sigil_e2e::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn issue(work: &Path, config: &str, name: &str) -> String {
+    let csr = openssl_csr(
+        work,
+        name,
+        "ec:P-256",
+        &format!("/CN={name}"),
+        &[&format!("DNS:{name}")],
+    );
+    let blocks = pem_blocks(&ok(cert_issue(config, &csr, &[])));
+    std::fs::write(work.join(format!("{name}.pem")), &blocks[0]).unwrap();
+    std::fs::write(work.join("int.pem"), &blocks[1]).unwrap();
+    let serial = run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            &work.join(format!("{name}.pem")).display().to_string(),
+            "-noout",
+            "-serial",
+        ],
+    );
+    String::from_utf8_lossy(&serial.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase()
+}
+
+fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn ocsp_status(work: &Path, port: u16, leaf: &str) -> String {
+    let p = |n: &str| work.join(n).display().to_string();
+    text(&run(
+        "openssl",
+        &[
+            "ocsp",
+            "-issuer",
+            &p("int.pem"),
+            "-cert",
+            &p(leaf),
+            "-url",
+            &format!("http://127.0.0.1:{port}/ocsp"),
+            "-CAfile",
+            &p("root.pem"),
+            "-no_nonce",
+        ],
+    ))
+}
+
+#[test]
+fn metrics_readiness_and_status_describe_the_ca() {
+    if !have("openssl") {
+        assert!(std::env::var_os("SIGIL_REQUIRE_EXTERNAL").is_none());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let config = work.join("data/sigil.toml").display().to_string();
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+    let (status, body) = http_get(server.port, "/readyz").unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    issue(work, &config, "metrics.internal");
+    let out = ocsp_status(work, server.port, "metrics.internal.pem");
+    assert!(out.contains(": good"), "{out}");
+    let garbage = http_post(server.port, "/ocsp", b"not an OCSP request").unwrap();
+    assert_eq!(garbage.0, 200);
+
+    let (status, body) = http_get(server.port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(metric(&body, "sigil_ready"), Some(1.0), "{body}");
+    assert!(
+        metric(&body, "sigil_ocsp_requests_total{status=\"good\"}").is_some_and(|v| v >= 1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "sigil_ocsp_requests_total{status=\"malformed\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_ocsp_response_seconds_bucket"),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_db_query_seconds_bucket{op=\"commit\""),
+        "{body}"
+    );
+    for kind in ["root", "issuer", "ocsp_signer"] {
+        let v = metric(
+            &body,
+            &format!("sigil_certificate_expiry_seconds{{kind=\"{kind}\""),
+        )
+        .unwrap_or_else(|| panic!("no expiry for {kind}: {body}"));
+        assert!(v > 3600.0, "{kind}: {v}");
+    }
+    assert!(
+        metric(&body, "sigil_crl_number{").is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert!(metric(&body, "sigil_crl_next_update_seconds{").is_some_and(|s| s > 0.0));
+    assert!(
+        body.contains("sigil_db_pool_connections{state=\"idle\"}"),
+        "{body}"
+    );
+
+    // A policy denial is counted by rule; an issuance by entry point.
+    let csr = openssl_csr(
+        work,
+        "denied",
+        "ec:P-256",
+        "/CN=x.example",
+        &["DNS:x.example"],
+    );
+    fails(cert_issue(&config, &csr, &[]));
+
+    // `sigil status` reads the database: the active issuer, its CRL and
+    // OCSP responder, and nothing due.
+    let out = sigil(&["status", "--config", &config]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("active") && t.contains("certificates outstanding: "),
+        "{t}"
+    );
+    assert!(
+        t.contains("CRL #") && t.contains("OCSP responder certificate expires"),
+        "{t}"
+    );
+    assert!(t.contains("nothing due within 30d"), "{t}");
+    // Within a longer horizon the issuer's expiry is due: exit 1 and say so.
+    let out = sigil(&["status", "--config", &config, "--warn-within", "4000d"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("due soon: active issuer"), "{t}");
+    server.stop();
+}
+
+#[test]
+fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
+    if !have("openssl") || !have("sqlite3") {
+        assert!(std::env::var_os("SIGIL_REQUIRE_EXTERNAL").is_none());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let config = work.join("data/sigil.toml").display().to_string();
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+    let kept = issue(work, &config, "kept.internal");
+    let revoked = issue(work, &config, "revoked.internal");
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &revoked,
+        "--reason",
+        "keyCompromise",
+    ]));
+
+    // Backup while serving.
+    let backup = work.join("backup.db");
+    let out = ok(sigil(&[
+        "backup",
+        "--config",
+        &config,
+        "--out",
+        &backup.display().to_string(),
+    ]));
+    assert!(out.contains("audit chain OK"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let err = fails(sigil(&[
+        "backup",
+        "--config",
+        &config,
+        "--out",
+        &backup.display().to_string(),
+    ]));
+    assert!(err.contains("exists"), "{err}");
+    // Issued after the backup: gone after the restore.
+    let lost = issue(work, &config, "after-backup.internal");
+
+    // Restore (the documented procedure): stop, copy over, verify, start.
+    server.stop();
+    let db = work.join("data/sigil.db");
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(work.join(format!("data/sigil.db{suffix}")));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    let out = ok(sigil(&["audit", "verify", "--config", &config]));
+    assert!(out.contains("audit chain OK"), "{out}");
+    let list = ok(sigil(&["cert", "list", "--config", &config]));
+    assert!(list.contains(&kept) && list.contains(&revoked), "{list}");
+    assert!(!list.contains(&lost), "{list}");
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let out = ocsp_status(work, server.port, "revoked.internal.pem");
+    assert!(out.contains(": revoked"), "{out}");
+    server.stop();
+
+    // To PostgreSQL.
+    let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+            "SIGIL_REQUIRE_EXTERNAL=1 but TEST_DATABASE_URL is not set"
+        );
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pg = rt
+        .block_on(sigil_store::testing::fresh_postgres(&admin))
+        .unwrap();
+    let from = format!("sqlite://{}", db.display());
+    let out = ok(sigil(&["db", "migrate", "--from", &from, "--to", &pg]));
+    assert!(out.contains("audit chain verified on arrival"), "{out}");
+    assert!(
+        out.contains("certificates") && out.contains("revocations"),
+        "{out}"
+    );
+    // Into a database that is no longer empty: refused, nothing changes.
+    let err = fails(sigil(&["db", "migrate", "--from", &from, "--to", &pg]));
+    assert!(err.contains("not empty"), "{err}");
+
+    // The same CA served from PostgreSQL (SIGIL_DATABASE_URL overrides the
+    // file): same certificates, same revocations, chain intact.
+    let env = [("SIGIL_DATABASE_URL", pg.as_str())];
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &env);
+    let out = ocsp_status(work, server.port, "revoked.internal.pem");
+    assert!(out.contains(": revoked"), "{out}");
+    let out = ocsp_status(work, server.port, "kept.internal.pem");
+    assert!(out.contains(": good"), "{out}");
+    let out = ok(sigil_env(&["audit", "verify", "--config", &config], &env));
+    assert!(out.contains("audit chain OK"), "{out}");
+    let list = ok(sigil_env(&["cert", "list", "--config", &config], &env));
+    assert!(list.contains(&kept), "{list}");
+    // keyCompromise still blocks the key on the new database.
+    let err = fails(sigil_env(
+        &[
+            "cert",
+            "issue",
+            "--config",
+            &config,
+            "--csr",
+            &work.join("revoked.internal.csr").display().to_string(),
+        ],
+        &env,
+    ));
+    assert!(err.to_lowercase().contains("compromise"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(server.port, "/readyz").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server.stop();
+}
