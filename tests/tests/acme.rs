@@ -379,6 +379,8 @@ struct Acme {
     tokens: Tokens,
     txt: TxtRecords,
     root: PathBuf,
+    /// Flags pointing validation at this harness's http-01 and DNS servers.
+    validation: Vec<String>,
 }
 
 impl Acme {
@@ -389,6 +391,12 @@ impl Acme {
         let (dns_port, txt) = start_dns().await;
         let http_port = http_port.to_string();
         let resolver = format!("127.0.0.1:{dns_port}");
+        let validation = vec![
+            "--validation-http-port".to_string(),
+            http_port.clone(),
+            "--dns-resolver".to_string(),
+            resolver.clone(),
+        ];
         let mut args = vec![
             "--dev",
             "--data-dir",
@@ -433,6 +441,7 @@ impl Acme {
             tokens,
             txt,
             root,
+            validation,
         }
     }
 
@@ -679,6 +688,9 @@ struct Raw {
     key: EcdsaKeyPair,
     pkcs8: Vec<u8>,
     kid: String,
+    /// Sends requests for one node's port to another (nodes behind one
+    /// base URL, as behind a load balancer); URLs in the JWS stay as issued.
+    via: Mutex<Option<(String, String)>>,
 }
 
 impl Raw {
@@ -696,6 +708,7 @@ impl Raw {
             key,
             pkcs8,
             kid: String::new(),
+            via: Mutex::new(None),
         };
         let url = raw.url("newAccount");
         let protected =
@@ -709,6 +722,18 @@ impl Raw {
 
     fn url(&self, name: &str) -> String {
         self.dir[name].as_str().unwrap().to_owned()
+    }
+
+    /// From now on, requests for `:from/` go to `:to/`.
+    fn route_via(&self, from: u16, to: u16) {
+        *self.via.lock().unwrap() = Some((format!(":{from}/"), format!(":{to}/")));
+    }
+
+    fn target(&self, url: &str) -> String {
+        match self.via.lock().unwrap().as_ref() {
+            Some((from, to)) => url.replacen(from.as_str(), to, 1),
+            None => url.to_owned(),
+        }
     }
 
     fn jwk(&self) -> Value {
@@ -730,7 +755,12 @@ impl Raw {
     async fn nonce(&self) -> String {
         let rsp = self
             .https
-            .call(Method::HEAD, &self.url("newNonce"), None, Bytes::new())
+            .call(
+                Method::HEAD,
+                &self.target(&self.url("newNonce")),
+                None,
+                Bytes::new(),
+            )
             .await;
         rsp.header("replay-nonce")
             .unwrap_or_else(|| panic!("no Replay-Nonce:\n{}", rsp.show()))
@@ -762,7 +792,12 @@ impl Raw {
 
     async fn send_bytes(&self, url: &str, content_type: &str, body: Vec<u8>) -> Resp {
         self.https
-            .call(Method::POST, url, Some(content_type), Bytes::from(body))
+            .call(
+                Method::POST,
+                &self.target(url),
+                Some(content_type),
+                Bytes::from(body),
+            )
             .await
     }
 
@@ -1859,10 +1894,10 @@ fn hex_bytes(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The same on PostgreSQL: two nodes of one CA on one database, the public
-/// URL naming the first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
+/// Two nodes of one CA on a fresh PostgreSQL database, the public URL naming
+/// the first: node A (in the returned `Acme`) and its HTTPS port, node B,
+/// and the config path. `None` when no test database is configured.
+async fn two_nodes_on_postgres() -> Option<(Acme, u16, Server, String)> {
     let admin = match std::env::var("TEST_DATABASE_URL") {
         Ok(u) if !u.is_empty() => u,
         _ => {
@@ -1871,7 +1906,7 @@ async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
                 "SIGIL_REQUIRE_EXTERNAL=1 but TEST_DATABASE_URL is not set"
             );
             eprintln!("TEST_DATABASE_URL not set: skipped");
-            return;
+            return None;
         }
     };
     let pg = sigil_store::testing::fresh_postgres(&admin).await.unwrap();
@@ -1906,12 +1941,12 @@ async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
         std::fs::create_dir_all(&work).unwrap();
         let mut args = vec!["--dev", "--data-dir", &data];
         args.extend_from_slice(extra);
+        args.extend(first.validation.iter().map(String::as_str));
         tokio::task::block_in_place(|| Server::start(&args, &work, &[]))
     };
     let https_a = format!("127.0.0.1:{port_a}");
     let node_a = start("pg-a", &["--https-addr", &https_a]);
     let node_b = start("pg-b", &[]);
-    let port_b = node_b.https_port.unwrap();
     let dir_url = format!("https://{https_a}/acme/directory");
     let dir = first.https.get(&dir_url).await.expect_ok().json();
     let a = Acme {
@@ -1920,6 +1955,256 @@ async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
         dir,
         ..first
     };
+    Some((a, port_a, node_b, cfg))
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
+    let Some((a, port_a, node_b, _)) = two_nodes_on_postgres().await else {
+        return;
+    };
+    let port_b = node_b.https_port.unwrap();
     shared_state_checks(&a, port_a, port_b).await;
     node_b.stop();
+}
+
+/// gRPC `Sign` with a bootstrap token against one node.
+async fn grpc_sign(
+    port: u16,
+    roots_pem: &str,
+    token: &str,
+    csr: Vec<u8>,
+) -> Result<sigil_grpc::pb::CertificateResponse, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(roots_pem))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client =
+        sigil_grpc::pb::certificate_authority_client::CertificateAuthorityClient::new(channel);
+    let mut req = tonic::Request::new(sigil_grpc::pb::SignRequest {
+        csr,
+        profile: String::new(),
+        lifetime_seconds: 0,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client
+        .sign(req)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("{s:?}"))
+}
+
+/// Serial (lowercase hex) of the first certificate in a PEM chain.
+fn first_serial(chain: &str) -> String {
+    hex_bytes(parse(&pem_certs(chain)[0]).tbs_certificate.raw_serial())
+        .trim_start_matches("00")
+        .to_string()
+}
+
+/// Two nodes on PostgreSQL, ACME and gRPC requests alternating between them;
+/// the node running the background jobs is killed (SIGKILL) mid-run with
+/// requests in flight. Every acknowledged certificate is stored, the audit
+/// chain verifies, the survivor takes over CRL publishing, and a revocation
+/// shows in its OCSP answers and CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_mid_run_loses_nothing_acknowledged() {
+    let Some((a, port_a, node_b, cfg)) = two_nodes_on_postgres().await else {
+        return;
+    };
+    let port_b = node_b.https_port.unwrap();
+    let grpc_a = a.server.grpc_port.unwrap();
+    let grpc_b = node_b.grpc_port.unwrap();
+    assert!(
+        a.server
+            .log_text()
+            .contains("this node runs the background jobs"),
+        "{}",
+        a.server.log_text()
+    );
+    assert!(
+        node_b
+            .log_text()
+            .contains("another node runs the background jobs")
+    );
+    let roots = std::fs::read_to_string(&a.root).unwrap();
+    let crl_before = {
+        let issuer = a.server.log_text();
+        let id = issuer
+            .lines()
+            .find_map(|l| l.strip_prefix("issuer:"))
+            .and_then(|l| {
+                l.rsplit_once('(')
+                    .map(|(_, id)| id.trim_end_matches(')').to_string())
+            })
+            .unwrap();
+        (id.clone(), crl_number_at(node_b.port, &id))
+    };
+    let raw = Raw::register(&a).await;
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut a_alive = true;
+    for i in 0..8u16 {
+        let on_a = a_alive && i % 2 == 0;
+        let (https, grpc) = if on_a {
+            (port_a, grpc_a)
+        } else {
+            (port_b, grpc_b)
+        };
+        // ACME: order, http-01, finalize, download, all through one node.
+        raw.route_via(port_a, https);
+        let name = format!("failover-{i}.localhost");
+        let (order, url) = raw.ready_order(&a, &[&name]).await;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = b64(csr_der(&[&name], &key));
+        raw.post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": csr})),
+        )
+        .await
+        .expect_ok();
+        let done = raw.post(&url, None).await.expect_ok().json();
+        assert_eq!(done["status"], "valid", "{done}");
+        let chain = raw
+            .post(done["certificate"].as_str().unwrap(), None)
+            .await
+            .expect_ok();
+        acknowledged.push(first_serial(&String::from_utf8_lossy(&chain.body)));
+        // gRPC Sign with a bootstrap token.
+        let gname = format!("grpc-{i}.internal");
+        let token = ok(sigil(&[
+            "token",
+            "create",
+            "--config",
+            &cfg,
+            "--subject",
+            &gname,
+            "--san",
+            &gname,
+        ]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let got = grpc_sign(grpc, &roots, token.trim(), csr_der(&[&gname], &key))
+            .await
+            .unwrap_or_else(|e| panic!("Sign on {grpc}: {e}"));
+        acknowledged.push(got.serial.clone());
+
+        if i == 3 {
+            // Requests in flight to A while it is killed: each either comes
+            // back with a certificate (then it must be stored) or fails.
+            let mut inflight = Vec::new();
+            for k in 0..6 {
+                let n = format!("inflight-{k}.internal");
+                let token = ok(sigil(&[
+                    "token",
+                    "create",
+                    "--config",
+                    &cfg,
+                    "--subject",
+                    &n,
+                    "--san",
+                    &n,
+                ]));
+                let key = rcgen::KeyPair::generate().unwrap();
+                let csr = csr_der(&[&n], &key);
+                let roots = roots.clone();
+                inflight.push(tokio::spawn(async move {
+                    grpc_sign(grpc_a, &roots, token.trim(), csr).await
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let pid = a.server.pid().to_string();
+            assert!(run("kill", &["-KILL", &pid]).status.success());
+            a_alive = false;
+            for h in inflight {
+                if let Ok(r) = h.await.unwrap() {
+                    acknowledged.push(r.serial);
+                }
+            }
+        }
+    }
+
+    // The survivor takes over the background jobs.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node_b.log_text().contains("took over the background jobs") {
+        assert!(
+            Instant::now() < deadline,
+            "no takeover:\n{}",
+            node_b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing acknowledged is missing.
+    let list = ok(sigil(&[
+        "cert", "list", "--config", &cfg, "--limit", "1000",
+    ]));
+    for serial in &acknowledged {
+        assert!(
+            list.contains(serial.as_str()),
+            "acknowledged {serial} missing:\n{list}"
+        );
+    }
+    assert!(acknowledged.len() >= 16, "{acknowledged:?}");
+    let out = ok(sigil(&["audit", "verify", "--config", &cfg]));
+    assert!(out.contains("audit chain OK"), "{out}");
+
+    // A certificate issued by the dead node is revoked on the survivor: its
+    // OCSP answer says so within seconds, and the survivor publishes a CRL
+    // with a higher number that lists it.
+    let victim = acknowledged[0].clone();
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &cfg,
+        "--serial",
+        &victim,
+        "--reason",
+        "superseded",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (id, before) = crl_before;
+    loop {
+        let n = crl_number_at(node_b.port, &id);
+        let listed = crl_lists(node_b.port, &id, &victim);
+        if n > before && listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "survivor did not publish a CRL listing {victim} (number {n}, before {before})\n{}",
+            node_b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    node_b.stop();
+}
+
+fn crl_der_at(port: u16, issuer: &str) -> Vec<u8> {
+    let (status, der) = http_get(port, &format!("/crl/{issuer}.crl")).unwrap();
+    assert_eq!(status, 200);
+    der
+}
+
+fn crl_number_at(port: u16, issuer: &str) -> u64 {
+    use x509_parser::prelude::*;
+    let der = crl_der_at(port, issuer);
+    let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
+    crl.crl_number()
+        .and_then(|n| n.to_u64_digits().first().copied())
+        .unwrap_or(0)
+}
+
+fn crl_lists(port: u16, issuer: &str, serial: &str) -> bool {
+    use x509_parser::prelude::*;
+    let der = crl_der_at(port, issuer);
+    let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
+    crl.iter_revoked_certificates()
+        .any(|r| hex_bytes(r.raw_serial()).trim_start_matches("00") == serial)
 }

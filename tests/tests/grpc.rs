@@ -956,3 +956,108 @@ async fn rotation_is_announced_to_watchers_and_bundle() {
     assert_eq!(after.active_issuer, rotated.active_issuer);
     assert_eq!(pem_blocks(&after.intermediates_pem).len(), 2, "old and new");
 }
+
+/// A request id given by the caller (or made by the server) comes back in
+/// the response and is recorded in the audit row the request wrote; the
+/// JSON log of a server at debug level never shows a passphrase, a
+/// bootstrap token, an EAB HMAC key or a private key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_reach_the_audit_log_and_secrets_never_reach_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().to_path_buf();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data", "--log-json"],
+        &work,
+        &[("SIGIL_LOG", "debug")],
+    );
+    let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+    let ca = Ca {
+        config: work.join("data/sigil.toml").display().to_string(),
+        grpc: server.grpc_port.unwrap(),
+        _tmp: tmp,
+        work: work.clone(),
+        server: Some(server),
+        roots,
+    };
+    let mut client = ca.client(None).await;
+    let token = ca.token("rid", &["rid.internal"]);
+    let (key_pem, csr) = key_and_csr(&["rid.internal"]);
+    let mut req = with_token(sign_req(csr), &token);
+    req.metadata_mut()
+        .insert("x-request-id", "trace-0042".parse().unwrap());
+    let rsp = client.sign(req).await.unwrap();
+    assert_eq!(rsp.metadata().get("x-request-id").unwrap(), "trace-0042");
+    let issued = rsp.into_inner();
+    let audit = ca.audit();
+    let row = audit
+        .lines()
+        .find(|l| l.contains("trace-0042"))
+        .unwrap_or_else(|| panic!("no audit row names the request:\n{audit}"));
+    assert!(row.contains("cert.issued"), "{row}");
+    // Without a header the server makes one up and still echoes it.
+    let rsp = client
+        .get_trust_bundle(TrustBundleRequest {})
+        .await
+        .unwrap();
+    assert!(rsp.metadata().get("x-request-id").is_some());
+    // A replayed token: refused, and the refusal is logged, not the token.
+    let (_, csr2) = key_and_csr(&["rid.internal"]);
+    let _ = client.sign(with_token(sign_req(csr2), &token)).await;
+    // An EAB key is made (its HMAC key printed once to the operator).
+    let eab = ok(sigil(&[
+        "acme",
+        "eab",
+        "create",
+        "--config",
+        &ca.config,
+        "--requester",
+        "team-x",
+    ]));
+    let hmac = eab
+        .lines()
+        .find_map(|l| l.strip_prefix("EAB HMAC key:"))
+        .map(str::trim)
+        .expect("EAB HMAC key printed")
+        .to_string();
+    // Renew over mTLS, so the client key is in use on the wire.
+    let mut mtls = ca.client(Some((&issued.chain_pem, &key_pem))).await;
+    mtls.renew(RenewRequest { csr: vec![] }).await.unwrap();
+
+    let server = ca.server.as_ref().unwrap();
+    let log = server.log_text();
+    // JSON lines, with the request id on the lines of that request.
+    assert!(
+        log.lines()
+            .filter(|l| l.starts_with('{'))
+            .any(|l| l.contains("trace-0042")),
+        "no JSON log line carries the request id:\n{log}"
+    );
+    let pass = std::fs::read_to_string(ca.work.join("data/intermediate.pass")).unwrap();
+    let root_pass = std::fs::read_to_string(ca.work.join("data/DEV-ONLY-root/passphrase")).unwrap();
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let secrets = [
+        ("intermediate passphrase", pass.trim().to_string()),
+        ("root passphrase", root_pass.trim().to_string()),
+        ("bootstrap token", token.clone()),
+        (
+            "bootstrap token signature",
+            token.rsplit('.').next().unwrap().to_string(),
+        ),
+        ("EAB HMAC key", hmac.clone()),
+        ("client private key", key_body[..40].to_string()),
+    ];
+    for (what, secret) in &secrets {
+        assert!(secret.len() >= 16, "{what} too short to search for");
+        assert!(
+            !log.contains(secret.as_str()),
+            "the log contains the {what}"
+        );
+    }
+    assert!(
+        !log.contains("PRIVATE KEY"),
+        "the log contains a PEM private key"
+    );
+}

@@ -490,6 +490,14 @@ fn authority_problem(e: AuthorityError) -> Problem {
         AuthorityError::InvalidRevocation(m) => Problem::bad_revocation_reason(m),
         AuthorityError::NotFound(m) => Problem::not_found(m),
         AuthorityError::Unavailable(m) => Problem::unavailable(m),
+        AuthorityError::RateLimited {
+            message,
+            retry_after,
+        } => {
+            let mut p = Problem::rate_limited(message);
+            p.retry_after = Some(retry_after);
+            p
+        }
         e if e.is_shutting_down() => Problem::unavailable("the CA is shutting down; retry"),
         other => {
             tracing::error!(error = %other, "ACME request failed inside the authority");

@@ -84,50 +84,8 @@ pub struct Acme {
     /// needs its account, and clients send several per certificate.
     accounts: std::sync::Mutex<std::collections::HashMap<String, (AcmeAccount, i64)>>,
     /// Per-account new-order budget.
-    order_budget: std::sync::Mutex<OrderLimiter>,
-}
-
-/// A token bucket per account: `rate` tokens a minute, holding at most a
-/// minute's worth. Per node: with several nodes an account gets up to
-/// `rate` per node.
-#[derive(Debug)]
-struct OrderLimiter {
-    rate: u32,
-    /// Tokens left and when last refilled (unix ms), per account.
-    buckets: std::collections::HashMap<String, (f64, i64)>,
-}
-
-impl OrderLimiter {
-    fn new(rate: u32) -> OrderLimiter {
-        OrderLimiter {
-            rate,
-            buckets: std::collections::HashMap::new(),
-        }
-    }
-
-    /// Takes a token; `Err(seconds)` until the next one when none is left.
-    fn take(&mut self, account: &str, now_ms: i64) -> Result<(), u64> {
-        if self.rate == 0 {
-            return Ok(());
-        }
-        let (cap, per_ms) = (f64::from(self.rate), f64::from(self.rate) / 60_000.0);
-        if self.buckets.len() >= ACCOUNT_CACHE_MAX {
-            // Full buckets carry no state worth keeping.
-            self.buckets
-                .retain(|_, (t, at)| *t + (now_ms - *at) as f64 * per_ms < cap);
-        }
-        let (tokens, at) = self
-            .buckets
-            .entry(account.to_string())
-            .or_insert((cap, now_ms));
-        *tokens = (*tokens + (now_ms - *at).max(0) as f64 * per_ms).min(cap);
-        *at = now_ms;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Ok(());
-        }
-        Err(((1.0 - *tokens) / per_ms / 1000.0).ceil().max(1.0) as u64)
-    }
+    /// (A token bucket per account, per node.)
+    order_budget: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
 }
 
 /// How long a cached account is trusted. Changes made on this node replace
@@ -185,7 +143,9 @@ impl Acme {
         .await
         .map_err(|e| e.to_string())?;
         let validator = Validator::new(settings.validation.clone())?;
-        let order_budget = std::sync::Mutex::new(OrderLimiter::new(settings.orders_per_minute));
+        let order_budget = std::sync::Mutex::new(sigil_core::ratelimit::RateLimiter::new(
+            settings.orders_per_minute,
+        ));
         Ok(Arc::new(Acme {
             authority,
             settings,
@@ -418,30 +378,4 @@ pub fn router(acme: Arc<Acme>) -> Router {
             common_headers,
         ))
         .with_state(acme)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::OrderLimiter;
-
-    #[test]
-    fn order_limiter_allows_a_minute_of_burst_then_refills() {
-        let mut l = OrderLimiter::new(2);
-        assert!(l.take("a", 0).is_ok());
-        assert!(l.take("a", 0).is_ok());
-        // Empty: one token comes back every 30 s.
-        assert_eq!(l.take("a", 0), Err(30));
-        assert_eq!(l.take("a", 15_000), Err(15));
-        // Other accounts have their own budget.
-        assert!(l.take("b", 15_000).is_ok());
-        assert!(l.take("a", 30_000).is_ok());
-        assert!(l.take("a", 30_000).is_err());
-        // Never more than a minute's worth.
-        assert!(l.take("a", 10_000_000).is_ok());
-        assert!(l.take("a", 10_000_000).is_ok());
-        assert!(l.take("a", 10_000_000).is_err());
-        // 0 means no limit.
-        let mut off = OrderLimiter::new(0);
-        assert!((0..1000).all(|_| off.take("a", 0).is_ok()));
-    }
 }

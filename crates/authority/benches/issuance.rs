@@ -50,6 +50,7 @@ async fn authority(url: &str, ca: &TestCa) -> Authority {
             default_lifetime: Duration::from_secs(86400),
             max_lifetime: Duration::from_secs(86400 * 30),
             urls,
+            rate_per_minute: 0,
         },
     )
 }

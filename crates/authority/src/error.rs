@@ -49,6 +49,14 @@ pub enum Error {
     /// Misconfiguration detected at startup.
     #[error("configuration: {0}")]
     Config(String),
+    /// The requester used up its issuance budget; retry after the delay.
+    #[error("{message}")]
+    RateLimited {
+        /// What to tell the caller.
+        message: String,
+        /// Seconds until the next issuance is allowed.
+        retry_after: u64,
+    },
     /// An issuer lifecycle step out of order (activating what is not staged,
     /// staging an issuer already in use).
     #[error("{0}")]

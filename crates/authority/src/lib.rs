@@ -9,7 +9,9 @@ pub mod issuers;
 
 pub use error::Error;
 pub use issuers::IssuerKeys;
-pub use sigil_store::{CrlRow, IssuerRow, IssuerState, SignedOcsp};
+pub use sigil_store::{
+    CrlRow, IssuerRow, IssuerState, SignedOcsp, current_request_id, with_request_id,
+};
 
 use serde_json::json;
 use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
@@ -37,6 +39,9 @@ pub struct Settings {
     pub max_lifetime: Duration,
     /// Public base URL for AIA / CRL DP.
     pub urls: CaUrls,
+    /// Issuances per minute per requester on this node (a burst of one
+    /// minute's worth); 0 for no limit. Operators are not limited.
+    pub rate_per_minute: u32,
 }
 
 /// The online issuing CA: its signer, per-issuer leaf parts and chain.
@@ -244,6 +249,7 @@ pub struct Authority {
     store: Store,
     settings: Settings,
     cache: Cache,
+    limiter: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
 }
 
 /// What a [`Authority::sync`] found.
@@ -316,6 +322,9 @@ impl Authority {
             issuers: RwLock::new(issuers::IssuerSet::single(issuer)),
             keys: None,
             store,
+            limiter: std::sync::Mutex::new(sigil_core::ratelimit::RateLimiter::new(
+                settings.rate_per_minute,
+            )),
             settings,
             cache: Cache::default(),
         }
@@ -885,15 +894,20 @@ impl Authority {
         Ok(self.store.save_ocsp(rows).await?)
     }
 
-    /// Stored OCSP responses of an issuer valid for at least `margin` more.
+    /// Stored OCSP responses of an issuer valid for at least `margin` more
+    /// and signed after `signed_after` (unix s; 0 for all).
     pub async fn stored_ocsp(
         &self,
         issuer_id: &str,
         margin: Duration,
+        signed_after: i64,
     ) -> Result<Vec<sigil_store::SignedOcsp>, Error> {
         let after =
             self.clock.now().unix_timestamp() + i64::try_from(margin.as_secs()).unwrap_or(0);
-        Ok(self.store.stored_ocsp(issuer_id, after).await?)
+        Ok(self
+            .store
+            .stored_ocsp(issuer_id, after, signed_after)
+            .await?)
     }
 
     /// Serials of an issuer's certificates that expire after `after` (unix s).
@@ -1043,7 +1057,10 @@ impl Authority {
     async fn issue_for(&self, applicant: &Applicant<'_>, ask: Ask<'_>) -> Result<Issued, Error> {
         let profile = ask.profile.name();
         let entry_point = entry_point(ask.actor);
-        let result = self.issue_inner(applicant, ask).await;
+        let result = match self.take_rate_token(ask.actor) {
+            Ok(()) => self.issue_inner(applicant, ask).await,
+            Err(e) => Err(e),
+        };
         let outcome = match &result {
             Ok(_) => "issued",
             Err(Error::Denied { decision, .. }) => {
@@ -1059,6 +1076,7 @@ impl Authority {
                 | Error::NotRenewable(_)
                 | Error::KeyCompromised(_),
             ) => "refused",
+            Err(Error::RateLimited { .. }) => "rate_limited",
             Err(_) => "error",
         };
         metrics::counter!(
@@ -1069,6 +1087,25 @@ impl Authority {
         )
         .increment(1);
         result
+    }
+
+    /// One issuance from `requester`'s per-minute budget (operators are
+    /// not limited).
+    fn take_rate_token(&self, requester: &Requester) -> Result<(), Error> {
+        if matches!(requester, Requester::Operator(_)) {
+            return Ok(());
+        }
+        let now_ms = unix_ms(self.clock.now());
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter
+            .take(&requester.to_string(), now_ms)
+            .map_err(|retry_after| Error::RateLimited {
+                message: format!(
+                    "{requester} may have {} certificates per minute; retry in {retry_after} s",
+                    limiter.rate()
+                ),
+                retry_after,
+            })
     }
 
     async fn issue_inner(&self, applicant: &Applicant<'_>, ask: Ask<'_>) -> Result<Issued, Error> {

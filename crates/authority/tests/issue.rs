@@ -32,6 +32,10 @@ max_lifetime = "1h"
 "#;
 
 async fn authority(url: &str) -> Authority {
+    authority_with(url, 0).await
+}
+
+async fn authority_with(url: &str, rate_per_minute: u32) -> Authority {
     let now = SystemClock.now();
     let ca = TestCa::new(now).unwrap();
     let urls = CaUrls::new("http://ca.test:8080");
@@ -56,6 +60,7 @@ async fn authority(url: &str) -> Authority {
             default_lifetime: Duration::from_secs(86400),
             max_lifetime: Duration::from_secs(30 * 86400),
             urls,
+            rate_per_minute,
         },
     )
 }
@@ -540,5 +545,37 @@ async fn revocations_made_elsewhere_are_seen_after_a_sync() {
             .unwrap();
         assert!(here.is_revoked(&other.serial).await.unwrap(), "{name}");
         elsewhere.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requesters_are_rate_limited_operators_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rate.db").display());
+    let ca = authority_with(&url, 2).await;
+    let team = Requester::Token("team-a".into());
+    let key = KeyPair::generate().unwrap();
+    let csr = csr_with(&key, None, &["a.internal"], vec![]);
+    ca.issue(req(csr.clone(), team.clone())).await.unwrap();
+    ca.issue(req(csr.clone(), team.clone())).await.unwrap();
+    match ca.issue(req(csr.clone(), team.clone())).await {
+        Err(Error::RateLimited {
+            message,
+            retry_after,
+        }) => {
+            assert!((1..=30).contains(&retry_after), "{retry_after}");
+            assert!(
+                message.contains("token:team-a") && message.contains("2 certificates per minute"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a rate limit, got {other:?}"),
+    }
+    // Another requester has its own budget; operators have none.
+    ca.issue(req(csr.clone(), Requester::Token("team-b".into())))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        ca.issue(req(csr.clone(), op())).await.unwrap();
     }
 }

@@ -16,6 +16,7 @@ pub mod lifetime;
 pub mod names;
 pub mod ocsp;
 pub mod profile;
+pub mod ratelimit;
 pub mod requester;
 pub mod revocation;
 pub mod serial;

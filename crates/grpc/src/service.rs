@@ -208,6 +208,7 @@ fn status(e: Error) -> Status {
         Error::AlreadyRevoked(m) => Status::failed_precondition(m),
         Error::NotFound(m) => Status::not_found(m),
         Error::Unavailable(m) => Status::unavailable(m),
+        Error::RateLimited { message, .. } => Status::resource_exhausted(message),
         e if e.is_shutting_down() => Status::unavailable("the CA is shutting down; retry"),
         other => {
             tracing::error!(error = %other, "internal error");

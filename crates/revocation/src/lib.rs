@@ -7,7 +7,7 @@
 
 pub mod ocsp;
 
-pub use ocsp::{NoncePolicy, Ocsp, OcspSettings};
+pub use ocsp::{FOLLOW_INTERVAL, NoncePolicy, Ocsp, OcspSettings};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -35,6 +35,46 @@ pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     match l.write() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
+    }
+}
+
+/// Whether this node holds the background-job lock (CRL publishing, OCSP
+/// pre-signing). Shared by the publisher, the responder and whoever holds
+/// the lock; a new one leads until told otherwise (single node).
+#[derive(Debug, Clone)]
+pub struct Leader {
+    leading: Arc<std::sync::atomic::AtomicBool>,
+    changed: Arc<Notify>,
+}
+
+impl Default for Leader {
+    fn default() -> Self {
+        Leader {
+            leading: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl Leader {
+    /// Whether this node runs the jobs now.
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records a change of leadership and wakes the job loops.
+    pub fn set(&self, leading: bool) {
+        let was = self
+            .leading
+            .swap(leading, std::sync::atomic::Ordering::AcqRel);
+        if was != leading {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Resolves at the next change of leadership.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 }
 
@@ -104,16 +144,22 @@ pub struct Revocation {
     settings: CrlSettings,
     crls: RwLock<HashMap<String, Published>>,
     wake: Notify,
+    leader: Leader,
 }
 
 impl Revocation {
     /// Creates the publisher (call [`Revocation::run`] to start it).
-    pub fn new(authority: Arc<Authority>, settings: CrlSettings) -> Arc<Revocation> {
+    pub fn new(
+        authority: Arc<Authority>,
+        settings: CrlSettings,
+        leader: Leader,
+    ) -> Arc<Revocation> {
         Arc::new(Revocation {
             authority,
             settings,
             crls: RwLock::new(HashMap::new()),
             wake: Notify::new(),
+            leader,
         })
     }
 
@@ -126,6 +172,15 @@ impl Revocation {
     /// CRL fresh: after each change (debounced) and at half its validity.
     pub async fn run(self: Arc<Self>) {
         loop {
+            if !self.leader.is_leading() {
+                // Another node publishes: serve what it stored.
+                self.load_stored().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = self.leader.changed() => {}
+                }
+                continue;
+            }
             let refresh = match self.publish_all().await {
                 Ok(p) => {
                     let half = (p.next_update - p.this_update) / 2;
@@ -143,8 +198,31 @@ impl Revocation {
         }
     }
 
-    /// Signs, stores and caches a fresh CRL for every serving issuer now.
+    /// Caches the newest stored CRL of every serving issuer (published by
+    /// the node holding the job lock).
+    async fn load_stored(&self) {
+        for issuer in self.authority.serving_issuers() {
+            let id = issuer.info().id.to_string();
+            match self.authority.latest_crl(&id).await {
+                Ok(Some(row)) => {
+                    let mut crls = write(&self.crls);
+                    if crls.get(&id).is_none_or(|p| p.number < row.number) {
+                        crls.insert(id, Published::from_row(row));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(issuer = %id, error = %e, "reading the stored CRL failed"),
+            }
+        }
+    }
+
+    /// Signs, stores and caches a fresh CRL for every serving issuer now
+    /// (on the job node), or loads the stored ones (on the others).
     pub async fn publish_now(&self) -> Result<(), sigil_authority::Error> {
+        if !self.leader.is_leading() {
+            self.load_stored().await;
+            return Ok(());
+        }
         self.publish_all().await.map(|_| ())
     }
 

@@ -15,6 +15,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
+/// How often a node without the job lock loads responses the job node stored.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(30);
+
 /// What to do with a request nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoncePolicy {
@@ -78,6 +81,7 @@ pub struct Current {
 pub struct Ocsp {
     authority: Arc<Authority>,
     settings: OcspSettings,
+    leader: crate::Leader,
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<String, Answer>>,
@@ -92,9 +96,14 @@ impl std::fmt::Debug for Ocsp {
 
 impl Ocsp {
     /// A responder; [`Ocsp::refresh`] makes it ready.
-    pub fn new(authority: Arc<Authority>, settings: OcspSettings) -> Arc<Ocsp> {
+    pub fn new(
+        authority: Arc<Authority>,
+        settings: OcspSettings,
+        leader: crate::Leader,
+    ) -> Arc<Ocsp> {
         Arc::new(Ocsp {
             authority,
+            leader,
             fresh: Semaphore::new(settings.max_fresh.max(1)),
             settings,
             current: RwLock::new(HashMap::new()),
@@ -243,12 +252,18 @@ impl Ocsp {
     /// certificates revoked since are left out (they are signed on demand).
     /// Call after the authority's first sync. Returns how many were loaded.
     pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
+        self.load_signed_after(0).await
+    }
+
+    /// Loads stored responses signed after `signed_after` (unix s), keeping
+    /// whichever of stored and in-memory is newer.
+    async fn load_signed_after(&self, signed_after: i64) -> Result<usize, sigil_authority::Error> {
         let ids: Vec<String> = read(&self.current).keys().cloned().collect();
         let mut rows = Vec::new();
         for id in ids {
             rows.extend(
                 self.authority
-                    .stored_ocsp(&id, self.settings.validity / 4)
+                    .stored_ocsp(&id, self.settings.validity / 4, signed_after)
                     .await?,
             );
         }
@@ -266,8 +281,14 @@ impl Ocsp {
                 der: r.der.into(),
                 window: Some((r.this_update, r.next_update)),
             };
-            write(&self.cache).entry(r.serial).or_insert(a);
-            loaded += 1;
+            let mut cache = write(&self.cache);
+            let newer = cache
+                .get(&r.serial)
+                .is_none_or(|old| old.window.map(|w| w.0) < a.window.map(|w| w.0));
+            if newer {
+                cache.insert(r.serial, a);
+                loaded += 1;
+            }
         }
         Ok(loaded)
     }
@@ -301,13 +322,43 @@ impl Ocsp {
 
     /// Pre-signs now, then keeps responses and the responder certificate
     /// fresh (at half the response validity).
+    /// On the node holding the background-job lock, pre-signs now and then
+    /// at half the response validity; on the others, loads what it stored
+    /// (every [`FOLLOW_INTERVAL`]). Every node keeps its own responder
+    /// certificate, for nonce requests and on-demand answers.
     pub async fn run(self: Arc<Self>) {
+        let mut signed_after = 0i64;
+        let mut last_presign: Option<std::time::Instant> = None;
         loop {
-            match self.refresh().await {
-                Ok(n) => tracing::info!(responses = n, "pre-signed OCSP responses"),
-                Err(e) => tracing::error!(error = %e, "pre-signing OCSP responses failed"),
+            if let Err(e) = self.ensure_signers().await {
+                tracing::error!(error = %e, "renewing OCSP responder certificates failed");
             }
-            tokio::time::sleep(self.settings.validity / 2).await;
+            let due = last_presign.is_none_or(|t| t.elapsed() >= self.settings.validity / 2);
+            if self.leader.is_leading() && due {
+                match self.refresh().await {
+                    Ok(n) => tracing::info!(responses = n, "pre-signed OCSP responses"),
+                    Err(e) => tracing::error!(error = %e, "pre-signing OCSP responses failed"),
+                }
+                last_presign = Some(std::time::Instant::now());
+            } else if !self.leader.is_leading() {
+                last_presign = None;
+                let since = self.now() - 1;
+                match self.load_signed_after(signed_after).await {
+                    Ok(n) if n > 0 => tracing::debug!(
+                        responses = n,
+                        "loaded OCSP responses signed by the job node"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "loading stored OCSP responses failed"),
+                }
+                // Overlap a little: a response committed late with an
+                // earlier thisUpdate is still picked up.
+                signed_after = since - 120;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_INTERVAL) => {}
+                _ = self.leader.changed() => {}
+            }
         }
     }
 

@@ -92,7 +92,8 @@ impl AcmeListener {
                 }
             })
         };
-        let app = sigil_acme::router(self.acme);
+        let app =
+            sigil_acme::router(self.acme).layer(axum::middleware::from_fn(crate::request_id::http));
         let result = axum::serve(TlsIncoming { rx, addr }, app)
             .with_graceful_shutdown(shutdown)
             .await;

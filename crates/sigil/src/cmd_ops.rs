@@ -23,6 +23,7 @@ pub async fn build_authority(cfg: &Config) -> Result<Authority> {
         default_lifetime: cfg.default_lifetime()?,
         max_lifetime: cfg.max_lifetime()?,
         urls,
+        rate_per_minute: cfg.issuance.rate_per_minute,
     };
     let keys = Arc::new(crate::cmd_rotate::FileKeys::new(cfg, pass));
     let opened =

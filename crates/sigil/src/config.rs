@@ -76,6 +76,14 @@ pub struct IssuanceConfig {
     /// Ceiling for every leaf, whatever policy says.
     #[serde(default = "max_lifetime")]
     pub max_lifetime: String,
+    /// Certificates per minute per requester, per node (burst: one
+    /// minute's worth); 0 turns the limit off. Operators are not limited.
+    #[serde(default = "rate_per_minute")]
+    pub rate_per_minute: u32,
+}
+
+fn rate_per_minute() -> u32 {
+    600
 }
 
 fn default_lifetime() -> String {
@@ -90,6 +98,7 @@ impl Default for IssuanceConfig {
         IssuanceConfig {
             default_lifetime: default_lifetime(),
             max_lifetime: max_lifetime(),
+            rate_per_minute: rate_per_minute(),
         }
     }
 }

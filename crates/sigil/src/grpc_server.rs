@@ -15,6 +15,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+/// Longest a unary call may take (a WatchRotation stream is not bounded by it:
+/// the timeout covers producing the response headers).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Everything `serve` needs to run the gRPC listener.
 pub struct GrpcListener {
     listener: TcpListener,
@@ -92,6 +96,8 @@ impl GrpcListener {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(256)
+            .timeout(REQUEST_TIMEOUT)
+            .layer(crate::request_id::GrpcLayer)
             .add_service(sigil_grpc::reflection_service()?)
             .add_service(sigil_grpc::server(self.service))
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -15,6 +15,7 @@ mod grpc_server;
 mod http;
 mod passphrase;
 mod reload;
+mod request_id;
 mod serve;
 mod tls_cert;
 

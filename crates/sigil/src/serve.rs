@@ -12,7 +12,7 @@ use crate::{dev, http};
 use anyhow::{Context, Result};
 use sigil_authority::Authority;
 use sigil_grpc::{Notice, Notifier};
-use sigil_revocation::{CrlSettings, Ocsp, OcspSettings, Revocation};
+use sigil_revocation::{CrlSettings, Leader, Ocsp, OcspSettings, Revocation};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -73,10 +73,18 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let authority = Arc::new(build_authority(&cfg).await?);
     let roots = load_roots(&cfg)?;
     authority.sync().await?;
-    let revocation = Revocation::new(authority.clone(), CrlSettings::default());
+    let leader = Leader::default();
+    let lease = authority.store().try_lead().await?;
+    leader.set(lease.is_some());
+    if lease.is_some() {
+        tracing::info!("this node runs the background jobs (CRL publishing, OCSP pre-signing)");
+    } else {
+        tracing::info!("another node runs the background jobs; this one takes over if it stops");
+    }
+    let revocation = Revocation::new(authority.clone(), CrlSettings::default(), leader.clone());
     revocation.publish_now().await?;
     tokio::spawn(revocation.clone().run());
-    let responder = Ocsp::new(authority.clone(), OcspSettings::default());
+    let responder = Ocsp::new(authority.clone(), OcspSettings::default(), leader.clone());
     responder.ensure_signers().await?;
     let stored = responder.load_stored().await?;
     tracing::info!(
@@ -84,6 +92,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         "OCSP responses loaded from the database"
     );
     tokio::spawn(responder.clone().run());
+    tokio::spawn(hold_job_lock(
+        authority.clone(),
+        lease,
+        leader.clone(),
+        revocation.clone(),
+        responder.clone(),
+    ));
     tokio::spawn(crate::reload::watch(
         authority.clone(),
         cfg.resolve(&cfg.policy.dir),
@@ -224,7 +239,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let app = http::router(state).merge(sigil_revocation::router(revocation, responder));
+    let app = http::router(state)
+        .merge(sigil_revocation::router(revocation, responder))
+        .layer(axum::middleware::from_fn(crate::request_id::http));
     let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
@@ -241,6 +258,53 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     authority.store().close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps or takes the background-job lock: checks it every 2 s, and when
+/// another node's lock goes away (that node stopped or died), takes over
+/// and publishes at once.
+async fn hold_job_lock(
+    authority: Arc<Authority>,
+    mut lease: Option<sigil_store::Leadership>,
+    leader: Leader,
+    revocation: Arc<Revocation>,
+    responder: Arc<Ocsp>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match lease.as_mut() {
+            Some(l) => {
+                if !l.still_held().await {
+                    tracing::warn!(
+                        "lost the background-job lock (database connection broke); retrying"
+                    );
+                    lease = None;
+                    leader.set(false);
+                }
+            }
+            None => match authority.store().try_lead().await {
+                Ok(Some(l)) => {
+                    tracing::info!(
+                        "took over the background jobs (CRL publishing, OCSP pre-signing)"
+                    );
+                    lease = Some(l);
+                    leader.set(true);
+                    revocation.revocations_changed();
+                    let r = responder.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = r.refresh().await {
+                            tracing::error!(error = %e, "pre-signing OCSP responses failed");
+                        }
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach the database for the job lock"),
+            },
+        }
+        metrics::gauge!("sigil_job_leader").set(if leader.is_leading() { 1.0 } else { 0.0 });
+    }
 }
 
 /// After a rotation step (here or on another node): responders for the

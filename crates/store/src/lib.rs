@@ -25,7 +25,7 @@ pub use writer::{Change, IssuerChange};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Executor, Row};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -93,8 +93,14 @@ impl Store {
         self.backend
     }
 
-    /// Durably applies one change with its audit record; returns the audit receipt.
-    pub async fn commit(&self, change: Change) -> Result<AuditReceipt, Error> {
+    /// Durably applies one change with its audit record; returns the audit
+    /// receipt. Inside [`with_request_id`], the record names the request.
+    pub async fn commit(&self, mut change: Change) -> Result<AuditReceipt, Error> {
+        if let (Some(id), Some(event)) = (current_request_id(), change.event_mut())
+            && let Some(detail) = event.detail.as_object_mut()
+        {
+            detail.insert("request_id".into(), serde_json::Value::String(id));
+        }
         writer::submit(&self.writer, change)
             .await?
             .receipt
@@ -115,6 +121,29 @@ impl Store {
         &self.pool
     }
 
+    /// Tries to take the background-job lock (CRL publishing, OCSP
+    /// pre-signing). On PostgreSQL it is a session advisory lock held by a
+    /// connection of its own: when this node dies, the database drops the
+    /// connection and another node's next attempt succeeds. SQLite serves a
+    /// single host, so every node there runs the jobs.
+    pub async fn try_lead(&self) -> Result<Option<Leadership>, Error> {
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(Leadership { conn: None }));
+        }
+        let mut conn = self.pool.acquire().await?.detach();
+        let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1) AS got")
+            .bind(JOBS_LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await?
+            .try_get("got")?;
+        if got {
+            Ok(Some(Leadership { conn: Some(conn) }))
+        } else {
+            // Dropping the detached connection closes it.
+            Ok(None)
+        }
+    }
+
     /// Connections open in the pool, and how many of them are idle.
     pub fn pool_use(&self) -> (u32, usize) {
         (self.pool.size(), self.pool.num_idle())
@@ -123,6 +152,47 @@ impl Store {
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// Runs `f` on behalf of request `id`: audit records committed inside it
+/// carry `"request_id"`, so a log line, an HTTP or gRPC exchange and the
+/// audit row can be matched.
+pub async fn with_request_id<F: std::future::Future>(id: String, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The request being served by this task, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Advisory-lock key of the background jobs (distinct from the audit lock).
+const JOBS_LOCK_KEY: i64 = 0x5349_474c_4a4f_4253; // "SIGLJOBS"
+
+/// The background-job lock, held until dropped (its connection closes) or
+/// lost (the connection broke).
+pub struct Leadership {
+    conn: Option<sqlx::AnyConnection>,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Leadership")
+    }
+}
+
+impl Leadership {
+    /// Whether the lock is still held (its connection still answers).
+    pub async fn still_held(&mut self) -> bool {
+        match self.conn.as_mut() {
+            None => true,
+            Some(c) => sqlx::query("SELECT 1").execute(&mut *c).await.is_ok(),
+        }
     }
 }
 

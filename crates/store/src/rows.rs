@@ -412,13 +412,20 @@ impl Store {
     }
 
     /// Stored OCSP responses of an issuer still valid after `after` (unix s).
-    pub async fn stored_ocsp(&self, issuer_id: &str, after: i64) -> Result<Vec<SignedOcsp>, Error> {
+    /// Only responses signed after `signed_after` (unix s) are returned.
+    pub async fn stored_ocsp(
+        &self,
+        issuer_id: &str,
+        after: i64,
+        signed_after: i64,
+    ) -> Result<Vec<SignedOcsp>, Error> {
         let rows = sqlx::query(
             "SELECT serial, issuer_id, this_update, next_update, der FROM ocsp_responses \
-             WHERE issuer_id = $1 AND next_update > $2",
+             WHERE issuer_id = $1 AND next_update > $2 AND this_update > $3",
         )
         .bind(issuer_id)
         .bind(after)
+        .bind(signed_after)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

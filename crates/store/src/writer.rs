@@ -93,6 +93,17 @@ pub enum IssuerChange {
 }
 
 impl Change {
+    pub(crate) fn event_mut(&mut self) -> Option<&mut AuditEvent> {
+        match self {
+            Change::Issue { event, .. }
+            | Change::Revoke { event, .. }
+            | Change::Issuer { event, .. }
+            | Change::Acme { event, .. }
+            | Change::Record(event) => Some(event),
+            Change::State(_) => None,
+        }
+    }
+
     fn event(&self) -> Option<&AuditEvent> {
         match self {
             Change::Issue { event, .. }
