@@ -579,3 +579,156 @@ async fn requesters_are_rate_limited_operators_are_not() {
         ca.issue(req(csr.clone(), op())).await.unwrap();
     }
 }
+
+/// A clock the test moves.
+struct TestClock(std::sync::Mutex<time::OffsetDateTime>);
+
+impl Clock for TestClock {
+    fn now(&self) -> time::OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl TestClock {
+    fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+/// Issuer keys by id, as the binary's key files would hold them.
+struct MapKeys(std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>);
+
+impl sigil_authority::IssuerKeys for MapKeys {
+    fn load(
+        &self,
+        issuer: &sigil_authority::IssuerRow,
+    ) -> Result<sigil_signer::SoftwareKey, Error> {
+        let pkcs8 = self
+            .0
+            .get(&issuer.id)
+            .ok_or_else(|| Error::Config(format!("no key for {}", issuer.id)))?;
+        Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?)
+    }
+}
+
+/// A rotation in one process with a moving clock: a staged issuer is loaded
+/// but does not issue; a scheduled activation happens at its time; the
+/// previous issuer keeps publishing until an hour after its last
+/// certificate expires, then retires and leaves the trust bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_schedules_activation_and_retires_the_previous_issuer() {
+    use sigil_authority::IssuerState;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rotation.db").display());
+    let start = SystemClock.now();
+    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
+    let ca = TestCa::new(start).unwrap();
+    let (next_der, next_pkcs8) = ca.another_intermediate(start).unwrap();
+    let first = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
+    let next = IssuerInfo::from_der(&next_der).unwrap();
+    let urls = CaUrls::new("http://ca.test:8080");
+    let store = Store::open(&url).await.unwrap();
+    sigil_authority::issuers::install(&store, &first, None, "operator:test", start)
+        .await
+        .unwrap();
+    let keys = MapKeys(
+        [
+            (first.id.to_string(), ca.intermediate_pkcs8.clone()),
+            (next.id.to_string(), next_pkcs8),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let authority = Authority::open(
+        clock.clone(),
+        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
+        store.clone(),
+        Settings {
+            default_lifetime: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(86400),
+            urls,
+            rate_per_minute: 0,
+        },
+        Arc::new(keys),
+    )
+    .await
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let csr = csr_with(&key, None, &["svc.internal"], vec![]);
+    let old_leaf = authority.issue(req(csr.clone(), op())).await.unwrap();
+    assert_eq!(old_leaf.issuer_id, first.id.to_string());
+
+    // Staged: loaded, trusted, not issuing.
+    sigil_authority::issuers::stage(&store, &next, "next.key".into(), "operator:test", start)
+        .await
+        .unwrap();
+    let synced = authority.sync().await.unwrap();
+    assert!(synced.issuers_changed && !synced.rotated);
+    let states: Vec<_> = authority
+        .issuer_states()
+        .into_iter()
+        .map(|(s, i)| (i.info().id.to_string(), s))
+        .collect();
+    assert!(
+        states.contains(&(next.id.to_string(), IssuerState::Staged)),
+        "{states:?}"
+    );
+    assert_eq!(authority.trusted_issuers().await.unwrap().len(), 2);
+    let still_old = authority.issue(req(csr.clone(), op())).await.unwrap();
+    assert_eq!(still_old.issuer_id, first.id.to_string());
+
+    // Scheduled for ten minutes from now: nothing changes until then.
+    let at = start + Duration::from_secs(600);
+    sigil_authority::issuers::activate(&store, next.id.as_str(), Some(at), "operator:test", start)
+        .await
+        .unwrap();
+    assert!(!authority.sync().await.unwrap().rotated);
+    assert_eq!(authority.active_issuer().info().id, first.id);
+    clock.advance(Duration::from_secs(601));
+    let synced = authority.sync().await.unwrap();
+    assert!(synced.rotated, "the scheduled activation happened");
+    assert_eq!(authority.active_issuer().info().id, next.id);
+    let serving: Vec<_> = authority
+        .serving_issuers()
+        .iter()
+        .map(|i| i.info().id.to_string())
+        .collect();
+    assert_eq!(serving, [next.id.to_string(), first.id.to_string()]);
+    let new_leaf = authority.issue(req(csr.clone(), op())).await.unwrap();
+    assert_eq!(new_leaf.issuer_id, next.id.to_string());
+    // The previous issuer still signs CRLs.
+    let crl = authority
+        .publish_crl(
+            first.id.as_str(),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(crl.issuer_id, first.id.to_string());
+
+    // Its last certificate expires; an hour later it retires.
+    clock.advance(Duration::from_secs(3600));
+    let synced = authority.sync().await.unwrap();
+    assert!(
+        !synced.issuers_changed,
+        "within the grace period: still serving"
+    );
+    clock.advance(Duration::from_secs(3600 + 120));
+    let synced = authority.sync().await.unwrap();
+    assert!(synced.issuers_changed && !synced.rotated);
+    assert_eq!(authority.serving_issuers().len(), 1);
+    let row = store.issuer(first.id.as_str()).await.unwrap().unwrap();
+    assert_eq!(row.state, IssuerState::Retired);
+    assert_eq!(authority.trusted_issuers().await.unwrap().len(), 1);
+    let kinds = audit_kinds(&authority).await;
+    for k in [
+        "issuer.staged",
+        "issuer.activation_scheduled",
+        "issuer.activated",
+        "issuer.retired",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing: {kinds:?}");
+    }
+    assert!(store.verify_audit().await.unwrap().first_bad.is_none());
+}

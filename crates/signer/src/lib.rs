@@ -85,6 +85,25 @@ pub mod testing {
             })
         }
 
+        /// Another intermediate under the same root (a rotation's next
+        /// issuer): its certificate and PKCS#8 key.
+        pub fn another_intermediate(
+            &self,
+            now: OffsetDateTime,
+        ) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), crate::Error> {
+            let (key, pkcs8) = SoftwareKey::generate(KeySpec::EcdsaP256)?;
+            let csr = intermediate_csr(&key, parse_subject("CN=Test Issuing CA 2")?)?;
+            let der = sign_intermediate(
+                &self.root,
+                &CaRequest::parse(&csr)?,
+                &random_serial()?,
+                now,
+                Duration::from_secs(86400 * 365),
+                &IntermediateOptions::default(),
+            )?;
+            Ok((der, pkcs8))
+        }
+
         /// A fresh handle on the intermediate's key.
         pub fn intermediate_key(&self) -> Result<SoftwareKey, crate::Error> {
             SoftwareKey::from_pkcs8(&self.intermediate_pkcs8, "test intermediate")
