@@ -5,7 +5,7 @@
 use crate::{ActiveIssuer, Authority, Error, unix_ms};
 use serde_json::json;
 use sigil_core::IssuerInfo;
-use sigil_signer::SoftwareKey;
+use sigil_signer::CaKey;
 use sigil_store::{AuditEvent, AuditReceipt, Change, IssuerChange, IssuerRow, IssuerState, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ pub const RETIRE_GRACE_SECS: i64 = 3600;
 /// files, passphrases); the authority only asks when an issuer appears.
 pub trait IssuerKeys: Send + Sync {
     /// Loads the key of `issuer`.
-    fn load(&self, issuer: &IssuerRow) -> Result<SoftwareKey, Error>;
+    fn load(&self, issuer: &IssuerRow) -> Result<CaKey, Error>;
 }
 
 /// The issuers this node holds keys for, by state.

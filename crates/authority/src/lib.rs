@@ -20,7 +20,7 @@ use sigil_core::{
     Serial,
 };
 use sigil_policy::{Decision, Policy, Request};
-use sigil_signer::{CaSigner, SoftwareKey};
+use sigil_signer::{CaKey, CaSigner, SoftwareKey};
 use sigil_store::{
     AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewRevocation, SpentToken,
     Store,
@@ -46,7 +46,7 @@ pub struct Settings {
 
 /// The online issuing CA: its signer, per-issuer leaf parts and chain.
 pub struct ActiveIssuer {
-    signer: CaSigner<SoftwareKey>,
+    signer: CaSigner<CaKey>,
     common: LeafCommon,
     /// The issuer certificate and, when known, its parents up to (excluding) the root, PEM.
     chain_pem: String,
@@ -62,8 +62,12 @@ impl std::fmt::Debug for ActiveIssuer {
 
 impl ActiveIssuer {
     /// Pairs the intermediate certificate with its key.
-    pub fn new(cert_der: &[u8], key: SoftwareKey, urls: &CaUrls) -> Result<ActiveIssuer, Error> {
-        let signer = CaSigner::new(cert_der, key)?;
+    pub fn new(
+        cert_der: &[u8],
+        key: impl Into<CaKey>,
+        urls: &CaUrls,
+    ) -> Result<ActiveIssuer, Error> {
+        let signer = CaSigner::new(cert_der, key.into())?;
         if !signer.info().is_ca {
             return Err(Error::Config(
                 "the issuer certificate is not a CA (basicConstraints cA=FALSE)".into(),

@@ -599,15 +599,12 @@ impl TestClock {
 struct MapKeys(std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>);
 
 impl sigil_authority::IssuerKeys for MapKeys {
-    fn load(
-        &self,
-        issuer: &sigil_authority::IssuerRow,
-    ) -> Result<sigil_signer::SoftwareKey, Error> {
+    fn load(&self, issuer: &sigil_authority::IssuerRow) -> Result<sigil_signer::CaKey, Error> {
         let pkcs8 = self
             .0
             .get(&issuer.id)
             .ok_or_else(|| Error::Config(format!("no key for {}", issuer.id)))?;
-        Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?)
+        Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?.into())
     }
 }
 

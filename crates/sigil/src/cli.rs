@@ -200,6 +200,11 @@ pub enum IntermediateCmd {
         /// Path to sigil.toml.
         #[arg(long)]
         config: PathBuf,
+        /// Make the next key in a PKCS#11 token instead of a key file:
+        /// `pkcs11:token=T;object=O?module-path=M` (PIN: pin-source=file:P
+        /// in the URI, SIGIL_PKCS11_PIN_FILE, SIGIL_PKCS11_PIN or a prompt).
+        #[arg(long)]
+        key: Option<String>,
         /// Key type (default: the current intermediate's).
         #[arg(long)]
         key_type: Option<String>,

@@ -378,21 +378,19 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
             out,
         } => {
             let cfg = Config::load(&config)?;
-            let key_path = cfg.resolve(&cfg.ca.intermediate_key);
+            let location = crate::keys::configured(&cfg)?;
             let out = out.unwrap_or_else(|| cfg.resolve(Path::new("intermediate.csr")));
             let spec: KeySpec = key_type.parse()?;
             let subject = parse_subject(&subject)?;
-            if key_path.exists() {
-                bail!(
-                    "{} already exists: the intermediate key is generated once; move it away to start over",
-                    key_path.display()
-                );
-            }
-            let file = cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p));
-            let pass = passphrase::obtain_new(file.as_deref(), KEY_ENV, "intermediate key")?;
-            let csr = new_intermediate_key(&key_path, spec, subject, &pass)?;
+            let key = crate::keys::KeyStore::new(&cfg)?.generate(&location, spec)?;
+            let csr = intermediate_csr(&key, subject)?;
             write_public(&out, &pem("CERTIFICATE REQUEST", &csr))?;
-            println!("intermediate key (encrypted, 0600): {}", key_path.display());
+            match &location {
+                crate::keys::KeyLocation::File(p) => {
+                    println!("intermediate key (encrypted, 0600): {}", p.display())
+                }
+                token => println!("intermediate key (in the token, not extractable): {token}"),
+            }
             println!("CSR: {}", out.display());
             println!(
                 "next: on the offline root host run `sigil root sign --dir ROOT --csr {} --out intermediate.crt`,",
@@ -411,10 +409,11 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
         } => crate::cmd_rotate::install_staged(&config, &cert).await,
         IntermediateCmd::Rotate {
             config,
+            key,
             key_type,
             subject,
             out,
-        } => crate::cmd_rotate::rotate(&config, key_type, subject, out).await,
+        } => crate::cmd_rotate::rotate(&config, key, key_type, subject, out).await,
         IntermediateCmd::Activate {
             config,
             at,
@@ -429,14 +428,7 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
             let cfg = Config::load(&config)?;
             let bytes =
                 std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
-            let pass = key_passphrase(&cfg)?;
-            let info = install(
-                &cfg,
-                &bytes,
-                &pass,
-                &format!("operator:{}", operator_name(None)),
-            )
-            .await?;
+            let info = install(&cfg, &bytes, &format!("operator:{}", operator_name(None))).await?;
             println!("installed issuer {} ({})", info.id, info.subject);
             println!("expires: {}", info.not_after);
             println!(
@@ -466,14 +458,10 @@ pub fn new_intermediate_key(
 
 /// Checks an intermediate certificate (CA, chains to a configured root, matches
 /// the configured key, currently valid), stores it and records the install.
-pub async fn install(
-    cfg: &Config,
-    cert: &[u8],
-    pass: &Passphrase,
-    actor: &str,
-) -> Result<IssuerInfo> {
-    let key_path = cfg.resolve(&cfg.ca.intermediate_key);
-    let (info, root) = check_intermediate(cfg, cert, &key_path, pass)?;
+pub async fn install(cfg: &Config, cert: &[u8], actor: &str) -> Result<IssuerInfo> {
+    let location = crate::keys::configured(cfg)?;
+    let key = crate::keys::KeyStore::new(cfg)?.open(&location)?;
+    let (info, root) = check_intermediate(cfg, cert, &key, &location.to_string())?;
     // Database first: a certificate file never names an issuer the database lacks.
     let store = Store::open(&cfg.database_url()).await?;
     let now = SystemClock.now();
@@ -491,8 +479,8 @@ pub async fn install(
 pub fn check_intermediate(
     cfg: &Config,
     cert: &[u8],
-    key_path: &Path,
-    pass: &Passphrase,
+    key: &sigil_signer::CaKey,
+    key_shown: &str,
 ) -> Result<(IssuerInfo, IssuerInfo)> {
     let info = IssuerInfo::parse(cert).context("not a certificate")?;
     if !info.is_ca {
@@ -530,11 +518,9 @@ pub fn check_intermediate(
             info.not_after
         );
     }
-    let key = read_encrypted_key(key_path, pass)?;
     if key.public_key() != &info.public_key {
         bail!(
-            "certificate does not match the key in {} (was the CSR made from another key?)",
-            key_path.display()
+            "certificate does not match the key in {key_shown} (was the CSR made from another key?)"
         );
     }
     let root = root.clone();

@@ -1,7 +1,7 @@
 //! Operator commands: issue and inspect certificates, audit, policy.
 
 use crate::cli::{AuditCmd, CertCmd, PolicyCmd};
-use crate::cmd_ca::{key_passphrase, operator_name, write_public};
+use crate::cmd_ca::{operator_name, write_public};
 use crate::config::Config;
 use anyhow::{Context, Result};
 use sigil_authority::{Authority, IssueRequest, Settings, pem};
@@ -16,7 +16,6 @@ use std::sync::Arc;
 pub async fn build_authority(cfg: &Config) -> Result<Authority> {
     let policy_dir = cfg.resolve(&cfg.policy.dir);
     let policy = Policy::load_dir(&policy_dir)?;
-    let pass = key_passphrase(cfg)?;
     let urls = CaUrls::new(&cfg.server.public_url);
     let store = Store::open(&cfg.database_url()).await?;
     let settings = Settings {
@@ -25,7 +24,7 @@ pub async fn build_authority(cfg: &Config) -> Result<Authority> {
         urls,
         rate_per_minute: cfg.issuance.rate_per_minute,
     };
-    let keys = Arc::new(crate::cmd_rotate::FileKeys::new(cfg, pass));
+    let keys = Arc::new(crate::keys::KeyStore::new(cfg)?);
     let opened =
         Authority::open(Arc::new(SystemClock), policy, store.clone(), settings, keys).await;
     match opened {

@@ -1,114 +1,50 @@
 //! Intermediate rotation with overlap: `sigil intermediate rotate`,
-//! `install --stage` and `activate`, and where issuer keys are found.
+//! `install --stage` and `activate`.
 //!
-//! The next key lives beside the configured intermediate key as
-//! `intermediate-next.key` until its certificate is staged; then it is renamed
-//! `intermediate-<issuer id>.key` and the database records that name, so every
-//! node sharing the database finds it in its own key directory.
+//! A next key in a file lives in the key directory as `intermediate-next.key`
+//! until its certificate is staged; then it is renamed
+//! `intermediate-<issuer id>.key` and the database records that name, so
+//! every node sharing the database finds it in its own key directory. A next
+//! key in a PKCS#11 token is remembered in `intermediate-next.ref` (its URI)
+//! until staged; the database then records the URI.
 
 use crate::cmd_acme::parse_when;
-use crate::cmd_ca::{
-    check_intermediate, key_passphrase, new_intermediate_key, operator_name, write_public,
-};
+use crate::cmd_ca::{check_intermediate, operator_name, write_public};
 use crate::config::Config;
-use crate::passphrase;
+use crate::keys::{KeyLocation, KeyStore, key_dir, parse_location};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use sigil_authority::{Error as AuthorityError, IssuerKeys, IssuerRow, IssuerState, pem};
+use sigil_authority::{IssuerRow, IssuerState, pem};
 use sigil_core::dn::parse_subject;
 use sigil_core::{Clock, IssuerInfo, KeySpec, SystemClock};
-use sigil_signer::{Passphrase, SoftwareKey, read_encrypted_key};
 use sigil_store::{AcmeWrite, AuditEvent, Change, Store};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const NEXT_KEY: &str = "intermediate-next.key";
-
-/// Where issuer keys are: `ca.intermediate_key` and the files beside it.
-struct KeyPaths {
-    default_key: PathBuf,
-    dir: PathBuf,
-}
-
-impl KeyPaths {
-    fn new(cfg: &Config) -> KeyPaths {
-        let default_key = cfg.resolve(&cfg.ca.intermediate_key);
-        KeyPaths {
-            dir: key_dir(&default_key),
-            default_key,
-        }
-    }
-
-    fn path_of(&self, issuer: &IssuerRow) -> Result<PathBuf, AuthorityError> {
-        match &issuer.key_ref {
-            None => Ok(self.default_key.clone()),
-            Some(name) if valid_key_name(name) => Ok(self.dir.join(name)),
-            Some(name) => Err(AuthorityError::Config(format!(
-                "issuer {} names key '{name}', which is not a file name in the key directory {}",
-                issuer.id,
-                self.dir.display()
-            ))),
-        }
-    }
-
-    fn load(&self, issuer: &IssuerRow, pass: &Passphrase) -> Result<SoftwareKey, AuthorityError> {
-        let path = self.path_of(issuer)?;
-        read_encrypted_key(&path, pass).map_err(|e| {
-            AuthorityError::Config(format!(
-                "key of issuer {} ({}): {e}",
-                issuer.id,
-                path.display()
-            ))
-        })
-    }
-}
-
-/// Loads issuer keys from the key directory with the intermediate passphrase,
-/// which a server keeps for keys staged while it runs.
-pub struct FileKeys {
-    paths: KeyPaths,
-    pass: Passphrase,
-}
-
-impl FileKeys {
-    /// Keys as configured.
-    pub fn new(cfg: &Config, pass: Passphrase) -> FileKeys {
-        FileKeys {
-            paths: KeyPaths::new(cfg),
-            pass,
-        }
-    }
-}
-
-impl IssuerKeys for FileKeys {
-    fn load(&self, issuer: &IssuerRow) -> Result<SoftwareKey, AuthorityError> {
-        self.paths.load(issuer, &self.pass)
-    }
-}
-
-/// Checks that `pass` opens the key of `issuer`.
-fn check_key(cfg: &Config, issuer: &IssuerRow, pass: &Passphrase) -> Result<(), AuthorityError> {
-    KeyPaths::new(cfg).load(issuer, pass).map(|_| ())
-}
-
-fn key_dir(default_key: &Path) -> PathBuf {
-    default_key
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn valid_key_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+const NEXT_REF: &str = "intermediate-next.ref";
 
 fn next_key_path(cfg: &Config) -> PathBuf {
-    key_dir(&cfg.resolve(&cfg.ca.intermediate_key)).join(NEXT_KEY)
+    key_dir(cfg).join(NEXT_KEY)
+}
+
+fn next_ref_path(cfg: &Config) -> PathBuf {
+    key_dir(cfg).join(NEXT_REF)
+}
+
+/// The key a rotation made that no certificate has claimed yet.
+fn pending_key(cfg: &Config) -> Result<Option<KeyLocation>> {
+    let file = next_key_path(cfg);
+    if file.exists() {
+        return Ok(Some(KeyLocation::File(file)));
+    }
+    let marker = next_ref_path(cfg);
+    if marker.exists() {
+        let uri = std::fs::read_to_string(&marker)
+            .with_context(|| format!("cannot read {}", marker.display()))?;
+        return Ok(Some(parse_location(uri.trim(), Path::to_path_buf)?));
+    }
+    Ok(None)
 }
 
 async fn active_issuer(store: &Store) -> Result<Option<IssuerRow>> {
@@ -122,22 +58,71 @@ async fn active_issuer(store: &Store) -> Result<Option<IssuerRow>> {
 /// `sigil intermediate rotate`: the next key and its CSR.
 pub async fn rotate(
     config: &Path,
+    key: Option<String>,
     key_type: Option<String>,
     subject: Option<String>,
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let next = next_key_path(&cfg);
     let out = out.unwrap_or_else(|| cfg.resolve(Path::new("intermediate-next.csr")));
-    if next.exists() {
+    if let Some(pending) = pending_key(&cfg)? {
+        let marker = match &pending {
+            KeyLocation::File(p) => p.clone(),
+            KeyLocation::Token(_) => next_ref_path(&cfg),
+        };
         bail!(
-            "a rotation is already under way: {} exists. Have its CSR signed offline and run \
-             `sigil intermediate install --stage`, or move the key away to start over",
-            next.display()
+            "a rotation is already under way: the key in {pending} has no certificate yet. Have its \
+             CSR signed offline and run `sigil intermediate install --stage`, or remove {} to start over",
+            marker.display()
         );
     }
+    let location = match &key {
+        Some(k) => match parse_location(k, |p| cfg.resolve(p)).context("--key")? {
+            KeyLocation::File(_) => bail!(
+                "--key takes a pkcs11: URI; a file key is always made as {}",
+                next_key_path(&cfg).display()
+            ),
+            token => token,
+        },
+        None => KeyLocation::File(next_key_path(&cfg)),
+    };
     let store = Store::open(&cfg.database_url()).await?;
-    let current = active_issuer(&store).await?;
+    let result = rotate_in(&cfg, &store, &location, key_type, subject, &out).await;
+    store.close().await;
+    result?;
+    if let (KeyLocation::Token(_), Some(uri)) = (&location, &key) {
+        write_public(&next_ref_path(&cfg), &format!("{uri}\n"))?;
+    }
+    match &location {
+        KeyLocation::File(p) => {
+            println!(
+                "next intermediate key (encrypted, 0600, not active): {}",
+                p.display()
+            )
+        }
+        token => println!("next intermediate key (in the token, not active): {token}"),
+    }
+    println!("CSR: {}", out.display());
+    println!(
+        "next: on the offline root host run `sigil root sign --dir ROOT --csr {} --out next.crt`,",
+        out.display()
+    );
+    println!(
+        "      then `sigil intermediate install --config {} --stage --cert next.crt`",
+        config.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rotate_in(
+    cfg: &Config,
+    store: &Store,
+    location: &KeyLocation,
+    key_type: Option<String>,
+    subject: Option<String>,
+    out: &Path,
+) -> Result<()> {
+    let current = active_issuer(store).await?;
     let current_info = current
         .as_ref()
         .map(|r| IssuerInfo::from_der(&r.cert_der))
@@ -159,63 +144,48 @@ pub async fn rotate(
     };
     let dn = parse_subject(&subject_text)
         .with_context(|| format!("subject '{subject_text}': pass --subject \"CN=...,O=...\""))?;
-    let file = cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p));
-    let pass = passphrase::obtain(file.as_deref(), passphrase::KEY_ENV, "intermediate key")?;
+    let keys = KeyStore::new(cfg)?;
     if let Some(r) = &current {
-        // The same passphrase protects every issuer key: prove it is the one
-        // the server uses before making a key only it could open.
-        check_key(&cfg, r, &pass)
-            .context("the passphrase does not open the current intermediate key")?;
+        // The same secrets protect every issuer key: prove they open the
+        // current one before making a key only they could open.
+        let at = keys.location(r)?;
+        keys.open(&at)
+            .with_context(|| format!("cannot open the current intermediate key ({at})"))?;
     }
-    let csr = new_intermediate_key(&next, spec, dn, &pass)?;
-    write_public(&out, &pem("CERTIFICATE REQUEST", &csr))?;
+    let new_key = keys.generate(location, spec)?;
+    let csr = sigil_signer::intermediate_csr(&new_key, dn)?;
+    write_public(out, &pem("CERTIFICATE REQUEST", &csr))?;
     let now = SystemClock.now();
-    let recorded = store
+    store
         .commit(Change::Record(AuditEvent {
             ts_ms: now.unix_timestamp() * 1000,
             kind: "issuer.key_generated".into(),
             actor: format!("operator:{}", operator_name(None)),
-            subject: NEXT_KEY.into(),
+            subject: location.to_string(),
             detail: json!({
                 "key_type": spec.to_string(),
                 "subject": subject_text,
                 "csr_sha256": sigil_core::sha256_hex(&csr),
             }),
         }))
-        .await;
-    store.close().await;
-    recorded?;
-    println!(
-        "next intermediate key (encrypted, 0600, not active): {}",
-        next.display()
-    );
-    println!("CSR: {}", out.display());
-    println!(
-        "next: on the offline root host run `sigil root sign --dir ROOT --csr {} --out next.crt`,",
-        out.display()
-    );
-    println!(
-        "      then `sigil intermediate install --config {} --stage --cert next.crt`",
-        config.display()
-    );
-    Ok(ExitCode::SUCCESS)
+        .await?;
+    Ok(())
 }
 
 /// `sigil intermediate install --stage`: the certificate for the next key.
 pub async fn install_staged(config: &Path, cert: &Path) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let next = next_key_path(&cfg);
-    if !next.exists() {
+    let Some(pending) = pending_key(&cfg)? else {
         bail!(
-            "no key is waiting for a certificate ({} does not exist): start with `sigil intermediate rotate`",
-            next.display()
+            "no key is waiting for a certificate (neither {} nor {} exists): start with `sigil intermediate rotate`",
+            next_key_path(&cfg).display(),
+            next_ref_path(&cfg).display()
         );
-    }
+    };
     let bytes = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
-    let pass = key_passphrase(&cfg)?;
-    let (info, root) = check_intermediate(&cfg, &bytes, &next, &pass)?;
-    let key_name = format!("intermediate-{}.key", info.id);
-    let dest = next.with_file_name(&key_name);
+    let key = KeyStore::new(&cfg)?.open(&pending)?;
+    let (info, root) = check_intermediate(&cfg, &bytes, &key, &pending.to_string())?;
+    drop(key);
     let store = Store::open(&cfg.database_url()).await?;
     if store
         .issuer(info.id.as_str())
@@ -225,25 +195,48 @@ pub async fn install_staged(config: &Path, cert: &Path) -> Result<ExitCode> {
         store.close().await;
         bail!("issuer {} is already installed", info.id);
     }
-    // The key takes its final name before the database names it, so a node
-    // that sees the staged row finds the key.
-    std::fs::rename(&next, &dest)
-        .with_context(|| format!("cannot move {} to {}", next.display(), dest.display()))?;
     let now = SystemClock.now();
     let actor = format!("operator:{}", operator_name(None));
-    let staged = sigil_authority::issuers::stage(&store, &info, key_name, &actor, now).await;
+    let (key_ref, shown) = match &pending {
+        KeyLocation::File(next) => {
+            let key_name = format!("intermediate-{}.key", info.id);
+            let dest = next.with_file_name(&key_name);
+            // The key takes its final name before the database names it, so
+            // a node that sees the staged row finds the key.
+            if let Err(e) = std::fs::rename(next, &dest) {
+                store.close().await;
+                return Err(e).with_context(|| {
+                    format!("cannot move {} to {}", next.display(), dest.display())
+                });
+            }
+            (key_name, dest.display().to_string())
+        }
+        KeyLocation::Token(_) => {
+            let uri = std::fs::read_to_string(next_ref_path(&cfg))?
+                .trim()
+                .to_string();
+            (uri, pending.to_string())
+        }
+    };
+    let staged = sigil_authority::issuers::stage(&store, &info, key_ref.clone(), &actor, now).await;
     store.close().await;
-    if let Err(e) = staged {
-        // Nothing refers to the renamed key: put it back for a retry.
-        let _ = std::fs::rename(&dest, &next);
-        return Err(e.into());
+    match (&staged, &pending) {
+        (Err(_), KeyLocation::File(next)) => {
+            // Nothing refers to the renamed key: put it back for a retry.
+            let _ = std::fs::rename(key_dir(&cfg).join(&key_ref), next);
+        }
+        (Ok(_), KeyLocation::Token(_)) => {
+            let _ = std::fs::remove_file(next_ref_path(&cfg));
+        }
+        _ => {}
     }
+    staged?;
     println!("staged issuer {} ({})", info.id, info.subject);
     println!("chains to:  {}", root.subject);
     println!("expires:    {}", info.not_after);
-    println!("key:        {}", dest.display());
+    println!("key:        {shown}");
     println!(
-        "It is in the trust bundle (/roots.pem, gRPC GetTrustBundle) from now on; nothing issues from it yet."
+        "It is in the trust bundle (/bundle.pem, gRPC GetTrustBundle) from now on; nothing issues from it yet."
     );
     println!(
         "next: `sigil intermediate activate --config {} [--at TIME] [--renew-all-by TIME]`",
@@ -293,7 +286,7 @@ async fn activate_in(
         .collect();
     let target = match staged.as_slice() {
         [one] => *one,
-        [] if next_key_path(cfg).exists() => bail!(
+        [] if pending_key(cfg)?.is_some() => bail!(
             "the next key has no certificate yet: have {} signed offline (`sigil root sign`), \
              then run `sigil intermediate install --stage`",
             cfg.resolve(Path::new("intermediate-next.csr")).display()
@@ -316,7 +309,8 @@ async fn activate_in(
         );
     }
     // The server loads the key when it activates; catch a bad key now.
-    check_key(cfg, target, &key_passphrase(cfg)?)
+    let keys = KeyStore::new(cfg)?;
+    keys.open(&keys.location(target)?)
         .context("the staged issuer's key cannot be loaded")?;
     let actor = format!("operator:{}", operator_name(operator));
     let replaced = rows.iter().find(|r| r.state == IssuerState::Active);

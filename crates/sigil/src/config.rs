@@ -400,10 +400,6 @@ pub fn apply_env(
         }) else {
             continue;
         };
-        // Passphrases have their own variables; never treat them as config.
-        if name.contains("PASSPHRASE") {
-            continue;
-        }
         let entry = table
             .entry(section.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));

@@ -167,7 +167,7 @@ pub async fn ensure(
         },
         &root_pass,
     )?;
-    install(&cfg, &cert, &int_pass, "operator:dev-setup").await?;
+    install(&cfg, &cert, "operator:dev-setup").await?;
     // An initial (empty) ARL, so relying parties can check the whole chain.
     let arl = root_dir.join("arl.der");
     root_crl(

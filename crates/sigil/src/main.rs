@@ -13,6 +13,7 @@ mod config;
 mod dev;
 mod grpc_server;
 mod http;
+mod keys;
 mod passphrase;
 mod reload;
 mod request_id;

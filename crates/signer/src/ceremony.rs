@@ -79,7 +79,10 @@ pub fn self_signed_root(
 
 /// Creates the PKCS#10 request for an intermediate key (subject only; the
 /// extensions are decided by the root ceremony).
-pub fn intermediate_csr(key: &SoftwareKey, subject: DistinguishedName) -> Result<Vec<u8>, Error> {
+pub fn intermediate_csr(
+    key: &impl SigningKey,
+    subject: DistinguishedName,
+) -> Result<Vec<u8>, Error> {
     let mut params = CertificateParams::default();
     params.distinguished_name = subject;
     Ok(params.serialize_request(key)?.der().to_vec())

@@ -28,6 +28,9 @@ pub enum Error {
     /// The certificate does not belong to the key.
     #[error("certificate public key does not match the private key")]
     KeyMismatch,
+    /// A PKCS#11 token or module problem.
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
     /// rcgen refused to build or sign.
     #[error("certificate signing failed: {0}")]
     Rcgen(#[from] rcgen::Error),

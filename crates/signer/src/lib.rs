@@ -8,14 +8,99 @@
 mod ceremony;
 mod error;
 mod keyfile;
+mod pkcs11;
 mod software;
 
 pub use ceremony::{CaSigner, intermediate_csr, self_signed_root, sign_intermediate};
 pub use error::Error;
 pub use keyfile::{Passphrase, read_encrypted_key, write_encrypted_key};
+pub use pkcs11::{Pkcs11Key, Pkcs11Uri};
 pub use software::SoftwareKey;
 
 use sigil_core::Serial;
+
+/// A CA's private key: in software (an encrypted key file) or in a PKCS#11
+/// token. Everything that signs for a CA takes this.
+#[derive(Debug)]
+pub enum CaKey {
+    /// In memory, from an encrypted PKCS#8 file.
+    Software(SoftwareKey),
+    /// In a PKCS#11 token.
+    Pkcs11(Pkcs11Key),
+}
+
+impl From<SoftwareKey> for CaKey {
+    fn from(k: SoftwareKey) -> CaKey {
+        CaKey::Software(k)
+    }
+}
+
+impl From<Pkcs11Key> for CaKey {
+    fn from(k: Pkcs11Key) -> CaKey {
+        CaKey::Pkcs11(k)
+    }
+}
+
+impl CaKey {
+    /// The public half.
+    pub fn public_key(&self) -> &sigil_core::PublicKey {
+        match self {
+            CaKey::Software(k) => k.public_key(),
+            CaKey::Pkcs11(k) => k.public_key(),
+        }
+    }
+
+    /// Signs `msg` (see [`SoftwareKey::sign_bytes`]).
+    pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        match self {
+            CaKey::Software(k) => k.sign_bytes(msg),
+            CaKey::Pkcs11(k) => k.sign_bytes(msg),
+        }
+    }
+
+    /// Signs a probe message and verifies the signature under the public
+    /// key: proves the key (and its token) works before it is relied on.
+    pub fn self_test(&self) -> Result<(), Error> {
+        use aws_lc_rs::signature as sig;
+        let msg = b"sigil key self-test";
+        let signature = self.sign_bytes(msg)?;
+        let public = self.public_key();
+        let alg: &dyn sig::VerificationAlgorithm = match public.key_type() {
+            sigil_core::KeyType::EcdsaP256 => &sig::ECDSA_P256_SHA256_ASN1,
+            sigil_core::KeyType::EcdsaP384 => &sig::ECDSA_P384_SHA384_ASN1,
+            sigil_core::KeyType::Ed25519 => &sig::ED25519,
+            sigil_core::KeyType::Rsa(_) => &sig::RSA_PKCS1_2048_8192_SHA256,
+        };
+        sig::UnparsedPublicKey::new(alg, public.raw())
+            .verify(msg, &signature)
+            .map_err(|_| Error::Crypto("the key's signature does not verify under its public key"))
+    }
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            CaKey::Software(k) => k.der_bytes(),
+            CaKey::Pkcs11(k) => k.der_bytes(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            CaKey::Software(k) => k.algorithm(),
+            CaKey::Pkcs11(k) => k.algorithm(),
+        }
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            CaKey::Software(k) => k.sign(msg),
+            CaKey::Pkcs11(k) => k.sign(msg),
+        }
+    }
+}
 
 /// Draws a fresh 128-bit positive serial from the system CSPRNG.
 pub fn random_serial() -> Result<Serial, Error> {

@@ -127,9 +127,9 @@ impl SoftwareKey {
     }
 }
 
-struct SpkiOnly<'a> {
-    alg: &'static rcgen::SignatureAlgorithm,
-    raw: &'a [u8],
+pub(crate) struct SpkiOnly<'a> {
+    pub(crate) alg: &'static rcgen::SignatureAlgorithm,
+    pub(crate) raw: &'a [u8],
 }
 
 impl rcgen::PublicKeyData for SpkiOnly<'_> {
@@ -174,7 +174,7 @@ impl rcgen::SigningKey for SoftwareKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::SigningKey;
 

@@ -1,0 +1,615 @@
+//! Keys held in a PKCS#11 token (a hardware security module, or SoftHSM),
+//! named by an RFC 7512 URI such as
+//! `pkcs11:token=sigil;object=intermediate?module-path=/usr/lib/softhsm/libsofthsm2.so`.
+//!
+//! The private key never leaves the token: it is generated there
+//! (sensitive, not extractable) and every signature is made there. Digests
+//! are computed here (CKM_ECDSA signs a digest), so any token that offers
+//! plain ECDSA or RSA PKCS#1 v1.5 works.
+
+use crate::Error;
+use crate::software::SpkiOnly;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use sigil_core::{KeySpec, PublicKey};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// DER of the P-256 curve OID (CKA_EC_PARAMS).
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// DER of the P-384 curve OID.
+const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+/// A parsed `pkcs11:` URI (RFC 7512): the token and object, the module to
+/// load, and optionally where the PIN is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Uri {
+    /// Token label.
+    pub token: String,
+    /// Key label (CKA_LABEL), shared by the private and public key objects.
+    pub object: String,
+    /// The PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// A file holding the PIN (`pin-source=file:...`).
+    pub pin_source: Option<PathBuf>,
+}
+
+fn pct_decode(s: &str) -> Result<String, Error> {
+    let bad = || Error::Pkcs11(format!("bad percent-encoding in '{s}'"));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+impl Pkcs11Uri {
+    /// Whether `s` names a PKCS#11 key rather than a file.
+    pub fn is_uri(s: &str) -> bool {
+        s.starts_with("pkcs11:")
+    }
+
+    /// Parses `pkcs11:token=T;object=O[?module-path=M][&pin-source=file:P]`.
+    /// The module defaults to `$SIGIL_PKCS11_MODULE`.
+    pub fn parse(s: &str) -> Result<Pkcs11Uri, Error> {
+        let rest = s
+            .strip_prefix("pkcs11:")
+            .ok_or_else(|| Error::Pkcs11(format!("'{s}' is not a pkcs11: URI (RFC 7512)")))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut token, mut object, mut module, mut pin_source) = (None, None, None, None);
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| Error::Pkcs11(format!("'{attr}' in '{s}' is not name=value")))?;
+            let v = pct_decode(v)?;
+            match k {
+                "token" => token = Some(v),
+                "object" => object = Some(v),
+                // Accepted and checked by the search itself.
+                "type" if v == "private" || v == "public" => {}
+                "manufacturer"
+                | "model"
+                | "serial"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer"
+                | "slot-id"
+                | "id" => {
+                    return Err(Error::Pkcs11(format!(
+                        "'{k}' in '{s}' is not supported: name the key by token and object"
+                    )));
+                }
+                other => {
+                    return Err(Error::Pkcs11(format!(
+                        "unknown attribute '{other}' in '{s}'"
+                    )));
+                }
+            }
+        }
+        for attr in query.split('&').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| Error::Pkcs11(format!("'{attr}' in '{s}' is not name=value")))?;
+            let v = pct_decode(v)?;
+            match k {
+                "module-path" => module = Some(PathBuf::from(v)),
+                "pin-source" => {
+                    let p = v
+                        .strip_prefix("file:")
+                        .unwrap_or(&v)
+                        .trim_start_matches("//");
+                    pin_source = Some(PathBuf::from(p));
+                }
+                "pin-value" => {
+                    return Err(Error::Pkcs11(
+                        "pin-value in a URI would put the PIN in config files and process lists; use pin-source=file:PATH or SIGIL_PKCS11_PIN(_FILE)".into(),
+                    ));
+                }
+                other => {
+                    return Err(Error::Pkcs11(format!(
+                        "unknown query attribute '{other}' in '{s}'"
+                    )));
+                }
+            }
+        }
+        let module = module
+            .or_else(|| std::env::var_os("SIGIL_PKCS11_MODULE").map(PathBuf::from))
+            .ok_or_else(|| {
+                Error::Pkcs11(format!(
+                    "'{s}' names no module: add ?module-path=/path/to/module.so or set SIGIL_PKCS11_MODULE"
+                ))
+            })?;
+        Ok(Pkcs11Uri {
+            token: token.ok_or_else(|| Error::Pkcs11(format!("'{s}' has no token=")))?,
+            object: object.ok_or_else(|| Error::Pkcs11(format!("'{s}' has no object=")))?,
+            module,
+            pin_source,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    P256,
+    P384,
+    Rsa,
+}
+
+/// A private key in a PKCS#11 token. Signing takes a session lock: one
+/// token session signs at a time.
+pub struct Pkcs11Key {
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    kind: Kind,
+    public: PublicKey,
+    raw_public: Vec<u8>,
+    label: String,
+    // Keeps the module loaded for the session's lifetime.
+    _context: Pkcs11,
+}
+
+impl std::fmt::Debug for Pkcs11Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pkcs11Key({})", self.label)
+    }
+}
+
+fn ck(what: &str) -> impl Fn(cryptoki::error::Error) -> Error + '_ {
+    move |e| Error::Pkcs11(format!("{what}: {e}"))
+}
+
+/// Loads the module, finds the token by label and logs in.
+fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session), Error> {
+    let context = Pkcs11::new(&uri.module).map_err(ck(&format!(
+        "cannot load PKCS#11 module {}",
+        uri.module.display()
+    )))?;
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        // Another key in this process already initialized the module.
+        Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => {}
+        Err(e) => return Err(ck("initializing the PKCS#11 module")(e)),
+    }
+    let slot = context
+        .get_slots_with_token()
+        .map_err(ck("listing PKCS#11 slots"))?
+        .into_iter()
+        .find(|s| {
+            context
+                .get_token_info(*s)
+                .is_ok_and(|t| t.label().trim_end() == uri.token)
+        })
+        .ok_or_else(|| Error::Pkcs11(format!("no PKCS#11 token labelled '{}'", uri.token)))?;
+    let session = context
+        .open_rw_session(slot)
+        .map_err(ck("opening a PKCS#11 session"))?;
+    match session.login(UserType::User, Some(&AuthPin::from(pin.to_string()))) {
+        Ok(()) => {}
+        // Login is per token and process: another key's session did it.
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _)) => {
+            return Err(Error::Pkcs11(format!(
+                "wrong PIN for token '{}'",
+                uri.token
+            )));
+        }
+        Err(e) => return Err(ck("logging in to the token")(e)),
+    }
+    Ok((context, session))
+}
+
+fn find(session: &Session, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>, Error> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(ck("searching the token"))?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(Error::Pkcs11(format!(
+            "several objects in the token are labelled '{label}': name the key uniquely"
+        ))),
+    }
+}
+
+/// Strips the DER OCTET STRING that wraps CKA_EC_POINT.
+fn ec_point(der: &[u8]) -> Vec<u8> {
+    match der {
+        [0x04, len, rest @ ..]
+            if usize::from(*len) == rest.len() && rest.first() == Some(&0x04) =>
+        {
+            rest.to_vec()
+        }
+        other => other.to_vec(),
+    }
+}
+
+/// DER INTEGER of an unsigned big-endian value.
+fn der_uint(v: &[u8]) -> Vec<u8> {
+    let start = v
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(v.len().saturating_sub(1));
+    let mut body = v[start..].to_vec();
+    if body.first().is_some_and(|b| b & 0x80 != 0) {
+        body.insert(0, 0);
+    }
+    let mut out = vec![0x02];
+    out.extend(der_len(body.len()));
+    out.extend(body);
+    out
+}
+
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        return vec![n as u8];
+    }
+    let bytes: Vec<u8> = n
+        .to_be_bytes()
+        .into_iter()
+        .skip_while(|b| *b == 0)
+        .collect();
+    let mut out = vec![0x80 | bytes.len() as u8];
+    out.extend(bytes);
+    out
+}
+
+/// ECDSA signature r||s (as PKCS#11 returns it) to the DER X.509 uses.
+fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
+        return Err(Error::Pkcs11(format!(
+            "token returned a {}-byte ECDSA signature",
+            raw.len()
+        )));
+    }
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let body: Vec<u8> = [der_uint(r), der_uint(s)].concat();
+    let mut out = vec![0x30];
+    out.extend(der_len(body.len()));
+    out.extend(body);
+    Ok(out)
+}
+
+impl Pkcs11Key {
+    /// Opens an existing key.
+    pub fn open(uri: &Pkcs11Uri, pin: &str) -> Result<Pkcs11Key, Error> {
+        let (context, session) = login(uri, pin)?;
+        let key = find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.ok_or_else(|| {
+            Error::Pkcs11(format!(
+                "token '{}' has no private key labelled '{}'",
+                uri.token, uri.object
+            ))
+        })?;
+        let public = find(&session, ObjectClass::PUBLIC_KEY, &uri.object)?.ok_or_else(|| {
+            Error::Pkcs11(format!(
+                "token '{}' has no public key labelled '{}' beside the private key",
+                uri.token, uri.object
+            ))
+        })?;
+        Pkcs11Key::assemble(context, session, key, public, &uri.object)
+    }
+
+    /// Generates a key in the token (sensitive, never extractable); refuses
+    /// if the label is taken.
+    pub fn generate(uri: &Pkcs11Uri, spec: KeySpec, pin: &str) -> Result<Pkcs11Key, Error> {
+        let (context, session) = login(uri, pin)?;
+        if find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.is_some() {
+            return Err(Error::Exists(format!(
+                "a key labelled '{}' in token '{}'",
+                uri.object, uri.token
+            )));
+        }
+        let label = Attribute::Label(uri.object.as_bytes().to_vec());
+        let private = vec![
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            label.clone(),
+        ];
+        let (mechanism, public_template) = match spec {
+            KeySpec::EcdsaP256 | KeySpec::EcdsaP384 => (
+                Mechanism::EccKeyPairGen,
+                vec![
+                    Attribute::Token(true),
+                    Attribute::Verify(true),
+                    Attribute::EcParams(
+                        if spec == KeySpec::EcdsaP256 {
+                            P256_PARAMS
+                        } else {
+                            P384_PARAMS
+                        }
+                        .to_vec(),
+                    ),
+                    label,
+                ],
+            ),
+            KeySpec::Rsa3072 | KeySpec::Rsa4096 => (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::Token(true),
+                    Attribute::Verify(true),
+                    Attribute::ModulusBits(cryptoki::types::Ulong::from(
+                        if spec == KeySpec::Rsa3072 { 3072 } else { 4096 },
+                    )),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    label,
+                ],
+            ),
+            KeySpec::Ed25519 => {
+                return Err(Error::Pkcs11(
+                    "Ed25519 keys in PKCS#11 tokens are not supported; use ecdsa-p256, ecdsa-p384 or rsa-3072/4096".into(),
+                ));
+            }
+        };
+        let (public, key) = session
+            .generate_key_pair(&mechanism, &public_template, &private)
+            .map_err(ck("generating a key pair in the token"))?;
+        Pkcs11Key::assemble(context, session, key, public, &uri.object)
+    }
+
+    fn assemble(
+        context: Pkcs11,
+        session: Session,
+        key: ObjectHandle,
+        public_handle: ObjectHandle,
+        label: &str,
+    ) -> Result<Pkcs11Key, Error> {
+        let attrs = session
+            .get_attributes(
+                public_handle,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::EcParams,
+                    AttributeType::EcPoint,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )
+            .map_err(ck("reading the public key"))?;
+        let (mut key_type, mut params, mut point, mut modulus, mut exponent) =
+            (None, None, None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcParams(p) => params = Some(p),
+                Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Modulus(m) => modulus = Some(m),
+                Attribute::PublicExponent(e) => exponent = Some(e),
+                _ => {}
+            }
+        }
+        let (kind, alg, raw_public) = match (key_type, params.as_deref(), point, modulus, exponent)
+        {
+            (Some(KeyType::EC), Some(P256_PARAMS), Some(p), _, _) => {
+                (Kind::P256, &rcgen::PKCS_ECDSA_P256_SHA256, ec_point(&p))
+            }
+            (Some(KeyType::EC), Some(P384_PARAMS), Some(p), _, _) => {
+                (Kind::P384, &rcgen::PKCS_ECDSA_P384_SHA384, ec_point(&p))
+            }
+            (Some(KeyType::RSA), _, _, Some(n), Some(e)) => {
+                let body = [der_uint(&n), der_uint(&e)].concat();
+                let mut der = vec![0x30];
+                der.extend(der_len(body.len()));
+                der.extend(body);
+                (Kind::Rsa, &rcgen::PKCS_RSA_SHA256, der)
+            }
+            _ => {
+                return Err(Error::UnsupportedKey(format!(
+                    "PKCS#11 object '{label}' (only EC P-256/P-384 and RSA keys are supported)"
+                )));
+            }
+        };
+        let spki = SpkiOnly {
+            alg,
+            raw: &raw_public,
+        };
+        let spki_der = rcgen::PublicKeyData::subject_public_key_info(&spki);
+        let public = PublicKey::from_spki_der(&spki_der)
+            .map_err(|e| Error::Pkcs11(format!("the token's public key is unusable: {e}")))?;
+        Ok(Pkcs11Key {
+            session: Mutex::new(session),
+            key,
+            kind,
+            public,
+            raw_public,
+            label: label.to_string(),
+            _context: context,
+        })
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Signs `msg` in the token (ECDSA: DER signature over SHA-256/384;
+    /// RSA: PKCS#1 v1.5 SHA-256).
+    pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        use aws_lc_rs::digest;
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        match self.kind {
+            Kind::P256 | Kind::P384 => {
+                let alg = if matches!(self.kind, Kind::P256) {
+                    &digest::SHA256
+                } else {
+                    &digest::SHA384
+                };
+                let hash = digest::digest(alg, msg);
+                let raw = session
+                    .sign(&Mechanism::Ecdsa, self.key, hash.as_ref())
+                    .map_err(ck("signing in the token"))?;
+                ecdsa_der(&raw)
+            }
+            Kind::Rsa => session
+                .sign(&Mechanism::Sha256RsaPkcs, self.key, msg)
+                .map_err(ck("signing in the token")),
+        }
+    }
+}
+
+impl rcgen::PublicKeyData for Pkcs11Key {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw_public
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self.kind {
+            Kind::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Kind::P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            Kind::Rsa => &rcgen::PKCS_RSA_SHA256,
+        }
+    }
+}
+
+impl rcgen::SigningKey for Pkcs11Key {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        // rcgen has no room for the cause; the token is checked at startup
+        // (a test signature), so a failure here is the token going away.
+        self.sign_bytes(msg)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_and_refuse_what_they_should() {
+        let u = Pkcs11Uri::parse(
+            "pkcs11:token=sigil%20ca;object=intermediate;type=private?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/sigil/pin",
+        )
+        .unwrap();
+        assert_eq!(u.token, "sigil ca");
+        assert_eq!(u.object, "intermediate");
+        assert_eq!(u.module, PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(u.pin_source, Some(PathBuf::from("/etc/sigil/pin")));
+        for (bad, why) in [
+            ("file.key", "not a pkcs11"),
+            ("pkcs11:object=x?module-path=/m.so", "no token"),
+            ("pkcs11:token=t?module-path=/m.so", "no object"),
+            (
+                "pkcs11:token=t;object=o?module-path=/m.so&pin-value=1234",
+                "pin-value",
+            ),
+            (
+                "pkcs11:token=t;object=o;colour=red?module-path=/m.so",
+                "unknown attribute",
+            ),
+            ("pkcs11:token=t%zz;object=o?module-path=/m.so", "percent"),
+        ] {
+            let e = Pkcs11Uri::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    /// A fresh SoftHSM token for this test, when the environment provides
+    /// SoftHSM (`SOFTHSM2_CONF`, set by scripts/test): its URI base and PIN.
+    pub(crate) fn softhsm_token(name: &str) -> Option<(String, String)> {
+        let module = std::env::var("SIGIL_TEST_PKCS11_MODULE")
+            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
+        let ready =
+            std::env::var_os("SOFTHSM2_CONF").is_some() && std::path::Path::new(&module).exists();
+        if !ready {
+            assert!(
+                std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "SIGIL_REQUIRE_EXTERNAL=1 but SoftHSM is not set up (SOFTHSM2_CONF, {module})"
+            );
+            eprintln!("SoftHSM not set up: skipped");
+            return None;
+        }
+        let mut tag = [0u8; 6];
+        crate::random_bytes(&mut tag).unwrap();
+        let label = format!(
+            "{name}-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let pin = "4711-2342".to_string();
+        let out = std::process::Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &label,
+                "--pin",
+                &pin,
+                "--so-pin",
+                "so-pin-0815",
+            ])
+            .output()
+            .expect("softhsm2-util");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some((format!("pkcs11:token={label}"), module))
+            .map(|(base, module)| (format!("{base};object=OBJ?module-path={module}"), pin))
+    }
+
+    /// The same conformance suite as software keys, against keys made in a
+    /// SoftHSM token; a reopened key signs too, a wrong PIN is refused, and
+    /// a label is never overwritten.
+    #[test]
+    fn softhsm_keys_pass_conformance() {
+        let Some((uri_template, pin)) = softhsm_token("conformance") else {
+            return;
+        };
+        for (spec, object) in [
+            (KeySpec::EcdsaP256, "p256"),
+            (KeySpec::EcdsaP384, "p384"),
+            (KeySpec::Rsa3072, "rsa3072"),
+        ] {
+            let uri = Pkcs11Uri::parse(&uri_template.replace("OBJ", object)).unwrap();
+            let key = Pkcs11Key::generate(&uri, spec, &pin).unwrap();
+            crate::software::tests::conformance(&key, key.public_key());
+            let again = Pkcs11Key::open(&uri, &pin).unwrap();
+            assert_eq!(again.public_key(), key.public_key());
+            crate::software::tests::conformance(&again, again.public_key());
+            let dup = Pkcs11Key::generate(&uri, spec, &pin)
+                .unwrap_err()
+                .to_string();
+            assert!(dup.contains("already exists"), "{dup}");
+            assert!(!format!("{key:?}").contains(&pin));
+        }
+        let uri = Pkcs11Uri::parse(&uri_template.replace("OBJ", "p256")).unwrap();
+        let e = Pkcs11Key::open(&uri, "wrong-pin").unwrap_err().to_string();
+        assert!(e.contains("wrong PIN"), "{e}");
+        let missing = Pkcs11Uri::parse(&uri_template.replace("OBJ", "nothing")).unwrap();
+        let e = Pkcs11Key::open(&missing, &pin).unwrap_err().to_string();
+        assert!(e.contains("no private key labelled 'nothing'"), "{e}");
+        let ed = Pkcs11Uri::parse(&uri_template.replace("OBJ", "ed")).unwrap();
+        assert!(Pkcs11Key::generate(&ed, KeySpec::Ed25519, &pin).is_err());
+    }
+
+    #[test]
+    fn ecdsa_signatures_become_der() {
+        let raw = [[0x80u8; 32], [0x01u8; 32]].concat();
+        let der = ecdsa_der(&raw).unwrap();
+        // SEQUENCE { INTEGER 00 80.. (33 bytes), INTEGER 01.. (32 bytes) }
+        assert_eq!(der[0], 0x30);
+        assert_eq!(&der[2..5], &[0x02, 33, 0x00]);
+        assert!(ecdsa_der(&[1, 2, 3]).is_err());
+    }
+}
