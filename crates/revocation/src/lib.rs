@@ -201,6 +201,7 @@ impl Revocation {
     /// Caches the newest stored CRL of every serving issuer (published by
     /// the node holding the job lock).
     async fn load_stored(&self) {
+        self.forget_retired();
         for issuer in self.authority.serving_issuers() {
             let id = issuer.info().id.to_string();
             match self.authority.latest_crl(&id).await {
@@ -232,6 +233,7 @@ impl Revocation {
     async fn publish_all(&self) -> Result<Published, sigil_authority::Error> {
         let mut soonest: Option<Published> = None;
         let mut failed = None;
+        self.forget_retired();
         for issuer in self.authority.serving_issuers() {
             match self.publish(issuer.info().id.as_str()).await {
                 Ok(p) => {
@@ -268,6 +270,14 @@ impl Revocation {
         write(&self.crls).insert(id.clone(), p.clone());
         tracing::info!(issuer = %id, number, "published CRL");
         Ok(p)
+    }
+
+    /// Drops cached CRLs of issuers that no longer publish (retired): their
+    /// last CRL is still served from the database, but it no longer counts
+    /// for freshness.
+    fn forget_retired(&self) {
+        let serving = self.authority.serving_issuers();
+        write(&self.crls).retain(|id, _| serving.iter().any(|i| i.info().id.as_str() == id));
     }
 
     /// The CRLs this node published, per issuer.

@@ -358,9 +358,15 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     const LATENCY: [f64; 12] = [
         0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
     ];
+    // Gauges set at scrape time for things that can go away (a retired
+    // issuer's CRL and expiry) vanish when no longer set.
     let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&LATENCY)
-        .ok()?;
+        .ok()?
+        .idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(std::time::Duration::from_secs(600)),
+        );
     match builder.install_recorder() {
         Ok(h) => {
             // Histogram samples queue until drained; drain them even when
