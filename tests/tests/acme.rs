@@ -2208,3 +2208,207 @@ fn crl_lists(port: u16, issuer: &str, serial: &str) -> bool {
     crl.iter_revoked_certificates()
         .any(|r| hex_bytes(r.raw_serial()).trim_start_matches("00") == serial)
 }
+
+/// Root rotation: a new root, cross-signed both ways offline; the CA's
+/// intermediate rotated onto the new root. ACME serves the default chain
+/// (to the new root) and, by Link rel="alternate", a chain through the
+/// cross-certificate that clients trusting only the old root accept; the
+/// bundle carries both roots' cross-certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
+    let ca = Acme::start(&[]).await;
+    let data = ca.data.clone();
+    let d = |n: &str| data.join(n).display().to_string();
+    let cfg = d("sigil.toml");
+    let old_root = d("DEV-ONLY-root");
+    let old_pass = d("DEV-ONLY-root/passphrase");
+    let new_root = d("new-root");
+    let env = [("SIGIL_ROOT_PASSPHRASE", "the new root's passphrase")];
+    tokio::task::block_in_place(|| {
+        ok(sigil_env(
+            &[
+                "root",
+                "init",
+                "--dir",
+                &new_root,
+                "--key-type",
+                "ecdsa-p384",
+                "--subject",
+                "CN=Corp Root CA 2,O=Corp",
+            ],
+            &env,
+        ));
+        // Offline: each root certifies the other's key.
+        ok(sigil(&[
+            "root",
+            "cross-sign",
+            "--dir",
+            &old_root,
+            "--cert",
+            &d("new-root/root.crt"),
+            "--out",
+            &d("new-by-old.crt"),
+            "--passphrase-file",
+            &old_pass,
+        ]));
+        ok(sigil_env(
+            &[
+                "root",
+                "cross-sign",
+                "--dir",
+                &new_root,
+                "--cert",
+                &d("DEV-ONLY-root/root.crt"),
+                "--out",
+                &d("old-by-new.crt"),
+            ],
+            &env,
+        ));
+        // Not yet configured: refused.
+        let err = fails(sigil(&[
+            "cross-cert",
+            "install",
+            "--config",
+            &cfg,
+            "--cert",
+            &d("new-by-old.crt"),
+        ]));
+        assert!(err.contains("list both roots in ca.roots"), "{err}");
+        // Both roots configured (the overlap), both cross-certificates installed.
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let text = text.replacen(
+            "roots = [\"DEV-ONLY-root/root.crt\"]",
+            "roots = [\"DEV-ONLY-root/root.crt\", \"new-root/root.crt\"]",
+            1,
+        );
+        assert!(text.contains("new-root/root.crt"), "{text}");
+        std::fs::write(&cfg, text).unwrap();
+        for c in ["new-by-old.crt", "old-by-new.crt"] {
+            ok(sigil(&[
+                "cross-cert",
+                "install",
+                "--config",
+                &cfg,
+                "--cert",
+                &d(c),
+            ]));
+        }
+        // The intermediate moves to the new root (rotation with overlap).
+        ok(sigil(&["intermediate", "rotate", "--config", &cfg]));
+        ok(sigil_env(
+            &[
+                "root",
+                "sign",
+                "--dir",
+                &new_root,
+                "--csr",
+                &d("intermediate-next.csr"),
+                "--out",
+                &d("next.crt"),
+            ],
+            &env,
+        ));
+        ok(sigil(&[
+            "intermediate",
+            "install",
+            "--config",
+            &cfg,
+            "--stage",
+            "--cert",
+            &d("next.crt"),
+        ]));
+        ok(sigil(&["intermediate", "activate", "--config", &cfg]));
+    });
+    let next_pem = std::fs::read_to_string(d("next.crt")).unwrap();
+    let bundle = String::from_utf8(http_get(ca.server.port, "/bundle.pem").unwrap().1).unwrap();
+    for c in ["new-by-old.crt", "old-by-new.crt", "next.crt"] {
+        let pem = std::fs::read_to_string(d(c)).unwrap();
+        assert!(bundle.contains(pem.trim()), "{c} missing from /bundle.pem");
+    }
+
+    // Wait for the server to follow the activation, then order.
+    let raw = Raw::register(&ca).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (chain, rsp) = loop {
+        let name = "rotated-root.localhost";
+        let (order, url) = raw.ready_order(&ca, &[name]).await;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = b64(csr_der(&[name], &key));
+        raw.post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": csr})),
+        )
+        .await
+        .expect_ok();
+        let done = raw.post(&url, None).await.expect_ok().json();
+        let rsp = raw
+            .post(done["certificate"].as_str().unwrap(), None)
+            .await
+            .expect_ok();
+        let chain = String::from_utf8_lossy(&rsp.body).into_owned();
+        if chain.contains(next_pem.trim()) {
+            break (chain, rsp);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still issuing from the old intermediate"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let links: Vec<String> = rsp
+        .headers
+        .get_all("link")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| v.contains("rel=\"alternate\""))
+        .map(|v| {
+            v.trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(links.len(), 1, "{}", rsp.show());
+    let alt = raw.post(&links[0], None).await.expect_ok();
+    let alt_chain = String::from_utf8_lossy(&alt.body).into_owned();
+    assert!(alt_chain.contains(next_pem.trim()));
+    let cross = std::fs::read_to_string(d("new-by-old.crt")).unwrap();
+    assert!(
+        alt_chain.contains(cross.trim()),
+        "the alternate chain ends in the cross-certificate"
+    );
+
+    // openssl: the default chain verifies against the new root only; the
+    // alternate one against the old root only.
+    let verify = |chain: &str, root: &str, tag: &str| {
+        let blocks = pem_blocks(chain);
+        let leaf = data.join(format!("{tag}-leaf.pem"));
+        let rest = data.join(format!("{tag}-rest.pem"));
+        std::fs::write(&leaf, &blocks[0]).unwrap();
+        std::fs::write(&rest, blocks[1..].concat()).unwrap();
+        run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                root,
+                "-untrusted",
+                &rest.display().to_string(),
+                &leaf.display().to_string(),
+            ],
+        )
+        .status
+        .success()
+    };
+    let (old_root_crt, new_root_crt) = (d("DEV-ONLY-root/root.crt"), d("new-root/root.crt"));
+    assert!(verify(&chain, &new_root_crt, "default-new"));
+    assert!(
+        !verify(&chain, &old_root_crt, "default-old"),
+        "default chain needs the new root"
+    );
+    assert!(
+        verify(&alt_chain, &old_root_crt, "alt-old"),
+        "alternate chain reaches the old root"
+    );
+}

@@ -1078,33 +1078,81 @@ pub async fn certificate(
     headers: HeaderMap,
     body: Body,
 ) -> Reply {
-    let req = acme
-        .authenticate(
-            &format!("/acme/cert/{serial}"),
-            &headers,
-            body,
-            Signer::Account,
-        )
-        .await?;
-    let account = req.account()?;
-    let row = acme
-        .authority
-        .store()
-        .certificate(&serial)
-        .await?
-        .filter(|r| r.requester == account.requester)
-        .ok_or_else(|| Problem::not_found(format!("no certificate {serial} for this account")))?;
+    let path = format!("/acme/cert/{serial}");
+    let row = owned_certificate(&acme, &path, &serial, &headers, body).await?;
     let chain = acme
         .authority
         .chain_pem(&row)
         .await
         .map_err(authority_problem)?;
+    let alternates = acme
+        .authority
+        .alternate_chains(&row)
+        .await
+        .map_err(authority_problem)?;
+    let mut resp = pem_chain(chain);
+    // RFC 8555 §7.4.2: other chains to other roots, by Link rel="alternate".
+    for n in 0..alternates.len() {
+        let link = format!(
+            "<{}>;rel=\"alternate\"",
+            acme.url(&format!("{path}/alt/{n}"))
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().append(header::LINK, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// An alternate chain of a certificate (see [`certificate`]).
+pub async fn alternate_certificate(
+    State(acme): St,
+    Path((serial, n)): Path<(String, usize)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Reply {
+    let path = format!("/acme/cert/{serial}/alt/{n}");
+    let row = owned_certificate(&acme, &path, &serial, &headers, body).await?;
+    let chain = acme
+        .authority
+        .alternate_chains(&row)
+        .await
+        .map_err(authority_problem)?
+        .into_iter()
+        .nth(n)
+        .ok_or_else(|| {
+            Problem::not_found(format!("certificate {serial} has no alternate chain {n}"))
+        })?;
+    Ok(pem_chain(chain))
+}
+
+/// The certificate `serial`, if the authenticated account's requester got it.
+async fn owned_certificate(
+    acme: &Acme,
+    path: &str,
+    serial: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<sigil_store::CertificateRow, Problem> {
+    let req = acme
+        .authenticate(path, headers, body, Signer::Account)
+        .await?;
+    let account = req.account()?;
+    acme.authority
+        .store()
+        .certificate(serial)
+        .await?
+        .filter(|r| r.requester == account.requester)
+        .ok_or_else(|| Problem::not_found(format!("no certificate {serial} for this account")))
+}
+
+fn pem_chain(chain: String) -> Response {
     let mut resp = (StatusCode::OK, chain).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/pem-certificate-chain"),
     );
-    Ok(resp)
+    resp
 }
 
 #[derive(Deserialize)]

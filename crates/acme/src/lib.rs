@@ -371,6 +371,10 @@ pub fn router(acme: Arc<Acme>) -> Router {
         .route("/acme/authz/{id}", post(h::authz))
         .route("/acme/chall/{authz}/{kind}", post(h::challenge))
         .route("/acme/cert/{serial}", post(h::certificate))
+        .route(
+            "/acme/cert/{serial}/alt/{n}",
+            post(h::alternate_certificate),
+        )
         .route("/acme/revoke-cert", post(h::revoke_cert))
         .route("/acme/renewal-info/{id}", get(h::renewal_info))
         .layer(axum::middleware::from_fn_with_state(

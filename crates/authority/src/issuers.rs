@@ -6,7 +6,9 @@ use crate::{ActiveIssuer, Authority, Error, unix_ms};
 use serde_json::json;
 use sigil_core::IssuerInfo;
 use sigil_signer::CaKey;
-use sigil_store::{AuditEvent, AuditReceipt, Change, IssuerChange, IssuerRow, IssuerState, Store};
+use sigil_store::{
+    AuditEvent, AuditReceipt, CertificateRow, Change, IssuerChange, IssuerRow, IssuerState, Store,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -162,6 +164,37 @@ pub async fn stage(
         })
 }
 
+/// Records a cross-certificate between two roots (audited
+/// `root.cross_cert_installed`); the caller has checked it against the
+/// configured roots.
+pub async fn install_cross(
+    store: &Store,
+    info: &IssuerInfo,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<AuditReceipt, Error> {
+    let id = sigil_core::sha256_hex(&info.der);
+    Ok(store
+        .commit(Change::Issuer {
+            change: IssuerChange::CrossCert {
+                id: id.clone(),
+                der: info.der.clone(),
+                subject: info.subject.clone(),
+                issuer: info.issuer.clone(),
+                not_after: info.not_after.unix_timestamp(),
+                at: now.unix_timestamp(),
+            },
+            event: event(
+                "root.cross_cert_installed",
+                actor,
+                &id,
+                now,
+                cert_detail(info),
+            ),
+        })
+        .await?)
+}
+
 /// Makes the staged issuer `id` take over issuance now (the active one
 /// becomes previous), or schedules it for `at`. Audited
 /// `issuer.activated` / `issuer.activation_scheduled`.
@@ -250,6 +283,43 @@ impl Authority {
     /// Loaded issuers with their states.
     pub fn issuer_states(&self) -> Vec<(IssuerState, Arc<ActiveIssuer>)> {
         crate::read(&self.issuers).all.clone()
+    }
+
+    /// Installed cross-certificates between roots that have not expired.
+    pub async fn cross_certs(&self) -> Result<Vec<Vec<u8>>, Error> {
+        Ok(self
+            .store
+            .cross_certs(self.clock.now().unix_timestamp())
+            .await?)
+    }
+
+    /// Chains for a stored certificate other than the default one, each
+    /// ending in a cross-certificate (leaf, issuer, cross-certificate; PEM):
+    /// for clients that trust only the root that cross-signed the issuer's
+    /// root.
+    pub async fn alternate_chains(&self, row: &CertificateRow) -> Result<Vec<String>, Error> {
+        let issuer_der = match self.loaded_issuer(&row.issuer_id) {
+            Some(i) => i.info().der.clone(),
+            None => match self.store.issuer(&row.issuer_id).await? {
+                Some(r) => r.cert_der,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let mut chains = Vec::new();
+        for cross in self.cross_certs().await? {
+            let Ok(info) = IssuerInfo::from_der(&cross) else {
+                continue;
+            };
+            if sigil_core::template::verify_issued_by(&issuer_der, &info).is_ok() {
+                chains.push(format!(
+                    "{}{}{}",
+                    crate::pem("CERTIFICATE", &row.der),
+                    crate::pem("CERTIFICATE", &issuer_der),
+                    crate::pem("CERTIFICATE", &cross)
+                ));
+            }
+        }
+        Ok(chains)
     }
 
     /// Carries out due lifecycle steps (a scheduled activation, retiring a

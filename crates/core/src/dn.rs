@@ -57,6 +57,15 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, Error> {
     Ok(dn)
 }
 
+/// The subject of a certificate (DER), kept with its string types, e.g. to
+/// certify the same name again (a cross-certificate).
+pub fn subject_of_certificate(der: &[u8]) -> Result<DistinguishedName, Error> {
+    use ::der::Decode;
+    let cert =
+        x509_cert::Certificate::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
+    from_x509_name(cert.tbs_certificate().subject())
+}
+
 /// Converts a parsed X.509 name (e.g. from an intermediate's CSR) to rcgen's form,
 /// keeping each value's string type.
 pub fn from_x509_name(name: &x509_cert::name::Name) -> Result<DistinguishedName, Error> {

@@ -393,7 +393,10 @@ impl CertificateAuthority for CaService {
         &self,
         _req: Request<TrustBundleRequest>,
     ) -> Result<Response<TrustBundle>, Status> {
-        let issuers = self.authority.trusted_issuers().await.map_err(status)?;
+        let mut issuers = self.authority.trusted_issuers().await.map_err(status)?;
+        // Cross-certificates between roots: the path to a new root's
+        // intermediates for clients that still trust only the old one.
+        issuers.extend(self.authority.cross_certs().await.map_err(status)?);
         let intermediates_pem = issuers
             .iter()
             .map(|der| sigil_authority::pem("CERTIFICATE", der))

@@ -57,6 +57,9 @@ pub enum Command {
     /// CRLs made elsewhere (the offline root's ARL).
     #[command(subcommand)]
     Crl(CrlCmd),
+    /// Cross-certificates between roots (root rotation).
+    #[command(subcommand)]
+    CrossCert(CrossCertCmd),
     /// ACME: external-account-binding keys and renewal deadlines (ARI).
     #[command(subcommand)]
     Acme(AcmeCmd),
@@ -138,6 +141,27 @@ pub enum RootCmd {
         /// server publishes this root's ARL (`<public_url>/crl/<root-id>.crl`).
         #[arg(long)]
         crl_url: Option<String>,
+    },
+    /// Root rotation: this root certifies another root's key (a
+    /// cross-certificate), so clients trusting only this root accept what
+    /// the other signs. Run it both ways for a full overlap, then install
+    /// the results with `sigil cross-cert install`.
+    CrossSign {
+        /// Directory of the signing root (root.crt, root.key).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The other root's certificate.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the cross-certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity (capped at both roots' expiry), e.g. 2y.
+        #[arg(long, default_value = "2y")]
+        validity: String,
+        /// File with the signing root's passphrase (else SIGIL_ROOT_PASSPHRASE or a prompt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Signs this root's ARL (the CA certificates it has revoked), optionally
     /// adding a revocation first. Publish it with `sigil crl install`.
@@ -296,6 +320,23 @@ pub enum CrlCmd {
         config: PathBuf,
         /// The ARL from `sigil root crl`.
         crl: PathBuf,
+    },
+}
+
+/// `sigil cross-cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CrossCertCmd {
+    /// Checks a cross-certificate from `sigil root cross-sign` against the
+    /// configured roots (both must be listed in ca.roots) and installs it:
+    /// it joins /bundle.pem and GetTrustBundle, and ACME offers chains
+    /// through it as Link rel="alternate".
+    Install {
+        /// Server configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The cross-certificate.
+        #[arg(long)]
+        cert: PathBuf,
     },
 }
 
@@ -475,6 +516,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             operator,
         } => cmd_ops::revoke(&config, &serial, &reason, operator.as_deref()).await,
         Command::Agent(a) => crate::agent::run(a).await,
+        Command::CrossCert(CrossCertCmd::Install { config, cert }) => {
+            cmd_ca::install_cross(&config, &cert).await
+        }
         Command::Backup { config, out } => crate::cmd_status::backup(&config, &out).await,
         Command::Db(DbCmd::Migrate { from, to }) => crate::cmd_status::migrate(&from, &to).await,
         Command::Status {

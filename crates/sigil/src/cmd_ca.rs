@@ -88,6 +88,29 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
             println!("SHA-256 fingerprint: {}", sigil_core::sha256_hex(&der));
             Ok(ExitCode::SUCCESS)
         }
+        RootCmd::CrossSign {
+            dir,
+            cert,
+            out,
+            validity,
+            passphrase_file,
+        } => {
+            let other =
+                std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let pass = passphrase::obtain(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
+            let der = cross_sign(&dir, &other, parse_duration(&validity)?, &pass)?;
+            write_public(&out, &pem("CERTIFICATE", &der))?;
+            let info = IssuerInfo::from_der(&der)?;
+            println!("cross-certificate: {}", out.display());
+            println!("subject: {} (the other root's key)", info.subject);
+            println!("issuer:  {}", info.issuer);
+            println!("expires: {}", info.not_after);
+            println!(
+                "next: `sigil cross-cert install --config sigil.toml --cert {}` on the online host",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         RootCmd::Crl {
             dir,
             out,
@@ -327,6 +350,103 @@ pub fn sign_with_root(
         &pem("CERTIFICATE", &der),
     )?;
     Ok(der)
+}
+
+/// The root in `dir` certifies another root's subject and key: a CA
+/// certificate (pathLen 1, so the other root's intermediates chain through
+/// it) valid no longer than either root.
+pub fn cross_sign(
+    dir: &Path,
+    other_pem: &[u8],
+    validity: Duration,
+    pass: &Passphrase,
+) -> Result<Vec<u8>> {
+    let other = IssuerInfo::parse(other_pem).context("--cert is not a certificate")?;
+    if !other.is_ca || other.subject != other.issuer {
+        bail!(
+            "{} is not a root certificate (self-issued CA)",
+            other.subject
+        );
+    }
+    let root_pem = std::fs::read(dir.join("root.crt"))
+        .with_context(|| format!("no root certificate in {}", dir.display()))?;
+    let root_info = IssuerInfo::parse(&root_pem)?;
+    if root_info.public_key == other.public_key {
+        bail!("a root cannot cross-sign its own key");
+    }
+    let key = read_encrypted_key(&dir.join("root.key"), pass)?;
+    let root = CaSigner::new(&root_info.der, key)?;
+    let now = SystemClock.now();
+    let end = root_info.not_after.min(other.not_after);
+    let room = (end - now - time::Duration::hours(1)).max(time::Duration::ZERO);
+    let validity = validity.min(Duration::try_from(room).unwrap_or(Duration::ZERO));
+    if validity < Duration::from_secs(86400) {
+        bail!("one of the roots expires within a day: nothing to cross-sign for");
+    }
+    let subject = sigil_core::dn::subject_of_certificate(&other.der)?;
+    let request = CaRequest {
+        public_key: other.public_key.clone(),
+        subject,
+        subject_text: other.subject.clone(),
+    };
+    let opts = IntermediateOptions {
+        path_len: 1,
+        ..IntermediateOptions::default()
+    };
+    let serial = random_serial()?;
+    Ok(sign_intermediate(
+        &root, &request, &serial, now, validity, &opts,
+    )?)
+}
+
+/// `sigil cross-cert install`: checks a cross-certificate against the
+/// configured roots and records it.
+pub async fn install_cross(config: &Path, cert: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let bytes = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let info = IssuerInfo::parse(&bytes).context("not a certificate")?;
+    let roots = load_roots(&cfg)?;
+    let signer = roots
+        .iter()
+        .find(|r| verify_issued_by(&info.der, r).is_ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not signed by any configured root (ca.roots)",
+                info.subject
+            )
+        })?;
+    let subject_root = roots
+        .iter()
+        .find(|r| r.public_key == info.public_key && r.subject_der == info.subject_der)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} certifies a key that is not a configured root: list both roots in ca.roots",
+                info.subject
+            )
+        })?;
+    if !info.is_ca {
+        bail!("{} is not a CA certificate", info.subject);
+    }
+    let now = SystemClock.now();
+    if info.not_after <= now {
+        bail!("the cross-certificate expired at {}", info.not_after);
+    }
+    let store = Store::open(&cfg.database_url()).await?;
+    let done = sigil_authority::issuers::install_cross(
+        &store,
+        &info,
+        &format!("operator:{}", operator_name(None)),
+        now,
+    )
+    .await;
+    store.close().await;
+    done?;
+    println!(
+        "installed cross-certificate: {} certified by {}",
+        subject_root.subject, signer.subject
+    );
+    println!("expires: {}", info.not_after);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes a public file (certificate, CSR) atomically: temp file, then rename.

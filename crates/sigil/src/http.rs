@@ -165,7 +165,8 @@ async fn roots_pem(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 /// Roots, then every issuer relying parties should accept now: staged (so
-/// peers trust it before it issues), active, and previous ones. Roots alone
+/// peers trust it before it issues), active, and previous ones, then
+/// cross-certificates between roots (during a root rotation). Roots alone
 /// stay at /roots.pem: trusting an intermediate as an anchor would outlive
 /// its revocation by the root.
 async fn bundle_pem(State(s): State<Arc<HttpState>>) -> Response {
@@ -176,11 +177,19 @@ async fn bundle_pem(State(s): State<Arc<HttpState>>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
         }
     };
+    let cross = match s.authority.cross_certs().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cross-certificate lookup failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
+        }
+    };
     let body: String = s
         .roots
         .iter()
         .map(|r| pem("CERTIFICATE", &r.der))
         .chain(issuers.iter().map(|der| pem("CERTIFICATE", der)))
+        .chain(cross.iter().map(|der| pem("CERTIFICATE", der)))
         .collect();
     (
         [

@@ -155,6 +155,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     (
+        "cross_certs",
+        &[
+            ("id", Text),
+            ("der", Blob),
+            ("subject", Text),
+            ("issuer", Text),
+            ("not_after", Int),
+            ("installed_at", Int),
+        ],
+    ),
+    (
         "acme_renewal_hints",
         &[("scope", Text), ("renew_by", Int), ("set_at", Int)],
     ),

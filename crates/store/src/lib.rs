@@ -197,7 +197,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 6] = match backend {
+    let files: [(i64, &str, &'static str); 7] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -228,6 +228,11 @@ fn migrator(backend: Backend) -> Migrator {
                 6,
                 "issuer_rotation",
                 include_str!("../../../migrations/sqlite/0006_issuer_rotation.sql"),
+            ),
+            (
+                7,
+                "cross_certs",
+                include_str!("../../../migrations/sqlite/0007_cross_certs.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -260,6 +265,11 @@ fn migrator(backend: Backend) -> Migrator {
                 6,
                 "issuer_rotation",
                 include_str!("../../../migrations/postgres/0006_issuer_rotation.sql"),
+            ),
+            (
+                7,
+                "cross_certs",
+                include_str!("../../../migrations/postgres/0007_cross_certs.sql"),
             ),
         ],
     };

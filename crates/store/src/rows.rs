@@ -267,6 +267,19 @@ impl Store {
         Ok(row.try_get("n")?)
     }
 
+    /// Installed cross-certificates (DER) not expired at `now` (unix s).
+    pub async fn cross_certs(&self, now: i64) -> Result<Vec<Vec<u8>>, Error> {
+        let rows = sqlx::query(
+            "SELECT der FROM cross_certs WHERE not_after > $1 ORDER BY installed_at, id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("der").map_err(Error::from))
+            .collect()
+    }
+
     /// One issuer by id.
     pub async fn issuer(&self, id: &str) -> Result<Option<IssuerRow>, Error> {
         let row = sqlx::query(

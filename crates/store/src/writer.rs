@@ -83,6 +83,21 @@ pub enum IssuerChange {
         /// Now (unix s).
         at: i64,
     },
+    /// A cross-certificate between roots was installed.
+    CrossCert {
+        /// SHA-256 of the DER, hex.
+        id: String,
+        /// The certificate.
+        der: Vec<u8>,
+        /// Its subject, text.
+        subject: String,
+        /// Its issuer, text.
+        issuer: String,
+        /// notAfter (unix s).
+        not_after: i64,
+        /// Now (unix s).
+        at: i64,
+    },
     /// A previous issuer whose certificates all expired is retired.
     Retire {
         /// Issuer id.
@@ -470,6 +485,28 @@ async fn issuer_change(
             if done.rows_affected() == 0 {
                 return conflict("staged", id);
             }
+            Ok(())
+        }
+        IssuerChange::CrossCert {
+            id,
+            der,
+            subject,
+            issuer,
+            not_after,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO cross_certs (id, der, subject, issuer, not_after, installed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id.clone())
+            .bind(der.clone())
+            .bind(subject.clone())
+            .bind(issuer.clone())
+            .bind(*not_after)
+            .bind(*at)
+            .execute(&mut **tx)
+            .await?;
             Ok(())
         }
         IssuerChange::Retire { id, at } => {
