@@ -289,3 +289,43 @@ fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
     }
     server.stop();
 }
+
+/// `server.max_connections` (here from SIGIL_SERVER_MAX_CONNECTIONS) caps
+/// open connections: a request waits while two idle connections hold the
+/// slots, and is answered as soon as one closes.
+#[test]
+fn connection_limit_holds_new_connections_until_a_slot_frees() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data"],
+        tmp.path(),
+        &[("SIGIL_SERVER_MAX_CONNECTIONS", "2")],
+    );
+    let addr = format!("127.0.0.1:{}", server.port);
+    let idle1 = std::net::TcpStream::connect(&addr).unwrap();
+    let idle2 = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = third.read(&mut buf);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "answered over the limit: {early:?}"
+    );
+    drop(idle1);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = String::new();
+    third.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    drop(idle2);
+    server.stop();
+}

@@ -20,6 +20,8 @@ pub struct AcmeListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     acme: Arc<Acme>,
+    limit: crate::limits::ConnectionLimit,
+    timeout: Duration,
 }
 
 /// ACME settings from the `[acme]` section.
@@ -46,7 +48,12 @@ pub fn settings(cfg: &AcmeConfig) -> Result<AcmeSettings> {
 
 impl AcmeListener {
     /// Binds, issues the listener certificate and prepares the ACME state.
-    pub async fn start(cfg: &AcmeConfig, authority: Arc<Authority>) -> Result<AcmeListener> {
+    pub async fn start(
+        cfg: &AcmeConfig,
+        authority: Arc<Authority>,
+        limit: crate::limits::ConnectionLimit,
+        timeout: Duration,
+    ) -> Result<AcmeListener> {
         let lifetime = sigil_core::lifetime::parse_duration(&cfg.server_cert_lifetime)
             .context("acme.server_cert_lifetime")?;
         let cert =
@@ -69,6 +76,8 @@ impl AcmeListener {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             acme,
+            limit,
+            timeout,
         })
     }
 
@@ -92,9 +101,18 @@ impl AcmeListener {
                 }
             })
         };
-        let app =
-            sigil_acme::router(self.acme).layer(axum::middleware::from_fn(crate::request_id::http));
-        let result = axum::serve(TlsIncoming { rx, addr }, app)
+        let timeout = self.timeout;
+        let app = sigil_acme::router(self.acme)
+            .layer(axum::middleware::from_fn(move |req, next| {
+                crate::limits::request_timeout(timeout, req, next)
+            }))
+            .layer(axum::middleware::from_fn(crate::request_id::http));
+        let incoming = TlsIncoming {
+            rx,
+            addr,
+            limit: self.limit,
+        };
+        let result = axum::serve(incoming, app)
             .with_graceful_shutdown(shutdown)
             .await;
         accept.abort();
@@ -107,14 +125,31 @@ impl AcmeListener {
 struct TlsIncoming {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     addr: SocketAddr,
+    limit: crate::limits::ConnectionLimit,
 }
 
 impl axum::serve::Listener for TlsIncoming {
-    type Io = TlsStream<TcpStream>;
+    type Io = crate::limits::Limited<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
+        // Over the limit, handshaken connections wait in the channel and
+        // the accept loop stops taking new ones.
+        let rx = &mut self.rx;
+        let mut peer = None;
+        let admitted = self
+            .limit
+            .admit(async {
+                match rx.recv().await {
+                    Some((io, addr)) => {
+                        peer = Some(addr);
+                        Some(io)
+                    }
+                    None => None,
+                }
+            })
+            .await;
+        match admitted.and_then(|l| l.transpose()).zip(peer) {
             Some(c) => c,
             // The accept loop is gone (shutting down): never yield again.
             None => std::future::pending().await,

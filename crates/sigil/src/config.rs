@@ -41,6 +41,21 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Base URL written into certificates (AIA, CRL DP); plain http by RFC practice.
     pub public_url: String,
+    /// Open connections per listener (HTTP, HTTPS); more wait in the backlog.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    /// Longest a request may take on any listener before it is answered
+    /// 503 (HTTP, ACME) or DEADLINE_EXCEEDED (gRPC unary calls).
+    #[serde(default = "request_timeout")]
+    pub request_timeout: String,
+}
+
+fn max_connections() -> usize {
+    10_000
+}
+
+fn request_timeout() -> String {
+    "60s".into()
 }
 
 /// `[database]`
@@ -271,8 +286,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// `server.request_timeout`, parsed.
+    pub fn request_timeout(&self) -> Result<Duration> {
+        let d = sigil_core::lifetime::parse_duration(&self.server.request_timeout)
+            .with_context(|| format!("{}: server.request_timeout", self.path.display()))?;
+        if d < Duration::from_secs(1) {
+            bail!(
+                "{}: server.request_timeout must be at least 1s",
+                self.path.display()
+            );
+        }
+        Ok(d)
+    }
+
     fn validate(&self) -> Result<()> {
         let p = self.path.display();
+        self.request_timeout()?;
+        if self.server.max_connections == 0 {
+            bail!("{p}: server.max_connections must be at least 1");
+        }
         if self.ca.roots.is_empty() {
             bail!("{p}: ca.roots is empty: list the root certificate(s) issuers must chain to");
         }

@@ -120,6 +120,8 @@ pub async fn ensure(
         server: ServerConfig {
             http_addr: addr,
             public_url: format!("http://{addr}"),
+            max_connections: 10_000,
+            request_timeout: "60s".into(),
         },
         database: DatabaseConfig {
             url: "sqlite://sigil.db".into(),

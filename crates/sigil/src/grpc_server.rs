@@ -15,15 +15,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// Longest a unary call may take (a WatchRotation stream is not bounded by it:
-/// the timeout covers producing the response headers).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Everything `serve` needs to run the gRPC listener.
 pub struct GrpcListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     service: CaService,
+    timeout: Duration,
 }
 
 impl GrpcListener {
@@ -34,6 +31,7 @@ impl GrpcListener {
         roots: &[IssuerInfo],
         tokens: TokenVerifier,
         notifier: Notifier,
+        timeout: Duration,
     ) -> Result<GrpcListener> {
         let lifetime = sigil_core::lifetime::parse_duration(&grpc.server_cert_lifetime)?;
         let resolver =
@@ -77,6 +75,9 @@ impl GrpcListener {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             service,
+            // A unary call's deadline; a WatchRotation stream is not cut by
+            // it (the timeout covers producing the response headers).
+            timeout,
         })
     }
 
@@ -96,7 +97,7 @@ impl GrpcListener {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(256)
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(self.timeout)
             .layer(crate::request_id::GrpcLayer)
             .add_service(sigil_grpc::reflection_service()?)
             .add_service(sigil_grpc::server(self.service))

@@ -14,6 +14,7 @@ mod dev;
 mod grpc_server;
 mod http;
 mod keys;
+mod limits;
 mod passphrase;
 mod reload;
 mod request_id;

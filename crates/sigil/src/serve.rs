@@ -168,12 +168,30 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let grpc = match &cfg.grpc {
         Some(g) => {
             let tokens = server_verifier(&cfg, g, || key_passphrase(&cfg))?;
-            Some(GrpcListener::start(g, authority.clone(), &roots, tokens, notifier.clone()).await?)
+            Some(
+                GrpcListener::start(
+                    g,
+                    authority.clone(),
+                    &roots,
+                    tokens,
+                    notifier.clone(),
+                    cfg.request_timeout()?,
+                )
+                .await?,
+            )
         }
         None => None,
     };
     let acme = match &cfg.acme {
-        Some(a) => Some(AcmeListener::start(a, authority.clone()).await?),
+        Some(a) => Some(
+            AcmeListener::start(
+                a,
+                authority.clone(),
+                crate::limits::ConnectionLimit::new(cfg.server.max_connections),
+                cfg.request_timeout()?,
+            )
+            .await?,
+        ),
         None => None,
     };
     let config_abs = config_path.canonicalize().unwrap_or(config_path.clone());
@@ -239,9 +257,17 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let timeout = cfg.request_timeout()?;
     let app = http::router(state)
         .merge(sigil_revocation::router(revocation, responder))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::limits::request_timeout(timeout, req, next)
+        }))
         .layer(axum::middleware::from_fn(crate::request_id::http));
+    let listener = crate::limits::LimitedTcp {
+        listener,
+        limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections),
+    };
     let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
