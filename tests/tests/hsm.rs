@@ -193,6 +193,15 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
         text.contains("Response verify OK") && text.contains("leaf.pem: good"),
         "{text}"
     );
+    // The responder key itself was made in the token.
+    let audit = ok(sigil(&[
+        "audit", "list", "--config", &cfg, "--limit", "100",
+    ]));
+    let row = audit
+        .lines()
+        .find(|l| l.contains("ocsp_signer.issued"))
+        .unwrap_or_else(|| panic!("no responder issued:\n{audit}"));
+    assert!(row.contains("pkcs11"), "{row}");
     // The CRL, signed in the token too, passes openssl's CRL check.
     let id = server
         .log_text()

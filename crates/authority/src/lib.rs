@@ -47,6 +47,9 @@ pub struct Settings {
 /// The online issuing CA: its signer, per-issuer leaf parts and chain.
 pub struct ActiveIssuer {
     signer: CaSigner<CaKey>,
+    /// The token holding the issuer key, if any: its OCSP responder keys
+    /// are made there too.
+    token: Option<sigil_signer::TokenHandle>,
     common: LeafCommon,
     /// The issuer certificate and, when known, its parents up to (excluding) the root, PEM.
     chain_pem: String,
@@ -67,7 +70,9 @@ impl ActiveIssuer {
         key: impl Into<CaKey>,
         urls: &CaUrls,
     ) -> Result<ActiveIssuer, Error> {
-        let signer = CaSigner::new(cert_der, key.into())?;
+        let key = key.into();
+        let token = key.token();
+        let signer = CaSigner::new(cert_der, key)?;
         if !signer.info().is_ca {
             return Err(Error::Config(
                 "the issuer certificate is not a CA (basicConstraints cA=FALSE)".into(),
@@ -78,6 +83,7 @@ impl ActiveIssuer {
             chain_pem: pem("CERTIFICATE", cert_der),
             chain_der: vec![cert_der.to_vec()],
             signer,
+            token,
             common,
         })
     }
@@ -91,7 +97,7 @@ impl ActiveIssuer {
 /// A delegated OCSP responder: its key (held here, usable only to sign) and
 /// its certificate from the active issuer.
 pub struct OcspSigner {
-    key: SoftwareKey,
+    key: CaKey,
     /// The responder certificate, DER.
     pub cert_der: Vec<u8>,
     /// Its issuer's certificate, DER (included in responses for chaining).
@@ -821,7 +827,15 @@ impl Authority {
     ) -> Result<OcspSigner, Error> {
         let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
-        let (key, _pkcs8) = SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?;
+        // With the issuer key in a token, the responder key is made there too
+        // (a session object: it never leaves the token and vanishes with the
+        // process); otherwise in memory.
+        let key: CaKey = match &issuer.token {
+            Some(token) => token.session_key(sigil_core::KeySpec::EcdsaP256)?.into(),
+            None => SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?
+                .0
+                .into(),
+        };
         let serial = sigil_signer::random_serial()?;
         let now = self.clock.now();
         let params = sigil_core::template::ocsp_signer_params(
@@ -841,6 +855,7 @@ impl Authority {
                 "issuer": info.id.as_str(),
                 "not_after": leaf.not_after.unix_timestamp(),
                 "sha256": sigil_core::sha256_hex(&cert_der),
+                "key_store": if issuer.token.is_some() { "pkcs11" } else { "memory" },
             }),
         )
         .await?;

@@ -40,7 +40,7 @@ impl<K: SigningKey> CaSigner<K> {
     pub fn sign_ocsp_signer(
         &self,
         params: &CertificateParams,
-        subject: &SoftwareKey,
+        subject: &impl rcgen::PublicKeyData,
     ) -> Result<Vec<u8>, Error> {
         self.sign_params(params, subject)
     }

@@ -14,7 +14,7 @@ mod software;
 pub use ceremony::{CaSigner, intermediate_csr, self_signed_root, sign_intermediate};
 pub use error::Error;
 pub use keyfile::{Passphrase, read_encrypted_key, write_encrypted_key};
-pub use pkcs11::{Pkcs11Key, Pkcs11Uri};
+pub use pkcs11::{Pkcs11Key, Pkcs11Uri, TokenHandle};
 pub use software::SoftwareKey;
 
 use sigil_core::Serial;
@@ -55,6 +55,14 @@ impl CaKey {
         match self {
             CaKey::Software(k) => k.sign_bytes(msg),
             CaKey::Pkcs11(k) => k.sign_bytes(msg),
+        }
+    }
+
+    /// The token holding this key, if it is in one.
+    pub fn token(&self) -> Option<TokenHandle> {
+        match self {
+            CaKey::Software(_) => None,
+            CaKey::Pkcs11(k) => Some(k.token()),
         }
     }
 

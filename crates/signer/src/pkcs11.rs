@@ -158,8 +158,9 @@ pub struct Pkcs11Key {
     public: PublicKey,
     raw_public: Vec<u8>,
     label: String,
+    slot: cryptoki::slot::Slot,
     // Keeps the module loaded for the session's lifetime.
-    _context: Pkcs11,
+    context: Pkcs11,
 }
 
 impl std::fmt::Debug for Pkcs11Key {
@@ -172,8 +173,109 @@ fn ck(what: &str) -> impl Fn(cryptoki::error::Error) -> Error + '_ {
     move |e| Error::Pkcs11(format!("{what}: {e}"))
 }
 
+/// Generates a key pair in `session`'s token: persistent (`token`) or a
+/// session object that disappears with the session.
+fn generate_pair(
+    session: &Session,
+    spec: KeySpec,
+    label: &str,
+    token: bool,
+) -> Result<(ObjectHandle, ObjectHandle), Error> {
+    let label = Attribute::Label(label.as_bytes().to_vec());
+    let private = vec![
+        Attribute::Token(token),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        label.clone(),
+    ];
+    let (mechanism, public_template) = match spec {
+        KeySpec::EcdsaP256 | KeySpec::EcdsaP384 => (
+            Mechanism::EccKeyPairGen,
+            vec![
+                Attribute::Token(token),
+                Attribute::Verify(true),
+                Attribute::EcParams(
+                    if spec == KeySpec::EcdsaP256 {
+                        P256_PARAMS
+                    } else {
+                        P384_PARAMS
+                    }
+                    .to_vec(),
+                ),
+                label,
+            ],
+        ),
+        KeySpec::Rsa3072 | KeySpec::Rsa4096 => {
+            (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::Token(token),
+                    Attribute::Verify(true),
+                    Attribute::ModulusBits(cryptoki::types::Ulong::from(
+                        if spec == KeySpec::Rsa3072 { 3072 } else { 4096 },
+                    )),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    label,
+                ],
+            )
+        }
+        KeySpec::Ed25519 => {
+            return Err(Error::Pkcs11(
+                "Ed25519 keys in PKCS#11 tokens are not supported; use ecdsa-p256, ecdsa-p384 or rsa-3072/4096".into(),
+            ));
+        }
+    };
+    let (public, key) = session
+        .generate_key_pair(&mechanism, &public_template, &private)
+        .map_err(ck("generating a key pair in the token"))?;
+    Ok((key, public))
+}
+
+/// A token some key of this process is logged in to.
+#[derive(Clone)]
+pub struct TokenHandle {
+    context: Pkcs11,
+    slot: cryptoki::slot::Slot,
+}
+
+impl std::fmt::Debug for TokenHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHandle({})", self.slot)
+    }
+}
+
+impl TokenHandle {
+    /// A short-lived key that lives only as long as the returned handle (a
+    /// session object: never stored in the token, gone when the process
+    /// ends). For delegated OCSP responders of an issuer held in the token.
+    pub fn session_key(&self, spec: KeySpec) -> Result<Pkcs11Key, Error> {
+        // Login state is per token and process: a new session shares it.
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        let mut tag = [0u8; 8];
+        crate::random_bytes(&mut tag)?;
+        let label = format!(
+            "sigil-session-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let (key, public) = generate_pair(&session, spec, &label, false)?;
+        Pkcs11Key::assemble(
+            self.context.clone(),
+            session,
+            self.slot,
+            key,
+            public,
+            &label,
+        )
+    }
+}
+
 /// Loads the module, finds the token by label and logs in.
-fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session), Error> {
+fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session, cryptoki::slot::Slot), Error> {
     let context = Pkcs11::new(&uri.module).map_err(ck(&format!(
         "cannot load PKCS#11 module {}",
         uri.module.display()
@@ -212,7 +314,7 @@ fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session), Error> {
         }
         Err(e) => return Err(ck("logging in to the token")(e)),
     }
-    Ok((context, session))
+    Ok((context, session, slot))
 }
 
 fn find(session: &Session, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>, Error> {
@@ -292,7 +394,7 @@ fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
 impl Pkcs11Key {
     /// Opens an existing key.
     pub fn open(uri: &Pkcs11Uri, pin: &str) -> Result<Pkcs11Key, Error> {
-        let (context, session) = login(uri, pin)?;
+        let (context, session, slot) = login(uri, pin)?;
         let key = find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.ok_or_else(|| {
             Error::Pkcs11(format!(
                 "token '{}' has no private key labelled '{}'",
@@ -305,72 +407,35 @@ impl Pkcs11Key {
                 uri.token, uri.object
             ))
         })?;
-        Pkcs11Key::assemble(context, session, key, public, &uri.object)
+        Pkcs11Key::assemble(context, session, slot, key, public, &uri.object)
     }
 
     /// Generates a key in the token (sensitive, never extractable); refuses
     /// if the label is taken.
     pub fn generate(uri: &Pkcs11Uri, spec: KeySpec, pin: &str) -> Result<Pkcs11Key, Error> {
-        let (context, session) = login(uri, pin)?;
+        let (context, session, slot) = login(uri, pin)?;
         if find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.is_some() {
             return Err(Error::Exists(format!(
                 "a key labelled '{}' in token '{}'",
                 uri.object, uri.token
             )));
         }
-        let label = Attribute::Label(uri.object.as_bytes().to_vec());
-        let private = vec![
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            label.clone(),
-        ];
-        let (mechanism, public_template) = match spec {
-            KeySpec::EcdsaP256 | KeySpec::EcdsaP384 => (
-                Mechanism::EccKeyPairGen,
-                vec![
-                    Attribute::Token(true),
-                    Attribute::Verify(true),
-                    Attribute::EcParams(
-                        if spec == KeySpec::EcdsaP256 {
-                            P256_PARAMS
-                        } else {
-                            P384_PARAMS
-                        }
-                        .to_vec(),
-                    ),
-                    label,
-                ],
-            ),
-            KeySpec::Rsa3072 | KeySpec::Rsa4096 => (
-                Mechanism::RsaPkcsKeyPairGen,
-                vec![
-                    Attribute::Token(true),
-                    Attribute::Verify(true),
-                    Attribute::ModulusBits(cryptoki::types::Ulong::from(
-                        if spec == KeySpec::Rsa3072 { 3072 } else { 4096 },
-                    )),
-                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-                    label,
-                ],
-            ),
-            KeySpec::Ed25519 => {
-                return Err(Error::Pkcs11(
-                    "Ed25519 keys in PKCS#11 tokens are not supported; use ecdsa-p256, ecdsa-p384 or rsa-3072/4096".into(),
-                ));
-            }
-        };
-        let (public, key) = session
-            .generate_key_pair(&mechanism, &public_template, &private)
-            .map_err(ck("generating a key pair in the token"))?;
-        Pkcs11Key::assemble(context, session, key, public, &uri.object)
+        let (key, public) = generate_pair(&session, spec, &uri.object, true)?;
+        Pkcs11Key::assemble(context, session, slot, key, public, &uri.object)
+    }
+
+    /// A handle on this key's token, to make more keys there.
+    pub fn token(&self) -> TokenHandle {
+        TokenHandle {
+            context: self.context.clone(),
+            slot: self.slot,
+        }
     }
 
     fn assemble(
         context: Pkcs11,
         session: Session,
+        slot: cryptoki::slot::Slot,
         key: ObjectHandle,
         public_handle: ObjectHandle,
         label: &str,
@@ -434,7 +499,8 @@ impl Pkcs11Key {
             public,
             raw_public,
             label: label.to_string(),
-            _context: context,
+            slot,
+            context: context,
         })
     }
 
