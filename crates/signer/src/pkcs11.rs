@@ -500,7 +500,7 @@ impl Pkcs11Key {
             raw_public,
             label: label.to_string(),
             slot,
-            context: context,
+            context,
         })
     }
 
