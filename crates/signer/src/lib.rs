@@ -73,13 +73,7 @@ impl CaKey {
         let msg = b"sigil key self-test";
         let signature = self.sign_bytes(msg)?;
         let public = self.public_key();
-        let alg: &dyn sig::VerificationAlgorithm = match public.key_type() {
-            sigil_core::KeyType::EcdsaP256 => &sig::ECDSA_P256_SHA256_ASN1,
-            sigil_core::KeyType::EcdsaP384 => &sig::ECDSA_P384_SHA384_ASN1,
-            sigil_core::KeyType::Ed25519 => &sig::ED25519,
-            sigil_core::KeyType::Rsa(_) => &sig::RSA_PKCS1_2048_8192_SHA256,
-        };
-        sig::UnparsedPublicKey::new(alg, public.raw())
+        sig::UnparsedPublicKey::new(verification_alg(public.key_type()), public.raw())
             .verify(msg, &signature)
             .map_err(|_| Error::Crypto("the key's signature does not verify under its public key"))
     }
@@ -107,6 +101,19 @@ impl rcgen::SigningKey for CaKey {
             CaKey::Software(k) => k.sign(msg),
             CaKey::Pkcs11(k) => k.sign(msg),
         }
+    }
+}
+
+/// How signatures of a key type are verified (the algorithms Sigil signs with).
+pub(crate) fn verification_alg(
+    key_type: sigil_core::KeyType,
+) -> &'static dyn aws_lc_rs::signature::VerificationAlgorithm {
+    use aws_lc_rs::signature as sig;
+    match key_type {
+        sigil_core::KeyType::EcdsaP256 => &sig::ECDSA_P256_SHA256_ASN1,
+        sigil_core::KeyType::EcdsaP384 => &sig::ECDSA_P384_SHA384_ASN1,
+        sigil_core::KeyType::Ed25519 => &sig::ED25519,
+        sigil_core::KeyType::Rsa(_) => &sig::RSA_PKCS1_2048_8192_SHA256,
     }
 }
 

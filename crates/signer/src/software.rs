@@ -184,12 +184,7 @@ pub(crate) mod tests {
     pub(crate) fn conformance(key: &dyn SigningKey, public: &PublicKey) {
         let msg = b"sigil conformance message";
         let signature = key.sign(msg).unwrap();
-        let alg: &dyn sig::VerificationAlgorithm = match public.key_type() {
-            sigil_core::KeyType::EcdsaP256 => &sig::ECDSA_P256_SHA256_ASN1,
-            sigil_core::KeyType::EcdsaP384 => &sig::ECDSA_P384_SHA384_ASN1,
-            sigil_core::KeyType::Ed25519 => &sig::ED25519,
-            sigil_core::KeyType::Rsa(_) => &sig::RSA_PKCS1_2048_8192_SHA256,
-        };
+        let alg = crate::verification_alg(public.key_type());
         sig::UnparsedPublicKey::new(alg, public.raw())
             .verify(msg, &signature)
             .unwrap();
