@@ -258,12 +258,15 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let timeout = cfg.request_timeout()?;
+    // OCSP and CRL routes are merged after the layers, so the hot path skips
+    // them: they write no audit rows, and the responder bounds its own work
+    // (answers from memory, fresh signatures under a concurrency limit).
     let app = http::router(state)
-        .merge(sigil_revocation::router(revocation, responder))
         .layer(axum::middleware::from_fn(move |req, next| {
             crate::limits::request_timeout(timeout, req, next)
         }))
-        .layer(axum::middleware::from_fn(crate::request_id::http));
+        .layer(axum::middleware::from_fn(crate::request_id::http))
+        .merge(sigil_revocation::router(revocation, responder));
     let listener = crate::limits::LimitedTcp {
         listener,
         limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections),
