@@ -1061,3 +1061,56 @@ async fn request_ids_reach_the_audit_log_and_secrets_never_reach_the_log() {
         "the log contains a PEM private key"
     );
 }
+
+/// `[issuance] rate_per_minute` (here 2, from SIGIL_ISSUANCE_RATE_PER_MINUTE)
+/// limits each requester: the third Sign in a minute is RESOURCE_EXHAUSTED
+/// with a retry time, another requester is unaffected, and the refusal is
+/// counted in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().to_path_buf();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data"],
+        &work,
+        &[("SIGIL_ISSUANCE_RATE_PER_MINUTE", "2")],
+    );
+    let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+    let port = server.port;
+    let ca = Ca {
+        config: work.join("data/sigil.toml").display().to_string(),
+        grpc: server.grpc_port.unwrap(),
+        _tmp: tmp,
+        work,
+        server: Some(server),
+        roots,
+    };
+    let mut client = ca.client(None).await;
+    for i in 0..2 {
+        let token = ca.token("busy", &["busy.internal"]);
+        let (_, csr) = key_and_csr(&["busy.internal"]);
+        client
+            .sign(with_token(sign_req(csr), &token))
+            .await
+            .unwrap_or_else(|s| panic!("sign {i}: {s:?}"));
+    }
+    let token = ca.token("busy", &["busy.internal"]);
+    let (_, csr) = key_and_csr(&["busy.internal"]);
+    let s = call_fails(client.sign(with_token(sign_req(csr), &token)).await).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("2 certificates per minute") && s.message().contains("retry in"),
+        "{s:?}"
+    );
+    let token = ca.token("other", &["other.internal"]);
+    let (_, csr) = key_and_csr(&["other.internal"]);
+    client
+        .sign(with_token(sign_req(csr), &token))
+        .await
+        .expect("another requester has its own budget");
+    let metrics = String::from_utf8(http_get(port, "/metrics").unwrap().1).unwrap();
+    assert!(
+        metrics.contains("result=\"rate_limited\""),
+        "refusal not counted:\n{metrics}"
+    );
+}
