@@ -92,6 +92,12 @@ impl ActiveIssuer {
     pub fn info(&self) -> &IssuerInfo {
         self.signer.info()
     }
+
+    /// Whether the key can sign: always for a key in memory; for a token
+    /// key, whether the token is still present.
+    pub fn key_usable(&self) -> bool {
+        self.token.as_ref().is_none_or(sigil_signer::TokenHandle::present)
+    }
 }
 
 /// A delegated OCSP responder: its key (held here, usable only to sign) and

@@ -50,6 +50,12 @@ async fn not_ready(s: &HttpState) -> Vec<String> {
     if issuer.info().not_after <= now {
         why.push(format!("issuing CA {} expired", issuer.info().id));
     }
+    if !issuer.key_usable() {
+        why.push(format!(
+            "the key of issuing CA {} is unusable (its PKCS#11 token is gone)",
+            issuer.info().id
+        ));
+    }
     let t = now.unix_timestamp();
     let crls = s.revocation.published();
     let signers = s.responder.signers();

@@ -247,6 +247,11 @@ impl std::fmt::Debug for TokenHandle {
 }
 
 impl TokenHandle {
+    /// Whether the token is still there (not removed, module answering).
+    pub fn present(&self) -> bool {
+        self.context.get_token_info(self.slot).is_ok()
+    }
+
     /// A short-lived key that lives only as long as the returned handle (a
     /// session object: never stored in the token, gone when the process
     /// ends). For delegated OCSP responders of an issuer held in the token.
