@@ -96,7 +96,9 @@ impl ActiveIssuer {
     /// Whether the key can sign: always for a key in memory; for a token
     /// key, whether the token is still present.
     pub fn key_usable(&self) -> bool {
-        self.token.as_ref().is_none_or(sigil_signer::TokenHandle::present)
+        self.token
+            .as_ref()
+            .is_none_or(sigil_signer::TokenHandle::present)
     }
 }
 

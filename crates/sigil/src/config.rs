@@ -45,7 +45,7 @@ pub struct ServerConfig {
     #[serde(default = "max_connections")]
     pub max_connections: usize,
     /// Longest a request may take on any listener before it is answered
-    /// 503 (HTTP, ACME) or DEADLINE_EXCEEDED (gRPC unary calls).
+    /// 503 (HTTP, ACME) or cancelled (gRPC unary calls: CANCELLED, "Timeout expired").
     #[serde(default = "request_timeout")]
     pub request_timeout: String,
 }

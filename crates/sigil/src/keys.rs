@@ -126,7 +126,7 @@ impl KeyStore {
         }
     }
 
-    /// Opens a key, proving it signs (a token key is self-tested).
+    /// Opens a key and proves it signs (a test signature, verified).
     pub fn open(&self, location: &KeyLocation) -> Result<CaKey> {
         match location {
             KeyLocation::File(path) => self.with_secret(
@@ -138,7 +138,13 @@ impl KeyStore {
                         "intermediate key",
                     )
                 },
-                |pass| Ok(read_encrypted_key(path, pass)?.into()),
+                |pass| {
+                    let key: CaKey = read_encrypted_key(path, pass)?.into();
+                    key.self_test().with_context(|| {
+                        format!("the key in {} failed a test signature", path.display())
+                    })?;
+                    Ok(key)
+                },
             ),
             KeyLocation::Token(uri) => {
                 let key: CaKey = self.with_secret(

@@ -58,7 +58,7 @@ fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Pass
     }
     if !std::io::stdin().is_terminal() {
         bail!(
-            "no passphrase for the {what}: pass --passphrase-file FILE, or set {env}_FILE (a file) or {env}"
+            "no passphrase for the {what}: configure a passphrase file (--passphrase-file, ca.passphrase_file, or pin-source in a pkcs11: URI), or set {env}_FILE (a file) or {env}, or run on a terminal"
         );
     }
     let first = rpassword::prompt_password(format!("Passphrase for the {what}: "))?;
