@@ -1033,7 +1033,15 @@ impl Authority {
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
             .map(|i| i.subject_der)
             .collect();
-        let (issuers_changed, rotated) = self.sync_issuers(issuer_rows).await?;
+        // A staged key this node cannot open must not stop it from seeing
+        // revocations: report, keep the issuers it has, retry next time.
+        let (issuers_changed, rotated) = match self.sync_issuers(issuer_rows).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::error!(error = %e, "following the issuers in the database failed; retrying");
+                (false, false)
+            }
+        };
         let blocked = if !new.is_empty() || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
             Some(self.store.blocked_keys().await?)
         } else {

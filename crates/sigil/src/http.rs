@@ -50,6 +50,24 @@ async fn not_ready(s: &HttpState) -> Vec<String> {
     if issuer.info().not_after <= now {
         why.push(format!("issuing CA {} expired", issuer.info().id));
     }
+    // A node that could not load the issuer the database made active (its
+    // key file is missing here) must not keep issuing from the old one.
+    match s.authority.store().issuers().await {
+        Ok(rows) => {
+            if let Some(active) = rows
+                .iter()
+                .find(|r| r.state == sigil_authority::IssuerState::Active)
+                && active.id != issuer.info().id.as_str()
+            {
+                why.push(format!(
+                    "the active issuer is {} but this node still issues with {} (cannot load its key?)",
+                    active.id,
+                    issuer.info().id
+                ));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "readiness: reading issuers failed"),
+    }
     if !issuer.key_usable() {
         why.push(format!(
             "the key of issuing CA {} is unusable (its PKCS#11 token is gone)",
