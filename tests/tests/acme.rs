@@ -2218,6 +2218,16 @@ fn crl_lists(port: u16, issuer: &str, serial: &str) -> bool {
 async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
     let ca = Acme::start(&[]).await;
     let data = ca.data.clone();
+    // A certificate from the intermediate about to be replaced, to follow its
+    // ARI window through the rotation.
+    let (account, _) = ca.account().await;
+    let old_chain = ca
+        .issue(
+            &account,
+            &NewOrder::new(&[dns("before-rotation.localhost")]),
+        )
+        .await;
+    let old_id = cert_id(&pem_certs(&old_chain)[0]);
     let d = |n: &str| data.join(n).display().to_string();
     let cfg = d("sigil.toml");
     let old_root = d("DEV-ONLY-root");
@@ -2317,8 +2327,33 @@ async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
             "--cert",
             &d("next.crt"),
         ]));
-        ok(sigil(&["intermediate", "activate", "--config", &cfg]));
+        ok(sigil(&[
+            "intermediate",
+            "activate",
+            "--config",
+            &cfg,
+            "--renew-all-by",
+            "30m",
+        ]));
     });
+    // --renew-all-by moved the old issuer's certificates' ARI window to end
+    // within 30 minutes (it ended in the last third of the lifetime).
+    let info = ca
+        .https
+        .get(&format!("{}/{old_id}", ca.url("renewalInfo")))
+        .await
+        .expect_ok()
+        .json();
+    let end = time::OffsetDateTime::parse(
+        info["suggestedWindow"]["end"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let now = sigil_core::Clock::now(&sigil_core::SystemClock);
+    assert!(
+        end <= now + time::Duration::minutes(31),
+        "window not moved: {info}"
+    );
     let next_pem = std::fs::read_to_string(d("next.crt")).unwrap();
     let bundle = String::from_utf8(http_get(ca.server.port, "/bundle.pem").unwrap().1).unwrap();
     for c in ["new-by-old.crt", "old-by-new.crt", "next.crt"] {
