@@ -412,14 +412,34 @@ impl Authority {
         for r in rows.into_iter().filter(|r| r.state != IssuerState::Retired) {
             let issuer = match loaded.get(&r.id) {
                 Some(i) => i.clone(),
-                None => match self.load_issuer(keys.clone(), r.clone()).await {
-                    Ok(i) => Arc::new(i),
-                    Err(e) if r.state == IssuerState::Active => return Err(e),
-                    Err(e) => {
-                        tracing::error!(issuer = %r.id, state = %r.state, error = %e, "cannot load issuer key");
+                None => {
+                    // A key that failed to load is retried once a minute,
+                    // not on every sync (a wrong passphrase costs a KDF run).
+                    let retry_at = crate::read(&self.cache.load_failures).get(&r.id).copied();
+                    if retry_at.is_some_and(|at| t < at) {
+                        if r.state == IssuerState::Active {
+                            return Err(Error::Unavailable(format!(
+                                "the key of active issuer {} could not be loaded; retrying",
+                                r.id
+                            )));
+                        }
                         continue;
                     }
-                },
+                    match self.load_issuer(keys.clone(), r.clone()).await {
+                        Ok(i) => {
+                            crate::write(&self.cache.load_failures).remove(&r.id);
+                            Arc::new(i)
+                        }
+                        Err(e) => {
+                            crate::write(&self.cache.load_failures).insert(r.id.clone(), t + 60);
+                            if r.state == IssuerState::Active {
+                                return Err(e);
+                            }
+                            tracing::error!(issuer = %r.id, state = %r.state, error = %e, "cannot load issuer key; retrying in a minute");
+                            continue;
+                        }
+                    }
+                }
             };
             if r.state == IssuerState::Active {
                 active = Some(issuer.clone());

@@ -299,6 +299,8 @@ struct Cache {
     synced_at_ms: AtomicI64,
     /// When previous issuers were last checked for retirement (unix s).
     retire_checked: AtomicI64,
+    /// Issuers whose key failed to load, and when to try again (unix s).
+    load_failures: RwLock<std::collections::HashMap<String, i64>>,
 }
 
 pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
