@@ -92,13 +92,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         "OCSP responses loaded from the database"
     );
     tokio::spawn(responder.clone().run());
-    tokio::spawn(hold_job_lock(
-        authority.clone(),
-        lease,
-        leader.clone(),
-        revocation.clone(),
-        responder.clone(),
-    ));
+    tokio::spawn(hold_job_lock(authority.clone(), lease, leader.clone()));
     tokio::spawn(crate::reload::watch(
         authority.clone(),
         cfg.resolve(&cfg.policy.dir),
@@ -296,8 +290,6 @@ async fn hold_job_lock(
     authority: Arc<Authority>,
     mut lease: Option<sigil_store::Leadership>,
     leader: Leader,
-    revocation: Arc<Revocation>,
-    responder: Arc<Ocsp>,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -319,14 +311,9 @@ async fn hold_job_lock(
                         "took over the background jobs (CRL publishing, OCSP pre-signing)"
                     );
                     lease = Some(l);
+                    // The CRL publisher and the OCSP pre-signer wake on the
+                    // change and run their jobs at once.
                     leader.set(true);
-                    revocation.revocations_changed();
-                    let r = responder.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = r.refresh().await {
-                            tracing::error!(error = %e, "pre-signing OCSP responses failed");
-                        }
-                    });
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot reach the database for the job lock"),
