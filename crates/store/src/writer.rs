@@ -438,10 +438,31 @@ async fn insert_issuer(
     Ok(())
 }
 
+/// A compare-and-set on one issuer: `sql` binds the id as `$1` and the time
+/// as `$2` and matches only rows in state `from`; no match is a conflict.
+async fn issuer_step(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    sql: &'static str,
+    id: &str,
+    at: i64,
+    from: &str,
+) -> Result<(), Error> {
+    let done = sqlx::query(sql)
+        .bind(id.to_string())
+        .bind(at)
+        .execute(&mut **tx)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::Conflict(format!("issuer {id} is not {from}")));
+    }
+    Ok(())
+}
+
 async fn issuer_change(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     change: &IssuerChange,
 ) -> Result<(), Error> {
+    // The active issuer (other than `id`) becomes previous.
     let demote = |id: String, at: i64| {
         sqlx::query(
             "UPDATE issuers SET status = 'previous', changed_at = $2 WHERE status = 'active' AND id <> $1",
@@ -449,8 +470,6 @@ async fn issuer_change(
         .bind(id)
         .bind(at)
     };
-    let conflict =
-        |what: &str, id: &str| Err(Error::Conflict(format!("issuer {id} is not {what}")));
     match change {
         IssuerChange::Install(issuer) => {
             demote(issuer.id.clone(), issuer.installed_at)
@@ -460,32 +479,26 @@ async fn issuer_change(
         }
         IssuerChange::Stage(issuer) => insert_issuer(tx, issuer, "staged").await,
         IssuerChange::Schedule { id, at } => {
-            let done = sqlx::query(
+            issuer_step(
+                tx,
                 "UPDATE issuers SET activate_at = $2 WHERE id = $1 AND status = 'staged'",
+                id,
+                *at,
+                "staged",
             )
-            .bind(id.clone())
-            .bind(*at)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                return conflict("staged", id);
-            }
-            Ok(())
+            .await
         }
         IssuerChange::Activate { id, at } => {
             demote(id.clone(), *at).execute(&mut **tx).await?;
-            let done = sqlx::query(
+            issuer_step(
+                tx,
                 "UPDATE issuers SET status = 'active', activate_at = NULL, changed_at = $2 \
                  WHERE id = $1 AND status = 'staged'",
+                id,
+                *at,
+                "staged",
             )
-            .bind(id.clone())
-            .bind(*at)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                return conflict("staged", id);
-            }
-            Ok(())
+            .await
         }
         IssuerChange::CrossCert {
             id,
@@ -510,17 +523,14 @@ async fn issuer_change(
             Ok(())
         }
         IssuerChange::Retire { id, at } => {
-            let done = sqlx::query(
+            issuer_step(
+                tx,
                 "UPDATE issuers SET status = 'retired', changed_at = $2 WHERE id = $1 AND status = 'previous'",
+                id,
+                *at,
+                "previous",
             )
-            .bind(id.clone())
-            .bind(*at)
-            .execute(&mut **tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                return conflict("previous", id);
-            }
-            Ok(())
+            .await
         }
     }
 }
