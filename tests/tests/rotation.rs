@@ -207,27 +207,30 @@ fn intermediate_rotation_with_overlap() {
     );
 
     // 2. the offline root signs it; 3. it is staged.
-    ok(sigil(&[
-        "root",
-        "sign",
-        "--dir",
-        &root_dir,
-        "--csr",
-        &csr.display().to_string(),
-        "--out",
-        &p("next.crt"),
-        "--passphrase-file",
-        &root_pass,
-    ]));
-    let out = ok(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("next.crt"),
-    ]));
+    let sign_and_stage = |name: &str| {
+        ok(sigil(&[
+            "root",
+            "sign",
+            "--dir",
+            &root_dir,
+            "--csr",
+            &csr.display().to_string(),
+            "--out",
+            &p(name),
+            "--passphrase-file",
+            &root_pass,
+        ]));
+        ok(sigil(&[
+            "intermediate",
+            "install",
+            "--config",
+            &config,
+            "--stage",
+            "--cert",
+            &p(name),
+        ]))
+    };
+    let out = sign_and_stage("next.crt");
     let second_id = printed_id(&out, "staged issuer ");
     assert!(!key.exists(), "the next key took its final name");
     let next_pem = std::fs::read_to_string(work.join("next.crt")).unwrap();
@@ -386,27 +389,7 @@ fn intermediate_rotation_with_overlap() {
     // A second rotation, activated at a set time: until then the second
     // issuer issues; after it, the third, without touching the server.
     ok(sigil(&["intermediate", "rotate", "--config", &config]));
-    ok(sigil(&[
-        "root",
-        "sign",
-        "--dir",
-        &root_dir,
-        "--csr",
-        &csr.display().to_string(),
-        "--out",
-        &p("third.crt"),
-        "--passphrase-file",
-        &root_pass,
-    ]));
-    let out = ok(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("third.crt"),
-    ]));
+    let out = sign_and_stage("third.crt");
     let third_id = printed_id(&out, "staged issuer ");
     let err = fails(sigil(&[
         "intermediate",
