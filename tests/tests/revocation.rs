@@ -19,9 +19,9 @@ struct Fixture {
     csr: std::path::PathBuf,
 }
 
-fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
-    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let issuer = server
+/// The issuing intermediate's id, from the server banner.
+fn banner_issuer(server: &Server) -> String {
+    server
         .log_text()
         .lines()
         .find_map(|l| l.strip_prefix("issuer:"))
@@ -29,7 +29,12 @@ fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
             l.rsplit_once('(')
                 .map(|(_, id)| id.trim_end_matches(')').to_string())
         })
-        .expect("issuer id in the banner");
+        .expect("issuer id in the banner")
+}
+
+fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let issuer = banner_issuer(&server);
     let config = work.join("data/sigil.toml").display().to_string();
     std::fs::write(
         work.join("root.pem"),
@@ -82,10 +87,10 @@ fn crl_number(crl_pem: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Downloads the CRL (DER) and writes it as PEM for openssl.
-fn fetch_crl(port: u16, issuer: &str, dir: &Path, name: &str) -> std::path::PathBuf {
-    let (status, der) = http_get(port, &format!("/crl/{issuer}.crl")).unwrap();
-    assert_eq!(status, 200);
+/// Downloads the CRL (DER) at `path` and writes it as PEM for openssl.
+fn fetch_crl(port: u16, path: &str, dir: &Path, name: &str) -> std::path::PathBuf {
+    let (status, der) = http_get(port, path).unwrap();
+    assert_eq!(status, 200, "{path}");
     let der_path = dir.join(format!("{name}.der"));
     std::fs::write(&der_path, &der).unwrap();
     let pem = dir.join(format!("{name}.pem"));
@@ -110,6 +115,10 @@ fn fetch_crl(port: u16, issuer: &str, dir: &Path, name: &str) -> std::path::Path
 }
 
 fn verify_with_crl(dir: &Path, crl: &Path) -> (bool, String) {
+    verify_leaf_with_crl(dir, "leaf.pem", crl)
+}
+
+fn verify_leaf_with_crl(dir: &Path, leaf: &str, crl: &Path) -> (bool, String) {
     let out = run(
         "openssl",
         &[
@@ -121,10 +130,184 @@ fn verify_with_crl(dir: &Path, crl: &Path) -> (bool, String) {
             &dir.join("int.pem").display().to_string(),
             "-CRLfile",
             &crl.display().to_string(),
-            &dir.join("leaf.pem").display().to_string(),
+            &dir.join(leaf).display().to_string(),
         ],
     );
     (out.status.success(), text(&out))
+}
+
+/// `openssl <args>` succeeds; its stdout.
+fn openssl_text(args: &[&str]) -> String {
+    let out = run("openssl", args);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// pkilint finds no ERROR or FATAL in a DER CRL.
+fn pkilint_crl_clean(der: &Path) {
+    if !have("lint_crl") {
+        return;
+    }
+    let out = run(
+        "lint_crl",
+        &[
+            "lint",
+            "-t",
+            "CRL",
+            "-p",
+            "PKIX",
+            "-s",
+            "ERROR",
+            &der.display().to_string(),
+        ],
+    );
+    let findings = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        findings.trim().is_empty(),
+        "pkilint findings on {}:\n{findings}\n{}",
+        der.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Time-sharded CRLs: each leaf's CRL DP names its shard, the shard CRL
+/// carries that URL in its IDP, lists only its own certificates, verifies
+/// with `openssl verify -crl_check` and passes pkilint; the full CRL lists
+/// everything.
+#[test]
+fn sharded_crls_name_the_shard_and_list_only_its_certificates() {
+    if !have("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let args = ["--dev", "--data-dir", "data"];
+    let server = Server::start(&args, work, &[]);
+    server.stop();
+    let config = work.join("data/sigil.toml").display().to_string();
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(toml.contains("crl_shards = 0"), "{toml}");
+    let toml = toml
+        .replace("crl_shards = 0", "crl_shards = 4")
+        .replace("crl_shard_width = \"6h\"", "crl_shard_width = \"1h\"");
+    std::fs::write(&config, toml).unwrap();
+    let server = Server::start(&args, work, &[]);
+    let issuer = banner_issuer(&server);
+    std::fs::write(
+        work.join("root.pem"),
+        http_get(server.port, "/roots.pem").unwrap().1,
+    )
+    .unwrap();
+
+    // Two leaves expiring 22 h apart: with 4 one-hour shards they land in
+    // shards two apart.
+    let mut leaves = Vec::new();
+    for (name, lifetime) in [("a", "24h"), ("b", "2h")] {
+        let csr = openssl_csr(
+            work,
+            name,
+            "ec:P-256",
+            &format!("/CN={name}.internal"),
+            &[&format!("DNS:{name}.internal")],
+        );
+        let blocks = pem_blocks(&ok(cert_issue(&config, &csr, &["--lifetime", lifetime])));
+        std::fs::write(work.join(format!("{name}.pem")), &blocks[0]).unwrap();
+        std::fs::write(work.join("int.pem"), blocks[1..].concat()).unwrap();
+        let pem = work.join(format!("{name}.pem")).display().to_string();
+        let dump = openssl_text(&["x509", "-in", &pem, "-noout", "-text", "-serial"]);
+        let prefix = format!("/crl/{issuer}/");
+        let shard: u32 = dump
+            .split(&prefix)
+            .nth(1)
+            .and_then(|rest| rest.split_once(".crl"))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or_else(|| panic!("CDP names a shard of {issuer}: {dump}"));
+        assert!(shard < 4);
+        let serial = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("serial="))
+            .unwrap()
+            .to_uppercase();
+        leaves.push((name, shard, serial));
+    }
+    let (a, b) = (&leaves[0], &leaves[1]);
+    assert_eq!((a.1 + 2) % 4, b.1, "{leaves:?}");
+
+    // Every shard is published, before any revocation.
+    for k in 0..4 {
+        let (status, _) = http_get(server.port, &format!("/crl/{issuer}/{k}.crl")).unwrap();
+        assert_eq!(status, 200, "shard {k}");
+    }
+    assert_eq!(
+        http_get(server.port, &format!("/crl/{issuer}/9999.crl"))
+            .unwrap()
+            .0,
+        404
+    );
+    let shard_a = format!("/crl/{issuer}/{}.crl", a.1);
+    let before = fetch_crl(server.port, &shard_a, work, "shard-before");
+    let (good, out) = verify_leaf_with_crl(work, "a.pem", &before);
+    assert!(good, "{out}");
+    let n_before = crl_number(&before);
+
+    let out = ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &a.2,
+        "--reason",
+        "superseded",
+    ]));
+    assert!(out.contains("revoked"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let c = fetch_crl(server.port, &shard_a, work, "shard-after");
+        if crl_number(&c) != n_before {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shard CRL not regenerated within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (good, out) = verify_leaf_with_crl(work, "a.pem", &after);
+    assert!(!good && out.contains("error 23"), "{out}");
+    let listing = openssl_text(&[
+        "crl",
+        "-in",
+        &after.display().to_string(),
+        "-noout",
+        "-text",
+    ]);
+    assert!(listing.to_uppercase().contains(&a.2), "{listing}");
+    assert!(
+        listing.contains(&format!("{}{shard_a}", "http://")) || listing.contains(&shard_a),
+        "the IDP names the shard URL: {listing}"
+    );
+    pkilint_crl_clean(&work.join("shard-after.der"));
+
+    // The other leaf's shard does not list it, and still verifies b.
+    let shard_b = format!("/crl/{issuer}/{}.crl", b.1);
+    let other = fetch_crl(server.port, &shard_b, work, "shard-b");
+    let listing = openssl_text(&[
+        "crl",
+        "-in",
+        &other.display().to_string(),
+        "-noout",
+        "-text",
+    ]);
+    assert!(!listing.to_uppercase().contains(&a.2), "{listing}");
+    let (good, out) = verify_leaf_with_crl(work, "b.pem", &other);
+    assert!(good, "{out}");
+    pkilint_crl_clean(&work.join("shard-b.der"));
+
+    // The full CRL lists every revocation of the issuer.
+    let full = fetch_crl(server.port, &format!("/crl/{issuer}.crl"), work, "full");
+    let listing = openssl_text(&["crl", "-in", &full.display().to_string(), "-noout", "-text"]);
+    assert!(listing.to_uppercase().contains(&a.2), "{listing}");
+    server.stop();
 }
 
 #[test]
@@ -166,7 +349,8 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
         .to_string();
 
     // Before: the CRL verifies and does not list the certificate.
-    let before = fetch_crl(server.port, &issuer, work, "before");
+    let path = format!("/crl/{issuer}.crl");
+    let before = fetch_crl(server.port, &path, work, "before");
     let (ok_before, out) = verify_with_crl(work, &before);
     assert!(ok_before, "{out}");
     let n_before = crl_number(&before);
@@ -184,7 +368,7 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
     assert!(out.contains("blocked"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
-        let c = fetch_crl(server.port, &issuer, work, "after");
+        let c = fetch_crl(server.port, &path, work, "after");
         if crl_number(&c) != n_before {
             break c;
         }
@@ -223,27 +407,7 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
     assert!(e.contains("keyCompromise"), "{e}");
 
     // pkilint: no ERROR or FATAL on the CRL.
-    if have("lint_crl") {
-        let out = run(
-            "lint_crl",
-            &[
-                "lint",
-                "-t",
-                "CRL",
-                "-p",
-                "PKIX",
-                "-s",
-                "ERROR",
-                &work.join("after.der").display().to_string(),
-            ],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.trim().is_empty(),
-            "pkilint findings on the CRL:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    pkilint_crl_clean(&work.join("after.der"));
     server.stop();
 }
 

@@ -962,62 +962,103 @@ impl Authority {
         Ok(self.store.key_blocked(&fp).await?)
     }
 
-    /// Signs and stores a fresh CRL for a loaded issuer, valid for
-    /// `validity`; entries stay listed until `grace` after their certificate
-    /// expires. The CRL number is taken from the database, so it grows across
-    /// nodes too.
+    /// The newest stored CRL of one time shard of an issuer.
+    pub async fn shard_crl(&self, issuer_id: &str, shard: i64) -> Result<Option<CrlRow>, Error> {
+        Ok(self.store.shard_crl(issuer_id, shard).await?)
+    }
+
+    /// The newest stored CRL of every time shard of an issuer.
+    pub async fn shard_crls(&self, issuer_id: &str) -> Result<Vec<CrlRow>, Error> {
+        Ok(self.store.shard_crls(issuer_id).await?)
+    }
+
+    /// Signs and stores fresh CRLs for a loaded issuer, valid for
+    /// `validity`: its full CRL first, then one per time shard (the shards
+    /// configured now, and any shard a stored certificate names). Entries
+    /// stay listed until `grace` after their certificate expires. CRL
+    /// numbers are taken from the database, so they grow across nodes too.
     pub async fn publish_crl(
         &self,
         issuer_id: &str,
         validity: Duration,
         grace: Duration,
-    ) -> Result<sigil_store::CrlRow, Error> {
+    ) -> Result<Vec<CrlRow>, Error> {
         let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
         let id = info.id.to_string();
         let now = self.clock.now();
         let min_not_after = now.unix_timestamp() - i64::try_from(grace.as_secs()).unwrap_or(0);
-        let entries = self
-            .store
-            .crl_entries(&id, min_not_after)
-            .await?
-            .into_iter()
-            .map(|e| {
-                Ok(sigil_core::crl::CrlEntry {
-                    serial: Serial::parse_hex(&e.serial).ok_or_else(|| {
-                        Error::Internal(sigil_core::Error::Certificate(format!(
-                            "stored serial '{}' is not hex",
-                            e.serial
-                        )))
-                    })?,
-                    revoked_at: OffsetDateTime::from_unix_timestamp(e.revoked_at).map_err(
-                        |err| Error::Internal(sigil_core::Error::Certificate(err.to_string())),
-                    )?,
-                    reason: e.reason,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let number = self.store.next_crl_number(&id).await?;
+        let stored = self.store.crl_entries(&id, min_not_after).await?;
+        let mut shard_of = Vec::with_capacity(stored.len());
+        let mut entries = Vec::with_capacity(stored.len());
+        for e in stored {
+            shard_of.push(e.crl_shard);
+            entries.push(sigil_core::crl::CrlEntry {
+                serial: Serial::parse_hex(&e.serial).ok_or_else(|| {
+                    Error::Internal(sigil_core::Error::Certificate(format!(
+                        "stored serial '{}' is not hex",
+                        e.serial
+                    )))
+                })?,
+                revoked_at: OffsetDateTime::from_unix_timestamp(e.revoked_at).map_err(|err| {
+                    Error::Internal(sigil_core::Error::Certificate(err.to_string()))
+                })?,
+                reason: e.reason,
+            });
+        }
+        let configured = self
+            .settings
+            .urls
+            .crl_sharding()
+            .map_or(0, |s| i64::from(s.count()));
+        let named = self.store.max_crl_shard(&id).await?.map_or(0, |m| m + 1);
+        let shards = configured
+            .max(named)
+            .min(i64::from(sigil_core::CrlSharding::MAX_SHARDS));
+        let first = self.store.next_crl_numbers(&id, 1 + shards).await?;
         let next_update = now + validity;
-        let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
-            issuer: info,
-            number: u64::try_from(number).unwrap_or(0),
-            this_update: now,
-            next_update,
-            entries: &entries,
-            url: self.settings.urls.crl(&info.id),
-            only_ca_certs: false,
-        })?;
-        let der = issuer.signer.sign_crl(template)?;
-        let row = sigil_store::CrlRow {
-            issuer_id: id,
-            number,
-            this_update: now.unix_timestamp(),
-            next_update: next_update.unix_timestamp(),
-            der,
+        let sign = |shard: Option<i64>, number: i64, entries: &[sigil_core::crl::CrlEntry]| {
+            let url = match shard {
+                Some(k) => self
+                    .settings
+                    .urls
+                    .crl_shard(&info.id, u32::try_from(k).unwrap_or(0)),
+                None => self.settings.urls.crl(&info.id),
+            };
+            let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
+                issuer: info,
+                number: u64::try_from(number).unwrap_or(0),
+                this_update: now,
+                next_update,
+                entries,
+                url,
+                only_ca_certs: false,
+            })?;
+            Ok::<_, Error>(sigil_store::CrlRow {
+                issuer_id: id.clone(),
+                shard,
+                number,
+                this_update: now.unix_timestamp(),
+                next_update: next_update.unix_timestamp(),
+                der: issuer.signer.sign_crl(template)?,
+            })
         };
-        self.store.save_crl(&row).await?;
-        Ok(row)
+        let mut by_shard: Vec<Vec<sigil_core::crl::CrlEntry>> =
+            (0..shards).map(|_| Vec::new()).collect();
+        for (e, shard) in entries.iter().zip(&shard_of) {
+            if let Some(list) = shard
+                .and_then(|k| usize::try_from(k).ok())
+                .and_then(|k| by_shard.get_mut(k))
+            {
+                list.push(e.clone());
+            }
+        }
+        let mut rows = vec![sign(None, first, &entries)?];
+        for (k, list) in (0i64..).zip(&by_shard) {
+            rows.push(sign(Some(k), first + 1 + k, list)?);
+        }
+        self.store.save_crls(&rows).await?;
+        Ok(rows)
     }
 
     /// Brings the in-memory view of revocations, blocked keys and issuers up
@@ -1242,6 +1283,7 @@ impl Authority {
                     not_after: not_after.unix_timestamp(),
                     issued_at: now.unix_timestamp(),
                     der: der.clone(),
+                    crl_shard: issuer.common.crl_shard(not_after).map(i64::from),
                 },
                 token: ask.token.map(|t| SpentToken {
                     jti: t.jti.clone(),

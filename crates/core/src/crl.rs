@@ -8,6 +8,54 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+/// Time-sharded CRLs, the scheme large public CAs use to keep each CRL
+/// small: every certificate gets one of `count` shards by its notAfter
+/// (`notAfter / width`, modulo `count`), its CRL DP names that shard's CRL,
+/// and each shard CRL lists only its own certificates. Certificates expiring
+/// close together share a shard, so a shard's entries age out together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlSharding {
+    count: u32,
+    width_secs: u64,
+}
+
+impl CrlSharding {
+    /// Most shards an issuer may have.
+    pub const MAX_SHARDS: u32 = 4096;
+
+    /// `count` shards (1 to [`Self::MAX_SHARDS`]), each covering `width` of
+    /// notAfter time (at least a minute) before the shards repeat.
+    pub fn new(count: u32, width: std::time::Duration) -> Result<CrlSharding, Error> {
+        if count == 0 || count > Self::MAX_SHARDS {
+            return Err(Error::Template(format!(
+                "CRL shard count must be 1 to {} (got {count})",
+                Self::MAX_SHARDS
+            )));
+        }
+        if width.as_secs() < 60 {
+            return Err(Error::Template(
+                "CRL shard width must be at least 1 minute".into(),
+            ));
+        }
+        Ok(CrlSharding {
+            count,
+            width_secs: width.as_secs(),
+        })
+    }
+
+    /// How many shards there are.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The shard of a certificate expiring at `not_after`.
+    pub fn shard_of(&self, not_after: OffsetDateTime) -> u32 {
+        let t = u64::try_from(not_after.unix_timestamp()).unwrap_or(0);
+        // The remainder is below `count`, a u32.
+        u32::try_from((t / self.width_secs) % u64::from(self.count)).unwrap_or(0)
+    }
+}
+
 /// One revoked certificate.
 #[derive(Debug, Clone)]
 pub struct CrlEntry {
@@ -184,4 +232,29 @@ pub fn verify_crl(input: &[u8], issuer: &IssuerInfo) -> Result<(CrlFacts, Vec<u8
         },
         der,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed expectation is a failure
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn shards_follow_not_after_and_repeat() {
+        let s = CrlSharding::new(4, Duration::from_secs(3600)).unwrap();
+        let t = |secs: i64| OffsetDateTime::from_unix_timestamp(secs).unwrap();
+        assert_eq!(s.shard_of(t(0)), 0);
+        assert_eq!(s.shard_of(t(3599)), 0);
+        assert_eq!(s.shard_of(t(3600)), 1);
+        assert_eq!(s.shard_of(t(3 * 3600 + 5)), 3);
+        assert_eq!(
+            s.shard_of(t(4 * 3600)),
+            0,
+            "shards repeat after count x width"
+        );
+        assert!(CrlSharding::new(0, Duration::from_secs(3600)).is_err());
+        assert!(CrlSharding::new(CrlSharding::MAX_SHARDS + 1, Duration::from_secs(3600)).is_err());
+        assert!(CrlSharding::new(4, Duration::from_secs(59)).is_err());
+    }
 }

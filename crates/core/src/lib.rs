@@ -23,6 +23,7 @@ pub mod serial;
 pub mod template;
 
 pub use clock::{Clock, SystemClock};
+pub use crl::CrlSharding;
 pub use csr::CaRequest;
 pub use csr::Csr;
 pub use error::{CsrError, Error, NameError};

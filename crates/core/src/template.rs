@@ -64,6 +64,7 @@ impl fmt::Display for IssuerId {
 #[derive(Debug, Clone)]
 pub struct CaUrls {
     base: String,
+    sharding: Option<crate::crl::CrlSharding>,
 }
 
 impl CaUrls {
@@ -71,7 +72,24 @@ impl CaUrls {
     pub fn new(base: &str) -> CaUrls {
         CaUrls {
             base: base.trim_end_matches('/').to_string(),
+            sharding: None,
         }
+    }
+
+    /// Leaves issued from now on name a time-sharded CRL in their CRL DP.
+    pub fn with_crl_sharding(mut self, sharding: Option<crate::crl::CrlSharding>) -> CaUrls {
+        self.sharding = sharding;
+        self
+    }
+
+    /// The CRL sharding new leaves get, if any.
+    pub fn crl_sharding(&self) -> Option<crate::crl::CrlSharding> {
+        self.sharding
+    }
+
+    /// The distribution point of one time shard of an issuer's CRL.
+    pub fn crl_shard(&self, id: &IssuerId, shard: u32) -> String {
+        format!("{}/crl/{id}/{shard}.crl", self.base)
     }
 
     /// The OCSP responder URL.
@@ -348,6 +366,8 @@ impl LeafSpec<'_> {
 pub struct LeafCommon {
     aia: CustomExtension,
     crl_url: String,
+    /// Sharding and the URL prefix of the shard CRLs (`.../crl/<id>/`).
+    shards: Option<(crate::crl::CrlSharding, String)>,
 }
 
 impl LeafCommon {
@@ -372,7 +392,25 @@ impl LeafCommon {
         Ok(LeafCommon {
             aia: CustomExtension::from_oid_content(ID_PE_AUTHORITY_INFO_ACCESS, der),
             crl_url: urls.crl(issuer),
+            shards: urls.crl_sharding().map(|s| {
+                let url = urls.crl_shard(issuer, 0);
+                let prefix = url.strip_suffix("0.crl").unwrap_or(&url).to_string();
+                (s, prefix)
+            }),
         })
+    }
+
+    /// The CRL shard of a leaf expiring at `not_after`, when sharding is on.
+    pub fn crl_shard(&self, not_after: OffsetDateTime) -> Option<u32> {
+        self.shards.as_ref().map(|(s, _)| s.shard_of(not_after))
+    }
+
+    /// The CRL distribution point of a leaf expiring at `not_after`.
+    fn crl_url(&self, not_after: OffsetDateTime) -> String {
+        match &self.shards {
+            Some((s, prefix)) => format!("{prefix}{}.crl", s.shard_of(not_after)),
+            None => self.crl_url.clone(),
+        }
     }
 }
 
@@ -436,7 +474,7 @@ fn leaf_params(spec: &LeafSpec<'_>, common: &LeafCommon) -> Result<CertificatePa
     p.key_identifier_method = KeyIdMethod::PreSpecified(spec.public_key.key_identifier());
     p.use_authority_key_identifier_extension = true;
     p.crl_distribution_points = vec![CrlDistributionPoint {
-        uris: vec![common.crl_url.clone()],
+        uris: vec![common.crl_url(p.not_after)],
     }];
     p.custom_extensions = vec![common.aia.clone()];
     check_leaf_params(&p, spec)?;

@@ -114,6 +114,8 @@ struct Published {
 pub struct CrlFacts {
     /// Issuer id.
     pub issuer: String,
+    /// Time shard; `None` for the issuer's full CRL.
+    pub shard: Option<i64>,
     /// CRL number.
     pub number: i64,
     /// thisUpdate (unix s).
@@ -142,7 +144,8 @@ impl Published {
 pub struct Revocation {
     authority: Arc<Authority>,
     settings: CrlSettings,
-    crls: RwLock<HashMap<String, Published>>,
+    /// Per issuer and shard (`None`: the full CRL).
+    crls: RwLock<HashMap<(String, Option<i64>), Published>>,
     wake: Notify,
     leader: Leader,
 }
@@ -198,21 +201,31 @@ impl Revocation {
         }
     }
 
-    /// Caches the newest stored CRL of every serving issuer (published by
-    /// the node holding the job lock).
+    /// Caches the newest stored CRLs (full and shards) of every serving
+    /// issuer (published by the node holding the job lock).
     async fn load_stored(&self) {
         self.forget_retired();
         for issuer in self.authority.serving_issuers() {
             let id = issuer.info().id.to_string();
-            match self.authority.latest_crl(&id).await {
-                Ok(Some(row)) => {
-                    let mut crls = write(&self.crls);
-                    if crls.get(&id).is_none_or(|p| p.number < row.number) {
-                        crls.insert(id, Published::from_row(row));
+            let rows = match self.authority.latest_crl(&id).await {
+                Ok(full) => match self.authority.shard_crls(&id).await {
+                    Ok(shards) => full.into_iter().chain(shards),
+                    Err(e) => {
+                        tracing::warn!(issuer = %id, error = %e, "reading the stored CRLs failed");
+                        continue;
                     }
+                },
+                Err(e) => {
+                    tracing::warn!(issuer = %id, error = %e, "reading the stored CRL failed");
+                    continue;
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(issuer = %id, error = %e, "reading the stored CRL failed"),
+            };
+            let mut crls = write(&self.crls);
+            for row in rows {
+                let key = (row.issuer_id.clone(), row.shard);
+                if crls.get(&key).is_none_or(|p| p.number < row.number) {
+                    crls.insert(key, Published::from_row(row));
+                }
             }
         }
     }
@@ -259,17 +272,25 @@ impl Revocation {
         }
     }
 
+    /// Publishes an issuer's full CRL and its shards; returns the full one.
     async fn publish(&self, issuer_id: &str) -> Result<Published, sigil_authority::Error> {
-        let row = self
+        let rows = self
             .authority
             .publish_crl(issuer_id, self.settings.validity, self.settings.grace)
             .await?;
-        let id = row.issuer_id.clone();
-        let number = row.number;
-        let p = Published::from_row(row);
-        write(&self.crls).insert(id.clone(), p.clone());
-        tracing::info!(issuer = %id, number, "published CRL");
-        Ok(p)
+        let shards = rows.len().saturating_sub(1);
+        let mut full = None;
+        let mut crls = write(&self.crls);
+        for row in rows {
+            let key = (row.issuer_id.clone(), row.shard);
+            let p = Published::from_row(row);
+            if key.1.is_none() {
+                tracing::info!(issuer = %key.0, number = p.number, shards, "published CRL");
+                full = Some(p.clone());
+            }
+            crls.insert(key, p);
+        }
+        full.ok_or_else(|| sigil_authority::Error::Unavailable("no CRL was signed".into()))
     }
 
     /// Drops cached CRLs of issuers that no longer publish (retired): their
@@ -277,15 +298,16 @@ impl Revocation {
     /// for freshness.
     fn forget_retired(&self) {
         let serving = self.authority.serving_issuers();
-        write(&self.crls).retain(|id, _| serving.iter().any(|i| i.info().id.as_str() == id));
+        write(&self.crls).retain(|(id, _), _| serving.iter().any(|i| i.info().id.as_str() == id));
     }
 
     /// The CRLs this node published, per issuer.
     pub fn published(&self) -> Vec<CrlFacts> {
         read(&self.crls)
             .iter()
-            .map(|(issuer, p)| CrlFacts {
+            .map(|((issuer, shard), p)| CrlFacts {
                 issuer: issuer.clone(),
+                shard: *shard,
                 number: p.number,
                 this_update: p.this_update,
                 next_update: p.next_update,
@@ -294,13 +316,17 @@ impl Revocation {
             .collect()
     }
 
-    async fn get(&self, issuer: &str) -> Option<Published> {
-        let cached = read(&self.crls).get(issuer).cloned();
+    async fn get(&self, issuer: &str, shard: Option<i64>) -> Option<Published> {
+        let cached = read(&self.crls).get(&(issuer.to_string(), shard)).cloned();
         if cached.is_some() {
             return cached;
         }
         // Another node's or a retired issuer's CRL: from the database.
-        match self.authority.latest_crl(issuer).await {
+        let stored = match shard {
+            Some(k) => self.authority.shard_crl(issuer, k).await,
+            None => self.authority.latest_crl(issuer).await,
+        };
+        match stored {
             Ok(row) => row.map(Published::from_row),
             Err(e) => {
                 tracing::error!(error = %e, "reading a stored CRL failed");
@@ -310,11 +336,13 @@ impl Revocation {
     }
 }
 
-/// Routes: `GET /crl/<issuer-id>.crl` (DER, `application/pkix-crl`), and OCSP
-/// by `POST /ocsp` and `GET /ocsp/<base64 request>`.
+/// Routes: `GET /crl/<issuer-id>.crl` and, with time-sharded CRLs,
+/// `GET /crl/<issuer-id>/<shard>.crl` (DER, `application/pkix-crl`), and
+/// OCSP by `POST /ocsp` and `GET /ocsp/<base64 request>`.
 pub fn router(state: Arc<Revocation>, responder: Arc<Ocsp>) -> Router {
     let crls = Router::new()
         .route("/crl/{file}", get(crl))
+        .route("/crl/{issuer}/{file}", get(shard_crl))
         .with_state(state);
     let ocsp = Router::new()
         .route("/ocsp", axum::routing::post(ocsp_post))
@@ -375,18 +403,38 @@ fn ocsp_response(o: &Ocsp, a: ocsp::Answer) -> Response {
     (StatusCode::OK, h, a.der).into_response()
 }
 
+fn issuer_id(id: &str) -> Option<String> {
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
+}
+
 async fn crl(
     State(s): State<Arc<Revocation>>,
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(id) = file
-        .strip_suffix(".crl")
-        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-    else {
+    let Some(id) = file.strip_suffix(".crl").and_then(issuer_id) else {
         return (StatusCode::NOT_FOUND, "no such CRL\n").into_response();
     };
-    let Some(p) = s.get(&id.to_ascii_lowercase()).await else {
+    serve_crl(&s, &id, None, &headers).await
+}
+
+async fn shard_crl(
+    State(s): State<Arc<Revocation>>,
+    Path((issuer, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let shard = file
+        .strip_suffix(".crl")
+        .filter(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<i64>().ok());
+    let (Some(id), Some(shard)) = (issuer_id(&issuer), shard) else {
+        return (StatusCode::NOT_FOUND, "no such CRL\n").into_response();
+    };
+    serve_crl(&s, &id, Some(shard), &headers).await
+}
+
+async fn serve_crl(s: &Revocation, id: &str, shard: Option<i64>, headers: &HeaderMap) -> Response {
+    let Some(p) = s.get(id, shard).await else {
         return (StatusCode::NOT_FOUND, "no CRL for this issuer\n").into_response();
     };
     let now = s.authority.now().unix_timestamp();

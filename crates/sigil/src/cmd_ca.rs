@@ -266,6 +266,7 @@ pub async fn publish_root_crl(cfg: &Config, bytes: &[u8]) -> Result<String> {
         let saved = store
             .save_crl(&sigil_store::CrlRow {
                 issuer_id: id,
+                shard: None,
                 number: i64::try_from(facts.number)?,
                 this_update: facts.this_update.unix_timestamp(),
                 next_update: facts.next_update.unix_timestamp(),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub async fn build_authority(cfg: &Config) -> Result<Authority> {
     let policy_dir = cfg.resolve(&cfg.policy.dir);
     let policy = Policy::load_dir(&policy_dir)?;
-    let urls = CaUrls::new(&cfg.server.public_url);
+    let urls = CaUrls::new(&cfg.server.public_url).with_crl_sharding(cfg.crl_sharding()?);
     let store = Store::open(&cfg.database_url()).await?;
     let settings = Settings {
         default_lifetime: cfg.default_lifetime()?,

@@ -22,6 +22,9 @@ pub struct Config {
     pub issuance: IssuanceConfig,
     /// Naming policy location.
     pub policy: PolicyConfig,
+    /// CRL and OCSP publishing.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
     /// The gRPC CSR API; absent means no gRPC listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcConfig>,
@@ -114,6 +117,75 @@ impl Default for IssuanceConfig {
             default_lifetime: default_lifetime(),
             max_lifetime: max_lifetime(),
             rate_per_minute: rate_per_minute(),
+        }
+    }
+}
+
+/// `[revocation]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// nextUpdate − thisUpdate of every CRL (refreshed at half of it).
+    #[serde(default = "crl_validity")]
+    pub crl_validity: String,
+    /// How long a revoked certificate stays on CRLs after it expires.
+    #[serde(default = "crl_grace")]
+    pub crl_grace: String,
+    /// Time-sharded CRLs: number of shards (0: off, one full CRL per issuer).
+    #[serde(default)]
+    pub crl_shards: u32,
+    /// notAfter time each shard covers before the shards repeat.
+    #[serde(default = "crl_shard_width")]
+    pub crl_shard_width: String,
+    /// nextUpdate − thisUpdate of every OCSP response (pre-signed ones are
+    /// refreshed before it).
+    #[serde(default = "ocsp_validity")]
+    pub ocsp_validity: String,
+    /// Lifetime of the delegated OCSP responder certificates.
+    #[serde(default = "ocsp_signer_lifetime")]
+    pub ocsp_signer_lifetime: String,
+    /// `sign`: a request with a nonce gets a freshly signed response echoing
+    /// it; `ignore`: it gets the pre-signed one (RFC 5019).
+    #[serde(default = "ocsp_nonces")]
+    pub ocsp_nonces: String,
+    /// Freshly signed (nonce) responses in progress at once; more get tryLater.
+    #[serde(default = "ocsp_max_fresh")]
+    pub ocsp_max_fresh: usize,
+}
+
+fn crl_validity() -> String {
+    "24h".into()
+}
+fn crl_grace() -> String {
+    "1h".into()
+}
+fn crl_shard_width() -> String {
+    "6h".into()
+}
+fn ocsp_validity() -> String {
+    "1h".into()
+}
+fn ocsp_signer_lifetime() -> String {
+    "48h".into()
+}
+fn ocsp_nonces() -> String {
+    "sign".into()
+}
+fn ocsp_max_fresh() -> usize {
+    64
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            crl_validity: crl_validity(),
+            crl_grace: crl_grace(),
+            crl_shards: 0,
+            crl_shard_width: crl_shard_width(),
+            ocsp_validity: ocsp_validity(),
+            ocsp_signer_lifetime: ocsp_signer_lifetime(),
+            ocsp_nonces: ocsp_nonces(),
+            ocsp_max_fresh: ocsp_max_fresh(),
         }
     }
 }
@@ -352,6 +424,9 @@ impl Config {
                     .with_context(|| format!("{p}: {key}"))?;
             }
         }
+        self.crl_settings()?;
+        self.ocsp_settings()?;
+        self.crl_sharding()?;
         let d = self.default_lifetime()?;
         let m = self.max_lifetime()?;
         if d > m {
@@ -387,6 +462,85 @@ impl Config {
         }
     }
 
+    fn revocation_duration(&self, key: &str, value: &str, min: Duration) -> Result<Duration> {
+        let p = self.path.display();
+        let d = sigil_core::lifetime::parse_duration(value)
+            .with_context(|| format!("{p}: revocation.{key}"))?;
+        if d < min {
+            bail!(
+                "{p}: revocation.{key} must be at least {}s (got '{value}')",
+                min.as_secs()
+            );
+        }
+        Ok(d)
+    }
+
+    /// `[revocation]` CRL timing.
+    pub fn crl_settings(&self) -> Result<sigil_revocation::CrlSettings> {
+        let r = &self.revocation;
+        Ok(sigil_revocation::CrlSettings {
+            validity: self.revocation_duration(
+                "crl_validity",
+                &r.crl_validity,
+                Duration::from_secs(300),
+            )?,
+            grace: self.revocation_duration("crl_grace", &r.crl_grace, Duration::ZERO)?,
+            ..sigil_revocation::CrlSettings::default()
+        })
+    }
+
+    /// `[revocation]` time-sharded CRLs, if turned on.
+    pub fn crl_sharding(&self) -> Result<Option<sigil_core::CrlSharding>> {
+        let r = &self.revocation;
+        let width = self.revocation_duration(
+            "crl_shard_width",
+            &r.crl_shard_width,
+            Duration::from_secs(60),
+        )?;
+        if r.crl_shards == 0 {
+            return Ok(None);
+        }
+        sigil_core::CrlSharding::new(r.crl_shards, width)
+            .map(Some)
+            .with_context(|| format!("{}: revocation.crl_shards", self.path.display()))
+    }
+
+    /// `[revocation]` OCSP responder settings.
+    pub fn ocsp_settings(&self) -> Result<sigil_revocation::OcspSettings> {
+        let r = &self.revocation;
+        let p = self.path.display();
+        let nonce = match r.ocsp_nonces.as_str() {
+            "sign" => sigil_revocation::NoncePolicy::Honour,
+            "ignore" => sigil_revocation::NoncePolicy::Ignore,
+            other => {
+                bail!("{p}: revocation.ocsp_nonces must be \"sign\" or \"ignore\" (got '{other}')")
+            }
+        };
+        if r.ocsp_max_fresh == 0 {
+            bail!("{p}: revocation.ocsp_max_fresh must be at least 1");
+        }
+        let validity =
+            self.revocation_duration("ocsp_validity", &r.ocsp_validity, Duration::from_secs(60))?;
+        let signer_lifetime = self.revocation_duration(
+            "ocsp_signer_lifetime",
+            &r.ocsp_signer_lifetime,
+            Duration::from_secs(3600),
+        )?;
+        if signer_lifetime < validity * 2 {
+            bail!(
+                "{p}: revocation.ocsp_signer_lifetime ({}) must be at least twice revocation.ocsp_validity ({})",
+                r.ocsp_signer_lifetime,
+                r.ocsp_validity
+            );
+        }
+        Ok(sigil_revocation::OcspSettings {
+            validity,
+            signer_lifetime,
+            nonce,
+            max_fresh: r.ocsp_max_fresh,
+        })
+    }
+
     /// Parsed default lifetime.
     pub fn default_lifetime(&self) -> Result<Duration> {
         sigil_core::lifetime::parse_duration(&self.issuance.default_lifetime)
@@ -401,8 +555,15 @@ impl Config {
 }
 
 /// Config sections that `SIGIL_<SECTION>_<KEY>` environment variables may set.
-const SECTIONS: [&str; 7] = [
-    "server", "database", "ca", "issuance", "policy", "grpc", "acme",
+const SECTIONS: [&str; 8] = [
+    "server",
+    "database",
+    "ca",
+    "issuance",
+    "policy",
+    "revocation",
+    "grpc",
+    "acme",
 ];
 
 /// Applies `SIGIL_<SECTION>_<KEY>=VALUE` overrides (e.g. `SIGIL_DATABASE_URL`,
@@ -528,6 +689,67 @@ mod tests {
             format!("{e:#}").contains("SIGIL_ACME_ORDERS_PER_MINUTE"),
             "{e:#}"
         );
+    }
+
+    /// `[revocation]`: defaults match the example, sharding turns on with a
+    /// shard count, and bad values are refused naming the key.
+    #[test]
+    fn revocation_settings_are_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert!(cfg.crl_sharding().unwrap().is_none());
+        let crl = cfg.crl_settings().unwrap();
+        assert_eq!(crl.validity, Duration::from_secs(24 * 3600));
+        let ocsp = cfg.ocsp_settings().unwrap();
+        assert_eq!(ocsp.nonce, sigil_revocation::NoncePolicy::Honour);
+        assert_eq!(ocsp.validity, Duration::from_secs(3600));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sigil.toml");
+        let load = |from: &str, to: &str| {
+            assert!(text.contains(from), "{from}");
+            std::fs::write(&file, text.replace(from, to)).unwrap();
+            Config::load(&file).map_err(|e| format!("{e:#}"))
+        };
+        let sharded = load("crl_shards = 0", "crl_shards = 16").unwrap();
+        let s = sharded.crl_sharding().unwrap().unwrap();
+        assert_eq!(s.count(), 16);
+        let ignoring = load("ocsp_nonces = \"sign\"", "ocsp_nonces = \"ignore\"").unwrap();
+        assert_eq!(
+            ignoring.ocsp_settings().unwrap().nonce,
+            sigil_revocation::NoncePolicy::Ignore
+        );
+        for (from, to, key) in [
+            (
+                "crl_shards = 0",
+                "crl_shards = 100000",
+                "revocation.crl_shards",
+            ),
+            (
+                "crl_shard_width = \"6h\"",
+                "crl_shard_width = \"10s\"",
+                "revocation.crl_shard_width",
+            ),
+            (
+                "ocsp_nonces = \"sign\"",
+                "ocsp_nonces = \"maybe\"",
+                "revocation.ocsp_nonces",
+            ),
+            (
+                "crl_validity = \"24h\"",
+                "crl_validity = \"soon\"",
+                "revocation.crl_validity",
+            ),
+            (
+                "ocsp_signer_lifetime = \"48h\"",
+                "ocsp_signer_lifetime = \"1h\"",
+                "revocation.ocsp_signer_lifetime",
+            ),
+        ] {
+            let e = load(from, to).unwrap_err();
+            assert!(e.contains(key), "{to}: {e}");
+        }
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub async fn ensure(
         policy: PolicyConfig {
             dir: "policies".into(),
         },
+        revocation: Default::default(),
         grpc: Some(GrpcConfig::on(
             grpc_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9443))),
         )),

@@ -79,10 +79,14 @@ async fn not_ready(s: &HttpState) -> Vec<String> {
     let signers = s.responder.signers();
     for i in s.authority.serving_issuers() {
         let id = i.info().id.to_string();
-        match crls.iter().find(|c| c.issuer == id) {
-            Some(c) if c.next_update > t => {}
-            Some(_) => why.push(format!("CRL of issuer {id} is past its nextUpdate")),
-            None => why.push(format!("no CRL published for issuer {id}")),
+        if !crls.iter().any(|c| c.issuer == id && c.shard.is_none()) {
+            why.push(format!("no CRL published for issuer {id}"));
+        }
+        for c in crls.iter().filter(|c| c.issuer == id && c.next_update <= t) {
+            why.push(match c.shard {
+                Some(k) => format!("CRL shard {k} of issuer {id} is past its nextUpdate"),
+                None => format!("CRL of issuer {id} is past its nextUpdate"),
+            });
         }
         match signers.iter().find(|(sid, _)| *sid == id) {
             Some((_, until)) if *until > now => {}
@@ -155,7 +159,13 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
             until.unix_timestamp(),
         );
     }
-    for c in s.revocation.published() {
+    // Per issuer: its full CRL (shards are published with it).
+    for c in s
+        .revocation
+        .published()
+        .into_iter()
+        .filter(|c| c.shard.is_none())
+    {
         metrics::gauge!("sigil_crl_age_seconds", "issuer" => c.issuer.clone())
             .set((t - c.this_update) as f64);
         metrics::gauge!("sigil_crl_next_update_seconds", "issuer" => c.issuer.clone())

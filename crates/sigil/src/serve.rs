@@ -12,7 +12,7 @@ use crate::{dev, http};
 use anyhow::{Context, Result};
 use sigil_authority::Authority;
 use sigil_grpc::{Notice, Notifier};
-use sigil_revocation::{CrlSettings, Leader, Ocsp, OcspSettings, Revocation};
+use sigil_revocation::{Leader, Ocsp, Revocation};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -81,10 +81,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     } else {
         tracing::info!("another node runs the background jobs; this one takes over if it stops");
     }
-    let revocation = Revocation::new(authority.clone(), CrlSettings::default(), leader.clone());
+    let revocation = Revocation::new(authority.clone(), cfg.crl_settings()?, leader.clone());
     revocation.publish_now().await?;
     tokio::spawn(revocation.clone().run());
-    let responder = Ocsp::new(authority.clone(), OcspSettings::default(), leader.clone());
+    let responder = Ocsp::new(authority.clone(), cfg.ocsp_settings()?, leader.clone());
     responder.ensure_signers().await?;
     let stored = responder.load_stored().await?;
     tracing::info!(

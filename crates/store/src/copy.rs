@@ -46,6 +46,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("not_after", Int),
             ("issued_at", Int),
             ("der", Blob),
+            ("crl_shard", Int),
         ],
     ),
     (
@@ -86,6 +87,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "crls",
         &[
             ("issuer_id", Text),
+            ("number", Int),
+            ("this_update", Int),
+            ("next_update", Int),
+            ("der", Blob),
+        ],
+    ),
+    (
+        "crl_shards",
+        &[
+            ("issuer_id", Text),
+            ("shard", Int),
             ("number", Int),
             ("this_update", Int),
             ("next_update", Int),

@@ -197,7 +197,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 7] = match backend {
+    let files: [(i64, &str, &'static str); 8] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -233,6 +233,11 @@ fn migrator(backend: Backend) -> Migrator {
                 7,
                 "cross_certs",
                 include_str!("../../../migrations/sqlite/0007_cross_certs.sql"),
+            ),
+            (
+                8,
+                "crl_shards",
+                include_str!("../../../migrations/sqlite/0008_crl_shards.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -270,6 +275,11 @@ fn migrator(backend: Backend) -> Migrator {
                 7,
                 "cross_certs",
                 include_str!("../../../migrations/postgres/0007_cross_certs.sql"),
+            ),
+            (
+                8,
+                "crl_shards",
+                include_str!("../../../migrations/postgres/0008_crl_shards.sql"),
             ),
         ],
     };

@@ -118,6 +118,8 @@ pub struct NewCertificate {
     pub issued_at: i64,
     /// Certificate DER.
     pub der: Vec<u8>,
+    /// The time-sharded CRL its CRL DP names, if any.
+    pub crl_shard: Option<i64>,
 }
 
 /// A stored certificate.
@@ -153,6 +155,8 @@ pub struct RevokedEntry {
     pub revoked_at: i64,
     /// CRLReason code.
     pub reason: i32,
+    /// The certificate's CRL shard, if it has one.
+    pub crl_shard: Option<i64>,
 }
 
 /// A pre-signed OCSP response.
@@ -175,6 +179,8 @@ pub struct SignedOcsp {
 pub struct CrlRow {
     /// Issuer id.
     pub issuer_id: String,
+    /// Its time shard; `None` for the issuer's full CRL.
+    pub shard: Option<i64>,
     /// CRL number.
     pub number: i64,
     /// thisUpdate (unix s).
@@ -211,6 +217,44 @@ fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
         not_after: r.try_get("not_after")?,
         issued_at: r.try_get("issued_at")?,
         der: r.try_get("der")?,
+        crl_shard: r.try_get("crl_shard")?,
+    })
+}
+
+/// The upsert of one CRL: full CRLs in `crls`, shards in `crl_shards`; an
+/// older number never replaces a newer one.
+fn save_crl_query(crl: &CrlRow) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments> {
+    let q = match crl.shard {
+        Some(shard) => sqlx::query(
+            "INSERT INTO crl_shards (issuer_id, shard, number, this_update, next_update, der) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (issuer_id, shard) DO UPDATE SET \
+             number = excluded.number, this_update = excluded.this_update, \
+             next_update = excluded.next_update, der = excluded.der \
+             WHERE crl_shards.number < excluded.number",
+        )
+        .bind(crl.issuer_id.as_str())
+        .bind(shard),
+        None => sqlx::query(
+            "INSERT INTO crls (issuer_id, number, this_update, next_update, der) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (issuer_id) DO UPDATE SET number = excluded.number, this_update = excluded.this_update, \
+             next_update = excluded.next_update, der = excluded.der WHERE crls.number < excluded.number",
+        )
+        .bind(crl.issuer_id.as_str()),
+    };
+    q.bind(crl.number)
+        .bind(crl.this_update)
+        .bind(crl.next_update)
+        .bind(crl.der.as_slice())
+}
+
+fn crl_from_row(r: &AnyRow, shard: Option<i64>) -> Result<CrlRow, Error> {
+    Ok(CrlRow {
+        issuer_id: r.try_get("issuer_id")?,
+        shard,
+        number: r.try_get("number")?,
+        this_update: r.try_get("this_update")?,
+        next_update: r.try_get("next_update")?,
+        der: r.try_get("der")?,
     })
 }
 
@@ -229,7 +273,7 @@ fn issuer_from_row(r: &AnyRow) -> Result<IssuerRow, Error> {
     })
 }
 
-const CERT_COLS: &str = "serial, issuer_id, profile, requester, names, key_fingerprint, not_before, not_after, issued_at, der";
+const CERT_COLS: &str = "serial, issuer_id, profile, requester, names, key_fingerprint, not_before, not_after, issued_at, der, crl_shard";
 
 impl Store {
     /// All issuers, newest install first.
@@ -481,7 +525,7 @@ impl Store {
         not_after_min: i64,
     ) -> Result<Vec<RevokedEntry>, Error> {
         let rows = sqlx::query(
-            "SELECT r.serial, r.revoked_at, r.reason FROM revocations r \
+            "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
              JOIN certificates c ON c.serial = r.serial \
              WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial",
         )
@@ -496,14 +540,32 @@ impl Store {
                     serial: r.try_get("serial")?,
                     revoked_at: r.try_get("revoked_at")?,
                     reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
+                    crl_shard: r.try_get("crl_shard")?,
                 })
             })
             .collect()
     }
 
+    /// The highest CRL shard any certificate of an issuer names (shards stay
+    /// published while such certificates may exist, whatever the settings
+    /// say now).
+    pub async fn max_crl_shard(&self, issuer_id: &str) -> Result<Option<i64>, Error> {
+        let row = sqlx::query("SELECT MAX(crl_shard) AS m FROM certificates WHERE issuer_id = $1")
+            .bind(issuer_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("m")?)
+    }
+
     /// Takes the next CRL number for an issuer (atomically; numbers only grow,
     /// whichever node asks).
     pub async fn next_crl_number(&self, issuer_id: &str) -> Result<i64, Error> {
+        self.next_crl_numbers(issuer_id, 1).await
+    }
+
+    /// Takes `count` consecutive CRL numbers for an issuer at once; returns
+    /// the first.
+    pub async fn next_crl_numbers(&self, issuer_id: &str, count: i64) -> Result<i64, Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO crl_numbers (issuer_id, last) VALUES ($1, 0) ON CONFLICT (issuer_id) DO NOTHING",
@@ -512,30 +574,31 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let row = sqlx::query(
-            "UPDATE crl_numbers SET last = last + 1 WHERE issuer_id = $1 RETURNING last",
+            "UPDATE crl_numbers SET last = last + $2 WHERE issuer_id = $1 RETURNING last",
         )
         .bind(issuer_id)
+        .bind(count.max(1))
         .fetch_one(&mut *tx)
         .await?;
         let n: i64 = row.try_get("last")?;
         tx.commit().await?;
-        Ok(n)
+        Ok(n - count.max(1) + 1)
     }
 
     /// Stores a CRL unless a newer one (higher number) is already stored.
     pub async fn save_crl(&self, crl: &CrlRow) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO crls (issuer_id, number, this_update, next_update, der) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (issuer_id) DO UPDATE SET number = excluded.number, this_update = excluded.this_update, \
-             next_update = excluded.next_update, der = excluded.der WHERE crls.number < excluded.number",
-        )
-        .bind(crl.issuer_id.as_str())
-        .bind(crl.number)
-        .bind(crl.this_update)
-        .bind(crl.next_update)
-        .bind(crl.der.as_slice())
-        .execute(&self.pool)
-        .await?;
+        save_crl_query(crl).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Stores an issuer's CRLs (full and shards) in one transaction, each
+    /// unless a newer one is already stored.
+    pub async fn save_crls(&self, crls: &[CrlRow]) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        for crl in crls {
+            save_crl_query(crl).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -547,16 +610,34 @@ impl Store {
         .bind(issuer_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| -> Result<CrlRow, Error> {
-            Ok(CrlRow {
-                issuer_id: r.try_get("issuer_id")?,
-                number: r.try_get("number")?,
-                this_update: r.try_get("this_update")?,
-                next_update: r.try_get("next_update")?,
-                der: r.try_get("der")?,
-            })
-        })
-        .transpose()
+        row.map(|r| crl_from_row(&r, None)).transpose()
+    }
+
+    /// The newest stored CRL of one shard of an issuer.
+    pub async fn shard_crl(&self, issuer_id: &str, shard: i64) -> Result<Option<CrlRow>, Error> {
+        let row = sqlx::query(
+            "SELECT issuer_id, number, this_update, next_update, der FROM crl_shards \
+             WHERE issuer_id = $1 AND shard = $2",
+        )
+        .bind(issuer_id)
+        .bind(shard)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| crl_from_row(&r, Some(shard))).transpose()
+    }
+
+    /// The newest stored CRL of every shard of an issuer, by shard.
+    pub async fn shard_crls(&self, issuer_id: &str) -> Result<Vec<CrlRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT issuer_id, shard, number, this_update, next_update, der FROM crl_shards \
+             WHERE issuer_id = $1 ORDER BY shard",
+        )
+        .bind(issuer_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| crl_from_row(r, Some(r.try_get("shard")?)))
+            .collect()
     }
 
     /// Whether a bootstrap token id has been spent.

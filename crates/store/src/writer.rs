@@ -588,9 +588,9 @@ async fn insert_certificates(
 ) -> Result<(), sqlx::Error> {
     let mut sql = String::from(
         "INSERT INTO certificates (serial, issuer_id, profile, requester, names, key_fingerprint, \
-         not_before, not_after, issued_at, der) VALUES ",
+         not_before, not_after, issued_at, der, crl_shard) VALUES ",
     );
-    push_placeholders(&mut sql, certs.len(), 10);
+    push_placeholders(&mut sql, certs.len(), 11);
     let names: Vec<String> = certs
         .iter()
         .map(|c| serde_json::to_string(&c.names).unwrap_or_else(|_| "[]".into()))
@@ -607,7 +607,8 @@ async fn insert_certificates(
             .bind(c.not_before)
             .bind(c.not_after)
             .bind(c.issued_at)
-            .bind(c.der.as_slice());
+            .bind(c.der.as_slice())
+            .bind(c.crl_shard);
     }
     q.execute(&mut **tx).await?;
     Ok(())

@@ -40,6 +40,7 @@ fn cert(i: usize) -> NewCertificate {
         not_after: 20,
         issued_at: i as i64,
         der: vec![1, 2, 3],
+        crl_shard: None,
     }
 }
 
@@ -417,8 +418,37 @@ async fn crl_numbers_only_grow_across_writers_and_the_newest_crl_wins() {
             (1..=20).collect::<Vec<i64>>(),
             "{name}: unique and gapless"
         );
+        // A batch for the full CRL and its shards continues the sequence.
+        assert_eq!(a.next_crl_numbers(&id, 5).await.unwrap(), 21, "{name}");
+        assert_eq!(b.next_crl_number(&id).await.unwrap(), 26, "{name}");
+        let shard = |k: i64, n: i64| sigil_store::CrlRow {
+            issuer_id: id.clone(),
+            shard: Some(k),
+            number: n,
+            this_update: n,
+            next_update: n + 10,
+            der: vec![k as u8, n as u8],
+        };
+        a.save_crls(&[shard(0, 30), shard(1, 31)]).await.unwrap();
+        b.save_crls(&[shard(1, 29)]).await.unwrap(); // older: ignored
+        let shards = b.shard_crls(&id).await.unwrap();
+        assert_eq!(
+            shards
+                .iter()
+                .map(|c| (c.shard, c.number))
+                .collect::<Vec<_>>(),
+            [(Some(0), 30), (Some(1), 31)],
+            "{name}"
+        );
+        assert_eq!(b.shard_crl(&id, 1).await.unwrap().unwrap().der, [1, 31]);
+        assert!(b.shard_crl(&id, 2).await.unwrap().is_none());
+        assert!(
+            a.latest_crl(&id).await.unwrap().is_none(),
+            "shards are not the full CRL"
+        );
         let crl = |n: i64| sigil_store::CrlRow {
             issuer_id: id.clone(),
+            shard: None,
             number: n,
             this_update: n,
             next_update: n + 10,
