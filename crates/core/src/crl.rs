@@ -4,7 +4,7 @@ use crate::template::IssuerInfo;
 use crate::{Error, Serial};
 use rcgen::{
     CertificateRevocationListParams, CrlDistributionPoint, CrlIssuingDistributionPoint, CrlScope,
-    KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
+    KeyIdMethod, RevocationReason, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -89,8 +89,16 @@ pub struct CrlSpec<'a> {
 }
 
 /// A checked CRL, ready to be signed by its issuer.
+///
+/// The header and CRL extensions are encoded by rcgen; the revoked entries
+/// (possibly millions) are streamed into one buffer of exactly the right size,
+/// so a CRL costs about twice its DER size in memory, not ten times.
 #[derive(Debug)]
-pub struct CrlTemplate(CertificateRevocationListParams);
+pub struct CrlTemplate<'a> {
+    /// Everything but the entries.
+    head: CertificateRevocationListParams,
+    entries: &'a [CrlEntry],
+}
 
 fn reason(code: i32) -> Result<Option<RevocationReason>, Error> {
     Ok(Some(match code {
@@ -112,46 +120,40 @@ fn reason(code: i32) -> Result<Option<RevocationReason>, Error> {
     }))
 }
 
-impl CrlTemplate {
+impl<'a> CrlTemplate<'a> {
     /// Builds the CRL: AKI from the issuer's SKI, an Issuing Distribution
     /// Point limited to end-entity certificates, reasons on each entry.
-    pub fn new(spec: &CrlSpec<'_>) -> Result<CrlTemplate, Error> {
+    pub fn new(spec: &CrlSpec<'a>) -> Result<CrlTemplate<'a>, Error> {
         if spec.next_update <= spec.this_update {
             return Err(Error::Template(
                 "CRL nextUpdate must follow thisUpdate".into(),
             ));
         }
-        let revoked_certs = spec
-            .entries
-            .iter()
-            .map(|e| {
-                Ok(RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(e.serial.as_bytes()),
-                    revocation_time: crate::template::whole_seconds(e.revoked_at),
-                    reason_code: reason(e.reason)?,
-                    invalidity_date: None,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok(CrlTemplate(CertificateRevocationListParams {
-            this_update: crate::template::whole_seconds(spec.this_update),
-            next_update: crate::template::whole_seconds(spec.next_update),
-            crl_number: SerialNumber::from(spec.number),
-            // An issuer's CRL names its distribution point and scope. A root's
-            // ARL carries none: it must also cover the self-signed root, which
-            // has no CRL DP, or `openssl verify -crl_check_all` calls the scope
-            // different (RFC 5280 6.3.3 b).
-            issuing_distribution_point: (!spec.only_ca_certs).then(|| {
-                CrlIssuingDistributionPoint {
-                    distribution_point: CrlDistributionPoint {
-                        uris: vec![spec.url.clone()],
-                    },
-                    scope: Some(CrlScope::UserCertsOnly),
-                }
-            }),
-            revoked_certs,
-            key_identifier_method: KeyIdMethod::PreSpecified(spec.issuer.key_id.clone()),
-        }))
+        for e in spec.entries {
+            reason(e.reason)?;
+        }
+        Ok(CrlTemplate {
+            head: CertificateRevocationListParams {
+                this_update: crate::template::whole_seconds(spec.this_update),
+                next_update: crate::template::whole_seconds(spec.next_update),
+                crl_number: SerialNumber::from(spec.number),
+                // An issuer's CRL names its distribution point and scope. A
+                // root's ARL carries none: it must also cover the self-signed
+                // root, which has no CRL DP, or `openssl verify -crl_check_all`
+                // calls the scope different (RFC 5280 6.3.3 b).
+                issuing_distribution_point: (!spec.only_ca_certs).then(|| {
+                    CrlIssuingDistributionPoint {
+                        distribution_point: CrlDistributionPoint {
+                            uris: vec![spec.url.clone()],
+                        },
+                        scope: Some(CrlScope::UserCertsOnly),
+                    }
+                }),
+                revoked_certs: Vec::new(),
+                key_identifier_method: KeyIdMethod::PreSpecified(spec.issuer.key_id.clone()),
+            },
+            entries: spec.entries,
+        })
     }
 
     /// Signs the CRL with the issuer (consuming the template).
@@ -159,13 +161,185 @@ impl CrlTemplate {
         self,
         issuer: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
     ) -> Result<Vec<u8>, Error> {
-        Ok(self
-            .0
+        // rcgen signs the CRL without entries: its header, extensions and
+        // signature algorithm are those of the final CRL.
+        let empty = self
+            .head
             .signed_by(issuer)
             .map_err(|e| Error::Template(format!("signing the CRL: {e}")))?
             .der()
-            .to_vec())
+            .to_vec();
+        if self.entries.is_empty() {
+            return Ok(empty);
+        }
+        with_entries(&empty, self.entries, |tbs| {
+            issuer
+                .key()
+                .sign(tbs)
+                .map_err(|e| Error::Template(format!("signing the CRL: {e}")))
+        })
     }
+}
+
+/// `revokedCertificates` entry: SEQUENCE { userCertificate, revocationDate,
+/// crlEntryExtensions OPTIONAL } (RFC 5280 5.1).
+#[derive(der::Sequence)]
+struct RevokedEntry<'a> {
+    serial: der::asn1::UintRef<'a>,
+    revocation_date: x509_cert::time::Time,
+    extensions: Option<der::asn1::AnyRef<'a>>,
+}
+
+/// The crlEntryExtensions (one non-critical reasonCode) of each reason.
+fn reason_extensions() -> Result<Vec<(i32, Vec<u8>)>, Error> {
+    use der::Encode;
+    use x509_cert::ext::pkix::CrlReason;
+    let bad = |e: der::Error| Error::Template(format!("CRL entry extension: {e}"));
+    [
+        (1, CrlReason::KeyCompromise),
+        (2, CrlReason::CaCompromise),
+        (3, CrlReason::AffiliationChanged),
+        (4, CrlReason::Superseded),
+        (5, CrlReason::CessationOfOperation),
+        (9, CrlReason::PrivilegeWithdrawn),
+        (10, CrlReason::AaCompromise),
+    ]
+    .into_iter()
+    .map(|(code, r)| {
+        let ext = x509_cert::ext::Extension {
+            extn_id: const_oid::db::rfc5280::ID_CE_CRL_REASONS,
+            critical: false,
+            extn_value: der::asn1::OctetString::new(r.to_der().map_err(bad)?).map_err(bad)?,
+        };
+        Ok((code, vec![ext].to_der().map_err(bad)?))
+    })
+    .collect()
+}
+
+/// Splits DER into its top-level TLVs.
+fn tlvs(mut input: &[u8]) -> Result<Vec<&[u8]>, Error> {
+    use der::{Decode, Encode};
+    let bad = |e: der::Error| Error::Template(format!("CRL encoding: {e}"));
+    let mut out = Vec::new();
+    while !input.is_empty() {
+        let header = der::Header::from_der_partial(input).map_err(bad)?.0;
+        let total = (header.encoded_len().map_err(bad)? + header.length()).map_err(bad)?;
+        let n = usize::try_from(total).map_err(bad)?;
+        let (tlv, rest) = input
+            .split_at_checked(n)
+            .ok_or_else(|| Error::Template("CRL encoding: truncated".into()))?;
+        out.push(tlv);
+        input = rest;
+    }
+    Ok(out)
+}
+
+/// The value of one TLV (its header removed).
+fn value_of(tlv: &[u8]) -> Result<&[u8], Error> {
+    use der::{Decode, Encode};
+    let bad = |e: der::Error| Error::Template(format!("CRL encoding: {e}"));
+    let header = der::Header::from_der_partial(tlv).map_err(bad)?.0;
+    let skip = usize::try_from(header.encoded_len().map_err(bad)?).map_err(bad)?;
+    tlv.get(skip..)
+        .ok_or_else(|| Error::Template("CRL encoding: truncated".into()))
+}
+
+fn header_der(tag: der::Tag, len: usize) -> Result<Vec<u8>, Error> {
+    use der::Encode;
+    let bad = |e: der::Error| Error::Template(format!("CRL encoding: {e}"));
+    der::Header::new(tag, der::Length::try_from(len).map_err(bad)?)
+        .to_der()
+        .map_err(bad)
+}
+
+fn revoked_entry<'x>(
+    e: &'x CrlEntry,
+    extensions: &[(i32, der::asn1::AnyRef<'x>)],
+) -> Result<RevokedEntry<'x>, Error> {
+    let bad = |e: der::Error| Error::Template(format!("CRL entry: {e}"));
+    let secs = u64::try_from(crate::template::whole_seconds(e.revoked_at).unix_timestamp())
+        .map_err(|_| Error::Template("revocation time before 1970".into()))?;
+    let when =
+        der::DateTime::from_unix_duration(std::time::Duration::from_secs(secs)).map_err(bad)?;
+    Ok(RevokedEntry {
+        serial: der::asn1::UintRef::new(e.serial.as_bytes()).map_err(bad)?,
+        revocation_date: when.into(),
+        extensions: extensions
+            .iter()
+            .find(|(c, _)| *c == e.reason)
+            .map(|(_, ext)| *ext),
+    })
+}
+
+/// Inserts `entries` into a signed CRL without entries and signs it again:
+/// the TBS gets `revokedCertificates` before its `[0] crlExtensions`.
+fn with_entries(
+    empty: &[u8],
+    entries: &[CrlEntry],
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, Error>,
+) -> Result<Vec<u8>, Error> {
+    use der::Encode;
+    let bad = |e: der::Error| Error::Template(format!("CRL entry: {e}"));
+    let outer = tlvs(value_of(empty)?)?;
+    let [tbs, algorithm, _signature] = outer.as_slice() else {
+        return Err(Error::Template(
+            "CRL encoding: not a CertificateList".into(),
+        ));
+    };
+    let fields = tlvs(value_of(tbs)?)?;
+    let split = fields
+        .iter()
+        .position(|f| f.first() == Some(&0xa0))
+        .unwrap_or(fields.len());
+    let (before, after) = fields.split_at(split);
+
+    let encoded = reason_extensions()?;
+    let extensions = encoded
+        .iter()
+        .map(|(code, d)| {
+            use der::Decode;
+            Ok((*code, der::asn1::AnyRef::from_der(d).map_err(bad)?))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let entry = |e| revoked_entry(e, &extensions);
+    // Pass 1: sizes, so that each buffer is allocated once at its final size.
+    let mut revoked_len = 0usize;
+    for e in entries {
+        let n = entry(e)?.encoded_len().map_err(bad)?;
+        revoked_len += usize::try_from(n).map_err(bad)?;
+    }
+    let revoked_header = header_der(der::Tag::Sequence, revoked_len)?;
+    let tbs_len = before.iter().chain(after).map(|f| f.len()).sum::<usize>()
+        + revoked_header.len()
+        + revoked_len;
+    let tbs_header = header_der(der::Tag::Sequence, tbs_len)?;
+    let mut tbs = Vec::with_capacity(tbs_header.len() + tbs_len);
+    tbs.extend_from_slice(&tbs_header);
+    for f in before {
+        tbs.extend_from_slice(f);
+    }
+    tbs.extend_from_slice(&revoked_header);
+    // Pass 2: the entries themselves.
+    for e in entries {
+        entry(e)?.encode_to_vec(&mut tbs).map_err(bad)?;
+    }
+    for f in after {
+        tbs.extend_from_slice(f);
+    }
+    let signature = sign(&tbs)?;
+    let bits = der::asn1::BitStringRef::from_bytes(&signature)
+        .map_err(bad)?
+        .to_der()
+        .map_err(bad)?;
+    let list_len = tbs.len() + algorithm.len() + bits.len();
+    let list_header = header_der(der::Tag::Sequence, list_len)?;
+    let mut out = Vec::with_capacity(list_header.len() + list_len);
+    out.extend_from_slice(&list_header);
+    out.extend_from_slice(&tbs);
+    drop(tbs);
+    out.extend_from_slice(algorithm);
+    out.extend_from_slice(&bits);
+    Ok(out)
 }
 
 /// What a relying party checks on a CRL before publishing it.
@@ -239,6 +413,80 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests: a failed expectation is a failure
     use super::*;
     use std::time::Duration;
+
+    /// The streamed encoding is byte for byte the one rcgen makes with the
+    /// same entries (both time forms, every reason, serials with the top bit
+    /// set), and the signature verifies.
+    #[test]
+    fn streamed_entries_encode_as_rcgen_does() {
+        use der::{Decode, Encode};
+        use x509_cert::crl::CertificateList;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "CRL test CA");
+        let der = ca.self_signed(&key).unwrap().der().to_vec();
+        let info = IssuerInfo::from_der(&der).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(&der.clone().into(), key).unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap();
+        let late = OffsetDateTime::from_unix_timestamp(2_600_000_000).unwrap(); // 2052
+        let reasons = [0, 1, 2, 3, 4, 5, 9, 10];
+        let entries: Vec<CrlEntry> = (0..40u8)
+            .map(|i| CrlEntry {
+                serial: Serial::parse_hex(&format!("{:02x}{}", 0x70 + i * 3, "ab".repeat(15)))
+                    .unwrap(),
+                revoked_at: if i % 7 == 0 {
+                    late
+                } else {
+                    now - Duration::from_secs(u64::from(i))
+                },
+                reason: reasons[usize::from(i) % reasons.len()],
+            })
+            .collect();
+        let spec = CrlSpec {
+            issuer: &info,
+            number: 42,
+            this_update: now,
+            next_update: now + Duration::from_secs(86_400),
+            entries: &entries,
+            url: "http://ca.test/crl/x.crl".into(),
+            only_ca_certs: false,
+        };
+        let ours = CrlTemplate::new(&spec).unwrap().sign(&issuer).unwrap();
+        let mut reference = CrlTemplate::new(&spec).unwrap().head;
+        reference.revoked_certs = entries
+            .iter()
+            .map(|e| rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(e.serial.as_bytes()),
+                revocation_time: e.revoked_at,
+                reason_code: reason(e.reason).unwrap(),
+                invalidity_date: None,
+            })
+            .collect();
+        let theirs = reference.signed_by(&issuer).unwrap().der().to_vec();
+        let tbs = |d: &[u8]| {
+            CertificateList::<x509_cert::certificate::Rfc5280>::from_der(d)
+                .unwrap()
+                .tbs_cert_list
+                .to_der()
+                .unwrap()
+        };
+        assert_eq!(tbs(&ours), tbs(&theirs));
+        let (facts, _) = verify_crl(&ours, &info).unwrap();
+        assert_eq!((facts.number, facts.entries), (42, 40));
+        // No entries: the CRL rcgen signed, as is.
+        let none = CrlSpec {
+            entries: &[],
+            ..spec
+        };
+        let (facts, _) = verify_crl(
+            &CrlTemplate::new(&none).unwrap().sign(&issuer).unwrap(),
+            &info,
+        )
+        .unwrap();
+        assert_eq!(facts.entries, 0);
+    }
 
     #[test]
     fn shards_follow_not_after_and_repeat() {

@@ -524,26 +524,28 @@ impl Store {
         issuer_id: &str,
         not_after_min: i64,
     ) -> Result<Vec<RevokedEntry>, Error> {
-        let rows = sqlx::query(
+        use tokio_stream::StreamExt;
+        // Streamed: a CRL may list millions; rows are not all held at once.
+        let mut rows = sqlx::query(
             "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
              JOIN certificates c ON c.serial = r.serial \
              WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial",
         )
         .bind(issuer_id)
         .bind(not_after_min)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let reason: i64 = r.try_get("reason")?;
-                Ok(RevokedEntry {
-                    serial: r.try_get("serial")?,
-                    revoked_at: r.try_get("revoked_at")?,
-                    reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
-                    crl_shard: r.try_get("crl_shard")?,
-                })
-            })
-            .collect()
+        .fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().await {
+            let r = r?;
+            let reason: i64 = r.try_get("reason")?;
+            out.push(RevokedEntry {
+                serial: r.try_get("serial")?,
+                revoked_at: r.try_get("revoked_at")?,
+                reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
+                crl_shard: r.try_get("crl_shard")?,
+            });
+        }
+        Ok(out)
     }
 
     /// The highest CRL shard any certificate of an issuer names (shards stay
