@@ -367,38 +367,36 @@ async fn ocsp_get(State(o): State<Arc<Ocsp>>, Path(request): Path<String>) -> Re
     ocsp_response(&o, o.answer(&der).await)
 }
 
-fn http_time(t: i64) -> String {
+pub(crate) fn http_time(t: i64) -> String {
     httpdate::fmt_http_date(
         std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
     )
 }
 
 fn ocsp_response(o: &Ocsp, a: ocsp::Answer) -> Response {
-    let mut h = HeaderMap::new();
-    let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(k, v);
-        }
-    };
-    set(
-        &mut h,
+    let mut h = HeaderMap::with_capacity(6);
+    h.insert(
         header::CONTENT_TYPE,
-        "application/ocsp-response".into(),
+        HeaderValue::from_static("application/ocsp-response"),
     );
-    match a.window {
-        Some((this_update, next_update)) => {
-            let now = o.now();
-            let max_age = (next_update - now).max(0);
-            set(
-                &mut h,
-                header::CACHE_CONTROL,
-                format!("public, max-age={max_age}, no-transform, must-revalidate"),
-            );
-            set(&mut h, header::LAST_MODIFIED, http_time(this_update));
-            set(&mut h, header::EXPIRES, http_time(next_update));
-            set(&mut h, header::ETAG, a.etag.clone());
+    match (a.window, &a.headers) {
+        (Some((_, next_update)), Some(c)) => {
+            let max_age = (next_update - o.now()).max(0);
+            if let Ok(v) = HeaderValue::try_from(format!(
+                "public, max-age={max_age}, no-transform, must-revalidate"
+            )) {
+                h.insert(header::CACHE_CONTROL, v);
+            }
+            h.insert(header::LAST_MODIFIED, c.last_modified.clone());
+            h.insert(header::EXPIRES, c.expires.clone());
+            h.insert(header::ETAG, c.etag.clone());
         }
-        None => set(&mut h, header::CACHE_CONTROL, "no-cache, no-store".into()),
+        _ => {
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache, no-store"),
+            );
+        }
     }
     (StatusCode::OK, h, a.der).into_response()
 }

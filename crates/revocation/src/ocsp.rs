@@ -33,6 +33,12 @@ pub(crate) fn etag_of(body: &[u8]) -> String {
     format!("\"{}\"", hex::encode(&sha2::Sha256::digest(body)[..16]))
 }
 
+/// What a remembered request asks for: issuer id and serial (hex).
+type SeenQuery = (String, String);
+
+/// Most distinct request encodings remembered (see [`Ocsp::seen`]).
+const SEEN_MAX: usize = 32_768;
+
 /// Responder settings.
 #[derive(Debug, Clone)]
 pub struct OcspSettings {
@@ -62,13 +68,45 @@ impl Default for OcspSettings {
 pub struct Answer {
     /// The DER `OCSPResponse` (shared, so serving it copies nothing).
     pub der: axum::body::Bytes,
-    /// Its HTTP entity tag, computed once at signing.
-    pub etag: String,
     /// thisUpdate and nextUpdate (unix s) when the response is cacheable.
     pub window: Option<(i64, i64)>,
     /// What it says, for metrics: `good`, `revoked`, `unknown`, `multiple`,
     /// or the refusal (`malformed`, `unauthorized`, `error`, `try_later`).
     pub status: &'static str,
+    /// `ETag`, `Last-Modified` and `Expires` of a cacheable answer, made
+    /// once when it is signed (serving it formats nothing).
+    pub headers: Option<Arc<CacheHeaders>>,
+}
+
+/// The fixed HTTP caching headers of a cacheable answer (RFC 5019 6.2).
+#[derive(Debug)]
+pub struct CacheHeaders {
+    /// Strong entity tag of the body.
+    pub etag: axum::http::HeaderValue,
+    /// thisUpdate as an HTTP date.
+    pub last_modified: axum::http::HeaderValue,
+    /// nextUpdate as an HTTP date.
+    pub expires: axum::http::HeaderValue,
+}
+
+impl Answer {
+    /// An answer; with a window it is cacheable and gets its headers now.
+    pub fn new(status: &'static str, der: Vec<u8>, window: Option<(i64, i64)>) -> Answer {
+        let headers = window.and_then(|(this_update, next_update)| {
+            let value = |s: String| axum::http::HeaderValue::try_from(s).ok();
+            Some(Arc::new(CacheHeaders {
+                etag: value(etag_of(&der))?,
+                last_modified: value(crate::http_time(this_update))?,
+                expires: value(crate::http_time(next_update))?,
+            }))
+        });
+        Answer {
+            der: der.into(),
+            window,
+            status,
+            headers,
+        }
+    }
 }
 
 /// The responder in use: its key and certificate, and its issuer's CertID hashes.
@@ -85,6 +123,10 @@ pub struct Ocsp {
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<String, Answer>>,
+    /// Request encodings already parsed: issuer id and serial (hex) of a
+    /// plain single query. Clients repeat the same bytes for a certificate,
+    /// so a repeated request is answered without parsing it again.
+    seen: RwLock<HashMap<Box<[u8]>, SeenQuery>>,
     fresh: Semaphore,
     /// Metric handles, made once: the hot path only bumps them.
     counters: HashMap<&'static str, metrics::Counter>,
@@ -123,6 +165,7 @@ impl Ocsp {
             settings,
             current: RwLock::new(HashMap::new()),
             cache: RwLock::new(HashMap::new()),
+            seen: RwLock::new(HashMap::new()),
             counters: STATUSES
                 .iter()
                 .map(|s| {
@@ -300,12 +343,7 @@ impl Ocsp {
             if self.authority.is_revoked(&serial).await? {
                 continue;
             }
-            let a = Answer {
-                status: "good",
-                etag: etag_of(&r.der),
-                der: r.der.into(),
-                window: Some((r.this_update, r.next_update)),
-            };
+            let a = Answer::new("good", r.der, Some((r.this_update, r.next_update)));
             let mut cache = write(&self.cache);
             let newer = cache
                 .get(&r.serial)
@@ -412,14 +450,13 @@ impl Ocsp {
             [(_, Status::Unknown)] => "unknown",
             _ => "multiple",
         };
-        Ok(Answer {
+        Ok(Answer::new(
             status,
-            etag: etag_of(&der),
-            der: der.into(),
-            window: nonce
+            der,
+            nonce
                 .is_none()
                 .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp())),
-        })
+        ))
     }
 
     /// The delegated responder of each serving issuer: issuer id and the
@@ -450,21 +487,42 @@ impl Ocsp {
     async fn answer_or_refuse(&self, request: &[u8]) -> Answer {
         match self.try_answer(request).await {
             Ok(a) => a,
-            Err(r) => Answer {
-                status: match r {
+            Err(r) => Answer::new(
+                match r {
                     Refusal::Malformed => "malformed",
                     Refusal::Unauthorized => "unauthorized",
                     Refusal::Internal => "error",
                     Refusal::TryLater => "try_later",
                 },
-                der: ocsp::refusal(r).into(),
-                etag: String::new(),
-                window: None,
-            },
+                ocsp::refusal(r),
+                None,
+            ),
         }
     }
 
+    /// The pre-signed answer for a request seen before, if any.
+    fn seen(&self, request: &[u8]) -> Option<Answer> {
+        let seen = read(&self.seen);
+        let (issuer, serial) = seen.get(request)?;
+        if !read(&self.current).contains_key(issuer) {
+            return None;
+        }
+        read(&self.cache).get(serial).cloned()
+    }
+
+    /// Remembers what a plain single-query request asks for.
+    fn remember(&self, request: &[u8], issuer: &str, serial: String) {
+        let mut seen = write(&self.seen);
+        if seen.len() >= SEEN_MAX {
+            seen.clear();
+        }
+        seen.insert(request.into(), (issuer.to_string(), serial));
+    }
+
     async fn try_answer(&self, request: &[u8]) -> Result<Answer, Refusal> {
+        if let Some(a) = self.seen(request) {
+            return Ok(a);
+        }
         let req = ocsp::parse_request(request)?;
         // One responder signs the whole answer, so every query must name the
         // same issuer (RFC 6960 §4.2.1 leaves mixed requests to the responder).
@@ -484,10 +542,13 @@ impl Ocsp {
             NoncePolicy::Honour => req.nonce.as_deref(),
             NoncePolicy::Ignore => None,
         };
-        if let ([q], None) = (req.queries.as_slice(), nonce)
-            && let Some(a) = read(&self.cache).get(&q.serial.to_hex())
-        {
-            return Ok(a.clone());
+        if let ([q], None) = (req.queries.as_slice(), nonce) {
+            let hex = q.serial.to_hex();
+            let cached = read(&self.cache).get(&hex).cloned();
+            if let Some(a) = cached {
+                self.remember(request, &cur.signer.issuer_id, hex);
+                return Ok(a);
+            }
         }
         // Signed now: bounded, so floods of nonces or unknown serials cannot
         // take the responder down.
