@@ -27,11 +27,14 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
     assert_eq!(status, 200);
     let roots_path = work.join("roots.pem");
     std::fs::write(&roots_path, &roots).unwrap();
-    assert_eq!(
-        std::fs::read(work.join("data/DEV-ONLY-root/root.crt")).unwrap(),
-        roots,
-        "/roots.pem serves the configured root"
+    let root = std::fs::read_to_string(work.join("data/DEV-ONLY-root/root.crt")).unwrap();
+    let bundle = String::from_utf8(roots.clone()).unwrap();
+    assert!(
+        bundle.starts_with(&root),
+        "/roots.pem starts with the configured root: {bundle}"
     );
+    // Then the active issuer (the dev intermediate).
+    assert_eq!(pem_blocks(&bundle).len(), 2, "{bundle}");
     assert_eq!(http_get(server.port, "/ca/nothex.crt").unwrap().0, 404);
 
     // Every CSR key type, verified by openssl against the served root only.

@@ -342,7 +342,11 @@ async fn tonic_client_flow_and_every_refusal() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(bundle.roots_pem.trim(), ca.roots.trim());
+    // /roots.pem is the same bundle: roots, then intermediates.
+    assert_eq!(
+        format!("{}{}", bundle.roots_pem, bundle.intermediates_pem).trim(),
+        ca.roots.trim()
+    );
     assert_eq!(bundle.active_issuer.len(), 32);
 
     // Server reflection lists the service.

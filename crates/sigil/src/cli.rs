@@ -328,7 +328,7 @@ pub enum CrlCmd {
 pub enum CrossCertCmd {
     /// Checks a cross-certificate from `sigil root cross-sign` against the
     /// configured roots (both must be listed in ca.roots) and installs it:
-    /// it joins /bundle.pem and GetTrustBundle, and ACME offers chains
+    /// it joins /roots.pem and GetTrustBundle, and ACME offers chains
     /// through it as Link rel="alternate".
     Install {
         /// Server configuration.

@@ -236,7 +236,7 @@ pub async fn install_staged(config: &Path, cert: &Path) -> Result<ExitCode> {
     println!("expires:    {}", info.not_after);
     println!("key:        {shown}");
     println!(
-        "It is in the trust bundle (/bundle.pem, gRPC GetTrustBundle) from now on; nothing issues from it yet."
+        "It is in the trust bundle (/roots.pem, gRPC GetTrustBundle) from now on; nothing issues from it yet."
     );
     println!(
         "next: `sigil intermediate activate --config {} [--at TIME] [--renew-all-by TIME]`",

@@ -32,7 +32,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/roots.pem", get(roots_pem))
+        .route("/roots.pem", get(bundle_pem))
         .route("/bundle.pem", get(bundle_pem))
         .route("/ca/{file}", get(ca_cert))
         .with_state(state)
@@ -189,20 +189,12 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-async fn roots_pem(State(s): State<Arc<HttpState>>) -> Response {
-    let body: String = s.roots.iter().map(|r| pem("CERTIFICATE", &r.der)).collect();
-    (
-        [(header::CONTENT_TYPE, "application/pem-certificate-chain")],
-        body,
-    )
-        .into_response()
-}
-
-/// Roots, then every issuer relying parties should accept now: staged (so
-/// peers trust it before it issues), active, and previous ones, then
-/// cross-certificates between roots (during a root rotation). Roots alone
-/// stay at /roots.pem: trusting an intermediate as an anchor would outlive
-/// its revocation by the root.
+/// The trust bundle, at `/roots.pem` (and `/bundle.pem`): the roots first,
+/// then every issuer relying parties should accept now: staged (so peers
+/// trust it before it issues), active and previous ones, then
+/// cross-certificates between roots (during a root rotation). Issuers leave
+/// it when they retire. gRPC `GetTrustBundle` returns the same, with roots
+/// and intermediates apart.
 async fn bundle_pem(State(s): State<Arc<HttpState>>) -> Response {
     let issuers = match s.authority.trusted_issuers().await {
         Ok(i) => i,
