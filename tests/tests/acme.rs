@@ -1961,11 +1961,48 @@ async fn two_nodes_on_postgres() -> Option<(Acme, u16, Server, String)> {
 /// The same on PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
-    let Some((a, port_a, node_b, _)) = two_nodes_on_postgres().await else {
+    let Some((a, port_a, node_b, cfg)) = two_nodes_on_postgres().await else {
         return;
     };
     let port_b = node_b.https_port.unwrap();
     shared_state_checks(&a, port_a, port_b).await;
+
+    // One OCSP responder for both nodes: made by the job node, its key
+    // sealed in the database, opened by the other.
+    let audit = ok(sigil(&[
+        "audit", "list", "--config", &cfg, "--limit", "1000",
+    ]));
+    let issued = audit
+        .lines()
+        .filter(|l| l.contains("ocsp_signer.issued"))
+        .count();
+    assert_eq!(issued, 1, "{audit}");
+    if have("openssl") {
+        let int = a.data.join("intermediate.crt").display().to_string();
+        let responder = |port: u16| {
+            let out = run(
+                "openssl",
+                &[
+                    "ocsp",
+                    "-issuer",
+                    &int,
+                    "-serial",
+                    "0x1234",
+                    "-url",
+                    &format!("http://127.0.0.1:{port}/ocsp"),
+                    "-noverify",
+                    "-resp_text",
+                ],
+            );
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.lines()
+                .find(|l| l.contains("Responder Id:"))
+                .unwrap_or_else(|| panic!("no responder id: {text}"))
+                .trim()
+                .to_string()
+        };
+        assert_eq!(responder(a.server.port), responder(node_b.port));
+    }
     node_b.stop();
 }
 

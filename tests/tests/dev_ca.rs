@@ -253,5 +253,22 @@ fn dev_ca_restart_reuses_data_dir() {
         config.contains(&format!("http://127.0.0.1:{}", s.port)),
         "{config}"
     );
+    // The OCSP responder made at first start (its key sealed in the
+    // database) is opened again rather than replaced.
+    let cfg = tmp.path().join("d/sigil.toml").display().to_string();
+    let audit = ok(sigil(&[
+        "audit", "list", "--config", &cfg, "--limit", "1000",
+    ]));
+    let issued: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("ocsp_signer.issued"))
+        .collect();
+    assert_eq!(issued.len(), 1, "{audit}");
+    assert!(issued[0].contains("database"), "{audit}");
+    assert!(
+        s.log_text().contains("using the shared OCSP responder"),
+        "{}",
+        s.log_text()
+    );
     s.stop();
 }

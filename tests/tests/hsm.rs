@@ -247,4 +247,43 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
         String::from_utf8_lossy(&verify.stderr)
     );
     server.stop();
+
+    // After a restart the responder key is opened in the token (a
+    // persistent object), not made again, and still signs verifiable answers.
+    let server = Server::start(&["--config", &cfg], work, &[]);
+    let audit = ok(sigil(&[
+        "audit", "list", "--config", &cfg, "--limit", "100",
+    ]));
+    assert_eq!(
+        audit
+            .lines()
+            .filter(|l| l.contains("ocsp_signer.issued"))
+            .count(),
+        1,
+        "{audit}"
+    );
+    let ocsp = run(
+        "openssl",
+        &[
+            "ocsp",
+            "-issuer",
+            &p("int.pem"),
+            "-cert",
+            &p("leaf.pem"),
+            "-url",
+            &format!("http://127.0.0.1:{}/ocsp", server.port),
+            "-CAfile",
+            &p("root/root.crt"),
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ocsp.stdout),
+        String::from_utf8_lossy(&ocsp.stderr)
+    );
+    assert!(
+        text.contains("Response verify OK") && text.contains("leaf.pem: good"),
+        "{text}"
+    );
+    server.stop();
 }

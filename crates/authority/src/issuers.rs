@@ -22,6 +22,20 @@ pub const RETIRE_GRACE_SECS: i64 = 3600;
 pub trait IssuerKeys: Send + Sync {
     /// Loads the key of `issuer`.
     fn load(&self, issuer: &IssuerRow) -> Result<CaKey, Error>;
+
+    /// Encrypts a key (PKCS#8) so that it can be kept in the database and
+    /// opened by every node holding the same secrets (the shared OCSP
+    /// responder key). `None`: this store cannot seal keys.
+    fn seal(&self, _pkcs8: &[u8]) -> Option<Result<Vec<u8>, Error>> {
+        None
+    }
+
+    /// Opens a key sealed by [`IssuerKeys::seal`].
+    fn unseal(&self, _sealed: &[u8]) -> Result<CaKey, Error> {
+        Err(Error::Unavailable(
+            "this node cannot open sealed keys".into(),
+        ))
+    }
 }
 
 /// The issuers this node holds keys for, by state.

@@ -102,10 +102,17 @@ impl ActiveIssuer {
     }
 }
 
+/// Label prefix of shared OCSP responder keys kept in a PKCS#11 token.
+const OCSP_KEY_PREFIX: &str = "sigil-ocsp-";
+
 /// A delegated OCSP responder: its key (held here, usable only to sign) and
 /// its certificate from the active issuer.
 pub struct OcspSigner {
     key: CaKey,
+    /// Serial of the responder certificate, lowercase hex.
+    pub serial: String,
+    /// Whether it is the responder stored for every node (else this node's own).
+    pub shared: bool,
     /// The responder certificate, DER.
     pub cert_der: Vec<u8>,
     /// Its issuer's certificate, DER (included in responses for chaining).
@@ -828,25 +835,61 @@ impl Authority {
             .collect())
     }
 
-    /// Creates a delegated OCSP responder for a loaded issuer: a fresh P-256
-    /// key and a short-lived certificate (audited as `ocsp_signer.issued`).
+    /// Issues a new delegated OCSP responder for a loaded issuer. With
+    /// `share`, it becomes the responder of every node: its key is kept in
+    /// the issuer's token (a persistent object) or sealed in the database,
+    /// and the row and its audit record are written together. Without, or
+    /// when this node cannot share keys, the key stays with this process
+    /// (in memory, or as a token session object).
     pub async fn new_ocsp_signer(
         &self,
         issuer_id: &str,
         lifetime: Duration,
+        share: bool,
     ) -> Result<OcspSigner, Error> {
         let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
-        // With the issuer key in a token, the responder key is made there too
-        // (a session object: it never leaves the token and vanishes with the
-        // process); otherwise in memory.
-        let key: CaKey = match &issuer.token {
-            Some(token) => token.session_key(sigil_core::KeySpec::EcdsaP256)?.into(),
-            None => SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?
-                .0
-                .into(),
-        };
         let serial = sigil_signer::random_serial()?;
+        let keys = self.keys.clone().filter(|_| share);
+        let label = format!("{OCSP_KEY_PREFIX}{}", serial.to_hex());
+        // The key, where it lives, and what the database keeps of it.
+        let (key, store, shared): (CaKey, &str, Option<(&str, Vec<u8>)>) =
+            match (&issuer.token, keys) {
+                (Some(token), Some(_)) => {
+                    let t = token.clone();
+                    let l = label.clone();
+                    let key = tokio::task::spawn_blocking(move || {
+                        t.token_key(sigil_core::KeySpec::EcdsaP256, &l)
+                    })
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("making a token key: {e}")))??;
+                    (
+                        key.into(),
+                        "pkcs11",
+                        Some(("pkcs11", label.clone().into_bytes())),
+                    )
+                }
+                (Some(token), None) => (
+                    token.session_key(sigil_core::KeySpec::EcdsaP256)?.into(),
+                    "pkcs11-session",
+                    None,
+                ),
+                (None, keys) => {
+                    let (key, pkcs8) = SoftwareKey::generate(sigil_core::KeySpec::EcdsaP256)?;
+                    // Sealing is deliberately slow (PBKDF2): off the runtime.
+                    let sealed = match keys {
+                        Some(k) => tokio::task::spawn_blocking(move || k.seal(&pkcs8))
+                            .await
+                            .map_err(|e| Error::Unavailable(format!("sealing a key: {e}")))?
+                            .transpose()?,
+                        None => None,
+                    };
+                    match sealed {
+                        Some(blob) => (key.into(), "database", Some(("sealed", blob))),
+                        None => (key.into(), "memory", None),
+                    }
+                }
+            };
         let now = self.clock.now();
         let params = sigil_core::template::ocsp_signer_params(
             &info.subject,
@@ -857,26 +900,153 @@ impl Authority {
         );
         let cert_der = issuer.signer.sign_ocsp_signer(&params, &key)?;
         let leaf = LeafInfo::from_der(&cert_der)?;
-        self.record(
-            "ocsp_signer.issued",
-            "system",
-            &serial.to_hex(),
-            json!({
-                "issuer": info.id.as_str(),
-                "not_after": leaf.not_after.unix_timestamp(),
-                "sha256": sigil_core::sha256_hex(&cert_der),
-                "key_store": if issuer.token.is_some() { "pkcs11" } else { "memory" },
-            }),
-        )
-        .await?;
+        let detail = json!({
+            "issuer": info.id.as_str(),
+            "not_after": leaf.not_after.unix_timestamp(),
+            "sha256": sigil_core::sha256_hex(&cert_der),
+            "key_store": store,
+            "shared": shared.is_some(),
+        });
+        let event = AuditEvent {
+            ts_ms: unix_ms(now),
+            kind: "ocsp_signer.issued".into(),
+            actor: "system".into(),
+            subject: serial.to_hex(),
+            detail,
+        };
+        let previous = match &shared {
+            Some(_) => self.store.ocsp_signer(info.id.as_str()).await?,
+            None => None,
+        };
+        let committed = match shared {
+            Some((kind, data)) => {
+                self.store
+                    .commit(Change::OcspSigner {
+                        row: sigil_store::OcspSignerRow {
+                            issuer_id: info.id.to_string(),
+                            serial: serial.to_hex(),
+                            cert_der: cert_der.clone(),
+                            key_kind: kind.into(),
+                            key_data: data,
+                            not_after: leaf.not_after.unix_timestamp(),
+                            created_at: now.unix_timestamp(),
+                        },
+                        event,
+                    })
+                    .await
+            }
+            None => self.store.commit(Change::Record(event)).await,
+        };
+        if let Err(e) = committed {
+            if let Some(token) = issuer.token.as_ref().filter(|_| store == "pkcs11") {
+                let _ = token.destroy_key(&label);
+            }
+            return Err(e.into());
+        }
+        // Responder keys in the token other than the new and the replaced
+        // one (which other nodes may still use for a few seconds) are from
+        // responders whose successor has long taken over: remove them.
+        if store == "pkcs11"
+            && let Some(token) = issuer.token.clone()
+        {
+            let old = previous
+                .filter(|p| p.key_kind == "pkcs11")
+                .and_then(|p| String::from_utf8(p.key_data).ok());
+            let keep: Vec<String> = [Some(label.clone()), old].into_iter().flatten().collect();
+            let cleaned = tokio::task::spawn_blocking(move || {
+                let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+                token.destroy_keys_except(OCSP_KEY_PREFIX, &keep)
+            })
+            .await;
+            match cleaned {
+                Ok(Ok(n)) if n > 0 => tracing::info!(
+                    removed = n,
+                    "removed old OCSP responder keys from the token"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "removing old OCSP responder keys from the token failed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "removing old OCSP responder keys from the token failed")
+                }
+            }
+        }
         Ok(OcspSigner {
             key_hash: sigil_core::ocsp::key_hash(key.public_key()),
             key,
+            serial: serial.to_hex(),
+            shared: store == "database" || store == "pkcs11",
             cert_der,
             issuer_der: info.der.clone(),
             issuer_id: info.id.to_string(),
             not_after: leaf.not_after,
         })
+    }
+
+    /// Whether this node can make OCSP responders every node uses (it has a
+    /// key store to seal their keys with, or a token to keep them in).
+    pub fn shares_ocsp_signers(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The shared OCSP responder stored for an issuer: its serial and
+    /// notAfter (unix s), without opening its key.
+    pub async fn stored_ocsp_signer(
+        &self,
+        issuer_id: &str,
+    ) -> Result<Option<(String, i64)>, Error> {
+        Ok(self
+            .store
+            .ocsp_signer(issuer_id)
+            .await?
+            .map(|r| (r.serial, r.not_after)))
+    }
+
+    /// Opens the shared OCSP responder stored for a loaded issuer: unseals
+    /// its key, or opens it in the issuer's token.
+    pub async fn open_ocsp_signer(&self, issuer_id: &str) -> Result<Option<OcspSigner>, Error> {
+        let issuer = self.held_issuer(issuer_id)?;
+        let Some(row) = self.store.ocsp_signer(issuer_id).await? else {
+            return Ok(None);
+        };
+        let keys = self.keys.clone();
+        let token = issuer.token.clone();
+        let kind = row.key_kind.clone();
+        let data = row.key_data.clone();
+        let key: CaKey = tokio::task::spawn_blocking(move || -> Result<CaKey, Error> {
+            match (kind.as_str(), token, keys) {
+                ("pkcs11", Some(token), _) => {
+                    let label = String::from_utf8(data).map_err(|_| {
+                        Error::Unavailable("stored responder key label is not text".into())
+                    })?;
+                    Ok(token.open_key(&label)?.into())
+                }
+                ("sealed", _, Some(keys)) => keys.unseal(&data),
+                (kind, _, _) => Err(Error::Unavailable(format!(
+                    "this node cannot open the stored OCSP responder key ({kind})"
+                ))),
+            }
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("opening the responder key: {e}")))??;
+        let leaf = LeafInfo::from_der(&row.cert_der)?;
+        if leaf.public_key.raw() != key.public_key().raw() {
+            return Err(Error::Unavailable(format!(
+                "the stored OCSP responder {} does not match its key",
+                row.serial
+            )));
+        }
+        Ok(Some(OcspSigner {
+            key_hash: sigil_core::ocsp::key_hash(key.public_key()),
+            key,
+            serial: row.serial,
+            shared: true,
+            cert_der: row.cert_der,
+            issuer_der: issuer.info().der.clone(),
+            issuer_id: issuer_id.to_string(),
+            not_after: leaf.not_after,
+        }))
     }
 
     fn held_issuer(&self, id: &str) -> Result<Arc<ActiveIssuer>, Error> {

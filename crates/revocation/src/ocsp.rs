@@ -192,25 +192,68 @@ impl Ocsp {
         Ok(out)
     }
 
+    /// The responder of one issuer. Every node uses the one stored in the
+    /// database; the job node makes a new one when it has less than half its
+    /// life left (or none is stored), so rotation runs on one node at a
+    /// time. A node that cannot open the stored one (or where none can be
+    /// stored) uses its own.
     async fn ensure_signer(
         &self,
         issuer: &ActiveIssuer,
     ) -> Result<Arc<Current>, sigil_authority::Error> {
         let now = self.authority.now();
         let id = issuer.info().id.as_str();
-        if let Some(c) = read(&self.current).get(id)
-            && c.signer.not_after - now >= self.settings.signer_lifetime / 2
+        let half = self.settings.signer_lifetime / 2;
+        let leading = self.leader.is_leading();
+        let current = read(&self.current).get(id).cloned();
+        // Followers take any stored responder that still outlives the
+        // responses it signs; the job node wants half its life left.
+        let enough = if leading {
+            half
+        } else {
+            self.settings.validity
+        };
+        let stored = self.authority.stored_ocsp_signer(id).await?;
+        if let Some((serial, not_after)) = &stored
+            && *not_after - now.unix_timestamp()
+                >= i64::try_from(enough.as_secs()).unwrap_or(i64::MAX)
         {
-            return Ok(c.clone());
+            if let Some(c) = &current
+                && c.signer.serial == *serial
+            {
+                return Ok(c.clone());
+            }
+            match self.authority.open_ocsp_signer(id).await {
+                Ok(Some(signer)) => {
+                    tracing::info!(issuer = %id, serial = %signer.serial, "using the shared OCSP responder");
+                    return Ok(self.install(issuer, signer));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(issuer = %id, error = %e, "cannot open the shared OCSP responder; using this node's own")
+                }
+            }
+        }
+        // This node's own responder, while fresh: kept by a follower when
+        // nothing usable is stored, and by the job node when it cannot share.
+        let own = current.filter(|c| !c.signer.shared && c.signer.not_after - now >= half);
+        if let Some(c) = own
+            && (!leading || !self.authority.shares_ocsp_signers())
+        {
+            return Ok(c);
         }
         let signer = self
             .authority
-            .new_ocsp_signer(id, self.settings.signer_lifetime)
+            .new_ocsp_signer(id, self.settings.signer_lifetime, leading)
             .await?;
+        Ok(self.install(issuer, signer))
+    }
+
+    fn install(&self, issuer: &ActiveIssuer, signer: sigil_authority::OcspSigner) -> Arc<Current> {
         let hashes = IssuerHashes::of(issuer.info());
         let cur = Arc::new(Current { signer, hashes });
-        write(&self.current).insert(id.to_string(), cur.clone());
-        Ok(cur)
+        write(&self.current).insert(issuer.info().id.to_string(), cur.clone());
+        cur
     }
 
     /// Signs responses for every unexpired certificate of every serving

@@ -126,26 +126,31 @@ impl KeyStore {
         }
     }
 
+    /// Runs `use_it` with the key-file passphrase (obtained on first use).
+    fn with_passphrase<T>(&self, use_it: impl FnOnce(&Passphrase) -> Result<T>) -> Result<T> {
+        self.with_secret(
+            &self.pass,
+            || {
+                passphrase::obtain(
+                    self.passphrase_file.as_deref(),
+                    passphrase::KEY_ENV,
+                    "intermediate key",
+                )
+            },
+            use_it,
+        )
+    }
+
     /// Opens a key and proves it signs (a test signature, verified).
     pub fn open(&self, location: &KeyLocation) -> Result<CaKey> {
         match location {
-            KeyLocation::File(path) => self.with_secret(
-                &self.pass,
-                || {
-                    passphrase::obtain(
-                        self.passphrase_file.as_deref(),
-                        passphrase::KEY_ENV,
-                        "intermediate key",
-                    )
-                },
-                |pass| {
-                    let key: CaKey = read_encrypted_key(path, pass)?.into();
-                    key.self_test().with_context(|| {
-                        format!("the key in {} failed a test signature", path.display())
-                    })?;
-                    Ok(key)
-                },
-            ),
+            KeyLocation::File(path) => self.with_passphrase(|pass| {
+                let key: CaKey = read_encrypted_key(path, pass)?.into();
+                key.self_test().with_context(|| {
+                    format!("the key in {} failed a test signature", path.display())
+                })?;
+                Ok(key)
+            }),
             KeyLocation::Token(uri) => {
                 let key: CaKey = self.with_secret(
                     &self.pin,
@@ -210,5 +215,24 @@ impl IssuerKeys for KeyStore {
         self.open(&location).map_err(|e| {
             AuthorityError::Config(format!("key of issuer {} ({location}): {e:#}", issuer.id))
         })
+    }
+
+    /// Seals with the intermediate key's passphrase: whoever can open the
+    /// key files can open the shared OCSP responder key.
+    fn seal(&self, pkcs8: &[u8]) -> Option<Result<Vec<u8>, AuthorityError>> {
+        Some(
+            self.with_passphrase(|pass| Ok(sigil_signer::seal_key(pkcs8, pass)?))
+                .map_err(|e| AuthorityError::Unavailable(format!("sealing a key: {e:#}"))),
+        )
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<CaKey, AuthorityError> {
+        self.with_passphrase(|pass| {
+            let key: CaKey =
+                sigil_signer::unseal_key(sealed, pass, "the stored OCSP responder key")?.into();
+            key.self_test()?;
+            Ok(key)
+        })
+        .map_err(|e| AuthorityError::Unavailable(format!("{e:#}")))
     }
 }

@@ -52,8 +52,23 @@ impl std::fmt::Debug for Passphrase {
     }
 }
 
-/// Encrypts a PKCS#8 key and writes it as PEM to a new file with mode 0600.
-pub fn write_encrypted_key(path: &Path, pkcs8_der: &[u8], pass: &Passphrase) -> Result<(), Error> {
+/// Encrypts a PKCS#8 key (PBES2, as in key files) into a DER
+/// `EncryptedPrivateKeyInfo`: how a key is sealed for the database.
+pub fn seal_key(pkcs8_der: &[u8], pass: &Passphrase) -> Result<Vec<u8>, Error> {
+    Ok(encrypt(pkcs8_der, pass)?.as_bytes().to_vec())
+}
+
+/// Opens a key sealed by [`seal_key`]; `what` names it in errors.
+pub fn unseal_key(sealed: &[u8], pass: &Passphrase, what: &str) -> Result<SoftwareKey, Error> {
+    let enc =
+        EncryptedPrivateKeyInfoRef::try_from(sealed).map_err(|_| Error::Decrypt(what.into()))?;
+    let plain = enc
+        .decrypt(pass.0.as_bytes())
+        .map_err(|_| Error::Decrypt(what.into()))?;
+    SoftwareKey::from_pkcs8(plain.as_bytes(), what)
+}
+
+fn encrypt(pkcs8_der: &[u8], pass: &Passphrase) -> Result<pkcs8::der::SecretDocument, Error> {
     if pass.0.chars().count() < MIN_PASSPHRASE_LEN {
         return Err(Error::Passphrase(format!(
             "use at least {MIN_PASSPHRASE_LEN} characters"
@@ -67,9 +82,13 @@ pub fn write_encrypted_key(path: &Path, pkcs8_der: &[u8], pass: &Passphrase) -> 
     crate::random_bytes(&mut iv)?;
     let params = pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, iv)
         .map_err(|_| Error::Crypto("PBES2 parameters"))?;
-    let enc = info
-        .encrypt_with_params(params, pass.0.as_bytes())
-        .map_err(|_| Error::Crypto("key encryption failed"))?;
+    info.encrypt_with_params(params, pass.0.as_bytes())
+        .map_err(|_| Error::Crypto("key encryption failed"))
+}
+
+/// Encrypts a PKCS#8 key and writes it as PEM to a new file with mode 0600.
+pub fn write_encrypted_key(path: &Path, pkcs8_der: &[u8], pass: &Passphrase) -> Result<(), Error> {
+    let enc = encrypt(pkcs8_der, pass)?;
     let pem = enc
         .to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
         .map_err(|_| Error::Crypto("PEM encoding failed"))?;

@@ -13,7 +13,7 @@ mod software;
 
 pub use ceremony::{CaSigner, intermediate_csr, self_signed_root, sign_intermediate};
 pub use error::Error;
-pub use keyfile::{Passphrase, read_encrypted_key, write_encrypted_key};
+pub use keyfile::{Passphrase, read_encrypted_key, seal_key, unseal_key, write_encrypted_key};
 pub use pkcs11::{Pkcs11Key, Pkcs11Uri, TokenHandle};
 pub use software::SoftwareKey;
 

@@ -252,6 +252,87 @@ impl TokenHandle {
         self.context.get_token_info(self.slot).is_ok()
     }
 
+    /// Generates a key stored in the token under `label` (sensitive, never
+    /// extractable), which other processes logged in to the token can open
+    /// with [`TokenHandle::open_key`]. Refuses a label already taken.
+    pub fn token_key(&self, spec: KeySpec, label: &str) -> Result<Pkcs11Key, Error> {
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        if find(&session, ObjectClass::PRIVATE_KEY, label)?.is_some() {
+            return Err(Error::Exists(format!(
+                "a key labelled '{label}' in the token"
+            )));
+        }
+        let (key, public) = generate_pair(&session, spec, label, true)?;
+        Pkcs11Key::assemble(self.context.clone(), session, self.slot, key, public, label)
+    }
+
+    /// Opens a key stored in the token under `label`.
+    pub fn open_key(&self, label: &str) -> Result<Pkcs11Key, Error> {
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        let missing = || Error::Pkcs11(format!("the token has no key pair labelled '{label}'"));
+        let key = find(&session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
+        let public = find(&session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
+        Pkcs11Key::assemble(self.context.clone(), session, self.slot, key, public, label)
+    }
+
+    /// Destroys the key pair stored under `label`, if there is one.
+    pub fn destroy_key(&self, label: &str) -> Result<(), Error> {
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            if let Some(object) = find(&session, class, label)? {
+                session
+                    .destroy_object(object)
+                    .map_err(ck("destroying a token object"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys every key pair whose label starts with `prefix`, except
+    /// those labelled as in `keep`; returns how many were destroyed.
+    pub fn destroy_keys_except(&self, prefix: &str, keep: &[&str]) -> Result<usize, Error> {
+        let session = self
+            .context
+            .open_rw_session(self.slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        let mut destroyed = 0;
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let objects = session
+                .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
+                .map_err(ck("searching the token"))?;
+            for object in objects {
+                let attrs = session
+                    .get_attributes(object, &[AttributeType::Label])
+                    .map_err(ck("reading a token object label"))?;
+                let label = attrs.iter().find_map(|a| match a {
+                    Attribute::Label(l) => String::from_utf8(l.clone()).ok(),
+                    _ => None,
+                });
+                if let Some(label) = label
+                    && label.starts_with(prefix)
+                    && !keep.contains(&label.as_str())
+                {
+                    session
+                        .destroy_object(object)
+                        .map_err(ck("destroying a token object"))?;
+                    if class == ObjectClass::PRIVATE_KEY {
+                        destroyed += 1;
+                    }
+                }
+            }
+        }
+        Ok(destroyed)
+    }
+
     /// A short-lived key that lives only as long as the returned handle (a
     /// session object: never stored in the token, gone when the process
     /// ends). For delegated OCSP responders of an issuer held in the token.

@@ -118,6 +118,18 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("der", Blob),
         ],
     ),
+    (
+        "ocsp_signers",
+        &[
+            ("issuer_id", Text),
+            ("serial", Text),
+            ("cert_der", Blob),
+            ("key_kind", Text),
+            ("key_data", Blob),
+            ("not_after", Int),
+            ("created_at", Int),
+        ],
+    ),
     ("acme_secrets", &[("name", Text), ("value", Blob)]),
     ("acme_nonces", &[("nonce", Text), ("expires_at", Int)]),
     (

@@ -19,7 +19,7 @@ pub use copy::CopyReport;
 pub use error::Error;
 pub use rows::{
     CertificateRow, CrlRow, IssuerRow, IssuerState, NewCertificate, NewIssuer, NewRevocation,
-    RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
+    OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
 };
 pub use writer::{Change, IssuerChange};
 
@@ -197,7 +197,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 8] = match backend {
+    let files: [(i64, &str, &'static str); 9] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -238,6 +238,11 @@ fn migrator(backend: Backend) -> Migrator {
                 8,
                 "crl_shards",
                 include_str!("../../../migrations/sqlite/0008_crl_shards.sql"),
+            ),
+            (
+                9,
+                "ocsp_signers",
+                include_str!("../../../migrations/sqlite/0009_ocsp_signers.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -280,6 +285,11 @@ fn migrator(backend: Backend) -> Migrator {
                 8,
                 "crl_shards",
                 include_str!("../../../migrations/postgres/0008_crl_shards.sql"),
+            ),
+            (
+                9,
+                "ocsp_signers",
+                include_str!("../../../migrations/postgres/0009_ocsp_signers.sql"),
             ),
         ],
     };

@@ -174,6 +174,37 @@ pub struct SignedOcsp {
     pub der: Vec<u8>,
 }
 
+/// The shared delegated OCSP responder of an issuer.
+#[derive(Clone)]
+pub struct OcspSignerRow {
+    /// Issuer id.
+    pub issuer_id: String,
+    /// Serial of the responder certificate, lowercase hex.
+    pub serial: String,
+    /// The responder certificate.
+    pub cert_der: Vec<u8>,
+    /// `sealed` (encrypted PKCS#8 in `key_data`) or `pkcs11` (the label of a
+    /// token object in `key_data`).
+    pub key_kind: String,
+    /// The sealed key or the token object label.
+    pub key_data: Vec<u8>,
+    /// notAfter of the certificate (unix s).
+    pub not_after: i64,
+    /// When it was made (unix s).
+    pub created_at: i64,
+}
+
+impl std::fmt::Debug for OcspSignerRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OcspSignerRow")
+            .field("issuer_id", &self.issuer_id)
+            .field("serial", &self.serial)
+            .field("key_kind", &self.key_kind)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A published CRL.
 #[derive(Debug, Clone)]
 pub struct CrlRow {
@@ -602,6 +633,29 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The shared OCSP responder of an issuer, if one was stored.
+    pub async fn ocsp_signer(&self, issuer_id: &str) -> Result<Option<OcspSignerRow>, Error> {
+        let row = sqlx::query(
+            "SELECT issuer_id, serial, cert_der, key_kind, key_data, not_after, created_at \
+             FROM ocsp_signers WHERE issuer_id = $1",
+        )
+        .bind(issuer_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<OcspSignerRow, Error> {
+            Ok(OcspSignerRow {
+                issuer_id: r.try_get("issuer_id")?,
+                serial: r.try_get("serial")?,
+                cert_der: r.try_get("cert_der")?,
+                key_kind: r.try_get("key_kind")?,
+                key_data: r.try_get("key_data")?,
+                not_after: r.try_get("not_after")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
     }
 
     /// The newest stored CRL of an issuer.

@@ -47,6 +47,13 @@ pub enum Change {
         /// Its audit event.
         event: AuditEvent,
     },
+    /// A new shared OCSP responder for an issuer (replaces the stored one).
+    OcspSigner {
+        /// The responder.
+        row: crate::rows::OcspSignerRow,
+        /// Its audit event.
+        event: AuditEvent,
+    },
     /// An ACME account or EAB key change.
     Acme {
         /// The change.
@@ -113,6 +120,7 @@ impl Change {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
             | Change::Issuer { event, .. }
+            | Change::OcspSigner { event, .. }
             | Change::Acme { event, .. }
             | Change::Record(event) => Some(event),
             Change::State(_) => None,
@@ -124,6 +132,7 @@ impl Change {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
             | Change::Issuer { event, .. }
+            | Change::OcspSigner { event, .. }
             | Change::Acme { event, .. }
             | Change::Record(event) => Some(event),
             Change::State(_) => None,
@@ -275,6 +284,7 @@ async fn write_batch(
         match change {
             Change::State(StateWrite::SpendNonce { .. }) => {}
             Change::Issuer { change, .. } => issuer_change(&mut tx, change).await?,
+            Change::OcspSigner { row, .. } => save_ocsp_signer(&mut tx, row).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
             Change::Issue {
@@ -579,6 +589,28 @@ async fn revoke(
         .execute(&mut **tx)
         .await?;
     }
+    Ok(())
+}
+
+async fn save_ocsp_signer(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    row: &crate::rows::OcspSignerRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO ocsp_signers (issuer_id, serial, cert_der, key_kind, key_data, not_after, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (issuer_id) DO UPDATE SET \
+         serial = excluded.serial, cert_der = excluded.cert_der, key_kind = excluded.key_kind, \
+         key_data = excluded.key_data, not_after = excluded.not_after, created_at = excluded.created_at",
+    )
+    .bind(row.issuer_id.as_str())
+    .bind(row.serial.as_str())
+    .bind(row.cert_der.as_slice())
+    .bind(row.key_kind.as_str())
+    .bind(row.key_data.as_slice())
+    .bind(row.not_after)
+    .bind(row.created_at)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
