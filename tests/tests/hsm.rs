@@ -37,6 +37,34 @@ fn softhsm_token(pin: &str) -> Option<(String, String)> {
     Some((label, module))
 }
 
+/// `openssl ocsp` against the server: the leaf is `good` and the response
+/// verifies with the root alone.
+fn ocsp_good(work: &Path, port: u16) {
+    let ocsp = run(
+        "openssl",
+        &[
+            "ocsp",
+            "-issuer",
+            &work.join("int.pem").display().to_string(),
+            "-cert",
+            &work.join("leaf.pem").display().to_string(),
+            "-url",
+            &format!("http://127.0.0.1:{port}/ocsp"),
+            "-CAfile",
+            &work.join("root/root.crt").display().to_string(),
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ocsp.stdout),
+        String::from_utf8_lossy(&ocsp.stderr)
+    );
+    assert!(
+        text.contains("Response verify OK") && text.contains("leaf.pem: good"),
+        "{text}"
+    );
+}
+
 #[test]
 fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
     let pin = "hsm-pin-4711";
@@ -170,29 +198,7 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
         String::from_utf8_lossy(&verify.stderr)
     );
     // OCSP: the responder certificate was signed in the token by the server.
-    let ocsp = run(
-        "openssl",
-        &[
-            "ocsp",
-            "-issuer",
-            &p("int.pem"),
-            "-cert",
-            &p("leaf.pem"),
-            "-url",
-            &format!("http://127.0.0.1:{}/ocsp", server.port),
-            "-CAfile",
-            &p("root/root.crt"),
-        ],
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&ocsp.stdout),
-        String::from_utf8_lossy(&ocsp.stderr)
-    );
-    assert!(
-        text.contains("Response verify OK") && text.contains("leaf.pem: good"),
-        "{text}"
-    );
+    ocsp_good(work, server.port);
     // The responder key itself was made in the token.
     let audit = ok(sigil(&[
         "audit", "list", "--config", &cfg, "--limit", "100",
@@ -262,28 +268,6 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
         1,
         "{audit}"
     );
-    let ocsp = run(
-        "openssl",
-        &[
-            "ocsp",
-            "-issuer",
-            &p("int.pem"),
-            "-cert",
-            &p("leaf.pem"),
-            "-url",
-            &format!("http://127.0.0.1:{}/ocsp", server.port),
-            "-CAfile",
-            &p("root/root.crt"),
-        ],
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&ocsp.stdout),
-        String::from_utf8_lossy(&ocsp.stderr)
-    );
-    assert!(
-        text.contains("Response verify OK") && text.contains("leaf.pem: good"),
-        "{text}"
-    );
+    ocsp_good(work, server.port);
     server.stop();
 }

@@ -329,3 +329,44 @@ fn connection_limit_holds_new_connections_until_a_slot_frees() {
     drop(idle2);
     server.stop();
 }
+
+/// `server.request_timeout` (here 1s, from SIGIL_SERVER_REQUEST_TIMEOUT):
+/// an ACME request whose body never finishes arriving is answered 503 with
+/// `Retry-After` after the timeout instead of holding its handler, and the
+/// server keeps serving.
+#[test]
+fn a_request_that_takes_too_long_is_answered_503() {
+    if !have("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data"],
+        tmp.path(),
+        &[("SIGIL_SERVER_REQUEST_TIMEOUT", "1s")],
+    );
+    let https = server.https_port.expect("dev server HTTPS port");
+    // Headers announce 100 bytes of body; one arrives, then the client waits.
+    let script = format!(
+        "(printf 'POST /acme/new-account HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\
+         Content-Type: application/jose+json\\r\\nContent-Length: 100\\r\\n\\r\\n{{'; sleep 6) \
+         | openssl s_client -connect 127.0.0.1:{https} -quiet 2>/dev/null"
+    );
+    let started = Instant::now();
+    let out = run("sh", &["-c", &script]);
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 5"),
+        "{answer}"
+    );
+    assert!(answer.contains("request timed out"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        server.log_text().contains("request timed out"),
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(http_get(server.port, "/healthz").unwrap().0, 200);
+    server.stop();
+}

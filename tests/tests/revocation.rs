@@ -114,6 +114,23 @@ fn fetch_crl(port: u16, path: &str, dir: &Path, name: &str) -> std::path::PathBu
     pem
 }
 
+/// Fetches the CRL at `path` until its number differs from `before`
+/// (regenerated after a revocation); fails after 10 s.
+fn next_crl(port: u16, path: &str, dir: &Path, name: &str, before: &str) -> std::path::PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = fetch_crl(port, path, dir, name);
+        if crl_number(&c) != before {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} not regenerated within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn verify_with_crl(dir: &Path, crl: &Path) -> (bool, String) {
     verify_leaf_with_crl(dir, "leaf.pem", crl)
 }
@@ -260,18 +277,7 @@ fn sharded_crls_name_the_shard_and_list_only_its_certificates() {
         "superseded",
     ]));
     assert!(out.contains("revoked"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let c = fetch_crl(server.port, &shard_a, work, "shard-after");
-        if crl_number(&c) != n_before {
-            break c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shard CRL not regenerated within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let after = next_crl(server.port, &shard_a, work, "shard-after", &n_before);
     let (good, out) = verify_leaf_with_crl(work, "a.pem", &after);
     assert!(!good && out.contains("error 23"), "{out}");
     let listing = openssl_text(&[
@@ -366,15 +372,7 @@ fn crl_shows_a_revocation_within_seconds_and_key_compromise_blocks_the_key() {
         "keyCompromise",
     ]));
     assert!(out.contains("blocked"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let c = fetch_crl(server.port, &path, work, "after");
-        if crl_number(&c) != n_before {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "CRL not regenerated within 10 s");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let after = next_crl(server.port, &path, work, "after", &n_before);
     let (ok_after, out) = verify_with_crl(work, &after);
     assert!(!ok_after, "{out}");
     assert!(out.contains("error 23") && out.contains("revoked"), "{out}");
