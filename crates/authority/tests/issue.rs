@@ -731,3 +731,88 @@ async fn rotation_schedules_activation_and_retires_the_previous_issuer() {
     }
     assert!(store.verify_audit().await.unwrap().first_bad.is_none());
 }
+
+/// Issuer keys that can be added while the authority runs (a key file that
+/// appears on this host later).
+struct LateKeys(std::sync::Mutex<std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>>);
+
+impl sigil_authority::IssuerKeys for LateKeys {
+    fn load(&self, issuer: &sigil_authority::IssuerRow) -> Result<sigil_signer::CaKey, Error> {
+        let keys = self.0.lock().unwrap();
+        let pkcs8 = keys
+            .get(&issuer.id)
+            .ok_or_else(|| Error::Config(format!("no key for {}", issuer.id)))?;
+        Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?.into())
+    }
+}
+
+/// A node that cannot open the key of an issuer activated elsewhere keeps
+/// issuing from the issuer it has (its `/readyz` says why and takes it out of
+/// rotation), retries the key once a minute, and switches as soon as the key
+/// is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_missing_the_new_key_switches_once_the_key_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("late.db").display());
+    let start = SystemClock.now();
+    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
+    let ca = TestCa::new(start).unwrap();
+    let (next_der, next_pkcs8) = ca.another_intermediate(start).unwrap();
+    let first = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
+    let next = IssuerInfo::from_der(&next_der).unwrap();
+    let store = Store::open(&url).await.unwrap();
+    sigil_authority::issuers::install(&store, &first, None, "operator:test", start)
+        .await
+        .unwrap();
+    let keys = Arc::new(LateKeys(std::sync::Mutex::new(
+        [(first.id.to_string(), ca.intermediate_pkcs8.clone())]
+            .into_iter()
+            .collect(),
+    )));
+    let authority = Authority::open(
+        clock.clone(),
+        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
+        store.clone(),
+        Settings {
+            default_lifetime: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(86400),
+            urls: CaUrls::new("http://ca.test:8080"),
+            rate_per_minute: 0,
+        },
+        keys.clone(),
+    )
+    .await
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let csr = csr_with(&key, None, &["svc.internal"], vec![]);
+
+    // Staged and activated by another node; this one has no key for it.
+    sigil_authority::issuers::stage(&store, &next, "next.key".into(), "operator:test", start)
+        .await
+        .unwrap();
+    authority.sync().await.unwrap();
+    sigil_authority::issuers::activate(&store, next.id.as_str(), None, "operator:test", start)
+        .await
+        .unwrap();
+    // Sync keeps following the database (revocations) and reports the
+    // missing key in the log; the issuers here stay as they were.
+    let synced = authority.sync().await.unwrap();
+    assert!(!synced.rotated && !synced.issuers_changed);
+    assert_eq!(authority.active_issuer().info().id, first.id);
+    let leaf = authority.issue(req(csr.clone(), op())).await.unwrap();
+    assert_eq!(leaf.issuer_id, first.id.to_string());
+
+    // The key appears; it is tried again after a minute, not on every sync.
+    keys.0
+        .lock()
+        .unwrap()
+        .insert(next.id.to_string(), next_pkcs8);
+    assert!(!authority.sync().await.unwrap().rotated);
+    assert_eq!(authority.active_issuer().info().id, first.id);
+    clock.advance(Duration::from_secs(61));
+    let synced = authority.sync().await.unwrap();
+    assert!(synced.rotated, "switched to the new issuer");
+    assert_eq!(authority.active_issuer().info().id, next.id);
+    let leaf = authority.issue(req(csr, op())).await.unwrap();
+    assert_eq!(leaf.issuer_id, next.id.to_string());
+}
