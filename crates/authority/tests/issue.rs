@@ -595,16 +595,75 @@ impl TestClock {
     }
 }
 
-/// Issuer keys by id, as the binary's key files would hold them.
-struct MapKeys(std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>);
+/// Issuer keys by id, as the binary's key files would hold them; a key may
+/// be added while the authority runs (a key file that appears later).
+struct MemKeys(std::sync::Mutex<std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>>);
 
-impl sigil_authority::IssuerKeys for MapKeys {
+impl sigil_authority::IssuerKeys for MemKeys {
     fn load(&self, issuer: &sigil_authority::IssuerRow) -> Result<sigil_signer::CaKey, Error> {
-        let pkcs8 = self
-            .0
+        let keys = self.0.lock().unwrap();
+        let pkcs8 = keys
             .get(&issuer.id)
             .ok_or_else(|| Error::Config(format!("no key for {}", issuer.id)))?;
         Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?.into())
+    }
+}
+
+/// An authority on a moving clock with one installed issuer (`first`) and
+/// the certificate and key of a second one (`next`) made by the same root.
+struct Rotation {
+    _dir: tempfile::TempDir,
+    clock: Arc<TestClock>,
+    store: Store,
+    keys: Arc<MemKeys>,
+    first: IssuerInfo,
+    next: IssuerInfo,
+    next_pkcs8: zeroize::Zeroizing<Vec<u8>>,
+    authority: Authority,
+}
+
+/// `with_next_key`: whether this node holds the second issuer's key.
+async fn rotation(with_next_key: bool) -> Rotation {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rotation.db").display());
+    let start = SystemClock.now();
+    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
+    let ca = TestCa::new(start).unwrap();
+    let (next_der, next_pkcs8) = ca.another_intermediate(start).unwrap();
+    let first = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
+    let next = IssuerInfo::from_der(&next_der).unwrap();
+    let store = Store::open(&url).await.unwrap();
+    sigil_authority::issuers::install(&store, &first, None, "operator:test", start)
+        .await
+        .unwrap();
+    let mut held = vec![(first.id.to_string(), ca.intermediate_pkcs8.clone())];
+    if with_next_key {
+        held.push((next.id.to_string(), next_pkcs8.clone()));
+    }
+    let keys = Arc::new(MemKeys(std::sync::Mutex::new(held.into_iter().collect())));
+    let authority = Authority::open(
+        clock.clone(),
+        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
+        store.clone(),
+        Settings {
+            default_lifetime: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(86400),
+            urls: CaUrls::new("http://ca.test:8080"),
+            rate_per_minute: 0,
+        },
+        keys.clone(),
+    )
+    .await
+    .unwrap();
+    Rotation {
+        _dir: dir,
+        clock,
+        store,
+        keys,
+        first,
+        next,
+        next_pkcs8,
+        authority,
     }
 }
 
@@ -615,41 +674,16 @@ impl sigil_authority::IssuerKeys for MapKeys {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_schedules_activation_and_retires_the_previous_issuer() {
     use sigil_authority::IssuerState;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("rotation.db").display());
-    let start = SystemClock.now();
-    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
-    let ca = TestCa::new(start).unwrap();
-    let (next_der, next_pkcs8) = ca.another_intermediate(start).unwrap();
-    let first = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
-    let next = IssuerInfo::from_der(&next_der).unwrap();
-    let urls = CaUrls::new("http://ca.test:8080");
-    let store = Store::open(&url).await.unwrap();
-    sigil_authority::issuers::install(&store, &first, None, "operator:test", start)
-        .await
-        .unwrap();
-    let keys = MapKeys(
-        [
-            (first.id.to_string(), ca.intermediate_pkcs8.clone()),
-            (next.id.to_string(), next_pkcs8),
-        ]
-        .into_iter()
-        .collect(),
-    );
-    let authority = Authority::open(
-        clock.clone(),
-        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
-        store.clone(),
-        Settings {
-            default_lifetime: Duration::from_secs(3600),
-            max_lifetime: Duration::from_secs(86400),
-            urls,
-            rate_per_minute: 0,
-        },
-        Arc::new(keys),
-    )
-    .await
-    .unwrap();
+    let Rotation {
+        _dir,
+        clock,
+        store,
+        first,
+        next,
+        authority,
+        ..
+    } = rotation(true).await;
+    let start = clock.now();
     let key = KeyPair::generate().unwrap();
     let csr = csr_with(&key, None, &["svc.internal"], vec![]);
     let old_leaf = authority.issue(req(csr.clone(), op())).await.unwrap();
@@ -732,57 +766,23 @@ async fn rotation_schedules_activation_and_retires_the_previous_issuer() {
     assert!(store.verify_audit().await.unwrap().first_bad.is_none());
 }
 
-/// Issuer keys that can be added while the authority runs (a key file that
-/// appears on this host later).
-struct LateKeys(std::sync::Mutex<std::collections::HashMap<String, zeroize::Zeroizing<Vec<u8>>>>);
-
-impl sigil_authority::IssuerKeys for LateKeys {
-    fn load(&self, issuer: &sigil_authority::IssuerRow) -> Result<sigil_signer::CaKey, Error> {
-        let keys = self.0.lock().unwrap();
-        let pkcs8 = keys
-            .get(&issuer.id)
-            .ok_or_else(|| Error::Config(format!("no key for {}", issuer.id)))?;
-        Ok(sigil_signer::SoftwareKey::from_pkcs8(pkcs8, "test issuer")?.into())
-    }
-}
-
 /// A node that cannot open the key of an issuer activated elsewhere keeps
 /// issuing from the issuer it has (its `/readyz` says why and takes it out of
 /// rotation), retries the key once a minute, and switches as soon as the key
 /// is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_missing_the_new_key_switches_once_the_key_appears() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("late.db").display());
-    let start = SystemClock.now();
-    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
-    let ca = TestCa::new(start).unwrap();
-    let (next_der, next_pkcs8) = ca.another_intermediate(start).unwrap();
-    let first = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
-    let next = IssuerInfo::from_der(&next_der).unwrap();
-    let store = Store::open(&url).await.unwrap();
-    sigil_authority::issuers::install(&store, &first, None, "operator:test", start)
-        .await
-        .unwrap();
-    let keys = Arc::new(LateKeys(std::sync::Mutex::new(
-        [(first.id.to_string(), ca.intermediate_pkcs8.clone())]
-            .into_iter()
-            .collect(),
-    )));
-    let authority = Authority::open(
-        clock.clone(),
-        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
-        store.clone(),
-        Settings {
-            default_lifetime: Duration::from_secs(3600),
-            max_lifetime: Duration::from_secs(86400),
-            urls: CaUrls::new("http://ca.test:8080"),
-            rate_per_minute: 0,
-        },
-        keys.clone(),
-    )
-    .await
-    .unwrap();
+    let Rotation {
+        _dir,
+        clock,
+        store,
+        keys,
+        first,
+        next,
+        next_pkcs8,
+        authority,
+    } = rotation(false).await;
+    let start = clock.now();
     let key = KeyPair::generate().unwrap();
     let csr = csr_with(&key, None, &["svc.internal"], vec![]);
 
