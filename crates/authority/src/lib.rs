@@ -914,6 +914,7 @@ impl Authority {
             subject: serial.to_hex(),
             detail,
         };
+        let is_shared = shared.is_some();
         let previous = match &shared {
             Some(_) => self.store.ocsp_signer(info.id.as_str()).await?,
             None => None,
@@ -976,7 +977,7 @@ impl Authority {
             key_hash: sigil_core::ocsp::key_hash(key.public_key()),
             key,
             serial: serial.to_hex(),
-            shared: store == "database" || store == "pkcs11",
+            shared: is_shared,
             cert_der,
             issuer_der: info.der.clone(),
             issuer_id: info.id.to_string(),
@@ -1187,46 +1188,52 @@ impl Authority {
             .min(i64::from(sigil_core::CrlSharding::MAX_SHARDS));
         let first = self.store.next_crl_numbers(&id, 1 + shards).await?;
         let next_update = now + validity;
-        let sign = |shard: Option<i64>, number: i64, entries: &[sigil_core::crl::CrlEntry]| {
-            let url = match shard {
-                Some(k) => self
-                    .settings
-                    .urls
-                    .crl_shard(&info.id, u32::try_from(k).unwrap_or(0)),
-                None => self.settings.urls.crl(&info.id),
+        let urls = self.settings.urls.clone();
+        // Building and signing a large CRL takes a while: off the runtime.
+        let signer = issuer.clone();
+        let rows = tokio::task::spawn_blocking(move || -> Result<Vec<CrlRow>, Error> {
+            let info = signer.info();
+            let sign = |shard: Option<i64>, number: i64, entries: &[sigil_core::crl::CrlEntry]| {
+                let url = match shard {
+                    Some(k) => urls.crl_shard(&info.id, u32::try_from(k).unwrap_or(0)),
+                    None => urls.crl(&info.id),
+                };
+                let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
+                    issuer: info,
+                    number: u64::try_from(number).unwrap_or(0),
+                    this_update: now,
+                    next_update,
+                    entries,
+                    url,
+                    only_ca_certs: false,
+                })?;
+                Ok::<_, Error>(CrlRow {
+                    issuer_id: info.id.to_string(),
+                    shard,
+                    number,
+                    this_update: now.unix_timestamp(),
+                    next_update: next_update.unix_timestamp(),
+                    der: signer.signer.sign_crl(template)?,
+                })
             };
-            let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
-                issuer: info,
-                number: u64::try_from(number).unwrap_or(0),
-                this_update: now,
-                next_update,
-                entries,
-                url,
-                only_ca_certs: false,
-            })?;
-            Ok::<_, Error>(sigil_store::CrlRow {
-                issuer_id: id.clone(),
-                shard,
-                number,
-                this_update: now.unix_timestamp(),
-                next_update: next_update.unix_timestamp(),
-                der: issuer.signer.sign_crl(template)?,
-            })
-        };
-        let mut by_shard: Vec<Vec<sigil_core::crl::CrlEntry>> =
-            (0..shards).map(|_| Vec::new()).collect();
-        for (e, shard) in entries.iter().zip(&shard_of) {
-            if let Some(list) = shard
-                .and_then(|k| usize::try_from(k).ok())
-                .and_then(|k| by_shard.get_mut(k))
-            {
-                list.push(e.clone());
+            let mut by_shard: Vec<Vec<sigil_core::crl::CrlEntry>> =
+                (0..shards).map(|_| Vec::new()).collect();
+            for (e, shard) in entries.iter().zip(&shard_of) {
+                if let Some(list) = shard
+                    .and_then(|k| usize::try_from(k).ok())
+                    .and_then(|k| by_shard.get_mut(k))
+                {
+                    list.push(e.clone());
+                }
             }
-        }
-        let mut rows = vec![sign(None, first, &entries)?];
-        for (k, list) in (0i64..).zip(&by_shard) {
-            rows.push(sign(Some(k), first + 1 + k, list)?);
-        }
+            let mut rows = vec![sign(None, first, &entries)?];
+            for (k, list) in (0i64..).zip(&by_shard) {
+                rows.push(sign(Some(k), first + 1 + k, list)?);
+            }
+            Ok(rows)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("signing CRLs: {e}")))??;
         self.store.save_crls(&rows).await?;
         Ok(rows)
     }
