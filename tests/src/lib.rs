@@ -339,6 +339,17 @@ pub fn pkilint_errors(cert_pem: &Path) -> Vec<String> {
     findings
 }
 
+/// The first certificate of the served trust bundle (`/roots.pem`): the
+/// root alone, for checks that must trust nothing else.
+pub fn served_root(port: u16) -> String {
+    let bundle = String::from_utf8(http_get(port, "/roots.pem").expect("GET /roots.pem").1)
+        .expect("PEM text");
+    pem_blocks(&bundle)
+        .into_iter()
+        .next()
+        .expect("a root first in /roots.pem")
+}
+
 /// Splits a PEM bundle into individual PEM blocks.
 pub fn pem_blocks(text: &str) -> Vec<String> {
     text.split_inclusive("-----END CERTIFICATE-----\n")

@@ -25,16 +25,18 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
     assert_eq!(http_get(server.port, "/readyz").unwrap().0, 200);
     let (status, roots) = http_get(server.port, "/roots.pem").unwrap();
     assert_eq!(status, 200);
-    let roots_path = work.join("roots.pem");
-    std::fs::write(&roots_path, &roots).unwrap();
     let root = std::fs::read_to_string(work.join("data/DEV-ONLY-root/root.crt")).unwrap();
-    let bundle = String::from_utf8(roots.clone()).unwrap();
+    let bundle = String::from_utf8(roots).unwrap();
     assert!(
         bundle.starts_with(&root),
         "/roots.pem starts with the configured root: {bundle}"
     );
     // Then the active issuer (the dev intermediate).
-    assert_eq!(pem_blocks(&bundle).len(), 2, "{bundle}");
+    let blocks = pem_blocks(&bundle);
+    assert_eq!(blocks.len(), 2, "{bundle}");
+    // The served root alone is the trust anchor below.
+    let roots_path = work.join("root.pem");
+    std::fs::write(&roots_path, &blocks[0]).unwrap();
     assert_eq!(http_get(server.port, "/ca/nothex.crt").unwrap().0, 404);
 
     // Every CSR key type, verified by openssl against the served root only.

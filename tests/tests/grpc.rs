@@ -35,7 +35,7 @@ impl Ca {
             log.contains(&format!("grpc:              127.0.0.1:{grpc}")),
             "{log}"
         );
-        let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+        let roots = served_root(server.port);
         std::fs::write(work.join("roots.pem"), &roots).unwrap();
         Ca {
             config: work.join("data/sigil.toml").display().to_string(),
@@ -342,10 +342,13 @@ async fn tonic_client_flow_and_every_refusal() {
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(bundle.roots_pem.trim(), ca.roots.trim());
     // /roots.pem is the same bundle: roots, then intermediates.
+    let port = ca.server.as_ref().unwrap().port;
+    let served = String::from_utf8(http_get(port, "/roots.pem").unwrap().1).unwrap();
     assert_eq!(
         format!("{}{}", bundle.roots_pem, bundle.intermediates_pem).trim(),
-        ca.roots.trim()
+        served.trim()
     );
     assert_eq!(bundle.active_issuer.len(), 32);
 
@@ -974,7 +977,7 @@ async fn request_ids_reach_the_audit_log_and_secrets_never_reach_the_log() {
         &work,
         &[("SIGIL_LOG", "debug")],
     );
-    let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+    let roots = served_root(server.port);
     let ca = Ca {
         config: work.join("data/sigil.toml").display().to_string(),
         grpc: server.grpc_port.unwrap(),
@@ -1079,7 +1082,7 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         &work,
         &[("SIGIL_ISSUANCE_RATE_PER_MINUTE", "2")],
     );
-    let roots = String::from_utf8(http_get(server.port, "/roots.pem").unwrap().1).unwrap();
+    let roots = served_root(server.port);
     let port = server.port;
     let ca = Ca {
         config: work.join("data/sigil.toml").display().to_string(),

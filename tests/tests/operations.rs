@@ -80,11 +80,7 @@ fn metrics_readiness_and_status_describe_the_ca() {
     let work = tmp.path();
     let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
     let config = work.join("data/sigil.toml").display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
+    std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
     let (status, body) = http_get(server.port, "/readyz").unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     issue(work, &config, "metrics.internal");
@@ -174,11 +170,7 @@ fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
     let work = tmp.path();
     let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
     let config = work.join("data/sigil.toml").display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
+    std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
     let kept = issue(work, &config, "kept.internal");
     let revoked = issue(work, &config, "revoked.internal");
     ok(sigil(&[

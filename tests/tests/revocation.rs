@@ -36,11 +36,7 @@ fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
     let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
     let issuer = banner_issuer(&server);
     let config = work.join("data/sigil.toml").display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
+    std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
     let csr = openssl_csr(
         work,
         "leaf",
@@ -210,11 +206,7 @@ fn sharded_crls_name_the_shard_and_list_only_its_certificates() {
     std::fs::write(&config, toml).unwrap();
     let server = Server::start(&args, work, &[]);
     let issuer = banner_issuer(&server);
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
+    std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
 
     // Two leaves expiring 22 h apart: with 4 one-hour shards they land in
     // shards two apart.

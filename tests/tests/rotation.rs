@@ -112,11 +112,7 @@ fn intermediate_rotation_with_overlap() {
         .display()
         .to_string();
     let p = |n: &str| work.join(n).display().to_string();
-    std::fs::write(
-        work.join("root.pem"),
-        http_get(server.port, "/roots.pem").unwrap().1,
-    )
-    .unwrap();
+    std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
     let first_int = issue(work, &config, "old.internal", "old");
 
     // Out of order: nothing to activate, nothing to stage.
