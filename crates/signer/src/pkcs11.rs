@@ -22,6 +22,8 @@ use std::sync::Mutex;
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// DER of the P-384 curve OID.
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+/// id-Ed25519 (1.3.101.112), the CKA_EC_PARAMS of an Edwards key (PKCS#11 3.0).
+const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
 /// A parsed `pkcs11:` URI (RFC 7512): the token and object, the module to
 /// load, and optionally where the PIN is.
@@ -147,6 +149,7 @@ enum Kind {
     P256,
     P384,
     Rsa,
+    Ed25519,
 }
 
 /// A private key in a PKCS#11 token. Signing takes a session lock: one
@@ -190,25 +193,25 @@ fn generate_pair(
         Attribute::Sign(true),
         label.clone(),
     ];
-    let (mechanism, public_template) = match spec {
-        KeySpec::EcdsaP256 | KeySpec::EcdsaP384 => (
-            Mechanism::EccKeyPairGen,
-            vec![
-                Attribute::Token(token),
-                Attribute::Verify(true),
-                Attribute::EcParams(
-                    if spec == KeySpec::EcdsaP256 {
-                        P256_PARAMS
-                    } else {
-                        P384_PARAMS
-                    }
-                    .to_vec(),
-                ),
-                label,
-            ],
-        ),
-        KeySpec::Rsa3072 | KeySpec::Rsa4096 => {
-            (
+    let (mechanism, public_template) =
+        match spec {
+            KeySpec::EcdsaP256 | KeySpec::EcdsaP384 => (
+                Mechanism::EccKeyPairGen,
+                vec![
+                    Attribute::Token(token),
+                    Attribute::Verify(true),
+                    Attribute::EcParams(
+                        if spec == KeySpec::EcdsaP256 {
+                            P256_PARAMS
+                        } else {
+                            P384_PARAMS
+                        }
+                        .to_vec(),
+                    ),
+                    label,
+                ],
+            ),
+            KeySpec::Rsa3072 | KeySpec::Rsa4096 => (
                 Mechanism::RsaPkcsKeyPairGen,
                 vec![
                     Attribute::Token(token),
@@ -219,14 +222,17 @@ fn generate_pair(
                     Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
                     label,
                 ],
-            )
-        }
-        KeySpec::Ed25519 => {
-            return Err(Error::Pkcs11(
-                "Ed25519 keys in PKCS#11 tokens are not supported; use ecdsa-p256, ecdsa-p384 or rsa-3072/4096".into(),
-            ));
-        }
-    };
+            ),
+            KeySpec::Ed25519 => (
+                Mechanism::EccEdwardsKeyPairGen,
+                vec![
+                    Attribute::Token(token),
+                    Attribute::Verify(true),
+                    Attribute::EcParams(ED25519_PARAMS.to_vec()),
+                    label,
+                ],
+            ),
+        };
     let (public, key) = session
         .generate_key_pair(&mechanism, &public_template, &private)
         .map_err(ck("generating a key pair in the token"))?;
@@ -431,6 +437,18 @@ fn ec_point(der: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The 32-byte public key of an Edwards key from its CKA_EC_POINT: a DER
+/// OCTET STRING (PKCS#11 3.0), or the bare key as some tokens return it.
+fn edwards_point(der: &[u8]) -> Result<Vec<u8>, Error> {
+    match der {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => Ok(rest.to_vec()),
+        bare if bare.len() == 32 => Ok(bare.to_vec()),
+        _ => Err(Error::Pkcs11(
+            "the token's Ed25519 public key has an unexpected encoding".into(),
+        )),
+    }
+}
+
 /// DER INTEGER of an unsigned big-endian value.
 fn der_uint(v: &[u8]) -> Vec<u8> {
     let start = v
@@ -558,6 +576,9 @@ impl Pkcs11Key {
             (Some(KeyType::EC), Some(P384_PARAMS), Some(p), _, _) => {
                 (Kind::P384, &rcgen::PKCS_ECDSA_P384_SHA384, ec_point(&p))
             }
+            (Some(KeyType::EC_EDWARDS), Some(ED25519_PARAMS), Some(p), _, _) => {
+                (Kind::Ed25519, &rcgen::PKCS_ED25519, edwards_point(&p)?)
+            }
             (Some(KeyType::RSA), _, _, Some(n), Some(e)) => {
                 let body = [der_uint(&n), der_uint(&e)].concat();
                 let mut der = vec![0x30];
@@ -567,7 +588,7 @@ impl Pkcs11Key {
             }
             _ => {
                 return Err(Error::UnsupportedKey(format!(
-                    "PKCS#11 object '{label}' (only EC P-256/P-384 and RSA keys are supported)"
+                    "PKCS#11 object '{label}' (only EC P-256/P-384, Ed25519 and RSA keys are supported)"
                 )));
             }
         };
@@ -616,6 +637,14 @@ impl Pkcs11Key {
             Kind::Rsa => session
                 .sign(&Mechanism::Sha256RsaPkcs, self.key, msg)
                 .map_err(ck("signing in the token")),
+            Kind::Ed25519 => {
+                let params = cryptoki::mechanism::eddsa::EddsaParams::new(
+                    cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
+                );
+                session
+                    .sign(&Mechanism::Eddsa(params), self.key, msg)
+                    .map_err(ck("signing in the token"))
+            }
         }
     }
 }
@@ -630,6 +659,7 @@ impl rcgen::PublicKeyData for Pkcs11Key {
             Kind::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
             Kind::P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             Kind::Rsa => &rcgen::PKCS_RSA_SHA256,
+            Kind::Ed25519 => &rcgen::PKCS_ED25519,
         }
     }
 }
@@ -732,6 +762,7 @@ mod tests {
             (KeySpec::EcdsaP256, "p256"),
             (KeySpec::EcdsaP384, "p384"),
             (KeySpec::Rsa3072, "rsa3072"),
+            (KeySpec::Ed25519, "ed25519"),
         ] {
             let uri = Pkcs11Uri::parse(&uri_template.replace("OBJ", object)).unwrap();
             let key = Pkcs11Key::generate(&uri, spec, &pin).unwrap();
@@ -751,8 +782,6 @@ mod tests {
         let missing = Pkcs11Uri::parse(&uri_template.replace("OBJ", "nothing")).unwrap();
         let e = Pkcs11Key::open(&missing, &pin).unwrap_err().to_string();
         assert!(e.contains("no private key labelled 'nothing'"), "{e}");
-        let ed = Pkcs11Uri::parse(&uri_template.replace("OBJ", "ed")).unwrap();
-        assert!(Pkcs11Key::generate(&ed, KeySpec::Ed25519, &pin).is_err());
     }
 
     #[test]
