@@ -128,9 +128,8 @@ pub struct CrlFacts {
 
 impl Published {
     fn from_row(row: sigil_authority::CrlRow) -> Published {
-        use sha2::Digest;
         Published {
-            etag: format!("\"{}\"", hex::encode(&sha2::Sha256::digest(&row.der)[..16])),
+            etag: ocsp::etag_of(&row.der),
             der: row.der.into(),
             number: row.number,
             this_update: row.this_update,
