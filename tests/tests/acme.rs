@@ -1087,6 +1087,10 @@ async fn deactivated_account_is_refused() {
         .err()
         .expect("a deactivated account must be refused");
     assert_eq!(problem_name(&err), "unauthorized", "{err}");
+    match &err {
+        instant_acme::Error::Api(p) => assert_eq!(p.status, Some(401), "{err}"),
+        other => panic!("{other}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1121,6 +1125,50 @@ async fn pre_authorization_is_reused_by_new_order() {
     assert_eq!(urls, [authz_url], "the order reuses the pre-authorization");
     let chain = ca.finalize(&mut order).await;
     assert_eq!(sans(&pem_certs(&chain)[0]), ["pre.localhost"]);
+}
+
+/// An order created ready (every authorization reused) is checked again at
+/// finalize: once one of its authorizations is deactivated, no certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_order_whose_authorization_was_deactivated_is_not_finalized() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let authz_url = raw
+        .post(
+            &raw.url("newAuthz"),
+            Some(&json!({"identifier": {"type": "dns", "value": "gone-authz.localhost"}})),
+        )
+        .await
+        .expect_ok()
+        .location();
+    raw.validate_http01(&ca, &authz_url).await;
+    let rsp = raw
+        .post(
+            &raw.url("newOrder"),
+            Some(&json!({"identifiers": [{"type": "dns", "value": "gone-authz.localhost"}]})),
+        )
+        .await
+        .expect_ok();
+    let order_url = rsp.location();
+    let order = rsp.json();
+    assert_eq!(order["status"], "ready", "{order}");
+    let authz = raw
+        .post(&authz_url, Some(&json!({"status": "deactivated"})))
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(authz["status"], "deactivated", "{authz}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = b64(csr_der(&["gone-authz.localhost"], &key));
+    raw.post(
+        order["finalize"].as_str().unwrap(),
+        Some(&json!({"csr": csr})),
+    )
+    .await
+    .problem("orderNotReady");
+    let now = raw.post(&order_url, None).await.expect_ok().json();
+    assert_eq!(now["status"], "invalid", "{now}");
+    assert!(now["certificate"].is_null(), "{now}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1166,6 +1214,24 @@ async fn renewal_info_and_replaces() {
     let renewed_leaf = &pem_certs(&renewed)[0];
     assert_ne!(cert_id(renewed_leaf), id, "a new certificate");
     assert_eq!(sans(renewed_leaf), ["ari.localhost"]);
+
+    // RFC 9773 §5: replaced once only, and only by the same account.
+    let again = account
+        .new_order(&NewOrder::new(&ids).replaces(id.clone()))
+        .await
+        .err()
+        .expect("a certificate already replaced cannot be replaced again");
+    assert_eq!(problem_name(&again), "alreadyReplaced", "{again}");
+    let (other, _) = ca.account().await;
+    let ids2 = [dns("ari2.localhost")];
+    let chain2 = ca.issue(&account, &NewOrder::new(&ids2)).await;
+    let id2 = cert_id(&pem_certs(&chain2)[0]);
+    let foreign = other
+        .new_order(&NewOrder::new(&ids2).replaces(id2))
+        .await
+        .err()
+        .expect("another account cannot replace this account's certificate");
+    assert_eq!(problem_name(&foreign), "unauthorized", "{foreign}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1611,6 +1677,47 @@ async fn order_validity_window_is_honoured() {
         (got_na - na.unix_timestamp()).abs() <= 1,
         "notAfter {got_na} vs {}",
         na.unix_timestamp()
+    );
+
+    // notAfter alone is the end of validity however long validation takes,
+    // not a lifetime counted from the order.
+    let na2 = (now + time::Duration::hours(3))
+        .replace_nanosecond(0)
+        .unwrap();
+    let na2_s = na2.format(&Rfc3339).unwrap();
+    let order = raw
+        .post(
+            &raw.url("newOrder"),
+            Some(&json!({
+                "identifiers": [{"type": "dns", "value": "window2.localhost"}],
+                "notAfter": na2_s,
+            })),
+        )
+        .await
+        .expect_ok()
+        .json();
+    raw.validate_http01(&ca, order["authorizations"][0].as_str().unwrap())
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let csr = b64(csr_der(&["window2.localhost"], &key));
+    let done = raw
+        .post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": csr})),
+        )
+        .await
+        .expect_ok()
+        .json();
+    let chain = raw
+        .post(done["certificate"].as_str().unwrap(), None)
+        .await
+        .expect_ok();
+    let certs = pem_certs(&String::from_utf8_lossy(&chain.body));
+    let got_na = parse(&certs[0]).validity().not_after.timestamp();
+    assert!(
+        (got_na - na2.unix_timestamp()).abs() <= 1,
+        "notAfter {got_na} vs requested {}",
+        na2.unix_timestamp()
     );
 
     // More than 30 days ahead: refused at newOrder.

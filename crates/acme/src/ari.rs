@@ -75,6 +75,11 @@ pub enum Urgency {
     None,
     /// Renew now (revoked, issuer retired).
     Now,
+    /// Renew soon, spread out (the issuer was replaced by a rotation): the
+    /// window opens now and closes halfway to its normal end, so a fleet
+    /// moves to the new issuer well before expiry without all renewing at
+    /// once.
+    Soon,
     /// An operator's renew-by time (unix s).
     By(i64),
 }
@@ -87,6 +92,10 @@ pub fn window(not_before: i64, not_after: i64, now: i64, urgency: Urgency) -> (i
     match urgency {
         Urgency::None => (start, end),
         Urgency::Now => (now - 3600, now),
+        Urgency::Soon => {
+            let start = start.min(now);
+            (start, (now + (end - now) / 2).min(end).max(start + 60))
+        }
         Urgency::By(t) if t < end => {
             let end = t.max(now + 60);
             let start = start.min(now.max(end - 3600)).min(end - 1);
@@ -110,6 +119,21 @@ mod tests {
     fn revoked_means_now() {
         let (s, e) = window(0, 9000, 100, Urgency::Now);
         assert!(s < e && e == 100);
+    }
+
+    #[test]
+    fn a_replaced_issuer_opens_the_window_now_and_halves_it() {
+        // 90 days of life, 10 days in: normally days 60..81.
+        let day = 86_400;
+        let (s, e) = window(0, 90 * day, 10 * day, Urgency::Soon);
+        assert_eq!((s, e), (10 * day, 10 * day + 71 * day / 2));
+        // Already inside the normal window: it starts as before, ends sooner.
+        let (s, e) = window(0, 90 * day, 70 * day, Urgency::Soon);
+        assert_eq!(s, 60 * day);
+        assert_eq!(e, 70 * day + 11 * day / 2);
+        // Past the normal end: a short window from now.
+        let (s, e) = window(0, 90, 89, Urgency::Soon);
+        assert!(s <= 89 && e > s, "{s}..{e}");
     }
 
     #[test]

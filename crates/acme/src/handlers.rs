@@ -21,6 +21,7 @@ use sigil_store::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, AuditEvent, Cha
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use time::OffsetDateTime;
 
 type St = State<Arc<Acme>>;
 type Reply = Result<Response, Problem>;
@@ -664,11 +665,32 @@ async fn check_replaces(
                 "replaces: no certificate of this CA has ID '{cert_id}'"
             ))
         })?;
-    let names: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-    if row.requester != account.requester && !row.names.iter().any(|n| names.contains(n)) {
+    // RFC 9773 §5: the same account (for EAB accounts: the same external
+    // account), at least one shared identifier, and not replaced already.
+    if row.requester != account.requester {
         return Err(Problem::unauthorized(format!(
-            "replaces: certificate {} was issued to another requester and shares no name with this order",
+            "replaces: certificate {} was issued to another account",
             row.serial
+        )));
+    }
+    let names: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    if !row.names.iter().any(|n| names.contains(n)) {
+        return Err(Problem::malformed(format!(
+            "replaces: certificate {} shares no identifier with this order (it names {})",
+            row.serial,
+            row.names.join(", ")
+        )));
+    }
+    if let Some(order) = acme
+        .authority
+        .store()
+        .acme_order_replacing(&account.id, cert_id, acme.now())
+        .await?
+    {
+        return Err(Problem::already_replaced(format!(
+            "certificate {} is already replaced by order {}",
+            row.serial,
+            acme.order_url(&order)
         )));
     }
     Ok(())
@@ -782,6 +804,30 @@ pub async fn order(
     Ok(resp)
 }
 
+/// The lifetime to ask for at finalize: a requested notAfter is kept as
+/// the end of validity, counted from the later of notBefore and now (not
+/// from when the order was placed, which would move the end later by the
+/// time validation took).
+fn finalize_lifetime(
+    body: &OrderBody,
+    not_before: Option<OffsetDateTime>,
+    now: i64,
+) -> Result<Option<Duration>, Problem> {
+    let Some(not_after) = body.not_after.as_deref() else {
+        return Ok(body.lifetime.map(Duration::from_secs));
+    };
+    let end = parse_time("notAfter", not_after)?.unix_timestamp();
+    let start = not_before.map_or(now, |nb| nb.unix_timestamp().max(now));
+    if end <= start + 60 {
+        return Err(Problem::malformed(format!(
+            "the order's notAfter ({not_after}) is less than a minute away; place a new order with a later notAfter"
+        )));
+    }
+    Ok(Some(Duration::from_secs(
+        u64::try_from(end - start).unwrap_or(60),
+    )))
+}
+
 #[derive(Deserialize)]
 struct Finalize {
     csr: String,
@@ -839,6 +885,12 @@ pub async fn finalize(
     let requester = Acme::requester(&account)?;
     let profile = profile_of(Some(&body.profile))?;
     let now = acme.now();
+    let not_before = body
+        .not_before
+        .as_deref()
+        .map(|s| parse_time("notBefore", s))
+        .transpose()?;
+    let lifetime = finalize_lifetime(&body, not_before, now)?;
     body.processing_since = Some(now);
     let processing = AcmeObject {
         status: "processing".into(),
@@ -865,13 +917,9 @@ pub async fn finalize(
             csr: der,
             requester,
             profile: Some(profile),
-            lifetime: body.lifetime.map(Duration::from_secs),
+            lifetime,
             token: None,
-            not_before: body
-                .not_before
-                .as_deref()
-                .map(|s| parse_time("notBefore", s))
-                .transpose()?,
+            not_before,
         })
         .await;
     body.processing_since = None;
@@ -1232,10 +1280,9 @@ pub async fn renewal_info(State(acme): St, Path(id): Path<String>) -> Reply {
         .filter(|r| cert_id.matches(&r.der))
         .ok_or_else(|| Problem::not_found(format!("no certificate of this CA has ID '{id}'")))?;
     let now = acme.now();
-    let retired = store
-        .issuer(&row.issuer_id)
-        .await?
-        .is_some_and(|i| i.state == sigil_authority::IssuerState::Retired);
+    let issuer_state = store.issuer(&row.issuer_id).await?.map(|i| i.state);
+    let retired = issuer_state == Some(sigil_authority::IssuerState::Retired);
+    let replaced = issuer_state == Some(sigil_authority::IssuerState::Previous);
     let revoked = store.revocation(&row.serial).await?.is_some();
     let hint = store
         .acme_renewal_hint(&[
@@ -1245,8 +1292,12 @@ pub async fn renewal_info(State(acme): St, Path(id): Path<String>) -> Reply {
         .await?;
     let urgency = if revoked || retired {
         Urgency::Now
+    } else if let Some(by) = hint {
+        Urgency::By(by)
+    } else if replaced {
+        Urgency::Soon
     } else {
-        hint.map_or(Urgency::None, Urgency::By)
+        Urgency::None
     };
     let (start, end) = crate::ari::window(row.not_before, row.not_after, now, urgency);
     let life = (row.not_after - row.not_before).max(60);

@@ -315,10 +315,15 @@ impl Acme {
         let account = account
             .ok_or_else(|| Problem::account_does_not_exist(format!("no account at '{kid}'")))?;
         if account.status != "valid" {
-            return Err(Problem::unauthorized(format!(
-                "account {kid} is {}",
-                account.status
-            )));
+            // RFC 8555 §7.3.6: 401 with type unauthorized.
+            return Err(Problem::new(
+                "unauthorized",
+                axum::http::StatusCode::UNAUTHORIZED,
+                format!(
+                    "account {kid} is {}; register a new account",
+                    account.status
+                ),
+            ));
         }
         Ok(account)
     }

@@ -317,7 +317,10 @@ impl Acme {
                     );
                     Some("invalid")
                 }
-                "pending" => {
+                // A ready order is checked again too: one of its
+                // authorizations may have been deactivated or have expired
+                // since it became ready.
+                "pending" | "ready" => {
                     let mut all_valid = true;
                     let mut failed = None;
                     for aid in &body.authzs {

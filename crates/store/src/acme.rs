@@ -479,6 +479,41 @@ impl Store {
             .collect()
     }
 
+    /// An order of the account, finalized or still live at `now`, that
+    /// names `cert_id` (an ARI certificate ID) in `replaces`.
+    pub async fn acme_order_replacing(
+        &self,
+        account_id: &str,
+        cert_id: &str,
+        now: i64,
+    ) -> Result<Option<String>, Error> {
+        // The body is compact JSON written by serde, so the member appears
+        // exactly like this; LIKE's wildcards in the id are escaped.
+        let escaped = cert_id
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let member = format!("\"replaces\":\"{cert_id}\"");
+        let rows = sqlx::query(
+            "SELECT id, body FROM acme_orders WHERE account_id = $1 \
+             AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $2)) \
+             AND body LIKE $3 ESCAPE '\\'",
+        )
+        .bind(account_id)
+        .bind(now)
+        .bind(format!("%\"replaces\":\"{escaped}\"%"))
+        .fetch_all(&self.pool)
+        .await?;
+        // SQLite's LIKE ignores ASCII case; the ids are case-sensitive.
+        for r in rows {
+            let body: String = r.try_get("body")?;
+            if body.contains(&member) {
+                return Ok(Some(r.try_get("id")?));
+            }
+        }
+        Ok(None)
+    }
+
     /// The ids of an account's orders, newest first (at most `limit`).
     pub async fn acme_order_ids(&self, account_id: &str, limit: i64) -> Result<Vec<String>, Error> {
         let rows = sqlx::query(
