@@ -955,6 +955,13 @@ async fn rotation_is_announced_to_watchers_and_bundle() {
         .unwrap();
     assert_eq!(renew.kind(), Kind::RenewNow, "{renew:?}");
     assert!(renew.renew_issued_before > 0, "{renew:?}");
+    // The operator's deadline travels with it, so clients spread out.
+    let deadline = renew.renew_issued_before + 2 * 3600;
+    assert!(
+        (renew.renew_by - deadline).abs() <= 60,
+        "renew_by {} vs about {deadline}",
+        renew.renew_by
+    );
     let after = client
         .get_trust_bundle(TrustBundleRequest {})
         .await
@@ -962,6 +969,52 @@ async fn rotation_is_announced_to_watchers_and_bundle() {
         .into_inner();
     assert_eq!(after.active_issuer, rotated.active_issuer);
     assert_eq!(pem_blocks(&after.intermediates_pem).len(), 2, "old and new");
+}
+
+/// A revocation made outside the gRPC API (here with the CLI) reaches the
+/// certificate holder's rotation watch within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_by_the_cli_reaches_the_holders_watch() {
+    let ca = Ca::start();
+    let token = ca.token("cli-rev", &["cli-rev.internal"]);
+    let (key, csr) = key_and_csr(&["cli-rev.internal"]);
+    let cert = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(csr), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = ca
+        .client(Some((&cert.chain_pem, &key)))
+        .await
+        .watch_rotation(WatchRotationRequest {
+            serial: cert.serial.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().kind(),
+        Kind::Current
+    );
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &ca.config,
+        "--serial",
+        &cert.serial,
+        "--reason",
+        "superseded",
+    ]));
+    let notice = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a notice within seconds")
+        .unwrap()
+        .unwrap();
+    assert_eq!(notice.kind(), Kind::RenewNow, "{notice:?}");
+    assert!(notice.message.contains(&cert.serial), "{notice:?}");
+    assert_eq!(notice.renew_by, 0, "at once: {notice:?}");
 }
 
 /// A request id given by the caller (or made by the server) comes back in

@@ -35,10 +35,13 @@ pub enum Notice {
         /// Its id.
         issuer: String,
     },
-    /// Certificates issued before `before` (unix s) should be renewed now.
+    /// Certificates issued before `before` (unix s) should be renewed by
+    /// `by` (unix s).
     RenewIssuedBefore {
         /// Cut-off, unix seconds.
         before: i64,
+        /// Deadline, unix seconds.
+        by: i64,
         /// Why.
         reason: String,
     },
@@ -338,9 +341,6 @@ impl CertificateAuthority for CaService {
                 .revoke_with_token(&serial, body.reason, &grant)
                 .await
                 .map_err(status)?;
-            self.notifier.send(Notice::Revoked {
-                serial: serial.to_hex(),
-            });
             return Ok(Response::new(RevokeResponse {
                 serial: revoked.serial.to_hex(),
                 revoked_at: revoked.revoked_at.unix_timestamp(),
@@ -380,9 +380,8 @@ impl CertificateAuthority for CaService {
             .revoke(&serial, body.reason, &peer.requester)
             .await
             .map_err(status)?;
-        self.notifier.send(Notice::Revoked {
-            serial: serial.to_hex(),
-        });
+        // Watchers hear of it from the server's sync loop, which sees every
+        // revocation: this node's, another node's and the CLI's.
         Ok(Response::new(RevokeResponse {
             serial: revoked.serial.to_hex(),
             revoked_at: revoked.revoked_at.unix_timestamp(),
@@ -421,6 +420,7 @@ impl CertificateAuthority for CaService {
             active_issuer: active,
             renew_issued_before: 0,
             message: String::new(),
+            renew_by: 0,
         };
         let rx = self.notifier.0.subscribe();
         let authority = self.authority.clone();
@@ -432,18 +432,21 @@ impl CertificateAuthority for CaService {
                     active_issuer: issuer,
                     renew_issued_before: 0,
                     message: "a new intermediate issues certificates now".into(),
+                    renew_by: 0,
                 })),
-                Ok(Notice::RenewIssuedBefore { before, reason }) => Some(Ok(RotationNotice {
+                Ok(Notice::RenewIssuedBefore { before, by, reason }) => Some(Ok(RotationNotice {
                     kind: Kind::RenewNow as i32,
                     active_issuer: active,
                     renew_issued_before: before,
                     message: reason,
+                    renew_by: by,
                 })),
                 Ok(Notice::Revoked { serial }) if serial == mine => Some(Ok(RotationNotice {
                     kind: Kind::RenewNow as i32,
                     active_issuer: active,
                     renew_issued_before: 0,
                     message: format!("certificate {serial} was revoked"),
+                    renew_by: 0,
                 })),
                 Ok(Notice::Revoked { .. }) => None,
                 // Lagged (a burst of revocations): do not make every watcher

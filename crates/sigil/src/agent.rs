@@ -217,18 +217,36 @@ fn jittered(h: &Held) -> i64 {
     let lifetime = (h.leaf.not_after - h.leaf.not_before)
         .whole_seconds()
         .max(1);
-    let mut b = [0u8; 8];
-    let _ = sigil_signer::random_bytes(&mut b);
-    let spread = lifetime / 10;
-    let jitter = if spread > 0 {
-        i64::try_from(u64::from_le_bytes(b) % u64::try_from(spread).unwrap_or(1)).unwrap_or(0)
-    } else {
-        0
-    };
-    h.renew_after - jitter
+    h.renew_after - random_below(lifetime / 10)
 }
 
-/// Sleeps until `due`, or until the CA says to renew now.
+/// A uniformly random number in `0..n` (0 when `n <= 0`).
+fn random_below(n: i64) -> i64 {
+    let Ok(n) = u64::try_from(n) else {
+        return 0;
+    };
+    if n == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    let _ = sigil_signer::random_bytes(&mut b);
+    i64::try_from(u64::from_le_bytes(b) % n).unwrap_or(0)
+}
+
+/// Over how long a fleet spreads its renewals after an issuer rotation
+/// (never later than each certificate's own renewal time).
+const ROTATION_SPREAD: i64 = 3600;
+
+/// Why, and by when, the CA asks for an early renewal.
+struct Early {
+    reason: String,
+    /// Renew at a random moment before this (unix s); `None`: at once.
+    by: Option<i64>,
+}
+
+/// Sleeps until `due`, or until the CA asks for an early renewal: at once
+/// when this certificate was revoked, else at a random moment before the
+/// CA's deadline, so a whole fleet does not renew in the same second.
 async fn wait_until_due(client: &Client, held: &Held, due: i64) {
     let now = SystemClock.now().unix_timestamp();
     let sleep = tokio::time::sleep(Duration::from_secs(u64::try_from(due - now).unwrap_or(0)));
@@ -236,7 +254,7 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
     let notice = async {
         loop {
             match client.watch(held).await {
-                Ok(reason) => return reason,
+                Ok(early) => return early,
                 Err(e) => {
                     tracing::debug!(error = %format!("{e:#}"), "rotation watch ended; reconnecting");
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -246,7 +264,16 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
     };
     tokio::select! {
         _ = &mut sleep => {}
-        reason = notice => println!("renewing early: {reason}"),
+        early = notice => {
+            let now = SystemClock.now().unix_timestamp();
+            let at = early.by.map_or(now, |by| now + random_below(by.min(due) - now));
+            if at > now {
+                println!("renewing early at {}: {}", fmt_unix(at), early.reason);
+                tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(0))).await;
+            } else {
+                println!("renewing early: {}", early.reason);
+            }
+        }
     }
 }
 
@@ -306,7 +333,7 @@ impl Client {
     }
 
     /// Returns when the CA tells this holder to renew.
-    async fn watch(&self, current: &Held) -> Result<String> {
+    async fn watch(&self, current: &Held) -> Result<Early> {
         use sigil_grpc::pb::rotation_notice::Kind;
         let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
         let mut stream = client
@@ -317,10 +344,19 @@ impl Client {
             .into_inner();
         let issued = current.leaf.not_before.unix_timestamp();
         while let Some(n) = stream.message().await? {
+            let now = SystemClock.now().unix_timestamp();
             match n.kind() {
-                Kind::IssuerRotated => return Ok(format!("issuer rotated to {}", n.active_issuer)),
+                Kind::IssuerRotated => {
+                    return Ok(Early {
+                        reason: format!("issuer rotated to {}", n.active_issuer),
+                        by: Some(now + ROTATION_SPREAD),
+                    });
+                }
                 Kind::RenewNow if n.renew_issued_before == 0 || issued < n.renew_issued_before => {
-                    return Ok(n.message);
+                    return Ok(Early {
+                        reason: n.message,
+                        by: (n.renew_by > now).then_some(n.renew_by),
+                    });
                 }
                 _ => {}
             }
@@ -537,6 +573,10 @@ async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
 /// and the previous, still consistent, files stay.
 fn finish_interrupted_install(dir: &Path) -> Result<()> {
     let new = |n: &str| dir.join(format!("{n}.new"));
+    // A `.new.tmp` was still being written: never complete, never used.
+    for n in FILES {
+        let _ = std::fs::remove_file(tmp_path(&new(n)));
+    }
     let complete = FILES.iter().all(|n| new(n).exists());
     let any = FILES.iter().any(|n| new(n).exists());
     if complete {
@@ -574,18 +614,28 @@ fn first_pem_block(chain: &str) -> String {
     }
 }
 
-/// Writes a file completely and fsyncs it (created fresh with `mode`).
+/// Writes a file completely and fsyncs it (created fresh with `mode`) under
+/// a `.tmp` name, then renames it to `path`: a file at `path` is always
+/// whole, even after a crash while writing.
 fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let _ = std::fs::remove_file(path);
+    let tmp = tmp_path(path);
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
 async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Metrics>) -> Result<()> {
@@ -677,5 +727,19 @@ mod tests {
         finish_interrupted_install(d).unwrap();
         assert!(FILES.iter().all(|n| get(n) == "newer"));
         assert!(!d.join("key.pem.new").exists());
+        // Crash while writing the last one: two whole `.new` files and a
+        // partial `.new.tmp` are not an install to finish.
+        write_synced(&d.join("key.pem.new"), b"newest", 0o600).unwrap();
+        write_synced(&d.join("cert.pem.new"), b"newest", 0o644).unwrap();
+        put("chain.pem.new.tmp", "part");
+        assert!(!d.join("key.pem.new.tmp").exists(), "renamed once whole");
+        finish_interrupted_install(d).unwrap();
+        assert!(FILES.iter().all(|n| get(n) == "newer"));
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".new") || n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

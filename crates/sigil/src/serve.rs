@@ -126,6 +126,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                         if !synced.revoked.is_empty() {
                             responder.revoked(&synced.revoked).await;
                             revocation.revocations_changed();
+                            for serial in &synced.revoked {
+                                notifier.send(Notice::Revoked {
+                                    serial: serial.clone(),
+                                });
+                            }
                         }
                     }
                     Err(e) => {
@@ -356,6 +361,7 @@ async fn issuers_changed(
         match authority.store().acme_renewal_hint(&[scope]).await {
             Ok(Some(by)) => notifier.send(Notice::RenewIssuedBefore {
                 before: authority.now().unix_timestamp(),
+                by,
                 reason: format!(
                     "issuer {} replaced {}: renew onto it by {by} (unix time)",
                     active,
