@@ -211,6 +211,14 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
     );
     let audit = ok(sigil(&["audit", "verify", "--config", &config]));
     assert!(audit.contains("audit chain OK"), "{audit}");
+    // The head, to keep outside the database: SEQ:HASH.
+    let head = audit
+        .split("head ")
+        .nth(1)
+        .and_then(|h| h.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let anchor_seq: i64 = head.split(':').next().unwrap().parse().unwrap();
     let list = ok(sigil(&[
         "audit", "list", "--config", &config, "--limit", "100",
     ]));
@@ -238,6 +246,59 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
         "passphrases must never be logged"
     );
     assert!(!log.contains("PRIVATE KEY"));
+
+    // Rows appended since (the server's stop) keep the recorded head.
+    let out = ok(sigil(&[
+        "audit",
+        "verify",
+        "--config",
+        &config,
+        "--expect-head",
+        &head,
+    ]));
+    assert!(out.contains("is in the chain"), "{out}");
+    let bad = sigil(&[
+        "audit",
+        "verify",
+        "--config",
+        &config,
+        "--expect-head",
+        "7:zz",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("SEQ:HASH"),
+        "{bad:?}"
+    );
+    // Someone with write access cuts rows from the end: what is left still
+    // links up, and only the recorded head shows the loss.
+    if have("sqlite3") {
+        ok(run(
+            "sqlite3",
+            &[
+                &work.join("data/sigil.db").display().to_string(),
+                &format!(
+                    "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq >= {anchor_seq};"
+                ),
+            ],
+        ));
+        let plain = ok(sigil(&["audit", "verify", "--config", &config]));
+        assert!(plain.contains("audit chain OK"), "{plain}");
+        let anchored = sigil(&[
+            "audit",
+            "verify",
+            "--config",
+            &config,
+            "--expect-head",
+            &head,
+        ]);
+        let text = String::from_utf8_lossy(&anchored.stdout);
+        assert!(!anchored.status.success(), "{text}");
+        assert!(
+            text.contains("BROKEN") && text.contains("cut from its end"),
+            "{text}"
+        );
+    }
 }
 
 #[test]

@@ -457,10 +457,19 @@ pub enum CertCmd {
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Recompute the hash chain; name the first bad row.
+    ///
+    /// The chain alone cannot show rows cut from its end, or a chain rebuilt
+    /// by someone with write access to the database: keep the head this
+    /// prints (SEQ:HASH) somewhere else, and pass it back with
+    /// --expect-head to check that it is still in the chain.
     Verify {
         /// Path to sigil.toml.
         #[arg(long)]
         config: PathBuf,
+        /// A head recorded earlier (SEQ:HASH, as printed): that row must
+        /// still be in the chain with that hash. Repeatable.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Vec<String>,
     },
     /// Print the latest audit rows.
     List {

@@ -187,18 +187,72 @@ fn fmt_time(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+/// A recorded chain head, `SEQ:HASH` as `audit verify` prints it.
+fn parse_anchor(text: &str) -> Result<(i64, String)> {
+    let parsed = text.split_once(':').and_then(|(seq, hash)| {
+        let seq = seq.parse::<i64>().ok().filter(|s| *s > 0)?;
+        let hash = hash.to_ascii_lowercase();
+        (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((seq, hash))
+    });
+    parsed.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--expect-head '{text}' is not SEQ:HASH (a row number, a colon and 64 hex digits, as `sigil audit verify` prints the head)"
+        )
+    })
+}
+
 /// Runs a `sigil audit` command.
 pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
     match cmd {
-        AuditCmd::Verify { config } => {
+        AuditCmd::Verify {
+            config,
+            expect_head,
+        } => {
+            let anchors = expect_head
+                .iter()
+                .map(|a| parse_anchor(a))
+                .collect::<Result<Vec<_>>>()?;
             let cfg = Config::load(&config)?;
             let store = Store::open(&cfg.database_url()).await?;
             let report = store.verify_audit().await?;
+            let mut missing = Vec::new();
+            if report.first_bad.is_none() {
+                for (seq, hash) in &anchors {
+                    let row = store.audit_rows(seq - 1, 1).await?;
+                    match row.first() {
+                        Some(r) if r.seq == *seq && r.hash == *hash => {}
+                        Some(r) if r.seq == *seq => missing.push(format!(
+                            "row {seq} now has hash {} instead of {hash}: the chain was rewritten from there on",
+                            r.hash
+                        )),
+                        _ => missing.push(format!(
+                            "row {seq} is gone (the chain ends at row {}): rows were cut from its end",
+                            report.rows
+                        )),
+                    }
+                }
+            }
             store.close().await;
             match report.first_bad {
-                None => {
-                    println!("audit chain OK: {} rows, head {}", report.rows, report.head);
+                None if missing.is_empty() => {
+                    println!(
+                        "audit chain OK: {} rows, head {}:{}",
+                        report.rows, report.rows, report.head
+                    );
+                    for (seq, _) in &anchors {
+                        println!("expected head {seq} is in the chain");
+                    }
                     Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    for m in &missing {
+                        println!("audit chain BROKEN: {m}");
+                    }
+                    println!(
+                        "the rows present link up ({} rows, head {}:{}), but they are not the chain recorded earlier",
+                        report.rows, report.rows, report.head
+                    );
+                    Ok(ExitCode::FAILURE)
                 }
                 Some((seq, why)) => {
                     println!("audit chain BROKEN at row {seq}: {why}");
