@@ -54,7 +54,13 @@ impl FromStr for KeyType {
             "ecdsa-p256" => KeyType::EcdsaP256,
             "ecdsa-p384" => KeyType::EcdsaP384,
             "ed25519" => KeyType::Ed25519,
-            other => match other.strip_prefix("rsa-").and_then(|b| b.parse().ok()) {
+            // The sizes a CSR may carry (2048 to 8192 bits): a smaller one
+            // would pass `policy check` and then be refused at issuance.
+            other => match other
+                .strip_prefix("rsa-")
+                .and_then(|b| b.parse::<usize>().ok())
+                .filter(|b| (2048..=8192).contains(b))
+            {
                 Some(bits) => KeyType::Rsa(bits),
                 None => return Err(Error::KeySpec(s.to_string())),
             },
@@ -227,5 +233,20 @@ impl rcgen::PublicKeyData for PublicKey {
 
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
         self.key_type.rcgen_algorithm()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_names_accept_only_issuable_rsa_sizes() {
+        assert_eq!("rsa-2048".parse::<KeyType>().ok(), Some(KeyType::Rsa(2048)));
+        assert_eq!("rsa-8192".parse::<KeyType>().ok(), Some(KeyType::Rsa(8192)));
+        for bad in ["rsa-1024", "rsa-16384", "rsa-", "rsa-x", "p256"] {
+            assert!(bad.parse::<KeyType>().is_err(), "{bad}");
+        }
+        assert_eq!("ed25519".parse::<KeyType>().ok(), Some(KeyType::Ed25519));
     }
 }
