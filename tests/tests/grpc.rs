@@ -574,6 +574,19 @@ async fn tonic_client_flow_and_every_refusal() {
     )
     .await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // A serial that is not one, with a token: refused and audited.
+    let s = call_fails(
+        anon.revoke(with_token(
+            RevokeRequest {
+                serial: "not-hex".into(),
+                reason: 1,
+            },
+            &t,
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 
     // An expired certificate from our own intermediate: the TLS layer refuses it.
     let (chain, key) = cert_from_dev_intermediate(&ca, "old.internal", -time::Duration::hours(1));
@@ -614,9 +627,17 @@ async fn tonic_client_flow_and_every_refusal() {
         "cert.renewal_denied",
         "grpc.auth_failed",
         "cert.revoke_denied",
+        "cert.rejected",
+        "grpc.refused",
     ] {
         assert!(audit.contains(kind), "{kind} missing from audit:\n{audit}");
     }
+    // Each refusal names the caller: the bad CSR's token subject, the
+    // certificate this CA has no record of.
+    let line = |kind: &str, who: &str| audit.lines().any(|l| l.contains(kind) && l.contains(who));
+    assert!(line("cert.rejected", "token:bad"), "{audit}");
+    assert!(line("grpc.refused", "token:bad"), "{audit}");
+    assert!(line("cert.renewal_denied", "stray.internal"), "{audit}");
     // The audit chain is intact after all of it (exit status 0).
     ok(sigil(&["audit", "verify", "--config", &ca.config]));
 }

@@ -537,7 +537,13 @@ impl Authority {
     /// Every refusal of a well-formed request (policy, lifetime, name constraints,
     /// a token's scope or reuse) is audited before the error is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, Error> {
-        let csr = Csr::parse(&req.csr)?;
+        let csr = match Csr::parse(&req.csr) {
+            Ok(csr) => csr,
+            Err(e) => {
+                let profile = req.profile.unwrap_or_default();
+                return Err(self.reject_csr(&req.requester, profile.name(), e).await);
+            }
+        };
         let applicant = Applicant {
             identifiers: csr.identifiers(),
             public_key: csr.public_key(),
@@ -557,6 +563,38 @@ impl Authority {
         self.issue_for(&applicant, ask).await
     }
 
+    /// A CSR that cannot be used: audited (`cert.rejected`) when a client
+    /// sent it, within its issuance budget so garbage cannot flood the
+    /// audit table; an operator's CLI mistake is only reported to them.
+    async fn reject_csr(
+        &self,
+        requester: &Requester,
+        profile: &str,
+        e: sigil_core::CsrError,
+    ) -> Error {
+        let e = Error::Csr(e);
+        if matches!(requester, Requester::Operator(_)) {
+            return e;
+        }
+        if let Err(limited) = self.take_rate_token(requester) {
+            return limited;
+        }
+        let r = self
+            .store
+            .commit(Change::Record(AuditEvent {
+                ts_ms: unix_ms(self.clock.now()),
+                kind: "cert.rejected".into(),
+                actor: requester.to_string(),
+                subject: String::new(),
+                detail: json!({ "profile": profile, "reason": e.to_string() }),
+            }))
+            .await;
+        match r {
+            Ok(_) => e,
+            Err(store) => store.into(),
+        }
+    }
+
     /// Renews the caller's current certificate: same names, same profile, the
     /// same key unless a CSR brings a new one. The current certificate must be
     /// one of ours, unexpired and unrevoked. The policy is asked again, as the
@@ -572,10 +610,23 @@ impl Authority {
             .store
             .certificate(&serial)
             .await?
-            .filter(|r| r.der == req.current)
-            .ok_or_else(|| {
-                Error::NotRenewable(format!("certificate {serial} was not issued by this CA"))
-            })?;
+            .filter(|r| r.der == req.current);
+        let Some(row) = row else {
+            let e = Error::NotRenewable(format!("certificate {serial} was not issued by this CA"));
+            let names: Vec<String> = current.identifiers.iter().map(|i| i.to_string()).collect();
+            return Err(self
+                .record_refusal(
+                    &req.caller,
+                    &names,
+                    "cert.renewal_denied",
+                    current.public_key.key_type(),
+                    "",
+                    &e,
+                )
+                .await
+                .err()
+                .map_or(e, Error::from));
+        };
         let refuse = |e: Error| async {
             self.record_refusal(
                 &req.caller,
@@ -604,7 +655,10 @@ impl Authority {
             return Err(refuse(e).await);
         }
         let csr = match &req.csr {
-            Some(bytes) => Some(Csr::parse(bytes)?),
+            Some(bytes) => match Csr::parse(bytes) {
+                Ok(csr) => Some(csr),
+                Err(e) => return Err(refuse(Error::Csr(e)).await),
+            },
             None => None,
         };
         if let Some(csr) = &csr {

@@ -108,23 +108,27 @@ impl CaService {
             .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
         // The handshake checked validity once; a long-lived connection must
         // not outlast the certificate.
+        // Refusals are audited under the name the certificate claims.
+        let claimed = Requester::Mtls(info.identity().unwrap_or_else(|| info.serial.to_hex()));
         let now = self.authority.now();
         if now < info.not_before || now > info.not_after {
-            return Err(Status::unauthenticated(format!(
+            let reason = format!(
                 "client certificate {} is not valid now (valid {} to {})",
                 info.serial, info.not_before, info.not_after
-            )));
+            );
+            self.audit_auth_failure(&claimed, &reason).await;
+            return Err(Status::unauthenticated(reason));
         }
         if !self.authority.issued_here(&info).await.map_err(status)? {
-            return Err(Status::unauthenticated(
-                "client certificate was not issued by one of this CA's intermediates",
-            ));
+            let reason = "client certificate was not issued by one of this CA's intermediates";
+            self.audit_auth_failure(&claimed, reason).await;
+            return Err(Status::unauthenticated(reason));
         }
-        let identity = info.identity().ok_or_else(|| {
-            Status::unauthenticated(
-                "client certificate has no SPIFFE URI or DNS SAN to identify it",
-            )
-        })?;
+        let Some(identity) = info.identity() else {
+            let reason = "client certificate has no SPIFFE URI or DNS SAN to identify it";
+            self.audit_auth_failure(&claimed, reason).await;
+            return Err(Status::unauthenticated(reason));
+        };
         if self
             .authority
             .is_revoked(&info.serial)
@@ -146,6 +150,23 @@ impl CaService {
             der: leaf.as_ref().to_vec(),
             serial: info.serial,
         }))
+    }
+
+    /// An authenticated call refused before it reached the authority (which
+    /// audits its own refusals).
+    async fn audit_refusal(&self, actor: &Requester, call: &str, reason: &str) {
+        let r = self
+            .authority
+            .record(
+                "grpc.refused",
+                &actor.to_string(),
+                "",
+                serde_json::json!({ "call": call, "reason": reason }),
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not audit a refused call");
+        }
     }
 
     async fn audit_auth_failure(&self, actor: &Requester, reason: &str) {
@@ -270,11 +291,14 @@ impl CertificateAuthority for CaService {
         };
         let profile = match body.profile.as_str() {
             "" => None,
-            p => Some(p.parse::<Profile>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "unknown profile '{p}': use mtls, server or client"
-                ))
-            })?),
+            p => match p.parse::<Profile>() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let reason = format!("unknown profile '{p}': use mtls, server or client");
+                    self.audit_refusal(&requester, "Sign", &reason).await;
+                    return Err(Status::invalid_argument(reason));
+                }
+            },
         };
         let lifetime =
             (body.lifetime_seconds > 0).then(|| Duration::from_secs(body.lifetime_seconds));
@@ -331,11 +355,12 @@ impl CertificateAuthority for CaService {
                 }
             };
             let body = req.into_inner();
-            let serial = Serial::parse_hex(&body.serial).ok_or_else(|| {
-                Status::invalid_argument(
-                    "with a token, name the certificate to revoke by its hex serial",
-                )
-            })?;
+            let Some(serial) = Serial::parse_hex(&body.serial) else {
+                let reason = "with a token, name the certificate to revoke by its hex serial";
+                self.audit_refusal(&Requester::Token(grant.subject.clone()), "Revoke", reason)
+                    .await;
+                return Err(Status::invalid_argument(reason));
+            };
             let revoked = self
                 .authority
                 .revoke_with_token(&serial, body.reason, &grant)
@@ -354,10 +379,12 @@ impl CertificateAuthority for CaService {
         let body = req.into_inner();
         let serial = if body.serial.is_empty() {
             peer.serial.clone()
+        } else if let Some(s) = Serial::parse_hex(&body.serial) {
+            s
         } else {
-            Serial::parse_hex(&body.serial).ok_or_else(|| {
-                Status::invalid_argument(format!("'{}' is not a hex serial", body.serial))
-            })?
+            let reason = format!("'{}' is not a hex serial", body.serial);
+            self.audit_refusal(&peer.requester, "Revoke", &reason).await;
+            return Err(Status::invalid_argument(reason));
         };
         // Operators are SPIFFE IDs only: a DNS name is too easy to obtain.
         let is_operator = peer.requester.name().starts_with("spiffe://")
