@@ -1534,6 +1534,19 @@ async fn names_outside_policy_are_rejected_and_audited() {
             "no cert.denied audit row naming denied.example.com:\n{rows}"
         );
     }
+
+    // Every unusable identifier gets its own subproblem, not just the first.
+    let p = raw
+        .new_order(&["a.*.localhost", "fine.localhost", "*.*.localhost"])
+        .await
+        .problem("rejectedIdentifier");
+    let subs = p["subproblems"].as_array().expect("subproblems");
+    let named: Vec<&str> = subs
+        .iter()
+        .map(|s| s["identifier"]["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(named, ["a.*.localhost", "*.*.localhost"], "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("2 of the 3"), "{p}");
 }
 
 /// Two `sigil serve` nodes on one database behind one public URL (as behind

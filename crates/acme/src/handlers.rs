@@ -526,12 +526,37 @@ fn order_identifiers(
     let mut seen = BTreeSet::new();
     let mut wire = Vec::new();
     let mut ids = Vec::new();
+    // Every unusable identifier is named (RFC 8555 §6.7.1), not just the first.
+    let mut refused: Vec<Subproblem> = Vec::new();
+    let mut first: Option<Problem> = None;
     for w in list {
-        let id = w.parse()?;
-        if seen.insert(id.clone()) {
-            wire.push(WireIdentifier::of(&id));
-            ids.push(id);
+        match w.parse() {
+            Ok(id) => {
+                if seen.insert(id.clone()) {
+                    wire.push(WireIdentifier::of(&id));
+                    ids.push(id);
+                }
+            }
+            Err(p) => {
+                refused.push(Subproblem {
+                    kind: p.kind,
+                    detail: p.detail.clone(),
+                    identifier: (w.kind.clone(), w.value.clone()),
+                });
+                first.get_or_insert(p);
+            }
         }
+    }
+    if let Some(mut p) = first {
+        if refused.len() > 1 {
+            p.detail = format!(
+                "{} of the {} identifiers cannot be ordered; see subproblems",
+                refused.len(),
+                list.len()
+            );
+        }
+        p.subproblems = refused;
+        return Err(p);
     }
     Ok((wire, ids))
 }
