@@ -740,13 +740,26 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
             "pre-authorization cannot be for a wildcard name (RFC 8555 §7.4.1); order it instead",
         ));
     }
+    // An authorization is not tied to a profile: it is granted if the
+    // requester may have the name under any profile (the order's own
+    // profile is checked again at newOrder and at finalize).
+    let policy = acme.authority.policy();
+    let profile = Profile::ALL
+        .into_iter()
+        .find(|p| {
+            policy
+                .evaluate(&sigil_policy::Request {
+                    requester: &requester,
+                    identifiers: std::slice::from_ref(&id),
+                    profile: *p,
+                    key_type: None,
+                    lifetime: None,
+                })
+                .allowed
+        })
+        .unwrap_or_default();
     acme.authority
-        .check_names(
-            &requester,
-            std::slice::from_ref(&id),
-            Profile::default(),
-            None,
-        )
+        .check_names(&requester, std::slice::from_ref(&id), profile, None)
         .await
         .map_err(authority_problem)?;
     let now = acme.now();
