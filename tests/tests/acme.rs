@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
@@ -223,45 +223,87 @@ impl Resp {
 type Tokens = Arc<Mutex<HashMap<String, String>>>;
 type TxtRecords = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
-/// An HTTP-01 responder: `/.well-known/acme-challenge/<token>` → key authorization.
+/// An HTTP-01 responder: `/.well-known/acme-challenge/<token>` → key
+/// authorization, or a 301 to the URL after `redirect:`.
 async fn start_http01() -> (u16, Tokens) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let tokens = Tokens::default();
     let map = tokens.clone();
     tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let map = map.clone();
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_http01(sock, map.clone()));
+        }
+    });
+    (port, tokens)
+}
+
+/// The same over TLS (any certificate will do for http-01 behind a
+/// redirect): the target of an `https://` redirect.
+async fn start_https01() -> (u16, Tokens) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let tokens = Tokens::default();
+    let map = tokens.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (acceptor, map) = (acceptor.clone(), map.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 2048];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if let Ok(tls) = acceptor.accept(sock).await {
+                    answer_http01(tls, map).await;
                 }
-                let head = String::from_utf8_lossy(&buf);
-                let path = head.split_whitespace().nth(1).unwrap_or("");
-                let answer = path
-                    .strip_prefix("/.well-known/acme-challenge/")
-                    .and_then(|t| map.lock().unwrap().get(t).cloned());
-                let rsp = match answer {
-                    Some(ka) => format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ka}",
-                        ka.len()
-                    ),
-                    None => {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                            .to_string()
-                    }
-                };
-                let _ = sock.write_all(rsp.as_bytes()).await;
-                let _ = sock.shutdown().await;
             });
         }
     });
     (port, tokens)
+}
+
+async fn answer_http01<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, map: Tokens) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let answer = path
+        .strip_prefix("/.well-known/acme-challenge/")
+        .and_then(|t| map.lock().unwrap().get(t).cloned());
+    let rsp = match answer {
+        Some(to) if to.starts_with("redirect:") => format!(
+            "HTTP/1.1 301 Moved Permanently\r\nLocation: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            &to["redirect:".len()..]
+        ),
+        Some(ka) => format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ka}",
+            ka.len()
+        ),
+        None => {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+        }
+    };
+    let _ = sock.write_all(rsp.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }
 
 /// A DNS server answering TXT queries from a map, over UDP and TCP on one port.
@@ -1125,6 +1167,136 @@ async fn pre_authorization_is_reused_by_new_order() {
     assert_eq!(urls, [authz_url], "the order reuses the pre-authorization");
     let chain = ca.finalize(&mut order).await;
     assert_eq!(sans(&pem_certs(&chain)[0]), ["pre.localhost"]);
+}
+
+/// http-01 follows a redirect from the http-01 port to https on the TLS
+/// validation port (RFC 8555 §8.3), and refuses one that leaves the name,
+/// saying so in the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_follows_a_redirect_to_https_on_the_same_name() {
+    let (tls_port, tls_tokens) = start_https01().await;
+    let port = tls_port.to_string();
+    let ca = Acme::start(&["--validation-tls-port", &port]).await;
+    let raw = Raw::register(&ca).await;
+    let challenge = |name: &'static str| {
+        let raw = &raw;
+        async move {
+            let order = raw.new_order(&[name]).await.expect_ok().json();
+            let authz_url = order["authorizations"][0].as_str().unwrap().to_string();
+            let authz = raw.post(&authz_url, None).await.expect_ok().json();
+            let ch = authz["challenges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "http-01")
+                .unwrap()
+                .clone();
+            (authz_url, ch)
+        }
+    };
+    let settle = |authz_url: String| {
+        let raw = &raw;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let a = raw.post(&authz_url, None).await.expect_ok().json();
+                if a["status"] != "pending" || Instant::now() > deadline {
+                    return a;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    let (authz_url, ch) = challenge("redir.localhost").await;
+    let token = ch["token"].as_str().unwrap().to_string();
+    ca.tokens.lock().unwrap().insert(
+        token.clone(),
+        format!("redirect:https://redir.localhost:{tls_port}/.well-known/acme-challenge/{token}"),
+    );
+    tls_tokens
+        .lock()
+        .unwrap()
+        .insert(token.clone(), format!("{token}.{}", raw.thumbprint()));
+    raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
+        .await
+        .expect_ok();
+    let a = settle(authz_url).await;
+    assert_eq!(a["status"], "valid", "{a}");
+
+    let (authz_url, ch) = challenge("redir2.localhost").await;
+    let token = ch["token"].as_str().unwrap().to_string();
+    ca.tokens.lock().unwrap().insert(
+        token.clone(),
+        format!(
+            "redirect:https://elsewhere.localhost:{tls_port}/.well-known/acme-challenge/{token}"
+        ),
+    );
+    raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
+        .await
+        .expect_ok();
+    let a = settle(authz_url).await;
+    assert_eq!(a["status"], "invalid", "{a}");
+    let detail = a["challenges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|c| c["error"]["detail"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        detail.contains("elsewhere.localhost") && detail.contains("must stay on redir2.localhost"),
+        "{a}"
+    );
+}
+
+/// A pre-authorization is not tied to a profile: a name the policy allows
+/// only under `server` can still be pre-authorized (and then ordered with
+/// that profile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_authorization_of_a_name_allowed_under_another_profile() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    std::fs::write(
+        ca.data.join("policies/srv.toml"),
+        "[[rule]]\nname = \"srv-only\"\neffect = \"allow\"\nrequesters = [\"*\"]\ndns = [\".srv.example\"]\nprofiles = [\"server\"]\n",
+    )
+    .unwrap();
+    // Wait for the reload: an order with the server profile is accepted.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let rsp = raw
+            .post(
+                &raw.url("newOrder"),
+                Some(&json!({
+                    "identifiers": [{"type": "dns", "value": "a.srv.example"}],
+                    "profile": "server",
+                })),
+            )
+            .await;
+        if rsp.status == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy not reloaded: {}",
+            rsp.show()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The default profile (mtls) is refused for it ...
+    raw.new_order(&["b.srv.example"])
+        .await
+        .problem("rejectedIdentifier");
+    // ... but the name may be pre-authorized.
+    let rsp = raw
+        .post(
+            &raw.url("newAuthz"),
+            Some(&json!({"identifier": {"type": "dns", "value": "b.srv.example"}})),
+        )
+        .await
+        .expect_ok();
+    assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
 }
 
 /// An order created ready (every authorization reused) is checked again at

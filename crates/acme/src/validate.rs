@@ -216,30 +216,43 @@ impl Validator {
             Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
             _ => target.value.clone(),
         };
-        let port = self.settings.http_port;
-        let mut path = format!("/.well-known/acme-challenge/{token}");
+        let ports = (self.settings.http_port, self.settings.tls_port);
+        let mut hop = Hop {
+            https: false,
+            path: format!("/.well-known/acme-challenge/{token}"),
+        };
         for _ in 0..=MAX_REDIRECTS {
-            let url = if port == 80 {
-                format!("http://{host}{path}")
+            let (scheme, port, default_port) = if hop.https {
+                ("https", ports.1, 443)
             } else {
-                format!("http://{host}:{port}{path}")
+                ("http", ports.0, 80)
             };
-            let (tcp, addr) = self.connect(target, port).await?;
-            let fail = |kind: fn(String) -> Problem, what: String| {
-                kind(format!("http-01: GET {url} (at {addr}): {what}"))
-            };
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| fail(Problem::connection, format!("HTTP handshake failed: {e}")))?;
-            let driver = tokio::spawn(conn);
-            let host_header = if port == 80 {
+            let authority = if port == default_port {
                 host.clone()
             } else {
                 format!("{host}:{port}")
             };
-            let req = hyper::Request::get(path.as_str())
-                .header(hyper::header::HOST, host_header)
+            let url = format!("{scheme}://{authority}{}", hop.path);
+            let (tcp, addr) = self.connect(target, port).await?;
+            let fail = |kind: fn(String) -> Problem, what: String| {
+                kind(format!("http-01: GET {url} (at {addr}): {what}"))
+            };
+            let io: Box<dyn Io> = if hop.https {
+                Box::new(
+                    self.tls(target, tcp, &[b"http/1.1"])
+                        .await
+                        .map_err(|e| fail(Problem::tls, e))?,
+                )
+            } else {
+                Box::new(tcp)
+            };
+            let io = hyper_util::rt::TokioIo::new(io);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| fail(Problem::connection, format!("HTTP handshake failed: {e}")))?;
+            let driver = tokio::spawn(conn);
+            let req = hyper::Request::get(hop.path.as_str())
+                .header(hyper::header::HOST, authority.as_str())
                 .header(hyper::header::USER_AGENT, "Sigil-ACME-validator")
                 .header(hyper::header::ACCEPT, "*/*")
                 .body(Empty::<hyper::body::Bytes>::new())
@@ -257,7 +270,7 @@ impl Validator {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                path = self.follow(&location, &host, port).map_err(|why| {
+                hop = follow(&location, &host, hop.https, ports).map_err(|why| {
                     fail(
                         Problem::connection,
                         format!("redirect ({status}) to '{location}' not followed: {why}"),
@@ -317,32 +330,35 @@ impl Validator {
         )))
     }
 
-    /// Accepts a redirect to the same host over http on the validation port;
-    /// returns the new path.
-    fn follow(&self, location: &str, host: &str, port: u16) -> Result<String, String> {
-        if location.starts_with('/') {
-            return Ok(location.to_string());
-        }
-        let rest = location
-            .strip_prefix("http://")
-            .ok_or("only http:// redirects on the validation port are followed")?;
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let want = if port == 80 {
-            vec![host.to_string(), format!("{host}:80")]
-        } else {
-            vec![format!("{host}:{port}")]
+    /// A TLS client session to `target` that accepts any certificate (what
+    /// validation checks is the content behind it, RFC 8555 §8.3 and RFC
+    /// 8737), offering `alpn`. The SNI is the name, or for an IP the reverse
+    /// name (RFC 8738 §6). On failure, what went wrong.
+    async fn tls(
+        &self,
+        target: &Target,
+        tcp: tokio::net::TcpStream,
+        alpn: &[&[u8]],
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let sni = match target.value.parse::<IpAddr>() {
+            Ok(ip) => reverse_name(ip),
+            Err(_) => target.value.clone(),
         };
-        if !want.iter().any(|w| w.eq_ignore_ascii_case(authority)) {
-            return Err(format!(
-                "redirects must stay on {} (the name being validated, port {port})",
-                host
-            ));
-        }
-        Ok(if path.is_empty() {
-            "/".into()
-        } else {
-            path.into()
-        })
+        let server_name = rustls_pki_types::ServerName::try_from(sni.clone())
+            .map_err(|e| format!("invalid SNI {sni}: {e}"))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        tokio::time::timeout(self.settings.timeout, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))
     }
 
     async fn dns01(&self, target: &Target, key_auth: &str) -> Result<(), Problem> {
@@ -396,25 +412,10 @@ impl Validator {
         let fail = |kind: fn(String) -> Problem, what: String| {
             kind(format!("tls-alpn-01: {} (at {addr}): {what}", target.value))
         };
-        let sni = match target.value.parse::<IpAddr>() {
-            Ok(ip) => reverse_name(ip),
-            Err(_) => target.value.clone(),
-        };
-        let server_name = rustls_pki_types::ServerName::try_from(sni.clone())
-            .map_err(|e| fail(Problem::malformed, format!("invalid SNI {sni}: {e}")))?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| fail(Problem::server_internal, e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth();
-        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tls = tokio::time::timeout(self.settings.timeout, connector.connect(server_name, tcp))
+        let tls = self
+            .tls(target, tcp, &[ACME_TLS_ALPN])
             .await
-            .map_err(|_| fail(Problem::tls, "TLS handshake timed out".into()))?
-            .map_err(|e| fail(Problem::tls, format!("TLS handshake failed: {e}")))?;
+            .map_err(|e| fail(Problem::tls, e))?;
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(ACME_TLS_ALPN) {
             return Err(fail(
@@ -430,6 +431,62 @@ impl Validator {
         check_alpn_cert(cert.as_ref(), target, want.as_ref())
             .map_err(|why| fail(Problem::unauthorized, why))
     }
+}
+
+/// Where an http-01 request goes next.
+#[derive(Debug, PartialEq, Eq)]
+struct Hop {
+    /// Over TLS on the TLS validation port (else plain HTTP on the http-01 port).
+    https: bool,
+    /// Path and query.
+    path: String,
+}
+
+/// The transport under one http-01 request: TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The redirect rules of http-01 validation: a relative path, or an absolute
+/// URL to the same name, by `http://` on the http-01 port or `https://` on
+/// the TLS validation port (`ports`); anything else is refused with why.
+fn follow(location: &str, host: &str, https: bool, ports: (u16, u16)) -> Result<Hop, String> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Ok(Hop {
+            https,
+            path: location.to_string(),
+        });
+    }
+    let lower = location.get(..8).unwrap_or(location).to_ascii_lowercase();
+    let (https, rest, port, default) = if lower.starts_with("http://") {
+        (false, &location[7..], ports.0, 80)
+    } else if lower.starts_with("https://") {
+        (true, &location[8..], ports.1, 443)
+    } else {
+        return Err(format!(
+            "only redirects to http://{host} (port {}) or https://{host} (port {}) are followed",
+            ports.0, ports.1
+        ));
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let mut allowed = vec![format!("{host}:{port}")];
+    if port == default {
+        allowed.push(host.to_string());
+    }
+    if !allowed.iter().any(|a| a.eq_ignore_ascii_case(authority)) {
+        return Err(format!(
+            "redirects must stay on {host} (the name being validated), on port {port} for {}",
+            if https { "https" } else { "http" }
+        ));
+    }
+    Ok(Hop {
+        https,
+        path: match path {
+            "" => "/".into(),
+            p if p.starts_with('?') => format!("/{p}"),
+            p => p.into(),
+        },
+    })
 }
 
 /// The reverse-mapping name of an IP (RFC 8738 §6).
@@ -593,4 +650,45 @@ fn verify_handshake_signature(
         .verify(message, dss.signature())
         .map_err(|_| bad("handshake signature does not verify"))?;
     Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORTS: (u16, u16) = (5002, 5001);
+
+    fn hop(https: bool, path: &str) -> Result<Hop, String> {
+        Ok(Hop {
+            https,
+            path: path.into(),
+        })
+    }
+
+    #[test]
+    fn redirects_stay_on_the_name_and_the_validation_ports() {
+        let f = |loc: &str| follow(loc, "a.internal", false, PORTS);
+        assert_eq!(f("/elsewhere?x=1"), hop(false, "/elsewhere?x=1"));
+        assert_eq!(f("http://a.internal:5002/p"), hop(false, "/p"));
+        assert_eq!(f("HTTPS://A.internal:5001/p"), hop(true, "/p"));
+        assert_eq!(f("https://a.internal:5001"), hop(true, "/"));
+        assert_eq!(f("https://a.internal:5001?q"), hop(true, "/?q"));
+        // A relative path keeps the scheme of the request it answers.
+        assert_eq!(follow("/x", "a.internal", true, PORTS), hop(true, "/x"));
+        for bad in [
+            "https://b.internal:5001/p",
+            "https://a.internal/p",
+            "http://a.internal:5001/p",
+            "https://a.internal:5001@evil.internal/p",
+            "//a.internal:5002/p",
+            "ftp://a.internal/p",
+            "",
+        ] {
+            assert!(f(bad).is_err(), "{bad}");
+        }
+        // On the standard ports the port may be left out.
+        let std = |loc: &str| follow(loc, "a.internal", false, (80, 443));
+        assert_eq!(std("https://a.internal/p"), hop(true, "/p"));
+        assert_eq!(std("http://a.internal:80/p"), hop(false, "/p"));
+    }
 }
