@@ -736,22 +736,27 @@ struct Raw {
 }
 
 impl Raw {
-    /// A new account (newAccount signed with the JWK).
-    async fn register(ca: &Acme) -> Raw {
+    /// A fresh key with no account yet.
+    fn unregistered(ca: &Acme) -> Raw {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .unwrap()
             .as_ref()
             .to_vec();
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8).unwrap();
-        let mut raw = Raw {
+        Raw {
             https: ca.https.clone(),
             dir: ca.dir.clone(),
             key,
             pkcs8,
             kid: String::new(),
             via: Mutex::new(None),
-        };
+        }
+    }
+
+    /// A new account (newAccount signed with the JWK).
+    async fn register(ca: &Acme) -> Raw {
+        let mut raw = Raw::unregistered(ca);
         let url = raw.url("newAccount");
         let protected =
             json!({"alg": "ES256", "jwk": raw.jwk(), "nonce": raw.nonce().await, "url": url});
@@ -1297,6 +1302,105 @@ async fn pre_authorization_of_a_name_allowed_under_another_profile() {
         .await
         .expect_ok();
     assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
+}
+
+/// revokeCert by an account that did not obtain the certificate (RFC 8555
+/// §7.6): refused until it holds valid authorizations for every name in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
+    let ca = Acme::start(&[]).await;
+    let owner = Raw::register(&ca).await;
+    let names = ["rv1.localhost", "rv2.localhost"];
+    let (order, _) = owner.ready_order(&ca, &names).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let done = owner
+        .post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": b64(csr_der(&names, &key))})),
+        )
+        .await
+        .expect_ok()
+        .json();
+    let chain = owner
+        .post(done["certificate"].as_str().unwrap(), None)
+        .await
+        .expect_ok();
+    let der = pem_certs(&String::from_utf8_lossy(&chain.body))[0].clone();
+    let body = json!({"certificate": b64(&der), "reason": 4});
+
+    let other = Raw::register(&ca).await;
+    let revoke_url = other.url("revokeCert");
+    let revoke = || other.post(&revoke_url, Some(&body));
+    revoke().await.problem("unauthorized");
+    let pre_authorize = |name: &'static str| {
+        let other = &other;
+        let ca = &ca;
+        async move {
+            let url = other
+                .post(
+                    &other.url("newAuthz"),
+                    Some(&json!({"identifier": {"type": "dns", "value": name}})),
+                )
+                .await
+                .expect_ok()
+                .location();
+            other.validate_http01(ca, &url).await;
+        }
+    };
+    pre_authorize("rv1.localhost").await;
+    let p = revoke().await.problem("unauthorized");
+    assert!(
+        p["detail"].as_str().unwrap().contains("rv2.localhost"),
+        "names what is missing: {p}"
+    );
+    pre_authorize("rv2.localhost").await;
+    let rsp = revoke().await.expect_ok();
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.show());
+    revoke().await.problem("alreadyRevoked");
+}
+
+/// keyChange (RFC 8555 §7.3.5) refuses an inner JWS that does not match the
+/// outer request, a wrong oldKey or account, and a new key that already has
+/// an account (409 with its URL); the account keeps its key after all that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_refusals() {
+    let ca = Acme::start(&[]).await;
+    let a = Raw::register(&ca).await;
+    let b = Raw::register(&ca).await;
+    let fresh = Raw::unregistered(&ca);
+    let url = a.url("keyChange");
+    let inner = |holder: &Raw, header: Value, payload: Value| holder.sign(&header, Some(&payload));
+    let header = |holder: &Raw| json!({"alg": "ES256", "jwk": holder.jwk(), "url": url});
+    let good = json!({"account": a.kid, "oldKey": a.jwk()});
+
+    let mut other_url = header(&fresh);
+    other_url["url"] = json!(a.url("newOrder"));
+    a.post(&url, Some(&inner(&fresh, other_url, good.clone())))
+        .await
+        .problem("malformed");
+    let mut with_nonce = header(&fresh);
+    with_nonce["nonce"] = json!(a.nonce().await);
+    a.post(&url, Some(&inner(&fresh, with_nonce, good.clone())))
+        .await
+        .problem("malformed");
+    // Signed by another key than the jwk it names.
+    a.post(&url, Some(&inner(&b, header(&fresh), good.clone())))
+        .await
+        .problem("malformed");
+    let wrong_old = json!({"account": a.kid, "oldKey": b.jwk()});
+    a.post(&url, Some(&inner(&fresh, header(&fresh), wrong_old)))
+        .await
+        .problem("unauthorized");
+    let wrong_account = json!({"account": b.kid, "oldKey": a.jwk()});
+    a.post(&url, Some(&inner(&fresh, header(&fresh), wrong_account)))
+        .await
+        .problem("unauthorized");
+    let taken = a.post(&url, Some(&inner(&b, header(&b), good))).await;
+    assert_eq!(taken.status, StatusCode::CONFLICT, "{}", taken.show());
+    assert_eq!(taken.header("location").as_deref(), Some(b.kid.as_str()));
+
+    // Still the old key.
+    a.new_order(&["kept.localhost"]).await.expect_ok();
 }
 
 /// An order created ready (every authorization reused) is checked again at
