@@ -1080,6 +1080,63 @@ async fn eab_required() {
         .issue(&account, &NewOrder::new(&[dns("eab.localhost")]))
         .await;
     assert_eq!(sans(&pem_certs(&chain)[0]), ["eab.localhost"]);
+
+    // Each team's accounts act as that team in the naming policy: its own
+    // names only.
+    std::fs::write(
+        ca.data.join("policies/teams.toml"),
+        "[[rule]]\nname = \"web\"\neffect = \"allow\"\nrequesters = [\"eab:team-web\"]\ndns = [\".web.example\"]\n\n\
+         [[rule]]\nname = \"db\"\neffect = \"allow\"\nrequesters = [\"eab:team-db\"]\ndns = [\".db.example\"]\n",
+    )
+    .unwrap();
+    let db_out = tokio::task::block_in_place(|| {
+        ok(sigil(&[
+            "acme",
+            "eab",
+            "create",
+            "--config",
+            &config,
+            "--requester",
+            "team-db",
+        ]))
+    });
+    let db_field = |label: &str| {
+        db_out
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(|v| v.trim().to_owned())
+            .unwrap()
+    };
+    let db_eab = ExternalAccountKey::new(
+        db_field("EAB key id:"),
+        &URL_SAFE_NO_PAD.decode(db_field("EAB HMAC key:")).unwrap(),
+    );
+    let (db_account, _) = ca
+        .builder()
+        .create(&new_account(), ca.dir_url.clone(), Some(&db_eab))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while account
+        .new_order(&NewOrder::new(&[dns("app.web.example")]))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the team policy was not loaded");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (who, name) in [(&account, "app.db.example"), (&db_account, "app.web.example")] {
+        let err = who
+            .new_order(&NewOrder::new(&[dns(name)]))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("another team's name {name} must be refused"));
+        assert_eq!(problem_name(&err), "rejectedIdentifier", "{err}");
+    }
+    db_account
+        .new_order(&NewOrder::new(&[dns("app.db.example")]))
+        .await
+        .expect("the db team's own name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
