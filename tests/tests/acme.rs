@@ -1125,7 +1125,10 @@ async fn eab_required() {
         assert!(Instant::now() < deadline, "the team policy was not loaded");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    for (who, name) in [(&account, "app.db.example"), (&db_account, "app.web.example")] {
+    for (who, name) in [
+        (&account, "app.db.example"),
+        (&db_account, "app.web.example"),
+    ] {
         let err = who
             .new_order(&NewOrder::new(&[dns(name)]))
             .await
@@ -1359,6 +1362,125 @@ async fn pre_authorization_of_a_name_allowed_under_another_profile() {
         .await
         .expect_ok();
     assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
+}
+
+/// A TLS server certificate given as is, for every client.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// tls-alpn-01 for an IP identifier (RFC 8738 §6): the certificate names
+/// the IP, carries the critical acmeIdentifier; one with another name in it
+/// fails, and the problem says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_for_an_ip_identifier() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ca = Acme::start(&["--validation-tls-port", &port.to_string()]).await;
+    let raw = Raw::register(&ca).await;
+    let certs: Arc<Mutex<Vec<Arc<rustls::ServerConfig>>>> = Arc::default();
+    {
+        let certs = certs.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let Some(config) = certs.lock().unwrap().last().cloned() else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = tokio_rustls::TlsAcceptor::from(config).accept(sock).await;
+                });
+            }
+        });
+    }
+    // Serves a certificate for `sans` proving `key_auth`, over acme-tls/1.
+    let serve = |sans: Vec<rcgen::SanType>, key_auth: String| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(
+            digest::digest(&digest::SHA256, key_auth.as_bytes()).as_ref(),
+        )];
+        let cert = params.self_signed(&key).unwrap();
+        // Served as is: rustls would refuse to load a certificate with the
+        // (critical, and to it unknown) acmeIdentifier extension.
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .unwrap();
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert.der().clone()],
+            signer,
+        ));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(certified)));
+        config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+        certs.lock().unwrap().push(Arc::new(config));
+    };
+    let attempt = |extra: Option<&'static str>| {
+        let (raw, serve) = (&raw, &serve);
+        async move {
+            let order = raw
+                .post(
+                    &raw.url("newOrder"),
+                    Some(&json!({"identifiers": [{"type": "ip", "value": "127.0.0.1"}]})),
+                )
+                .await
+                .expect_ok()
+                .json();
+            let authz_url = order["authorizations"][0].as_str().unwrap().to_string();
+            let authz = raw.post(&authz_url, None).await.expect_ok().json();
+            if authz["status"] == "valid" {
+                return authz;
+            }
+            let ch = authz["challenges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "tls-alpn-01")
+                .unwrap_or_else(|| panic!("no tls-alpn-01 for an IP: {authz}"))
+                .clone();
+            let token = ch["token"].as_str().unwrap();
+            let mut sans = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+            if let Some(name) = extra {
+                sans.push(rcgen::SanType::DnsName(name.try_into().unwrap()));
+            }
+            serve(sans, format!("{token}.{}", raw.thumbprint()));
+            raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
+                .await
+                .expect_ok();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let a = raw.post(&authz_url, None).await.expect_ok().json();
+                if a["status"] != "pending" || Instant::now() > deadline {
+                    return a;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Another name beside the IP: refused (RFC 8737 §3, exactly one identifier).
+    let a = attempt(Some("extra.localhost")).await;
+    assert_eq!(a["status"], "invalid", "{a}");
+    let text = a.to_string();
+    assert!(
+        text.contains("must name exactly 127.0.0.1") && text.contains("extra.localhost"),
+        "{a}"
+    );
+    let a = attempt(None).await;
+    assert_eq!(a["status"], "valid", "{a}");
 }
 
 /// revokeCert by an account that did not obtain the certificate (RFC 8555
