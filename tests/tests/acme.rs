@@ -863,6 +863,39 @@ impl Raw {
             .await
     }
 
+    /// newAuthz (pre-authorization) for a DNS name.
+    async fn new_authz(&self, name: &str) -> Resp {
+        self.post(
+            &self.url("newAuthz"),
+            Some(&json!({"identifier": {"type": "dns", "value": name}})),
+        )
+        .await
+    }
+
+    /// The authorization's challenge of type `kind`.
+    async fn challenge(&self, authz_url: &str, kind: &str) -> Value {
+        let authz = self.post(authz_url, None).await.expect_ok().json();
+        authz["challenges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} challenge: {authz}"))
+            .clone()
+    }
+
+    /// Polls an authorization until it leaves `pending` (30 s at most).
+    async fn settle(&self, authz_url: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = self.post(authz_url, None).await.expect_ok().json();
+            if a["status"] != "pending" || Instant::now() > deadline {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Answers the http-01 challenge of a pending authorization and waits until it is valid.
     async fn validate_http01(&self, ca: &Acme, authz_url: &str) {
         let authz = self.post(authz_url, None).await.expect_ok().json();
@@ -883,17 +916,11 @@ impl Raw {
         self.post(ch["url"].as_str().unwrap(), Some(&json!({})))
             .await
             .expect_ok();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let a = self.post(authz_url, None).await.expect_ok().json();
-            match a["status"].as_str() {
-                Some("valid") => return,
-                Some("pending") if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                _ => panic!("authorization {authz_url} did not become valid: {a}"),
-            }
-        }
+        let a = self.settle(authz_url).await;
+        assert_eq!(
+            a["status"], "valid",
+            "authorization {authz_url} did not become valid: {a}"
+        );
     }
 
     /// A new order for `names`, validated over http-01, until it is ready: its JSON and URL.
@@ -1204,13 +1231,7 @@ async fn deactivated_account_is_refused() {
 async fn pre_authorization_is_reused_by_new_order() {
     let ca = Acme::start(&[]).await;
     let raw = Raw::register(&ca).await;
-    let rsp = raw
-        .post(
-            &raw.url("newAuthz"),
-            Some(&json!({"identifier": {"type": "dns", "value": "pre.localhost"}})),
-        )
-        .await
-        .expect_ok();
+    let rsp = raw.new_authz("pre.localhost").await.expect_ok();
     assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
     let authz_url = rsp.location();
     let authz = rsp.json();
@@ -1248,28 +1269,8 @@ async fn http01_follows_a_redirect_to_https_on_the_same_name() {
         async move {
             let order = raw.new_order(&[name]).await.expect_ok().json();
             let authz_url = order["authorizations"][0].as_str().unwrap().to_string();
-            let authz = raw.post(&authz_url, None).await.expect_ok().json();
-            let ch = authz["challenges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == "http-01")
-                .unwrap()
-                .clone();
+            let ch = raw.challenge(&authz_url, "http-01").await;
             (authz_url, ch)
-        }
-    };
-    let settle = |authz_url: String| {
-        let raw = &raw;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let a = raw.post(&authz_url, None).await.expect_ok().json();
-                if a["status"] != "pending" || Instant::now() > deadline {
-                    return a;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
         }
     };
 
@@ -1286,7 +1287,7 @@ async fn http01_follows_a_redirect_to_https_on_the_same_name() {
     raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
         .await
         .expect_ok();
-    let a = settle(authz_url).await;
+    let a = raw.settle(&authz_url).await;
     assert_eq!(a["status"], "valid", "{a}");
 
     let (authz_url, ch) = challenge("redir2.localhost").await;
@@ -1300,7 +1301,7 @@ async fn http01_follows_a_redirect_to_https_on_the_same_name() {
     raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
         .await
         .expect_ok();
-    let a = settle(authz_url).await;
+    let a = raw.settle(&authz_url).await;
     assert_eq!(a["status"], "invalid", "{a}");
     let detail = a["challenges"]
         .as_array()
@@ -1354,13 +1355,7 @@ async fn pre_authorization_of_a_name_allowed_under_another_profile() {
         .await
         .problem("rejectedIdentifier");
     // ... but the name may be pre-authorized.
-    let rsp = raw
-        .post(
-            &raw.url("newAuthz"),
-            Some(&json!({"identifier": {"type": "dns", "value": "b.srv.example"}})),
-        )
-        .await
-        .expect_ok();
+    let rsp = raw.new_authz("b.srv.example").await.expect_ok();
     assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
 }
 
@@ -1441,17 +1436,7 @@ async fn tls_alpn01_for_an_ip_identifier() {
                 .expect_ok()
                 .json();
             let authz_url = order["authorizations"][0].as_str().unwrap().to_string();
-            let authz = raw.post(&authz_url, None).await.expect_ok().json();
-            if authz["status"] == "valid" {
-                return authz;
-            }
-            let ch = authz["challenges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == "tls-alpn-01")
-                .unwrap_or_else(|| panic!("no tls-alpn-01 for an IP: {authz}"))
-                .clone();
+            let ch = raw.challenge(&authz_url, "tls-alpn-01").await;
             let token = ch["token"].as_str().unwrap();
             let mut sans = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
             if let Some(name) = extra {
@@ -1461,14 +1446,7 @@ async fn tls_alpn01_for_an_ip_identifier() {
             raw.post(ch["url"].as_str().unwrap(), Some(&json!({})))
                 .await
                 .expect_ok();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let a = raw.post(&authz_url, None).await.expect_ok().json();
-                if a["status"] != "pending" || Instant::now() > deadline {
-                    return a;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            raw.settle(&authz_url).await
         }
     };
     // Another name beside the IP: refused (RFC 8737 §3, exactly one identifier).
@@ -1515,14 +1493,7 @@ async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
         let other = &other;
         let ca = &ca;
         async move {
-            let url = other
-                .post(
-                    &other.url("newAuthz"),
-                    Some(&json!({"identifier": {"type": "dns", "value": name}})),
-                )
-                .await
-                .expect_ok()
-                .location();
+            let url = other.new_authz(name).await.expect_ok().location();
             other.validate_http01(ca, &url).await;
         }
     };
@@ -1589,10 +1560,7 @@ async fn a_ready_order_whose_authorization_was_deactivated_is_not_finalized() {
     let ca = Acme::start(&[]).await;
     let raw = Raw::register(&ca).await;
     let authz_url = raw
-        .post(
-            &raw.url("newAuthz"),
-            Some(&json!({"identifier": {"type": "dns", "value": "gone-authz.localhost"}})),
-        )
+        .new_authz("gone-authz.localhost")
         .await
         .expect_ok()
         .location();
