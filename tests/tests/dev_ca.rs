@@ -248,14 +248,17 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
     assert!(!log.contains("PRIVATE KEY"));
 
     // Rows appended since (the server's stop) keep the recorded head.
-    let out = ok(sigil(&[
-        "audit",
-        "verify",
-        "--config",
-        &config,
-        "--expect-head",
-        &head,
-    ]));
+    let anchored = || {
+        sigil(&[
+            "audit",
+            "verify",
+            "--config",
+            &config,
+            "--expect-head",
+            &head,
+        ])
+    };
+    let out = ok(anchored());
     assert!(out.contains("is in the chain"), "{out}");
     let bad = sigil(&[
         "audit",
@@ -284,16 +287,9 @@ fn dev_ca_issues_certificates_openssl_and_pkilint_accept() {
         ));
         let plain = ok(sigil(&["audit", "verify", "--config", &config]));
         assert!(plain.contains("audit chain OK"), "{plain}");
-        let anchored = sigil(&[
-            "audit",
-            "verify",
-            "--config",
-            &config,
-            "--expect-head",
-            &head,
-        ]);
-        let text = String::from_utf8_lossy(&anchored.stdout);
-        assert!(!anchored.status.success(), "{text}");
+        let cut = anchored();
+        let text = String::from_utf8_lossy(&cut.stdout);
+        assert!(!cut.status.success(), "{text}");
         assert!(
             text.contains("BROKEN") && text.contains("cut from its end"),
             "{text}"

@@ -239,7 +239,7 @@ impl Validator {
             };
             let io: Box<dyn Io> = if hop.https {
                 Box::new(
-                    self.tls(target, tcp, &[b"http/1.1"])
+                    self.tls(target.value.clone(), tcp, &[b"http/1.1"])
                         .await
                         .map_err(|e| fail(Problem::tls, e))?,
                 )
@@ -330,20 +330,16 @@ impl Validator {
         )))
     }
 
-    /// A TLS client session to `target` that accepts any certificate (what
-    /// validation checks is the content behind it, RFC 8555 §8.3 and RFC
-    /// 8737), offering `alpn`. The SNI is the name, or for an IP the reverse
-    /// name (RFC 8738 §6). On failure, what went wrong.
+    /// A TLS client session to `sni` (a name, or an IP, which sends none)
+    /// that accepts any certificate: what validation checks is the content
+    /// behind it (RFC 8555 §8.3, RFC 8737). Offers `alpn`. On failure, what
+    /// went wrong.
     async fn tls(
         &self,
-        target: &Target,
+        sni: String,
         tcp: tokio::net::TcpStream,
         alpn: &[&[u8]],
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-        let sni = match target.value.parse::<IpAddr>() {
-            Ok(ip) => reverse_name(ip),
-            Err(_) => target.value.clone(),
-        };
         let server_name = rustls_pki_types::ServerName::try_from(sni.clone())
             .map_err(|e| format!("invalid SNI {sni}: {e}"))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -412,8 +408,13 @@ impl Validator {
         let fail = |kind: fn(String) -> Problem, what: String| {
             kind(format!("tls-alpn-01: {} (at {addr}): {what}", target.value))
         };
+        // For an IP, the reverse name (RFC 8738 §6).
+        let sni = match target.value.parse::<IpAddr>() {
+            Ok(ip) => reverse_name(ip),
+            Err(_) => target.value.clone(),
+        };
         let tls = self
-            .tls(target, tcp, &[ACME_TLS_ALPN])
+            .tls(sni, tcp, &[ACME_TLS_ALPN])
             .await
             .map_err(|e| fail(Problem::tls, e))?;
         let (_, conn) = tls.get_ref();

@@ -579,19 +579,13 @@ impl Authority {
         if let Err(limited) = self.take_rate_token(requester) {
             return limited;
         }
-        let r = self
-            .store
-            .commit(Change::Record(AuditEvent {
-                ts_ms: unix_ms(self.clock.now()),
-                kind: "cert.rejected".into(),
-                actor: requester.to_string(),
-                subject: String::new(),
-                detail: json!({ "profile": profile, "reason": e.to_string() }),
-            }))
-            .await;
-        match r {
+        let detail = json!({ "profile": profile, "reason": e.to_string() });
+        match self
+            .record("cert.rejected", &requester.to_string(), "", detail)
+            .await
+        {
             Ok(_) => e,
-            Err(store) => store.into(),
+            Err(store) => store,
         }
     }
 

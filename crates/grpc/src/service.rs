@@ -106,10 +106,10 @@ impl CaService {
         };
         let info = LeafInfo::from_der(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
-        // The handshake checked validity once; a long-lived connection must
-        // not outlast the certificate.
         // Refusals are audited under the name the certificate claims.
         let claimed = Requester::Mtls(info.identity().unwrap_or_else(|| info.serial.to_hex()));
+        // The handshake checked validity once; a long-lived connection must
+        // not outlast the certificate.
         let now = self.authority.now();
         if now < info.not_before || now > info.not_after {
             let reason = format!(
@@ -155,32 +155,23 @@ impl CaService {
     /// An authenticated call refused before it reached the authority (which
     /// audits its own refusals).
     async fn audit_refusal(&self, actor: &Requester, call: &str, reason: &str) {
-        let r = self
-            .authority
-            .record(
-                "grpc.refused",
-                &actor.to_string(),
-                "",
-                serde_json::json!({ "call": call, "reason": reason }),
-            )
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "could not audit a refused call");
-        }
+        let detail = serde_json::json!({ "call": call, "reason": reason });
+        self.audit("grpc.refused", actor, detail).await;
     }
 
     async fn audit_auth_failure(&self, actor: &Requester, reason: &str) {
+        let detail = serde_json::json!({ "reason": reason });
+        self.audit("grpc.auth_failed", actor, detail).await;
+    }
+
+    /// Records a refusal; a failure to record is logged, the refusal stands.
+    async fn audit(&self, kind: &str, actor: &Requester, detail: serde_json::Value) {
         let r = self
             .authority
-            .record(
-                "grpc.auth_failed",
-                &actor.to_string(),
-                "",
-                serde_json::json!({ "reason": reason }),
-            )
+            .record(kind, &actor.to_string(), "", detail)
             .await;
         if let Err(e) = r {
-            tracing::error!(error = %e, "could not audit an authentication failure");
+            tracing::error!(error = %e, kind, "could not audit a refused call");
         }
     }
 
