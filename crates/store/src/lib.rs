@@ -58,6 +58,10 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            // A SQLite connection is a local file handle that cannot go stale,
+            // so the liveness ping before every checkout (a round trip to the
+            // connection's thread) buys nothing; a server connection can.
+            .test_before_acquire(backend == Backend::Postgres)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
