@@ -1909,6 +1909,37 @@ async fn csr_must_match_the_order_and_not_use_the_account_key() {
             .problem("badCSR");
     }
 
+    // A CSR whose signature does not verify: refused and audited, and the
+    // order stays ready for a good one.
+    let (order, _) = raw.ready_order(&ca, &["csr-d.localhost"]).await;
+    let mut forged = csr_der(&["csr-d.localhost"], &key);
+    *forged.last_mut().unwrap() ^= 0x01;
+    let p = raw
+        .post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": b64(forged)})),
+        )
+        .await
+        .problem("badCSR");
+    assert!(p["detail"].as_str().unwrap().contains("signature"), "{p}");
+    let good = b64(csr_der(&["csr-d.localhost"], &key));
+    let done = raw
+        .post(
+            order["finalize"].as_str().unwrap(),
+            Some(&json!({"csr": good})),
+        )
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(done["status"], "valid", "{done}");
+    if let Some(rows) = ca.audit_rows() {
+        assert!(
+            rows.lines()
+                .any(|r| r.starts_with("cert.rejected|acme:") && r.contains("signature")),
+            "no cert.rejected audit row for the forged CSR:\n{rows}"
+        );
+    }
+
     // The account key as the certificate key (RFC 8555 §11.1).
     let (order, _) = raw.ready_order(&ca, &["csr-c.localhost"]).await;
     let account_key = rcgen::KeyPair::try_from(raw.pkcs8.as_slice()).unwrap();

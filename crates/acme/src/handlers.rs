@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sigil_authority::{Error as AuthorityError, IssueRequest};
-use sigil_core::{Csr, Identifier, LeafInfo, Profile, Requester};
+use sigil_core::{Identifier, LeafInfo, Profile, Requester};
 use sigil_store::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, AuditEvent, Change};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -904,8 +904,16 @@ pub async fn finalize(
     let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.csr.trim_end_matches('='))
         .map_err(|_| Problem::bad_csr("csr must be base64url-encoded DER"))?;
-    let csr = Csr::from_der(&der).map_err(|e| Problem::bad_csr(e.to_string()))?;
     let mut body: OrderBody = decode(&order)?;
+    let requester = Acme::requester(&account)?;
+    let profile = profile_of(Some(&body.profile))?;
+    // Parsed (and a client's unusable CSR audited) by the authority, which
+    // then issues from this parse: the signature is verified once.
+    let csr = acme
+        .authority
+        .check_csr(&der, &requester, profile)
+        .await
+        .map_err(authority_problem)?;
     let want: BTreeSet<String> = body.identifiers.iter().map(|i| i.value.clone()).collect();
     let got: BTreeSet<String> = csr.identifiers().iter().map(|i| i.to_string()).collect();
     if want != got {
@@ -920,8 +928,6 @@ pub async fn finalize(
             "the CSR uses the account key; certificates need a key of their own",
         ));
     }
-    let requester = Acme::requester(&account)?;
-    let profile = profile_of(Some(&body.profile))?;
     let now = acme.now();
     let not_before = body
         .not_before
@@ -952,7 +958,7 @@ pub async fn finalize(
     let issued = acme
         .authority
         .issue(IssueRequest {
-            csr: der,
+            csr: csr.into(),
             requester,
             profile: Some(profile),
             lifetime,

@@ -78,7 +78,7 @@ async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: u
                     break;
                 }
                 let req = IssueRequest {
-                    csr: csrs[i % csrs.len()].clone(),
+                    csr: csrs[i % csrs.len()].clone().into(),
                     requester: Requester::Operator("bench".into()),
                     profile: None,
                     lifetime: None,

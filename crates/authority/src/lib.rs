@@ -141,8 +141,8 @@ impl OcspSigner {
 /// Everything a caller supplies to get a certificate.
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
-    /// PKCS#10, PEM or DER.
-    pub csr: Vec<u8>,
+    /// The PKCS#10 request.
+    pub csr: CsrInput,
     /// Who asks (already authenticated by the entry point).
     pub requester: Requester,
     /// Requested profile (default `mtls`).
@@ -154,6 +154,30 @@ pub struct IssueRequest {
     /// Start of validity when later than now (an ACME order's notBefore);
     /// the lifetime counts from it. At most [`MAX_FUTURE_START`] ahead.
     pub not_before: Option<OffsetDateTime>,
+}
+
+/// A certificate request as the entry point has it: the bytes it received
+/// (PEM or DER), or a [`Csr`] it already parsed through
+/// [`Authority::check_csr`] to compare with its own records (an ACME order's
+/// identifiers), so the signature is verified once.
+#[derive(Debug, Clone)]
+pub enum CsrInput {
+    /// PKCS#10, PEM or DER, not yet parsed.
+    Bytes(Vec<u8>),
+    /// Parsed, with its self-signature verified.
+    Parsed(Csr),
+}
+
+impl From<Vec<u8>> for CsrInput {
+    fn from(bytes: Vec<u8>) -> Self {
+        CsrInput::Bytes(bytes)
+    }
+}
+
+impl From<Csr> for CsrInput {
+    fn from(csr: Csr) -> Self {
+        CsrInput::Parsed(csr)
+    }
 }
 
 /// How far in the future a requested start of validity may lie.
@@ -537,11 +561,13 @@ impl Authority {
     /// Every refusal of a well-formed request (policy, lifetime, name constraints,
     /// a token's scope or reuse) is audited before the error is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, Error> {
-        let csr = match Csr::parse(&req.csr) {
-            Ok(csr) => csr,
-            Err(e) => {
-                let profile = req.profile.unwrap_or_default();
-                return Err(self.reject_csr(&req.requester, profile.name(), e).await);
+        let profile = req.profile.unwrap_or_default();
+        let parsed;
+        let csr = match &req.csr {
+            CsrInput::Parsed(csr) => csr,
+            CsrInput::Bytes(bytes) => {
+                parsed = self.check_csr(bytes, &req.requester, profile).await?;
+                &parsed
             }
         };
         let applicant = Applicant {
@@ -549,7 +575,6 @@ impl Authority {
             public_key: csr.public_key(),
             common_name: csr.common_name(),
         };
-        let profile = req.profile.unwrap_or_default();
         let ask = Ask {
             actor: &req.requester,
             policy_requester: &req.requester,
@@ -561,6 +586,21 @@ impl Authority {
             not_before: req.not_before,
         };
         self.issue_for(&applicant, ask).await
+    }
+
+    /// Parses a CSR that `requester` sent for `profile`. One that cannot be
+    /// used is refused as [`Authority::issue`] refuses it (audited when a
+    /// client sent it).
+    pub async fn check_csr(
+        &self,
+        bytes: &[u8],
+        requester: &Requester,
+        profile: Profile,
+    ) -> Result<Csr, Error> {
+        match Csr::parse(bytes) {
+            Ok(csr) => Ok(csr),
+            Err(e) => Err(self.reject_csr(requester, profile.name(), e).await),
+        }
     }
 
     /// A CSR that cannot be used: audited (`cert.rejected`) when a client

@@ -90,7 +90,7 @@ fn csr_with(
 
 fn req(csr: Vec<u8>, requester: Requester) -> IssueRequest {
     IssueRequest {
-        csr,
+        csr: csr.into(),
         requester,
         profile: None,
         lifetime: None,

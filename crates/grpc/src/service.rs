@@ -296,7 +296,7 @@ impl CertificateAuthority for CaService {
         let issued = self
             .authority
             .issue(IssueRequest {
-                csr: body.csr,
+                csr: body.csr.into(),
                 requester,
                 profile,
                 lifetime,

@@ -58,7 +58,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
             let authority = build_authority(&cfg).await?;
             let issued = authority
                 .issue(IssueRequest {
-                    csr: csr_bytes,
+                    csr: csr_bytes.into(),
                     requester: Requester::Operator(operator_name(operator.as_deref())),
                     profile,
                     lifetime,

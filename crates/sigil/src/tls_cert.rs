@@ -86,7 +86,7 @@ async fn issue(
     let csr = params.serialize_request(&key)?.der().to_vec();
     let issued = authority
         .issue(IssueRequest {
-            csr,
+            csr: csr.into(),
             requester: Requester::Operator(SERVER_REQUESTER.into()),
             profile: Some(Profile::Server),
             lifetime: Some(lifetime),
