@@ -828,6 +828,107 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     assert!(!out.join("cert.pem").exists());
 }
 
+/// Sign with a client certificate instead of a token: the requester is the
+/// certificate's identity (`mtls:NAME`), so the policy decides by that name; a
+/// revoked client certificate is no credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_with_a_client_certificate_is_decided_by_its_identity() {
+    let ca = Ca::start();
+    let token = ca.token("gw", &["gw.internal"]);
+    let (gw_key, gw_csr) = key_and_csr(&["gw.internal"]);
+    let gw = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(gw_csr), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = ca.token("db", &["db.internal"]);
+    let (db_key, db_csr) = key_and_csr(&["db.internal"]);
+    let db = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(db_csr), &token))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Only the gateway's identity may have names under .mesh.example.
+    std::fs::write(
+        ca.work.join("data/policies/mesh.toml"),
+        "[[rule]]\nname = \"gateway-mesh\"\neffect = \"allow\"\nrequesters = [\"mtls:gw.internal\"]\ndns = [\".mesh.example\"]\n",
+    )
+    .unwrap();
+    let mut as_gw = ca.client(Some((&gw.chain_pem, &gw_key))).await;
+    let (_, mesh_csr) = key_and_csr(&["api.mesh.example"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let issued = loop {
+        match as_gw.sign(sign_req(mesh_csr.clone())).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => {
+                assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+                assert!(Instant::now() < deadline, "policy not loaded: {s:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let leaf = sigil_core::LeafInfo::from_der(&issued.chain_der[0]).unwrap();
+    assert_eq!(leaf.identity().as_deref(), Some("api.mesh.example"));
+
+    // Another client's identity, and a token, are not the gateway.
+    let mut as_db = ca.client(Some((&db.chain_pem, &db_key))).await;
+    let s = call_fails(as_db.sign(sign_req(mesh_csr.clone())).await).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("api.mesh.example"), "{s:?}");
+    let token = ca.token("gw.internal", &["api.mesh.example"]);
+    let s = call_fails(
+        ca.client(None)
+            .await
+            .sign(with_token(sign_req(mesh_csr.clone()), &token))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // The issuance and the refusal are audited under the mTLS identities.
+    let audit = ca.audit();
+    let line = |kind: &str, who: &str| {
+        audit
+            .lines()
+            .any(|l| l.contains(kind) && l.contains(who) && l.contains("api.mesh.example"))
+    };
+    assert!(line("cert.issued", "mtls:gw.internal"), "{audit}");
+    assert!(line("cert.denied", "mtls:db.internal"), "{audit}");
+
+    // Once the gateway's certificate is revoked, it signs nothing.
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &ca.config,
+        "--serial",
+        &gw.serial,
+        "--reason",
+        "key-compromise",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut as_gw = ca.client(Some((&gw.chain_pem, &gw_key))).await;
+        match as_gw.sign(sign_req(mesh_csr.clone())).await {
+            Err(s) if s.code() == Code::Unauthenticated => {
+                assert!(s.message().contains("revoked"), "{s:?}");
+                break;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "revoked certificate still signs: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
 /// Policies reload on file change and on SIGHUP, with no restart and no
 /// dropped connection; a broken policy is refused and the old one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
