@@ -781,6 +781,121 @@ fn agent_renews_short_lived_certificates_and_reloads() {
     assert!(out.join("chain.pem").exists() && out.join("key.pem").exists());
 }
 
+/// After a rotation the operator gives a deadline (`--renew-all-by`); a
+/// running agent whose certificate would otherwise last a day renews onto
+/// the new issuer before that deadline, at a moment of its own choosing.
+#[test]
+fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
+    let ca = Ca::start();
+    let token_file = ca.work.join("token");
+    write_secret(&token_file, &ca.token("edge", &["edge.internal"]));
+    let out = ca.work.join("out");
+    let log = ca.work.join("agent.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut agent = std::process::Command::new(sigil_bin())
+        .args([
+            "agent",
+            "--server",
+            &format!("localhost:{}", ca.grpc),
+            "--ca-bundle",
+            &ca.work.join("roots.pem").display().to_string(),
+            "--token-file",
+            &token_file.display().to_string(),
+            "--out-dir",
+            &out.display().to_string(),
+            "--lifetime",
+            "24h",
+        ])
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let chain = |agent: &mut std::process::Child| -> Option<Vec<String>> {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!(
+                "agent exited with {status}:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        let text = std::fs::read_to_string(out.join("chain.pem")).ok()?;
+        let blocks = pem_blocks(&text);
+        (blocks.len() == 2).then_some(blocks)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(c) = chain(&mut agent) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no first certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Let the agent's rotation watch connect.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let data = ca.work.join("data");
+    let d = |n: &str| data.join(n).display().to_string();
+    ok(sigil(&["intermediate", "rotate", "--config", &ca.config]));
+    ok(sigil(&[
+        "root",
+        "sign",
+        "--dir",
+        &d("DEV-ONLY-root"),
+        "--csr",
+        &d("intermediate-next.csr"),
+        "--out",
+        &d("next.crt"),
+        "--passphrase-file",
+        &d("DEV-ONLY-root/passphrase"),
+    ]));
+    ok(sigil(&[
+        "intermediate",
+        "install",
+        "--config",
+        &ca.config,
+        "--stage",
+        "--cert",
+        &d("next.crt"),
+    ]));
+    let next = pem_blocks(&std::fs::read_to_string(data.join("next.crt")).unwrap());
+    let activated = Instant::now();
+    ok(sigil(&[
+        "intermediate",
+        "activate",
+        "--config",
+        &ca.config,
+        "--renew-all-by",
+        "40s",
+    ]));
+    let deadline = activated + Duration::from_secs(75);
+    let renewed = loop {
+        if let Some(c) = chain(&mut agent)
+            && c[0] != first[0]
+        {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed by the deadline:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let waited = activated.elapsed();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        renewed[1].trim(),
+        next[0].trim(),
+        "renewed onto the new issuer"
+    );
+    assert_ne!(first[1].trim(), next[0].trim());
+    // The deadline was 40 s (the spread after a plain rotation is an hour);
+    // allow for the notice's delivery and the renewal call on a busy host.
+    assert!(waited < Duration::from_secs(55), "renewed after {waited:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("renewing early"), "{text}");
+}
+
 #[test]
 fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     let ca = Ca::start();

@@ -246,32 +246,41 @@ struct Early {
 
 /// Sleeps until `due`, or until the CA asks for an early renewal: at once
 /// when this certificate was revoked, else at a random moment before the
-/// CA's deadline, so a whole fleet does not renew in the same second.
+/// CA's deadline, so a whole fleet does not renew in the same second. Keeps
+/// listening while it waits: a later, more urgent notice (the operator's
+/// deadline after a rotation, a revocation) moves the renewal earlier.
 async fn wait_until_due(client: &Client, held: &Held, due: i64) {
-    let now = SystemClock.now().unix_timestamp();
-    let sleep = tokio::time::sleep(Duration::from_secs(u64::try_from(due - now).unwrap_or(0)));
-    tokio::pin!(sleep);
-    let notice = async {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Early>(4);
+    let watcher = async {
         loop {
-            match client.watch(held).await {
-                Ok(early) => return early,
-                Err(e) => {
-                    tracing::debug!(error = %format!("{e:#}"), "rotation watch ended; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
+            if let Err(e) = client.watch(held, &tx).await {
+                tracing::debug!(error = %format!("{e:#}"), "rotation watch ended; reconnecting");
             }
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     };
-    tokio::select! {
-        _ = &mut sleep => {}
-        early = notice => {
-            let now = SystemClock.now().unix_timestamp();
-            let at = early.by.map_or(now, |by| now + random_below(by.min(due) - now));
-            if at > now {
-                println!("renewing early at {}: {}", fmt_unix(at), early.reason);
-                tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(0))).await;
-            } else {
-                println!("renewing early: {}", early.reason);
+    tokio::pin!(watcher);
+    let mut at = due;
+    loop {
+        let now = SystemClock.now().unix_timestamp();
+        if at <= now {
+            return;
+        }
+        let sleep = tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(0)));
+        tokio::select! {
+            _ = sleep => return,
+            _ = &mut watcher => return,
+            Some(early) = rx.recv() => {
+                let now = SystemClock.now().unix_timestamp();
+                let when = early.by.map_or(now, |by| now + random_below(by.min(at) - now));
+                if when < at {
+                    at = when;
+                    if at > now {
+                        println!("renewing early at {}: {}", fmt_unix(at), early.reason);
+                    } else {
+                        println!("renewing early: {}", early.reason);
+                    }
+                }
             }
         }
     }
@@ -332,8 +341,9 @@ impl Client {
         held_from(resp.into_inner(), key_pem)
     }
 
-    /// Returns when the CA tells this holder to renew.
-    async fn watch(&self, current: &Held) -> Result<Early> {
+    /// Passes on each request of the CA's to renew this holder early, until
+    /// the stream ends.
+    async fn watch(&self, current: &Held, early: &tokio::sync::mpsc::Sender<Early>) -> Result<()> {
         use sigil_grpc::pb::rotation_notice::Kind;
         let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
         let mut stream = client
@@ -345,20 +355,21 @@ impl Client {
         let issued = current.leaf.not_before.unix_timestamp();
         while let Some(n) = stream.message().await? {
             let now = SystemClock.now().unix_timestamp();
-            match n.kind() {
-                Kind::IssuerRotated => {
-                    return Ok(Early {
-                        reason: format!("issuer rotated to {}", n.active_issuer),
-                        by: Some(now + ROTATION_SPREAD),
-                    });
-                }
+            let notice = match n.kind() {
+                Kind::IssuerRotated => Early {
+                    reason: format!("issuer rotated to {}", n.active_issuer),
+                    by: Some(now + ROTATION_SPREAD),
+                },
                 Kind::RenewNow if n.renew_issued_before == 0 || issued < n.renew_issued_before => {
-                    return Ok(Early {
+                    Early {
                         reason: n.message,
                         by: (n.renew_by > now).then_some(n.renew_by),
-                    });
+                    }
                 }
-                _ => {}
+                _ => continue,
+            };
+            if early.send(notice).await.is_err() {
+                return Ok(());
             }
         }
         bail!("the CA closed the rotation watch")
