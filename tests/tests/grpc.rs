@@ -1044,6 +1044,55 @@ async fn sign_with_a_client_certificate_is_decided_by_its_identity() {
     }
 }
 
+/// Anyone who reaches the port can send bad credentials: each is refused,
+/// but only a minute's budget of them per claimed caller reaches the audit
+/// table; the rest are counted in a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_audited_within_a_budget() {
+    let ca = Ca::start();
+    let mut client = ca.client(None).await;
+    let (_, csr) = key_and_csr(&["flood.internal"]);
+    let budget = sigil_grpc::REFUSAL_AUDITS_PER_MINUTE as usize;
+    for _ in 0..budget + 15 {
+        let s = call_fails(
+            client
+                .sign(with_token(sign_req(csr.clone()), "not-a-token"))
+                .await,
+        )
+        .await;
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    }
+    let audit = ca.audit();
+    let audited = audit
+        .lines()
+        .filter(|l| l.contains("grpc.auth_failed"))
+        .count();
+    assert_eq!(audited, budget, "{audit}");
+    let port = ca.server.as_ref().unwrap().port;
+    let metrics = String::from_utf8(http_get(port, "/metrics").unwrap().1).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("sigil_grpc_refusals_unaudited_total{kind=\"grpc.auth_failed\"} 15")),
+        "{metrics}"
+    );
+    // A caller with its own identity still has its own budget.
+    let token = ca.token("web", &["web.internal"]);
+    let (_, csr) = key_and_csr(&["web.internal"]);
+    let mut req = sign_req(csr);
+    req.profile = "nonsense".into();
+    let s = call_fails(client.sign(with_token(req, &token)).await).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let audit = ca.audit();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("grpc.refused") && l.contains("token:web")),
+        "{audit}"
+    );
+}
+
 /// Policies reload on file change and on SIGHUP, with no restart and no
 /// dropped connection; a broken policy is refused and the old one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,9 @@
 mod service;
 pub mod tokens;
 
-pub use service::{CaService, MAX_CSR_LEN, Notice, Notifier, ServiceConfig, server};
+pub use service::{
+    CaService, MAX_CSR_LEN, Notice, Notifier, REFUSAL_AUDITS_PER_MINUTE, ServiceConfig, server,
+};
 
 /// Generated protobuf and tonic code for `proto/sigil/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -7,6 +7,7 @@ use crate::pb::{
 };
 use crate::tokens::TokenVerifier;
 use sigil_authority::{Authority, Error, IssueRequest, Issued};
+use sigil_core::ratelimit::RateLimiter;
 use sigil_core::{LeafInfo, Profile, Requester, Serial};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,12 @@ use tonic::{Request, Response, Status};
 
 /// Largest CSR accepted (bytes); larger requests get `ResourceExhausted`.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// Refused calls audited per claimed caller and minute. Anyone who can reach
+/// the port can present a bad token or certificate; past this budget a
+/// refusal is only counted (`sigil_grpc_refusals_unaudited_total`), so
+/// garbage cannot grow the audit table without bound.
+pub const REFUSAL_AUDITS_PER_MINUTE: u32 = 60;
 
 /// Static settings of the service.
 #[derive(Debug, Clone)]
@@ -76,6 +83,8 @@ pub struct CaService {
     tokens: TokenVerifier,
     config: Arc<ServiceConfig>,
     notifier: Notifier,
+    /// Audit budget for refused calls, per claimed caller.
+    refusal_audits: Arc<std::sync::Mutex<RateLimiter>>,
 }
 
 impl CaService {
@@ -91,6 +100,9 @@ impl CaService {
             tokens,
             config: Arc::new(config),
             notifier,
+            refusal_audits: Arc::new(std::sync::Mutex::new(RateLimiter::new(
+                REFUSAL_AUDITS_PER_MINUTE,
+            ))),
         }
     }
 
@@ -164,12 +176,25 @@ impl CaService {
         self.audit("grpc.auth_failed", actor, detail).await;
     }
 
-    /// Records a refusal; a failure to record is logged, the refusal stands.
+    /// Records a refusal within the caller's audit budget; a failure to
+    /// record is logged, the refusal stands.
     async fn audit(&self, kind: &str, actor: &Requester, detail: serde_json::Value) {
-        let r = self
-            .authority
-            .record(kind, &actor.to_string(), "", detail)
-            .await;
+        let actor_name = actor.to_string();
+        let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        let within = self
+            .refusal_audits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&actor_name, now_ms)
+            .is_ok();
+        if !within {
+            metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => kind.to_string())
+                .increment(1);
+            tracing::debug!(kind, actor = %actor_name, "refusal over the audit budget; counted only");
+            return;
+        }
+        let r = self.authority.record(kind, &actor_name, "", detail).await;
         if let Err(e) = r {
             tracing::error!(error = %e, kind, "could not audit a refused call");
         }
