@@ -122,6 +122,36 @@ impl Ca {
         CertificateAuthorityClient::new(self.channel(identity).await.unwrap())
     }
 
+    /// The whole rotation ceremony up to staging: a new intermediate key and
+    /// CSR, signed by the dev root, installed as staged. Returns its PEM.
+    fn stage_next_intermediate(&self) -> String {
+        let data = self.work.join("data");
+        let d = |n: &str| data.join(n).display().to_string();
+        ok(sigil(&["intermediate", "rotate", "--config", &self.config]));
+        ok(sigil(&[
+            "root",
+            "sign",
+            "--dir",
+            &d("DEV-ONLY-root"),
+            "--csr",
+            &d("intermediate-next.csr"),
+            "--out",
+            &d("next.crt"),
+            "--passphrase-file",
+            &d("DEV-ONLY-root/passphrase"),
+        ]));
+        ok(sigil(&[
+            "intermediate",
+            "install",
+            "--config",
+            &self.config,
+            "--stage",
+            "--cert",
+            &d("next.crt"),
+        ]));
+        std::fs::read_to_string(data.join("next.crt")).unwrap()
+    }
+
     fn audit(&self) -> String {
         ok(sigil(&[
             "audit",
@@ -832,31 +862,7 @@ fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
     // Let the agent's rotation watch connect.
     std::thread::sleep(Duration::from_secs(2));
 
-    let data = ca.work.join("data");
-    let d = |n: &str| data.join(n).display().to_string();
-    ok(sigil(&["intermediate", "rotate", "--config", &ca.config]));
-    ok(sigil(&[
-        "root",
-        "sign",
-        "--dir",
-        &d("DEV-ONLY-root"),
-        "--csr",
-        &d("intermediate-next.csr"),
-        "--out",
-        &d("next.crt"),
-        "--passphrase-file",
-        &d("DEV-ONLY-root/passphrase"),
-    ]));
-    ok(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &ca.config,
-        "--stage",
-        "--cert",
-        &d("next.crt"),
-    ]));
-    let next = pem_blocks(&std::fs::read_to_string(data.join("next.crt")).unwrap());
+    let next = pem_blocks(&ca.stage_next_intermediate());
     let activated = Instant::now();
     ok(sigil(&[
         "intermediate",
@@ -1185,30 +1191,7 @@ async fn rotation_is_announced_to_watchers_and_bundle() {
     assert_eq!(current.kind(), Kind::Current);
     assert_eq!(current.active_issuer, before.active_issuer);
 
-    let data = ca.work.join("data");
-    let d = |n: &str| data.join(n).display().to_string();
-    ok(sigil(&["intermediate", "rotate", "--config", &ca.config]));
-    ok(sigil(&[
-        "root",
-        "sign",
-        "--dir",
-        &d("DEV-ONLY-root"),
-        "--csr",
-        &d("intermediate-next.csr"),
-        "--out",
-        &d("next.crt"),
-        "--passphrase-file",
-        &d("DEV-ONLY-root/passphrase"),
-    ]));
-    ok(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &ca.config,
-        "--stage",
-        "--cert",
-        &d("next.crt"),
-    ]));
+    ca.stage_next_intermediate();
     let staged = client
         .get_trust_bundle(TrustBundleRequest {})
         .await
