@@ -8,7 +8,8 @@ use sigil_e2e::*;
 use sigil_grpc::pb::certificate_authority_client::CertificateAuthorityClient;
 use sigil_grpc::pb::rotation_notice::Kind;
 use sigil_grpc::pb::{
-    RenewRequest, RevokeRequest, SignRequest, TrustBundleRequest, WatchRotationRequest,
+    CertificateResponse, RenewRequest, RevokeRequest, SignRequest, TrustBundleRequest,
+    WatchRotationRequest,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -120,6 +121,21 @@ impl Ca {
 
     async fn client(&self, identity: Option<(&str, &str)>) -> CertificateAuthorityClient<Channel> {
         CertificateAuthorityClient::new(self.channel(identity).await.unwrap())
+    }
+
+    /// A first certificate for `name`, by a bootstrap token for `subject`:
+    /// its key (PEM) and the CA's answer.
+    async fn first_certificate(&self, subject: &str, name: &str) -> (String, CertificateResponse) {
+        let token = self.token(subject, &[name]);
+        let (key, csr) = key_and_csr(&[name]);
+        let cert = self
+            .client(None)
+            .await
+            .sign(with_token(sign_req(csr), &token))
+            .await
+            .unwrap()
+            .into_inner();
+        (key, cert)
     }
 
     /// The whole rotation ceremony up to staging: a new intermediate key and
@@ -955,24 +971,8 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_with_a_client_certificate_is_decided_by_its_identity() {
     let ca = Ca::start();
-    let token = ca.token("gw", &["gw.internal"]);
-    let (gw_key, gw_csr) = key_and_csr(&["gw.internal"]);
-    let gw = ca
-        .client(None)
-        .await
-        .sign(with_token(sign_req(gw_csr), &token))
-        .await
-        .unwrap()
-        .into_inner();
-    let token = ca.token("db", &["db.internal"]);
-    let (db_key, db_csr) = key_and_csr(&["db.internal"]);
-    let db = ca
-        .client(None)
-        .await
-        .sign(with_token(sign_req(db_csr), &token))
-        .await
-        .unwrap()
-        .into_inner();
+    let (gw_key, gw) = ca.first_certificate("gw", "gw.internal").await;
+    let (db_key, db) = ca.first_certificate("db", "db.internal").await;
 
     // Only the gateway's identity may have names under .mesh.example.
     std::fs::write(
@@ -1245,15 +1245,7 @@ async fn rotation_is_announced_to_watchers_and_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_by_the_cli_reaches_the_holders_watch() {
     let ca = Ca::start();
-    let token = ca.token("cli-rev", &["cli-rev.internal"]);
-    let (key, csr) = key_and_csr(&["cli-rev.internal"]);
-    let cert = ca
-        .client(None)
-        .await
-        .sign(with_token(sign_req(csr), &token))
-        .await
-        .unwrap()
-        .into_inner();
+    let (key, cert) = ca.first_certificate("cli-rev", "cli-rev.internal").await;
     let mut watch = ca
         .client(Some((&cert.chain_pem, &key)))
         .await
