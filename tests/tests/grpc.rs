@@ -138,6 +138,34 @@ impl Ca {
         (key, cert)
     }
 
+    /// Starts `sigil agent` for `NAME.internal` with a bootstrap token for
+    /// NAME, writing to `out/` and logging to `agent.log` in the work dir.
+    fn spawn_agent(&self, name: &str, extra: &[&str]) -> std::process::Child {
+        let token_file = self.work.join("token");
+        write_secret(
+            &token_file,
+            &self.token(name, &[&format!("{name}.internal")]),
+        );
+        let log_file = std::fs::File::create(self.work.join("agent.log")).unwrap();
+        std::process::Command::new(sigil_bin())
+            .args([
+                "agent",
+                "--server",
+                &format!("localhost:{}", self.grpc),
+                "--ca-bundle",
+                &self.work.join("roots.pem").display().to_string(),
+                "--token-file",
+                &token_file.display().to_string(),
+                "--out-dir",
+                &self.work.join("out").display().to_string(),
+            ])
+            .args(extra)
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap()
+    }
+
     /// The whole rotation ceremony up to staging: a new intermediate key and
     /// CSR, signed by the dev root, installed as staged. Returns its PEM.
     fn stage_next_intermediate(&self) -> String {
@@ -700,36 +728,21 @@ fn agent_renews_short_lived_certificates_and_reloads() {
         )
     });
     let listener_before = have("openssl").then(|| ca.listener_serial());
-    let token = ca.token("agent", &["agent.internal"]);
-    let token_file = ca.work.join("token");
-    write_secret(&token_file, &token);
     let out = ca.work.join("out");
     let reloads = ca.work.join("reloads.log");
     let metrics_port = free_port();
     let log = ca.work.join("agent.log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    let mut agent = std::process::Command::new(sigil_bin())
-        .args([
-            "agent",
-            "--server",
-            &format!("localhost:{}", ca.grpc),
-            "--ca-bundle",
-            &ca.work.join("roots.pem").display().to_string(),
-            "--token-file",
-            &token_file.display().to_string(),
-            "--out-dir",
-            &out.display().to_string(),
+    let mut agent = ca.spawn_agent(
+        "agent",
+        &[
             "--lifetime",
             "2m",
             "--reload-cmd",
             &format!("echo reloaded >> {}", reloads.display()),
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
-        ])
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
+        ],
+    );
 
     // A reader that keeps loading the files the agent replaces: every read must
     // be a whole certificate (or key), never a partial write.
@@ -833,29 +846,9 @@ fn agent_renews_short_lived_certificates_and_reloads() {
 #[test]
 fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
     let ca = Ca::start();
-    let token_file = ca.work.join("token");
-    write_secret(&token_file, &ca.token("edge", &["edge.internal"]));
     let out = ca.work.join("out");
     let log = ca.work.join("agent.log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    let mut agent = std::process::Command::new(sigil_bin())
-        .args([
-            "agent",
-            "--server",
-            &format!("localhost:{}", ca.grpc),
-            "--ca-bundle",
-            &ca.work.join("roots.pem").display().to_string(),
-            "--token-file",
-            &token_file.display().to_string(),
-            "--out-dir",
-            &out.display().to_string(),
-            "--lifetime",
-            "24h",
-        ])
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
+    let mut agent = ca.spawn_agent("edge", &["--lifetime", "24h"]);
     let chain = |agent: &mut std::process::Child| -> Option<Vec<String>> {
         if let Some(status) = agent.try_wait().unwrap() {
             panic!(
