@@ -166,6 +166,17 @@ impl Ca {
             .unwrap()
     }
 
+    /// A Sign by bootstrap token that must be refused: its status.
+    async fn sign_fails(&self, csr: Vec<u8>, token: &str) -> tonic::Status {
+        call_fails(
+            self.client(None)
+                .await
+                .sign(with_token(sign_req(csr), token))
+                .await,
+        )
+        .await
+    }
+
     /// The whole rotation ceremony up to staging: a new intermediate key and
     /// CSR, signed by the dev root, installed as staged. Returns its PEM.
     fn stage_next_intermediate(&self) -> String {
@@ -467,13 +478,7 @@ async fn tonic_client_flow_and_every_refusal() {
     assert!(first.not_before < first.renew_after && first.renew_after < first.not_after);
 
     // Replayed token.
-    let s = call_fails(
-        ca.client(None)
-            .await
-            .sign(with_token(sign_req(csr1.clone()), &token))
-            .await,
-    )
-    .await;
+    let s = ca.sign_fails(csr1.clone(), &token).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     assert!(s.message().contains("already used"), "{s:?}");
 
@@ -995,13 +1000,7 @@ async fn sign_with_a_client_certificate_is_decided_by_its_identity() {
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     assert!(s.message().contains("api.mesh.example"), "{s:?}");
     let token = ca.token("gw.internal", &["api.mesh.example"]);
-    let s = call_fails(
-        ca.client(None)
-            .await
-            .sign(with_token(sign_req(mesh_csr.clone()), &token))
-            .await,
-    )
-    .await;
+    let s = ca.sign_fails(mesh_csr.clone(), &token).await;
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
 
     // The issuance and the refusal are audited under the mTLS identities.
