@@ -849,6 +849,14 @@ impl Raw {
     }
 
     /// A correctly signed POST (`None`: POST-as-GET).
+    /// Finalizes `order` with a CSR (base64url DER).
+    async fn finalize(&self, order: &Value, csr: &str) -> Resp {
+        let url = order["finalize"]
+            .as_str()
+            .expect("the order has a finalize URL");
+        self.post(url, Some(&json!({ "csr": csr }))).await
+    }
+
     async fn post(&self, url: &str, payload: Option<&Value>) -> Resp {
         let body = self.sign(&self.header(url).await, payload);
         self.send(url, &body).await
@@ -1471,10 +1479,7 @@ async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
     let (order, _) = owner.ready_order(&ca, &names).await;
     let key = rcgen::KeyPair::generate().unwrap();
     let done = owner
-        .post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": b64(csr_der(&names, &key))})),
-        )
+        .finalize(&order, &b64(csr_der(&names, &key)))
         .await
         .expect_ok()
         .json();
@@ -1583,12 +1588,7 @@ async fn a_ready_order_whose_authorization_was_deactivated_is_not_finalized() {
     assert_eq!(authz["status"], "deactivated", "{authz}");
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = b64(csr_der(&["gone-authz.localhost"], &key));
-    raw.post(
-        order["finalize"].as_str().unwrap(),
-        Some(&json!({"csr": csr})),
-    )
-    .await
-    .problem("orderNotReady");
+    raw.finalize(&order, &csr).await.problem("orderNotReady");
     let now = raw.post(&order_url, None).await.expect_ok().json();
     assert_eq!(now["status"], "invalid", "{now}");
     assert!(now["certificate"].is_null(), "{now}");
@@ -1882,12 +1882,7 @@ async fn finalize_before_ready_is_order_not_ready() {
     assert_eq!(order["status"], "pending", "{order}");
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = b64(csr_der(&["early.localhost"], &key));
-    raw.post(
-        order["finalize"].as_str().unwrap(),
-        Some(&json!({"csr": csr})),
-    )
-    .await
-    .problem("orderNotReady");
+    raw.finalize(&order, &csr).await.problem("orderNotReady");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1914,23 +1909,10 @@ async fn csr_must_match_the_order_and_not_use_the_account_key() {
     let (order, _) = raw.ready_order(&ca, &["csr-d.localhost"]).await;
     let mut forged = csr_der(&["csr-d.localhost"], &key);
     *forged.last_mut().unwrap() ^= 0x01;
-    let p = raw
-        .post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": b64(forged)})),
-        )
-        .await
-        .problem("badCSR");
+    let p = raw.finalize(&order, &b64(forged)).await.problem("badCSR");
     assert!(p["detail"].as_str().unwrap().contains("signature"), "{p}");
     let good = b64(csr_der(&["csr-d.localhost"], &key));
-    let done = raw
-        .post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": good})),
-        )
-        .await
-        .expect_ok()
-        .json();
+    let done = raw.finalize(&order, &good).await.expect_ok().json();
     assert_eq!(done["status"], "valid", "{done}");
     if let Some(rows) = ca.audit_rows() {
         assert!(
@@ -1944,12 +1926,7 @@ async fn csr_must_match_the_order_and_not_use_the_account_key() {
     let (order, _) = raw.ready_order(&ca, &["csr-c.localhost"]).await;
     let account_key = rcgen::KeyPair::try_from(raw.pkcs8.as_slice()).unwrap();
     let csr = b64(csr_der(&["csr-c.localhost"], &account_key));
-    raw.post(
-        order["finalize"].as_str().unwrap(),
-        Some(&json!({"csr": csr})),
-    )
-    .await
-    .problem("badCSR");
+    raw.finalize(&order, &csr).await.problem("badCSR");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2113,14 +2090,7 @@ async fn order_validity_window_is_honoured() {
         .await;
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = b64(csr_der(&["window.localhost"], &key));
-    let done = raw
-        .post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": csr})),
-        )
-        .await
-        .expect_ok()
-        .json();
+    let done = raw.finalize(&order, &csr).await.expect_ok().json();
     assert_eq!(done["status"], "valid", "{done}");
     let again = raw.post(&url, None).await.expect_ok().json();
     assert_eq!(again["notBefore"], nb_s.as_str(), "{again}");
@@ -2167,14 +2137,7 @@ async fn order_validity_window_is_honoured() {
         .await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let csr = b64(csr_der(&["window2.localhost"], &key));
-    let done = raw
-        .post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": csr})),
-        )
-        .await
-        .expect_ok()
-        .json();
+    let done = raw.finalize(&order, &csr).await.expect_ok().json();
     let chain = raw
         .post(done["certificate"].as_str().unwrap(), None)
         .await
@@ -2676,12 +2639,7 @@ async fn node_killed_mid_run_loses_nothing_acknowledged() {
         let (order, url) = raw.ready_order(&a, &[&name]).await;
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = b64(csr_der(&[&name], &key));
-        raw.post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": csr})),
-        )
-        .await
-        .expect_ok();
+        raw.finalize(&order, &csr).await.expect_ok();
         let done = raw.post(&url, None).await.expect_ok().json();
         assert_eq!(done["status"], "valid", "{done}");
         let chain = raw
@@ -2980,12 +2938,7 @@ async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
         let (order, url) = raw.ready_order(&ca, &[name]).await;
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = b64(csr_der(&[name], &key));
-        raw.post(
-            order["finalize"].as_str().unwrap(),
-            Some(&json!({"csr": csr})),
-        )
-        .await
-        .expect_ok();
+        raw.finalize(&order, &csr).await.expect_ok();
         let done = raw.post(&url, None).await.expect_ok().json();
         let rsp = raw
             .post(done["certificate"].as_str().unwrap(), None)
