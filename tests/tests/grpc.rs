@@ -850,6 +850,17 @@ fn agent_renews_short_lived_certificates_and_reloads() {
 /// the new issuer before that deadline, at a moment of its own choosing.
 #[test]
 fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
+    renews_onto_the_new_issuer_by_the_deadline(false);
+}
+
+/// The same when the agent was not running during the rotation (restarted,
+/// or its watch stream broke): on connecting it hears what it missed.
+#[test]
+fn an_agent_that_missed_the_rotation_still_meets_the_deadline() {
+    renews_onto_the_new_issuer_by_the_deadline(true);
+}
+
+fn renews_onto_the_new_issuer_by_the_deadline(stopped_during_rotation: bool) {
     let ca = Ca::start();
     let out = ca.work.join("out");
     let log = ca.work.join("agent.log");
@@ -875,6 +886,10 @@ fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
     };
     // Let the agent's rotation watch connect.
     std::thread::sleep(Duration::from_secs(2));
+    if stopped_during_rotation {
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+    }
 
     let next = pem_blocks(&ca.stage_next_intermediate());
     let activated = Instant::now();
@@ -886,6 +901,12 @@ fn agent_renews_onto_a_new_issuer_before_the_operators_deadline() {
         "--renew-all-by",
         "40s",
     ]));
+    if stopped_during_rotation {
+        // Restarted on the same files: it keeps its day-long certificate
+        // from the replaced issuer and spends no token.
+        std::thread::sleep(Duration::from_secs(2));
+        agent = ca.spawn_agent("edge", &["--lifetime", "24h"]);
+    }
     let deadline = activated + Duration::from_secs(75);
     let renewed = loop {
         if let Some(c) = chain(&mut agent)

@@ -460,12 +460,14 @@ impl CertificateAuthority for CaService {
         let active = self.authority.active_issuer().info().id.to_string();
         let first = RotationNotice {
             kind: Kind::Current as i32,
-            active_issuer: active,
+            active_issuer: active.clone(),
             renew_issued_before: 0,
             message: String::new(),
             renew_by: 0,
         };
         let rx = self.notifier.0.subscribe();
+        // Subscribed first, so nothing falls between what was missed and what follows.
+        let missed = self.missed_notices(&mine, &active).await;
         let authority = self.authority.clone();
         let updates = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |n| {
             let active = authority.active_issuer().info().id.to_string();
@@ -498,8 +500,68 @@ impl CertificateAuthority for CaService {
                 Err(_) => None,
             }
         });
-        let stream = tokio_stream::once(Ok(first)).chain(updates);
+        let stream =
+            tokio_stream::iter(std::iter::once(first).chain(missed).map(Ok)).chain(updates);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl CaService {
+    /// What a watcher missed while it was not listening (an agent restarted,
+    /// or its stream broke during a rotation): its certificate's issuer was
+    /// replaced, with the operator's renew-by deadline if one was given, or
+    /// its certificate was revoked. Sent right after the first notice, as the
+    /// live notices would have been. Nothing for an unknown serial.
+    async fn missed_notices(&self, serial: &str, active: &str) -> Vec<RotationNotice> {
+        let Some(serial) = Serial::parse_hex(serial) else {
+            return Vec::new();
+        };
+        let looked_up = async {
+            let Some(cert) = self.authority.certificate(&serial).await? else {
+                return Ok::<_, Error>(Vec::new());
+            };
+            let hex = serial.to_hex();
+            if self.authority.is_revoked(&serial).await? {
+                return Ok(vec![RotationNotice {
+                    kind: Kind::RenewNow as i32,
+                    active_issuer: active.to_string(),
+                    renew_issued_before: 0,
+                    message: format!("certificate {hex} was revoked"),
+                    renew_by: 0,
+                }]);
+            }
+            if cert.issuer_id == active {
+                return Ok(Vec::new());
+            }
+            let mut out = vec![RotationNotice {
+                kind: Kind::IssuerRotated as i32,
+                active_issuer: active.to_string(),
+                renew_issued_before: 0,
+                message: format!(
+                    "certificate {hex} is from issuer {}, replaced by {active}",
+                    cert.issuer_id
+                ),
+                renew_by: 0,
+            }];
+            let scope = format!("issuer:{}", cert.issuer_id);
+            if let Some(by) = self.authority.store().acme_renewal_hint(&[scope]).await? {
+                out.push(RotationNotice {
+                    kind: Kind::RenewNow as i32,
+                    active_issuer: active.to_string(),
+                    renew_issued_before: self.authority.now().unix_timestamp(),
+                    message: format!(
+                        "issuer {active} replaced {}: renew onto it by {by} (unix time)",
+                        cert.issuer_id
+                    ),
+                    renew_by: by,
+                });
+            }
+            Ok(out)
+        };
+        looked_up.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "looking up a watcher's certificate failed; sending live notices only");
+            Vec::new()
+        })
     }
 }
 
