@@ -5,7 +5,8 @@
 //!
 //! Defaults: 20000 certificates, concurrency 32, 5 runs, on SQLite in a temp dir.
 //! With BENCH_DATABASE_URL=postgres://... each run also uses a fresh PostgreSQL
-//! database next to that one. Prints each run, the median and the peak RSS.
+//! database next to that one. Prints each run (certificates/s and the process's
+//! CPU time per certificate), the medians and the peak RSS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness
 
@@ -65,8 +66,29 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: usize) -> f64 {
+/// This process's CPU time (user + system, all threads) in seconds, from
+/// /proc/self/stat in clock ticks (100 per second on Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command name: state is field 3, utime 14 and stime 15.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / 100.0
+}
+
+/// Issues `n` certificates from `conc` tasks; returns certificates per second
+/// and CPU microseconds per certificate (the whole process).
+async fn run_once(
+    ca: Arc<Authority>,
+    csrs: Arc<Vec<Vec<u8>>>,
+    n: usize,
+    conc: usize,
+) -> (f64, f64) {
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu = cpu_seconds();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conc {
@@ -92,7 +114,8 @@ async fn run_once(ca: Arc<Authority>, csrs: Arc<Vec<Vec<u8>>>, n: usize, conc: u
     for t in tasks {
         t.await.unwrap();
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    (rate, (cpu_seconds() - cpu) * 1e6 / n as f64)
 }
 
 /// Raw single-core aws-lc P-256 sign and verify rates on this host right now, so
@@ -164,6 +187,7 @@ fn main() {
         }
         for (name, admin) in backends {
             let mut rates = Vec::new();
+            let mut cpus = Vec::new();
             for run in 0..runs {
                 let dir = tempfile::tempdir().unwrap();
                 let url = match &admin {
@@ -183,7 +207,7 @@ fn main() {
                         }
                     })
                 };
-                let rate = run_once(authority.clone(), csrs.clone(), n, conc).await;
+                let (rate, cpu) = run_once(authority.clone(), csrs.clone(), n, conc).await;
                 syncer.abort();
                 let report = authority.store().verify_audit().await.unwrap();
                 assert!(report.first_bad.is_none());
@@ -193,15 +217,18 @@ fn main() {
                 );
                 authority.store().close().await;
                 println!(
-                    "{name} run {}: {:.0} certificates/s ({n} certs, concurrency {conc})",
+                    "{name} run {}: {:.0} certificates/s, {:.0} us CPU each ({n} certs, concurrency {conc})",
                     run + 1,
-                    rate
+                    rate,
+                    cpu
                 );
                 rates.push(rate);
+                cpus.push(cpu);
             }
             println!(
-                "{name} median of {runs}: {:.0} certificates/s; peak RSS so far {:.1} MiB",
+                "{name} median of {runs}: {:.0} certificates/s, {:.0} us CPU each; peak RSS so far {:.1} MiB",
                 median(rates),
+                median(cpus),
                 peak_rss_mib()
             );
         }
