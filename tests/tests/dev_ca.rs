@@ -331,3 +331,88 @@ fn dev_ca_restart_reuses_data_dir() {
     );
     s.stop();
 }
+
+/// Certificate and revocation rows changed behind the CA's back (by someone
+/// with write access to the database file) while the audit chain itself is
+/// left intact: `audit verify` names each change and fails.
+#[test]
+fn audit_verify_finds_rows_changed_outside_the_ca() {
+    if !have("sqlite3") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let config = work.join("data/sigil.toml").display().to_string();
+    let db = work.join("data/sigil.db").display().to_string();
+    let sql = |q: &str| ok(run("sqlite3", &[&db, q]));
+    let mut serials = Vec::new();
+    for i in 0..4 {
+        let name = format!("rec{i}.internal");
+        let csr = openssl_csr(
+            work,
+            &format!("rec{i}"),
+            "ec:P-256",
+            &format!("/CN={name}"),
+            &[&format!("DNS:{name}")],
+        );
+        issue(&config, &csr, &[]);
+        let serial = sql(&format!(
+            "SELECT serial FROM certificates WHERE names LIKE '%\"{name}\"%';"
+        ));
+        serials.push(serial.trim().to_string());
+    }
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &config,
+        "--serial",
+        &serials[2],
+        "--reason",
+        "superseded",
+    ]));
+    server.stop();
+    let clean = ok(sigil(&["audit", "verify", "--config", &config]));
+    assert!(
+        clean.contains("records OK") && clean.contains("audit chain OK"),
+        "{clean}"
+    );
+
+    let forged = "7f".repeat(16);
+    sql(&format!(
+        "UPDATE certificates SET der = der || x'00' WHERE serial = '{edited}'; \
+         DELETE FROM certificates WHERE serial = '{deleted}'; \
+         DROP TRIGGER revocations_final_delete; \
+         DELETE FROM revocations WHERE serial = '{unrevoked}'; \
+         INSERT INTO certificates (serial, issuer_id, profile, requester, names, key_fingerprint, \
+           not_before, not_after, issued_at, der, crl_shard) \
+           SELECT '{forged}', issuer_id, profile, requester, names, key_fingerprint, \
+           not_before, not_after, issued_at, der, crl_shard FROM certificates WHERE serial = '{copied}';",
+        edited = serials[0],
+        deleted = serials[1],
+        unrevoked = serials[2],
+        copied = serials[3],
+    ));
+    let out = sigil(&["audit", "verify", "--config", &config]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    // The chain was not touched, so only the cross-check can see this.
+    assert!(text.contains("audit chain OK"), "{text}");
+    let broken: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("records BROKEN"))
+        .collect();
+    assert_eq!(broken.len(), 4, "{text}");
+    let says = |serial: &str, what: &str| {
+        assert!(
+            broken
+                .iter()
+                .any(|l| l.contains(serial) && l.contains(what)),
+            "{serial} {what}: {text}"
+        )
+    };
+    says(&serials[0], "edited");
+    says(&serials[1], "deleted");
+    says(&serials[2], "looks valid again");
+    says(&forged, "inserted outside the CA");
+}

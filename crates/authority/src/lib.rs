@@ -1527,6 +1527,8 @@ impl Authority {
             "key_type": key_type.to_string(),
             "not_after": not_after.unix_timestamp(),
             "rules": decision.allowing_rules(),
+            // Lets `audit verify` tell the certificate row was not edited.
+            "sha256": sigil_core::sha256_hex(&der),
         });
         if let Some(old) = ask.renews {
             detail["renews"] = json!(old);

@@ -232,7 +232,22 @@ pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
                     }
                 }
             }
+            let records = store.cross_check_records().await?;
             store.close().await;
+            for p in &records.problems {
+                println!("records BROKEN: {p}");
+            }
+            let unlisted = records.problem_count - records.problems.len() as u64;
+            if unlisted > 0 {
+                println!("records BROKEN: {unlisted} more problems like these");
+            }
+            let records_ok = records.problem_count == 0;
+            if records_ok {
+                println!(
+                    "records OK: {} certificates and {} revocations match their audit rows",
+                    records.certificates, records.revocations
+                );
+            }
             match report.first_bad {
                 None if missing.is_empty() => {
                     println!(
@@ -242,7 +257,11 @@ pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
                     for (seq, _) in &anchors {
                         println!("expected head {seq} is in the chain");
                     }
-                    Ok(ExitCode::SUCCESS)
+                    Ok(if records_ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
                 }
                 None => {
                     for m in &missing {

@@ -166,6 +166,167 @@ impl Store {
     }
 }
 
+/// Most problems [`Store::cross_check_records`] lists one by one; past this
+/// it only counts them.
+pub const MAX_LISTED_PROBLEMS: usize = 50;
+
+/// The outcome of checking certificate and revocation rows against the audit
+/// rows that record them.
+#[derive(Debug, Clone, Default)]
+pub struct RecordsReport {
+    /// Certificate rows checked.
+    pub certificates: u64,
+    /// Revocation rows checked.
+    pub revocations: u64,
+    /// What does not match, at most [`MAX_LISTED_PROBLEMS`] of them.
+    pub problems: Vec<String>,
+    /// How many problems there were in all.
+    pub problem_count: u64,
+}
+
+impl RecordsReport {
+    fn problem(&mut self, p: String) {
+        self.problem_count += 1;
+        if self.problems.len() < MAX_LISTED_PROBLEMS {
+            self.problems.push(p);
+        }
+    }
+}
+
+/// An issuance as its audit row records it.
+struct Recorded {
+    seq: i64,
+    /// SHA-256 of the certificate, hex (rows written before it was recorded
+    /// have none: only their presence is checked).
+    sha256: Option<String>,
+}
+
+impl Store {
+    /// Checks the tables the audit chain vouches for: every certificate row
+    /// has its issuance row (`cert.issued` / `cert.renewed`, subject = serial)
+    /// with the same SHA-256, every such audit row still has its certificate,
+    /// and every revocation matches its `cert.revoked` row both ways. The
+    /// chain ([`Store::verify_audit`]) proves the audit rows were not edited;
+    /// this finds certificates inserted, edited or deleted, and revocations
+    /// deleted, behind the CA's back. Holds one entry per certificate in memory.
+    pub async fn cross_check_records(&self) -> Result<RecordsReport, Error> {
+        let mut report = RecordsReport::default();
+        let mut issued: std::collections::HashMap<String, Recorded> = Default::default();
+        let mut revoked: std::collections::HashMap<String, i64> = Default::default();
+        let mut last = 0i64;
+        loop {
+            let page = sqlx::query(
+                "SELECT seq, kind, subject, detail FROM audit \
+                 WHERE seq > $1 AND kind IN ('cert.issued', 'cert.renewed', 'cert.revoked') \
+                 ORDER BY seq LIMIT 5000",
+            )
+            .bind(last)
+            .fetch_all(&self.pool)
+            .await?;
+            if page.is_empty() {
+                break;
+            }
+            for r in &page {
+                let seq: i64 = r.try_get("seq")?;
+                let kind: String = r.try_get("kind")?;
+                let serial: String = r.try_get("subject")?;
+                last = seq;
+                if kind == "cert.revoked" {
+                    revoked.insert(serial, seq);
+                    continue;
+                }
+                let detail: String = r.try_get("detail")?;
+                let sha256 = serde_json::from_str::<serde_json::Value>(&detail)
+                    .ok()
+                    .and_then(|d| d.get("sha256").and_then(|v| v.as_str()).map(str::to_string));
+                if let Some(earlier) = issued.insert(serial.clone(), Recorded { seq, sha256 }) {
+                    report.problem(format!(
+                        "audit rows {} and {seq} both record issuing certificate {serial}",
+                        earlier.seq
+                    ));
+                }
+            }
+        }
+
+        // SQLite keeps whatever type was written: read the DER as bytes even
+        // when an edit through another tool stored it as text.
+        let sql = match self.backend {
+            crate::Backend::Sqlite => {
+                "SELECT serial, CAST(der AS BLOB) AS der FROM certificates \
+                 WHERE serial > $1 ORDER BY serial LIMIT 2000"
+            }
+            crate::Backend::Postgres => {
+                "SELECT serial, der FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
+            }
+        };
+        let mut after = String::new();
+        loop {
+            let page = sqlx::query(sql)
+                .bind(after.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for r in &page {
+                let serial: String = r.try_get("serial")?;
+                // A value of the wrong type (an edit through another tool) is a
+                // finding, not a reason to stop checking.
+                let sha256 = r
+                    .try_get::<Vec<u8>, _>("der")
+                    .map(|der| hex::encode(Sha256::digest(&der)))
+                    .unwrap_or_default();
+                report.certificates += 1;
+                match issued.remove(&serial) {
+                    None => report.problem(format!(
+                        "certificate {serial} has no issuance row in the audit table (inserted outside the CA)"
+                    )),
+                    Some(Recorded { seq, sha256: Some(h) }) if h != sha256 => {
+                        report.problem(format!(
+                            "certificate {serial} is not the one audit row {seq} recorded (SHA-256 differs: edited)"
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                after = serial;
+            }
+        }
+        let mut gone: Vec<(i64, String)> = issued.into_iter().map(|(s, r)| (r.seq, s)).collect();
+        gone.sort();
+        for (seq, serial) in gone {
+            report.problem(format!(
+                "audit row {seq} records issuing certificate {serial}, which is no longer in the certificates table (deleted)"
+            ));
+        }
+
+        let rows = sqlx::query("SELECT serial, audit_seq FROM revocations ORDER BY audit_seq")
+            .fetch_all(&self.pool)
+            .await?;
+        for r in &rows {
+            let serial: String = r.try_get("serial")?;
+            let audit_seq: i64 = r.try_get("audit_seq")?;
+            report.revocations += 1;
+            match revoked.remove(&serial) {
+                Some(seq) if seq == audit_seq => {}
+                Some(seq) => report.problem(format!(
+                    "the revocation of {serial} points at audit row {audit_seq}, but row {seq} records it"
+                )),
+                None => report.problem(format!(
+                    "certificate {serial} is marked revoked with no cert.revoked audit row (inserted outside the CA)"
+                )),
+            }
+        }
+        let mut gone: Vec<(i64, String)> = revoked.into_iter().map(|(s, q)| (q, s)).collect();
+        gone.sort();
+        for (seq, serial) in gone {
+            report.problem(format!(
+                "audit row {seq} records revoking {serial}, but the revocation row is gone (the certificate looks valid again)"
+            ));
+        }
+        Ok(report)
+    }
+}
+
 /// Checks `row` against the chain so far; on success it becomes the head,
 /// otherwise `first_bad` names it. Returns whether the chain still holds.
 pub(crate) fn extend(report: &mut ChainReport, row: AuditRow) -> bool {

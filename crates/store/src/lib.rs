@@ -14,7 +14,10 @@ mod rows;
 mod writer;
 
 pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, StateWrite};
-pub use audit::{AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, row_hash};
+pub use audit::{
+    AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, MAX_LISTED_PROBLEMS,
+    RecordsReport, row_hash,
+};
 pub use copy::CopyReport;
 pub use error::Error;
 pub use rows::{
