@@ -11,9 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Largest number of changes committed in one transaction.
 const MAX_BATCH: usize = 512;
-/// Rows per multi-row INSERT statement. Small and fixed so the prepared
-/// statements are reused from the cache (SQLite resolves bind names linearly,
-/// so very wide statements cost quadratic time).
+/// Rows per multi-row INSERT statement: fixed, so a few prepared statements
+/// are reused from the cache, and as large as a gathered batch.
 const ROWS_PER_STATEMENT: usize = 32;
 /// Under load, the writer gathers for at most this long for a batch to grow
 /// to [`GATHER_TARGET`] changes before committing. A commit's fixed cost
@@ -317,7 +316,7 @@ async fn write_batch(
     };
 
     let mut changed = vec![true; changes.len()];
-    spend_nonces(&mut tx, changes, &mut changed)
+    spend_nonces(&mut tx, changes, &mut changed, backend)
         .await
         .map_err(classify)?;
     for (change, changed) in changes.iter().zip(changed.iter_mut()) {
@@ -341,7 +340,7 @@ async fn write_batch(
         })
         .collect();
     for chunk in certs.chunks(ROWS_PER_STATEMENT) {
-        insert_certificates(&mut tx, chunk)
+        insert_certificates(&mut tx, chunk, backend)
             .await
             .map_err(classify)?;
     }
@@ -384,7 +383,7 @@ async fn write_batch(
         let mut sql = String::from(
             "INSERT INTO audit (seq, ts_ms, kind, actor, subject, detail, prev_hash, hash) VALUES ",
         );
-        push_placeholders(&mut sql, chunk.len(), 8);
+        push_placeholders(&mut sql, chunk.len(), 8, backend);
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for ((seq, ev, detail, prev_hash), r) in chunk.iter().zip(hashes) {
             q = q
@@ -417,6 +416,7 @@ async fn spend_nonces(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     changes: &[&Change],
     changed: &mut [bool],
+    backend: Backend,
 ) -> Result<(), sqlx::Error> {
     let mut seen = std::collections::HashSet::new();
     let mut pending: Vec<(usize, &str, i64)> = Vec::new();
@@ -431,7 +431,7 @@ async fn spend_nonces(
     }
     for chunk in pending.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from("INSERT INTO acme_nonces (nonce, expires_at) VALUES ");
-        push_placeholders(&mut sql, chunk.len(), 2);
+        push_placeholders(&mut sql, chunk.len(), 2, backend);
         sql.push_str(" ON CONFLICT (nonce) DO NOTHING RETURNING nonce");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (_, nonce, expires_at) in chunk {
@@ -657,12 +657,13 @@ async fn save_ocsp_signer(
 async fn insert_certificates(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     certs: &[&NewCertificate],
+    backend: Backend,
 ) -> Result<(), sqlx::Error> {
     let mut sql = String::from(
         "INSERT INTO certificates (serial, issuer_id, profile, requester, names, key_fingerprint, \
          not_before, not_after, issued_at, der, crl_shard) VALUES ",
     );
-    push_placeholders(&mut sql, certs.len(), 11);
+    push_placeholders(&mut sql, certs.len(), 11, backend);
     let names: Vec<String> = certs
         .iter()
         .map(|c| serde_json::to_string(&c.names).unwrap_or_else(|_| "[]".into()))
@@ -686,7 +687,10 @@ async fn insert_certificates(
     Ok(())
 }
 
-fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
+/// Appends `rows` tuples of `cols` placeholders. SQLite gets anonymous `?`
+/// (bound in order): looking up a numbered parameter's name walks a list of
+/// them all, which made wide statements cost quadratic time.
+fn push_placeholders(sql: &mut String, rows: usize, cols: usize, backend: Backend) {
     use std::fmt::Write;
     let mut n = 1;
     for r in 0..rows {
@@ -698,7 +702,12 @@ fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
             if c > 0 {
                 sql.push(',');
             }
-            let _ = write!(sql, "${n}");
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${n}");
+                }
+            }
             n += 1;
         }
         sql.push(')');
