@@ -937,6 +937,131 @@ fn renews_onto_the_new_issuer_by_the_deadline(stopped_during_rotation: bool) {
     assert!(text.contains("renewing early"), "{text}");
 }
 
+/// The CA stops answering (the process hangs: connections are accepted by
+/// the kernel, nothing more) while the agent's renewal is due. The agent
+/// must give up on each attempt, say so, keep the still-valid certificate
+/// on disk, and renew as soon as the CA answers again, before expiry.
+#[test]
+fn agent_rides_out_a_hung_ca_and_renews_before_expiry() {
+    let mut ca = Ca::start();
+    let out = ca.work.join("out");
+    let log = ca.work.join("agent.log");
+    let metrics_port = free_port();
+    let mut agent = ca.spawn_agent(
+        "steady",
+        &[
+            "--lifetime",
+            "2m",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let alive = |agent: &mut std::process::Child| {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!("agent exited with {status}:\n{}", agent_log());
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        alive(&mut agent);
+        if let Ok(c) = std::fs::read_to_string(out.join("cert.pem"))
+            && !c.is_empty()
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no first certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let leaf = sigil_core::LeafInfo::from_der(
+        &sigil_core::csr::decode_pem_or_der(first.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let expires = Instant::now()
+        + Duration::from_secs(
+            u64::try_from(
+                leaf.not_after.unix_timestamp() - sigil_core::SystemClock.now().unix_timestamp(),
+            )
+            .unwrap(),
+        );
+    let server_pid = ca.server.as_ref().unwrap().pid().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &server_pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+
+    // The renewal is due about a minute in; each attempt must end in an
+    // error the agent reports, not hang on the silent CA.
+    let failed = loop {
+        alive(&mut agent);
+        let text = agent_log();
+        if text.contains("renewal failed") {
+            break text;
+        }
+        if Instant::now() + Duration::from_secs(15) > expires {
+            signal("-CONT");
+            let _ = agent.kill();
+            panic!("no renewal failure reported while the CA hung:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(failed.contains("certificate still valid for"), "{failed}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("cert.pem")).unwrap(),
+        first,
+        "the still-valid certificate must stay in place"
+    );
+    assert!(out.join("key.pem").exists() && out.join("chain.pem").exists());
+    let (status, body) = http_get(metrics_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).unwrap();
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("sigil_agent_renewal_failures_total ") && !l.ends_with(" 0")),
+        "{body}"
+    );
+
+    signal("-CONT");
+    let renewed = loop {
+        alive(&mut agent);
+        let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+        if cert != first {
+            break cert;
+        }
+        assert!(
+            Instant::now() < expires,
+            "the certificate expired before the agent renewed it:\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let next = sigil_core::LeafInfo::from_der(
+        &sigil_core::csr::decode_pem_or_der(renewed.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(next.identifiers, leaf.identifiers);
+    assert!(next.not_after > leaf.not_after);
+    assert!(
+        agent_log().contains("renewed: certificate"),
+        "{}",
+        agent_log()
+    );
+
+    // The server stops on SIGTERM although the agent's rotation watch is
+    // open (`stop` fails if it does not exit within 20 s), and the agent,
+    // whose certificate is still valid, keeps running.
+    std::thread::sleep(Duration::from_secs(2));
+    ca.server.take().unwrap().stop();
+    std::thread::sleep(Duration::from_secs(1));
+    alive(&mut agent);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 #[test]
 fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     let ca = Ca::start();

@@ -11,6 +11,7 @@ use sigil_core::ratelimit::RateLimiter;
 use sigil_core::{LeafInfo, Profile, Requester, Serial};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_stream::{Stream, StreamExt};
@@ -57,15 +58,19 @@ pub enum Notice {
         /// Serial, hex.
         serial: String,
     },
+    /// The server is stopping: every watch stream ends (its client
+    /// reconnects, to this node once restarted or to another), so the
+    /// server does not wait on streams that never finish.
+    Closing,
 }
 
 /// Fan-out of notices to `WatchRotation` streams.
 #[derive(Debug, Clone)]
-pub struct Notifier(broadcast::Sender<Notice>);
+pub struct Notifier(broadcast::Sender<Notice>, Arc<AtomicBool>);
 
 impl Default for Notifier {
     fn default() -> Self {
-        Notifier(broadcast::channel(256).0)
+        Notifier(broadcast::channel(256).0, Arc::default())
     }
 }
 
@@ -73,6 +78,16 @@ impl Notifier {
     /// Tells every watcher (no-op without watchers).
     pub fn send(&self, notice: Notice) {
         let _ = self.0.send(notice);
+    }
+
+    /// Ends every watch stream and refuses new ones: the server is stopping.
+    pub fn close(&self) {
+        self.1.store(true, Ordering::Release);
+        self.send(Notice::Closing);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.1.load(Ordering::Acquire)
     }
 }
 
@@ -466,40 +481,50 @@ impl CertificateAuthority for CaService {
             renew_by: 0,
         };
         let rx = self.notifier.0.subscribe();
+        // Checked after subscribing, so a stream cannot miss the close.
+        if self.notifier.is_closed() {
+            return Err(Status::unavailable(
+                "the server is stopping; watch another node or retry shortly",
+            ));
+        }
         // Subscribed first, so nothing falls between what was missed and what follows.
         let missed = self.missed_notices(&mine, &active).await;
         let authority = self.authority.clone();
-        let updates = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |n| {
-            let active = authority.active_issuer().info().id.to_string();
-            match n {
-                Ok(Notice::IssuerRotated { issuer }) => Some(Ok(RotationNotice {
-                    kind: Kind::IssuerRotated as i32,
-                    active_issuer: issuer,
-                    renew_issued_before: 0,
-                    message: "a new intermediate issues certificates now".into(),
-                    renew_by: 0,
-                })),
-                Ok(Notice::RenewIssuedBefore { before, by, reason }) => Some(Ok(RotationNotice {
-                    kind: Kind::RenewNow as i32,
-                    active_issuer: active,
-                    renew_issued_before: before,
-                    message: reason,
-                    renew_by: by,
-                })),
-                Ok(Notice::Revoked { serial }) if serial == mine => Some(Ok(RotationNotice {
-                    kind: Kind::RenewNow as i32,
-                    active_issuer: active,
-                    renew_issued_before: 0,
-                    message: format!("certificate {serial} was revoked"),
-                    renew_by: 0,
-                })),
-                Ok(Notice::Revoked { .. }) => None,
-                // Lagged (a burst of revocations): do not make every watcher
-                // renew at once; a missed revocation of its own certificate
-                // still surfaces when it next renews.
-                Err(_) => None,
-            }
-        });
+        let updates = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .take_while(|n| !matches!(n, Ok(Notice::Closing)))
+            .filter_map(move |n| {
+                let active = authority.active_issuer().info().id.to_string();
+                match n {
+                    Ok(Notice::IssuerRotated { issuer }) => Some(Ok(RotationNotice {
+                        kind: Kind::IssuerRotated as i32,
+                        active_issuer: issuer,
+                        renew_issued_before: 0,
+                        message: "a new intermediate issues certificates now".into(),
+                        renew_by: 0,
+                    })),
+                    Ok(Notice::RenewIssuedBefore { before, by, reason }) => {
+                        Some(Ok(RotationNotice {
+                            kind: Kind::RenewNow as i32,
+                            active_issuer: active,
+                            renew_issued_before: before,
+                            message: reason,
+                            renew_by: by,
+                        }))
+                    }
+                    Ok(Notice::Revoked { serial }) if serial == mine => Some(Ok(RotationNotice {
+                        kind: Kind::RenewNow as i32,
+                        active_issuer: active,
+                        renew_issued_before: 0,
+                        message: format!("certificate {serial} was revoked"),
+                        renew_by: 0,
+                    })),
+                    Ok(Notice::Revoked { .. } | Notice::Closing) => None,
+                    // Lagged (a burst of revocations): do not make every watcher
+                    // renew at once; a missed revocation of its own certificate
+                    // still surfaces when it next renews.
+                    Err(_) => None,
+                }
+            });
         let stream =
             tokio_stream::iter(std::iter::once(first).chain(missed).map(Ok)).chain(updates);
         Ok(Response::new(Box::pin(stream)))

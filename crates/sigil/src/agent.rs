@@ -286,6 +286,11 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
     }
 }
 
+/// Longest wait for a connection to the CA, TLS handshake included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the answer to one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Client {
     url: String,
     host: String,
@@ -300,13 +305,20 @@ impl Client {
         if let Some(h) = identity {
             tls = tls.identity(Identity::from_pem(&h.chain_pem, &h.key_pem));
         }
-        Endpoint::from_shared(self.url.clone())?
+        let endpoint = Endpoint::from_shared(self.url.clone())?
             .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the CA at {}", self.url))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        // The connect timeout covers TCP only: a CA that accepts connections
+        // but never completes the TLS handshake must not hang the agent.
+        match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            Ok(channel) => channel.with_context(|| format!("cannot reach the CA at {}", self.url)),
+            Err(_) => bail!(
+                "cannot reach the CA at {}: no TLS handshake within {} s",
+                self.url,
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        }
     }
 
     async fn sign(&self, token: &str, profile: &str, lifetime_seconds: u64) -> Result<Held> {

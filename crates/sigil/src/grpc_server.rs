@@ -20,6 +20,7 @@ pub struct GrpcListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     service: CaService,
+    notifier: Notifier,
     timeout: Duration,
 }
 
@@ -69,12 +70,13 @@ impl GrpcListener {
                 roots_pem,
                 operators: grpc.operators.clone(),
             },
-            notifier,
+            notifier.clone(),
         );
         Ok(GrpcListener {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             service,
+            notifier,
             // A unary call's deadline; a WatchRotation stream is not cut by
             // it (the timeout covers producing the response headers).
             timeout,
@@ -88,6 +90,13 @@ impl GrpcListener {
 
     /// Serves until `shutdown` completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        // Watch streams never finish on their own; ending them lets the
+        // graceful shutdown complete.
+        let notifier = self.notifier.clone();
+        let shutdown = async move {
+            shutdown.await;
+            notifier.close();
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(128);
         let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx, "gRPC"));
         let incoming = tokio_stream::StreamExt::map(
