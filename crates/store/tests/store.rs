@@ -769,3 +769,123 @@ async fn issuer_lifecycle_steps_only_from_the_right_state() {
         store.close().await;
     }
 }
+
+/// `cross_check_records` on every backend: a clean database passes; a
+/// certificate edited, deleted or inserted behind the CA's back, and a
+/// revocation inserted without its audit row, are each named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cross_check_names_rows_changed_behind_the_ca() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = Store::open(&url).await.unwrap();
+        store
+            .commit(Change::Issuer {
+                change: IssuerChange::Install(issuer()),
+                event: AuditEvent {
+                    kind: "issuer.installed".into(),
+                    ..event(0)
+                },
+            })
+            .await
+            .unwrap();
+        for i in 1..=4 {
+            let c = NewCertificate {
+                der: vec![0x30, 0x01, i as u8],
+                ..cert(i)
+            };
+            let sha = hex::encode(sha2::Sha256::digest(&c.der));
+            store
+                .commit(Change::Issue {
+                    event: AuditEvent {
+                        kind: "cert.issued".into(),
+                        subject: c.serial.clone(),
+                        detail: serde_json::json!({ "sha256": sha }),
+                        ..event(i)
+                    },
+                    cert: c,
+                    token: None,
+                })
+                .await
+                .unwrap();
+        }
+        store
+            .commit(Change::Revoke {
+                revocation: sigil_store::NewRevocation {
+                    serial: cert(4).serial,
+                    issuer_id: issuer().id,
+                    reason: 1,
+                    revoked_at: 99,
+                    revoked_by: "operator:test".into(),
+                    block_key: None,
+                },
+                event: AuditEvent {
+                    kind: "cert.revoked".into(),
+                    subject: cert(4).serial,
+                    ..event(5)
+                },
+            })
+            .await
+            .unwrap();
+        let clean = store.cross_check_records().await.unwrap();
+        assert_eq!(
+            (clean.certificates, clean.revocations, clean.problem_count),
+            (4, 1, 0),
+            "{name}: {:?}",
+            clean.problems
+        );
+
+        let pool = store.dangerous_raw_pool();
+        sqlx::query("UPDATE certificates SET der = $1 WHERE serial = $2")
+            .bind(vec![0x30u8, 0x01, 0x7f])
+            .bind(cert(1).serial)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM certificates WHERE serial = $1")
+            .bind(cert(2).serial)
+            .execute(pool)
+            .await
+            .unwrap();
+        let forged = cert(9);
+        sqlx::query(
+            "INSERT INTO certificates (serial, issuer_id, profile, requester, names, \
+             key_fingerprint, not_before, not_after, issued_at, der) \
+             VALUES ($1, $2, 'mtls', 'operator:mallory', '[]', 'fp', 0, 20, 1, $3)",
+        )
+        .bind(forged.serial.as_str())
+        .bind(forged.issuer_id.as_str())
+        .bind(vec![0x30u8, 0x00])
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO revocations (serial, issuer_id, reason, revoked_at, revoked_by, audit_seq) \
+             VALUES ($1, $2, 1, 99, 'operator:mallory', 1)",
+        )
+        .bind(cert(3).serial)
+        .bind(issuer().id)
+        .execute(pool)
+        .await
+        .unwrap();
+
+        let report = store.cross_check_records().await.unwrap();
+        let text = report.problems.join("\n");
+        assert_eq!(report.problem_count, 4, "{name}:\n{text}");
+        for (serial, why) in [
+            (cert(1).serial, "SHA-256 differs"),
+            (cert(2).serial, "no longer in the certificates table"),
+            (forged.serial, "no issuance row"),
+            (cert(3).serial, "no cert.revoked audit row"),
+        ] {
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.contains(&serial) && p.contains(why)),
+                "{name}: {serial} / {why}:\n{text}"
+            );
+        }
+        store.close().await;
+    }
+}
