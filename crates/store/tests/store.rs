@@ -44,6 +44,18 @@ fn cert(i: usize) -> NewCertificate {
     }
 }
 
+/// The revocation (keyCompromise, by an operator) of `cert(i)`.
+fn revocation(i: usize) -> sigil_store::NewRevocation {
+    sigil_store::NewRevocation {
+        serial: cert(i).serial,
+        issuer_id: issuer().id,
+        reason: 1,
+        revoked_at: 99,
+        revoked_by: "operator:test".into(),
+        block_key: None,
+    }
+}
+
 async fn seeded(url: &str, n: usize) -> Store {
     let store = Store::open(url).await.unwrap();
     store
@@ -342,14 +354,7 @@ async fn revocations_are_recorded_once_and_final() {
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
         let store = seeded(&url, 2).await;
-        let rev = sigil_store::NewRevocation {
-            serial: cert(1).serial,
-            issuer_id: issuer().id,
-            reason: 1,
-            revoked_at: 99,
-            revoked_by: "operator:test".into(),
-            block_key: None,
-        };
+        let rev = revocation(1);
         store
             .commit(Change::Revoke {
                 revocation: rev.clone(),
@@ -811,14 +816,7 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
         }
         store
             .commit(Change::Revoke {
-                revocation: sigil_store::NewRevocation {
-                    serial: cert(4).serial,
-                    issuer_id: issuer().id,
-                    reason: 1,
-                    revoked_at: 99,
-                    revoked_by: "operator:test".into(),
-                    block_key: None,
-                },
+                revocation: revocation(4),
                 event: AuditEvent {
                     kind: "cert.revoked".into(),
                     subject: cert(4).serial,
