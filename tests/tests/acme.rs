@@ -1980,14 +1980,17 @@ async fn names_outside_policy_are_rejected_and_audited() {
     assert!(p["detail"].as_str().unwrap().contains("2 of the 3"), "{p}");
 }
 
-/// Two `sigil serve` nodes on one database behind one public URL (as behind
-/// a load balancer): a nonce from one node is accepted once by the other,
-/// and orders and accounts created on one are served by the other.
+/// SQLite serves one node: a second `sigil serve` on the same database is
+/// refused with a message that names the way out. The server checks nonces
+/// in memory, so a nonce from before a restart is refused (badNonce, which
+/// clients retry) and the restarted server's own are accepted once. (Several
+/// nodes share nonces on PostgreSQL: `two_nodes_on_postgres_...` below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_share_nonces_accounts_and_orders() {
+async fn sqlite_serves_one_node_and_a_restart_retires_its_nonces() {
     let a = Acme::start(&[]).await;
     let port_a = a.server.https_port.unwrap();
-    // Pin the public base URL to node A's address for both nodes.
+    // Pin the public base URL, so a restarted server on other ports keeps
+    // the URLs the account and the JWS name.
     let config = a.data.join("sigil.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     let base = format!("https://127.0.0.1:{port_a}");
@@ -1997,15 +2000,65 @@ async fn two_nodes_share_nonces_accounts_and_orders() {
     let data = a.data.to_string_lossy().into_owned();
     let work = a.data.parent().unwrap().join("node-b");
     std::fs::create_dir_all(&work).unwrap();
+    let ports: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let second = tokio::task::block_in_place(|| {
+        sigil(&[
+            "serve",
+            "--dev",
+            "--data-dir",
+            &data,
+            "--http-addr",
+            &ports[0],
+            "--grpc-addr",
+            &ports[1],
+            "--https-addr",
+            &ports[2],
+        ])
+    });
+    let err = fails(second);
+    assert!(
+        err.contains("another `sigil serve` is running on the SQLite database")
+            && err.contains("PostgreSQL"),
+        "{err}"
+    );
+
+    // The running server: a nonce is accepted once.
+    let raw = Raw::register(&a).await;
+    let stale = raw.nonce().await;
+    let nonce = raw.nonce().await;
+    let post_as_get = |nonce: &str| {
+        raw.sign(
+            &json!({"alg": "ES256", "kid": raw.kid, "nonce": nonce, "url": raw.kid}),
+            None,
+        )
+    };
+    raw.send(&raw.kid, &post_as_get(&nonce)).await.expect_ok();
+    let again = raw.send(&raw.kid, &post_as_get(&nonce)).await;
+    let p = again.problem("badNonce");
+    assert!(
+        p["detail"].as_str().unwrap().contains("already used"),
+        "{p}"
+    );
+    assert!(again.header("replay-nonce").is_some(), "{}", again.show());
+
+    // Restarted on the same database (the lock goes with the process).
+    let Acme { server, .. } = a;
+    server.stop();
     let b =
         tokio::task::block_in_place(|| Server::start(&["--dev", "--data-dir", &data], &work, &[]));
-    let port_b = b.https_port.unwrap();
-    let on_b = |url: &str| url.replacen(&format!(":{port_a}/"), &format!(":{port_b}/"), 1);
-    // Node B answers the directory with the shared public URLs.
-    let dir_b = a.https.get(&on_b(&a.dir_url)).await.expect_ok().json();
-    assert_eq!(dir_b["newOrder"], a.dir["newOrder"]);
-
-    shared_state_checks(&a, port_a, port_b).await;
+    raw.route_via(port_a, b.https_port.unwrap());
+    let old = raw.send(&raw.kid, &post_as_get(&stale)).await;
+    let p = old.problem("badNonce");
+    assert!(p["detail"].as_str().unwrap().contains("restarted"), "{p}");
+    // The account lives on; the new server's nonce is accepted once.
+    let fresh = old.header("replay-nonce").unwrap();
+    let got = raw.send(&raw.kid, &post_as_get(&fresh)).await.expect_ok();
+    assert_eq!(got.json()["status"], "valid", "{}", got.show());
+    raw.send(&raw.kid, &post_as_get(&fresh))
+        .await
+        .problem("badNonce");
     b.stop();
 }
 
@@ -2180,6 +2233,9 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
     let data = first.data.to_string_lossy().into_owned();
     let work = first.data.parent().unwrap().join("limited");
     std::fs::create_dir_all(&work).unwrap();
+    // One server per SQLite database: the first makes way.
+    let Acme { server, .. } = first;
+    server.stop();
     let server =
         tokio::task::block_in_place(|| Server::start(&["--dev", "--data-dir", &data], &work, &[]));
     let dir_url = format!(

@@ -2,8 +2,9 @@
 //! accounts (with EAB and key change), orders and pre-authorization,
 //! http-01 / dns-01 / tls-alpn-01 validation, finalize through the one
 //! issuance path, certificate download, revocation, ARI (RFC 9773) and
-//! profiles. All protocol state lives in the database, so consecutive requests
-//! may hit different nodes.
+//! profiles. Protocol state lives in the database, so on PostgreSQL
+//! consecutive requests may hit different nodes; on SQLite (one server per
+//! database) nonces are checked in memory (see `nonce`).
 
 mod ari;
 mod handlers;

@@ -84,7 +84,7 @@ pub struct AcmeObject {
 }
 
 /// Which object table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AcmeTable {
     /// `acme_orders`.
     Orders,
@@ -412,6 +412,9 @@ impl Store {
         table: AcmeTable,
         id: &str,
     ) -> Result<Option<AcmeObject>, Error> {
+        if let Some(hit) = self.objects.as_ref().and_then(|c| c.get(table, id)) {
+            return Ok(Some(hit));
+        }
         let sql = format!(
             "SELECT id, account_id, status, expires_at, body, created_at FROM {} WHERE id = $1",
             table.name()

@@ -10,6 +10,7 @@ mod acme;
 mod audit;
 mod copy;
 mod error;
+mod objects;
 mod rows;
 mod writer;
 
@@ -35,7 +36,9 @@ use tokio::sync::mpsc;
 /// Which database engine a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// Embedded SQLite file.
+    /// Embedded SQLite file, served by one `sigil serve` at a time
+    /// ([`ServerLock`]): what one server process holds in memory is the
+    /// whole CA's state.
     Sqlite,
     /// PostgreSQL server.
     Postgres,
@@ -47,6 +50,9 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     writer: mpsc::Sender<writer::Job>,
+    /// Orders and authorizations as last committed (SQLite only: one
+    /// server writes them).
+    objects: Option<std::sync::Arc<objects::ObjectCache>>,
 }
 
 impl Store {
@@ -87,11 +93,13 @@ impl Store {
             .await
             .map_err(|e| Error::Connect(redact(&url), e))?;
         migrator(backend).run(&pool).await?;
-        let writer = writer::spawn(pool.clone(), backend);
+        let objects = (backend == Backend::Sqlite).then(Default::default);
+        let writer = writer::spawn(pool.clone(), backend, objects.clone());
         Ok(Store {
             pool,
             backend,
             writer,
+            objects,
         })
     }
 
@@ -317,6 +325,47 @@ fn migrator(backend: Backend) -> Migrator {
 }
 
 use sqlx::SqlSafeStr as _;
+
+/// Keeps other `sigil serve` processes off a SQLite database while held:
+/// SQLite serves one node, and the server keeps some protocol state (ACME
+/// nonces) in memory. An exclusive lock on `PATH.lock` next to the database,
+/// released when the process exits, however it exits.
+#[derive(Debug)]
+pub struct ServerLock {
+    _file: std::fs::File,
+}
+
+impl ServerLock {
+    /// Takes the lock for the database at `url`; `None` for PostgreSQL (any
+    /// number of nodes). Fails at once when another server holds it.
+    pub fn take(url: &str) -> Result<Option<ServerLock>, Error> {
+        let (backend, url) = normalize_url(url)?;
+        if backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let rest = url.trim_start_matches("sqlite://");
+        let db = rest.split('?').next().unwrap_or(rest);
+        let path = format!("{db}.lock");
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
+            .open(&path)
+            .map_err(|e| Error::Config(format!("cannot open the server lock file {path}: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ServerLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
+                "another `sigil serve` is running on the SQLite database {db} (it holds {path}); \
+                 SQLite serves one node: stop that server first, or move to PostgreSQL \
+                 (`sigil db migrate`) to run several"
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(Error::Config(format!("cannot lock {path}: {e}")))
+            }
+        }
+    }
+}
 
 fn normalize_url(url: &str) -> Result<(Backend, String), Error> {
     if let Some(rest) = url.strip_prefix("sqlite:") {

@@ -4,9 +4,11 @@
 
 use crate::acme::{AcmeWrite, StateWrite};
 use crate::audit::{AuditEvent, AuditReceipt, GENESIS_HASH, row_hash};
+use crate::objects::ObjectCache;
 use crate::rows::{NewCertificate, NewIssuer, NewRevocation, SpentToken};
 use crate::{Backend, Error};
 use sqlx::{AnyPool, Row};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Largest number of changes committed in one transaction.
@@ -166,7 +168,11 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<Applied, Error>>,
 }
 
-pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
+pub(crate) fn spawn(
+    pool: AnyPool,
+    backend: Backend,
+    objects: Option<Arc<ObjectCache>>,
+) -> mpsc::Sender<Job> {
     let (tx, mut rx) = mpsc::channel::<Job>(4096);
     tokio::spawn(async move {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
@@ -184,7 +190,7 @@ pub(crate) fn spawn(pool: AnyPool, backend: Backend) -> mpsc::Sender<Job> {
                 gather(&mut rx, &mut batch).await;
             }
             last_batch = batch.len();
-            process(&pool, backend, &mut batch, &mut head).await;
+            process(&pool, backend, &mut batch, &mut head, objects.as_deref()).await;
         }
     });
     tx
@@ -224,7 +230,23 @@ pub(crate) async fn submit(tx: &mpsc::Sender<Job>, change: Change) -> Result<App
 /// The chain head (last seq and hash) as this writer last committed it.
 type Head = (i64, String);
 
-async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>, head: &mut Option<Head>) {
+async fn process(
+    pool: &AnyPool,
+    backend: Backend,
+    batch: &mut Vec<Job>,
+    head: &mut Option<Head>,
+    objects: Option<&ObjectCache>,
+) {
+    // Before the reply, so the requester's next read sees its write.
+    let settle = |job: Job, r: Result<Applied, Error>| {
+        if let (Some(cache), Change::State(w)) = (objects, &job.change) {
+            match &r {
+                Ok(applied) => cache.committed(w, applied.changed),
+                Err(_) => cache.uncertain(w),
+            }
+        }
+        let _ = job.reply.send(r);
+    };
     let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
     let cached = head.is_some();
     let started = std::time::Instant::now();
@@ -238,12 +260,12 @@ async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>, head: &
     match result {
         Ok(receipts) => {
             for (job, r) in batch.drain(..).zip(receipts) {
-                let _ = job.reply.send(Ok(r));
+                settle(job, Ok(r));
             }
         }
         Err(e) if batch.len() == 1 => {
             if let Some(job) = batch.pop() {
-                let _ = job.reply.send(Err(e));
+                settle(job, Err(e));
             }
         }
         Err(_) => {
@@ -251,9 +273,7 @@ async fn process(pool: &AnyPool, backend: Backend, batch: &mut Vec<Job>, head: &
             // neighbours: retry each alone so only the culprit gets the error.
             for job in batch.drain(..) {
                 let r = write(pool, backend, &[&job.change], head).await;
-                let _ = job
-                    .reply
-                    .send(r.and_then(|mut v| v.pop().ok_or(Error::Closed)));
+                settle(job, r.and_then(|mut v| v.pop().ok_or(Error::Closed)));
             }
         }
     }
