@@ -643,6 +643,77 @@ async fn acme_state_on_every_backend() {
             store.acme_order_ids("acct1", 10).await.unwrap(),
             vec!["or1"]
         );
+
+        // Many at once (a batch or a few): inserts, and two racing
+        // compare-and-sets per authorization, of which exactly one wins.
+        let inserts: Vec<_> = (0..40)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let a = acme_object(&format!("b-az{i}"), "pending", "{}");
+                    let o = acme_object(&format!("b-or{i}"), "pending", "{}");
+                    store
+                        .acme_insert_order(Some(&o), &[(a, format!("dns:b{i}.internal"))])
+                        .await
+                        .unwrap();
+                })
+            })
+            .collect();
+        for t in inserts {
+            t.await.unwrap();
+        }
+        let races: Vec<_> = (0..80)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let to = if i % 2 == 0 { "valid" } else { "invalid" };
+                    let next =
+                        acme_object(&format!("b-az{}", i / 2), to, &format!("{{\"by\":{i}}}"));
+                    let won = store
+                        .acme_update(AcmeTable::Authzs, "pending", &next)
+                        .await
+                        .unwrap();
+                    (i, won)
+                })
+            })
+            .collect();
+        let mut winners = std::collections::BTreeMap::new();
+        for t in races {
+            let (i, won) = t.await.unwrap();
+            if won {
+                assert!(
+                    winners.insert(i / 2, i).is_none(),
+                    "{name}: two winners for b-az{}",
+                    i / 2
+                );
+            }
+        }
+        assert_eq!(winners.len(), 40, "{name}: one winner per authorization");
+        // What this store serves, and what a second handle reads from the
+        // database, is the winner's row.
+        let fresh = Store::open(&url).await.unwrap();
+        for (n, i) in &winners {
+            let id = format!("b-az{n}");
+            let want = format!("{{\"by\":{i}}}");
+            for (who, s) in [("served", &store), ("stored", &fresh)] {
+                let got = s
+                    .acme_object(AcmeTable::Authzs, &id)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got.body, want, "{name} {who}: {id}");
+            }
+            assert!(
+                fresh
+                    .acme_object(AcmeTable::Orders, &format!("b-or{n}"))
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{name}: order b-or{n}"
+            );
+        }
+        fresh.close().await;
+
         // The audit chain holds the account and EAB rows (not the refused
         // account) and still verifies.
         let report = store.verify_audit().await.unwrap();
