@@ -84,7 +84,7 @@ pub struct AcmeObject {
 }
 
 /// Which object table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcmeTable {
     /// `acme_orders`.
     Orders,

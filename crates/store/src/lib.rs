@@ -328,7 +328,7 @@ use sqlx::SqlSafeStr as _;
 
 /// Keeps other `sigil serve` processes off a SQLite database while held:
 /// SQLite serves one node, and the server keeps some protocol state (ACME
-/// nonces) in memory. An exclusive lock on `PATH.lock` next to the database,
+/// nonces, orders in progress) in memory. An exclusive lock on `PATH.lock` next to the database,
 /// released when the process exits, however it exits.
 #[derive(Debug)]
 pub struct ServerLock {

@@ -18,64 +18,63 @@ use std::sync::Mutex;
 /// its authorizations'; a thousand cover hundreds of concurrent orders.
 const GENERATION: usize = 1024;
 
-type Key = (AcmeTable, String);
-
 /// The cache (see the module documentation).
 #[derive(Debug, Default)]
 pub(crate) struct ObjectCache {
     inner: Mutex<Generations>,
 }
 
+/// Objects by id, with the table each came from. Ids are random, so two
+/// tables sharing one is only a miss: a lookup checks the table, and storing
+/// or dropping either entry never leaves a wrong one behind.
 #[derive(Debug, Default)]
 struct Generations {
-    current: HashMap<Key, AcmeObject>,
-    previous: HashMap<Key, AcmeObject>,
+    current: HashMap<String, (AcmeTable, AcmeObject)>,
+    previous: HashMap<String, (AcmeTable, AcmeObject)>,
+}
+
+/// The objects a state write stores.
+fn touched(write: &StateWrite) -> Vec<(AcmeTable, &AcmeObject)> {
+    match write {
+        StateWrite::SpendNonce { .. } => Vec::new(),
+        StateWrite::Insert { order, authzs } => authzs
+            .iter()
+            .map(|(a, _)| (AcmeTable::Authzs, a))
+            .chain(order.iter().map(|o| (AcmeTable::Orders, o)))
+            .collect(),
+        StateWrite::Update { table, to, .. } => vec![(*table, to)],
+    }
 }
 
 impl ObjectCache {
     /// The object as last committed by this process, if remembered.
     pub(crate) fn get(&self, table: AcmeTable, id: &str) -> Option<AcmeObject> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (table, id.to_string());
         g.current
-            .get(&key)
-            .or_else(|| g.previous.get(&key))
-            .cloned()
+            .get(id)
+            .or_else(|| g.previous.get(id))
+            .filter(|(t, _)| *t == table)
+            .map(|(_, o)| o.clone())
     }
 
-    /// Records a committed state write (`changed`: it took effect).
+    /// Records a committed state write (`changed`: it took effect). A
+    /// compare-and-set that lost says nothing of the stored row.
     pub(crate) fn committed(&self, write: &StateWrite, changed: bool) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match write {
-            StateWrite::SpendNonce { .. } => {}
-            StateWrite::Insert { order, authzs } => {
-                for (a, _) in authzs {
-                    g.put(AcmeTable::Authzs, a);
-                }
-                if let Some(o) = order {
-                    g.put(AcmeTable::Orders, o);
-                }
+        for (table, object) in touched(write) {
+            if changed {
+                g.put(table, object);
+            } else {
+                g.forget(&object.id);
             }
-            // A compare-and-set that lost says nothing of the stored row.
-            StateWrite::Update { table, to, .. } if changed => g.put(*table, to),
-            StateWrite::Update { table, to, .. } => g.forget(*table, &to.id),
         }
     }
 
     /// Drops what a write whose outcome is unknown touches.
     pub(crate) fn uncertain(&self, write: &StateWrite) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match write {
-            StateWrite::SpendNonce { .. } => {}
-            StateWrite::Insert { order, authzs } => {
-                for (a, _) in authzs {
-                    g.forget(AcmeTable::Authzs, &a.id);
-                }
-                if let Some(o) = order {
-                    g.forget(AcmeTable::Orders, &o.id);
-                }
-            }
-            StateWrite::Update { table, to, .. } => g.forget(*table, &to.id),
+        for (_, object) in touched(write) {
+            g.forget(&object.id);
         }
     }
 }
@@ -85,16 +84,15 @@ impl Generations {
         if self.current.len() >= GENERATION {
             self.previous = std::mem::take(&mut self.current);
         }
-        let key = (table, object.id.clone());
         // The newer copy shadows an older one in the previous generation.
-        self.previous.remove(&key);
-        self.current.insert(key, object.clone());
+        self.previous.remove(&object.id);
+        self.current
+            .insert(object.id.clone(), (table, object.clone()));
     }
 
-    fn forget(&mut self, table: AcmeTable, id: &str) {
-        let key = (table, id.to_string());
-        self.current.remove(&key);
-        self.previous.remove(&key);
+    fn forget(&mut self, id: &str) {
+        self.current.remove(id);
+        self.previous.remove(id);
     }
 }
 
