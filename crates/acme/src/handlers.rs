@@ -15,9 +15,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sigil_authority::{Error as AuthorityError, IssueRequest};
+use sigil_authority::{Completion, Error as AuthorityError, IssueRequest};
 use sigil_core::{Identifier, LeafInfo, Profile, Requester};
-use sigil_store::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, AuditEvent, Change};
+use sigil_store::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, AuditEvent, Change, StateWrite};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -955,6 +955,29 @@ pub async fn finalize(
             "the order is already being finalized",
         ));
     }
+    // The order becomes valid in the same transaction as its certificate.
+    let valid = {
+        let mut body = body.clone();
+        body.processing_since = None;
+        let processing = processing.clone();
+        move |serial: &str| {
+            let mut body = body.clone();
+            body.certificate = Some(serial.to_string());
+            AcmeObject {
+                status: "valid".into(),
+                body: encode(&body),
+                ..processing.clone()
+            }
+        }
+    };
+    let completes = {
+        let valid = valid.clone();
+        Completion::new(move |serial| StateWrite::Update {
+            table: AcmeTable::Orders,
+            from: "processing".into(),
+            to: valid(serial),
+        })
+    };
     let issued = acme
         .authority
         .issue(IssueRequest {
@@ -964,34 +987,42 @@ pub async fn finalize(
             lifetime,
             token: None,
             not_before,
+            completes: Some(completes),
         })
         .await;
-    body.processing_since = None;
-    let (status, result) = match issued {
-        Ok(cert) => {
-            body.certificate = Some(cert.serial.to_hex());
-            ("valid", Ok(()))
-        }
+    let done = match issued {
+        Ok(cert) => valid(&cert.serial.to_hex()),
         Err(e) => {
-            let p = authority_problem(e);
+            let p = match e {
+                // Only the order's own compare-and-set can conflict here:
+                // it left processing (timed out) before the issuance landed.
+                AuthorityError::Store(sigil_store::Error::Conflict(m)) => {
+                    Problem::order_not_ready(format!(
+                        "the order changed while it was being finalized ({m}); place a new order"
+                    ))
+                }
+                e => authority_problem(e),
+            };
             // A refusal ends the order; a transient failure lets the client retry.
             let transient = p.status.is_server_error();
+            body.processing_since = None;
             if !transient {
                 body.error = Some(p.to_json());
             }
-            (if transient { "ready" } else { "invalid" }, Err(p))
+            let status = if transient { "ready" } else { "invalid" };
+            let failed = AcmeObject {
+                status: status.into(),
+                body: encode(&body),
+                ..processing
+            };
+            store
+                .acme_update(AcmeTable::Orders, "processing", &failed)
+                .await?;
+            metrics::counter!("sigil_acme_orders_total", "status" => status).increment(1);
+            return Err(p);
         }
     };
-    let done = AcmeObject {
-        status: status.into(),
-        body: encode(&body),
-        ..processing.clone()
-    };
-    store
-        .acme_update(AcmeTable::Orders, "processing", &done)
-        .await?;
-    metrics::counter!("sigil_acme_orders_total", "status" => status).increment(1);
-    result?;
+    metrics::counter!("sigil_acme_orders_total", "status" => "valid").increment(1);
     let url = acme.order_url(&id);
     Ok(json_reply(
         StatusCode::OK,

@@ -106,6 +106,7 @@ async fn run_once(
                     lifetime: None,
                     token: None,
                     not_before: None,
+                    completes: None,
                 };
                 ca.issue(req).await.unwrap();
             }

@@ -23,7 +23,7 @@ use sigil_policy::{Decision, Policy, Request};
 use sigil_signer::{CaKey, CaSigner, SoftwareKey};
 use sigil_store::{
     AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewRevocation, SpentToken,
-    Store,
+    StateWrite, Store,
 };
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -154,6 +154,30 @@ pub struct IssueRequest {
     /// Start of validity when later than now (an ACME order's notBefore);
     /// the lifetime counts from it. At most [`MAX_FUTURE_START`] ahead.
     pub not_before: Option<OffsetDateTime>,
+    /// The protocol state this issuance completes (an ACME order becoming
+    /// valid with the new certificate), committed with it or not at all.
+    pub completes: Option<Completion>,
+}
+
+/// Builds, from the new certificate's serial (hex), the protocol-state write
+/// an issuance completes: committed in the same transaction as the
+/// certificate, so a crash cannot leave one without the other. If the write
+/// does not take effect (the state moved on meanwhile), nothing is issued
+/// and the issuance fails with a store conflict.
+#[derive(Clone)]
+pub struct Completion(Arc<dyn Fn(&str) -> StateWrite + Send + Sync>);
+
+impl Completion {
+    /// Wraps the builder.
+    pub fn new(build: impl Fn(&str) -> StateWrite + Send + Sync + 'static) -> Completion {
+        Completion(Arc::new(build))
+    }
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Completion(..)")
+    }
 }
 
 /// A certificate request as the entry point has it: the bytes it received
@@ -235,6 +259,8 @@ struct Ask<'a> {
     token: Option<&'a TokenGrant>,
     /// Requested start of validity (None or past: now).
     not_before: Option<OffsetDateTime>,
+    /// Protocol state committed with the certificate.
+    completes: Option<&'a Completion>,
 }
 
 /// Names and key to certify.
@@ -584,6 +610,7 @@ impl Authority {
             renews: None,
             token: req.token.as_ref(),
             not_before: req.not_before,
+            completes: req.completes.as_ref(),
         };
         self.issue_for(&applicant, ask).await
     }
@@ -751,6 +778,7 @@ impl Authority {
             renews: Some(&serial),
             token: None,
             not_before: None,
+            completes: None,
         };
         self.issue_for(&applicant, ask).await
     }
@@ -1558,6 +1586,7 @@ impl Authority {
                     used_at: now.unix_timestamp(),
                     expires_at: t.expires_at,
                 }),
+                completes: ask.completes.map(|c| Box::new((c.0)(&serial.to_hex()))),
                 event: AuditEvent {
                     ts_ms: unix_ms(now),
                     kind: ask.kind.into(),

@@ -96,6 +96,7 @@ fn req(csr: Vec<u8>, requester: Requester) -> IssueRequest {
         lifetime: None,
         token: None,
         not_before: None,
+        completes: None,
     }
 }
 

@@ -342,6 +342,7 @@ impl CertificateAuthority for CaService {
                 lifetime,
                 token,
                 not_before: None,
+                completes: None,
             })
             .await
             .map_err(status)?;

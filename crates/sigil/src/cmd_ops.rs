@@ -64,6 +64,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
                     lifetime,
                     token: None,
                     not_before: None,
+                    completes: None,
                 })
                 .await;
             authority.store().close().await;

@@ -92,6 +92,7 @@ async fn issue(
             lifetime: Some(lifetime),
             token: None,
             not_before: None,
+            completes: None,
         })
         .await
         .with_context(|| {

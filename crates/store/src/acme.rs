@@ -130,6 +130,23 @@ pub enum StateWrite {
     },
 }
 
+impl StateWrite {
+    /// What the write changes, for an error message.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            StateWrite::SpendNonce { .. } => "a nonce".into(),
+            StateWrite::Insert { .. } => "new ACME objects".into(),
+            StateWrite::Update { table, from, to } => {
+                let kind = match table {
+                    AcmeTable::Orders => "order",
+                    AcmeTable::Authzs => "authorization",
+                };
+                format!("{kind} {} (no longer {from})", to.id)
+            }
+        }
+    }
+}
+
 /// Applies a state write inside the writer's transaction.
 pub(crate) async fn apply_state(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,

@@ -44,6 +44,11 @@ pub enum Change {
         token: Option<SpentToken>,
         /// Its audit event.
         event: AuditEvent,
+        /// A protocol-state write that finishes with this issuance (an ACME
+        /// order becoming valid), in the same transaction: if it does not
+        /// take effect (its compare-and-set lost), nothing is issued and the
+        /// change fails with `Error::Conflict`.
+        completes: Option<Box<StateWrite>>,
     },
     /// A certificate was revoked (fails with `Error::Conflict` if it already was).
     Revoke {
@@ -137,6 +142,17 @@ impl Change {
             | Change::Acme { event, .. }
             | Change::Record(event) => Some(event),
             Change::State(_) => None,
+        }
+    }
+
+    /// The protocol-state write this change makes, if any.
+    fn state_write(&self) -> Option<&StateWrite> {
+        match self {
+            Change::State(w) => Some(w),
+            Change::Issue {
+                completes: Some(w), ..
+            } => Some(w),
+            _ => None,
         }
     }
 
@@ -239,7 +255,7 @@ async fn process(
 ) {
     // Before the reply, so the requester's next read sees its write.
     let settle = |job: Job, r: Result<Applied, Error>| {
-        if let (Some(cache), Change::State(w)) = (objects, &job.change) {
+        if let (Some(cache), Some(w)) = (objects, job.change.state_write()) {
             match &r {
                 Ok(applied) => cache.committed(w, applied.changed),
                 Err(_) => cache.uncertain(w),
@@ -347,8 +363,20 @@ async fn write_batch(
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
             Change::Issue {
-                token: Some(token), ..
-            } => spend_token(&mut tx, token).await.map_err(classify)?,
+                token, completes, ..
+            } => {
+                if let Some(token) = token {
+                    spend_token(&mut tx, token).await.map_err(classify)?;
+                }
+                if let Some(w) = completes
+                    && !crate::acme::apply_state(&mut tx, w).await?
+                {
+                    return Err(Error::Conflict(format!(
+                        "{} changed before the issuance that completes it",
+                        w.describe()
+                    )));
+                }
+            }
             _ => {}
         }
     }

@@ -73,6 +73,7 @@ async fn seeded(url: &str, n: usize) -> Store {
                 cert: cert(i),
                 token: None,
                 event: event(i),
+                completes: None,
             })
             .await
         }));
@@ -110,6 +111,7 @@ async fn concurrent_commits_keep_chain_and_rows() {
                 cert: cert(7),
                 token: None,
                 event: event(999),
+                completes: None,
             })
             .await;
         assert!(
@@ -272,6 +274,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
                 cert: cert(i),
                 token: None,
                 event: event(i),
+                completes: None,
             })
             .await
             .unwrap();
@@ -286,6 +289,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
                     cert: cert(i),
                     token: None,
                     event: event(i),
+                    completes: None,
                 })
                 .await
             }));
@@ -325,6 +329,7 @@ async fn a_token_is_spent_once_even_in_one_batch() {
                     cert: cert(i),
                     token: Some(spent("jti-1")),
                     event: event(i),
+                    completes: None,
                 })
                 .await
             }));
@@ -723,6 +728,110 @@ async fn acme_state_on_every_backend() {
     }
 }
 
+/// An issuance and the order it completes commit together: when the order
+/// left `processing` first, nothing is issued, and its batch neighbours are
+/// not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_issuance_and_the_order_it_completes_commit_together() {
+    use sigil_store::{AcmeAccount, AcmeTable, AcmeWrite, StateWrite};
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 0).await;
+        store
+            .commit(Change::Acme {
+                write: AcmeWrite::NewAccount(AcmeAccount {
+                    id: "acct1".into(),
+                    thumbprint: "tp1".into(),
+                    jwk: "{}".into(),
+                    status: "valid".into(),
+                    contact: "[]".into(),
+                    requester: "acme:acct1".into(),
+                    eab_kid: None,
+                    created_at: 1,
+                }),
+                event: acme_event("acme.account.created"),
+            })
+            .await
+            .unwrap();
+        for i in 1..=8 {
+            let o = acme_object(&format!("or{i}"), "processing", "{}");
+            store.acme_insert_order(Some(&o), &[]).await.unwrap();
+        }
+        // Order 3 timed out before its issuance landed.
+        let timed_out = acme_object("or3", "invalid", r#"{"error":"late"}"#);
+        assert!(
+            store
+                .acme_update(AcmeTable::Orders, "processing", &timed_out)
+                .await
+                .unwrap()
+        );
+        let tasks: Vec<_> = (1..=8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let c = cert(i);
+                    let to = acme_object(
+                        &format!("or{i}"),
+                        "valid",
+                        &format!("{{\"certificate\":\"{}\"}}", c.serial),
+                    );
+                    store
+                        .commit(Change::Issue {
+                            cert: c,
+                            token: None,
+                            event: event(i),
+                            completes: Some(Box::new(StateWrite::Update {
+                                table: AcmeTable::Orders,
+                                from: "processing".into(),
+                                to,
+                            })),
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (i, t) in (1..=8).zip(tasks) {
+            let r = t.await.unwrap();
+            if i == 3 {
+                assert!(
+                    matches!(&r, Err(sigil_store::Error::Conflict(m)) if m.contains("or3")),
+                    "{name}: {r:?}"
+                );
+            } else {
+                assert!(r.is_ok(), "{name}: order {i}: {r:?}");
+            }
+        }
+        assert_eq!(store.certificate_count().await.unwrap(), 7, "{name}");
+        assert!(
+            store.certificate(&cert(3).serial).await.unwrap().is_none(),
+            "{name}"
+        );
+        // Issuer, account and seven issuances.
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!(report.rows, 9, "{name}");
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        let fresh = Store::open(&url).await.unwrap();
+        for (who, s) in [("served", &store), ("stored", &fresh)] {
+            for i in 1..=8 {
+                let o = s
+                    .acme_object(AcmeTable::Orders, &format!("or{i}"))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if i == 3 {
+                    assert_eq!(o.status, "invalid", "{name} {who}");
+                    assert_eq!(o.body, r#"{"error":"late"}"#, "{name} {who}");
+                } else {
+                    assert_eq!(o.status, "valid", "{name} {who}: or{i}");
+                    assert!(o.body.contains(&cert(i).serial), "{name} {who}: or{i}");
+                }
+            }
+        }
+        fresh.close().await;
+        store.close().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issuer_lifecycle_steps_only_from_the_right_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -881,6 +990,7 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
                     },
                     cert: c,
                     token: None,
+                    completes: None,
                 })
                 .await
                 .unwrap();
