@@ -26,6 +26,32 @@ pub const MAX_CSR_LEN: usize = 16 * 1024;
 /// garbage cannot grow the audit table without bound.
 pub const REFUSAL_AUDITS_PER_MINUTE: u32 = 60;
 
+/// Parsed client certificates kept (see [`PeerCache`]).
+const PEER_CACHE: usize = 1024;
+
+/// Client certificates parsed recently, by their DER: a connection presents
+/// the same certificate on every call, so it is parsed once. An entry is
+/// only what the DER says; validity, issuer and revocation are checked on
+/// every call.
+#[derive(Debug, Default)]
+struct PeerCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<LeafInfo>>>);
+
+impl PeerCache {
+    fn parse(&self, der: &[u8]) -> Result<Arc<LeafInfo>, sigil_core::Error> {
+        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(info) = lock().get(der) {
+            return Ok(info.clone());
+        }
+        let info = Arc::new(LeafInfo::from_der(der)?);
+        let mut map = lock();
+        if map.len() >= PEER_CACHE {
+            map.clear();
+        }
+        map.insert(der.to_vec(), info.clone());
+        Ok(info)
+    }
+}
+
 /// Static settings of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -100,6 +126,7 @@ pub struct CaService {
     notifier: Notifier,
     /// Audit budget for refused calls, per claimed caller.
     refusal_audits: Arc<std::sync::Mutex<RateLimiter>>,
+    peers: Arc<PeerCache>,
 }
 
 impl CaService {
@@ -118,6 +145,7 @@ impl CaService {
             refusal_audits: Arc::new(std::sync::Mutex::new(RateLimiter::new(
                 REFUSAL_AUDITS_PER_MINUTE,
             ))),
+            peers: Arc::default(),
         }
     }
 
@@ -131,7 +159,9 @@ impl CaService {
         let Some(leaf) = certs.first() else {
             return Ok(None);
         };
-        let info = LeafInfo::from_der(leaf.as_ref())
+        let info = self
+            .peers
+            .parse(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
         // Refusals are audited under the name the certificate claims.
         let claimed = Requester::Mtls(info.identity().unwrap_or_else(|| info.serial.to_hex()));
@@ -175,7 +205,7 @@ impl CaService {
         Ok(Some(Peer {
             requester: Requester::Mtls(identity),
             der: leaf.as_ref().to_vec(),
-            serial: info.serial,
+            serial: info.serial.clone(),
         }))
     }
 
