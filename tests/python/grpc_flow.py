@@ -80,9 +80,15 @@ def main():
     seen["sign_chain_len"] = len(first.chain_der)
     seen["sign_renew_after_inside"] = first.not_before < first.renew_after < first.not_after
 
-    # The same token again is refused.
+    # The same request again (its reply lost) gets the same certificate.
+    again = stub().Sign(ca_pb2.SignRequest(csr=csr1), timeout=30,
+                        metadata=(("authorization", f"Bearer {token}"),))
+    seen["repeat_same_serial"] = again.serial == first.serial
+
+    # The token with another key is refused.
+    _, csr_other = key_and_csr(work, "py-replay", name)
     try:
-        stub().Sign(ca_pb2.SignRequest(csr=csr1), timeout=30,
+        stub().Sign(ca_pb2.SignRequest(csr=csr_other), timeout=30,
                     metadata=(("authorization", f"Bearer {token}"),))
         seen["replay"] = "OK"
     except grpc.RpcError as e:

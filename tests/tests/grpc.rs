@@ -297,6 +297,7 @@ fn python_grpcio_client_signs_renews_and_revokes() {
     assert_eq!(seen["bundle_intermediates"], 1, "{seen}");
     assert_eq!(seen["sign_chain_len"], 2, "leaf + intermediate: {seen}");
     assert_eq!(seen["sign_renew_after_inside"], true, "{seen}");
+    assert_eq!(seen["repeat_same_serial"], true, "{seen}");
     assert_eq!(seen["replay"], "UNAUTHENTICATED", "{seen}");
     assert_ne!(seen["renew_serial"], seen["sign_serial"], "{seen}");
     assert_eq!(seen["revoked_serial"], seen["renew_serial"], "{seen}");
@@ -339,6 +340,7 @@ fn python_grpcio_client_signs_renews_and_revokes() {
         "cert.issued",
         "cert.renewed",
         "cert.revoked",
+        "token.repeated",
         "token.replayed",
         "grpc.auth_failed",
     ] {
@@ -477,8 +479,20 @@ async fn tonic_client_flow_and_every_refusal() {
     assert_eq!(first.chain_der.len(), 2);
     assert!(first.not_before < first.renew_after && first.renew_after < first.not_after);
 
-    // Replayed token.
-    let s = ca.sign_fails(csr1.clone(), &token).await;
+    // The same request again (a client whose reply was lost): the same
+    // certificate, nothing new issued.
+    let again = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(csr1.clone()), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.serial, first.serial);
+    assert_eq!(again.chain_pem, first.chain_pem);
+    // Replayed token: another key.
+    let (_, csr_replay) = key_and_csr(&["web.internal"]);
+    let s = ca.sign_fails(csr_replay, &token).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     assert!(s.message().contains("already used"), "{s:?}");
 

@@ -596,6 +596,13 @@ impl Authority {
                 &parsed
             }
         };
+        if let Some(token) = &req.token
+            && let Some(issued) = self
+                .reply_again(token, csr, &req.requester, profile)
+                .await?
+        {
+            return Ok(issued);
+        }
         let applicant = Applicant {
             identifiers: csr.identifiers(),
             public_key: csr.public_key(),
@@ -613,6 +620,76 @@ impl Authority {
             completes: req.completes.as_ref(),
         };
         self.issue_for(&applicant, ask).await
+    }
+
+    /// A bootstrap token's holder asking again after the reply to its first
+    /// request was lost (a dropped connection, a timeout), when the token is
+    /// already spent: the same key (the CSR's signature proves it is held)
+    /// asking for the same names and profile gets the certificate the token
+    /// was spent on, if that is still valid and not revoked, and the repeat
+    /// is audited. Anything else (another key, other names) is left to the
+    /// usual checks, which refuse it as a replay.
+    async fn reply_again(
+        &self,
+        token: &TokenGrant,
+        csr: &Csr,
+        requester: &Requester,
+        profile: Profile,
+    ) -> Result<Option<Issued>, Error> {
+        let Some(hex) = self.store.token_certificate(&token.jti).await? else {
+            return Ok(None);
+        };
+        let (Some(row), Some(serial)) =
+            (self.store.certificate(&hex).await?, Serial::parse_hex(&hex))
+        else {
+            return Ok(None);
+        };
+        let asked: std::collections::BTreeSet<String> =
+            csr.identifiers().iter().map(|i| i.to_string()).collect();
+        let now = self.clock.now();
+        let same = row.key_fingerprint == csr.public_key().fingerprint()
+            && row.requester == requester.to_string()
+            && row.profile == profile.name()
+            && row
+                .names
+                .iter()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                == asked;
+        if !same || row.not_after <= now.unix_timestamp() || self.is_revoked(&serial).await? {
+            return Ok(None);
+        }
+        let Some(issuer) = self.loaded_issuer(&row.issuer_id) else {
+            return Ok(None);
+        };
+        let time = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|_| Error::Unavailable(format!("certificate {hex} has a bad stored time")))
+        };
+        let (not_before, not_after) = (time(row.not_before)?, time(row.not_after)?);
+        let receipt = self
+            .store
+            .commit(Change::Record(AuditEvent {
+                ts_ms: unix_ms(now),
+                kind: "token.repeated".into(),
+                actor: requester.to_string(),
+                subject: hex.clone(),
+                detail: json!({ "token": token.jti, "names": row.names }),
+            }))
+            .await?;
+        Ok(Some(Issued {
+            serial,
+            chain_pem: format!("{}{}", pem("CERTIFICATE", &row.der), issuer.chain_pem),
+            chain_der: std::iter::once(row.der.clone())
+                .chain(issuer.chain_der.iter().cloned())
+                .collect(),
+            der: row.der,
+            not_before,
+            not_after,
+            identifiers: csr.identifiers().to_vec(),
+            issuer_id: row.issuer_id,
+            receipt,
+        }))
     }
 
     /// Parses a CSR that `requester` sent for `profile`. One that cannot be
@@ -1585,6 +1662,7 @@ impl Authority {
                     subject: t.subject.clone(),
                     used_at: now.unix_timestamp(),
                     expires_at: t.expires_at,
+                    serial: Some(serial.to_hex()),
                 }),
                 completes: ask.completes.map(|c| Box::new((c.0)(&serial.to_hex()))),
                 event: AuditEvent {

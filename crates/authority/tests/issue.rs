@@ -385,7 +385,43 @@ async fn tokens_are_scoped_and_spent_once() {
         assert!(matches!(e, Error::TokenScope(_)), "{name}: {e}");
         assert!(e.to_string().contains("db.internal"), "{name}: {e}");
         // The refused request did not spend the token.
-        ca.issue(ask(&["web.internal"], "t1", &["web.internal"]))
+        let first = ca
+            .issue(ask(&["web.internal"], "t1", &["web.internal"]))
+            .await
+            .unwrap();
+        // Asking again with the same key and names (the first reply was
+        // lost) returns that certificate; nothing new is issued.
+        let again = ca
+            .issue(ask(&["web.internal"], "t1", &["web.internal"]))
+            .await
+            .unwrap();
+        assert_eq!(again.serial, first.serial, "{name}");
+        assert_eq!(again.chain_pem, first.chain_pem, "{name}");
+        assert_eq!(again.not_after, first.not_after, "{name}");
+        // Another key, or other names the token covers: a replay.
+        let other_key = KeyPair::generate().unwrap();
+        let e = ca
+            .issue(IssueRequest {
+                token: Some(grant("t1", &["web.internal"])),
+                ..req(
+                    csr_with(&other_key, None, &["web.internal"], vec![]),
+                    Requester::Token("web".into()),
+                )
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TokenReplayed(_)), "{name}: {e}");
+        let e = ca
+            .issue(ask(
+                &["web.internal", "api.internal"],
+                "t1",
+                &["web.internal", "api.internal"],
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TokenReplayed(_)), "{name}: {e}");
+        // Once that certificate is revoked, asking again is a replay too.
+        ca.revoke(&first.serial, 4, &Requester::Operator("t".into()))
             .await
             .unwrap();
         let e = ca
@@ -394,6 +430,11 @@ async fn tokens_are_scoped_and_spent_once() {
             .unwrap_err();
         assert!(matches!(e, Error::TokenReplayed(_)), "{name}: {e}");
         let kinds = audit_kinds(&ca).await;
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "token.repeated").count(),
+            1,
+            "{name}: {kinds:?}"
+        );
         assert!(
             kinds.contains(&"token.replayed".to_string()),
             "{name}: {kinds:?}"

@@ -117,9 +117,15 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     .as_secs(),
                 None => 0,
             };
+            // One key for every attempt: if a reply was lost after the CA
+            // spent the token, the same key and names get that certificate.
+            let (key_pem, csr) = new_key_and_csr(token_sans(token.trim())?)?;
             let mut attempt = 1;
             let h = loop {
-                match client.sign(token.trim(), &args.profile, lifetime).await {
+                let sent = client
+                    .sign(token.trim(), &key_pem, &csr, &args.profile, lifetime)
+                    .await;
+                match sent {
                     Ok(h) => break h,
                     Err(e) if attempt < args.first_attempts && is_transient(&e) => {
                         let wait = 1u64 << (attempt - 1).min(5);
@@ -321,11 +327,17 @@ impl Client {
         }
     }
 
-    async fn sign(&self, token: &str, profile: &str, lifetime_seconds: u64) -> Result<Held> {
-        let (key_pem, csr) = new_key_and_csr(token_sans(token)?)?;
+    async fn sign(
+        &self,
+        token: &str,
+        key_pem: &str,
+        csr: &[u8],
+        profile: &str,
+        lifetime_seconds: u64,
+    ) -> Result<Held> {
         let mut client = CertificateAuthorityClient::new(self.channel(None).await?);
         let mut req = tonic::Request::new(SignRequest {
-            csr,
+            csr: csr.to_vec(),
             profile: profile.into(),
             lifetime_seconds,
         });
@@ -336,7 +348,7 @@ impl Client {
                 .context("the token holds characters that cannot be sent")?,
         );
         let resp = client.sign(req).await.map_err(refused)?;
-        held_from(resp.into_inner(), key_pem)
+        held_from(resp.into_inner(), key_pem.to_string())
     }
 
     /// Renews with a new key (re-key on every renewal).

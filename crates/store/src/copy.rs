@@ -80,6 +80,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("subject", Text),
             ("used_at", Int),
             ("expires_at", Int),
+            ("serial", Text),
         ],
     ),
     ("crl_numbers", &[("issuer_id", Text), ("last", Int)]),

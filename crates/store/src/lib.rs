@@ -212,7 +212,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 9] = match backend {
+    let files: [(i64, &str, &'static str); 10] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -258,6 +258,11 @@ fn migrator(backend: Backend) -> Migrator {
                 9,
                 "ocsp_signers",
                 include_str!("../../../migrations/sqlite/0009_ocsp_signers.sql"),
+            ),
+            (
+                10,
+                "token_serial",
+                include_str!("../../../migrations/sqlite/0010_token_serial.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -305,6 +310,11 @@ fn migrator(backend: Backend) -> Migrator {
                 9,
                 "ocsp_signers",
                 include_str!("../../../migrations/postgres/0009_ocsp_signers.sql"),
+            ),
+            (
+                10,
+                "token_serial",
+                include_str!("../../../migrations/postgres/0010_token_serial.sql"),
             ),
         ],
     };

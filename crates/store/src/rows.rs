@@ -233,6 +233,8 @@ pub struct SpentToken {
     pub used_at: i64,
     /// When it would have expired (unix s).
     pub expires_at: i64,
+    /// The certificate it was spent on (serial, hex).
+    pub serial: Option<String>,
 }
 
 fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
@@ -705,6 +707,19 @@ impl Store {
                 .await?
                 .is_some(),
         )
+    }
+
+    /// The certificate a spent bootstrap token was spent on (serial, hex);
+    /// `None` if the token is unspent or was spent before serials were kept.
+    pub async fn token_certificate(&self, jti: &str) -> Result<Option<String>, Error> {
+        let row = sqlx::query("SELECT serial FROM used_tokens WHERE jti = $1")
+            .bind(jti)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<Option<String>, _>("serial")?,
+            None => None,
+        })
     }
 
     /// Number of stored certificates.

@@ -638,12 +638,13 @@ async fn spend_token(
     token: &SpentToken,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO used_tokens (jti, subject, used_at, expires_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO used_tokens (jti, subject, used_at, expires_at, serial) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(token.jti.as_str())
     .bind(token.subject.as_str())
     .bind(token.used_at)
     .bind(token.expires_at)
+    .bind(token.serial.clone())
     .execute(&mut **tx)
     .await?;
     Ok(())

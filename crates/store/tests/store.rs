@@ -311,6 +311,7 @@ fn spent(jti: &str) -> sigil_store::SpentToken {
         subject: "web".into(),
         used_at: 5,
         expires_at: 600,
+        serial: None,
     }
 }
 
