@@ -662,6 +662,9 @@ impl Authority {
         let Some(issuer) = self.loaded_issuer(&row.issuer_id) else {
             return Ok(None);
         };
+        // Each repeat writes an audit row: it counts against the holder's
+        // issuance rate like a new certificate would.
+        self.take_rate_token(requester)?;
         let time = |t: i64| {
             OffsetDateTime::from_unix_timestamp(t)
                 .map_err(|_| Error::Unavailable(format!("certificate {hex} has a bad stored time")))

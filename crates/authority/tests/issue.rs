@@ -620,6 +620,16 @@ async fn requesters_are_rate_limited_operators_are_not() {
     for _ in 0..5 {
         ca.issue(req(csr.clone(), op())).await.unwrap();
     }
+    // Repeating a token's request (its reply lost) counts too: each repeat
+    // writes an audit row.
+    let token_req = || IssueRequest {
+        token: Some(grant("t-rate", &["a.internal"])),
+        ..req(csr.clone(), Requester::Token("team-c".into()))
+    };
+    let first = ca.issue(token_req()).await.unwrap();
+    assert_eq!(ca.issue(token_req()).await.unwrap().serial, first.serial);
+    let e = ca.issue(token_req()).await.unwrap_err();
+    assert!(matches!(e, Error::RateLimited { .. }), "{e}");
 }
 
 /// A clock the test moves.
