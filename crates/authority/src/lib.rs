@@ -64,6 +64,16 @@ impl std::fmt::Debug for ActiveIssuer {
 }
 
 impl ActiveIssuer {
+    /// `leaf` followed by this issuer's chain (without the root): PEM, and
+    /// DER each.
+    fn chain_of(&self, leaf: &[u8]) -> (String, Vec<Vec<u8>>) {
+        let pem = format!("{}{}", pem("CERTIFICATE", leaf), self.chain_pem);
+        let der = std::iter::once(leaf.to_vec())
+            .chain(self.chain_der.iter().cloned())
+            .collect();
+        (pem, der)
+    }
+
     /// Pairs the intermediate certificate with its key.
     pub fn new(
         cert_der: &[u8],
@@ -567,11 +577,7 @@ impl Authority {
     /// A stored certificate followed by its issuer chain (without the root), PEM.
     pub async fn chain_pem(&self, row: &CertificateRow) -> Result<String, Error> {
         if let Some(issuer) = self.loaded_issuer(&row.issuer_id) {
-            return Ok(format!(
-                "{}{}",
-                pem("CERTIFICATE", &row.der),
-                issuer.chain_pem
-            ));
+            return Ok(issuer.chain_of(&row.der).0);
         }
         let issuer = self.store.issuer(&row.issuer_id).await?.ok_or_else(|| {
             Error::Unavailable(format!("issuer {} is not recorded", row.issuer_id))
@@ -680,12 +686,11 @@ impl Authority {
                 detail: json!({ "token": token.jti, "names": row.names }),
             }))
             .await?;
+        let (chain_pem, chain_der) = issuer.chain_of(&row.der);
         Ok(Some(Issued {
             serial,
-            chain_pem: format!("{}{}", pem("CERTIFICATE", &row.der), issuer.chain_pem),
-            chain_der: std::iter::once(row.der.clone())
-                .chain(issuer.chain_der.iter().cloned())
-                .collect(),
+            chain_pem,
+            chain_der,
             der: row.der,
             not_before,
             not_after,
@@ -1644,11 +1649,12 @@ impl Authority {
         if let Some(t) = ask.token {
             detail["token"] = json!(t.jti);
         }
+        let hex = serial.to_hex();
         let committed = self
             .store
             .commit(Change::Issue {
                 cert: NewCertificate {
-                    serial: serial.to_hex(),
+                    serial: hex.clone(),
                     issuer_id: info.id.to_string(),
                     profile: profile.name().to_string(),
                     requester: ask.policy_requester.to_string(),
@@ -1665,14 +1671,14 @@ impl Authority {
                     subject: t.subject.clone(),
                     used_at: now.unix_timestamp(),
                     expires_at: t.expires_at,
-                    serial: Some(serial.to_hex()),
+                    serial: Some(hex.clone()),
                 }),
-                completes: ask.completes.map(|c| Box::new((c.0)(&serial.to_hex()))),
+                completes: ask.completes.map(|c| Box::new((c.0)(&hex))),
                 event: AuditEvent {
                     ts_ms: unix_ms(now),
                     kind: ask.kind.into(),
                     actor: ask.actor.to_string(),
-                    subject: serial.to_hex(),
+                    subject: hex,
                     detail,
                 },
             })
@@ -1698,10 +1704,7 @@ impl Authority {
             }
             (Err(e), _) => return Err(e.into()),
         };
-        let chain_pem = format!("{}{}", pem("CERTIFICATE", &der), issuer.chain_pem);
-        let chain_der = std::iter::once(der.clone())
-            .chain(issuer.chain_der.iter().cloned())
-            .collect();
+        let (chain_pem, chain_der) = issuer.chain_of(&der);
         Ok(Issued {
             serial,
             der,
