@@ -1619,7 +1619,7 @@ impl Authority {
             lifetime = until_issuer_end.try_into().unwrap_or(lifetime);
         }
 
-        let serial = sigil_signer::random_serial()?;
+        let serial = sigil_signer::timed_serial(u64::try_from(unix_ms(now)).unwrap_or(0))?;
         let spec = LeafSpec {
             identifiers: applicant.identifiers,
             public_key: applicant.public_key,

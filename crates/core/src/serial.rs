@@ -15,6 +15,22 @@ impl Serial {
         (bytes[0] != 0).then(|| Serial(bytes.to_vec()))
     }
 
+    /// Builds a serial that sorts by issuance time: 48 bits of Unix
+    /// milliseconds, then 80 random bits.
+    ///
+    /// Serials issued close together share a prefix, so the database's serial
+    /// index grows at its end instead of touching a random page per
+    /// certificate. The 80 random bits keep serials unpredictable (the CA/B
+    /// Forum asks for at least 64). Times outside 2004..10889 are clamped so
+    /// the first byte is never zero and the length is always 16 bytes.
+    pub fn from_time_and_random(unix_ms: u64, random: [u8; 10]) -> Serial {
+        let ms = unix_ms.clamp(1 << 40, (1 << 48) - 1);
+        let mut bytes = Vec::with_capacity(16);
+        bytes.extend_from_slice(&ms.to_be_bytes()[2..]);
+        bytes.extend_from_slice(&random);
+        Serial(bytes)
+    }
+
     /// Parses a hex serial as printed by Sigil or OpenSSL (colons allowed).
     pub fn parse_hex(s: &str) -> Option<Serial> {
         let clean: String = s.chars().filter(|c| *c != ':').collect();
@@ -57,5 +73,21 @@ mod tests {
             Some(Serial(vec![0x80, 0x80]))
         );
         assert!(Serial::parse_hex("zz").is_none());
+    }
+
+    #[test]
+    fn timed_serials_sort_by_time_and_keep_their_randomness() {
+        let t = 1_795_000_000_123u64;
+        let a = Serial::from_time_and_random(t, [0xff; 10]);
+        let b = Serial::from_time_and_random(t + 1, [0; 10]);
+        assert_eq!(a.as_bytes().len(), 16);
+        assert!(a.to_hex() < b.to_hex(), "{a} should sort before {b}");
+        assert_eq!(&a.as_bytes()[..6], &t.to_be_bytes()[2..]);
+        assert_eq!(&a.as_bytes()[6..], &[0xff; 10]);
+        // A clock before 2004 still gives a 16-byte serial with no leading zero.
+        let early = Serial::from_time_and_random(0, [7; 10]);
+        assert_eq!(early.as_bytes().len(), 16);
+        assert_ne!(early.as_bytes()[0], 0);
+        assert_eq!(Serial::parse_hex(&early.to_hex()), Some(early));
     }
 }

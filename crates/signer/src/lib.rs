@@ -128,6 +128,14 @@ pub fn random_serial() -> Result<Serial, Error> {
     }
 }
 
+/// Draws a leaf serial: issuance time in milliseconds, then 80 bits from the
+/// system CSPRNG (see [`Serial::from_time_and_random`]).
+pub fn timed_serial(unix_ms: u64) -> Result<Serial, Error> {
+    let mut b = [0u8; 10];
+    random_bytes(&mut b)?;
+    Ok(Serial::from_time_and_random(unix_ms, b))
+}
+
 /// Fills `buf` from the system CSPRNG (tokens, passphrases, salts).
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
     aws_lc_rs::rand::fill(buf).map_err(|_| Error::Crypto("random generator failed"))
