@@ -65,36 +65,23 @@ impl Store {
             Backend::Sqlite => 4,
             Backend::Postgres => 16,
         };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            // A SQLite connection is a local file handle that cannot go stale,
-            // so the liveness ping before every checkout (a round trip to the
-            // connection's thread) buys nothing; a server connection can.
-            .test_before_acquire(backend == Backend::Postgres)
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL for concurrent readers; FULL so a commit survives power loss.
-                        // A larger page cache, fewer checkpoints and memory-mapped
-                        // reads (readers re-read pages after every commit) cut page
-                        // I/O; none affects durability.
-                        conn.execute(
-                            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
-                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000; \
-                             PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8192;",
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                })
-            })
+        let pool = pool_options(backend, max, 65536)
             .connect(&url)
             .await
             .map_err(|e| Error::Connect(redact(&url), e))?;
         migrator(backend).run(&pool).await?;
         let objects = (backend == Backend::Sqlite).then(Default::default);
-        let writer = writer::spawn(pool.clone(), backend, objects.clone());
+        // The writer keeps a connection of its own: on SQLite its page cache
+        // then stays warm across commits instead of re-reading the pages
+        // another connection changed since it last wrote. Its working set is
+        // the ends of the tables and indexes it appends to, and the protocol
+        // state in flight, so a smaller cache serves it.
+        let writer_pool = pool_options(backend, 1, 16384)
+            .min_connections(1)
+            .connect(&url)
+            .await
+            .map_err(|e| Error::Connect(redact(&url), e))?;
+        let writer = writer::spawn(writer_pool, backend, objects.clone());
         Ok(Store {
             pool,
             backend,
@@ -375,6 +362,34 @@ impl ServerLock {
             }
         }
     }
+}
+
+/// Pool settings for `backend` with at most `max` connections, each with a
+/// SQLite page cache of up to `cache_kib` KiB.
+fn pool_options(backend: Backend, max: u32, cache_kib: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max)
+        // A SQLite connection is a local file handle that cannot go stale,
+        // so the liveness ping before every checkout (a round trip to the
+        // connection's thread) buys nothing; a server connection can.
+        .test_before_acquire(backend == Backend::Postgres)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL for concurrent readers; FULL so a commit survives power loss.
+                    // A larger page cache and fewer checkpoints cut page I/O;
+                    // neither affects durability.
+                    let pragmas = format!(
+                        "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                         PRAGMA foreign_keys=ON; PRAGMA busy_timeout=15000; \
+                         PRAGMA cache_size=-{cache_kib}; PRAGMA wal_autocheckpoint=8192;"
+                    );
+                    conn.execute(sqlx::AssertSqlSafe(pragmas)).await?;
+                }
+                Ok(())
+            })
+        })
 }
 
 fn normalize_url(url: &str) -> Result<(Backend, String), Error> {
