@@ -141,6 +141,23 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
         &work.join("wrong.pass").display().to_string(),
     ]));
     assert!(e.contains("wrong passphrase"), "{e}");
+    // A leading dot cannot be expressed in an RFC 5280 DNS constraint.
+    let e = fails(sigil(&[
+        "root",
+        "sign",
+        "--dir",
+        &rdir,
+        "--csr",
+        &csr,
+        "--out",
+        &int,
+        "--permitted-dns",
+        ".corp.internal",
+        "--passphrase-file",
+        &rp,
+    ]));
+    assert!(e.contains("use corp.internal"), "{e}");
+    assert!(!Path::new(&int).exists(), "nothing written on refusal");
     ok(sigil(&[
         "root",
         "sign",
@@ -155,7 +172,7 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
         "--path-len",
         "0",
         "--permitted-dns",
-        ".corp.internal",
+        "corp.internal",
         "--passphrase-file",
         &rp,
     ]));

@@ -227,7 +227,8 @@ pub fn root_params(
 pub struct IntermediateOptions {
     /// pathLenConstraint (0: may issue only leaves).
     pub path_len: u8,
-    /// Permitted DNS subtrees (name constraints), e.g. `.svc.internal`.
+    /// Permitted DNS subtrees (name constraints), e.g. `svc.internal`: the
+    /// name and everything below it (RFC 5280 has no "only below" form).
     pub permitted_dns: Vec<String>,
     /// Permitted IP subtrees (name constraints).
     pub permitted_ip: Vec<ipnet::IpNet>,
@@ -296,9 +297,16 @@ pub fn intermediate_params(
     if !opts.permitted_dns.is_empty() || !opts.permitted_ip.is_empty() {
         let mut permitted = Vec::new();
         for d in &opts.permitted_dns {
-            // RFC 5280 dNSName constraints are "host.example" meaning the name and
-            // everything below it; accept a leading dot and strip it.
-            let d = d.trim_start_matches('.');
+            // RFC 5280 dNSName constraint "corp.example": the name and everything
+            // below it. The syntax has no "only below" form (a leading dot is
+            // invalid there), so one is refused rather than silently widened.
+            if let Some(bare) = d.strip_prefix('.') {
+                return Err(Error::Template(format!(
+                    "name constraint {d}: an RFC 5280 DNS constraint always permits the name \
+                     itself and every name below it, and cannot be written with a leading dot; \
+                     use {bare}"
+                )));
+            }
             let n = crate::DnsName::parse(d)?;
             if n.is_wildcard() {
                 return Err(Error::Template(format!(

@@ -128,7 +128,8 @@ pub enum RootCmd {
         /// pathLenConstraint (0: the intermediate may only issue leaves).
         #[arg(long, default_value_t = 0)]
         path_len: u8,
-        /// Permitted DNS subtree (name constraint); repeatable.
+        /// Permitted DNS subtree (name constraint); repeatable. `corp.internal`
+        /// permits that name and every name below it.
         #[arg(long)]
         permitted_dns: Vec<String>,
         /// Permitted IP range (name constraint), CIDR; repeatable.

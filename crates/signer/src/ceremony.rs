@@ -168,4 +168,62 @@ mod tests {
         );
         assert!(too_long.is_err());
     }
+
+    #[test]
+    fn dns_name_constraints_are_subtrees_and_refuse_what_they_cannot_say() {
+        let now = sigil_core::Clock::now(&sigil_core::SystemClock);
+        let (root_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+        let root_der = self_signed_root(
+            &root_key,
+            parse_subject("CN=Test Root").unwrap(),
+            &crate::random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 3650),
+        )
+        .unwrap();
+        let root = CaSigner::new(&root_der, root_key).unwrap();
+        let (int_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
+        let csr = intermediate_csr(&int_key, parse_subject("CN=Constrained").unwrap()).unwrap();
+        let opts = IntermediateOptions {
+            permitted_dns: vec!["Svc.Internal".into()],
+            ..Default::default()
+        };
+        let int_der = sign_intermediate(
+            &root,
+            &CaRequest::parse(&csr).unwrap(),
+            &crate::random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 365),
+            &opts,
+        )
+        .unwrap();
+        let info = sigil_core::IssuerInfo::from_der(&int_der).unwrap();
+        let id = |s: &str| sigil_core::Identifier::parse_any(s).unwrap();
+        let nc = &info.name_constraints;
+        // "svc.internal": the name itself and the names below it.
+        assert!(nc.permits(&id("svc.internal")));
+        assert!(nc.permits(&id("a.svc.internal")));
+        assert!(!nc.permits(&id("other.internal")));
+
+        // Forms the constraint cannot express are refused, saying what to write.
+        for (bad, says) in [
+            (".corp.internal", "use corp.internal"),
+            ("*.corp.internal", "wildcard"),
+        ] {
+            let opts = IntermediateOptions {
+                permitted_dns: vec![bad.into()],
+                ..Default::default()
+            };
+            let e = sign_intermediate(
+                &root,
+                &CaRequest::parse(&csr).unwrap(),
+                &crate::random_serial().unwrap(),
+                now,
+                Duration::from_secs(86400 * 365),
+                &opts,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
 }
