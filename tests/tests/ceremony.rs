@@ -332,6 +332,18 @@ fn ceremony(backend: &str, db_url: &str, root_type: &str) {
             shown.contains("BEGIN CERTIFICATE") && shown.contains("api.corp.internal"),
             "{shown}"
         );
+        // The CLI's issuance names the policy files that allowed it.
+        let policy_file = ca.join("policies").join("ops.toml").display().to_string();
+        let digest = sigil_core::sha256_hex(format!("{policy_file}\0{POLICY}\0").as_bytes());
+        let audit = ok(sigil(&[
+            "audit", "list", "--config", &config, "--limit", "50",
+        ]));
+        assert!(
+            audit.lines().any(|l| l.contains("cert.issued")
+                && l.contains("operator:alice")
+                && l.contains(&format!("\"policy\":\"{digest}\""))),
+            "{digest} in {audit}"
+        );
 
         // A second node on the same database: on PostgreSQL it serves too,
         // and a revocation (made by the CLI, a third process) reaches OCSP on

@@ -553,22 +553,19 @@ impl Authority {
             return Ok(());
         };
         let names: Vec<String> = identifiers.iter().map(|i| i.to_string()).collect();
-        let reason = match &e {
-            Error::Denied { reason, .. } => reason.clone(),
-            other => other.to_string(),
-        };
+        let mut detail = json!({
+            "names": names,
+            "profile": profile.name(),
+            "stage": "order",
+        });
+        add_refusal(&mut detail, &e);
         self.store
             .commit(Change::Record(AuditEvent {
                 ts_ms: unix_ms(self.clock.now()),
                 kind: "cert.denied".into(),
                 actor: requester.to_string(),
                 subject: names.first().cloned().unwrap_or_default(),
-                detail: json!({
-                    "names": names,
-                    "profile": profile.name(),
-                    "stage": "order",
-                    "reason": reason,
-                }),
+                detail,
             }))
             .await?;
         Err(e)
@@ -1640,6 +1637,7 @@ impl Authority {
             "key_type": key_type.to_string(),
             "not_after": not_after.unix_timestamp(),
             "rules": decision.allowing_rules(),
+            "policy": &*decision.policy,
             // Lets `audit verify` tell the certificate row was not edited.
             "sha256": sigil_core::sha256_hex(&der),
         });
@@ -1813,22 +1811,19 @@ impl Authority {
         profile: &str,
         err: &Error,
     ) -> Result<(), sigil_store::Error> {
-        let reason = match err {
-            Error::Denied { reason, .. } => reason.clone(),
-            other => other.to_string(),
-        };
+        let mut detail = json!({
+            "names": names,
+            "profile": profile,
+            "key_type": key_type.to_string(),
+        });
+        add_refusal(&mut detail, err);
         self.store
             .commit(Change::Record(AuditEvent {
                 ts_ms: unix_ms(self.clock.now()),
                 kind: kind.into(),
                 actor: actor.to_string(),
                 subject: names.first().cloned().unwrap_or_default(),
-                detail: json!({
-                    "names": names,
-                    "profile": profile,
-                    "key_type": key_type.to_string(),
-                    "reason": reason,
-                }),
+                detail,
             }))
             .await
             .map(|_| ())
@@ -1852,6 +1847,18 @@ impl Authority {
                 detail,
             }))
             .await?)
+    }
+}
+
+/// Adds a refusal's reason to its audit detail and, for a policy denial,
+/// the digest of the policy that decided.
+fn add_refusal(detail: &mut serde_json::Value, err: &Error) {
+    match err {
+        Error::Denied { reason, decision } => {
+            detail["reason"] = json!(reason);
+            detail["policy"] = json!(&*decision.policy);
+        }
+        other => detail["reason"] = json!(other.to_string()),
     }
 }
 

@@ -268,10 +268,33 @@ async fn bypass_attempts_are_refused_or_neutralized() {
     );
 
     // Denials are in the audit log with the reason; the chain stays intact.
+    // Issuances and policy denials name the policy that decided.
     let tail = ca.store().audit_tail(50).await.unwrap();
     assert!(
         tail.iter()
             .any(|r| r.kind == "cert.denied" && r.detail.contains("evil.example"))
+    );
+    let digest = ca.policy().digest().to_string();
+    assert_eq!(digest.len(), 64);
+    let policy_of = |kind: &str| -> Vec<Option<String>> {
+        tail.iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| {
+                let d: serde_json::Value = serde_json::from_str(&r.detail).unwrap();
+                d["policy"].as_str().map(str::to_string)
+            })
+            .collect()
+    };
+    let issued = policy_of("cert.issued");
+    assert!(!issued.is_empty());
+    assert!(
+        issued.iter().all(|p| p.as_deref() == Some(digest.as_str())),
+        "{issued:?}"
+    );
+    let denied = policy_of("cert.denied");
+    assert!(
+        denied.iter().any(|p| p.as_deref() == Some(digest.as_str())),
+        "{denied:?}"
     );
     assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
 }

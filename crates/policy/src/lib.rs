@@ -22,4 +22,4 @@ mod rules;
 
 pub use error::Error;
 pub use pattern::{DnsPattern, RequesterSelector, UriPattern};
-pub use rules::{Decision, Effect, Finding, Outcome, Policy, Request, Rule};
+pub use rules::{Decision, Effect, Finding, Outcome, Policy, Request, Rule, sources_digest};

@@ -251,6 +251,21 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// SHA-256 (hex) over the sources' names and texts, in load order.
+    digest: std::sync::Arc<str>,
+}
+
+/// SHA-256 (hex) over `(file name, contents)` pairs in load order: a
+/// policy's [`Policy::digest`], and how a watcher tells the files changed.
+pub fn sources_digest<'a>(sources: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut all = Vec::new();
+    for (file, text) in sources {
+        all.extend_from_slice(file.as_bytes());
+        all.push(0);
+        all.extend_from_slice(text);
+        all.push(0);
+    }
+    sigil_core::sha256_hex(&all)
 }
 
 /// What the policy is asked.
@@ -302,6 +317,8 @@ pub struct Decision {
     pub max_lifetime: Option<Duration>,
     /// Per-identifier findings.
     pub findings: Vec<Finding>,
+    /// The [`Policy::digest`] of the policy that decided.
+    pub policy: std::sync::Arc<str>,
 }
 
 impl Decision {
@@ -375,6 +392,8 @@ impl Policy {
     pub fn from_sources<'a>(
         sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Policy, Error> {
+        let sources: Vec<(&str, &str)> = sources.into_iter().collect();
+        let digest = sources_digest(sources.iter().map(|(f, t)| (*f, t.as_bytes())));
         let mut rules: Vec<Rule> = Vec::new();
         for (file, text) in sources {
             let parsed: RuleFile =
@@ -391,12 +410,22 @@ impl Policy {
                 rules.push(rule);
             }
         }
-        Ok(Policy { rules })
+        Ok(Policy {
+            rules,
+            digest: digest.into(),
+        })
     }
 
     /// The loaded rules.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// SHA-256 (hex) over the policy files' names and contents in load
+    /// order: recorded with every decision, so the audit log tells which
+    /// policy files decided (the same value `policy.reloaded` records).
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// Decides a request. Every identifier needs an allow rule that covers it and
@@ -419,6 +448,7 @@ impl Policy {
             allowed,
             max_lifetime: if bounded { max_lifetime } else { None },
             findings,
+            policy: self.digest.clone(),
         }
     }
 

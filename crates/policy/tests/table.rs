@@ -276,3 +276,33 @@ fn shipped_policies_load() {
     let p = Policy::load_dir(&root).unwrap();
     assert!(!p.rules().is_empty());
 }
+
+#[test]
+fn the_digest_names_the_files_that_decided() {
+    let a = Policy::from_sources([("a.toml", POLICY)]).unwrap();
+    let same = Policy::from_sources([("a.toml", POLICY)]).unwrap();
+    let renamed = Policy::from_sources([("b.toml", POLICY)]).unwrap();
+    let text = format!(
+        "{POLICY}
+# reviewed
+"
+    );
+    let edited = Policy::from_sources([("a.toml", text.as_str())]).unwrap();
+    assert_eq!(a.digest(), same.digest());
+    assert_ne!(a.digest(), renamed.digest());
+    assert_ne!(a.digest(), edited.digest());
+    assert_eq!(
+        a.digest(),
+        sigil_policy::sources_digest([("a.toml", POLICY.as_bytes())])
+    );
+    let requester = Requester::Operator("alice".into());
+    let ids = [Identifier::parse_any("x.internal").unwrap()];
+    let d = edited.evaluate(&Request {
+        requester: &requester,
+        identifiers: &ids,
+        profile: Profile::Server,
+        key_type: Some(KeyType::EcdsaP256),
+        lifetime: None,
+    });
+    assert_eq!(&*d.policy, edited.digest());
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 /// How often the policy directory is checked for changes.
 const POLL: Duration = Duration::from_secs(2);
 
-/// SHA-256 over the policy files' names and contents, in load order; `None`
-/// when the directory cannot be read.
+/// The policy files' digest ([`sigil_policy::sources_digest`], the value a
+/// policy loaded from them reports); `None` when the directory cannot be read.
 fn digest(dir: &Path) -> Option<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
@@ -20,14 +20,14 @@ fn digest(dir: &Path) -> Option<String> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
-    let mut all = Vec::new();
+    let mut read = Vec::with_capacity(files.len());
     for f in files {
-        all.extend_from_slice(f.display().to_string().as_bytes());
-        all.push(0);
-        all.extend_from_slice(&std::fs::read(&f).ok()?);
-        all.push(0);
+        let text = std::fs::read(&f).ok()?;
+        read.push((f.display().to_string(), text));
     }
-    Some(sigil_core::sha256_hex(&all))
+    Some(sigil_policy::sources_digest(
+        read.iter().map(|(f, t)| (f.as_str(), t.as_slice())),
+    ))
 }
 
 /// Loads the policy in `dir` and puts it in force, audited either way.
@@ -44,20 +44,25 @@ pub async fn reload(authority: &Authority, dir: &Path, trigger: &str) -> bool {
         "sha256": sha,
     });
     match loaded {
-        Ok(Ok(policy)) => match authority.replace_policy(policy, "system", detail).await {
-            Ok(_) => {
-                tracing::info!(
-                    trigger,
-                    rules = authority.policy().rules().len(),
-                    "policy reloaded"
-                );
-                true
+        Ok(Ok(policy)) => {
+            // What was loaded, should a file have changed since `sha` was taken.
+            let mut detail = detail;
+            detail["sha256"] = serde_json::json!(policy.digest());
+            match authority.replace_policy(policy, "system", detail).await {
+                Ok(_) => {
+                    tracing::info!(
+                        trigger,
+                        rules = authority.policy().rules().len(),
+                        "policy reloaded"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload not recorded; the old policy stays in force");
+                    false
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "policy reload not recorded; the old policy stays in force");
-                false
-            }
-        },
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, trigger, "policy reload refused; the old policy stays in force");
             let mut detail = detail;
