@@ -1120,6 +1120,55 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     assert!(!out.join("cert.pem").exists());
 }
 
+/// The first Sign's reply was lost after the CA spent the token, and the
+/// agent process died: restarted, the agent finds its pending key, sends the
+/// same request again and installs the certificate the token was spent on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
+    let ca = Ca::start();
+    let token = ca.token("lost", &["lost.internal"]);
+    let out = ca.work.join("out-lost");
+    std::fs::create_dir_all(&out).unwrap();
+    // What the first run left: its pending key, and a Sign the CA committed.
+    let (key, csr) = key_and_csr(&["lost.internal"]);
+    write_secret(&out.join("key.pem.pending"), &key);
+    let spent = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(csr), &token))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let token_file = ca.work.join("lost-token");
+    write_secret(&token_file, &token);
+    let run = sigil(&[
+        "agent",
+        "--server",
+        &format!("localhost:{}", ca.grpc),
+        "--ca-bundle",
+        &ca.work.join("roots.pem").display().to_string(),
+        "--token-file",
+        &token_file.display().to_string(),
+        "--out-dir",
+        &out.display().to_string(),
+        "--once",
+    ]);
+    let said = ok(run);
+    assert!(said.contains(&spent.serial), "{said}");
+    let chain = std::fs::read_to_string(out.join("chain.pem")).unwrap();
+    assert_eq!(chain, spent.chain_pem);
+    assert_eq!(std::fs::read_to_string(out.join("key.pem")).unwrap(), key);
+    assert!(
+        !out.join("key.pem.pending").exists(),
+        "the pending key is removed once installed"
+    );
+    let audit = ok(sigil(&[
+        "audit", "list", "--config", &ca.config, "--limit", "20",
+    ]));
+    assert!(audit.contains("token.repeated"), "{audit}");
+}
+
 /// Sign with a client certificate instead of a token: the requester is the
 /// certificate's identity (`mtls:NAME`), so the policy decides by that name; a
 /// revoked client certificate is no credential.

@@ -117,9 +117,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     .as_secs(),
                 None => 0,
             };
-            // One key for every attempt: if a reply was lost after the CA
-            // spent the token, the same key and names get that certificate.
-            let (key_pem, csr) = new_key_and_csr(token_sans(token.trim())?)?;
+            // One key for every attempt, kept on disk until the certificate
+            // is installed: if a reply was lost after the CA spent the token
+            // (even if this process then died), the same key and names get
+            // that certificate.
+            let key_pem = pending_key(&args.out_dir)?;
+            let csr = csr_for(&key_pem, token_sans(token.trim())?)?;
             let mut attempt = 1;
             let h = loop {
                 let sent = client
@@ -137,6 +140,13 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 }
             };
             install(&args, &h).await?;
+            let pending = args.out_dir.join(PENDING_KEY);
+            if let Err(e) = std::fs::remove_file(&pending) {
+                eprintln!(
+                    "warning: cannot remove {} ({e}); remove it by hand",
+                    pending.display()
+                );
+            }
             h
         }
     };
@@ -446,9 +456,44 @@ fn token_sans(token: &str) -> Result<Vec<String>> {
     Ok(claims.sans)
 }
 
+/// The key of a first certificate not yet installed: read from
+/// [`PENDING_KEY`] in `dir` if an earlier run left one, else made and
+/// written there (0600, synced) before anything is sent.
+fn pending_key(dir: &Path) -> Result<String> {
+    let path = dir.join(PENDING_KEY);
+    match std::fs::read_to_string(&path) {
+        Ok(pem) if rcgen::KeyPair::from_pem(&pem).is_ok() => {
+            eprintln!(
+                "using the key of an earlier first attempt ({})",
+                path.display()
+            );
+            return Ok(pem);
+        }
+        Ok(_) => eprintln!(
+            "warning: {} is not a private key; making a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let pem = rcgen::KeyPair::generate()
+        .context("generating a key")?
+        .serialize_pem();
+    write_synced(&path, pem.as_bytes(), 0o600)?;
+    Ok(pem)
+}
+
 fn new_key_and_csr(sans: Vec<String>) -> Result<(String, Vec<u8>)> {
-    use sigil_core::Identifier;
     let key = rcgen::KeyPair::generate().context("generating a key")?;
+    let pem = key.serialize_pem();
+    let csr = csr_for(&pem, sans)?;
+    Ok((pem, csr))
+}
+
+/// A CSR for `sans` signed by the key in `key_pem`.
+fn csr_for(key_pem: &str, sans: Vec<String>) -> Result<Vec<u8>> {
+    use sigil_core::Identifier;
+    let key = rcgen::KeyPair::from_pem(key_pem).context("reading the private key")?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let ia5 = |s: &str| {
@@ -464,8 +509,7 @@ fn new_key_and_csr(sans: Vec<String>) -> Result<(String, Vec<u8>)> {
             other => bail!("cannot request a {} name in a CSR", other.kind()),
         });
     }
-    let csr = params.serialize_request(&key)?.der().to_vec();
-    Ok((key.serialize_pem(), csr))
+    Ok(params.serialize_request(&key)?.der().to_vec())
 }
 
 fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
@@ -545,6 +589,8 @@ fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
 
 /// The files the agent maintains, in the order they are replaced.
 const FILES: [&str; 3] = ["key.pem", "cert.pem", "chain.pem"];
+/// The key of a first certificate being requested, until it is installed.
+const PENDING_KEY: &str = "key.pem.pending";
 /// How long a reload hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
