@@ -184,19 +184,21 @@ mod tests {
         let root = CaSigner::new(&root_der, root_key).unwrap();
         let (int_key, _) = SoftwareKey::generate(KeySpec::EcdsaP256).unwrap();
         let csr = intermediate_csr(&int_key, parse_subject("CN=Constrained").unwrap()).unwrap();
-        let opts = IntermediateOptions {
-            permitted_dns: vec!["Svc.Internal".into()],
-            ..Default::default()
+        let sign = |dns: &str| {
+            let opts = IntermediateOptions {
+                permitted_dns: vec![dns.into()],
+                ..Default::default()
+            };
+            sign_intermediate(
+                &root,
+                &CaRequest::parse(&csr).unwrap(),
+                &crate::random_serial().unwrap(),
+                now,
+                Duration::from_secs(86400 * 365),
+                &opts,
+            )
         };
-        let int_der = sign_intermediate(
-            &root,
-            &CaRequest::parse(&csr).unwrap(),
-            &crate::random_serial().unwrap(),
-            now,
-            Duration::from_secs(86400 * 365),
-            &opts,
-        )
-        .unwrap();
+        let int_der = sign("Svc.Internal").unwrap();
         let info = sigil_core::IssuerInfo::from_der(&int_der).unwrap();
         let id = |s: &str| sigil_core::Identifier::parse_any(s).unwrap();
         let nc = &info.name_constraints;
@@ -210,19 +212,7 @@ mod tests {
             (".corp.internal", "use corp.internal"),
             ("*.corp.internal", "wildcard"),
         ] {
-            let opts = IntermediateOptions {
-                permitted_dns: vec![bad.into()],
-                ..Default::default()
-            };
-            let e = sign_intermediate(
-                &root,
-                &CaRequest::parse(&csr).unwrap(),
-                &crate::random_serial().unwrap(),
-                now,
-                Duration::from_secs(86400 * 365),
-                &opts,
-            )
-            .unwrap_err();
+            let e = sign(bad).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }
     }
