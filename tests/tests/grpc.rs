@@ -1167,6 +1167,25 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
         "audit", "list", "--config", &ca.config, "--limit", "20",
     ]));
     assert!(audit.contains("token.repeated"), "{audit}");
+
+    // A pending key left by a crash right after an install is dropped on
+    // the next start: the installed pair supersedes it.
+    write_secret(
+        &out.join("key.pem.pending"),
+        &key_and_csr(&["x.internal"]).0,
+    );
+    let again = ok(sigil(&[
+        "agent",
+        "--server",
+        &format!("localhost:{}", ca.grpc),
+        "--ca-bundle",
+        &ca.work.join("roots.pem").display().to_string(),
+        "--out-dir",
+        &out.display().to_string(),
+        "--once",
+    ]));
+    assert!(again.contains(&spent.serial), "{again}");
+    assert!(!out.join("key.pem.pending").exists());
 }
 
 /// Sign with a client certificate instead of a token: the requester is the

@@ -104,7 +104,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
 
     // Start from: files already in out-dir (a restart), --cert/--key, or a token.
     let mut held = match load_existing(&args)? {
-        Some(h) => h,
+        Some(h) => {
+            // A first attempt's key left behind by a crash right after its
+            // install: the installed pair supersedes it.
+            let _ = std::fs::remove_file(args.out_dir.join(PENDING_KEY));
+            h
+        }
         None => {
             let token_file = args.token_file.as_ref().context(
                 "no certificate in --out-dir yet: pass --token-file (first certificate) or --cert/--key",
