@@ -1142,19 +1142,25 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
 
     let token_file = ca.work.join("lost-token");
     write_secret(&token_file, &token);
-    let run = sigil(&[
-        "agent",
-        "--server",
-        &format!("localhost:{}", ca.grpc),
-        "--ca-bundle",
-        &ca.work.join("roots.pem").display().to_string(),
-        "--token-file",
-        &token_file.display().to_string(),
-        "--out-dir",
-        &out.display().to_string(),
-        "--once",
-    ]);
-    let said = ok(run);
+    let grpc = format!("localhost:{}", ca.grpc);
+    let bundle = ca.work.join("roots.pem").display().to_string();
+    let out_dir = out.display().to_string();
+    let agent_once = |extra: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "--server",
+            &grpc,
+            "--ca-bundle",
+            &bundle,
+            "--out-dir",
+            &out_dir,
+            "--once",
+        ];
+        args.extend_from_slice(extra);
+        ok(sigil(&args))
+    };
+    let token_path = token_file.display().to_string();
+    let said = agent_once(&["--token-file", &token_path]);
     assert!(said.contains(&spent.serial), "{said}");
     let chain = std::fs::read_to_string(out.join("chain.pem")).unwrap();
     assert_eq!(chain, spent.chain_pem);
@@ -1174,16 +1180,7 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
         &out.join("key.pem.pending"),
         &key_and_csr(&["x.internal"]).0,
     );
-    let again = ok(sigil(&[
-        "agent",
-        "--server",
-        &format!("localhost:{}", ca.grpc),
-        "--ca-bundle",
-        &ca.work.join("roots.pem").display().to_string(),
-        "--out-dir",
-        &out.display().to_string(),
-        "--once",
-    ]));
+    let again = agent_once(&[]);
     assert!(again.contains(&spent.serial), "{again}");
     assert!(!out.join("key.pem.pending").exists());
 }
