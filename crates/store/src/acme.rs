@@ -147,56 +147,141 @@ impl StateWrite {
     }
 }
 
-/// Applies a state write inside the writer's transaction.
-pub(crate) async fn apply_state(
+/// Largest number of rows in one multi-row state statement.
+const STATE_ROWS: usize = 32;
+
+/// Splits `items` into runs whose lengths are powers of two (at most
+/// [`STATE_ROWS`]), so a batch of any size uses one of a few statement
+/// shapes and each stays in the prepared-statement cache.
+fn pow2_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = items.len().min(STATE_ROWS);
+        let n = 1 << n.ilog2();
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
+}
+
+/// Applies a batch's protocol-state writes inside the writer's transaction,
+/// in a few multi-row statements instead of one per write: every insert
+/// first, then the compare-and-sets, one statement per table and chunk.
+/// `writes` pairs each write with its change's index; `changed[i]` is set to
+/// whether change `i`'s write took effect. The result is the same as applying
+/// the writes one by one in batch order: inserts create fresh random ids that
+/// no other write of the batch can name, and when several compare-and-sets
+/// target one object, the first goes in the batched statement and the others
+/// follow it one at a time, in order.
+pub(crate) async fn apply_states(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    write: &StateWrite,
-) -> Result<bool, Error> {
-    apply_state_sql(tx, write)
+    writes: &[(usize, &StateWrite)],
+    changed: &mut [bool],
+    backend: crate::Backend,
+) -> Result<(), Error> {
+    apply_states_sql(tx, writes, changed, backend)
         .await
         .map_err(crate::writer::classify)
 }
 
-async fn apply_state_sql(
+async fn apply_states_sql(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    write: &StateWrite,
-) -> Result<bool, sqlx::Error> {
-    match write {
-        // Batched by the writer (several per statement).
-        StateWrite::SpendNonce { .. } => Ok(true),
-        StateWrite::Insert { order, authzs } => {
-            for (a, identifier) in authzs {
-                sqlx::query(
-                    "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
+    writes: &[(usize, &StateWrite)],
+    changed: &mut [bool],
+    backend: crate::Backend,
+) -> Result<(), sqlx::Error> {
+    let mut authzs: Vec<(&AcmeObject, &str)> = Vec::new();
+    let mut orders: Vec<&AcmeObject> = Vec::new();
+    for (_, w) in writes {
+        if let StateWrite::Insert { order, authzs: a } = w {
+            authzs.extend(a.iter().map(|(o, ident)| (o, ident.as_str())));
+            orders.extend(order.iter());
+        }
+    }
+    for chunk in pow2_chunks(&authzs) {
+        let mut sql = String::from(
+            "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) VALUES ",
+        );
+        crate::writer::push_placeholders(&mut sql, chunk.len(), 7, backend);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (a, identifier) in chunk {
+            q = q
                 .bind(a.id.as_str())
                 .bind(a.account_id.as_str())
-                .bind(identifier.as_str())
+                .bind(*identifier)
                 .bind(a.status.as_str())
                 .bind(a.expires_at)
                 .bind(a.body.as_str())
-                .bind(a.created_at)
-                .execute(&mut **tx)
-                .await?;
-            }
-            if let Some(o) = order {
-                sqlx::query(
-                    "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
+                .bind(a.created_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for chunk in pow2_chunks(&orders) {
+        let mut sql = String::from(
+            "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) VALUES ",
+        );
+        crate::writer::push_placeholders(&mut sql, chunk.len(), 6, backend);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for o in chunk {
+            q = q
                 .bind(o.id.as_str())
                 .bind(o.account_id.as_str())
                 .bind(o.status.as_str())
                 .bind(o.expires_at)
                 .bind(o.body.as_str())
-                .bind(o.created_at)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Ok(true)
+                .bind(o.created_at);
         }
-        StateWrite::Update { table, from, to } => {
+        q.execute(&mut **tx).await?;
+    }
+    for table in [AcmeTable::Authzs, AcmeTable::Orders] {
+        // (change index, expected status, new row), first per object batched.
+        let mut batched: Vec<(usize, &str, &AcmeObject)> = Vec::new();
+        let mut after: Vec<(usize, &str, &AcmeObject)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, w) in writes {
+            if let StateWrite::Update { table: t, from, to } = w
+                && *t == table
+            {
+                let entry = (*i, from.as_str(), to);
+                if seen.insert(to.id.as_str()) {
+                    batched.push(entry);
+                } else {
+                    after.push(entry);
+                }
+            }
+        }
+        for chunk in pow2_chunks(&batched) {
+            let mut sql = format!(
+                "UPDATE {t} SET status = v.column2, expires_at = v.column3, body = v.column4 FROM (VALUES ",
+                t = table.name()
+            );
+            crate::writer::push_placeholders(&mut sql, chunk.len(), 5, backend);
+            sql.push_str(&format!(
+                ") AS v WHERE {t}.id = v.column1 AND {t}.status = v.column5 RETURNING id",
+                t = table.name()
+            ));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, from, to) in chunk {
+                q = q
+                    .bind(to.id.as_str())
+                    .bind(to.status.as_str())
+                    .bind(to.expires_at)
+                    .bind(to.body.as_str())
+                    .bind(*from);
+            }
+            let updated: std::collections::HashSet<String> = q
+                .fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("id"))
+                .collect::<Result<_, _>>()?;
+            for (i, _, to) in chunk {
+                changed[*i] = updated.contains(&to.id);
+            }
+        }
+        for (i, from, to) in after {
             let sql = format!(
                 "UPDATE {} SET status = $1, expires_at = $2, body = $3 WHERE id = $4 AND status = $5",
                 table.name()
@@ -206,12 +291,13 @@ async fn apply_state_sql(
                 .bind(to.expires_at)
                 .bind(to.body.as_str())
                 .bind(to.id.as_str())
-                .bind(from.as_str())
+                .bind(from)
                 .execute(&mut **tx)
                 .await?;
-            Ok(r.rows_affected() == 1)
+            changed[i] = r.rows_affected() == 1;
         }
     }
+    Ok(())
 }
 
 const ACCOUNT_COLS: &str = "id, thumbprint, jwk, status, contact, requester, eab_kid, created_at";
@@ -562,5 +648,33 @@ impl Store {
             }
         }
         Ok(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pow2_chunks;
+
+    #[test]
+    fn state_chunks_are_powers_of_two_and_cover_everything_in_order() {
+        for n in 0..200usize {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = pow2_chunks(&items).collect();
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= 32),
+                "{n}: {:?}",
+                chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+            );
+            assert_eq!(chunks.concat(), items, "{n}");
+        }
+        let sizes = |n: usize| {
+            pow2_chunks(&vec![0u8; n])
+                .map(<[u8]>::len)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(45), vec![32, 8, 4, 1]);
+        assert_eq!(sizes(7), vec![4, 2, 1]);
     }
 }

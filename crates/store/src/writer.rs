@@ -355,29 +355,37 @@ async fn write_batch(
     spend_nonces(&mut tx, changes, &mut changed, backend)
         .await
         .map_err(classify)?;
-    for (change, changed) in changes.iter().zip(changed.iter_mut()) {
+    for change in changes {
         match change {
-            Change::State(StateWrite::SpendNonce { .. }) => {}
             Change::Issuer { change, .. } => issuer_change(&mut tx, change).await?,
             Change::OcspSigner { row, .. } => save_ocsp_signer(&mut tx, row).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
-            Change::State(w) => *changed = crate::acme::apply_state(&mut tx, w).await?,
             Change::Issue {
-                token, completes, ..
-            } => {
-                if let Some(token) = token {
-                    spend_token(&mut tx, token).await.map_err(classify)?;
-                }
-                if let Some(w) = completes
-                    && !crate::acme::apply_state(&mut tx, w).await?
-                {
-                    return Err(Error::Conflict(format!(
-                        "{} changed before the issuance that completes it",
-                        w.describe()
-                    )));
-                }
-            }
+                token: Some(token), ..
+            } => spend_token(&mut tx, token).await.map_err(classify)?,
             _ => {}
+        }
+    }
+    // Protocol state after accounts (an order names its account), batched.
+    let states: Vec<(usize, &StateWrite)> = changes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            Change::State(StateWrite::SpendNonce { .. }) => None,
+            c => c.state_write().map(|w| (i, w)),
+        })
+        .collect();
+    crate::acme::apply_states(&mut tx, &states, &mut changed, backend).await?;
+    for (change, changed) in changes.iter().zip(&changed) {
+        if let Change::Issue {
+            completes: Some(w), ..
+        } = change
+            && !changed
+        {
+            return Err(Error::Conflict(format!(
+                "{} changed before the issuance that completes it",
+                w.describe()
+            )));
         }
     }
     let certs: Vec<&NewCertificate> = changes
@@ -739,7 +747,7 @@ async fn insert_certificates(
 /// Appends `rows` tuples of `cols` placeholders. SQLite gets anonymous `?`
 /// (bound in order): looking up a numbered parameter's name walks a list of
 /// them all, which made wide statements cost quadratic time.
-fn push_placeholders(sql: &mut String, rows: usize, cols: usize, backend: Backend) {
+pub(crate) fn push_placeholders(sql: &mut String, rows: usize, cols: usize, backend: Backend) {
     use std::fmt::Write;
     let mut n = 1;
     for r in 0..rows {
