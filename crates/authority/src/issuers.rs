@@ -319,17 +319,27 @@ impl Authority {
                 None => return Ok(Vec::new()),
             },
         };
+        // As of the last sync (at most a second old), else from the database.
+        let synced = crate::read(&self.cache.cross_certs).clone();
+        let cross = match synced {
+            Some(list) => list,
+            None => Arc::new(
+                self.cross_certs()
+                    .await?
+                    .iter()
+                    .filter_map(|der| IssuerInfo::from_der(der).ok())
+                    .collect(),
+            ),
+        };
+        let now = self.clock.now();
         let mut chains = Vec::new();
-        for cross in self.cross_certs().await? {
-            let Ok(info) = IssuerInfo::from_der(&cross) else {
-                continue;
-            };
-            if sigil_core::template::verify_issued_by(&issuer_der, &info).is_ok() {
+        for info in cross.iter().filter(|i| i.not_after > now) {
+            if sigil_core::template::verify_issued_by(&issuer_der, info).is_ok() {
                 chains.push(format!(
                     "{}{}{}",
                     crate::pem("CERTIFICATE", &row.der),
                     crate::pem("CERTIFICATE", &issuer_der),
-                    crate::pem("CERTIFICATE", &cross)
+                    crate::pem("CERTIFICATE", &info.der)
                 ));
             }
         }

@@ -368,6 +368,9 @@ struct Cache {
     retire_checked: AtomicI64,
     /// Issuers whose key failed to load, and when to try again (unix s).
     load_failures: RwLock<std::collections::HashMap<String, i64>>,
+    /// Installed cross-certificates as of the last sync (None before it),
+    /// for certificate downloads' alternate chains.
+    cross_certs: RwLock<Option<Arc<Vec<IssuerInfo>>>>,
 }
 
 pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -1460,6 +1463,13 @@ impl Authority {
                 (false, false)
             }
         };
+        let cross: Vec<IssuerInfo> = self
+            .store
+            .cross_certs(self.clock.now().unix_timestamp())
+            .await?
+            .iter()
+            .filter_map(|der| IssuerInfo::from_der(der).ok())
+            .collect();
         let blocked = if !new.is_empty() || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
             Some(self.store.blocked_keys().await?)
         } else {
@@ -1474,6 +1484,7 @@ impl Authority {
             }
         }
         *write(&self.cache.issuer_names) = issuers;
+        *write(&self.cache.cross_certs) = Some(Arc::new(cross));
         if let Some(b) = blocked {
             *write(&self.cache.blocked_keys) = b.into_iter().collect();
         }

@@ -1,8 +1,11 @@
 //! ACME orders and authorizations as this process last committed them, for
 //! a database that only this process writes them to (SQLite, one
-//! `sigil serve` per database: [`crate::ServerLock`]). Each ACME request
-//! reads one or two of them; served from here, such a read skips the hand-off
-//! to the database's thread and back.
+//! `sigil serve` per database: [`crate::ServerLock`]), and the certificates
+//! it issued last. Each ACME request reads one or two objects, and a
+//! certificate is read back at download; served from here, such a read skips
+//! the hand-off to the database's thread and back. (A certificate row never
+//! changes once written, so a remembered one is the stored one whichever
+//! process wrote it.)
 //!
 //! Entries come only from the writer, after a commit and in commit order, so
 //! a hit is never older than the database. A write whose outcome is unknown
@@ -10,27 +13,42 @@
 //! after eviction or a restart) go to the database.
 
 use crate::acme::{AcmeObject, AcmeTable, StateWrite};
+use crate::rows::CertificateRow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Entries per generation: two generations are kept, the older dropped
 /// when the newer fills up. An order in progress needs its own entry and
-/// its authorizations'; a thousand cover hundreds of concurrent orders.
+/// its authorizations'; a thousand cover hundreds of concurrent orders, and
+/// the last thousand certificates cover every download that follows its
+/// order's finalization.
 const GENERATION: usize = 1024;
 
 /// The cache (see the module documentation).
 #[derive(Debug, Default)]
 pub(crate) struct ObjectCache {
-    inner: Mutex<Generations>,
+    /// Objects by id, with the table each came from. Ids are random, so two
+    /// tables sharing one is only a miss: a lookup checks the table, and
+    /// storing or dropping either entry never leaves a wrong one behind.
+    inner: Mutex<Generations<(AcmeTable, AcmeObject)>>,
+    /// Certificates by serial.
+    certs: Mutex<Generations<CertificateRow>>,
 }
 
-/// Objects by id, with the table each came from. Ids are random, so two
-/// tables sharing one is only a miss: a lookup checks the table, and storing
-/// or dropping either entry never leaves a wrong one behind.
-#[derive(Debug, Default)]
-struct Generations {
-    current: HashMap<String, (AcmeTable, AcmeObject)>,
-    previous: HashMap<String, (AcmeTable, AcmeObject)>,
+/// Entries by id in two generations (see [`GENERATION`]).
+#[derive(Debug)]
+struct Generations<V> {
+    current: HashMap<String, V>,
+    previous: HashMap<String, V>,
+}
+
+impl<V> Default for Generations<V> {
+    fn default() -> Self {
+        Generations {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        }
+    }
 }
 
 /// The objects a state write stores.
@@ -50,11 +68,21 @@ impl ObjectCache {
     /// The object as last committed by this process, if remembered.
     pub(crate) fn get(&self, table: AcmeTable, id: &str) -> Option<AcmeObject> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.current
-            .get(id)
-            .or_else(|| g.previous.get(id))
+        g.get(id)
             .filter(|(t, _)| *t == table)
             .map(|(_, o)| o.clone())
+    }
+
+    /// A certificate this process issued lately, if remembered.
+    pub(crate) fn certificate(&self, serial: &str) -> Option<CertificateRow> {
+        let g = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(serial).cloned()
+    }
+
+    /// Records a committed certificate.
+    pub(crate) fn issued(&self, row: &CertificateRow) {
+        let mut g = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        g.put(row.serial.clone(), row.clone());
     }
 
     /// Records a committed state write (`changed`: it took effect). A
@@ -63,7 +91,7 @@ impl ObjectCache {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (table, object) in touched(write) {
             if changed {
-                g.put(table, object);
+                g.put(object.id.clone(), (table, object.clone()));
             } else {
                 g.forget(&object.id);
             }
@@ -79,15 +107,18 @@ impl ObjectCache {
     }
 }
 
-impl Generations {
-    fn put(&mut self, table: AcmeTable, object: &AcmeObject) {
+impl<V> Generations<V> {
+    fn get(&self, id: &str) -> Option<&V> {
+        self.current.get(id).or_else(|| self.previous.get(id))
+    }
+
+    fn put(&mut self, id: String, value: V) {
         if self.current.len() >= GENERATION {
             self.previous = std::mem::take(&mut self.current);
         }
         // The newer copy shadows an older one in the previous generation.
-        self.previous.remove(&object.id);
-        self.current
-            .insert(object.id.clone(), (table, object.clone()));
+        self.previous.remove(&id);
+        self.current.insert(id, value);
     }
 
     fn forget(&mut self, id: &str) {
@@ -158,5 +189,32 @@ mod tests {
         assert!(c.get(AcmeTable::Authzs, "a0").is_none());
         let g = c.inner.lock().unwrap();
         assert!(g.current.len() + g.previous.len() <= 2 * GENERATION);
+    }
+
+    #[test]
+    fn remembers_the_certificates_it_issued_last() {
+        let c = ObjectCache::default();
+        let row = |serial: &str| CertificateRow {
+            serial: serial.into(),
+            issuer_id: "i".into(),
+            profile: "mtls".into(),
+            requester: "acme:a".into(),
+            names: vec!["dns:x.internal".into()],
+            key_fingerprint: "fp".into(),
+            not_before: 1,
+            not_after: 2,
+            issued_at: 1,
+            der: vec![0x30, 0x00],
+            crl_shard: None,
+        };
+        c.issued(&row("01"));
+        assert_eq!(c.certificate("01").unwrap().requester, "acme:a");
+        assert!(c.certificate("02").is_none());
+        // Ids are per kind: a certificate is not an ACME object.
+        assert!(c.get(AcmeTable::Orders, "01").is_none());
+        for i in 0..2 * GENERATION {
+            c.issued(&row(&format!("{i:x}ff")));
+        }
+        assert!(c.certificate("01").is_none());
     }
 }

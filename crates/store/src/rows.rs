@@ -371,6 +371,9 @@ impl Store {
 
     /// One certificate by serial (lowercase hex).
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertificateRow>, Error> {
+        if let Some(hit) = self.objects.as_ref().and_then(|c| c.certificate(serial)) {
+            return Ok(Some(hit));
+        }
         let sql = format!("SELECT {CERT_COLS} FROM certificates WHERE serial = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(serial)

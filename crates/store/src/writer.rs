@@ -261,6 +261,9 @@ async fn process(
                 Err(_) => cache.uncertain(w),
             }
         }
+        if let (Some(cache), Change::Issue { cert, .. }, Ok(_)) = (objects, &job.change, &r) {
+            cache.issued(cert);
+        }
         let _ = job.reply.send(r);
     };
     let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
