@@ -271,12 +271,7 @@ async fn apply_states_sql(
                     .bind(to.body.as_str())
                     .bind(*from);
             }
-            let updated: std::collections::HashSet<String> = q
-                .fetch_all(&mut **tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>("id"))
-                .collect::<Result<_, _>>()?;
+            let updated = crate::writer::returned(q, tx, "id").await?;
             for (i, _, to) in chunk {
                 changed[*i] = updated.contains(&to.id);
             }

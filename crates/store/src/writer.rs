@@ -496,12 +496,7 @@ async fn spend_nonces(
         for (_, nonce, expires_at) in chunk {
             q = q.bind(*nonce).bind(*expires_at);
         }
-        let inserted: std::collections::HashSet<String> = q
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>("nonce"))
-            .collect::<Result<_, _>>()?;
+        let inserted = returned(q, tx, "nonce").await?;
         for (i, nonce, _) in chunk {
             changed[*i] = inserted.contains(*nonce);
         }
@@ -745,6 +740,19 @@ async fn insert_certificates(
     }
     q.execute(&mut **tx).await?;
     Ok(())
+}
+
+/// Runs a statement with a `RETURNING column` clause: the values returned.
+pub(crate) async fn returned(
+    q: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    column: &str,
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    q.fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(column))
+        .collect()
 }
 
 /// Appends `rows` tuples of `cols` placeholders. SQLite gets anonymous `?`
