@@ -127,11 +127,16 @@ impl Ca {
     /// its key (PEM) and the CA's answer.
     async fn first_certificate(&self, subject: &str, name: &str) -> (String, CertificateResponse) {
         let token = self.token(subject, &[name]);
+        self.sign_by_token(&token, name).await
+    }
+
+    /// A Sign for `name` with a fresh key, authenticated by `token`.
+    async fn sign_by_token(&self, token: &str, name: &str) -> (String, CertificateResponse) {
         let (key, csr) = key_and_csr(&[name]);
         let cert = self
             .client(None)
             .await
-            .sign(with_token(sign_req(csr), &token))
+            .sign(with_token(sign_req(csr), token))
             .await
             .unwrap()
             .into_inner();
@@ -1130,15 +1135,8 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
     let out = ca.work.join("out-lost");
     std::fs::create_dir_all(&out).unwrap();
     // What the first run left: its pending key, and a Sign the CA committed.
-    let (key, csr) = key_and_csr(&["lost.internal"]);
+    let (key, spent) = ca.sign_by_token(&token, "lost.internal").await;
     write_secret(&out.join("key.pem.pending"), &key);
-    let spent = ca
-        .client(None)
-        .await
-        .sign(with_token(sign_req(csr), &token))
-        .await
-        .unwrap()
-        .into_inner();
 
     let token_file = ca.work.join("lost-token");
     write_secret(&token_file, &token);
