@@ -548,6 +548,11 @@ impl Store {
         identifier: &str,
         until: i64,
     ) -> Result<Option<AcmeObject>, Error> {
+        if let Some(c) = &self.objects
+            && !c.hints.may_exist(account_id, identifier, until)
+        {
+            return Ok(None);
+        }
         let row = sqlx::query(
             "SELECT id, account_id, status, expires_at, body, created_at FROM acme_authzs \
              WHERE account_id = $1 AND identifier = $2 AND status = 'valid' AND expires_at > $3 \

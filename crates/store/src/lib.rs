@@ -8,6 +8,7 @@
 
 mod acme;
 mod audit;
+mod authz_hints;
 mod copy;
 mod error;
 mod objects;
@@ -86,6 +87,9 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|e| Error::Connect(redact(&url), e))?;
+        if let Some(cache) = &objects {
+            authz_hints::spawn_rebuilds(pool.clone(), std::sync::Arc::downgrade(cache));
+        }
         let writer = writer::spawn(writer_pool, backend, objects.clone());
         Ok(Store {
             pool,

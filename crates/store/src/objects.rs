@@ -33,6 +33,8 @@ pub(crate) struct ObjectCache {
     inner: Mutex<Generations<(AcmeTable, AcmeObject)>>,
     /// Certificates by serial.
     certs: Mutex<Generations<CertificateRow>>,
+    /// Which accounts may hold authorizations for which names.
+    pub(crate) hints: crate::authz_hints::AuthzHints,
 }
 
 /// Entries by id in two generations (see [`GENERATION`]).
@@ -88,6 +90,7 @@ impl ObjectCache {
     /// Records a committed state write (`changed`: it took effect). A
     /// compare-and-set that lost says nothing of the stored row.
     pub(crate) fn committed(&self, write: &StateWrite, changed: bool) {
+        self.hint(write);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (table, object) in touched(write) {
             if changed {
@@ -98,8 +101,18 @@ impl ObjectCache {
         }
     }
 
+    /// Adds the authorizations a write inserts (or may have) to the hints.
+    fn hint(&self, write: &StateWrite) {
+        if let StateWrite::Insert { authzs, .. } = write {
+            for (authz, identifier) in authzs {
+                self.hints.add(&authz.account_id, identifier);
+            }
+        }
+    }
+
     /// Drops what a write whose outcome is unknown touches.
     pub(crate) fn uncertain(&self, write: &StateWrite) {
+        self.hint(write);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (_, object) in touched(write) {
             g.forget(&object.id);
