@@ -3,8 +3,8 @@
 use crate::ari::{CertId, Urgency};
 use crate::jws::{AccountKey, Jws};
 use crate::model::{
-    AuthzBody, OrderBody, WireIdentifier, decode, encode, parse_time, pending_authz, random_id,
-    rfc3339,
+    AuthzBody, OrderBody, WireIdentifier, decode, encode, object_id, parse_time, pending_authz,
+    random_id, rfc3339,
 };
 use crate::problem::{Problem, Subproblem};
 use crate::validate::{ChallengeType, Target};
@@ -635,7 +635,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         match store.acme_valid_authz(&account.id, &w.key(), now).await? {
             Some(a) => authz_ids.push(a.id),
             None => {
-                let a = pending_authz(&account.id, w, now, now + life)?;
+                let a = pending_authz(&account.id, w, acme.now_ms(), now + life)?;
                 authz_ids.push(a.id.clone());
                 fresh.push((a, w.key()));
                 all_valid = false;
@@ -643,7 +643,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         }
     }
     let order = AcmeObject {
-        id: random_id()?,
+        id: object_id(acme.now_ms())?,
         account_id: account.id.clone(),
         status: if all_valid { "ready" } else { "pending" }.into(),
         expires_at: now + life,
@@ -776,7 +776,7 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         ));
     }
     let life = i64::try_from(acme.settings.order_lifetime.as_secs()).unwrap_or(86400);
-    let a = pending_authz(&account.id, &wire, now, now + life)?;
+    let a = pending_authz(&account.id, &wire, acme.now_ms(), now + life)?;
     store
         .acme_insert_order(None, &[(a.clone(), wire.key())])
         .await?;

@@ -84,6 +84,10 @@ pub struct Acme {
     /// Accounts read recently, with when (unix ms): each signed request
     /// needs its account, and clients send several per certificate.
     accounts: std::sync::Mutex<std::collections::HashMap<String, (AcmeAccount, i64)>>,
+    /// Account keys as parsed from the stored JWK (by account id, with the
+    /// JWK text they came from): a key is a function of that text, so an
+    /// entry is never stale, and a changed key misses.
+    account_keys: std::sync::Mutex<std::collections::HashMap<String, (String, Arc<AccountKey>)>>,
     /// Per-account new-order budget.
     /// (A token bucket per account, per node.)
     order_budget: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
@@ -119,7 +123,7 @@ enum Signer {
 #[derive(Debug)]
 struct Authed {
     jws: Jws,
-    key: AccountKey,
+    key: Arc<AccountKey>,
     account: Option<AcmeAccount>,
 }
 
@@ -153,6 +157,7 @@ impl Acme {
             nonces,
             validator,
             accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            account_keys: std::sync::Mutex::new(std::collections::HashMap::new()),
             order_budget,
         }))
     }
@@ -245,12 +250,10 @@ impl Acme {
                     "newAccount must be signed with jwk (the new account's key), not kid",
                 ));
             }
-            (Some(jwk), None, _) => (AccountKey::from_jwk(jwk)?, None),
+            (Some(jwk), None, _) => (Arc::new(AccountKey::from_jwk(jwk)?), None),
             (None, Some(kid), _) => {
                 let account = self.account_by_kid(kid).await?;
-                let stored: serde_json::Value = serde_json::from_str(&account.jwk)
-                    .map_err(|e| Problem::server_internal(format!("stored account key: {e}")))?;
-                (AccountKey::from_jwk(&stored)?, Some(account))
+                (self.account_key(&account)?, Some(account))
             }
         };
         jws.verify(&key)?;
@@ -265,6 +268,25 @@ impl Acme {
 
     fn now_ms(&self) -> i64 {
         (self.authority.now().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// The account's key, parsed from its stored JWK (once per JWK).
+    fn account_key(&self, account: &AcmeAccount) -> Result<Arc<AccountKey>, Problem> {
+        let lock = || self.account_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((jwk, key)) = lock().get(&account.id)
+            && *jwk == account.jwk
+        {
+            return Ok(key.clone());
+        }
+        let stored: serde_json::Value = serde_json::from_str(&account.jwk)
+            .map_err(|e| Problem::server_internal(format!("stored account key: {e}")))?;
+        let key = Arc::new(AccountKey::from_jwk(&stored)?);
+        let mut keys = lock();
+        if keys.len() >= ACCOUNT_CACHE_MAX {
+            keys.clear();
+        }
+        keys.insert(account.id.clone(), (account.jwk.clone(), key.clone()));
+        Ok(key)
     }
 
     fn cached_account(&self, id: &str) -> Option<AcmeAccount> {

@@ -208,7 +208,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 10] = match backend {
+    let files: [(i64, &str, &'static str); 11] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -259,6 +259,11 @@ fn migrator(backend: Backend) -> Migrator {
                 10,
                 "token_serial",
                 include_str!("../../../migrations/sqlite/0010_token_serial.sql"),
+            ),
+            (
+                11,
+                "authz_reuse_index",
+                include_str!("../../../migrations/sqlite/0011_authz_reuse_index.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -311,6 +316,11 @@ fn migrator(backend: Backend) -> Migrator {
                 10,
                 "token_serial",
                 include_str!("../../../migrations/postgres/0010_token_serial.sql"),
+            ),
+            (
+                11,
+                "authz_reuse_index",
+                include_str!("../../../migrations/postgres/0011_authz_reuse_index.sql"),
             ),
         ],
     };
