@@ -30,6 +30,9 @@ const PROBES: u64 = 8;
 const BITS_PER_PAIR: usize = 16;
 /// The smallest capacity (pairs): 128 KiB of bits.
 const MIN_CAPACITY: usize = 1 << 16;
+/// The largest (64 MiB of bits). Past it the filter answers "maybe" more
+/// often, and filling it up no longer asks for an early rebuild.
+const MAX_CAPACITY: usize = 1 << 25;
 /// How often the filter is rebuilt from the database.
 const REBUILD_EVERY: Duration = Duration::from_secs(3600);
 /// How often the rebuild task checks whether the filter has filled up.
@@ -78,11 +81,8 @@ struct Bloom {
 
 impl Bloom {
     fn with_capacity(pairs: usize) -> Bloom {
-        let capacity = pairs.max(MIN_CAPACITY);
-        let bits = capacity
-            .saturating_mul(BITS_PER_PAIR)
-            .checked_next_power_of_two()
-            .unwrap_or(1 << 40);
+        let capacity = pairs.clamp(MIN_CAPACITY, MAX_CAPACITY);
+        let bits = (capacity * BITS_PER_PAIR).next_power_of_two();
         Bloom {
             bits: vec![0; bits / 64],
             mask: (bits - 1) as u64,
@@ -139,10 +139,13 @@ impl AuthzHints {
         s.added += 1;
     }
 
-    /// More pairs were added than the filter was sized for.
+    /// More pairs were added than the filter was sized for (and a rebuild
+    /// could size it larger).
     fn full(&self) -> bool {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.filter.as_ref().is_some_and(|f| s.added > f.capacity)
+        s.filter
+            .as_ref()
+            .is_some_and(|f| s.added > f.capacity && f.capacity < MAX_CAPACITY)
     }
 
     /// Starts keeping the pairs added from now on, for [`Self::finish_scan`].
@@ -276,6 +279,15 @@ mod tests {
             h.add("acct", &format!("dns:n{i}.example"));
         }
         assert!(h.full());
+        // At the largest size, filling up no longer asks for a rebuild.
+        let big = AuthzHints::default();
+        big.finish_scan(Bloom::with_capacity(usize::MAX));
+        assert_eq!(
+            big.state.lock().unwrap().filter.as_ref().unwrap().capacity,
+            MAX_CAPACITY
+        );
+        big.state.lock().unwrap().added = MAX_CAPACITY + 1;
+        assert!(!big.full());
         // A failed scan keeps the filter it had.
         h.begin_scan();
         h.abort_scan();
