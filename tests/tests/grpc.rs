@@ -384,6 +384,41 @@ fn cert_from_dev_intermediate(
     (format!("{}{int_pem}", cert.pem()), key.serialize_pem())
 }
 
+/// A client certificate for `name` from a look-alike intermediate: signed
+/// by the dev root, with the dev intermediate's exact name but its own key,
+/// as another deployment under the same root would have.
+fn cert_from_lookalike_intermediate(ca: &Ca, name: &str) -> (String, String) {
+    let root_dir = ca.work.join("data").join("DEV-ONLY-root");
+    let pass = sigil_signer::Passphrase::new(
+        std::fs::read_to_string(root_dir.join("passphrase"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    );
+    let root_key = sigil_signer::read_encrypted_key(&root_dir.join("root.key"), &pass).unwrap();
+    let root_pem = std::fs::read_to_string(root_dir.join("root.crt")).unwrap();
+    let root_der = sigil_core::csr::decode_pem_or_der(root_pem.as_bytes()).unwrap();
+    let root = rcgen::Issuer::from_ca_cert_der(&root_der.into(), root_key).unwrap();
+    // The genuine intermediate's subject, copied attribute by attribute.
+    let int_pem = std::fs::read_to_string(ca.work.join("data").join("intermediate.crt")).unwrap();
+    let int_der = sigil_core::csr::decode_pem_or_der(int_pem.as_bytes()).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = sigil_core::dn::subject_of_certificate(&int_der).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.use_authority_key_identifier_extension = true;
+    let int_key = rcgen::KeyPair::generate().unwrap();
+    let lookalike = p.signed_by(&int_key, &root).unwrap();
+    let issuer = rcgen::Issuer::new(p, int_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    leaf.use_authority_key_identifier_extension = true;
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (
+        format!("{}{}", cert.pem(), lookalike.pem()),
+        key.serialize_pem(),
+    )
+}
+
 /// A certificate from a CA that has nothing to do with Sigil.
 fn cert_from_other_ca(name: &str) -> (String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -703,6 +738,23 @@ async fn tonic_client_flow_and_every_refusal() {
     )
     .await;
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // A certificate from another intermediate under the same root, named
+    // like this CA's: TLS accepts it, the CA does not.
+    let (chain, key) = cert_from_lookalike_intermediate(&ca, "mimic.internal");
+    let s = call_fails(
+        ca.client(Some((&chain, &key)))
+            .await
+            .sign(sign_req(key_and_csr(&["mimic.internal"]).1))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(
+        s.message()
+            .contains("not issued by one of this CA's intermediates"),
+        "{s:?}"
+    );
 
     // A certificate from another CA.
     let (chain, key) = cert_from_other_ca("web.internal");
@@ -1260,6 +1312,29 @@ async fn sign_with_a_client_certificate_is_decided_by_its_identity() {
             }
         }
     }
+
+    // A certificate with only an IP address has no identity for the policy:
+    // it cannot Sign, but renews and revokes itself like any other.
+    let (ip_key, ip_cert) = ca.first_certificate("ipsvc", "127.0.0.9").await;
+    let ip_leaf = sigil_core::LeafInfo::from_der(&ip_cert.chain_der[0]).unwrap();
+    assert_eq!(ip_leaf.identity(), None, "{:?}", ip_leaf.identifiers);
+    let mut as_ip = ca.client(Some((&ip_cert.chain_pem, &ip_key))).await;
+    let s = call_fails(as_ip.sign(sign_req(key_and_csr(&["127.0.0.10"]).1)).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(s.message().contains("no SPIFFE URI or DNS SAN"), "{s:?}");
+    let renewed = as_ip
+        .renew(RenewRequest { csr: vec![] })
+        .await
+        .unwrap_or_else(|s| panic!("an IP-only certificate must renew: {s:?}"))
+        .into_inner();
+    assert_ne!(renewed.serial, ip_cert.serial);
+    as_ip
+        .revoke(RevokeRequest {
+            serial: String::new(),
+            reason: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("an IP-only certificate must revoke itself: {s:?}"));
 }
 
 /// Anyone who reaches the port can send bad credentials: each is refused,

@@ -14,7 +14,7 @@ pub use sigil_store::{
 };
 
 use serde_json::json;
-use sigil_core::template::{LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
+use sigil_core::template::{IssuerId, LeafCommon, LeafSpec, LeafTemplate, check_issued_leaf};
 use sigil_core::{
     CaUrls, Clock, Csr, Identifier, IssuerInfo, KeyType, LeafInfo, Profile, PublicKey, Requester,
     Serial,
@@ -356,8 +356,8 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 struct Cache {
     /// Revoked serials (hex).
     revoked: RwLock<std::collections::HashSet<String>>,
-    /// Subject names (DER) of this CA's issuers, active and retired.
-    issuer_names: RwLock<Vec<Vec<u8>>>,
+    /// This CA's issuers, active and retired.
+    issuers: RwLock<Vec<Arc<IssuerInfo>>>,
     /// Key fingerprints blocked by keyCompromise revocations.
     blocked_keys: RwLock<std::collections::HashSet<String>>,
     /// Audit seq of the last revocation loaded.
@@ -1011,13 +1011,38 @@ impl Authority {
         Ok(self.store.revocation(&hex).await?.is_some())
     }
 
-    /// Whether `leaf` names one of this CA's issuers (active or retired) as its
-    /// issuer: certificates from other CAs under the same root are not ours.
-    pub async fn issued_here(&self, leaf: &LeafInfo) -> Result<bool, Error> {
-        if self.cache_is_fresh() {
-            return Ok(read(&self.cache.issuer_names).contains(&leaf.issuer_der));
+    /// Which of this CA's issuers (active or retired) signed `leaf` (whose
+    /// DER is `der`): its issuer name must be that issuer's subject and its
+    /// signature must verify with that issuer's key. A name alone is not
+    /// enough: intermediates of other deployments under the same root may
+    /// carry the same name. `known` is an issuer that verified this same
+    /// certificate before: it is only checked to still be one of ours.
+    pub async fn issuer_of(
+        &self,
+        der: &[u8],
+        leaf: &LeafInfo,
+        known: Option<&IssuerId>,
+    ) -> Result<Option<IssuerId>, Error> {
+        let issuers = if self.cache_is_fresh() {
+            read(&self.cache.issuers).clone()
+        } else {
+            self.issuer_infos().await?
+        };
+        let mut named = issuers
+            .iter()
+            .filter(|i| i.subject_der == leaf.issuer_der)
+            .peekable();
+        if let Some(id) = known
+            && let Some(i) = named.clone().find(|i| &i.id == id)
+        {
+            return Ok(Some(i.id.clone()));
         }
-        Ok(self.issuer_subjects().await?.contains(&leaf.issuer_der))
+        if named.peek().is_none() {
+            return Ok(None);
+        }
+        Ok(named
+            .find(|i| sigil_core::template::verify_issued_by(der, i).is_ok())
+            .map(|i| i.id.clone()))
     }
 
     fn cache_is_fresh(&self) -> bool {
@@ -1025,14 +1050,14 @@ impl Authority {
             > unix_ms(self.clock.now()) - 3 * SYNC_INTERVAL.as_millis() as i64
     }
 
-    async fn issuer_subjects(&self) -> Result<Vec<Vec<u8>>, Error> {
+    async fn issuer_infos(&self) -> Result<Vec<Arc<IssuerInfo>>, Error> {
         Ok(self
             .store
             .issuers()
             .await?
             .iter()
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
-            .map(|i| i.subject_der)
+            .map(Arc::new)
             .collect())
     }
 
@@ -1449,10 +1474,10 @@ impl Authority {
         let rows = self.store.revoked_after(after).await?;
         let new: Vec<String> = rows.iter().map(|(s, _)| s.clone()).collect();
         let issuer_rows = self.store.issuers().await?;
-        let issuers: Vec<Vec<u8>> = issuer_rows
+        let issuers: Vec<Arc<IssuerInfo>> = issuer_rows
             .iter()
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
-            .map(|i| i.subject_der)
+            .map(Arc::new)
             .collect();
         // A staged key this node cannot open must not stop it from seeing
         // revocations: report, keep the issuers it has, retry next time.
@@ -1483,7 +1508,7 @@ impl Authority {
                 set.insert(serial);
             }
         }
-        *write(&self.cache.issuer_names) = issuers;
+        *write(&self.cache.issuers) = issuers;
         *write(&self.cache.cross_certs) = Some(Arc::new(cross));
         if let Some(b) = blocked {
             *write(&self.cache.blocked_keys) = b.into_iter().collect();

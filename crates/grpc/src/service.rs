@@ -8,6 +8,7 @@ use crate::pb::{
 use crate::tokens::TokenVerifier;
 use sigil_authority::{Authority, Error, IssueRequest, Issued};
 use sigil_core::ratelimit::RateLimiter;
+use sigil_core::template::IssuerId;
 use sigil_core::{LeafInfo, Profile, Requester, Serial};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,25 +31,37 @@ pub const REFUSAL_AUDITS_PER_MINUTE: u32 = 60;
 const PEER_CACHE: usize = 1024;
 
 /// Client certificates parsed recently, by their DER: a connection presents
-/// the same certificate on every call, so it is parsed once. An entry is
-/// only what the DER says; validity, issuer and revocation are checked on
-/// every call.
+/// the same certificate on every call, so it is parsed, and its signature
+/// checked, once. An entry is only what the DER says and which issuer's key
+/// verified it; validity, the issuer still being ours and revocation are
+/// checked on every call.
 #[derive(Debug, Default)]
-struct PeerCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<LeafInfo>>>);
+struct PeerCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<PeerEntry>>>);
+
+/// One parsed client certificate.
+#[derive(Debug)]
+struct PeerEntry {
+    info: LeafInfo,
+    /// The issuer whose key verified its signature, once one did.
+    issuer: std::sync::OnceLock<IssuerId>,
+}
 
 impl PeerCache {
-    fn parse(&self, der: &[u8]) -> Result<Arc<LeafInfo>, sigil_core::Error> {
+    fn parse(&self, der: &[u8]) -> Result<Arc<PeerEntry>, sigil_core::Error> {
         let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(info) = lock().get(der) {
-            return Ok(info.clone());
+        if let Some(entry) = lock().get(der) {
+            return Ok(entry.clone());
         }
-        let info = Arc::new(LeafInfo::from_der(der)?);
+        let entry = Arc::new(PeerEntry {
+            info: LeafInfo::from_der(der)?,
+            issuer: std::sync::OnceLock::new(),
+        });
         let mut map = lock();
         if map.len() >= PEER_CACHE {
             map.clear();
         }
-        map.insert(der.to_vec(), info.clone());
-        Ok(info)
+        map.insert(der.to_vec(), entry.clone());
+        Ok(entry)
     }
 }
 
@@ -159,10 +172,11 @@ impl CaService {
         let Some(leaf) = certs.first() else {
             return Ok(None);
         };
-        let info = self
+        let entry = self
             .peers
             .parse(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
+        let info = &entry.info;
         // Refusals are audited under the name the certificate claims.
         let claimed = Requester::Mtls(info.identity().unwrap_or_else(|| info.serial.to_hex()));
         // The handshake checked validity once; a long-lived connection must
@@ -176,34 +190,37 @@ impl CaService {
             self.audit_auth_failure(&claimed, &reason).await;
             return Err(Status::unauthenticated(reason));
         }
-        if !self.authority.issued_here(&info).await.map_err(status)? {
+        let issuer = self
+            .authority
+            .issuer_of(leaf.as_ref(), info, entry.issuer.get())
+            .await
+            .map_err(status)?;
+        let Some(issuer) = issuer else {
             let reason = "client certificate was not issued by one of this CA's intermediates";
             self.audit_auth_failure(&claimed, reason).await;
             return Err(Status::unauthenticated(reason));
-        }
-        let Some(identity) = info.identity() else {
-            let reason = "client certificate has no SPIFFE URI or DNS SAN to identify it";
-            self.audit_auth_failure(&claimed, reason).await;
-            return Err(Status::unauthenticated(reason));
         };
+        let _ = entry.issuer.set(issuer);
+        // A certificate with neither (IP or email names only) may still renew
+        // or revoke itself; only Sign needs an identity the policy can match.
+        let identified = info.identity().is_some();
+        let requester = claimed;
         if self
             .authority
             .is_revoked(&info.serial)
             .await
             .map_err(status)?
         {
-            self.audit_auth_failure(
-                &Requester::Mtls(identity.clone()),
-                "client certificate is revoked",
-            )
-            .await;
+            self.audit_auth_failure(&requester, "client certificate is revoked")
+                .await;
             return Err(Status::unauthenticated(format!(
                 "client certificate {} is revoked; obtain a new one with a bootstrap token",
                 info.serial
             )));
         }
         Ok(Some(Peer {
-            requester: Requester::Mtls(identity),
+            requester,
+            identified,
             der: leaf.as_ref().to_vec(),
             serial: info.serial.clone(),
         }))
@@ -261,7 +278,10 @@ impl CaService {
 }
 
 struct Peer {
+    /// `Mtls` with the certificate's identity, or its serial when it has none.
     requester: Requester,
+    /// Whether the certificate has an identity (SPIFFE URI or DNS SAN).
+    identified: bool,
     der: Vec<u8>,
     serial: Serial,
 }
@@ -343,6 +363,12 @@ impl CertificateAuthority for CaService {
                     return Err(Status::unauthenticated(e.to_string()));
                 }
             },
+            (None, Some(p)) if !p.identified => {
+                let reason = "client certificate has no SPIFFE URI or DNS SAN to identify it; \
+                              Sign with a bootstrap token instead";
+                self.audit_auth_failure(&p.requester, reason).await;
+                return Err(Status::unauthenticated(reason));
+            }
             (None, Some(p)) => (p.requester, None),
             (None, None) => {
                 return Err(Status::unauthenticated(
@@ -550,10 +576,15 @@ impl CertificateAuthority for CaService {
                         renew_by: 0,
                     })),
                     Ok(Notice::Revoked { .. } | Notice::Closing) => None,
-                    // Lagged (a burst of revocations): do not make every watcher
-                    // renew at once; a missed revocation of its own certificate
-                    // still surfaces when it next renews.
-                    Err(_) => None,
+                    // Lagged (a burst of revocations pushed notices out): the
+                    // call ends with this error (tonic sends nothing after an
+                    // error), and the watcher's next call
+                    // starts with what concerns its certificate
+                    // (`missed_notices`), so a rotation or revocation notice
+                    // is not silently lost.
+                    Err(_) => Some(Err(Status::aborted(
+                        "this watch fell behind and missed notices; watch again to catch up",
+                    ))),
                 }
             });
         let stream =

@@ -170,14 +170,33 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
 
     let mut failures = 0u32;
+    // A renewed certificate whose files could not be written: installing it
+    // is retried, rather than asking the CA for yet another one.
+    let mut unsaved: Option<Held> = None;
     loop {
-        let due = jittered(&held);
-        let now = SystemClock.now().unix_timestamp();
-        if now < due {
-            wait_until_due(&client, &held, due).await;
-        }
-        let renewed = match client.renew(&held).await {
-            Ok(h) => install(&args, &h).await.map(|()| h),
+        let renewed = match unsaved.take() {
+            Some(h) => Ok(h),
+            None => {
+                let due = jittered(&held);
+                let now = SystemClock.now().unix_timestamp();
+                if now < due {
+                    wait_until_due(&client, &held, due).await;
+                }
+                client.renew(&held).await
+            }
+        };
+        let renewed = match renewed {
+            Ok(h) => match install(&args, &h).await {
+                Ok(()) => Ok(h),
+                Err(e) => {
+                    let e = e.context(format!(
+                        "certificate {} was issued but could not be installed",
+                        h.leaf.serial
+                    ));
+                    unsaved = Some(h);
+                    Err(e)
+                }
+            },
             Err(e) => Err(e),
         };
         match renewed {
