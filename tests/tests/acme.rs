@@ -1233,6 +1233,17 @@ async fn deactivated_account_is_refused() {
         instant_acme::Error::Api(p) => assert_eq!(p.status, Some(401), "{err}"),
         other => panic!("{other}"),
     }
+
+    // newAccount with its key does not hand the account back either.
+    let pkcs8 = creds.private_key().clone_key();
+    let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
+    let err = ca
+        .builder()
+        .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), ca.dir_url.clone())
+        .await
+        .err()
+        .expect("newAccount with a deactivated account's key must be refused");
+    assert_eq!(problem_name(&err), "unauthorized", "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2269,6 +2280,62 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
     // Another account has its own budget.
     let other = Raw::register(&ca).await;
     other.new_order(&["rl4.localhost"]).await.expect_ok();
+}
+
+/// An issuance refused for the requester's rate (429 `rateLimited`) leaves
+/// the order `ready`, so finalizing again after Retry-After can succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_finalize_leaves_the_order_ready() {
+    let first = Acme::start(&[]).await;
+    let data = first.data.to_string_lossy().into_owned();
+    let work = first.data.parent().unwrap().join("limited");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut args = vec!["--dev", "--data-dir", data.as_str()];
+    args.extend(first.validation.iter().map(String::as_str));
+    // One server per SQLite database: the first makes way for one that
+    // issues one certificate a minute per requester.
+    let Acme { server, .. } = first;
+    server.stop();
+    let server = tokio::task::block_in_place(|| {
+        Server::start(&args, &work, &[("SIGIL_ISSUANCE_RATE_PER_MINUTE", "1")])
+    });
+    let dir_url = format!(
+        "https://127.0.0.1:{}/acme/directory",
+        server.https_port.unwrap()
+    );
+    let dir = first.https.get(&dir_url).await.expect_ok().json();
+    let ca = Acme {
+        server,
+        dir_url,
+        dir,
+        ..first
+    };
+    let raw = Raw::register(&ca).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (order, _) = raw.ready_order(&ca, &["rate-a.localhost"]).await;
+    raw.finalize(&order, &b64(csr_der(&["rate-a.localhost"], &key)))
+        .await
+        .expect_ok();
+
+    let (order, url) = raw.ready_order(&ca, &["rate-b.localhost"]).await;
+    let limited = raw
+        .finalize(&order, &b64(csr_der(&["rate-b.localhost"], &key)))
+        .await;
+    limited.problem("rateLimited");
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        limited.show()
+    );
+    assert!(
+        limited.header("retry-after").is_some(),
+        "{}",
+        limited.show()
+    );
+    let after = raw.post(&url, None).await.expect_ok().json();
+    assert_eq!(after["status"], "ready", "{after}");
+    assert!(after.get("error").is_none(), "{after}");
 }
 
 /// Signs `protected.payload` with `sign` and posts it to `url`.

@@ -46,7 +46,10 @@ impl CertId {
         let (a, b) = s.split_once('.').ok_or_else(bad)?;
         let aki = B64.decode(a).map_err(|_| bad())?;
         let serial = B64.decode(b).map_err(|_| bad())?;
-        if aki.is_empty() || serial.is_empty() || serial[0] & 0x80 != 0 {
+        // The serial is its DER INTEGER contents (RFC 9773 §4.1): positive and
+        // minimal, so one certificate has one ID (no extra leading zero bytes).
+        let redundant_zero = serial.len() > 1 && serial[0] == 0 && serial[1] & 0x80 == 0;
+        if aki.is_empty() || serial.is_empty() || serial[0] & 0x80 != 0 || redundant_zero {
             return Err(bad());
         }
         Ok(CertId {
@@ -149,7 +152,15 @@ mod tests {
     fn cert_id_parsing_rejects_garbage() {
         assert!(CertId::parse("nodot").is_err());
         assert!(CertId::parse("!!.AQ").is_err());
-        let id = CertId::parse("AQID.AAEC").unwrap_or_else(|e| panic!("{e:?}"));
+        let id = CertId::parse("AQID.AQI").unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(id.serial_hex, "0102");
+        // A leading zero only where the DER needs it (high bit of the next byte).
+        let id = CertId::parse("AQID.AIA").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(id.serial_hex, "80");
+        // The same serial with extra zero bytes is not another ID of it.
+        assert!(CertId::parse("AQID.AAEC").is_err());
+        assert!(CertId::parse("AQID.AAAB").is_err());
+        // Negative serials are not serials.
+        assert!(CertId::parse("AQID.gA").is_err());
     }
 }

@@ -28,6 +28,10 @@ type Reply = Result<Response, Problem>;
 
 const MAX_IDENTIFIERS: usize = 100;
 const MAX_CONTACTS: usize = 10;
+/// A valid authorization is reused only while it has at least this long
+/// (seconds, or the order lifetime if shorter) left, so that an order
+/// built on it can still be finalized.
+const REUSE_MARGIN: i64 = 300;
 
 fn json_reply(status: StatusCode, v: &Value, location: Option<&str>) -> Response {
     let mut resp = (status, v.to_string()).into_response();
@@ -142,6 +146,13 @@ pub async fn new_account(State(acme): St, headers: HeaderMap, body: Body) -> Rep
     let store = acme.authority.store();
     if let Some(existing) = store.acme_account_by_key(&req.key.thumbprint).await? {
         let url = acme.account_url(&existing.id);
+        // RFC 8555 §7.3.6: a deactivated account's key is refused everywhere.
+        if existing.status != "valid" {
+            return Err(Problem::unauthorized(format!(
+                "the account of this key ({url}) is {}; register a new account with a new key",
+                existing.status
+            )));
+        }
         return Ok(json_reply(
             StatusCode::OK,
             &account_json(&acme, &existing),
@@ -274,6 +285,23 @@ struct AccountUpdate {
     status: Option<String>,
 }
 
+/// A refused account change: when the account was deactivated or rekeyed
+/// after this request was authenticated, the request no longer speaks for
+/// it (RFC 8555 §7.3.6) and the cached copy is dropped.
+fn account_write_failed(acme: &Acme, id: &str, e: sigil_store::Error) -> Problem {
+    match e {
+        sigil_store::Error::Stale(_) => {
+            acme.forget_account(id);
+            Problem::unauthorized(format!(
+                "{} was deactivated or given a new key while this request was in flight; \
+                 fetch the account and sign with its current key",
+                acme.account_url(id)
+            ))
+        }
+        other => other.into(),
+    }
+}
+
 fn same_account(acme: &Acme, account: &AcmeAccount, id: &str) -> Result<(), Problem> {
     if account.id == id {
         Ok(())
@@ -325,7 +353,10 @@ pub async fn account(
         acme.authority
             .store()
             .commit(Change::Acme {
-                write: AcmeWrite::UpdateAccount(next.clone()),
+                write: AcmeWrite::UpdateAccount {
+                    next: next.clone(),
+                    was: current.clone(),
+                },
                 event: AuditEvent {
                     ts_ms: ms(acme.now()),
                     kind: kind.into(),
@@ -334,7 +365,8 @@ pub async fn account(
                     detail: json!({"status": next.status}),
                 },
             })
-            .await?;
+            .await
+            .map_err(|e| account_write_failed(&acme, &id, e))?;
         acme.remember_account(&next);
     }
     Ok(json_reply(
@@ -426,7 +458,10 @@ pub async fn key_change(State(acme): St, headers: HeaderMap, body: Body) -> Repl
     };
     store
         .commit(Change::Acme {
-            write: AcmeWrite::UpdateAccount(next.clone()),
+            write: AcmeWrite::UpdateAccount {
+                next: next.clone(),
+                was: account.clone(),
+            },
             event: AuditEvent {
                 ts_ms: ms(acme.now()),
                 kind: "acme.account.key_changed".into(),
@@ -440,7 +475,7 @@ pub async fn key_change(State(acme): St, headers: HeaderMap, body: Body) -> Repl
             sigil_store::Error::Conflict(_) => {
                 Problem::new("malformed", StatusCode::CONFLICT, "the new key already belongs to an account")
             }
-            other => other.into(),
+            other => account_write_failed(&acme, &account.id, other),
         })?;
     acme.remember_account(&next);
     Ok(json_reply(
@@ -631,9 +666,19 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     let mut authz_ids = Vec::with_capacity(wire.len());
     let mut fresh = Vec::new();
     let mut all_valid = true;
+    // The order lives no longer than the authorizations it reuses
+    // (RFC 8555 §7.1.3: `expires` is when the server considers it invalid).
+    let mut expires = now + life;
+    let reusable_until = now + REUSE_MARGIN.min(life);
     for w in &wire {
-        match store.acme_valid_authz(&account.id, &w.key(), now).await? {
-            Some(a) => authz_ids.push(a.id),
+        match store
+            .acme_valid_authz(&account.id, &w.key(), reusable_until)
+            .await?
+        {
+            Some(a) => {
+                expires = expires.min(a.expires_at);
+                authz_ids.push(a.id);
+            }
             None => {
                 let a = pending_authz(&account.id, w, acme.now_ms(), now + life)?;
                 authz_ids.push(a.id.clone());
@@ -646,7 +691,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         id: object_id(acme.now_ms())?,
         account_id: account.id.clone(),
         status: if all_valid { "ready" } else { "pending" }.into(),
-        expires_at: now + life,
+        expires_at: expires,
         body: encode(&OrderBody {
             identifiers: wire,
             authzs: authz_ids,
@@ -764,8 +809,9 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         .map_err(authority_problem)?;
     let now = acme.now();
     let store = acme.authority.store();
+    let life = i64::try_from(acme.settings.order_lifetime.as_secs()).unwrap_or(86400);
     if let Some(a) = store
-        .acme_valid_authz(&account.id, &wire.key(), now)
+        .acme_valid_authz(&account.id, &wire.key(), now + REUSE_MARGIN.min(life))
         .await?
     {
         let url = acme.authz_url(&a.id);
@@ -775,7 +821,6 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
             Some(&url),
         ));
     }
-    let life = i64::try_from(acme.settings.order_lifetime.as_secs()).unwrap_or(86400);
     let a = pending_authz(&account.id, &wire, acme.now_ms(), now + life)?;
     store
         .acme_insert_order(None, &[(a.clone(), wire.key())])
@@ -1003,8 +1048,10 @@ pub async fn finalize(
                 }
                 e => authority_problem(e),
             };
-            // A refusal ends the order; a transient failure lets the client retry.
-            let transient = p.status.is_server_error();
+            // A refusal ends the order; a transient failure, or the
+            // requester's issuance rate, lets the client retry (after
+            // Retry-After).
+            let transient = p.status.is_server_error() || p.status == StatusCode::TOO_MANY_REQUESTS;
             body.processing_since = None;
             if !transient {
                 body.error = Some(p.to_json());

@@ -212,8 +212,10 @@ impl AccountKey {
                     let first = n.iter().position(|b| *b != 0).unwrap_or(n.len());
                     &n[first..]
                 };
-                let bits =
-                    n_trim.len() * 8 - n_trim.first().map_or(8, |b| b.leading_zeros() as usize);
+                // n_trim starts with a non-zero byte, or is empty (an all-zero n).
+                let bits = n_trim
+                    .first()
+                    .map_or(0, |b| n_trim.len() * 8 - b.leading_zeros() as usize);
                 if !(2048..=8192).contains(&bits) {
                     return Err(bad(format!(
                         "RSA account keys must have 2048 to 8192 bits (this one has {bits})"
@@ -294,5 +296,22 @@ impl AccountKey {
     /// The key authorization for a challenge token (RFC 8555 §8.1).
     pub fn key_authorization(&self, token: &str) -> String {
         format!("{token}.{}", self.thumbprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rsa_key_with_an_empty_or_zero_modulus_is_refused() {
+        for n in ["", "AA", "AAAA"] {
+            let jwk = serde_json::json!({"kty": "RSA", "n": n, "e": "AQAB"});
+            let err = AccountKey::from_jwk(&jwk).err().map(|p| p.detail);
+            assert!(
+                err.as_deref().is_some_and(|d| d.contains("has 0)")),
+                "n = {n:?}: {err:?}"
+            );
+        }
     }
 }

@@ -311,6 +311,12 @@ impl Acme {
     }
 
     /// Records an account as just read or written.
+    /// Drops `id`'s cached account, so the next request reads the database.
+    pub(crate) fn forget_account(&self, id: &str) {
+        let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id);
+    }
+
     pub(crate) fn remember_account(&self, account: &AcmeAccount) {
         let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= ACCOUNT_CACHE_MAX {

@@ -50,8 +50,16 @@ pub enum AcmeWrite {
     /// A new account; with `eab_kid`, the key is bound to it in the same
     /// transaction (a key already bound fails with `Error::Conflict`).
     NewAccount(AcmeAccount),
-    /// Key, status or contact of an existing account.
-    UpdateAccount(AcmeAccount),
+    /// Key, status or contact of an existing account, written only if its
+    /// status and key are still those of `was` (else `Error::Stale`): a
+    /// request authenticated before a deactivation or key change must not
+    /// undo it.
+    UpdateAccount {
+        /// The account as it is to be.
+        next: AcmeAccount,
+        /// The account as the request read it.
+        was: AcmeAccount,
+    },
     /// A new EAB key.
     NewEabKey(EabKey),
     /// An operator's renew-by time (ARI) for `scope` (`serial:HEX` or `issuer:ID`).
@@ -345,6 +353,29 @@ pub(crate) async fn apply(
             )));
         }
     }
+    if let AcmeWrite::UpdateAccount { next, was } = write {
+        let updated = sqlx::query(
+            "UPDATE acme_accounts SET thumbprint = $1, jwk = $2, status = $3, contact = $4 \
+             WHERE id = $5 AND status = $6 AND thumbprint = $7",
+        )
+        .bind(next.thumbprint.as_str())
+        .bind(next.jwk.as_str())
+        .bind(next.status.as_str())
+        .bind(next.contact.as_str())
+        .bind(next.id.as_str())
+        .bind(was.status.as_str())
+        .bind(was.thumbprint.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(crate::writer::classify)?;
+        if updated.rows_affected() != 1 {
+            return Err(Error::Stale(format!(
+                "account {} was deactivated or given a new key meanwhile",
+                next.id
+            )));
+        }
+        return Ok(());
+    }
     apply_sql(tx, write).await.map_err(crate::writer::classify)
 }
 
@@ -369,19 +400,8 @@ async fn apply_sql(
                 .execute(&mut **tx)
                 .await?;
         }
-        AcmeWrite::UpdateAccount(a) => {
-            sqlx::query(
-                "UPDATE acme_accounts SET thumbprint = $1, jwk = $2, status = $3, contact = $4 \
-                 WHERE id = $5",
-            )
-            .bind(a.thumbprint.as_str())
-            .bind(a.jwk.as_str())
-            .bind(a.status.as_str())
-            .bind(a.contact.as_str())
-            .bind(a.id.as_str())
-            .execute(&mut **tx)
-            .await?;
-        }
+        // Applied by `apply`, as a compare-and-set.
+        AcmeWrite::UpdateAccount { .. } => {}
         AcmeWrite::NewEabKey(k) => {
             sqlx::query(
                 "INSERT INTO acme_eab_keys (kid, hmac_key, requester, created_at) VALUES ($1, $2, $3, $4)",

@@ -19,6 +19,9 @@ pub enum Error {
     /// A uniqueness conflict (e.g. a serial already used).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A compare-and-set missed: the row changed since it was read.
+    #[error("changed concurrently: {0}")]
+    Stale(String),
     /// The writer task is gone (shutting down).
     #[error("store is shutting down")]
     Closed,
