@@ -597,6 +597,45 @@ async fn acme_state_on_every_backend() {
         );
         assert!(store.acme_account("acct2").await.unwrap().is_none());
 
+        // Account changes are compare-and-set: a change read before a
+        // deactivation does not bring the account back.
+        let was = account("acct1", "tp1");
+        let deactivated = AcmeAccount {
+            status: "deactivated".into(),
+            ..was.clone()
+        };
+        store
+            .commit(Change::Acme {
+                write: AcmeWrite::UpdateAccount {
+                    next: deactivated.clone(),
+                    was: was.clone(),
+                },
+                event: acme_event("acme.account.deactivated"),
+            })
+            .await
+            .unwrap();
+        let late = store
+            .commit(Change::Acme {
+                write: AcmeWrite::UpdateAccount {
+                    next: AcmeAccount {
+                        contact: "[\"mailto:a@example.com\"]".into(),
+                        ..was.clone()
+                    },
+                    was,
+                },
+                event: acme_event("acme.account.updated"),
+            })
+            .await;
+        assert!(
+            matches!(late, Err(sigil_store::Error::Stale(_))),
+            "{name}: {late:?}"
+        );
+        assert_eq!(
+            store.acme_account("acct1").await.unwrap().unwrap(),
+            deactivated,
+            "{name}"
+        );
+
         // Orders and authorizations: insert, compare-and-set, reuse lookup.
         let authz = acme_object("az1", "pending", r#"{"a":1}"#);
         let order = acme_object("or1", "pending", r#"{"o":1}"#);
@@ -720,10 +759,10 @@ async fn acme_state_on_every_backend() {
         }
         fresh.close().await;
 
-        // The audit chain holds the account and EAB rows (not the refused
-        // account) and still verifies.
+        // The audit chain holds the EAB, account and deactivation rows (not
+        // the refused account or the stale change) and still verifies.
         let report = store.verify_audit().await.unwrap();
-        assert_eq!(report.rows, 2, "{name}");
+        assert_eq!(report.rows, 3, "{name}");
         assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
         store.close().await;
     }
