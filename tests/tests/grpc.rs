@@ -704,6 +704,14 @@ async fn tonic_client_flow_and_every_refusal() {
     )
     .await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // The credential is checked first: with a bad token, the same CSR is
+    // an authentication failure.
+    let s = call_fails(
+        anon.sign(with_token(sign_req(vec![0x30; 20 * 1024]), "not.a.token"))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     // A serial that is not one, with a token: refused and audited.
     let s = call_fails(
         anon.revoke(with_token(

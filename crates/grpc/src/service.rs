@@ -348,12 +348,6 @@ impl CertificateAuthority for CaService {
             None => self.peer(&req).await?,
         };
         let body = req.into_inner();
-        check_csr_len(&body.csr)?;
-        if body.csr.is_empty() {
-            return Err(Status::invalid_argument(
-                "csr is empty: send a PKCS#10 CSR (DER or PEM)",
-            ));
-        }
         let (requester, token) = match (bearer, peer) {
             (Some(t), _) => match self.tokens.verify(&t) {
                 Ok(grant) => (Requester::Token(grant.subject.clone()), Some(grant)),
@@ -376,6 +370,19 @@ impl CertificateAuthority for CaService {
                 ));
             }
         };
+        // The credential first: an unauthenticated caller learns nothing
+        // about its request, and an authenticated one's refusal is audited.
+        let csr_problem = if body.csr.is_empty() {
+            Some(Status::invalid_argument(
+                "csr is empty: send a PKCS#10 CSR (DER or PEM)",
+            ))
+        } else {
+            check_csr_len(&body.csr).err()
+        };
+        if let Some(s) = csr_problem {
+            self.audit_refusal(&requester, "Sign", s.message()).await;
+            return Err(s);
+        }
         let profile = match body.profile.as_str() {
             "" => None,
             p => match p.parse::<Profile>() {
@@ -415,7 +422,11 @@ impl CertificateAuthority for CaService {
             )
         })?;
         let body = req.into_inner();
-        check_csr_len(&body.csr)?;
+        if let Err(s) = check_csr_len(&body.csr) {
+            self.audit_refusal(&peer.requester, "Renew", s.message())
+                .await;
+            return Err(s);
+        }
         let issued = self
             .authority
             .renew(sigil_authority::RenewRequest {
