@@ -426,6 +426,30 @@ struct Acme {
 }
 
 impl Acme {
+    /// The same CA (data, validation servers) served by a new node with
+    /// `env`, after this one stops: one server per SQLite database.
+    async fn restart(self, env: &[(&str, &str)]) -> Acme {
+        let data = self.data.to_string_lossy().into_owned();
+        let work = self.data.parent().unwrap().join("restarted");
+        std::fs::create_dir_all(&work).unwrap();
+        let mut args = vec!["--dev", "--data-dir", data.as_str()];
+        args.extend(self.validation.iter().map(String::as_str));
+        let Acme { server, .. } = self;
+        server.stop();
+        let server = tokio::task::block_in_place(|| Server::start(&args, &work, env));
+        let dir_url = format!(
+            "https://127.0.0.1:{}/acme/directory",
+            server.https_port.unwrap()
+        );
+        let dir = self.https.get(&dir_url).await.expect_ok().json();
+        Acme {
+            server,
+            dir_url,
+            dir,
+            ..self
+        }
+    }
+
     async fn start(extra: &[&str]) -> Acme {
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().to_path_buf();
@@ -2241,25 +2265,7 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
     );
     std::fs::write(&config, text).unwrap();
     // A node started on the edited configuration.
-    let data = first.data.to_string_lossy().into_owned();
-    let work = first.data.parent().unwrap().join("limited");
-    std::fs::create_dir_all(&work).unwrap();
-    // One server per SQLite database: the first makes way.
-    let Acme { server, .. } = first;
-    server.stop();
-    let server =
-        tokio::task::block_in_place(|| Server::start(&["--dev", "--data-dir", &data], &work, &[]));
-    let dir_url = format!(
-        "https://127.0.0.1:{}/acme/directory",
-        server.https_port.unwrap()
-    );
-    let dir = first.https.get(&dir_url).await.expect_ok().json();
-    let ca = Acme {
-        server,
-        dir_url,
-        dir,
-        ..first
-    };
+    let ca = first.restart(&[]).await;
     let raw = Raw::register(&ca).await;
     raw.new_order(&["rl1.localhost"]).await.expect_ok();
     raw.new_order(&["rl2.localhost"]).await.expect_ok();
@@ -2286,30 +2292,11 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
 /// the order `ready`, so finalizing again after Retry-After can succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_finalize_leaves_the_order_ready() {
-    let first = Acme::start(&[]).await;
-    let data = first.data.to_string_lossy().into_owned();
-    let work = first.data.parent().unwrap().join("limited");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut args = vec!["--dev", "--data-dir", data.as_str()];
-    args.extend(first.validation.iter().map(String::as_str));
-    // One server per SQLite database: the first makes way for one that
-    // issues one certificate a minute per requester.
-    let Acme { server, .. } = first;
-    server.stop();
-    let server = tokio::task::block_in_place(|| {
-        Server::start(&args, &work, &[("SIGIL_ISSUANCE_RATE_PER_MINUTE", "1")])
-    });
-    let dir_url = format!(
-        "https://127.0.0.1:{}/acme/directory",
-        server.https_port.unwrap()
-    );
-    let dir = first.https.get(&dir_url).await.expect_ok().json();
-    let ca = Acme {
-        server,
-        dir_url,
-        dir,
-        ..first
-    };
+    // A node that issues one certificate a minute per requester.
+    let ca = Acme::start(&[])
+        .await
+        .restart(&[("SIGIL_ISSUANCE_RATE_PER_MINUTE", "1")])
+        .await;
     let raw = Raw::register(&ca).await;
     let key = rcgen::KeyPair::generate().unwrap();
     let (order, _) = raw.ready_order(&ca, &["rate-a.localhost"]).await;
