@@ -522,6 +522,18 @@ impl Acme {
         Account::builder_with_http(Box::new(self.https.clone()))
     }
 
+    /// newAccount with `onlyReturnExisting` for the key in `creds`.
+    async fn existing_account(
+        &self,
+        creds: &AccountCredentials,
+    ) -> Result<(Account, AccountCredentials), instant_acme::Error> {
+        let pkcs8 = creds.private_key().clone_key();
+        let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
+        self.builder()
+            .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), self.dir_url.clone())
+            .await
+    }
+
     async fn account(&self) -> (Account, AccountCredentials) {
         self.builder()
             .create(&new_account(), self.dir_url.clone(), None)
@@ -1230,11 +1242,8 @@ async fn key_change_then_only_the_new_key_works() {
     assert_eq!(problem_name(&err), "malformed", "{err}");
 
     // And it no longer finds any account.
-    let pkcs8 = old_creds.private_key().clone_key();
-    let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
     let err = ca
-        .builder()
-        .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), ca.dir_url.clone())
+        .existing_account(&old_creds)
         .await
         .err()
         .expect("onlyReturnExisting with the old key must fail");
@@ -1259,11 +1268,8 @@ async fn deactivated_account_is_refused() {
     }
 
     // newAccount with its key does not hand the account back either.
-    let pkcs8 = creds.private_key().clone_key();
-    let key = Key::from_pkcs8_der(pkcs8.clone_key()).unwrap();
     let err = ca
-        .builder()
-        .from_key((key, PrivateKeyDer::Pkcs8(pkcs8)), ca.dir_url.clone())
+        .existing_account(&creds)
         .await
         .err()
         .expect("newAccount with a deactivated account's key must be refused");

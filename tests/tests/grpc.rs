@@ -355,6 +355,26 @@ fn python_grpcio_client_signs_renews_and_revokes() {
     assert!(audit.contains("mtls:py.internal"), "{audit}");
 }
 
+/// A CA of the dev data dir as an rcgen issuer: `NAME.key` (encrypted with
+/// the passphrase in `pass_file`) and `NAME.crt` (PEM, also returned).
+fn dev_ca_issuer(
+    dir: &std::path::Path,
+    name: &str,
+    pass_file: &str,
+) -> (rcgen::Issuer<'static, sigil_signer::SoftwareKey>, String) {
+    let pass = sigil_signer::Passphrase::new(
+        std::fs::read_to_string(dir.join(pass_file))
+            .unwrap()
+            .trim()
+            .to_string(),
+    );
+    let key = sigil_signer::read_encrypted_key(&dir.join(format!("{name}.key")), &pass).unwrap();
+    let pem = std::fs::read_to_string(dir.join(format!("{name}.crt"))).unwrap();
+    let der = sigil_core::csr::decode_pem_or_der(pem.as_bytes()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&der.into(), key).unwrap();
+    (issuer, pem)
+}
+
 /// A client certificate for `name` signed by the dev CA's own intermediate
 /// (read from its data dir), with the given validity: lets the test present
 /// an expired certificate that is otherwise genuine.
@@ -364,16 +384,7 @@ fn cert_from_dev_intermediate(
     not_after_offset: time::Duration,
 ) -> (String, String) {
     let data = ca.work.join("data");
-    let pass = sigil_signer::Passphrase::new(
-        std::fs::read_to_string(data.join("intermediate.pass"))
-            .unwrap()
-            .trim()
-            .to_string(),
-    );
-    let int_key = sigil_signer::read_encrypted_key(&data.join("intermediate.key"), &pass).unwrap();
-    let int_pem = std::fs::read_to_string(data.join("intermediate.crt")).unwrap();
-    let int_der = sigil_core::csr::decode_pem_or_der(int_pem.as_bytes()).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_der(&int_der.into(), int_key).unwrap();
+    let (issuer, int_pem) = dev_ca_issuer(&data, "intermediate", "intermediate.pass");
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     let now = sigil_core::SystemClock.now();
@@ -388,17 +399,7 @@ fn cert_from_dev_intermediate(
 /// by the dev root, with the dev intermediate's exact name but its own key,
 /// as another deployment under the same root would have.
 fn cert_from_lookalike_intermediate(ca: &Ca, name: &str) -> (String, String) {
-    let root_dir = ca.work.join("data").join("DEV-ONLY-root");
-    let pass = sigil_signer::Passphrase::new(
-        std::fs::read_to_string(root_dir.join("passphrase"))
-            .unwrap()
-            .trim()
-            .to_string(),
-    );
-    let root_key = sigil_signer::read_encrypted_key(&root_dir.join("root.key"), &pass).unwrap();
-    let root_pem = std::fs::read_to_string(root_dir.join("root.crt")).unwrap();
-    let root_der = sigil_core::csr::decode_pem_or_der(root_pem.as_bytes()).unwrap();
-    let root = rcgen::Issuer::from_ca_cert_der(&root_der.into(), root_key).unwrap();
+    let (root, _) = dev_ca_issuer(&ca.work.join("data/DEV-ONLY-root"), "root", "passphrase");
     // The genuine intermediate's subject, copied attribute by attribute.
     let int_pem = std::fs::read_to_string(ca.work.join("data").join("intermediate.crt")).unwrap();
     let int_der = sigil_core::csr::decode_pem_or_der(int_pem.as_bytes()).unwrap();
