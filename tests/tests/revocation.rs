@@ -438,6 +438,27 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
         out.contains("Response verify OK") && out.contains("leaf.pem: good"),
         "{out}"
     );
+    // A SHA-256 CertID (the SHA-1 answer is cached by now): answered with
+    // its own CertID, or openssl finds no status for the certificate.
+    let sha256 = [
+        "-issuer",
+        &p("int.pem"),
+        "-sha256",
+        "-cert",
+        &p("leaf.pem"),
+        "-url",
+        &url,
+        "-CAfile",
+        &p("root.pem"),
+        "-no_nonce",
+    ];
+    for _ in 0..2 {
+        let out = ocsp(&sha256);
+        assert!(
+            out.contains("Response verify OK") && out.contains("leaf.pem: good"),
+            "{out}"
+        );
+    }
 
     // Revoke with the CLI; within 5 s OCSP says revoked, with the reason.
     let serial = String::from_utf8_lossy(

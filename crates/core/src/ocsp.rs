@@ -38,6 +38,16 @@ pub enum Refusal {
     TryLater,
 }
 
+/// The hash algorithm of a CertID. A response names its certificate with
+/// the algorithm the request used, so answers are kept per algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CertIdHash {
+    /// SHA-1, what most clients send.
+    Sha1,
+    /// SHA-256.
+    Sha256,
+}
+
 /// One certificate asked about.
 #[derive(Debug, Clone)]
 pub struct Query {
@@ -45,6 +55,17 @@ pub struct Query {
     cert_id: CertId,
     /// Its serial.
     pub serial: Serial,
+}
+
+impl Query {
+    /// The CertID's hash algorithm, if one this responder knows.
+    pub fn hash(&self) -> Option<CertIdHash> {
+        match self.cert_id.hash_algorithm.oid {
+            SHA1 => Some(CertIdHash::Sha1),
+            SHA256 => Some(CertIdHash::Sha256),
+            _ => None,
+        }
+    }
 }
 
 /// A parsed request.
@@ -82,26 +103,30 @@ impl IssuerHashes {
     /// Whether a CertID names this issuer.
     pub fn matches(&self, q: &Query) -> bool {
         let id = &q.cert_id;
-        let (name, key) = match id.hash_algorithm.oid {
-            SHA1 => &self.sha1,
-            SHA256 => &self.sha256,
-            _ => return false,
+        let (name, key) = match q.hash() {
+            Some(CertIdHash::Sha1) => &self.sha1,
+            Some(CertIdHash::Sha256) => &self.sha256,
+            None => return false,
         };
         id.issuer_name_hash.as_bytes() == name.as_slice()
             && id.issuer_key_hash.as_bytes() == key.as_slice()
     }
 
-    /// The CertID (SHA-1, as most clients send) for one of this issuer's serials.
-    pub fn cert_id(&self, serial: &Serial) -> Result<Query, Error> {
+    /// The CertID for one of this issuer's serials, with `hash`.
+    pub fn cert_id(&self, serial: &Serial, hash: CertIdHash) -> Result<Query, Error> {
         let bad = |e: der_07::Error| Error::Template(format!("CertID: {e}"));
+        let (oid, (name, key)) = match hash {
+            CertIdHash::Sha1 => (SHA1, &self.sha1),
+            CertIdHash::Sha256 => (SHA256, &self.sha256),
+        };
         Ok(Query {
             cert_id: CertId {
                 hash_algorithm: AlgorithmIdentifierOwned {
-                    oid: SHA1,
+                    oid,
                     parameters: Some(Null.into()),
                 },
-                issuer_name_hash: OctetString::new(self.sha1.0.clone()).map_err(bad)?,
-                issuer_key_hash: OctetString::new(self.sha1.1.clone()).map_err(bad)?,
+                issuer_name_hash: OctetString::new(name.clone()).map_err(bad)?,
+                issuer_key_hash: OctetString::new(key.clone()).map_err(bad)?,
                 serial_number: x509_cert_02::serial_number::SerialNumber::new(serial.as_bytes())
                     .map_err(bad)?,
             },
@@ -129,20 +154,110 @@ pub fn parse_request(der: &[u8]) -> Result<Request, Refusal> {
             serial,
         });
     }
-    let nonce = tbs
+    let nonce = match tbs
         .request_extensions
         .unwrap_or_default()
         .into_iter()
         .find(|e| e.extn_id == NONCE)
-        .map(|e| {
-            // RFC 8954: the value is an OCTET STRING of 1-32 bytes; some
-            // clients send the raw bytes. Echo the extension value as sent.
-            e.extn_value.as_bytes().to_vec()
-        });
-    if nonce.as_ref().is_some_and(|n| n.is_empty() || n.len() > 34) {
+    {
+        Some(e) => Some(nonce_value(e.extn_value.as_bytes())?),
+        None => None,
+    };
+    Ok(Request { queries, nonce })
+}
+
+/// Longest nonce accepted (RFC 8954 section 2.1: longer ones are refused).
+const MAX_NONCE_LEN: usize = 128;
+
+/// Checks a request's nonce extension value and returns it as it is echoed.
+/// RFC 8954 makes the value an OCTET STRING of 1 to 128 bytes (1 to 32 are
+/// the norm) and has a zero-length or longer one refused as malformed; some
+/// clients put the raw bytes there instead, and those get the same limits.
+fn nonce_value(value: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let content_len = match OctetString::from_der(value) {
+        Ok(inner) => inner.as_bytes().len(),
+        Err(_) => value.len(),
+    };
+    if content_len == 0 || content_len > MAX_NONCE_LEN {
         return Err(Refusal::Malformed);
     }
-    Ok(Request { queries, nonce })
+    Ok(value.to_vec())
+}
+
+/// What a signed response says about its first certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The hash algorithm of the CertID naming it.
+    pub hash: Option<CertIdHash>,
+    /// Whether it says revoked.
+    pub revoked: bool,
+    /// thisUpdate (unix s).
+    pub this_update: i64,
+    /// nextUpdate (unix s), if given.
+    pub next_update: Option<i64>,
+    /// The nonce extension value echoed, if any.
+    pub nonce: Option<Vec<u8>>,
+}
+
+/// Reads a successful response (from [`successful`]); `None` when it is
+/// not one or cannot be read. Signatures are not checked.
+pub fn summarize(der: &[u8]) -> Option<Summary> {
+    let resp = OcspResponse::from_der(der).ok()?;
+    let bytes = resp.response_bytes?;
+    let basic = BasicOcspResponse::from_der(bytes.response.as_bytes()).ok()?;
+    let data = basic.tbs_response_data;
+    let first = data.responses.first()?;
+    let unix = |t: &OcspGeneralizedTime| i64::try_from(t.0.to_unix_duration().as_secs()).ok();
+    let query = Query {
+        cert_id: first.cert_id.clone(),
+        serial: Serial::parse_hex(&hex::encode(first.cert_id.serial_number.as_bytes()))?,
+    };
+    Some(Summary {
+        hash: query.hash(),
+        revoked: matches!(first.cert_status, CertStatus::Revoked(_)),
+        this_update: unix(&first.this_update)?,
+        next_update: match &first.next_update {
+            Some(t) => Some(unix(t)?),
+            None => None,
+        },
+        nonce: data
+            .response_extensions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.extn_id == NONCE)
+            .map(|e| e.extn_value.as_bytes().to_vec()),
+    })
+}
+
+/// A DER request for `queries` (what a relying party sends), with the
+/// nonce extension value given.
+pub fn request(queries: &[&Query], nonce: Option<&[u8]>) -> Result<Vec<u8>, Error> {
+    let bad = |e: der_07::Error| Error::Template(format!("OCSP request: {e}"));
+    let request_extensions = match nonce {
+        Some(n) => Some(vec![Extension {
+            extn_id: NONCE,
+            critical: false,
+            extn_value: OctetString::new(n.to_vec()).map_err(bad)?,
+        }]),
+        None => None,
+    };
+    OcspRequest {
+        tbs_request: x509_ocsp::TbsRequest {
+            version: Default::default(),
+            requestor_name: None,
+            request_list: queries
+                .iter()
+                .map(|q| x509_ocsp::Request {
+                    req_cert: q.cert_id.clone(),
+                    single_request_extensions: None,
+                })
+                .collect(),
+            request_extensions,
+        },
+        optional_signature: None,
+    }
+    .to_der()
+    .map_err(bad)
 }
 
 /// What is known of one certificate.
@@ -300,6 +415,44 @@ mod tests {
             refusal(Refusal::Unauthorized),
             vec![0x30, 0x03, 0x0a, 0x01, 0x06]
         );
+    }
+
+    #[test]
+    fn nonce_lengths_follow_rfc_8954() {
+        let q = Query {
+            cert_id: CertId {
+                hash_algorithm: AlgorithmIdentifierOwned {
+                    oid: SHA256,
+                    parameters: None,
+                },
+                issuer_name_hash: OctetString::new(vec![1; 32]).unwrap(),
+                issuer_key_hash: OctetString::new(vec![2; 32]).unwrap(),
+                serial_number: x509_cert_02::serial_number::SerialNumber::new(&[0x42]).unwrap(),
+            },
+            serial: Serial::parse_hex("42").unwrap(),
+        };
+        let with = |content: usize| {
+            let value = OctetString::new(vec![7; content])
+                .unwrap()
+                .to_der()
+                .unwrap();
+            parse_request(&request(&[&q], Some(&value)).unwrap())
+        };
+        let parsed = parse_request(&request(&[&q], None).unwrap()).unwrap();
+        assert_eq!(parsed.queries[0].hash(), Some(CertIdHash::Sha256));
+        assert_eq!(parsed.queries[0].serial, q.serial);
+        assert!(parsed.nonce.is_none());
+        // Zero-length and over 128 bytes: malformed. 1 to 128: echoed as sent.
+        assert_eq!(with(0).unwrap_err(), Refusal::Malformed);
+        assert_eq!(with(129).unwrap_err(), Refusal::Malformed);
+        for n in [1, 16, 32, 33, 128] {
+            let value = OctetString::new(vec![7; n]).unwrap().to_der().unwrap();
+            assert_eq!(with(n).unwrap().nonce, Some(value), "{n} bytes");
+        }
+        // Raw bytes (no inner OCTET STRING) get the same limits.
+        let raw = |n: usize| parse_request(&request(&[&q], Some(&vec![0xff; n])).unwrap());
+        assert_eq!(raw(0).unwrap_err(), Refusal::Malformed);
+        assert_eq!(raw(20).unwrap().nonce, Some(vec![0xff; 20]));
     }
 
     proptest! {

@@ -8,7 +8,7 @@
 use crate::{read, write};
 use sigil_authority::{ActiveIssuer, Authority, OcspSigner};
 use sigil_core::Serial;
-use sigil_core::ocsp::{self, IssuerHashes, Query, Refusal, Status};
+use sigil_core::ocsp::{self, CertIdHash, IssuerHashes, Query, Refusal, Status};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -33,11 +33,54 @@ pub(crate) fn etag_of(body: &[u8]) -> String {
     format!("\"{}\"", hex::encode(&sha2::Sha256::digest(body)[..16]))
 }
 
-/// What a remembered request asks for: issuer id and serial (hex).
-type SeenQuery = (String, String);
+/// What a cached answer is for: the certificate's serial (hex) and the hash
+/// algorithm of the CertID that names it (a response echoes the request's).
+type CacheKey = (String, CertIdHash);
+
+/// What a remembered request asks for: issuer id and cache key.
+type SeenQuery = (String, CacheKey);
 
 /// Most distinct request encodings remembered (see [`Ocsp::seen`]).
 const SEEN_MAX: usize = 32_768;
+
+/// Longest request encoding remembered: a plain single query is about 80
+/// bytes, so padding cannot make the memo large.
+const SEEN_MAX_LEN: usize = 256;
+
+/// How soon a failed pre-signing pass is tried again.
+const PRESIGN_RETRY: Duration = Duration::from_secs(30);
+
+/// A cached answer and the issuer whose responder signed it.
+#[derive(Debug, Clone)]
+struct Cached {
+    issuer: Arc<str>,
+    answer: Answer,
+}
+
+impl Cached {
+    fn revoked(&self) -> bool {
+        self.answer.status == "revoked"
+    }
+
+    fn this_update(&self) -> Option<i64> {
+        self.answer.window.map(|w| w.0)
+    }
+}
+
+/// Puts an answer in the cache unless the one there should stay: a
+/// revocation is final, so a `good` answer never replaces a `revoked` one
+/// (whatever order the signers finished in), and an older answer never
+/// replaces a newer one. Returns whether it went in.
+fn put(cache: &mut HashMap<CacheKey, Cached>, key: CacheKey, new: Cached) -> bool {
+    if let Some(old) = cache.get(&key)
+        && ((old.revoked() && !new.revoked())
+            || (old.revoked() == new.revoked() && old.this_update() > new.this_update()))
+    {
+        return false;
+    }
+    cache.insert(key, new);
+    true
+}
 
 /// Responder settings.
 #[derive(Debug, Clone)]
@@ -122,7 +165,7 @@ pub struct Ocsp {
     leader: crate::Leader,
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
-    cache: RwLock<HashMap<String, Answer>>,
+    cache: RwLock<HashMap<CacheKey, Cached>>,
     /// Request encodings already parsed: issuer id and serial (hex) of a
     /// plain single query. Clients repeat the same bytes for a certificate,
     /// so a repeated request is answered without parsing it again.
@@ -259,16 +302,55 @@ impl Ocsp {
     /// Signs responses for every unexpired certificate of every serving
     /// issuer again. Until it completes, requests are answered by fresh
     /// signatures.
+    /// An issuer that fails does not hold up the others; the first failure
+    /// is returned after all were tried.
     pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
         let mut n = 0;
+        let mut failed = None;
         for cur in self.ensure_signers().await? {
-            n += self.refresh_issuer(&cur).await?;
+            match self.refresh_issuer(&cur).await {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::error!(issuer = %cur.signer.issuer_id, error = %e, "pre-signing OCSP responses failed");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(n)
+        self.sweep();
+        failed.map_or(Ok(n), Err)
+    }
+
+    /// Drops answers that expired or whose issuer no longer serves.
+    fn sweep(&self) {
+        let now = self.now();
+        let serving: Vec<String> = read(&self.current).keys().cloned().collect();
+        write(&self.cache).retain(|_, c| {
+            c.answer.window.is_some_and(|w| w.1 > now)
+                && serving.iter().any(|id| id.as_str() == &*c.issuer)
+        });
+    }
+
+    /// Seconds before its nextUpdate that a cached answer stops being served
+    /// (it is signed again instead): pre-signed answers are replaced at half
+    /// their validity, so only answers whose refresh failed get this old.
+    fn margin(&self) -> i64 {
+        i64::try_from((self.settings.validity / 4).as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// The cached answer for `key` from `issuer`'s responder, while it has
+    /// more than [`Ocsp::margin`] left.
+    fn cached(&self, issuer: &str, key: &CacheKey, now: i64) -> Option<Answer> {
+        let cache = read(&self.cache);
+        let c = cache.get(key)?;
+        let fresh = c.answer.window.is_some_and(|w| w.1 - now > self.margin());
+        (fresh && &*c.issuer == issuer).then(|| c.answer.clone())
     }
 
     /// Signs responses for every unexpired certificate of one issuer (two
-    /// queries, then one signature each).
+    /// queries, then one signature each), and drops the answers of its
+    /// certificates that expired. Every answer carries the time of the
+    /// snapshot (thisUpdate is a minute before it), so none claims to be
+    /// newer than the status it was read with.
     async fn refresh_issuer(&self, cur: &Current) -> Result<usize, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
@@ -295,21 +377,24 @@ impl Ocsp {
                     reason: *reason,
                 },
             };
-            let q = cur.hashes.cert_id(&serial)?;
+            let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
             fresh.insert(hex, self.sign(cur, &[(&q, status)], None, now)?);
         }
         let n = fresh.len();
         self.persist(id, fresh.iter()).await;
         // Keep answers signed meanwhile (new certificates, revocations) that
         // this snapshot may predate: they are at least as new.
+        let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
+        let issuer: Arc<str> = Arc::from(id.as_str());
         let mut cache = write(&self.cache);
-        for (k, v) in fresh {
-            let newer = cache
-                .get(&k)
-                .is_some_and(|old| old.window.map(|w| w.0) > v.window.map(|w| w.0));
-            if !newer {
-                cache.insert(k, v);
-            }
+        cache.retain(|(serial, _), c| {
+            *c.issuer != *issuer
+                || fresh.contains_key(serial)
+                || c.this_update().is_some_and(|t| t >= snapshot)
+        });
+        for (k, answer) in fresh {
+            let issuer = issuer.clone();
+            put(&mut cache, (k, CertIdHash::Sha1), Cached { issuer, answer });
         }
         Ok(n)
     }
@@ -321,22 +406,27 @@ impl Ocsp {
             let Some(serial) = Serial::parse_hex(hex) else {
                 continue;
             };
+            // Answers naming it with another hash are signed again on demand.
+            let forget = || {
+                let mut cache = write(&self.cache);
+                cache.remove(&(hex.clone(), CertIdHash::Sha1));
+                cache.remove(&(hex.clone(), CertIdHash::Sha256));
+            };
+            forget();
             let issuer = match self.authority.certificate(&serial).await {
                 Ok(Some(row)) => row.issuer_id,
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, serial = %hex, "looking up a revoked certificate failed");
-                    write(&self.cache).remove(hex);
                     continue;
                 }
             };
             let Some(cur) = read(&self.current).get(&issuer).cloned() else {
                 // Not serving (yet) on this node: answered by a fresh signature.
-                write(&self.cache).remove(hex);
                 continue;
             };
             let signed = async {
-                let q = cur.hashes.cert_id(&serial)?;
+                let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
                 let status = self
                     .authority
                     .ocsp_status(&cur.signer.issuer_id, &serial)
@@ -344,23 +434,26 @@ impl Ocsp {
                 self.sign(&cur, &[(&q, status)], None, now)
             };
             match signed.await {
-                Ok(a) => {
-                    self.persist(&cur.signer.issuer_id, [(hex, &a)].into_iter())
+                Ok(answer) => {
+                    self.persist(&cur.signer.issuer_id, [(hex, &answer)].into_iter())
                         .await;
-                    write(&self.cache).insert(hex.clone(), a);
+                    let issuer = Arc::from(cur.signer.issuer_id.as_str());
+                    let key = (hex.clone(), CertIdHash::Sha1);
+                    put(&mut write(&self.cache), key, Cached { issuer, answer });
                 }
                 Err(e) => {
                     tracing::error!(error = %e, serial = %hex, "re-signing an OCSP response failed");
                     // Never keep serving `good` for a revoked certificate.
-                    write(&self.cache).remove(hex);
+                    forget();
                 }
             }
         }
     }
 
     /// Answers from the responses stored by an earlier run (or another node)
-    /// until the first pre-signing pass completes. Responses for
-    /// certificates revoked since are left out (they are signed on demand).
+    /// until the first pre-signing pass completes. A revoked certificate's
+    /// response is loaded only if it says revoked (one signed before the
+    /// revocation is left out; it is signed on demand).
     /// Call after the authority's first sync. Returns how many were loaded.
     pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
         self.load_signed_after(0).await
@@ -383,16 +476,18 @@ impl Ocsp {
             let Some(serial) = Serial::parse_hex(&r.serial) else {
                 continue;
             };
-            if self.authority.is_revoked(&serial).await? {
-                continue;
-            }
-            let a = Answer::new("good", r.der, Some((r.this_update, r.next_update)));
-            let mut cache = write(&self.cache);
-            let newer = cache
-                .get(&r.serial)
-                .is_none_or(|old| old.window.map(|w| w.0) < a.window.map(|w| w.0));
-            if newer {
-                cache.insert(r.serial, a);
+            let status = if self.authority.is_revoked(&serial).await? {
+                if !ocsp::summarize(&r.der).is_some_and(|s| s.revoked) {
+                    continue;
+                }
+                "revoked"
+            } else {
+                "good"
+            };
+            let answer = Answer::new(status, r.der, Some((r.this_update, r.next_update)));
+            let issuer = Arc::from(r.issuer_id.as_str());
+            let key = (r.serial, CertIdHash::Sha1);
+            if put(&mut write(&self.cache), key, Cached { issuer, answer }) {
                 loaded += 1;
             }
         }
@@ -434,20 +529,30 @@ impl Ocsp {
     /// certificate, for nonce requests and on-demand answers.
     pub async fn run(self: Arc<Self>) {
         let mut signed_after = 0i64;
-        let mut last_presign: Option<std::time::Instant> = None;
+        let mut next_presign: Option<std::time::Instant> = None;
+        let mut last_sweep = std::time::Instant::now();
         loop {
             if let Err(e) = self.ensure_signers().await {
                 tracing::error!(error = %e, "renewing OCSP responder certificates failed");
             }
-            let due = last_presign.is_none_or(|t| t.elapsed() >= self.settings.validity / 2);
+            let due = next_presign.is_none_or(|t| std::time::Instant::now() >= t);
             if self.leader.is_leading() && due {
-                match self.refresh().await {
-                    Ok(n) => tracing::info!(responses = n, "pre-signed OCSP responses"),
-                    Err(e) => tracing::error!(error = %e, "pre-signing OCSP responses failed"),
-                }
-                last_presign = Some(std::time::Instant::now());
+                // A failed pass is tried again soon: the answers it would
+                // have replaced expire at the next regular pass.
+                let wait = match self.refresh().await {
+                    Ok(n) => {
+                        tracing::info!(responses = n, "pre-signed OCSP responses");
+                        self.settings.validity / 2
+                    }
+                    Err(_) => PRESIGN_RETRY,
+                };
+                next_presign = Some(std::time::Instant::now() + wait);
             } else if !self.leader.is_leading() {
-                last_presign = None;
+                next_presign = None;
+                if last_sweep.elapsed() >= self.settings.validity / 4 {
+                    self.sweep();
+                    last_sweep = std::time::Instant::now();
+                }
                 let since = self.now() - 1;
                 match self.load_signed_after(signed_after).await {
                     Ok(n) if n > 0 => tracing::debug!(
@@ -544,26 +649,30 @@ impl Ocsp {
     }
 
     /// The pre-signed answer for a request seen before, if any.
-    fn seen(&self, request: &[u8]) -> Option<Answer> {
+    fn seen(&self, request: &[u8], now: i64) -> Option<Answer> {
         let seen = read(&self.seen);
-        let (issuer, serial) = seen.get(request)?;
+        let (issuer, key) = seen.get(request)?;
         if !read(&self.current).contains_key(issuer) {
             return None;
         }
-        read(&self.cache).get(serial).cloned()
+        self.cached(issuer, key, now)
     }
 
-    /// Remembers what a plain single-query request asks for.
-    fn remember(&self, request: &[u8], issuer: &str, serial: String) {
+    /// Remembers what a short plain single-query request asks for.
+    fn remember(&self, request: &[u8], issuer: &str, key: CacheKey) {
+        if request.len() > SEEN_MAX_LEN {
+            return;
+        }
         let mut seen = write(&self.seen);
         if seen.len() >= SEEN_MAX {
             seen.clear();
         }
-        seen.insert(request.into(), (issuer.to_string(), serial));
+        seen.insert(request.into(), (issuer.to_string(), key));
     }
 
     async fn try_answer(&self, request: &[u8]) -> Result<Answer, Refusal> {
-        if let Some(a) = self.seen(request) {
+        let now = self.now();
+        if let Some(a) = self.seen(request, now) {
             return Ok(a);
         }
         let req = ocsp::parse_request(request)?;
@@ -586,10 +695,9 @@ impl Ocsp {
             NoncePolicy::Ignore => None,
         };
         if let ([q], None) = (req.queries.as_slice(), nonce) {
-            let hex = q.serial.to_hex();
-            let cached = read(&self.cache).get(&hex).cloned();
-            if let Some(a) = cached {
-                self.remember(request, &cur.signer.issuer_id, hex);
+            let key = (q.serial.to_hex(), q.hash().ok_or(Refusal::Unauthorized)?);
+            if let Some(a) = self.cached(&cur.signer.issuer_id, &key, now) {
+                self.remember(request, &cur.signer.issuer_id, key);
                 return Ok(a);
             }
         }
@@ -610,8 +718,16 @@ impl Ocsp {
             .sign(&cur, &answers, nonce, now)
             .map_err(|_| Refusal::Internal)?;
         // Cache a plain single answer for a certificate we issued.
-        if let ([(q, Status::Good | Status::Revoked { .. })], None) = (answers.as_slice(), nonce) {
-            write(&self.cache).insert(q.serial.to_hex(), a.clone());
+        if let ([(q, Status::Good | Status::Revoked { .. })], None) = (answers.as_slice(), nonce)
+            && let Some(hash) = q.hash()
+        {
+            let issuer = Arc::from(cur.signer.issuer_id.as_str());
+            let answer = a.clone();
+            put(
+                &mut write(&self.cache),
+                (q.serial.to_hex(), hash),
+                Cached { issuer, answer },
+            );
         }
         Ok(a)
     }

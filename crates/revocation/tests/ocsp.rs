@@ -1,0 +1,183 @@
+//! The OCSP responder in-process on a clock the test moves: answers name the
+//! certificate with the hash the request used, a node that does not run the
+//! background jobs never serves an answer about to expire, and nonces follow
+//! RFC 8954.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed expectation is a failure
+
+use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings};
+use sigil_core::ocsp::{self, CertIdHash, IssuerHashes};
+use sigil_core::{CaUrls, Clock, IssuerInfo, Requester, SystemClock};
+use sigil_policy::Policy;
+use sigil_revocation::{Leader, Ocsp, OcspSettings};
+use sigil_signer::testing::TestCa;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+const POLICY: &str = r#"
+[[rule]]
+name = "internal"
+effect = "allow"
+requesters = ["*"]
+dns = [".internal"]
+"#;
+
+/// A clock the test moves.
+struct TestClock(Mutex<OffsetDateTime>);
+
+impl Clock for TestClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    clock: Arc<TestClock>,
+    authority: Arc<Authority>,
+    hashes: IssuerHashes,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemClock.now();
+    let clock = Arc::new(TestClock(Mutex::new(now)));
+    let ca = TestCa::new(now).unwrap();
+    let urls = CaUrls::new("http://ca.test:8080");
+    let issuer =
+        ActiveIssuer::new(&ca.intermediate_der, ca.intermediate_key().unwrap(), &urls).unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ocsp.db").display());
+    let store = sigil_store::Store::open(&url).await.unwrap();
+    let info = IssuerInfo::from_der(&ca.intermediate_der).unwrap();
+    sigil_authority::issuers::install(&store, &info, None, "operator:test", now)
+        .await
+        .unwrap();
+    let authority = Authority::new(
+        clock.clone(),
+        Policy::from_sources([("test.toml", POLICY)]).unwrap(),
+        issuer,
+        store,
+        Settings {
+            default_lifetime: Duration::from_secs(7 * 86400),
+            max_lifetime: Duration::from_secs(30 * 86400),
+            urls,
+            rate_per_minute: 0,
+        },
+    );
+    Fixture {
+        _dir: dir,
+        clock,
+        authority: Arc::new(authority),
+        hashes: IssuerHashes::of(&info),
+    }
+}
+
+fn csr(name: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+#[tokio::test]
+async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
+    let f = fixture().await;
+    let issued = f
+        .authority
+        .issue(IssueRequest {
+            csr: csr("a.internal").into(),
+            requester: Requester::Operator("test".into()),
+            profile: None,
+            lifetime: None,
+            token: None,
+            not_before: None,
+            completes: None,
+        })
+        .await
+        .unwrap();
+    // A node that does not run the background jobs: it never pre-signs,
+    // it answers from what it signed on demand or was told.
+    let leader = Leader::default();
+    leader.set(false);
+    let settings = OcspSettings::default();
+    let validity = settings.validity;
+    let ocsp = Ocsp::new(f.authority.clone(), settings, leader);
+    ocsp.ensure_signers().await.unwrap();
+    let ask = |hash: CertIdHash, nonce: Option<Vec<u8>>| {
+        let q = f.hashes.cert_id(&issued.serial, hash).unwrap();
+        let der = ocsp::request(&[&q], nonce.as_deref()).unwrap();
+        let ocsp = ocsp.clone();
+        async move {
+            let a = ocsp.answer(&der).await;
+            ocsp::summarize(&a.der).unwrap_or_else(|| panic!("{} answer", a.status))
+        }
+    };
+
+    // Each answer names the certificate with the request's hash, also when
+    // the other hash's answer is cached.
+    for _ in 0..2 {
+        for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
+            let s = ask(hash, None).await;
+            assert_eq!((s.hash, s.revoked), (Some(hash), false));
+        }
+    }
+
+    // Revoked, and told so (as the sync loop does).
+    f.authority
+        .revoke(&issued.serial, 1, &Requester::Operator("test".into()))
+        .await
+        .unwrap();
+    ocsp.revoked(&[issued.serial.to_hex()]).await;
+    for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
+        let s = ask(hash, None).await;
+        assert_eq!((s.hash, s.revoked), (Some(hash), true));
+    }
+
+    // Most of the validity later no job node has re-signed it: the answer
+    // served is signed again rather than one about to expire.
+    *f.clock.0.lock().unwrap() += validity * 9 / 10;
+    let now = f.authority.now().unix_timestamp();
+    for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
+        let s = ask(hash, None).await;
+        assert!(s.revoked);
+        let left = s.next_update.unwrap() - now;
+        assert!(
+            left > i64::try_from(validity.as_secs() / 2).unwrap(),
+            "{hash:?}: {left} s left"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
+    let f = fixture().await;
+    let ocsp = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    ocsp.ensure_signers().await.unwrap();
+    let serial = sigil_core::Serial::parse_hex("1234").unwrap();
+    let q = f.hashes.cert_id(&serial, CertIdHash::Sha1).unwrap();
+    let octets = |n: usize| {
+        // OCTET STRING of n bytes (short form length: n < 128).
+        let mut v = vec![0x04, u8::try_from(n).unwrap()];
+        v.extend(std::iter::repeat_n(0x5a, n));
+        v
+    };
+    for n in [16, 33, 100] {
+        let a = ocsp
+            .answer(&ocsp::request(&[&q], Some(&octets(n))).unwrap())
+            .await;
+        let s = ocsp::summarize(&a.der).unwrap();
+        assert_eq!(s.nonce, Some(octets(n)), "{n} bytes");
+    }
+    let a = ocsp
+        .answer(&ocsp::request(&[&q], Some(&octets(0))).unwrap())
+        .await;
+    assert_eq!(
+        (a.status, a.der.as_ref()),
+        ("malformed", &[0x30, 0x03, 0x0a, 0x01, 0x01][..])
+    );
+}
