@@ -115,6 +115,13 @@ impl ActiveIssuer {
 /// Label prefix of shared OCSP responder keys kept in a PKCS#11 token.
 const OCSP_KEY_PREFIX: &str = "sigil-ocsp-";
 
+/// The label prefix of one issuer's responder keys in a token: clean-ups
+/// remove only keys under it, never another issuer's.
+fn ocsp_key_prefix(issuer: &IssuerId) -> String {
+    let id = issuer.as_str();
+    format!("{OCSP_KEY_PREFIX}{}-", id.get(..16).unwrap_or(id))
+}
+
 /// A delegated OCSP responder: its key (held here, usable only to sign) and
 /// its certificate from the active issuer.
 pub struct OcspSigner {
@@ -1077,7 +1084,7 @@ impl Authority {
         let info = issuer.info();
         let serial = sigil_signer::random_serial()?;
         let keys = self.keys.clone().filter(|_| share);
-        let label = format!("{OCSP_KEY_PREFIX}{}", serial.to_hex());
+        let label = format!("{}{}", ocsp_key_prefix(&info.id), serial.to_hex());
         // The key, where it lives, and what the database keeps of it.
         let (key, store, shared): (CaKey, &str, Option<(&str, Vec<u8>)>) =
             match (&issuer.token, keys) {
@@ -1170,9 +1177,11 @@ impl Authority {
             }
             return Err(e.into());
         }
-        // Responder keys in the token other than the new and the replaced
-        // one (which other nodes may still use for a few seconds) are from
-        // responders whose successor has long taken over: remove them.
+        // This issuer's responder keys in the token other than the new and
+        // the replaced one (which other nodes may still use for a few
+        // seconds) are from responders whose successor has long taken over:
+        // remove them. Other issuers' responders (in overlap after a
+        // rotation, or of another deployment) have their own prefix.
         if store == "pkcs11"
             && let Some(token) = issuer.token.clone()
         {
@@ -1180,9 +1189,10 @@ impl Authority {
                 .filter(|p| p.key_kind == "pkcs11")
                 .and_then(|p| String::from_utf8(p.key_data).ok());
             let keep: Vec<String> = [Some(label.clone()), old].into_iter().flatten().collect();
+            let prefix = ocsp_key_prefix(&info.id);
             let cleaned = tokio::task::spawn_blocking(move || {
                 let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-                token.destroy_keys_except(OCSP_KEY_PREFIX, &keep)
+                token.destroy_keys_except(&prefix, &keep)
             })
             .await;
             match cleaned {
@@ -1913,4 +1923,25 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed expectation is a failure
+    use super::*;
+
+    /// Clean-up after making one issuer's responder matches only its keys:
+    /// the other issuer's (in overlap, in the same token) are outside it.
+    #[test]
+    fn responder_key_prefixes_are_per_issuer() {
+        let a = IssuerId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        let b = IssuerId::parse("fedcba98765432100123456789abcdef").unwrap();
+        let serial = "5f3a";
+        let label_a = format!("{}{serial}", ocsp_key_prefix(&a));
+        let label_b = format!("{}{serial}", ocsp_key_prefix(&b));
+        assert!(label_a.starts_with(OCSP_KEY_PREFIX));
+        assert!(label_a.starts_with(&ocsp_key_prefix(&a)));
+        assert!(!label_b.starts_with(&ocsp_key_prefix(&a)));
+        assert!(!label_a.starts_with(&ocsp_key_prefix(&b)));
+    }
 }
