@@ -239,6 +239,11 @@ fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
         .block_on(sigil_store::testing::fresh_postgres(&admin))
         .unwrap();
     let from = format!("sqlite://{}", db.display());
+    // Not while a server still writes to the source.
+    let running = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let err = fails(sigil(&["db", "migrate", "--from", &from, "--to", &pg]));
+    assert!(err.contains("stop that server first"), "{err}");
+    running.stop();
     let out = ok(sigil(&["db", "migrate", "--from", &from, "--to", &pg]));
     assert!(out.contains("audit chain verified on arrival"), "{out}");
     assert!(
@@ -259,6 +264,20 @@ fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
     assert!(out.contains(": good"), "{out}");
     let out = ok(sigil_env(&["audit", "verify", "--config", &config], &env));
     assert!(out.contains("audit chain OK"), "{out}");
+    // `backup` is for SQLite: refused, and no file is left behind.
+    let pg_backup = work.join("pg-backup.db");
+    let err = fails(sigil_env(
+        &[
+            "backup",
+            "--config",
+            &config,
+            "--out",
+            &pg_backup.display().to_string(),
+        ],
+        &env,
+    ));
+    assert!(err.contains("pg_dump"), "{err}");
+    assert!(!pg_backup.exists());
     let list = ok(sigil_env(&["cert", "list", "--config", &config], &env));
     assert!(list.contains(&kept), "{list}");
     // keyCompromise still blocks the key on the new database.

@@ -187,18 +187,30 @@ async fn report(
 
 /// `sigil backup`.
 pub async fn backup(config: &Path, out: &Path) -> Result<ExitCode> {
-    use anyhow::{Context, bail};
-    use std::os::unix::fs::PermissionsExt;
+    use anyhow::bail;
+    use std::os::unix::fs::OpenOptionsExt;
     let cfg = Config::load(config)?;
-    if out.exists() {
-        bail!("{} exists: choose a new file name", out.display());
-    }
     let store = Store::open(&cfg.database_url()).await?;
+    // ACME secrets (EAB HMAC keys, the nonce key) are in the database: the
+    // file is made 0600 before anything is written to it.
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out);
+    if let Err(e) = created {
+        store.close().await;
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            bail!("{} exists: choose a new file name", out.display());
+        }
+        return Err(anyhow::Error::new(e).context(format!("cannot create {}", out.display())));
+    }
     let made = store.backup_sqlite(out).await;
     store.close().await;
-    made.with_context(|| format!("backup to {} failed", out.display()))?;
-    // ACME secrets (EAB HMAC keys, the nonce key) are in the database.
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(out);
+        return Err(anyhow::Error::new(e).context(format!("backup to {} failed", out.display())));
+    }
     let copy = Store::open(&format!("sqlite://{}", out.display())).await?;
     let report = copy.verify_audit().await;
     copy.close().await;
@@ -218,6 +230,8 @@ pub async fn backup(config: &Path, out: &Path) -> Result<ExitCode> {
 /// `sigil db migrate`.
 pub async fn migrate(from: &str, to: &str) -> Result<ExitCode> {
     use anyhow::Context;
+    // A SQLite source must not change while it is copied: no server on it.
+    let _no_server = sigil_store::ServerLock::take(from)?;
     let source = Store::open(from)
         .await
         .with_context(|| "cannot open --from".to_string())?;

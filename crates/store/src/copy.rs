@@ -250,6 +250,12 @@ impl Store {
             ));
         }
         let mut src = self.pool.begin().await?;
+        // One snapshot of every table (SQLite's read transactions are one).
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *src)
+                .await?;
+        }
         let mut dst = target.pool.begin().await?;
         let mut tables = Vec::new();
         for (table, cols) in TABLES {
@@ -337,7 +343,8 @@ impl Store {
     }
 
     /// Writes a consistent copy of a SQLite database to `path` while it is in
-    /// use (`VACUUM INTO`). The file must not exist.
+    /// use (`VACUUM INTO`). The file must not exist or be empty (made
+    /// beforehand with the permissions it should have).
     pub async fn backup_sqlite(&self, path: &std::path::Path) -> Result<(), Error> {
         if self.backend != Backend::Sqlite {
             return Err(Error::Config(
