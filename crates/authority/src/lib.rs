@@ -752,7 +752,8 @@ impl Authority {
     /// same key unless a CSR brings a new one. The current certificate must be
     /// one of ours, unexpired and unrevoked. The policy is asked again, as the
     /// requester that originally obtained the certificate, so tightening a rule
-    /// also stops renewals.
+    /// also stops renewals; deny rules selecting the caller apply too. The
+    /// lifetime it had is kept, cut to the policy's current maximum.
     pub async fn renew(&self, req: RenewRequest) -> Result<Issued, Error> {
         let now = self.clock.now();
         let current = LeafInfo::from_der(&req.current).map_err(|e| {
@@ -1820,18 +1821,45 @@ impl Authority {
                 applicant.public_key.fingerprint()
             )));
         }
+        // A renewal keeps the certificate's lifetime as a preference: it is
+        // cut to what the policy allows now (issue_for) rather than refused
+        // when a rule's max_lifetime was lowered since.
+        let asked_lifetime = ask.lifetime.filter(|_| ask.renews.is_none());
         let decision = self.check(
             ask.policy_requester,
             applicant.identifiers,
             ask.profile,
             applicant.public_key.key_type(),
-            ask.lifetime,
+            asked_lifetime,
         );
         if !decision.allowed {
             let reason = decision
                 .denial_reason()
                 .unwrap_or_else(|| "request not allowed".to_string());
             return Err(Error::Denied { reason, decision });
+        }
+        // A renewal is judged as the requester that first obtained the
+        // certificate; deny rules that select the caller presenting it
+        // apply too (deny wins, whoever asks).
+        if ask.renews.is_some() && ask.actor != ask.policy_requester {
+            let as_caller = self.check(
+                ask.actor,
+                applicant.identifiers,
+                ask.profile,
+                applicant.public_key.key_type(),
+                asked_lifetime,
+            );
+            if let Some(f) = as_caller
+                .findings
+                .iter()
+                .find(|f| f.outcome == sigil_policy::Outcome::Denied)
+            {
+                let reason = format!("{}: {} (as {})", f.identifier, f.reason, ask.actor);
+                return Err(Error::Denied {
+                    reason,
+                    decision: as_caller,
+                });
+            }
         }
         let info = issuer.info();
         if let Some(id) = applicant

@@ -558,6 +558,63 @@ async fn renewal_keeps_names_and_refuses_revoked_certificates() {
     }
 }
 
+/// After the policy changes, a renewal keeps working within the new
+/// maximum lifetime (cut, not refused), and a deny rule that selects the
+/// caller presenting the certificate refuses it, though the renewal is
+/// judged as the bootstrap token's subject that first obtained it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_follows_a_changed_policy_for_lifetime_and_the_callers_deny_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let ca = authority(&url).await;
+        let key = KeyPair::generate().unwrap();
+        let first = ca
+            .issue(IssueRequest {
+                lifetime: Some(Duration::from_secs(7 * 86400)),
+                ..req(
+                    csr_with(&key, None, &["api.svc.internal"], vec![]),
+                    Requester::Token("api".into()),
+                )
+            })
+            .await
+            .unwrap();
+        let caller = Requester::Mtls("api.svc.internal".into());
+        let renew = |current: Vec<u8>| {
+            ca.renew(sigil_authority::RenewRequest {
+                current,
+                caller: caller.clone(),
+                csr: None,
+            })
+        };
+        let lowered = POLICY.replace("max_lifetime = \"7d\"", "max_lifetime = \"2d\"");
+        assert_ne!(lowered, POLICY);
+        let reload = |text: String| {
+            let policy = Policy::from_sources([("test.toml", text.as_str())]).unwrap();
+            ca.replace_policy(policy, "operator:test", serde_json::json!({}))
+        };
+        reload(lowered.clone()).await.unwrap();
+        let renewed = renew(first.der.clone()).await.unwrap();
+        let lifetime = renewed.not_after - renewed.not_before;
+        assert!(
+            lifetime <= time::Duration::days(2) + time::Duration::minutes(10)
+                && lifetime > time::Duration::days(1),
+            "{name}: {lifetime}"
+        );
+        // The operator blocks this workload by its mTLS identity (written
+        // with other capitals than the certificate carries).
+        let blocked = format!(
+            "{lowered}\n[[rule]]\nname = \"block-api\"\neffect = \"deny\"\nrequesters = [\"mtls:API.svc.internal\"]\ndns = [\"api.svc.internal\"]\n"
+        );
+        reload(blocked).await.unwrap();
+        let e = renew(renewed.der.clone()).await.unwrap_err();
+        assert!(
+            matches!(e, Error::Denied { .. }) && e.to_string().contains("mtls:api.svc.internal"),
+            "{name}: {e}"
+        );
+        assert!(ca.certificate(&renewed.serial).await.unwrap().is_some());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_made_elsewhere_are_seen_after_a_sync() {
     let dir = tempfile::tempdir().unwrap();

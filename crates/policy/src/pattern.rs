@@ -212,6 +212,10 @@ impl RequesterSelector {
         if glob.as_deref() == Some("") {
             return Err(format!("requester selector '{s}': empty name after ':'"));
         }
+        let glob = match glob {
+            Some(g) if kind == "mtls" => Some(canonical_mtls_glob(&g)),
+            g => g,
+        };
         Ok(RequesterSelector {
             kind: Some(kind.to_string()),
             glob,
@@ -235,6 +239,22 @@ impl fmt::Display for RequesterSelector {
             (Some(k), None) => f.write_str(k),
             (Some(k), Some(g)) => write!(f, "{k}:{g}"),
         }
+    }
+}
+
+/// An `mtls:` glob in the form client identities take: a SPIFFE URI's
+/// scheme and trust domain, and a DNS name, in lower case (the path of a
+/// SPIFFE URI keeps its case). Otherwise a selector written `mtls:API.corp`
+/// would silently never match, which for a deny rule means no deny.
+fn canonical_mtls_glob(glob: &str) -> String {
+    const SPIFFE: &str = "spiffe://";
+    match glob.get(..SPIFFE.len()) {
+        Some(scheme) if scheme.eq_ignore_ascii_case(SPIFFE) => {
+            let rest = &glob[SPIFFE.len()..];
+            let (domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            format!("{SPIFFE}{}{path}", domain.to_ascii_lowercase())
+        }
+        _ => glob.to_ascii_lowercase(),
     }
 }
 
@@ -271,6 +291,39 @@ mod tests {
 
     fn d(s: &str) -> DnsName {
         DnsName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn mtls_selectors_match_identities_whatever_their_case() {
+        let who = |name: &str| Requester::Mtls(name.into());
+        for (selector, identity, selected) in [
+            (
+                "mtls:spiffe://Corp.Example/ns/a/*",
+                "spiffe://corp.example/ns/a/sa/x",
+                true,
+            ),
+            (
+                "mtls:SPIFFE://corp.example/ns/a/*",
+                "spiffe://corp.example/ns/a/sa/x",
+                true,
+            ),
+            (
+                "mtls:spiffe://corp.example/ns/A/*",
+                "spiffe://corp.example/ns/a/sa/x",
+                false,
+            ),
+            ("mtls:GW.Internal", "gw.internal", true),
+            ("mtls:*.Internal", "api.internal", true),
+            ("token:Team-A", "team-a", false),
+        ] {
+            let s = RequesterSelector::parse(selector).unwrap();
+            let r = if selector.starts_with("token:") {
+                Requester::Token(identity.into())
+            } else {
+                who(identity)
+            };
+            assert_eq!(s.matches(&r), selected, "{selector} vs {identity}");
+        }
     }
 
     #[test]
