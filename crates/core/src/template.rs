@@ -234,6 +234,11 @@ pub struct IntermediateOptions {
     pub permitted_ip: Vec<ipnet::IpNet>,
     /// CRL distribution point for the root's ARL, if published.
     pub crl_url: Option<String>,
+    /// The subject key identifier to carry; by default derived from the
+    /// key. A cross-certificate repeats the certified CA's own, which the
+    /// authority key identifiers of everything below it name (RFC 5280
+    /// 4.2.1.1), or path builders never link the two.
+    pub subject_key_id: Option<Vec<u8>>,
 }
 
 /// Parameters of a delegated OCSP responder certificate (RFC 6960 4.2.2.2):
@@ -292,7 +297,11 @@ pub fn intermediate_params(
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
     ];
-    p.key_identifier_method = KeyIdMethod::PreSpecified(key.key_identifier());
+    p.key_identifier_method = KeyIdMethod::PreSpecified(
+        opts.subject_key_id
+            .clone()
+            .unwrap_or_else(|| key.key_identifier()),
+    );
     p.use_authority_key_identifier_extension = true;
     if !opts.permitted_dns.is_empty() || !opts.permitted_ip.is_empty() {
         let mut permitted = Vec::new();

@@ -75,6 +75,7 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
                 permitted_dns,
                 permitted_ip,
                 crl_url,
+                subject_key_id: None,
             };
             let pass = passphrase::obtain(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
             let csr_bytes =
@@ -390,8 +391,11 @@ pub fn cross_sign(
         subject,
         subject_text: other.subject.clone(),
     };
+    // The cross-certificate names the other root's key with that root's own
+    // identifier, which its intermediates' authority key identifiers carry.
     let opts = IntermediateOptions {
         path_len: 1,
+        subject_key_id: Some(other.key_id.clone()),
         ..IntermediateOptions::default()
     };
     let serial = random_serial()?;

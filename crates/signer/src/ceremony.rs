@@ -200,6 +200,25 @@ mod tests {
         };
         let int_der = sign("Svc.Internal").unwrap();
         let info = sigil_core::IssuerInfo::from_der(&int_der).unwrap();
+        assert_eq!(info.key_id, info.public_key.key_identifier());
+        // A cross-certificate repeats the certified CA's own key identifier
+        // (say a SHA-1 one another CA wrote) rather than deriving one.
+        let foreign_ski = vec![0xab; 20];
+        let cross = sign_intermediate(
+            &root,
+            &CaRequest::parse(&csr).unwrap(),
+            &crate::random_serial().unwrap(),
+            now,
+            Duration::from_secs(86400 * 365),
+            &IntermediateOptions {
+                path_len: 1,
+                subject_key_id: Some(foreign_ski.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let cross = sigil_core::IssuerInfo::from_der(&cross).unwrap();
+        assert_eq!(cross.key_id, foreign_ski);
         let id = |s: &str| sigil_core::Identifier::parse_any(s).unwrap();
         let nc = &info.name_constraints;
         // "svc.internal": the name itself and the names below it.
