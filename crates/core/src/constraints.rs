@@ -91,7 +91,12 @@ fn matches(s: &Subtree, id: &Identifier) -> Option<bool> {
         (Subtree::UriHost(c), Identifier::Uri(u)) => {
             let rest = &u.as_str()["spiffe://".len()..];
             let host = rest.split('/').next().unwrap_or(rest);
-            Some(host_in(host, c))
+            // RFC 5280 4.2.1.10: for URIs, "host" names that host only and
+            // ".domain" the hosts below it.
+            Some(match c.strip_prefix('.') {
+                Some(parent) => crate::DnsName::is_strictly_under(host, parent),
+                None => host == c,
+            })
         }
         (Subtree::Email(c), Identifier::Email(e)) => {
             let e = e.to_ascii_lowercase();
@@ -147,5 +152,23 @@ mod tests {
             ip_subtree(&[10, 0, 0, 0, 255, 0, 0, 0]),
             Some(Subtree::Ip("10.0.0.0/8".parse().unwrap()))
         );
+    }
+
+    #[test]
+    fn uri_hosts_name_one_host_and_dotted_ones_the_hosts_below() {
+        let id = |s: &str| Identifier::parse_any(s).unwrap();
+        let host = NameConstraints {
+            permitted: vec![Subtree::UriHost("td.example".into())],
+            excluded: vec![],
+        };
+        assert!(host.permits(&id("spiffe://td.example/ns/a")));
+        assert!(!host.permits(&id("spiffe://a.td.example/ns/a")));
+        let below = NameConstraints {
+            permitted: vec![Subtree::UriHost(".td.example".into())],
+            excluded: vec![],
+        };
+        assert!(below.permits(&id("spiffe://a.td.example/ns/a")));
+        assert!(!below.permits(&id("spiffe://td.example/ns/a")));
+        assert!(!below.permits(&id("spiffe://eviltd.example/ns/a")));
     }
 }
