@@ -199,6 +199,37 @@ struct Recorded {
     /// SHA-256 of the certificate, hex (rows written before it was recorded
     /// have none: only their presence is checked).
     sha256: Option<String>,
+    /// [`record_digest`] of its row (absent in rows written before it was).
+    record: Option<String>,
+}
+
+fn put(h: &mut Sha256, field: &[u8]) {
+    h.update((field.len() as u64).to_be_bytes());
+    h.update(field);
+}
+
+/// SHA-256 (hex) of a certificate row's columns other than the DER, which
+/// the issuance row's `sha256` covers. Recorded as `record` in the issuance
+/// row, so an edit of a column the CA acts on (its expiry or issuer, which
+/// decide whether a CRL lists it; its CRL shard) shows as well.
+pub(crate) fn record_digest(c: &crate::NewCertificate) -> String {
+    let mut h = Sha256::new();
+    for text in [&c.serial, &c.issuer_id, &c.profile, &c.requester] {
+        put(&mut h, text.as_bytes());
+    }
+    put(&mut h, &(c.names.len() as u64).to_be_bytes());
+    for n in &c.names {
+        put(&mut h, n.as_bytes());
+    }
+    put(&mut h, c.key_fingerprint.as_bytes());
+    for n in [c.not_before, c.not_after, c.issued_at] {
+        put(&mut h, &n.to_be_bytes());
+    }
+    match c.crl_shard {
+        Some(k) => put(&mut h, &k.to_be_bytes()),
+        None => put(&mut h, b""),
+    }
+    hex::encode(h.finalize())
 }
 
 impl Store {
@@ -213,6 +244,15 @@ impl Store {
         let mut report = RecordsReport::default();
         let mut issued: std::collections::HashMap<String, Recorded> = Default::default();
         let mut revoked: std::collections::HashMap<String, i64> = Default::default();
+        // One snapshot of the three tables: on a CA in use, a certificate
+        // committed between two of the scans would otherwise look inserted
+        // outside the CA. (SQLite's read transactions are snapshots.)
+        let mut tx = self.pool.begin().await?;
+        if self.backend == crate::Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut last = 0i64;
         loop {
             let page = sqlx::query(
@@ -221,7 +261,7 @@ impl Store {
                  ORDER BY seq LIMIT 5000",
             )
             .bind(last)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
             if page.is_empty() {
                 break;
@@ -236,10 +276,18 @@ impl Store {
                     continue;
                 }
                 let detail: String = r.try_get("detail")?;
-                let sha256 = serde_json::from_str::<serde_json::Value>(&detail)
-                    .ok()
-                    .and_then(|d| d.get("sha256").and_then(|v| v.as_str()).map(str::to_string));
-                if let Some(earlier) = issued.insert(serial.clone(), Recorded { seq, sha256 }) {
+                let detail = serde_json::from_str::<serde_json::Value>(&detail).ok();
+                let field = |k: &str| {
+                    detail
+                        .as_ref()
+                        .and_then(|d| d.get(k).and_then(|v| v.as_str()).map(str::to_string))
+                };
+                let recorded = Recorded {
+                    seq,
+                    sha256: field("sha256"),
+                    record: field("record"),
+                };
+                if let Some(earlier) = issued.insert(serial.clone(), recorded) {
                     report.problem(format!(
                         "audit rows {} and {seq} both record issuing certificate {serial}",
                         earlier.seq
@@ -252,18 +300,21 @@ impl Store {
         // when an edit through another tool stored it as text.
         let sql = match self.backend {
             crate::Backend::Sqlite => {
-                "SELECT serial, CAST(der AS BLOB) AS der FROM certificates \
-                 WHERE serial > $1 ORDER BY serial LIMIT 2000"
+                "SELECT serial, issuer_id, profile, requester, names, key_fingerprint, \
+                 not_before, not_after, issued_at, crl_shard, CAST(der AS BLOB) AS der \
+                 FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
             }
             crate::Backend::Postgres => {
-                "SELECT serial, der FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
+                "SELECT serial, issuer_id, profile, requester, names, key_fingerprint, \
+                 not_before, not_after, issued_at, crl_shard, der \
+                 FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
             }
         };
         let mut after = String::new();
         loop {
             let page = sqlx::query(sql)
                 .bind(after.as_str())
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
             if page.is_empty() {
                 break;
@@ -276,14 +327,30 @@ impl Store {
                     .try_get::<Vec<u8>, _>("der")
                     .map(|der| hex::encode(Sha256::digest(&der)))
                     .unwrap_or_default();
+                let record = crate::rows::cert_from_row(r)
+                    .map(|c| record_digest(&c))
+                    .unwrap_or_default();
                 report.certificates += 1;
                 match issued.remove(&serial) {
                     None => report.problem(format!(
                         "certificate {serial} has no issuance row in the audit table (inserted outside the CA)"
                     )),
-                    Some(Recorded { seq, sha256: Some(h) }) if h != sha256 => {
+                    Some(Recorded {
+                        seq,
+                        sha256: Some(h),
+                        ..
+                    }) if h != sha256 => {
                         report.problem(format!(
                             "certificate {serial} is not the one audit row {seq} recorded (SHA-256 differs: edited)"
+                        ));
+                    }
+                    Some(Recorded {
+                        seq,
+                        record: Some(d),
+                        ..
+                    }) if d != record => {
+                        report.problem(format!(
+                            "certificate {serial}'s row differs from what audit row {seq} recorded (expiry, issuer, names or CRL shard edited)"
                         ));
                     }
                     Some(_) => {}
@@ -300,7 +367,7 @@ impl Store {
         }
 
         let rows = sqlx::query("SELECT serial, audit_seq FROM revocations ORDER BY audit_seq")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
         for r in &rows {
             let serial: String = r.try_get("serial")?;

@@ -112,6 +112,12 @@ impl Store {
         {
             detail.insert("request_id".into(), serde_json::Value::String(id));
         }
+        if let Change::Issue { cert, event, .. } = &mut change
+            && let Some(detail) = event.detail.as_object_mut()
+        {
+            let digest = audit::record_digest(cert);
+            detail.insert("record".into(), serde_json::Value::String(digest));
+        }
         writer::submit(&self.writer, change)
             .await?
             .receipt

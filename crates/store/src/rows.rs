@@ -237,7 +237,7 @@ pub struct SpentToken {
     pub serial: Option<String>,
 }
 
-fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
+pub(crate) fn cert_from_row(r: &AnyRow) -> Result<CertificateRow, Error> {
     let names: String = r.try_get("names")?;
     Ok(CertificateRow {
         serial: r.try_get("serial")?,

@@ -1066,6 +1066,12 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
             .execute(pool)
             .await
             .unwrap();
+        // The revoked certificate made to look expired, so CRLs leave it out.
+        sqlx::query("UPDATE certificates SET not_after = 0 WHERE serial = $1")
+            .bind(cert(4).serial)
+            .execute(pool)
+            .await
+            .unwrap();
         let forged = cert(9);
         sqlx::query(
             "INSERT INTO certificates (serial, issuer_id, profile, requester, names, \
@@ -1090,9 +1096,10 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
 
         let report = store.cross_check_records().await.unwrap();
         let text = report.problems.join("\n");
-        assert_eq!(report.problem_count, 4, "{name}:\n{text}");
+        assert_eq!(report.problem_count, 5, "{name}:\n{text}");
         for (serial, why) in [
             (cert(1).serial, "SHA-256 differs"),
+            (cert(4).serial, "expiry, issuer, names or CRL shard edited"),
             (cert(2).serial, "no longer in the certificates table"),
             (forged.serial, "no issuance row"),
             (cert(3).serial, "no cert.revoked audit row"),
