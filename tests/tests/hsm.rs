@@ -7,36 +7,6 @@
 use sigil_e2e::*;
 use std::path::Path;
 
-/// A fresh SoftHSM token (label, module), or `None` when SoftHSM is not set
-/// up (scripts/test sets SOFTHSM2_CONF).
-fn softhsm_token(pin: &str) -> Option<(String, String)> {
-    let module = std::env::var("SIGIL_TEST_PKCS11_MODULE")
-        .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
-    if std::env::var_os("SOFTHSM2_CONF").is_none() || !Path::new(&module).exists() {
-        assert!(
-            std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-            "SIGIL_REQUIRE_EXTERNAL=1 but SoftHSM is not set up"
-        );
-        eprintln!("SoftHSM not set up: skipped");
-        return None;
-    }
-    let label = format!("sigil-e2e-{}-{}", std::process::id(), free_port());
-    ok(run(
-        "softhsm2-util",
-        &[
-            "--init-token",
-            "--free",
-            "--label",
-            &label,
-            "--pin",
-            pin,
-            "--so-pin",
-            "so-pin-0815",
-        ],
-    ));
-    Some((label, module))
-}
-
 /// `openssl ocsp` against the server: the leaf is `good` and the response
 /// verifies with the root alone.
 fn ocsp_good(work: &Path, port: u16) {
@@ -68,7 +38,7 @@ fn ocsp_good(work: &Path, port: u16) {
 #[test]
 fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
     let pin = "hsm-pin-4711";
-    let Some((label, module)) = softhsm_token(pin) else {
+    let Some((template, _)) = sigil_signer::testing::softhsm_token("sigil-e2e", pin) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -98,7 +68,8 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
     .unwrap();
     let port = free_port();
     let key_uri = format!(
-        "pkcs11:token={label};object=intermediate?module-path={module}&pin-source=file:{}",
+        "{}&pin-source=file:{}",
+        template.replace("OBJ", "intermediate"),
         p("pin")
     );
     let config = work.join("sigil.toml");

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use sigil_authority::{Error as AuthorityError, IssuerKeys, IssuerRow};
 use sigil_core::KeySpec;
 use sigil_signer::{CaKey, Passphrase, Pkcs11Key, Pkcs11Uri, SoftwareKey, read_encrypted_key};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -78,7 +79,12 @@ pub struct KeyStore {
     dir: PathBuf,
     passphrase_file: Option<PathBuf>,
     pass: Mutex<Option<Passphrase>>,
-    pin: Mutex<Option<Passphrase>>,
+    /// Token PINs, by module and token label: each token has its own.
+    pins: Mutex<HashMap<(PathBuf, String), Passphrase>>,
+    /// Digests of PINs a token refused: never tried on it again, since a
+    /// token locks its PIN after a few failures (and this store is asked
+    /// again every minute while a key is missing).
+    refused_pins: Mutex<HashSet<(PathBuf, String, String)>>,
 }
 
 impl KeyStore {
@@ -89,7 +95,8 @@ impl KeyStore {
             dir: key_dir(cfg),
             passphrase_file: cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p)),
             pass: Mutex::new(None),
-            pin: Mutex::new(None),
+            pins: Mutex::new(HashMap::new()),
+            refused_pins: Mutex::new(HashSet::new()),
         })
     }
 
@@ -126,6 +133,44 @@ impl KeyStore {
         }
     }
 
+    /// Runs `use_it` with the PIN of `uri`'s token: read from its PIN source
+    /// on first use, kept while the token accepts it. A PIN the token refused
+    /// is forgotten and never presented to that token again.
+    fn with_pin<T>(
+        &self,
+        uri: &Pkcs11Uri,
+        use_it: impl FnOnce(&str) -> Result<T, sigil_signer::Error>,
+    ) -> Result<T> {
+        let token = (uri.module.clone(), uri.token.clone());
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let pin = match pins.remove(&token) {
+            Some(pin) => pin,
+            None => token_pin(uri)?,
+        };
+        let digest = sigil_core::sha256_hex(pin.expose().as_bytes());
+        let refused = (token.0.clone(), token.1.clone(), digest);
+        let mut refused_pins = self.refused_pins.lock().unwrap_or_else(|p| p.into_inner());
+        if refused_pins.contains(&refused) {
+            anyhow::bail!(
+                "PKCS#11 token '{}' refused this PIN before; it is not tried again, as tokens lock after a few wrong PINs: correct the PIN source ({})",
+                uri.token,
+                uri.pin_source
+                    .as_ref()
+                    .map_or_else(|| format!("${PIN_ENV}"), |p| p.display().to_string())
+            );
+        }
+        match use_it(pin.expose()) {
+            Err(e @ sigil_signer::Error::WrongPin(_)) => {
+                refused_pins.insert(refused);
+                Err(e.into())
+            }
+            result => {
+                pins.insert(token, pin);
+                Ok(result?)
+            }
+        }
+    }
+
     /// Runs `use_it` with the key-file passphrase (obtained on first use).
     fn with_passphrase<T>(&self, use_it: impl FnOnce(&Passphrase) -> Result<T>) -> Result<T> {
         self.with_secret(
@@ -152,11 +197,7 @@ impl KeyStore {
                 Ok(key)
             }),
             KeyLocation::Token(uri) => {
-                let key: CaKey = self.with_secret(
-                    &self.pin,
-                    || token_pin(uri),
-                    |pin| Ok(Pkcs11Key::open(uri, pin.expose())?.into()),
-                )?;
+                let key: CaKey = self.with_pin(uri, |pin| Pkcs11Key::open(uri, pin))?.into();
                 key.self_test()
                     .with_context(|| format!("the key in {location} failed a test signature"))?;
                 Ok(key)
@@ -192,11 +233,9 @@ impl KeyStore {
                 )?;
                 Ok(key.into())
             }
-            KeyLocation::Token(uri) => self.with_secret(
-                &self.pin,
-                || token_pin(uri),
-                |pin| Ok(Pkcs11Key::generate(uri, spec, pin.expose())?.into()),
-            ),
+            KeyLocation::Token(uri) => Ok(self
+                .with_pin(uri, |pin| Pkcs11Key::generate(uri, spec, pin))?
+                .into()),
         }
     }
 }
@@ -234,5 +273,64 @@ impl IssuerKeys for KeyStore {
             Ok(key)
         })
         .map_err(|e| AuthorityError::Unavailable(format!("{e:#}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed expectation is a failure
+    use super::*;
+
+    fn store() -> KeyStore {
+        KeyStore {
+            configured: KeyLocation::File(PathBuf::from("unused.key")),
+            dir: PathBuf::from("."),
+            passphrase_file: None,
+            pass: Mutex::new(None),
+            pins: Mutex::new(HashMap::new()),
+            refused_pins: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Two tokens with their own PINs serve one key store; a PIN a token
+    /// refused is not presented to it again, and a corrected PIN source is
+    /// read afresh.
+    #[test]
+    fn each_token_gets_its_own_pin_and_a_refused_pin_is_not_retried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((a, pin_a)) = sigil_signer::testing::softhsm_token("pins-a", "pin-of-token-a")
+        else {
+            return;
+        };
+        let (b, pin_b) = sigil_signer::testing::softhsm_token("pins-b", "pin-of-token-b").unwrap();
+        let uri = |template: &str, object: &str, pin: &str| {
+            let file = tmp.path().join(format!("{object}.pin"));
+            std::fs::write(&file, pin).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let text = format!(
+                "{}&pin-source=file:{}",
+                template.replace("OBJ", object),
+                file.display()
+            );
+            KeyLocation::Token(Pkcs11Uri::parse(&text).unwrap())
+        };
+        let keys = store();
+        let key_a = uri(&a, "ka", &pin_a);
+        let key_b = uri(&b, "kb", &pin_b);
+        keys.generate(&key_a, KeySpec::EcdsaP256).unwrap();
+        keys.generate(&key_b, KeySpec::EcdsaP256).unwrap();
+        keys.open(&key_a).unwrap();
+        keys.open(&key_b).unwrap();
+
+        // A wrong PIN: refused by the token once, then not tried again.
+        let keys = store();
+        let wrong = uri(&a, "ka", "not-the-pin");
+        let e = format!("{:#}", keys.open(&wrong).err().unwrap());
+        assert!(e.contains("wrong PIN"), "{e}");
+        let e = format!("{:#}", keys.open(&wrong).err().unwrap());
+        assert!(e.contains("refused this PIN before"), "{e}");
+        // The operator corrects the PIN source: read again, accepted.
+        keys.open(&uri(&a, "ka", &pin_a)).unwrap();
     }
 }

@@ -31,6 +31,9 @@ pub enum Error {
     /// A PKCS#11 token or module problem.
     #[error("PKCS#11: {0}")]
     Pkcs11(String),
+    /// The token refused the PIN (it locks after a few of these).
+    #[error("PKCS#11: wrong PIN for token '{0}'")]
+    WrongPin(String),
     /// rcgen refused to build or sign.
     #[error("certificate signing failed: {0}")]
     Rcgen(#[from] rcgen::Error),

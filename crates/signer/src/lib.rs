@@ -144,6 +144,53 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
 /// Throwaway CAs for test suites and benchmarks.
 #[doc(hidden)]
 pub mod testing {
+    /// A fresh SoftHSM token with user PIN `pin`, when the environment
+    /// provides SoftHSM (`SOFTHSM2_CONF`, set by scripts/test): a key URI
+    /// template (`OBJ` stands for the key label) and the PIN.
+    #[allow(clippy::expect_used)] // test support: a failed setup is a failure
+    pub fn softhsm_token(name: &str, pin: &str) -> Option<(String, String)> {
+        let module = std::env::var("SIGIL_TEST_PKCS11_MODULE")
+            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
+        let ready =
+            std::env::var_os("SOFTHSM2_CONF").is_some() && std::path::Path::new(&module).exists();
+        if !ready {
+            assert!(
+                std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "SIGIL_REQUIRE_EXTERNAL=1 but SoftHSM is not set up (SOFTHSM2_CONF, {module})"
+            );
+            eprintln!("SoftHSM not set up: skipped");
+            return None;
+        }
+        let mut tag = [0u8; 6];
+        crate::random_bytes(&mut tag).expect("random bytes");
+        let label = format!(
+            "{name}-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let out = std::process::Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &label,
+                "--pin",
+                pin,
+                "--so-pin",
+                "so-pin-0815",
+            ])
+            .output()
+            .expect("softhsm2-util");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some((
+            format!("pkcs11:token={label};object=OBJ?module-path={module}"),
+            pin.to_string(),
+        ))
+    }
+
     use crate::{
         CaSigner, SoftwareKey, intermediate_csr, random_serial, self_signed_root, sign_intermediate,
     };

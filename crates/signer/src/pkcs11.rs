@@ -399,10 +399,7 @@ fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session, cryptoki::slot:
         // Login is per token and process: another key's session did it.
         Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
         Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _)) => {
-            return Err(Error::Pkcs11(format!(
-                "wrong PIN for token '{}'",
-                uri.token
-            )));
+            return Err(Error::WrongPin(uri.token.clone()));
         }
         Err(e) => return Err(ck("logging in to the token")(e)),
     }
@@ -706,56 +703,13 @@ mod tests {
         }
     }
 
-    /// A fresh SoftHSM token for this test, when the environment provides
-    /// SoftHSM (`SOFTHSM2_CONF`, set by scripts/test): its URI base and PIN.
-    pub(crate) fn softhsm_token(name: &str) -> Option<(String, String)> {
-        let module = std::env::var("SIGIL_TEST_PKCS11_MODULE")
-            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
-        let ready =
-            std::env::var_os("SOFTHSM2_CONF").is_some() && std::path::Path::new(&module).exists();
-        if !ready {
-            assert!(
-                std::env::var("SIGIL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-                "SIGIL_REQUIRE_EXTERNAL=1 but SoftHSM is not set up (SOFTHSM2_CONF, {module})"
-            );
-            eprintln!("SoftHSM not set up: skipped");
-            return None;
-        }
-        let mut tag = [0u8; 6];
-        crate::random_bytes(&mut tag).unwrap();
-        let label = format!(
-            "{name}-{}",
-            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-        let pin = "4711-2342".to_string();
-        let out = std::process::Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                &label,
-                "--pin",
-                &pin,
-                "--so-pin",
-                "so-pin-0815",
-            ])
-            .output()
-            .expect("softhsm2-util");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some((format!("pkcs11:token={label}"), module))
-            .map(|(base, module)| (format!("{base};object=OBJ?module-path={module}"), pin))
-    }
-
     /// The same conformance suite as software keys, against keys made in a
     /// SoftHSM token; a reopened key signs too, a wrong PIN is refused, and
     /// a label is never overwritten.
     #[test]
     fn softhsm_keys_pass_conformance() {
-        let Some((uri_template, pin)) = softhsm_token("conformance") else {
+        let Some((uri_template, pin)) = crate::testing::softhsm_token("conformance", "4711-2342")
+        else {
             return;
         };
         for (spec, object) in [
