@@ -25,6 +25,12 @@ pub enum Error {
     /// The writer task is gone (shutting down).
     #[error("store is shutting down")]
     Closed,
+    /// The database did not confirm a commit, and could not then be asked
+    /// whether it landed: the change may or may not be stored.
+    #[error(
+        "the database did not confirm the write and could not be asked whether it landed ({0}); check the certificate or audit log before retrying"
+    )]
+    Uncertain(String),
     /// Stored data that cannot be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

@@ -30,6 +30,9 @@ const GATHER_IDLE_YIELDS: u32 = 8;
 const GATHER_AFTER: usize = 4;
 /// Arbitrary constant naming the audit-chain lock on PostgreSQL.
 const AUDIT_LOCK_KEY: i64 = 0x5167_11a0;
+/// Tries at asking whether an unconfirmed commit landed, and the pause between.
+const LANDED_ATTEMPTS: u32 = 5;
+const LANDED_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// One durable change and the audit event that records it.
 #[derive(Debug, Clone)]
@@ -272,7 +275,7 @@ async fn process(
     let mut result = write(pool, backend, &changes, head).await;
     metrics::histogram!("sigil_db_query_seconds", "op" => "commit")
         .record(started.elapsed().as_secs_f64());
-    if result.is_err() && cached {
+    if result.as_ref().is_err_and(retryable) && cached {
         // Another process may have appended since: retry once from the stored head.
         result = write(pool, backend, &changes, head).await;
     }
@@ -282,8 +285,15 @@ async fn process(
                 settle(job, Ok(r));
             }
         }
-        Err(e) if batch.len() == 1 => {
-            if let Some(job) = batch.pop() {
+        Err(e) if batch.len() == 1 || !retryable(&e) => {
+            // Whether an unconfirmed commit landed is unknown: running its
+            // changes again could store or audit them twice.
+            let message = e.to_string();
+            let mut first = Some(e);
+            for job in batch.drain(..) {
+                let e = first
+                    .take()
+                    .unwrap_or_else(|| Error::Uncertain(message.clone()));
                 settle(job, Err(e));
             }
         }
@@ -296,6 +306,12 @@ async fn process(
             }
         }
     }
+}
+
+/// Whether a failed batch may be written again: not when its commit may have
+/// landed.
+fn retryable(e: &Error) -> bool {
+    !matches!(e, Error::Uncertain(_))
 }
 
 /// Writes one batch. `head` caches the chain head between batches; the database
@@ -313,6 +329,51 @@ async fn write(
         return Ok(receipts);
     }
     result.map(|(r, _)| r)
+}
+
+/// After a COMMIT whose reply did not arrive: whether the batch whose last
+/// audit row is `last` is stored (`None`: unknown). A batch without audit
+/// rows leaves nothing to look for. A commit the server refused (rolled
+/// back) reports `Some(false)`, so the batch may be written again.
+async fn landed(pool: &AnyPool, backend: Backend, last: Option<(i64, &str)>) -> Option<bool> {
+    let (seq, hash) = last?;
+    for attempt in 0..LANDED_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(LANDED_PAUSE).await;
+        }
+        match stored_hash(pool, backend, seq).await {
+            Ok(stored) => return Some(stored.as_deref() == Some(hash)),
+            Err(e) => tracing::warn!(error = %e, "cannot ask the database whether a commit landed"),
+        }
+    }
+    None
+}
+
+/// The hash of audit row `seq`, once no transaction appending to the chain is
+/// open. On PostgreSQL the lost commit's server process may still be
+/// finishing: waiting for the chain's lock waits for it.
+async fn stored_hash(
+    pool: &AnyPool,
+    backend: Backend,
+    seq: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let sql = match backend {
+        Backend::Sqlite => "SELECT hash FROM audit WHERE seq = ?",
+        Backend::Postgres => {
+            sqlx::query("SET LOCAL lock_timeout = '5s'")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(AUDIT_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+            "SELECT hash FROM audit WHERE seq = $1"
+        }
+    };
+    let row = sqlx::query(sql).bind(seq).fetch_optional(&mut *tx).await?;
+    tx.rollback().await?;
+    row.map(|r| r.try_get("hash")).transpose()
 }
 
 pub(crate) fn classify(e: sqlx::Error) -> Error {
@@ -457,7 +518,18 @@ async fn write_batch(
         }
         q.execute(&mut *tx).await.map_err(classify)?;
     }
-    tx.commit().await?;
+    if let Err(e) = tx.commit().await {
+        // The reply to COMMIT can be lost after the server committed (a
+        // dropped connection). The batch's last audit row tells which.
+        let last = receipts.last().map(|r| (r.seq, r.hash.as_str()));
+        match landed(pool, backend, last).await {
+            Some(true) => {
+                tracing::warn!(error = %e, "the database did not confirm a commit, but it landed");
+            }
+            Some(false) => return Err(e.into()),
+            None => return Err(Error::Uncertain(e.to_string())),
+        }
+    }
     let applied = receipt_of
         .iter()
         .zip(changed)

@@ -1115,3 +1115,145 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
         store.close().await;
     }
 }
+
+/// A TCP relay to PostgreSQL. Armed, it passes the next COMMIT on, waits for
+/// the server's reply, and drops the connection instead of relaying it: the
+/// client cannot tell whether its transaction landed. Down, it drops every
+/// connection as soon as either side sends.
+struct CommitCutter {
+    url: String,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CommitCutter {
+    async fn start(url: &str) -> CommitCutter {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (user, rest) = rest.split_once('@').unwrap();
+        let (hostport, path) = rest.split_once('/').unwrap();
+        let upstream = tokio::net::lookup_host(hostport)
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(false));
+        let (a, d) = (armed.clone(), down.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
+                    tokio::spawn(relay(client, server, a.clone(), d.clone()));
+                }
+            }
+        });
+        let sep = if path.contains('?') { '&' } else { '?' };
+        CommitCutter {
+            url: format!("{scheme}://{user}@{addr}/{path}{sep}sslmode=disable"),
+            armed,
+            down,
+        }
+    }
+}
+
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let cut = std::sync::Arc::new(AtomicBool::new(false));
+    let (cut2, down2) = (cut.clone(), down.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n @ 1..) = sr.read(&mut buf).await {
+            if cut2.load(SeqCst) || down2.load(SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+        let commit = buf[..n].windows(7).any(|w| w == b"COMMIT\0");
+        if commit && armed.swap(false, SeqCst) {
+            // Cut before the server can answer, then let the COMMIT through.
+            cut.store(true, SeqCst);
+            let _ = sw.write_all(&buf[..n]).await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            return;
+        }
+        if down.load(SeqCst) || sw.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A COMMIT whose reply is lost after the server committed is reported as
+/// landed, not run again: no duplicate-serial error for an issuance that is
+/// stored, no second audit row for a record. When the database cannot be
+/// asked, the caller hears that the outcome is unknown, and nothing is rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_reply_is_lost_is_neither_repeated_nor_reported_failed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_, url)) = testing::backends(dir.path())
+        .await
+        .into_iter()
+        .find(|(name, _)| *name == "postgres")
+    else {
+        return;
+    };
+    let cutter = CommitCutter::start(&url).await;
+    let store = Store::open(&cutter.url).await.unwrap();
+    store
+        .commit(Change::Issuer {
+            change: IssuerChange::Install(issuer()),
+            event: event(0),
+        })
+        .await
+        .unwrap();
+
+    cutter.armed.store(true, SeqCst);
+    let issued = store
+        .commit(Change::Issue {
+            cert: cert(1),
+            token: None,
+            event: event(1),
+            completes: None,
+        })
+        .await;
+    assert!(!cutter.armed.load(SeqCst), "the COMMIT was not cut");
+    assert_eq!(issued.unwrap().seq, 2);
+
+    cutter.armed.store(true, SeqCst);
+    let recorded = store.commit(Change::Record(event(2))).await;
+    assert_eq!(recorded.unwrap().seq, 3);
+
+    // The commit lands, and the database then cannot be reached.
+    cutter.armed.store(true, SeqCst);
+    let (s, down) = (store.clone(), cutter.down.clone());
+    let pending = tokio::spawn(async move { s.commit(Change::Record(event(3))).await });
+    while cutter.armed.load(SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    down.store(true, SeqCst);
+    let unknown = pending.await.unwrap();
+    assert!(
+        matches!(unknown, Err(sigil_store::Error::Uncertain(_))),
+        "{unknown:?}"
+    );
+    down.store(false, SeqCst);
+
+    let report = store.verify_audit().await.unwrap();
+    assert_eq!(report.rows, 4, "each change is in the chain once");
+    assert!(report.first_bad.is_none(), "{:?}", report.first_bad);
+    assert_eq!(store.certificate_count().await.unwrap(), 1);
+    store.close().await;
+}
