@@ -65,6 +65,13 @@ impl Cached {
     fn this_update(&self) -> Option<i64> {
         self.answer.window.map(|w| w.0)
     }
+
+    /// Whether it is worth keeping at `now`: unexpired, and its issuer (one
+    /// of `serving`) still serves.
+    fn live(&self, now: i64, serving: &[String]) -> bool {
+        self.answer.window.is_some_and(|w| w.1 > now)
+            && serving.iter().any(|id| id.as_str() == &*self.issuer)
+    }
 }
 
 /// Puts an answer in the cache unless the one there should stay: a
@@ -324,10 +331,7 @@ impl Ocsp {
     fn sweep(&self) {
         let now = self.now();
         let serving: Vec<String> = read(&self.current).keys().cloned().collect();
-        write(&self.cache).retain(|_, c| {
-            c.answer.window.is_some_and(|w| w.1 > now)
-                && serving.iter().any(|id| id.as_str() == &*c.issuer)
-        });
+        write(&self.cache).retain(|_, c| c.live(now, &serving));
     }
 
     /// Seconds before its nextUpdate that a cached answer stops being served
@@ -730,5 +734,69 @@ impl Ocsp {
             );
         }
         Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: &'static str, this_update: i64) -> Cached {
+        Cached {
+            issuer: Arc::from("issuer-a"),
+            answer: Answer::new(
+                status,
+                vec![0x30, 0x00],
+                Some((this_update, this_update + 3600)),
+            ),
+        }
+    }
+
+    fn stored(cache: &HashMap<CacheKey, Cached>) -> (&'static str, Option<i64>) {
+        let c = &cache[&("01".to_string(), CertIdHash::Sha1)];
+        (c.answer.status, c.this_update())
+    }
+
+    #[test]
+    fn a_revocation_stays_and_newer_answers_replace_older_ones() {
+        let key = || ("01".to_string(), CertIdHash::Sha1);
+        let mut cache = HashMap::new();
+        assert!(put(&mut cache, key(), answer("good", 100)));
+        assert!(!put(&mut cache, key(), answer("good", 50)), "older good");
+        assert_eq!(stored(&cache), ("good", Some(100)));
+        assert!(put(&mut cache, key(), answer("good", 100)), "same age");
+        assert!(
+            put(&mut cache, key(), answer("revoked", 90)),
+            "a revocation wins"
+        );
+        assert!(
+            !put(&mut cache, key(), answer("good", 500)),
+            "good after revoked"
+        );
+        assert_eq!(stored(&cache), ("revoked", Some(90)));
+        assert!(
+            !put(&mut cache, key(), answer("revoked", 80)),
+            "older revoked"
+        );
+        assert!(
+            put(&mut cache, key(), answer("revoked", 200)),
+            "re-signed revoked"
+        );
+        assert_eq!(stored(&cache), ("revoked", Some(200)));
+    }
+
+    #[test]
+    fn expired_answers_and_retired_issuers_are_not_kept() {
+        let serving = vec!["issuer-a".to_string()];
+        let a = answer("good", 1000);
+        assert!(a.live(1000, &serving));
+        assert!(a.live(4599, &serving));
+        assert!(!a.live(4600, &serving), "at nextUpdate");
+        assert!(!a.live(1000, &["issuer-b".to_string()]), "issuer retired");
+        let uncacheable = Cached {
+            answer: Answer::new("good", vec![0x30, 0x00], None),
+            ..a
+        };
+        assert!(!uncacheable.live(1000, &serving));
     }
 }
