@@ -922,6 +922,102 @@ fn agent_renews_short_lived_certificates_and_reloads() {
     assert!(out.join("chain.pem").exists() && out.join("key.pem").exists());
 }
 
+/// The serial of the certificate in `dir/cert.pem`, if it holds one.
+fn serial_in(dir: &Path) -> Option<String> {
+    let pem = std::fs::read_to_string(dir.join("cert.pem")).ok()?;
+    let der = sigil_core::csr::decode_pem_or_der(pem.as_bytes()).ok()?;
+    Some(sigil_core::LeafInfo::from_der(&der).ok()?.serial.to_hex())
+}
+
+/// The serial of the certificate in `dir/cert.pem` once there is one that is
+/// not `not`; fails if `agent` exits first or none comes within 60 s.
+fn agent_cert(
+    dir: &Path,
+    not: Option<&str>,
+    agent: &mut std::process::Child,
+    log: &Path,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!(
+                "agent exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if let Some(serial) = serial_in(dir)
+            && Some(serial.as_str()) != not
+        {
+            return serial;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new certificate:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A revoked certificate is not renewed by asking again and again: with a
+/// new bootstrap token in `--token-file` the agent obtains a new certificate
+/// by it; with no token it exits non-zero, says what to do, and leaves the
+/// files in place.
+#[test]
+fn agent_replaces_a_revoked_certificate_by_token_or_says_what_to_do() {
+    let ca = Ca::start();
+    let out = ca.work.join("out");
+    let log = ca.work.join("agent.log");
+    let mut agent = ca.spawn_agent("fallen", &["--lifetime", "1h"]);
+    let first = agent_cert(&out, None, &mut agent, &log);
+    write_secret(
+        &ca.work.join("token"),
+        &ca.token("fallen", &["fallen.internal"]),
+    );
+    let revoke = |serial: &str| {
+        ok(sigil(&[
+            "revoke",
+            "--config",
+            &ca.config,
+            "--serial",
+            serial,
+            "--reason",
+            "superseded",
+        ]))
+    };
+    revoke(&first);
+    let second = agent_cert(&out, Some(&first), &mut agent, &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("the CA refuses to renew certificate"),
+        "{text}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+
+    // No token this time: the agent starts from its files, hears that the
+    // certificate was revoked, and stops instead of retrying.
+    revoke(&second);
+    let started = Instant::now();
+    let out_arg = out.display().to_string();
+    let done = sigil(&[
+        "agent",
+        "--server",
+        &format!("localhost:{}", ca.grpc),
+        "--ca-bundle",
+        &ca.work.join("roots.pem").display().to_string(),
+        "--out-dir",
+        &out_arg,
+    ]);
+    let stderr = fails(done);
+    assert!(started.elapsed() < Duration::from_secs(30), "{stderr}");
+    assert!(
+        stderr.contains("refuses to renew") && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+    assert_eq!(serial_in(&out), Some(second), "the files stay");
+}
+
 /// After a rotation the operator gives a deadline (`--renew-all-by`); a
 /// running agent whose certificate would otherwise last a day renews onto
 /// the new issuer before that deadline, at a moment of its own choosing.
@@ -1174,7 +1270,7 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     let a = args(format!("localhost:{}", ca.grpc), &bad);
     let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(
-        e.contains("first certificate") && e.contains("Unauthenticated"),
+        e.contains("with --token-file failed") && e.contains("Unauthenticated"),
         "{e}"
     );
     assert!(e.contains("signature"), "{e}");

@@ -43,8 +43,8 @@ pub struct AgentArgs {
     #[arg(long)]
     reload_cmd: Option<String>,
     /// Signal a process after each new certificate: PID:SIGNAL (e.g. 1234:HUP).
-    #[arg(long)]
-    reload_signal: Option<String>,
+    #[arg(long, value_parser = parse_reload_signal)]
+    reload_signal: Option<ReloadSignal>,
     /// Serve Prometheus metrics (certificate expiry) on this address.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -61,6 +61,38 @@ pub struct AgentArgs {
     /// Obtain (or load) the certificate, write it, and exit instead of renewing forever.
     #[arg(long)]
     once: bool,
+}
+
+/// `--reload-signal`: which process gets which signal.
+#[derive(Debug, Clone)]
+struct ReloadSignal {
+    pid: u32,
+    signal: String,
+}
+
+/// Signals a reload can be asked with (names as `kill -s` takes them).
+const SIGNALS: [&str; 6] = ["HUP", "USR1", "USR2", "INT", "QUIT", "TERM"];
+
+/// Parses PID:SIGNAL; refuses PIDs that name a process group or every
+/// process (0, negative), and signals other than [`SIGNALS`].
+fn parse_reload_signal(spec: &str) -> Result<ReloadSignal, String> {
+    let (pid, signal) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("expected PID:SIGNAL, e.g. 1234:HUP (got '{spec}')"))?;
+    let pid = pid
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p > 0 && i32::try_from(*p).is_ok())
+        .ok_or_else(|| format!("'{pid}' is not a process id (a positive number)"))?;
+    let upper = signal.to_ascii_uppercase();
+    let signal = upper.strip_prefix("SIG").unwrap_or(&upper).to_string();
+    if !SIGNALS.contains(&signal.as_str()) {
+        return Err(format!(
+            "unknown signal '{signal}'; one of {}",
+            SIGNALS.join(", ")
+        ));
+    }
+    Ok(ReloadSignal { pid, signal })
 }
 
 /// What the agent currently holds.
@@ -104,56 +136,16 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
 
     // Start from: files already in out-dir (a restart), --cert/--key, or a token.
     let mut held = match load_existing(&args)? {
-        Some(h) => {
+        Some((h, seeded)) => {
             // A first attempt's key left behind by a crash right after its
             // install: the installed pair supersedes it.
             let _ = std::fs::remove_file(args.out_dir.join(PENDING_KEY));
-            h
-        }
-        None => {
-            let token_file = args.token_file.as_ref().context(
-                "no certificate in --out-dir yet: pass --token-file (first certificate) or --cert/--key",
-            )?;
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("cannot read --token-file {}", token_file.display()))?;
-            let lifetime = match &args.lifetime {
-                Some(l) => sigil_core::lifetime::parse_duration(l)
-                    .context("--lifetime")?
-                    .as_secs(),
-                None => 0,
-            };
-            // One key for every attempt, kept on disk until the certificate
-            // is installed: if a reply was lost after the CA spent the token
-            // (even if this process then died), the same key and names get
-            // that certificate.
-            let key_pem = pending_key(&args.out_dir)?;
-            let csr = csr_for(&key_pem, token_sans(token.trim())?)?;
-            let mut attempt = 1;
-            let h = loop {
-                let sent = client
-                    .sign(token.trim(), &key_pem, &csr, &args.profile, lifetime)
-                    .await;
-                match sent {
-                    Ok(h) => break h,
-                    Err(e) if attempt < args.first_attempts && is_transient(&e) => {
-                        let wait = 1u64 << (attempt - 1).min(5);
-                        eprintln!("first certificate: {e:#}; retrying in {wait} s");
-                        tokio::time::sleep(Duration::from_secs(wait)).await;
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(e.context("obtaining the first certificate failed")),
-                }
-            };
-            install(&args, &h).await?;
-            let pending = args.out_dir.join(PENDING_KEY);
-            if let Err(e) = std::fs::remove_file(&pending) {
-                eprintln!(
-                    "warning: cannot remove {} ({e}); remove it by hand",
-                    pending.display()
-                );
+            if seeded {
+                install(&args, &h).await?;
             }
             h
         }
+        None => bootstrap(&args, &client).await?,
     };
     metrics
         .not_after
@@ -166,6 +158,17 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         fmt_unix(held.renew_after)
     );
     if args.once {
+        if SystemClock.now().unix_timestamp() >= held.renew_after {
+            let h = client
+                .renew(&held)
+                .await
+                .context("renewing the certificate failed")?;
+            install(&args, &h).await?;
+            println!(
+                "renewed: certificate {} valid until {}",
+                h.leaf.serial, h.leaf.not_after
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -173,16 +176,25 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // A renewed certificate whose files could not be written: installing it
     // is retried, rather than asking the CA for yet another one.
     let mut unsaved: Option<Held> = None;
+    // Not before this (unix s): a certificate just obtained is not renewed at
+    // once even when this host's clock says it is due.
+    let mut earliest = 0i64;
     loop {
         let renewed = match unsaved.take() {
             Some(h) => Ok(h),
             None => {
-                let due = jittered(&held);
+                let due = jittered(&held).max(earliest);
                 let now = SystemClock.now().unix_timestamp();
                 if now < due {
                     wait_until_due(&client, &held, due).await;
                 }
-                client.renew(&held).await
+                match client.renew(&held).await {
+                    Err(e) if is_final(&e) => {
+                        held = after_refusal(&args, &client, &held, e).await?;
+                        continue;
+                    }
+                    r => r,
+                }
             }
         };
         let renewed = match renewed {
@@ -212,6 +224,13 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     h.leaf.not_after,
                     fmt_unix(h.renew_after)
                 );
+                let now = SystemClock.now().unix_timestamp();
+                if h.renew_after <= now {
+                    eprintln!(
+                        "warning: the new certificate is already due for renewal by this host's clock; is the clock right?"
+                    );
+                }
+                earliest = now + min_gap(&h.leaf);
                 held = h;
             }
             Err(e) => {
@@ -235,6 +254,85 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// The first certificate, by the bootstrap token in `--token-file`
+/// (installed when this returns).
+async fn bootstrap(args: &AgentArgs, client: &Client) -> Result<Held> {
+    let token_file = args.token_file.as_ref().context(
+        "no certificate in --out-dir yet: pass --token-file (first certificate) or --cert/--key",
+    )?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read --token-file {}", token_file.display()))?;
+    let lifetime = match &args.lifetime {
+        Some(l) => sigil_core::lifetime::parse_duration(l)
+            .context("--lifetime")?
+            .as_secs(),
+        None => 0,
+    };
+    // One key for every attempt, kept on disk until the certificate is
+    // installed: if a reply was lost after the CA spent the token (even if
+    // this process then died), the same key and names get that certificate.
+    let key_pem = pending_key(&args.out_dir)?;
+    let csr = csr_for(&key_pem, token_sans(token.trim())?)?;
+    let mut attempt = 1;
+    let h = loop {
+        let sent = client
+            .sign(token.trim(), &key_pem, &csr, &args.profile, lifetime)
+            .await;
+        match sent {
+            Ok(h) => break h,
+            Err(e) if attempt < args.first_attempts && is_transient(&e) => {
+                let wait = 1u64 << (attempt - 1).min(5);
+                eprintln!("first certificate: {e:#}; retrying in {wait} s");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context("obtaining a certificate with --token-file failed")),
+        }
+    };
+    install(args, &h).await?;
+    let pending = args.out_dir.join(PENDING_KEY);
+    if let Err(e) = std::fs::remove_file(&pending) {
+        eprintln!(
+            "warning: cannot remove {} ({e}); remove it by hand",
+            pending.display()
+        );
+    }
+    Ok(h)
+}
+
+/// When the CA refuses for good to renew `held` (it was revoked, or policy
+/// no longer allows it): a new certificate by `--token-file` when one was
+/// given, else an error that ends the agent. The files stay either way.
+async fn after_refusal(
+    args: &AgentArgs,
+    client: &Client,
+    held: &Held,
+    e: anyhow::Error,
+) -> Result<Held> {
+    let refused = format!(
+        "the CA refuses to renew certificate {} ({e:#})",
+        held.leaf.serial
+    );
+    if args.token_file.is_none() {
+        bail!(
+            "{refused}; its files stay in {} until it expires on {}. Restart the agent with --token-file holding a new bootstrap token",
+            args.out_dir.display(),
+            held.leaf.not_after
+        );
+    }
+    eprintln!("{refused}; obtaining a new certificate with --token-file");
+    bootstrap(args, client).await.with_context(|| {
+        format!("{refused}; write a new bootstrap token to --token-file and restart the agent")
+    })
+}
+
+/// The least time between obtaining a certificate and renewing it:
+/// a twentieth of its lifetime, at least 30 s, at most half of it.
+fn min_gap(leaf: &LeafInfo) -> i64 {
+    let lifetime = (leaf.not_after - leaf.not_before).whole_seconds().max(0);
+    (lifetime / 20).max(30).min(lifetime / 2)
 }
 
 fn names(leaf: &LeafInfo) -> String {
@@ -306,9 +404,11 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
         if at <= now {
             return;
         }
-        let sleep = tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(0)));
+        // In steps of at most a minute, each checked against the wall clock:
+        // the monotonic clock stops while the host is suspended.
+        let step = u64::try_from((at - now).min(WALL_CLOCK_STEP)).unwrap_or(0);
         tokio::select! {
-            _ = sleep => return,
+            _ = tokio::time::sleep(Duration::from_secs(step)) => {}
             _ = &mut watcher => return,
             Some(early) = rx.recv() => {
                 let now = SystemClock.now().unix_timestamp();
@@ -325,6 +425,9 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
         }
     }
 }
+
+/// Longest sleep (s) before the wall clock is read again.
+const WALL_CLOCK_STEP: i64 = 60;
 
 /// Longest wait for a connection to the CA, TLS handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -449,6 +552,21 @@ fn is_transient(e: &anyhow::Error) -> bool {
     true
 }
 
+/// The CA refused and will refuse again: asking once more cannot help.
+fn is_final(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>().is_some_and(|r| {
+        matches!(
+            r.0,
+            tonic::Code::Unauthenticated
+                | tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::NotFound
+                | tonic::Code::Unimplemented
+        )
+    })
+}
+
 /// A gRPC refusal, kept typed so the caller can tell transient from final.
 #[derive(Debug)]
 struct Refused(tonic::Code, String);
@@ -550,13 +668,15 @@ fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
     })
 }
 
-fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
+/// The certificate and key to start from, and whether they came from
+/// `--cert`/`--key` (not yet in `--out-dir`).
+fn load_existing(args: &AgentArgs) -> Result<Option<(Held, bool)>> {
     finish_interrupted_install(&args.out_dir)?;
     // What the agent last wrote wins over --cert/--key (those only seed it).
     let ours = (args.out_dir.join("chain.pem"), args.out_dir.join("key.pem"));
-    let (chain_path, key_path) = match (&args.cert, &args.key) {
-        (Some(c), Some(k)) if !(ours.0.exists() && ours.1.exists()) => (c.clone(), k.clone()),
-        _ => ours,
+    let (chain_path, key_path, seeded) = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) if !(ours.0.exists() && ours.1.exists()) => (c.clone(), k.clone(), true),
+        _ => (ours.0, ours.1, false),
     };
     if !chain_path.exists() || !key_path.exists() {
         if args.cert.is_some() {
@@ -580,7 +700,7 @@ fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
         .with_context(|| format!("{} is not a readable PKCS#8 key", key_path.display()))?;
     if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.public_key.spki_der() {
         bail!(
-            "{} does not belong to the certificate in {}; restore the matching pair or start over with --token-file",
+            "{} does not belong to the certificate in {}; restore the matching pair, or move both aside and start over with --token-file",
             key_path.display(),
             chain_path.display()
         );
@@ -603,12 +723,13 @@ fn load_existing(args: &AgentArgs) -> Result<Option<Held>> {
         leaf.not_before.unix_timestamp(),
         leaf.not_after.unix_timestamp(),
     );
-    Ok(Some(Held {
+    let held = Held {
         chain_pem,
         key_pem,
         leaf,
         renew_after,
-    }))
+    };
+    Ok(Some((held, seeded)))
 }
 
 /// The files the agent maintains, in the order they are replaced.
@@ -643,16 +764,13 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     if let Some(cmd) = &args.reload_cmd {
         run_hook(tokio::process::Command::new("sh").arg("-c").arg(cmd), cmd).await;
     }
-    if let Some(spec) = &args.reload_signal {
-        let (pid, sig) = spec
-            .split_once(':')
-            .with_context(|| format!("--reload-signal must be PID:SIGNAL (got '{spec}')"))?;
+    if let Some(ReloadSignal { pid, signal }) = &args.reload_signal {
         run_hook(
             tokio::process::Command::new("kill")
                 .arg("-s")
-                .arg(sig)
-                .arg(pid),
-            &format!("kill -s {sig} {pid}"),
+                .arg(signal)
+                .arg(pid.to_string()),
+            &format!("kill -s {signal} {pid}"),
         )
         .await;
     }
@@ -755,20 +873,28 @@ async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Metrics>) -> Result<()
             async move {
                 let not_after = m.not_after.load(Ordering::Relaxed);
                 let now = SystemClock.now().unix_timestamp();
+                // No certificate yet: no expiry to report (not a false alarm).
+                let expiry = if not_after == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        "sigil_agent_certificate_not_after_seconds {not_after}\n\
+                         sigil_agent_certificate_expires_in_seconds {}\n",
+                        not_after - now
+                    )
+                };
                 format!(
                     "# HELP sigil_agent_certificate_not_after_seconds Expiry of the current certificate (unix time).\n\
                      # TYPE sigil_agent_certificate_not_after_seconds gauge\n\
-                     sigil_agent_certificate_not_after_seconds {not_after}\n\
                      # HELP sigil_agent_certificate_expires_in_seconds Seconds until the current certificate expires.\n\
                      # TYPE sigil_agent_certificate_expires_in_seconds gauge\n\
-                     sigil_agent_certificate_expires_in_seconds {}\n\
+                     {expiry}\
                      # HELP sigil_agent_renewals_total Successful renewals.\n\
                      # TYPE sigil_agent_renewals_total counter\n\
                      sigil_agent_renewals_total {}\n\
                      # HELP sigil_agent_renewal_failures_total Failed renewal attempts.\n\
                      # TYPE sigil_agent_renewal_failures_total counter\n\
                      sigil_agent_renewal_failures_total {}\n",
-                    not_after - now,
                     m.renewals.load(Ordering::Relaxed),
                     m.failures.load(Ordering::Relaxed)
                 )
@@ -800,6 +926,43 @@ mod tests {
         let mut kinds: Vec<&str> = parsed.identifiers().iter().map(|i| i.kind()).collect();
         kinds.sort();
         assert_eq!(kinds, ["dns", "ip", "uri"]);
+    }
+
+    #[test]
+    fn reload_signals_name_one_process_and_a_known_signal() {
+        let ok = parse_reload_signal("1234:sighup").unwrap();
+        assert_eq!((ok.pid, ok.signal.as_str()), (1234, "HUP"));
+        assert_eq!(parse_reload_signal("1:USR1").unwrap().signal, "USR1");
+        for bad in [
+            "1234HUP",
+            "0:HUP",
+            "-1:HUP",
+            "x:HUP",
+            "1234:KILL",
+            "1234:",
+            "4294967295:HUP",
+        ] {
+            assert!(parse_reload_signal(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_new_certificate_is_kept_a_while_before_renewing() {
+        let leaf = |secs: i64| {
+            let mut l = LeafInfo::from_der(&held_der()).unwrap();
+            l.not_after = l.not_before + time::Duration::seconds(secs);
+            l
+        };
+        assert_eq!(min_gap(&leaf(120)), 30);
+        assert_eq!(min_gap(&leaf(40)), 20, "at most half the lifetime");
+        assert_eq!(min_gap(&leaf(86_400)), 4_320);
+    }
+
+    /// Any certificate, to derive `LeafInfo`s from.
+    fn held_der() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.internal".to_string()]).unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
     }
 
     #[test]
