@@ -341,6 +341,80 @@ fn connection_limit_holds_new_connections_until_a_slot_frees() {
     server.stop();
 }
 
+/// `server.idle_timeout` (here 2s): connections that send nothing, or stop
+/// sending halfway through a request's headers, are closed, so they cannot
+/// hold the connection slots (here 2) that other clients need. On the HTTPS
+/// (ACME) listener too, after the TLS handshake.
+#[test]
+fn silent_and_trickling_connections_are_closed_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data"],
+        tmp.path(),
+        &[
+            ("SIGIL_SERVER_MAX_CONNECTIONS", "2"),
+            ("SIGIL_SERVER_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    let addr = format!("127.0.0.1:{}", server.port);
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    let mut trickling = std::net::TcpStream::connect(&addr).unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = String::new();
+    third.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(6),
+        "answered after {waited:?}"
+    );
+    for (what, conn) in [("silent", &mut silent), ("trickling", &mut trickling)] {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        let closed = conn.read_to_end(&mut rest);
+        assert!(closed.is_ok(), "{what} connection not closed: {closed:?}");
+    }
+
+    // HTTPS: a handshaken connection that never sends a request is closed
+    // (openssl s_client returns when the server closes it).
+    if have("openssl") {
+        let https = server.https_port.expect("dev server HTTPS port");
+        // stdin stays open and silent until the server closes the connection.
+        let mut client = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{https}"),
+                "-quiet",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while client.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = client.kill();
+                panic!("HTTPS connection kept open over 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(http_get(server.port, "/healthz").unwrap().0, 200);
+    server.stop();
+}
+
 /// `server.request_timeout` (here 1s, from SIGIL_SERVER_REQUEST_TIMEOUT):
 /// an ACME request whose body never finishes arriving is answered 503 with
 /// `Retry-After` after the timeout instead of holding its handler, and the

@@ -21,7 +21,7 @@ pub struct AcmeListener {
     acceptor: TlsAcceptor,
     acme: Arc<Acme>,
     limit: crate::limits::ConnectionLimit,
-    timeout: Duration,
+    timeouts: crate::limits::Timeouts,
 }
 
 /// ACME settings from the `[acme]` section.
@@ -52,7 +52,7 @@ impl AcmeListener {
         cfg: &AcmeConfig,
         authority: Arc<Authority>,
         limit: crate::limits::ConnectionLimit,
-        timeout: Duration,
+        timeouts: crate::limits::Timeouts,
     ) -> Result<AcmeListener> {
         let lifetime = sigil_core::lifetime::parse_duration(&cfg.server_cert_lifetime)
             .context("acme.server_cert_lifetime")?;
@@ -77,7 +77,7 @@ impl AcmeListener {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             acme,
             limit,
-            timeout,
+            timeouts,
         })
     }
 
@@ -101,10 +101,10 @@ impl AcmeListener {
                 }
             })
         };
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         let app = sigil_acme::router(self.acme)
             .layer(axum::middleware::from_fn(move |req, next| {
-                crate::limits::request_timeout(timeout, req, next)
+                crate::limits::request_timeout(timeouts.request, req, next)
             }))
             .layer(axum::middleware::from_fn(crate::request_id::http));
         let incoming = TlsIncoming {
@@ -112,12 +112,10 @@ impl AcmeListener {
             addr,
             limit: self.limit,
         };
-        let result = axum::serve(incoming, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        crate::limits::serve(incoming, app, timeouts.idle, shutdown).await;
         accept.abort();
         pruner.abort();
-        result.context("HTTPS server failed")
+        Ok(())
     }
 }
 
@@ -133,8 +131,9 @@ impl axum::serve::Listener for TlsIncoming {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // Over the limit, handshaken connections wait in the channel and
-        // the accept loop stops taking new ones.
+        // Over the limit, handshaken connections wait in the channel, and
+        // once their handshake slots are all taken, the accept loop stops
+        // taking new ones.
         let rx = &mut self.rx;
         let mut peer = None;
         let admitted = self

@@ -51,6 +51,11 @@ pub struct ServerConfig {
     /// 503 (HTTP, ACME) or cancelled (gRPC unary calls: CANCELLED, "Timeout expired").
     #[serde(default = "request_timeout")]
     pub request_timeout: String,
+    /// How long an HTTP or ACME connection may take to send a request's
+    /// headers, counted from when it is ready for one (new, or done with its
+    /// previous request); then it is closed.
+    #[serde(default = "idle_timeout")]
+    pub idle_timeout: String,
 }
 
 fn max_connections() -> usize {
@@ -59,6 +64,10 @@ fn max_connections() -> usize {
 
 fn request_timeout() -> String {
     "60s".into()
+}
+
+fn idle_timeout() -> String {
+    "15s".into()
 }
 
 /// `[database]`
@@ -371,9 +380,25 @@ impl Config {
         Ok(d)
     }
 
+    /// `server.request_timeout` and `server.idle_timeout`, parsed.
+    pub fn timeouts(&self) -> Result<crate::limits::Timeouts> {
+        let idle = sigil_core::lifetime::parse_duration(&self.server.idle_timeout)
+            .with_context(|| format!("{}: server.idle_timeout", self.path.display()))?;
+        if idle < Duration::from_secs(1) {
+            bail!(
+                "{}: server.idle_timeout must be at least 1s",
+                self.path.display()
+            );
+        }
+        Ok(crate::limits::Timeouts {
+            request: self.request_timeout()?,
+            idle,
+        })
+    }
+
     fn validate(&self) -> Result<()> {
         let p = self.path.display();
-        self.request_timeout()?;
+        self.timeouts()?;
         if self.server.max_connections == 0 {
             bail!("{p}: server.max_connections must be at least 1");
         }

@@ -122,6 +122,7 @@ pub async fn ensure(
             public_url: format!("http://{addr}"),
             max_connections: 10_000,
             request_timeout: "60s".into(),
+            idle_timeout: "15s".into(),
         },
         database: DatabaseConfig {
             url: "sqlite://sigil.db".into(),

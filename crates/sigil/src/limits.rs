@@ -1,7 +1,8 @@
 //! Connection and time limits for the HTTP and HTTPS (ACME) listeners:
 //! at most `max_connections` open connections per listener (more wait in
-//! the kernel's backlog), and every request answered within
-//! `request_timeout` (else 503).
+//! the kernel's backlog), a request's headers within `idle_timeout` of the
+//! connection being ready for them (so idle and trickling connections are
+//! closed), and every request answered within `request_timeout` (else 503).
 
 use axum::extract::Request;
 use axum::http::StatusCode;
@@ -143,4 +144,71 @@ pub async fn request_timeout(limit: Duration, req: Request, next: Next) -> Respo
                 .into_response()
         }
     }
+}
+
+/// The time limits of one listener (`[server]` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long a request may take once its headers are in (then 503).
+    pub request: Duration,
+    /// How long a connection may take to send a request's headers, counted
+    /// from when it is ready for one: a new connection, or one that answered
+    /// its previous request. Silent, idle and trickling connections are
+    /// closed after it, so they cannot hold the listener's connection slots.
+    pub idle: Duration,
+}
+
+/// Serves `app` over HTTP/1.1 on the connections `listener` accepts until
+/// `shutdown` completes, then lets the requests in progress finish. Like
+/// `axum::serve`, plus `header_timeout` ([`Timeouts::idle`]), which
+/// `axum::serve` leaves off: hyper enforces it only with a timer, and axum
+/// gives it none.
+pub async fn serve<L>(
+    mut listener: L,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: axum::serve::Listener,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Each connection holds a receiver; `closed()` waits for the last one.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, _) = tokio::select! {
+            c = listener.accept() => c,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, "connection ended");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
 }

@@ -189,7 +189,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                 a,
                 authority.clone(),
                 crate::limits::ConnectionLimit::new(cfg.server.max_connections),
-                cfg.request_timeout()?,
+                cfg.timeouts()?,
             )
             .await?,
         ),
@@ -258,27 +258,31 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let timeout = cfg.request_timeout()?;
-    // OCSP and CRL routes are merged after the layers, so the hot path skips
-    // them: they write no audit rows, and the responder bounds its own work
-    // (answers from memory, fresh signatures under a concurrency limit).
+    let timeouts = cfg.timeouts()?;
+    let timeout = timeouts.request;
+    // OCSP and CRL routes are merged after the request-id layer, so the hot
+    // path skips it (they write no audit rows); the responder bounds its own
+    // work (answers from memory, fresh signatures under a concurrency limit),
+    // and the timeout bounds a request body sent slowly.
+    let within = move |req, next| crate::limits::request_timeout(timeout, req, next);
     let app = http::router(state)
-        .layer(axum::middleware::from_fn(move |req, next| {
-            crate::limits::request_timeout(timeout, req, next)
-        }))
+        .layer(axum::middleware::from_fn(within))
         .layer(axum::middleware::from_fn(crate::request_id::http))
-        .merge(sigil_revocation::router(revocation, responder));
+        .merge(
+            sigil_revocation::router(revocation, responder)
+                .layer(axum::middleware::from_fn(within)),
+        );
     let listener = crate::limits::LimitedTcp {
         listener,
         limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections),
     };
-    let http = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http = crate::limits::serve(listener, app, timeouts.idle, stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
-    let http_task = tokio::spawn(async move { http.await });
+    let http_task = tokio::spawn(http);
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    http_task.await??;
+    http_task.await?;
     if let Some(t) = grpc_task {
         t.await??;
     }

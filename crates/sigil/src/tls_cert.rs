@@ -177,8 +177,10 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    drop(permit);
+                    // The slot is kept until the server takes the
+                    // connection, so connections waiting for it are bounded.
                     let _ = tx.send((tls, peer)).await;
+                    drop(permit);
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
