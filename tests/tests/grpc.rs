@@ -458,6 +458,39 @@ async fn call_fails<T: std::fmt::Debug>(
     r.expect_err("the call should have been refused")
 }
 
+/// The operator replaces a leaked token-signing key by removing it: the next
+/// `sigil token create` makes a new key and its public half, and after a
+/// restart the server accepts tokens of the new key only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_token_key_retires_the_old_tokens() {
+    let mut ca = Ca::start();
+    let leaked = ca.token("leaky", &["leaky.internal"]);
+    let key = ca.work.join("data/token.key");
+    assert!(key.exists(), "token key not where expected");
+    std::fs::remove_file(&key).unwrap();
+    // Distinct modification times even on coarse-grained filesystems.
+    std::thread::sleep(Duration::from_millis(1100));
+    let fresh = ca.token("leaky", &["leaky.internal"]);
+    let mode = std::fs::metadata(&key).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    ca.restart_with(|t| t);
+    let (csr_old, csr_new) = (
+        key_and_csr(&["leaky.internal"]).1,
+        key_and_csr(&["leaky.internal"]).1,
+    );
+    let s = ca.sign_fails(csr_old, &leaked).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let ok = ca
+        .client(None)
+        .await
+        .sign(with_token(sign_req(csr_new), &fresh))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tonic_client_flow_and_every_refusal() {
     let ca = Ca::start();

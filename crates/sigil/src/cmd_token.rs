@@ -42,12 +42,27 @@ pub fn token_key(cfg: &Config, grpc: &GrpcConfig, pass: &Passphrase) -> Result<S
     if key.public_key().key_type() != sigil_core::KeyType::Ed25519 {
         bail!("token-signing key {} is not an Ed25519 key", path.display());
     }
+    // The server verifies with the public half: it must be this key's, also
+    // after the key file was replaced (a leaked token's key must stop working).
     let public = public_path(cfg, grpc);
-    if !public.exists() {
+    if read_public(&public).ok().as_ref() != Some(key.public_key()) {
         crate::cmd_ca::write_public(
             &public,
             &sigil_authority::pem("PUBLIC KEY", key.public_key().spki_der()),
         )?;
+    }
+    Ok(key)
+}
+
+/// The Ed25519 public key in a `.pub` file.
+fn read_public(path: &std::path::Path) -> Result<sigil_core::PublicKey> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let der = sigil_core::csr::decode_pem_or_der(&text)
+        .with_context(|| format!("{} is not a PEM public key", path.display()))?;
+    let key = sigil_core::PublicKey::from_spki_der(&der)
+        .with_context(|| format!("{} is not a public key", path.display()))?;
+    if key.key_type() != sigil_core::KeyType::Ed25519 {
+        bail!("{} is not an Ed25519 public key", path.display());
     }
     Ok(key)
 }
@@ -59,24 +74,20 @@ fn public_path(cfg: &Config, grpc: &GrpcConfig) -> std::path::PathBuf {
 }
 
 /// The server's token verifier, from the public key file; only if that is
-/// missing is the private key opened (and created if need be) to write it.
+/// missing, or older than the private key (which was replaced), is the
+/// private key opened (and created if need be) to write it.
 pub fn server_verifier(
     cfg: &Config,
     grpc: &GrpcConfig,
     pass: impl FnOnce() -> Result<Passphrase>,
 ) -> Result<TokenVerifier> {
     let public = public_path(cfg, grpc);
-    if public.exists() && cfg.resolve(&grpc.token_key).exists() {
-        let text =
-            std::fs::read(&public).with_context(|| format!("cannot read {}", public.display()))?;
-        let der = sigil_core::csr::decode_pem_or_der(&text)
-            .with_context(|| format!("{} is not a PEM public key", public.display()))?;
-        let key = sigil_core::PublicKey::from_spki_der(&der)
-            .with_context(|| format!("{} is not a public key", public.display()))?;
-        if key.key_type() != sigil_core::KeyType::Ed25519 {
-            bail!("{} is not an Ed25519 public key", public.display());
-        }
-        return Ok(TokenVerifier::new(key.raw()));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(public_at), Some(key_at)) =
+        (modified(&public), modified(&cfg.resolve(&grpc.token_key)))
+        && public_at >= key_at
+    {
+        return Ok(TokenVerifier::new(read_public(&public)?.raw()));
     }
     Ok(verifier(&token_key(cfg, grpc, &pass()?)?))
 }

@@ -93,21 +93,38 @@ pub fn write_encrypted_key(path: &Path, pkcs8_der: &[u8], pass: &Passphrase) -> 
         .to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
         .map_err(|_| Error::Crypto("PEM encoding failed"))?;
     let shown = path.display().to_string();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Exists(shown.clone())
-            } else {
-                Error::Io(shown.clone(), e)
+    if path.exists() {
+        return Err(Error::Exists(shown));
+    }
+    // Written whole under a name of its own, then linked into place: a crash
+    // never leaves a partial key file at `path`, and an existing file is
+    // never replaced (the link fails instead).
+    let mut rnd = [0u8; 8];
+    crate::random_bytes(&mut rnd)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{:016x}.tmp", u64::from_le_bytes(rnd)));
+    let tmp = path.with_file_name(name);
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => {
+            if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+                let _ = dir.sync_all();
             }
-        })?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::Io(shown, e))
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Exists(shown)),
+        Err(e) => Err(Error::Io(shown, e)),
+    }
 }
 
 /// Reads and decrypts a key file written by [`write_encrypted_key`] (or OpenSSL's
