@@ -1383,7 +1383,8 @@ impl Authority {
     /// Signs and stores fresh CRLs for a loaded issuer, valid for
     /// `validity`: its full CRL first, then one per time shard (the shards
     /// configured now, and any shard a stored certificate names). Entries
-    /// stay listed until `grace` after their certificate expires. CRL
+    /// stay listed until `grace`, and at least `validity`, after their
+    /// certificate expires. CRL
     /// numbers are taken from the database, so they grow across nodes too.
     pub async fn publish_crl(
         &self,
@@ -1394,9 +1395,17 @@ impl Authority {
         let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
         let id = info.id.to_string();
-        let now = self.clock.now();
-        let min_not_after = now.unix_timestamp() - i64::try_from(grace.as_secs()).unwrap_or(0);
+        // An entry stays until a regularly scheduled CRL (every validity/2)
+        // issued after its certificate expired has listed it (RFC 5280 3.3).
+        let keep = grace.max(validity);
+        let min_not_after =
+            self.clock.now().unix_timestamp() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
         let stored = self.store.crl_entries(&id, min_not_after).await?;
+        // Taken after the entries were read, so none is newer than the CRL,
+        // and backdated like certificates, for relying parties whose clocks
+        // are a little behind.
+        let now = self.clock.now();
+        let this_update = now - sigil_core::template::BACKDATE;
         let mut shard_of = Vec::with_capacity(stored.len());
         let mut entries = Vec::with_capacity(stored.len());
         for e in stored {
@@ -1438,7 +1447,7 @@ impl Authority {
                 let template = sigil_core::crl::CrlTemplate::new(&sigil_core::crl::CrlSpec {
                     issuer: info,
                     number: u64::try_from(number).unwrap_or(0),
-                    this_update: now,
+                    this_update,
                     next_update,
                     entries,
                     url,
@@ -1448,7 +1457,7 @@ impl Authority {
                     issuer_id: info.id.to_string(),
                     shard,
                     number,
-                    this_update: now.unix_timestamp(),
+                    this_update: this_update.unix_timestamp(),
                     next_update: next_update.unix_timestamp(),
                     der: signer.signer.sign_crl(template)?,
                 })

@@ -948,3 +948,52 @@ async fn a_node_missing_the_new_key_switches_once_the_key_appears() {
     let leaf = authority.issue(req(csr, op())).await.unwrap();
     assert_eq!(leaf.issuer_id, next.id.to_string());
 }
+
+/// A revoked certificate stays on its issuer's CRL for at least the CRL
+/// validity after it expires, whatever the grace, so a regularly scheduled
+/// CRL issued after the expiry lists it (RFC 5280 3.3); and thisUpdate is
+/// taken when the CRL is made, backdated a minute like certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_outlives_its_certificate_on_the_next_scheduled_crl() {
+    let Rotation {
+        _dir,
+        clock,
+        first,
+        authority,
+        ..
+    } = rotation(false).await;
+    let key = KeyPair::generate().unwrap();
+    let leaf = authority
+        .issue(req(csr_with(&key, None, &["gone.internal"], vec![]), op()))
+        .await
+        .unwrap();
+    authority.revoke(&leaf.serial, 1, &op()).await.unwrap();
+    let validity = Duration::from_secs(24 * 3600);
+    let crl = |rows: Vec<sigil_store::CrlRow>| {
+        use x509_parser::prelude::FromDer;
+        let der = rows.into_iter().find(|r| r.shard.is_none()).unwrap().der;
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let serials: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        (serials, crl.last_update().timestamp())
+    };
+    // The certificate expired three hours ago, beyond a grace of zero.
+    let expired = leaf.not_after + Duration::from_secs(3 * 3600);
+    clock.advance(Duration::try_from(expired - clock.now()).unwrap());
+    let (serials, this_update) = crl(authority
+        .publish_crl(first.id.as_str(), validity, Duration::ZERO)
+        .await
+        .unwrap());
+    assert_eq!(serials.len(), 1, "{serials:?}");
+    assert_eq!(this_update, clock.now().unix_timestamp() - 60);
+    // A CRL validity later it may go.
+    clock.advance(validity);
+    let (serials, _) = crl(authority
+        .publish_crl(first.id.as_str(), validity, Duration::ZERO)
+        .await
+        .unwrap());
+    assert!(serials.is_empty(), "{serials:?}");
+}

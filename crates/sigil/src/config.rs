@@ -137,7 +137,9 @@ pub struct RevocationConfig {
     /// nextUpdate − thisUpdate of every CRL (refreshed at half of it).
     #[serde(default = "crl_validity")]
     pub crl_validity: String,
-    /// How long a revoked certificate stays on CRLs after it expires.
+    /// How long a revoked certificate stays on CRLs after it expires (at
+    /// least `crl_validity`, so a scheduled CRL issued after the expiry lists
+    /// it, as RFC 5280 3.3 requires).
     #[serde(default = "crl_grace")]
     pub crl_grace: String,
     /// Time-sharded CRLs: number of shards (0: off, one full CRL per issuer).
