@@ -2257,8 +2257,8 @@ async fn order_validity_window_is_honoured() {
     .problem("malformed");
 }
 
-/// `acme.orders_per_minute`: beyond it, newOrder is `rateLimited` (HTTP 429)
-/// with a Retry-After the client can act on.
+/// `acme.orders_per_minute`: beyond it, newOrder and newAuthz are
+/// `rateLimited` (HTTP 429) with a Retry-After the client can act on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_beyond_the_account_rate_are_rate_limited() {
     let first = Acme::start(&[]).await;
@@ -2289,9 +2289,16 @@ async fn orders_beyond_the_account_rate_are_rate_limited() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    // Pre-authorizations draw on the same budget.
+    raw.new_authz("rl5.localhost").await.problem("rateLimited");
     // Another account has its own budget.
     let other = Raw::register(&ca).await;
     other.new_order(&["rl4.localhost"]).await.expect_ok();
+    other.new_authz("rl6.localhost").await.expect_ok();
+    other
+        .new_authz("rl7.localhost")
+        .await
+        .problem("rateLimited");
 }
 
 /// An issuance refused for the requester's rate (429 `rateLimited`) leaves

@@ -777,6 +777,9 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         .await?;
     let account = req.account()?.clone();
     let requester = Acme::requester(&account)?;
+    // Each pre-authorization may start a validation, as an order does: one
+    // budget for both, or newAuthz would be a way around the order limit.
+    acme.take_order_token(&account.id)?;
     let payload: NewAuthz = req.jws.json()?;
     let id = payload.identifier.parse()?;
     let wire = WireIdentifier::of(&id);

@@ -302,7 +302,7 @@ impl Acme {
         let mut limiter = self.order_budget.lock().unwrap_or_else(|p| p.into_inner());
         limiter.take(account, self.now_ms()).map_err(|wait| {
             let mut p = Problem::rate_limited(format!(
-                "this account may place {} orders per minute; retry in {wait} s",
+                "this account may place {} orders or pre-authorizations per minute; retry in {wait} s",
                 self.settings.orders_per_minute
             ));
             p.retry_after = Some(wait);
