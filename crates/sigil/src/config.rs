@@ -66,6 +66,9 @@ fn request_timeout() -> String {
     "60s".into()
 }
 
+/// The shortest certificate lifetime the CA issues.
+const MIN_LIFETIME: Duration = Duration::from_secs(60);
+
 fn idle_timeout() -> String {
     "15s".into()
 }
@@ -463,6 +466,31 @@ impl Config {
                 self.issuance.max_lifetime
             );
         }
+        // The CA issues nothing shorter than a minute (renewals ask for
+        // at most the lifetime they had): a shorter setting refuses everything.
+        let mut lifetimes = vec![
+            ("issuance.default_lifetime", &self.issuance.default_lifetime),
+            ("issuance.max_lifetime", &self.issuance.max_lifetime),
+        ];
+        if let Some(g) = &self.grpc {
+            lifetimes.push(("grpc.server_cert_lifetime", &g.server_cert_lifetime));
+        }
+        if let Some(a) = &self.acme {
+            lifetimes.push(("acme.server_cert_lifetime", &a.server_cert_lifetime));
+        }
+        for (key, value) in lifetimes {
+            let l = sigil_core::lifetime::parse_duration(value)
+                .with_context(|| format!("{p}: {key}"))?;
+            if l < MIN_LIFETIME {
+                bail!("{p}: {key} ({value}) must be at least 1m: the CA issues nothing shorter");
+            }
+            if l > m {
+                bail!(
+                    "{p}: {key} ({value}) exceeds issuance.max_lifetime ({}); lower it or raise the maximum",
+                    self.issuance.max_lifetime
+                );
+            }
+        }
         Ok(())
     }
 
@@ -777,6 +805,52 @@ mod tests {
             let e = load(from, to).unwrap_err();
             assert!(e.contains(key), "{to}: {e}");
         }
+    }
+
+    /// Lifetimes the CA could never issue are refused when the file is
+    /// loaded, naming the key, instead of every request being refused later.
+    #[test]
+    fn lifetimes_outside_what_the_ca_issues_are_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sigil.toml");
+        let load = |from: &str, to: &str, nth: usize| {
+            let at = text.match_indices(from).nth(nth).unwrap().0;
+            let edited = format!("{}{to}{}", &text[..at], &text[at + from.len()..]);
+            std::fs::write(&file, edited).unwrap();
+            Config::load(&file).map_err(|e| format!("{e:#}"))
+        };
+        for (from, to, nth, key) in [
+            (
+                "max_lifetime = \"90d\"",
+                "max_lifetime = \"30s\"",
+                0,
+                "issuance.max_lifetime",
+            ),
+            (
+                "default_lifetime = \"24h\"",
+                "default_lifetime = \"59s\"",
+                0,
+                "issuance.default_lifetime",
+            ),
+            (
+                "server_cert_lifetime = \"24h\"",
+                "server_cert_lifetime = \"10s\"",
+                0,
+                "grpc.server_cert_lifetime",
+            ),
+            (
+                "server_cert_lifetime = \"24h\"",
+                "server_cert_lifetime = \"100d\"",
+                1,
+                "acme.server_cert_lifetime",
+            ),
+        ] {
+            let e = load(from, to, nth).unwrap_err();
+            assert!(e.contains(key), "{to}: {e}");
+        }
+        assert!(load("max_lifetime = \"90d\"", "max_lifetime = \"24h\"", 0).is_ok());
     }
 
     #[test]
