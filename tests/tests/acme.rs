@@ -289,6 +289,11 @@ async fn answer_http01<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, map: Toke
     let answer = path
         .strip_prefix("/.well-known/acme-challenge/")
         .and_then(|t| map.lock().unwrap().get(t).cloned());
+    if answer.as_deref() == Some("silent") {
+        // A responder that takes the request and never answers.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        return;
+    }
     let rsp = match answer {
         Some(to) if to.starts_with("redirect:") => format!(
             "HTTP/1.1 301 Moved Permanently\r\nLocation: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -1408,6 +1413,46 @@ async fn pre_authorization_of_a_name_allowed_under_another_profile() {
     assert_eq!(rsp.status, StatusCode::CREATED, "{}", rsp.show());
 }
 
+/// A client that is gone before its challenge's validation ends (here the
+/// request times out after 1 s, as a disconnect would end it) does not keep
+/// the authorization pending: the validation runs to its end and its failure
+/// is recorded, so an attempt about to fail cannot be abandoned and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_validation_still_settles_the_authorization() {
+    let first = Acme::start(&[]).await;
+    let ca = first
+        .restart(&[("SIGIL_SERVER_REQUEST_TIMEOUT", "1s")])
+        .await;
+    let raw = Raw::register(&ca).await;
+    let authz_url = raw
+        .new_authz("quiet.localhost")
+        .await
+        .expect_ok()
+        .location();
+    let ch = raw.challenge(&authz_url, "http-01").await;
+    ca.tokens
+        .lock()
+        .unwrap()
+        .insert(ch["token"].as_str().unwrap().to_owned(), "silent".into());
+    let answered = raw
+        .post(ch["url"].as_str().unwrap(), Some(&json!({})))
+        .await;
+    assert_eq!(
+        answered.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answered.show()
+    );
+    // A second response while the first validation runs starts no other.
+    let again = raw
+        .post(ch["url"].as_str().unwrap(), Some(&json!({})))
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.show());
+    // The validator gives up on the silent responder and records it.
+    let settled = raw.settle(&authz_url).await;
+    assert_eq!(settled["status"], "invalid", "{settled}");
+}
+
 /// A TLS server certificate given as is, for every client.
 #[derive(Debug)]
 struct FixedCert(Arc<rustls::sign::CertifiedKey>);
@@ -1696,6 +1741,39 @@ async fn renewal_info_and_replaces() {
         .err()
         .expect("another account cannot replace this account's certificate");
     assert_eq!(problem_name(&foreign), "unauthorized", "{foreign}");
+}
+
+/// An order that failed replaces nothing (RFC 9773 §5 refuses only orders
+/// that are not invalid), even while it is still stored as it was: a client
+/// that gave up on it (certbot stops at the failed authorization) can try
+/// again with `replaces`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replacement_does_not_block_the_next_one() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let account = raw.as_instant(&ca).await;
+    let name = "ari-retry.localhost";
+    let chain = ca.issue(&account, &NewOrder::new(&[dns(name)])).await;
+    let id = cert_id(&pem_certs(&chain)[0]).to_string();
+    let (url, body) = (
+        raw.url("newOrder"),
+        json!({"identifiers": [{"type": "dns", "value": name}], "replaces": id}),
+    );
+    let replacing = || raw.post(&url, Some(&body));
+    let first = replacing().await.expect_ok().json();
+    // Its (reused) authorization is given up, so the order can only fail;
+    // nothing reads the order afterwards.
+    let authz_url = first["authorizations"][0].as_str().unwrap();
+    let gone = raw
+        .post(authz_url, Some(&json!({"status": "deactivated"})))
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(gone["status"], "deactivated", "{gone}");
+    let second = replacing().await;
+    assert_eq!(second.status, StatusCode::CREATED, "{}", second.show());
+    // The live one now blocks a third.
+    replacing().await.problem("alreadyReplaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2515,6 +2593,18 @@ async fn renewal_window_follows_operator_deadline_and_revocation() {
 
     let config = ca.data.join("sigil.toml");
     let config = config.to_string_lossy();
+    // A deadline in the past (a mistyped year) is refused, not applied.
+    let past = fails(sigil(&[
+        "acme",
+        "ari",
+        "--config",
+        &config,
+        "--serial",
+        &serial,
+        "--renew-by",
+        "2020-01-01T00:00:00Z",
+    ]));
+    assert!(past.contains("in the past"), "{past}");
     ok(sigil(&[
         "acme",
         "ari",

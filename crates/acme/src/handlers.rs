@@ -751,17 +751,24 @@ async fn check_replaces(
             row.names.join(", ")
         )));
     }
-    if let Some(order) = acme
+    let candidates = acme
         .authority
         .store()
-        .acme_order_replacing(&account.id, cert_id, acme.now())
-        .await?
-    {
-        return Err(Problem::already_replaced(format!(
-            "certificate {} is already replaced by order {}",
-            row.serial,
-            acme.order_url(&order)
-        )));
+        .acme_orders_replacing(&account.id, cert_id, acme.now())
+        .await?;
+    for id in candidates {
+        // An order whose authorization failed is invalid (RFC 8555 7.1.6)
+        // even while stored as pending: it replaces nothing.
+        let Some(order) = acme.current_order(&id).await? else {
+            continue;
+        };
+        if order.status != "invalid" {
+            return Err(Problem::already_replaced(format!(
+                "certificate {} is already replaced by order {}",
+                row.serial,
+                acme.order_url(&order.id)
+            )));
+        }
     }
     Ok(())
 }
@@ -1178,8 +1185,40 @@ pub async fn challenge(
     // RFC 8555 §7.5.1: the client says it is ready; validate now.
     let ctype = ChallengeType::parse(&kind)
         .ok_or_else(|| Problem::malformed(format!("unknown challenge type {kind}")))?;
+    // One validation at a time per authorization (on this node): a repeated
+    // response while it runs gets the authorization as it stands.
+    let Some(validating) = acme.start_validating(&authz_id) else {
+        return reply(&a);
+    };
+    let key_auth = req.key.key_authorization(&ab.challenges[idx].token);
+    // Run apart from the request, so the outcome is recorded even if the
+    // client goes away (or the request times out) meanwhile: otherwise a
+    // client could abandon every attempt that was going to fail, and retry
+    // the challenge for ever.
+    let work = validate_and_record(acme.clone(), a, ab, idx, ctype, key_auth, validating);
+    let settle = match sigil_store::current_request_id() {
+        Some(id) => tokio::spawn(sigil_store::with_request_id(id, work)),
+        None => tokio::spawn(work),
+    };
+    let settled = settle
+        .await
+        .map_err(|_| Problem::server_internal("the validation task failed"))??;
+    reply(&settled)
+}
+
+/// Validates challenge `idx` of authorization `a` and records the outcome;
+/// returns the authorization as stored afterwards.
+async fn validate_and_record(
+    acme: Arc<Acme>,
+    a: AcmeObject,
+    ab: AuthzBody,
+    idx: usize,
+    ctype: ChallengeType,
+    key_auth: String,
+    _validating: crate::Validating,
+) -> Result<AcmeObject, Problem> {
     let c = &ab.challenges[idx];
-    let key_auth = req.key.key_authorization(&c.token);
+    let kind = c.kind.clone();
     let target = Target {
         kind: ab.identifier.kind.clone(),
         value: ab
@@ -1202,7 +1241,7 @@ pub async fn challenge(
             "valid"
         }
         Err(p) => {
-            tracing::info!(authz = %authz_id, challenge = %kind, detail = %p.detail, "challenge failed");
+            tracing::info!(authz = %a.id, challenge = %kind, detail = %p.detail, "challenge failed");
             next_body.challenges[idx].status = "invalid".into();
             next_body.challenges[idx].error = Some(p.to_json());
             "invalid"
@@ -1210,7 +1249,7 @@ pub async fn challenge(
     };
     metrics::counter!(
         "sigil_acme_challenges_total",
-        "type" => kind.clone(),
+        "type" => kind,
         "status" => next_status
     )
     .increment(1);
@@ -1231,18 +1270,14 @@ pub async fn challenge(
         .acme_update(AcmeTable::Authzs, "pending", &next)
         .await?
     {
-        return reply(&next);
+        return Ok(next);
     }
     // Another request settled it first: report what is stored.
-    match acme
-        .authority
+    acme.authority
         .store()
-        .acme_object(AcmeTable::Authzs, &authz_id)
+        .acme_object(AcmeTable::Authzs, &a.id)
         .await?
-    {
-        Some(current) => reply(&current),
-        None => Err(Problem::not_found("the authorization is gone")),
-    }
+        .ok_or_else(|| Problem::not_found("the authorization is gone"))
 }
 
 pub async fn certificate(

@@ -91,6 +91,22 @@ pub struct Acme {
     /// Per-account new-order budget.
     /// (A token bucket per account, per node.)
     order_budget: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
+    /// Authorizations being validated on this node, so a second challenge
+    /// response does not start a second validation.
+    validating: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// An authorization being validated; released when dropped.
+pub(crate) struct Validating {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Validating {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.id);
+    }
 }
 
 /// How long a cached account is trusted. Changes made on this node replace
@@ -159,7 +175,17 @@ impl Acme {
             accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
             account_keys: std::sync::Mutex::new(std::collections::HashMap::new()),
             order_budget,
+            validating: Arc::default(),
         }))
+    }
+
+    /// Marks authorization `id` as being validated, unless it already is.
+    pub(crate) fn start_validating(&self, id: &str) -> Option<Validating> {
+        let mut set = self.validating.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.to_string()).then(|| Validating {
+            set: self.validating.clone(),
+            id: id.to_string(),
+        })
     }
 
     fn now(&self) -> i64 {

@@ -479,8 +479,13 @@ impl Authority {
         if rotated {
             tracing::info!(issuer = %active.info().id, previous = %current.active.info().id, "active issuer changed");
         }
-        *crate::write(&self.issuers) = IssuerSet { active, all };
-        Ok((true, rotated))
+        let next = IssuerSet { active, all };
+        // While a key keeps failing to load, every sync lands here with the
+        // same set: that is no change (else CRLs and OCSP answers would be
+        // signed again every second).
+        let changed = rotated || next.states() != current.states();
+        *crate::write(&self.issuers) = next;
+        Ok((changed, rotated))
     }
 
     async fn load_issuer(

@@ -997,3 +997,29 @@ async fn a_revocation_outlives_its_certificate_on_the_next_scheduled_crl() {
         .unwrap());
     assert!(serials.is_empty(), "{serials:?}");
 }
+
+/// A staged issuer whose key this node cannot open leaves its issuers as
+/// they were, and syncs say so: were each sync reported as a change, every
+/// CRL and OCSP answer would be signed again every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_issuer_without_its_key_is_not_a_change_on_every_sync() {
+    let Rotation {
+        _dir,
+        clock,
+        store,
+        next,
+        authority,
+        ..
+    } = rotation(false).await;
+    let start = clock.now();
+    sigil_authority::issuers::stage(&store, &next, "next.key".into(), "operator:test", start)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(!authority.sync().await.unwrap().issuers_changed);
+    }
+    // Tried again a minute later, and still missing.
+    clock.advance(Duration::from_secs(61));
+    assert!(!authority.sync().await.unwrap().issuers_changed);
+    assert_eq!(authority.serving_issuers().len(), 1);
+}

@@ -109,6 +109,11 @@ async fn ari(
     let cfg = Config::load(config)?;
     let now = sigil_core::SystemClock.now();
     let when = parse_when("--renew-by", renew_by, now)?;
+    if when < now - time::Duration::minutes(1) {
+        bail!(
+            "--renew-by {renew_by} is in the past (it is now {now}); give a later time, or 0s to ask for renewal at once"
+        );
+    }
     let store = Store::open(&cfg.database_url()).await?;
     let scope = match (serial, issuer) {
         (Some(s), None) => {

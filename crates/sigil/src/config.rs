@@ -656,8 +656,11 @@ pub fn apply_env(
         };
         let v = match sect.get(&key) {
             Some(toml::Value::String(_)) => toml::Value::String(value),
+            // The value is not repeated: it may be a secret.
             _ => parse_value(&value).with_context(|| {
-                format!("{name}: '{value}' is not a valid value for {section}.{key}")
+                format!(
+                    "{name} is not a valid value for {section}.{key} (a number, true/false, a word, or TOML)"
+                )
             })?,
         };
         sect.insert(key, v);
@@ -735,15 +738,14 @@ mod tests {
             &mut table,
             [(
                 "SIGIL_ACME_ORDERS_PER_MINUTE".to_string(),
-                "[1,".to_string(),
+                "[s3cret,".to_string(),
             )]
             .into_iter(),
         )
         .unwrap_err();
-        assert!(
-            format!("{e:#}").contains("SIGIL_ACME_ORDERS_PER_MINUTE"),
-            "{e:#}"
-        );
+        let e = format!("{e:#}");
+        assert!(e.contains("SIGIL_ACME_ORDERS_PER_MINUTE"), "{e}");
+        assert!(!e.contains("s3cret"), "the value may be a secret: {e}");
     }
 
     /// `[revocation]`: defaults match the example, sharding turns on with a

@@ -605,14 +605,16 @@ impl Store {
             .collect()
     }
 
-    /// An order of the account, finalized or still live at `now`, that
-    /// names `cert_id` (an ARI certificate ID) in `replaces`.
-    pub async fn acme_order_replacing(
+    /// The account's orders, finalized or stored as live at `now`, that
+    /// name `cert_id` (an ARI certificate ID) in `replaces`. A stored
+    /// `pending` order may have failed since (its status is brought up to
+    /// date when it is read).
+    pub async fn acme_orders_replacing(
         &self,
         account_id: &str,
         cert_id: &str,
         now: i64,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<Vec<String>, Error> {
         // The body is compact JSON written by serde, so the member appears
         // exactly like this; LIKE's wildcards in the id are escaped.
         let escaped = cert_id
@@ -631,13 +633,14 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         // SQLite's LIKE ignores ASCII case; the ids are case-sensitive.
+        let mut ids = Vec::new();
         for r in rows {
             let body: String = r.try_get("body")?;
             if body.contains(&member) {
-                return Ok(Some(r.try_get("id")?));
+                ids.push(r.try_get("id")?);
             }
         }
-        Ok(None)
+        Ok(ids)
     }
 
     /// The ids of an account's orders, newest first (at most `limit`).
