@@ -1414,14 +1414,14 @@ async fn pre_authorization_of_a_name_allowed_under_another_profile() {
 }
 
 /// A client that is gone before its challenge's validation ends (here the
-/// request times out after 1 s, as a disconnect would end it) does not keep
+/// request times out after 3 s, as a disconnect would end it) does not keep
 /// the authorization pending: the validation runs to its end and its failure
 /// is recorded, so an attempt about to fail cannot be abandoned and retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_validation_still_settles_the_authorization() {
     let first = Acme::start(&[]).await;
     let ca = first
-        .restart(&[("SIGIL_SERVER_REQUEST_TIMEOUT", "1s")])
+        .restart(&[("SIGIL_SERVER_REQUEST_TIMEOUT", "3s")])
         .await;
     let raw = Raw::register(&ca).await;
     let authz_url = raw

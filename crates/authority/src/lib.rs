@@ -1401,11 +1401,18 @@ impl Authority {
         let min_not_after =
             self.clock.now().unix_timestamp() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
         let stored = self.store.crl_entries(&id, min_not_after).await?;
-        // Taken after the entries were read, so none is newer than the CRL,
-        // and backdated like certificates, for relying parties whose clocks
-        // are a little behind.
+        // Taken after the entries were read, and backdated like certificates
+        // for relying parties whose clocks are a little behind, but never to
+        // before the newest revocation it lists.
         let now = self.clock.now();
-        let this_update = now - sigil_core::template::BACKDATE;
+        let floor = now - sigil_core::template::BACKDATE;
+        let this_update = stored
+            .iter()
+            .map(|e| e.revoked_at)
+            .max()
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .map_or(floor, |t| t.max(floor))
+            .min(now);
         let mut shard_of = Vec::with_capacity(stored.len());
         let mut entries = Vec::with_capacity(stored.len());
         for e in stored {

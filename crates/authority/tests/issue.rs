@@ -952,7 +952,8 @@ async fn a_node_missing_the_new_key_switches_once_the_key_appears() {
 /// A revoked certificate stays on its issuer's CRL for at least the CRL
 /// validity after it expires, whatever the grace, so a regularly scheduled
 /// CRL issued after the expiry lists it (RFC 5280 3.3); and thisUpdate is
-/// taken when the CRL is made, backdated a minute like certificates.
+/// taken when the CRL is made, backdated a minute like certificates but not
+/// to before the newest revocation it lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_outlives_its_certificate_on_the_next_scheduled_crl() {
     let Rotation {
@@ -980,6 +981,13 @@ async fn a_revocation_outlives_its_certificate_on_the_next_scheduled_crl() {
             .collect();
         (serials, crl.last_update().timestamp())
     };
+    // Just after the revocation: thisUpdate is not before it.
+    let (serials, this_update) = crl(authority
+        .publish_crl(first.id.as_str(), validity, Duration::ZERO)
+        .await
+        .unwrap());
+    assert_eq!(serials.len(), 1, "{serials:?}");
+    assert_eq!(this_update, clock.now().unix_timestamp());
     // The certificate expired three hours ago, beyond a grace of zero.
     let expired = leaf.not_after + Duration::from_secs(3 * 3600);
     clock.advance(Duration::try_from(expired - clock.now()).unwrap());

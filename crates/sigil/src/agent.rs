@@ -159,11 +159,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     );
     if args.once {
         if SystemClock.now().unix_timestamp() >= held.renew_after {
-            let h = client
-                .renew(&held)
-                .await
-                .context("renewing the certificate failed")?;
-            install(&args, &h).await?;
+            let h = match client.renew(&held).await {
+                Err(e) if is_final(&e) => after_refusal(&args, &client, &held, e).await?,
+                r => {
+                    let h = r.context("renewing the certificate failed")?;
+                    install(&args, &h).await?;
+                    h
+                }
+            };
             println!(
                 "renewed: certificate {} valid until {}",
                 h.leaf.serial, h.leaf.not_after
@@ -179,9 +182,13 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Not before this (unix s): a certificate just obtained is not renewed at
     // once even when this host's clock says it is due.
     let mut earliest = 0i64;
+    // Refusals in a row that asking again cannot change, as far as the
+    // status code tells: acted on only when they repeat, since a node with
+    // a skewed clock or a proxy being redeployed can refuse once.
+    let mut refusals = 0u32;
     loop {
-        let renewed = match unsaved.take() {
-            Some(h) => Ok(h),
+        let (renewed, installed) = match unsaved.take() {
+            Some(h) => (Ok(h), false),
             None => {
                 let due = jittered(&held).max(earliest);
                 let now = SystemClock.now().unix_timestamp();
@@ -190,14 +197,23 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 }
                 match client.renew(&held).await {
                     Err(e) if is_final(&e) => {
-                        held = after_refusal(&args, &client, &held, e).await?;
-                        continue;
+                        refusals += 1;
+                        if refusals < FINAL_REFUSALS {
+                            (Err(e), false)
+                        } else {
+                            refusals = 0;
+                            (Ok(after_refusal(&args, &client, &held, e).await?), true)
+                        }
                     }
-                    r => r,
+                    r => {
+                        refusals = 0;
+                        (r, false)
+                    }
                 }
             }
         };
         let renewed = match renewed {
+            Ok(h) if installed => Ok(h),
             Ok(h) => match install(&args, &h).await {
                 Ok(()) => Ok(h),
                 Err(e) => {
@@ -551,6 +567,9 @@ fn is_transient(e: &anyhow::Error) -> bool {
     // Not a gRPC status: connecting or TLS failed.
     true
 }
+
+/// Final refusals in a row before the agent stops asking (see [`is_final`]).
+const FINAL_REFUSALS: u32 = 3;
 
 /// The CA refused and will refuse again: asking once more cannot help.
 fn is_final(e: &anyhow::Error) -> bool {

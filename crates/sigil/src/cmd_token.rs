@@ -82,9 +82,16 @@ pub fn server_verifier(
     pass: impl FnOnce() -> Result<Passphrase>,
 ) -> Result<TokenVerifier> {
     let public = public_path(cfg, grpc);
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Status-change times: unlike modification times, copying a file with
+    // its times kept (cp -p, rsync -a, tar) cannot set them back.
+    let changed = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.ctime(), m.ctime_nsec()))
+    };
     if let (Some(public_at), Some(key_at)) =
-        (modified(&public), modified(&cfg.resolve(&grpc.token_key)))
+        (changed(&public), changed(&cfg.resolve(&grpc.token_key)))
         && public_at >= key_at
     {
         return Ok(TokenVerifier::new(read_public(&public)?.raw()));

@@ -823,34 +823,33 @@ mod tests {
             std::fs::write(&file, edited).unwrap();
             Config::load(&file).map_err(|e| format!("{e:#}"))
         };
-        for (from, to, nth, key) in [
-            (
-                "max_lifetime = \"90d\"",
-                "max_lifetime = \"30s\"",
-                0,
-                "issuance.max_lifetime",
-            ),
+        let short = "at least 1m";
+        let long = "exceeds issuance.max_lifetime";
+        for (from, to, nth, key, why) in [
             (
                 "default_lifetime = \"24h\"",
                 "default_lifetime = \"59s\"",
                 0,
                 "issuance.default_lifetime",
+                short,
             ),
             (
                 "server_cert_lifetime = \"24h\"",
                 "server_cert_lifetime = \"10s\"",
                 0,
                 "grpc.server_cert_lifetime",
+                short,
             ),
             (
                 "server_cert_lifetime = \"24h\"",
                 "server_cert_lifetime = \"100d\"",
                 1,
                 "acme.server_cert_lifetime",
+                long,
             ),
         ] {
             let e = load(from, to, nth).unwrap_err();
-            assert!(e.contains(key), "{to}: {e}");
+            assert!(e.contains(key) && e.contains(why), "{to}: {e}");
         }
         assert!(load("max_lifetime = \"90d\"", "max_lifetime = \"24h\"", 0).is_ok());
     }

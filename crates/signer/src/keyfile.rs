@@ -104,17 +104,27 @@ pub fn write_encrypted_key(path: &Path, pkcs8_der: &[u8], pass: &Passphrase) -> 
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{:016x}.tmp", u64::from_le_bytes(rnd)));
     let tmp = path.with_file_name(name);
-    let written = (|| {
+    let write_new = |at: &Path| -> std::io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(at)?;
         f.write_all(pem.as_bytes())?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)
-    })();
+        f.sync_all()
+    };
+    let written = write_new(&tmp).and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
+    // A filesystem without hard links: written in place, as a new file.
+    let written = match written {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::Unsupported
+                || e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            write_new(path)
+        }
+        r => r,
+    };
     match written {
         Ok(()) => {
             if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {

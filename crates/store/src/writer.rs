@@ -33,6 +33,8 @@ const AUDIT_LOCK_KEY: i64 = 0x5167_11a0;
 /// Tries at asking whether an unconfirmed commit landed, and the pause between.
 const LANDED_ATTEMPTS: u32 = 5;
 const LANDED_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+/// Longest time spent asking.
+const LANDED_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One durable change and the audit event that records it.
 #[derive(Debug, Clone)]
@@ -336,17 +338,32 @@ async fn write(
 /// rows leaves nothing to look for. A commit the server refused (rolled
 /// back) reports `Some(false)`, so the batch may be written again.
 async fn landed(pool: &AnyPool, backend: Backend, last: Option<(i64, &str)>) -> Option<bool> {
-    let (seq, hash) = last?;
-    for attempt in 0..LANDED_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(LANDED_PAUSE).await;
-        }
-        match stored_hash(pool, backend, seq).await {
-            Ok(stored) => return Some(stored.as_deref() == Some(hash)),
-            Err(e) => tracing::warn!(error = %e, "cannot ask the database whether a commit landed"),
-        }
+    // SQLite commits in this process: a COMMIT that reports an error left
+    // the transaction uncommitted, and it is rolled back.
+    if backend == Backend::Sqlite {
+        return Some(false);
     }
-    None
+    let (seq, hash) = last?;
+    let ask = async {
+        for attempt in 0..LANDED_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(LANDED_PAUSE).await;
+            }
+            match stored_hash(pool, backend, seq).await {
+                Ok(stored) => return Some(stored.as_deref() == Some(hash)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the database whether a commit landed")
+                }
+            }
+        }
+        None
+    };
+    // Every write waits meanwhile: give up (outcome unknown) rather than
+    // stall them for the pool's connect timeouts.
+    tokio::time::timeout(LANDED_DEADLINE, ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The hash of audit row `seq`, once no transaction appending to the chain is

@@ -1124,6 +1124,8 @@ struct CommitCutter {
     url: String,
     armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Go down at the next cut, before the COMMIT goes on.
+    down_at_cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CommitCutter {
@@ -1142,11 +1144,17 @@ impl CommitCutter {
         let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
         let down = Arc::new(AtomicBool::new(false));
-        let (a, d) = (armed.clone(), down.clone());
+        let down_at_cut = Arc::new(AtomicBool::new(false));
+        let (a, d, dc) = (armed.clone(), down.clone(), down_at_cut.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
-                    tokio::spawn(relay(client, server, a.clone(), d.clone()));
+                    let flags = Flags {
+                        armed: a.clone(),
+                        down: d.clone(),
+                        down_at_cut: dc.clone(),
+                    };
+                    tokio::spawn(relay(client, server, flags));
                 }
             }
         });
@@ -1155,18 +1163,26 @@ impl CommitCutter {
             url: format!("{scheme}://{user}@{addr}/{path}{sep}sslmode=disable"),
             armed,
             down,
+            down_at_cut,
         }
     }
 }
 
-async fn relay(
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
+/// A relay's view of its [`CommitCutter`]'s switches.
+struct Flags {
     armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
+    down_at_cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn relay(client: tokio::net::TcpStream, server: tokio::net::TcpStream, flags: Flags) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Flags {
+        armed,
+        down,
+        down_at_cut,
+    } = flags;
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let cut = std::sync::Arc::new(AtomicBool::new(false));
@@ -1185,6 +1201,9 @@ async fn relay(
         if commit && armed.swap(false, SeqCst) {
             // Cut before the server can answer, then let the COMMIT through.
             cut.store(true, SeqCst);
+            if down_at_cut.swap(false, SeqCst) {
+                down.store(true, SeqCst);
+            }
             let _ = sw.write_all(&buf[..n]).await;
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             return;
@@ -1237,19 +1256,15 @@ async fn a_commit_whose_reply_is_lost_is_neither_repeated_nor_reported_failed() 
     assert_eq!(recorded.unwrap().seq, 3);
 
     // The commit lands, and the database then cannot be reached.
+    cutter.down_at_cut.store(true, SeqCst);
     cutter.armed.store(true, SeqCst);
-    let (s, down) = (store.clone(), cutter.down.clone());
-    let pending = tokio::spawn(async move { s.commit(Change::Record(event(3))).await });
-    while cutter.armed.load(SeqCst) {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    down.store(true, SeqCst);
-    let unknown = pending.await.unwrap();
+    let unknown = store.commit(Change::Record(event(3))).await;
+    assert!(cutter.down.load(SeqCst), "the COMMIT was not cut");
     assert!(
         matches!(unknown, Err(sigil_store::Error::Uncertain(_))),
         "{unknown:?}"
     );
-    down.store(false, SeqCst);
+    cutter.down.store(false, SeqCst);
 
     let report = store.verify_audit().await.unwrap();
     assert_eq!(report.rows, 4, "each change is in the chain once");
