@@ -2593,28 +2593,22 @@ async fn renewal_window_follows_operator_deadline_and_revocation() {
 
     let config = ca.data.join("sigil.toml");
     let config = config.to_string_lossy();
+    let ari = |by: &str| {
+        sigil(&[
+            "acme",
+            "ari",
+            "--config",
+            &config,
+            "--serial",
+            &serial,
+            "--renew-by",
+            by,
+        ])
+    };
     // A deadline in the past (a mistyped year) is refused, not applied.
-    let past = fails(sigil(&[
-        "acme",
-        "ari",
-        "--config",
-        &config,
-        "--serial",
-        &serial,
-        "--renew-by",
-        "2020-01-01T00:00:00Z",
-    ]));
+    let past = fails(ari("2020-01-01T00:00:00Z"));
     assert!(past.contains("in the past"), "{past}");
-    ok(sigil(&[
-        "acme",
-        "ari",
-        "--config",
-        &config,
-        "--serial",
-        &serial,
-        "--renew-by",
-        "10m",
-    ]));
+    ok(ari("10m"));
     let (start, end) = window().await;
     assert!(start < end, "({start}, {end})");
     assert!(end <= now() + 600 + 5, "deadline not applied: ends {end}");

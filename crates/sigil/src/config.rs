@@ -374,31 +374,26 @@ impl Config {
 
     /// `server.request_timeout`, parsed.
     pub fn request_timeout(&self) -> Result<Duration> {
-        let d = sigil_core::lifetime::parse_duration(&self.server.request_timeout)
-            .with_context(|| format!("{}: server.request_timeout", self.path.display()))?;
-        if d < Duration::from_secs(1) {
-            bail!(
-                "{}: server.request_timeout must be at least 1s",
-                self.path.display()
-            );
-        }
-        Ok(d)
+        self.server_timeout("request_timeout", &self.server.request_timeout)
     }
 
     /// `server.request_timeout` and `server.idle_timeout`, parsed.
     pub fn timeouts(&self) -> Result<crate::limits::Timeouts> {
-        let idle = sigil_core::lifetime::parse_duration(&self.server.idle_timeout)
-            .with_context(|| format!("{}: server.idle_timeout", self.path.display()))?;
-        if idle < Duration::from_secs(1) {
-            bail!(
-                "{}: server.idle_timeout must be at least 1s",
-                self.path.display()
-            );
-        }
         Ok(crate::limits::Timeouts {
             request: self.request_timeout()?,
-            idle,
+            idle: self.server_timeout("idle_timeout", &self.server.idle_timeout)?,
         })
+    }
+
+    /// A `[server]` timeout of at least a second.
+    fn server_timeout(&self, key: &str, value: &str) -> Result<Duration> {
+        let p = self.path.display();
+        let d = sigil_core::lifetime::parse_duration(value)
+            .with_context(|| format!("{p}: server.{key}"))?;
+        if d < Duration::from_secs(1) {
+            bail!("{p}: server.{key} must be at least 1s");
+        }
+        Ok(d)
     }
 
     fn validate(&self) -> Result<()> {

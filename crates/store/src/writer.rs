@@ -349,7 +349,7 @@ async fn landed(pool: &AnyPool, backend: Backend, last: Option<(i64, &str)>) -> 
             if attempt > 0 {
                 tokio::time::sleep(LANDED_PAUSE).await;
             }
-            match stored_hash(pool, backend, seq).await {
+            match stored_hash(pool, seq).await {
                 Ok(stored) => return Some(stored.as_deref() == Some(hash)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot ask the database whether a commit landed")
@@ -366,29 +366,22 @@ async fn landed(pool: &AnyPool, backend: Backend, last: Option<(i64, &str)>) -> 
         .flatten()
 }
 
-/// The hash of audit row `seq`, once no transaction appending to the chain is
-/// open. On PostgreSQL the lost commit's server process may still be
-/// finishing: waiting for the chain's lock waits for it.
-async fn stored_hash(
-    pool: &AnyPool,
-    backend: Backend,
-    seq: i64,
-) -> Result<Option<String>, sqlx::Error> {
+/// The hash of audit row `seq` (PostgreSQL), once no transaction appending
+/// to the chain is open: the lost commit's server process may still be
+/// finishing, and waiting for the chain's lock waits for it.
+async fn stored_hash(pool: &AnyPool, seq: i64) -> Result<Option<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let sql = match backend {
-        Backend::Sqlite => "SELECT hash FROM audit WHERE seq = ?",
-        Backend::Postgres => {
-            sqlx::query("SET LOCAL lock_timeout = '5s'")
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(AUDIT_LOCK_KEY)
-                .execute(&mut *tx)
-                .await?;
-            "SELECT hash FROM audit WHERE seq = $1"
-        }
-    };
-    let row = sqlx::query(sql).bind(seq).fetch_optional(&mut *tx).await?;
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let row = sqlx::query("SELECT hash FROM audit WHERE seq = $1")
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
     tx.rollback().await?;
     row.map(|r| r.try_get("hash")).transpose()
 }
