@@ -1548,7 +1548,7 @@ async fn tls_alpn01_for_an_ip_identifier() {
     assert_eq!(a["status"], "invalid", "{a}");
     let text = a.to_string();
     assert!(
-        text.contains("must name exactly 127.0.0.1") && text.contains("extra.localhost"),
+        text.contains("must name exactly ip:127.0.0.1") && text.contains("extra.localhost"),
         "{a}"
     );
     let a = attempt(None).await;

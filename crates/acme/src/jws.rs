@@ -43,6 +43,10 @@ pub struct Protected {
     /// The account URL.
     #[serde(default)]
     pub kid: Option<String>,
+    /// Extensions the signer says must be understood (RFC 7515 §4.1.11);
+    /// this server understands none, so any is refused.
+    #[serde(default)]
+    crit: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +73,12 @@ impl Jws {
         let header_json = b64("protected header", &f.protected)?;
         let header: Protected = serde_json::from_slice(&header_json)
             .map_err(|e| Problem::malformed(format!("JWS protected header is invalid: {e}")))?;
+        if header.crit.is_some() {
+            return Err(Problem::malformed(
+                "the JWS protected header has crit, but this server supports no JWS \
+                 extensions: sign without crit",
+            ));
+        }
         let payload = b64("payload", &f.payload)?;
         Ok(Jws {
             header,
@@ -313,5 +323,24 @@ mod tests {
                 "n = {n:?}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_header_with_critical_extensions_is_refused() {
+        let jws = |header: serde_json::Value| {
+            let body = serde_json::json!({
+                "protected": B64.encode(header.to_string()),
+                "payload": "",
+                "signature": "AA",
+            });
+            Jws::parse(body.to_string().as_bytes()).map(|_| ())
+        };
+        let plain = serde_json::json!({"alg": "ES256", "nonce": "n", "url": "u", "kid": "k"});
+        assert!(jws(plain.clone()).is_ok());
+        let mut crit = plain;
+        crit["crit"] = serde_json::json!(["b64"]);
+        crit["b64"] = serde_json::json!(false);
+        let err = jws(crit).unwrap_err();
+        assert!(err.detail.contains("crit"), "{}", err.detail);
     }
 }

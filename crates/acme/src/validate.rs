@@ -543,19 +543,23 @@ fn check_alpn_cert(der: &[u8], target: &Target, want: &[u8]) -> Result<(), Strin
         .ok_or("the certificate has no subjectAltName")?;
     let san = SubjectAltName::from_der(san.extn_value.as_bytes())
         .map_err(|e| format!("unreadable subjectAltName: {e}"))?;
-    let names: Vec<String> = san
+    // A DNS identifier must be the one dNSName, an IP identifier the one
+    // iPAddress (RFC 8738 §6): the same text in the other type does not count.
+    let names: Vec<(&str, String)> = san
         .0
         .iter()
         .map(|g| match g {
-            GeneralName::DnsName(d) => d.to_string().to_ascii_lowercase(),
-            GeneralName::IpAddress(ip) => Ipv4or6(ip.as_bytes()).to_string(),
-            _ => "(other name)".into(),
+            GeneralName::DnsName(d) => ("dns", d.to_string().to_ascii_lowercase()),
+            GeneralName::IpAddress(ip) => ("ip", Ipv4or6(ip.as_bytes()).to_string()),
+            _ => ("other", "(other name)".into()),
         })
         .collect();
-    if names.len() != 1 || names[0] != target.value.to_ascii_lowercase() {
+    let wanted = (target.kind.as_str(), target.value.to_ascii_lowercase());
+    if names.len() != 1 || (names[0].0, names[0].1.as_str()) != (wanted.0, wanted.1.as_str()) {
+        let shown: Vec<String> = names.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         return Err(format!(
-            "the certificate must name exactly {}; it names {names:?}",
-            target.value
+            "the certificate must name exactly {}:{} in its subjectAltName; it names {shown:?}",
+            target.kind, target.value
         ));
     }
     Ok(())
@@ -599,7 +603,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        verify_handshake_signature(message, cert, dss)
+        verify_handshake_signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -608,7 +612,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        verify_handshake_signature(message, cert, dss)
+        verify_handshake_signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -619,25 +623,63 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 /// Checks the handshake signature against the certificate's key. The
 /// challenge certificate carries the critical acmeIdentifier extension, which
 /// a general-purpose path validator refuses, so its key is read directly.
+/// In TLS 1.3 an ECDSA scheme names the curve as well as the hash; in TLS 1.2
+/// it names only the hash, and the curve is the key's.
 fn verify_handshake_signature(
     message: &[u8],
     cert: &rustls_pki_types::CertificateDer<'_>,
     dss: &rustls::DigitallySignedStruct,
+    tls13: bool,
 ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    check_signature(message, cert.as_ref(), dss.scheme, dss.signature(), tls13)
+        .map_err(|why| rustls::Error::General(format!("challenge certificate: {why}")))?;
+    Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+}
+
+/// [`verify_handshake_signature`] on its parts; `Err` says what is wrong.
+fn check_signature(
+    message: &[u8],
+    cert: &[u8],
+    scheme: rustls::SignatureScheme,
+    signature: &[u8],
+    tls13: bool,
+) -> Result<(), &'static str> {
     use aws_lc_rs::signature as sig;
     use der::Decode;
     use rustls::SignatureScheme as S;
-    let bad = |why: &str| rustls::Error::General(format!("challenge certificate: {why}"));
-    let parsed = x509_cert::Certificate::from_der(cert.as_ref()).map_err(|_| bad("unreadable"))?;
-    let key = parsed
-        .tbs_certificate()
-        .subject_public_key_info()
+    let bad = |why: &'static str| why;
+    let parsed = x509_cert::Certificate::from_der(cert).map_err(|_| bad("unreadable"))?;
+    let spki = parsed.tbs_certificate().subject_public_key_info();
+    let key = spki
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| bad("key is not octet-aligned"))?;
-    let alg: &dyn sig::VerificationAlgorithm = match dss.scheme {
-        S::ECDSA_NISTP256_SHA256 => &sig::ECDSA_P256_SHA256_ASN1,
-        S::ECDSA_NISTP384_SHA384 => &sig::ECDSA_P384_SHA384_ASN1,
+    let curve = ec_curve(spki);
+    let ecdsa = |hash: usize| -> Result<&'static dyn sig::VerificationAlgorithm, &'static str> {
+        let curve = curve.ok_or_else(|| {
+            bad("an ECDSA signature from a key that is not P-256, P-384 or P-521")
+        })?;
+        if tls13 && curve != hash {
+            return Err(bad(
+                "in TLS 1.3 the signature scheme must match the key's curve",
+            ));
+        }
+        Ok(match (curve, hash) {
+            (256, 256) => &sig::ECDSA_P256_SHA256_ASN1,
+            (256, 384) => &sig::ECDSA_P256_SHA384_ASN1,
+            (256, _) => &sig::ECDSA_P256_SHA512_ASN1,
+            (384, 256) => &sig::ECDSA_P384_SHA256_ASN1,
+            (384, 384) => &sig::ECDSA_P384_SHA384_ASN1,
+            (384, _) => &sig::ECDSA_P384_SHA512_ASN1,
+            (_, 256) => &sig::ECDSA_P521_SHA256_ASN1,
+            (_, 384) => &sig::ECDSA_P521_SHA384_ASN1,
+            _ => &sig::ECDSA_P521_SHA512_ASN1,
+        })
+    };
+    let alg: &dyn sig::VerificationAlgorithm = match scheme {
+        S::ECDSA_NISTP256_SHA256 => ecdsa(256)?,
+        S::ECDSA_NISTP384_SHA384 => ecdsa(384)?,
+        S::ECDSA_NISTP521_SHA512 => ecdsa(521)?,
         S::ED25519 => &sig::ED25519,
         S::RSA_PSS_SHA256 => &sig::RSA_PSS_2048_8192_SHA256,
         S::RSA_PSS_SHA384 => &sig::RSA_PSS_2048_8192_SHA384,
@@ -648,9 +690,25 @@ fn verify_handshake_signature(
         _ => return Err(bad("unsupported signature scheme")),
     };
     sig::UnparsedPublicKey::new(alg, key)
-        .verify(message, dss.signature())
-        .map_err(|_| bad("handshake signature does not verify"))?;
-    Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        .verify(message, signature)
+        .map_err(|_| bad("handshake signature does not verify"))
+}
+
+/// The size of an EC key's named curve (256, 384 or 521), if it is one of those.
+fn ec_curve(spki: &x509_cert::spki::SubjectPublicKeyInfoOwned) -> Option<usize> {
+    use der::asn1::ObjectIdentifier as Oid;
+    const EC_PUBLIC_KEY: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
+    const P256: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
+    const P384: Oid = Oid::new_unwrap("1.3.132.0.34");
+    const P521: Oid = Oid::new_unwrap("1.3.132.0.35");
+    if spki.algorithm.oid != EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve: Oid = spki.algorithm.parameters.as_ref()?.decode_as().ok()?;
+    [(P256, 256), (P384, 384), (P521, 521)]
+        .into_iter()
+        .find(|(oid, _)| *oid == curve)
+        .map(|(_, bits)| bits)
 }
 
 #[cfg(test)]
@@ -691,5 +749,85 @@ mod tests {
         let std = |loc: &str| follow(loc, "a.internal", false, (80, 443));
         assert_eq!(std("https://a.internal/p"), hop(true, "/p"));
         assert_eq!(std("http://a.internal:80/p"), hop(false, "/p"));
+    }
+
+    /// A self-signed certificate for `san` with `key`'s public half.
+    fn self_signed(key: &rcgen::KeyPair, san: rcgen::SanType) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![san];
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[7; 32])];
+        params.self_signed(key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn an_alpn_certificate_names_the_identifier_in_its_own_type() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ip = Target {
+            kind: "ip".into(),
+            value: "127.0.0.1".into(),
+        };
+        let as_ip = self_signed(&key, rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        assert_eq!(check_alpn_cert(&as_ip, &ip, &[7; 32]), Ok(()));
+        let as_dns = self_signed(
+            &key,
+            rcgen::SanType::DnsName("127.0.0.1".try_into().unwrap()),
+        );
+        let err = check_alpn_cert(&as_dns, &ip, &[7; 32]).unwrap_err();
+        assert!(
+            err.contains("ip:127.0.0.1") && err.contains("dns:127.0.0.1"),
+            "{err}"
+        );
+        let dns = Target {
+            kind: "dns".into(),
+            value: "a.example".into(),
+        };
+        let named = self_signed(
+            &key,
+            rcgen::SanType::DnsName("A.example".try_into().unwrap()),
+        );
+        assert_eq!(check_alpn_cert(&named, &dns, &[7; 32]), Ok(()));
+        assert!(check_alpn_cert(&named, &dns, &[8; 32]).is_err());
+    }
+
+    #[test]
+    fn handshake_signatures_from_every_nist_curve_verify() {
+        use aws_lc_rs::signature::{self as sig, EcdsaKeyPair};
+        use rustls::SignatureScheme as S;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
+        let cert = self_signed(
+            &key,
+            rcgen::SanType::DnsName("a.example".try_into().unwrap()),
+        );
+        let sign = |alg: &'static sig::EcdsaSigningAlgorithm| {
+            let pair = EcdsaKeyPair::from_pkcs8(alg, &key.serialize_der()).unwrap();
+            pair.sign(&rng, b"handshake").unwrap().as_ref().to_vec()
+        };
+        let sha512 = sign(&sig::ECDSA_P521_SHA512_ASN1_SIGNING);
+        assert_eq!(
+            check_signature(b"handshake", &cert, S::ECDSA_NISTP521_SHA512, &sha512, true),
+            Ok(())
+        );
+        assert!(
+            check_signature(b"tampered", &cert, S::ECDSA_NISTP521_SHA512, &sha512, true).is_err()
+        );
+        // TLS 1.2 names only the hash: SHA-256 with a P-521 key is fine there,
+        // and not in TLS 1.3, where the scheme names the curve too.
+        let sha256 = sign(&sig::ECDSA_P521_SHA256_ASN1_SIGNING);
+        assert_eq!(
+            check_signature(
+                b"handshake",
+                &cert,
+                S::ECDSA_NISTP256_SHA256,
+                &sha256,
+                false
+            ),
+            Ok(())
+        );
+        assert!(
+            check_signature(b"handshake", &cert, S::ECDSA_NISTP256_SHA256, &sha256, true)
+                .unwrap_err()
+                .contains("TLS 1.3")
+        );
     }
 }
