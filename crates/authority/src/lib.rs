@@ -1400,7 +1400,23 @@ impl Authority {
         let keep = grace.max(validity);
         let min_not_after =
             self.clock.now().unix_timestamp() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
-        let stored = self.store.crl_entries(&id, min_not_after).await?;
+        let configured = self
+            .settings
+            .urls
+            .crl_sharding()
+            .map_or(0, |s| i64::from(s.count()));
+        // The entries and the numbers come together, so a CRL numbered
+        // higher than another never lists less.
+        let snapshot = self
+            .store
+            .crl_snapshot(
+                &id,
+                min_not_after,
+                configured,
+                i64::from(sigil_core::CrlSharding::MAX_SHARDS),
+            )
+            .await?;
+        let (first, shards, stored) = (snapshot.first_number, snapshot.shards, snapshot.entries);
         // Taken after the entries were read, and backdated like certificates
         // for relying parties whose clocks are a little behind, but never to
         // before the newest revocation it lists.
@@ -1430,16 +1446,6 @@ impl Authority {
                 reason: e.reason,
             });
         }
-        let configured = self
-            .settings
-            .urls
-            .crl_sharding()
-            .map_or(0, |s| i64::from(s.count()));
-        let named = self.store.max_crl_shard(&id).await?.map_or(0, |m| m + 1);
-        let shards = configured
-            .max(named)
-            .min(i64::from(sigil_core::CrlSharding::MAX_SHARDS));
-        let first = self.store.next_crl_numbers(&id, 1 + shards).await?;
         let next_update = now + validity;
         let urls = self.settings.urls.clone();
         // Building and signing a large CRL takes a while: off the runtime.

@@ -23,8 +23,8 @@ pub use audit::{
 pub use copy::CopyReport;
 pub use error::Error;
 pub use rows::{
-    CertificateRow, CrlRow, IssuerRow, IssuerState, NewCertificate, NewIssuer, NewRevocation,
-    OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
+    CertificateRow, CrlRow, CrlSnapshot, IssuerRow, IssuerState, NewCertificate, NewIssuer,
+    NewRevocation, OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
 };
 pub use writer::{Change, IssuerChange};
 
@@ -54,6 +54,9 @@ pub struct Store {
     /// Orders and authorizations as last committed (SQLite only: one
     /// server writes them).
     objects: Option<std::sync::Arc<objects::ObjectCache>>,
+    /// Taken by [`Store::crl_snapshot`], so this process's CRL snapshots of
+    /// one database follow each other (other processes: a row lock).
+    crl_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -96,6 +99,7 @@ impl Store {
             backend,
             writer,
             objects,
+            crl_turn: Default::default(),
         })
     }
 

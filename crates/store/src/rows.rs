@@ -147,6 +147,34 @@ pub struct NewRevocation {
 pub type RevocationRow = NewRevocation;
 
 /// One entry for a CRL.
+/// The revocations a CRL lists: of issuer `$1`, for certificates expiring
+/// after `$2`.
+const CRL_ENTRIES: &str = "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
+     JOIN certificates c ON c.serial = r.serial \
+     WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial";
+
+fn revoked_entry(r: &sqlx::any::AnyRow) -> Result<RevokedEntry, Error> {
+    let reason: i64 = r.try_get("reason")?;
+    Ok(RevokedEntry {
+        serial: r.try_get("serial")?,
+        revoked_at: r.try_get("revoked_at")?,
+        reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
+        crl_shard: r.try_get("crl_shard")?,
+    })
+}
+
+/// What a CRL publication lists, with the numbers its CRLs get: see
+/// [`Store::crl_snapshot`].
+#[derive(Debug, Clone)]
+pub struct CrlSnapshot {
+    /// The first of `1 + shards` consecutive CRL numbers taken.
+    pub first_number: i64,
+    /// How many shard CRLs to sign besides the full one.
+    pub shards: i64,
+    /// The revocations to list.
+    pub entries: Vec<RevokedEntry>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RevokedEntry {
     /// Serial, lowercase hex.
@@ -562,24 +590,13 @@ impl Store {
     ) -> Result<Vec<RevokedEntry>, Error> {
         use tokio_stream::StreamExt;
         // Streamed: a CRL may list millions; rows are not all held at once.
-        let mut rows = sqlx::query(
-            "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
-             JOIN certificates c ON c.serial = r.serial \
-             WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial",
-        )
-        .bind(issuer_id)
-        .bind(not_after_min)
-        .fetch(&self.pool);
+        let mut rows = sqlx::query(CRL_ENTRIES)
+            .bind(issuer_id)
+            .bind(not_after_min)
+            .fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows.next().await {
-            let r = r?;
-            let reason: i64 = r.try_get("reason")?;
-            out.push(RevokedEntry {
-                serial: r.try_get("serial")?,
-                revoked_at: r.try_get("revoked_at")?,
-                reason: i32::try_from(reason).map_err(|e| Error::Corrupt(e.to_string()))?,
-                crl_shard: r.try_get("crl_shard")?,
-            });
+            out.push(revoked_entry(&r?)?);
         }
         Ok(out)
     }
@@ -593,6 +610,88 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("m")?)
+    }
+
+    /// Reads what an issuer's next CRLs list and takes their numbers, as one
+    /// step: a CRL with a higher number never lists less than one with a
+    /// lower (a revocation committed while another node was reading is in
+    /// the later snapshot). Lists revocations of certificates expiring after
+    /// `not_after_min`; signs `max(configured_shards, shards any stored
+    /// certificate names)` shard CRLs, at most `max_shards`.
+    ///
+    /// On PostgreSQL the issuer's `crl_numbers` row stays locked from the
+    /// read to the numbering, so other nodes' snapshots wait; this process's
+    /// snapshots take turns (SQLite has no other process).
+    pub async fn crl_snapshot(
+        &self,
+        issuer_id: &str,
+        not_after_min: i64,
+        configured_shards: i64,
+        max_shards: i64,
+    ) -> Result<CrlSnapshot, Error> {
+        let _turn = self.crl_turn.lock().await;
+        if self.backend == crate::Backend::Sqlite {
+            // Not in a write transaction: that would hold up every commit
+            // while a long list is read. Nothing else numbers CRLs.
+            let named = self.max_crl_shard(issuer_id).await?.map_or(0, |m| m + 1);
+            let shards = configured_shards.max(named).min(max_shards);
+            let entries = self.crl_entries(issuer_id, not_after_min).await?;
+            let first_number = self.next_crl_numbers(issuer_id, 1 + shards).await?;
+            return Ok(CrlSnapshot {
+                first_number,
+                shards,
+                entries,
+            });
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO crl_numbers (issuer_id, last) VALUES ($1, 0) ON CONFLICT (issuer_id) DO NOTHING",
+        )
+        .bind(issuer_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT last FROM crl_numbers WHERE issuer_id = $1 FOR UPDATE")
+            .bind(issuer_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        // Each statement below sees what was committed before it began
+        // (READ COMMITTED), so after the lock: everything the previous
+        // snapshot saw, and more.
+        let named: Option<i64> =
+            sqlx::query("SELECT MAX(crl_shard) AS m FROM certificates WHERE issuer_id = $1")
+                .bind(issuer_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("m")?;
+        let shards = configured_shards
+            .max(named.map_or(0, |m| m + 1))
+            .min(max_shards);
+        let entries = {
+            use tokio_stream::StreamExt;
+            let mut rows = sqlx::query(CRL_ENTRIES)
+                .bind(issuer_id)
+                .bind(not_after_min)
+                .fetch(&mut *tx);
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await {
+                out.push(revoked_entry(&r?)?);
+            }
+            out
+        };
+        let last: i64 = sqlx::query(
+            "UPDATE crl_numbers SET last = last + $2 WHERE issuer_id = $1 RETURNING last",
+        )
+        .bind(issuer_id)
+        .bind(1 + shards)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("last")?;
+        tx.commit().await?;
+        Ok(CrlSnapshot {
+            first_number: last - shards,
+            shards,
+            entries,
+        })
     }
 
     /// Takes the next CRL number for an issuer (atomically; numbers only grow,

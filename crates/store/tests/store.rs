@@ -1272,3 +1272,69 @@ async fn a_commit_whose_reply_is_lost_is_neither_repeated_nor_reported_failed() 
     assert_eq!(store.certificate_count().await.unwrap(), 1);
     store.close().await;
 }
+
+/// A CRL snapshot's list and numbers go together. On PostgreSQL, a snapshot
+/// taken while another node holds the issuer's numbering waits for it, and
+/// then lists what was revoked meanwhile, under the higher number: a CRL
+/// numbered later never lists less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crl_snapshot_numbered_later_lists_what_was_revoked_meanwhile() {
+    let serials = |s: &sigil_store::CrlSnapshot| -> Vec<String> {
+        s.entries.iter().map(|e| e.serial.clone()).collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let a = seeded(&url, 3).await;
+        let id = issuer().id;
+        let revoke = |i: usize| {
+            a.commit(Change::Revoke {
+                revocation: revocation(i),
+                event: event(10 + i),
+            })
+        };
+        revoke(1).await.unwrap();
+        let s = a.crl_snapshot(&id, 0, 2, 4).await.unwrap();
+        assert_eq!((s.first_number, s.shards), (1, 2), "{name}");
+        assert_eq!(serials(&s), [cert(1).serial], "{name}");
+        // Expired before `not_after_min`: not listed.
+        assert!(
+            a.crl_snapshot(&id, 20, 0, 4)
+                .await
+                .unwrap()
+                .entries
+                .is_empty()
+        );
+        if name != "postgres" {
+            continue;
+        }
+        // Another node in the middle of its snapshot.
+        let mut other = a.dangerous_raw_pool().begin().await.unwrap();
+        sqlx::query("SELECT last FROM crl_numbers WHERE issuer_id = $1 FOR UPDATE")
+            .bind(&id)
+            .fetch_one(&mut *other)
+            .await
+            .unwrap();
+        let b = Store::open(&url).await.unwrap();
+        let waiting = tokio::spawn({
+            let (b, id) = (b.clone(), id.clone());
+            async move { b.crl_snapshot(&id, 0, 0, 4).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "waits for the other node");
+        revoke(2).await.unwrap();
+        sqlx::query("UPDATE crl_numbers SET last = last + 1 WHERE issuer_id = $1")
+            .bind(&id)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        other.commit().await.unwrap();
+        let s = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            s.first_number,
+            3 + 1 + 1 + 1,
+            "after the other node's number"
+        );
+        assert_eq!(serials(&s), [cert(1).serial, cert(2).serial]);
+        b.close().await;
+    }
+}
