@@ -1373,6 +1373,99 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
     assert!(!out.join("key.pem.pending").exists());
 }
 
+/// `--cert`/`--key` seed the agent: `--once` installs that pair into
+/// `--out-dir` as it is, and, once the certificate is due, renews it (from
+/// the installed files, which win over the seed from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_once_installs_a_seeded_pair_and_renews_it_when_due() {
+    let ca = Ca::start();
+    let token = ca.token("seed", &["seed.internal"]);
+    let (key, csr) = key_and_csr(&["seed.internal"]);
+    let mut req = sign_req(csr);
+    req.lifetime_seconds = 60;
+    let seeded = ca
+        .client(None)
+        .await
+        .sign(with_token(req, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (cert_file, key_file) = (ca.work.join("seed-chain.pem"), ca.work.join("seed-key.pem"));
+    std::fs::write(&cert_file, &seeded.chain_pem).unwrap();
+    write_secret(&key_file, &key);
+    let out = ca.work.join("out-seed");
+    let grpc = format!("localhost:{}", ca.grpc);
+    let bundle = ca.work.join("roots.pem").display().to_string();
+    let (cert_arg, key_arg, out_arg) = (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+        out.display().to_string(),
+    );
+    let once = || {
+        ok(sigil(&[
+            "agent",
+            "--server",
+            &grpc,
+            "--ca-bundle",
+            &bundle,
+            "--cert",
+            &cert_arg,
+            "--key",
+            &key_arg,
+            "--out-dir",
+            &out_arg,
+            "--once",
+        ]))
+    };
+    let first = once();
+    assert!(!first.contains("renewed:"), "not due yet: {first}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("chain.pem")).unwrap(),
+        seeded.chain_pem
+    );
+    assert_eq!(std::fs::read_to_string(out.join("key.pem")).unwrap(), key);
+    assert_eq!(serial_in(&out).as_deref(), Some(seeded.serial.as_str()));
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    // Due two thirds into its life: 20 s from now (60 s backdated, 1 min ahead).
+    let now = sigil_core::SystemClock.now().unix_timestamp();
+    let wait = u64::try_from(seeded.renew_after + 1 - now).unwrap_or(0);
+    assert!(
+        wait <= 25,
+        "renew_after {} vs now {now}",
+        seeded.renew_after
+    );
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let second = once();
+    assert!(second.contains("renewed: certificate"), "{second}");
+    let renewed = serial_in(&out).unwrap();
+    assert_ne!(renewed, seeded.serial);
+    assert!(second.contains(&renewed), "{second}");
+    // The installed key belongs to the installed certificate.
+    let chain = std::fs::read_to_string(out.join("chain.pem")).unwrap();
+    let leaf = sigil_core::LeafInfo::from_der(
+        &sigil_core::csr::decode_pem_or_der(chain.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let installed_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(out.join("key.pem")).unwrap()).unwrap();
+    assert_eq!(
+        rcgen::PublicKeyData::subject_public_key_info(&installed_key),
+        leaf.public_key.spki_der()
+    );
+    let third = once();
+    assert!(
+        !third.contains("renewed:"),
+        "the new certificate is not due: {third}"
+    );
+    assert_eq!(serial_in(&out).as_deref(), Some(renewed.as_str()));
+}
+
 /// Sign with a client certificate instead of a token: the requester is the
 /// certificate's identity (`mtls:NAME`), so the policy decides by that name; a
 /// revoked client certificate is no credential.
