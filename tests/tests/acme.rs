@@ -2711,6 +2711,57 @@ async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
     let port_b = node_b.https_port.unwrap();
     shared_state_checks(&a, port_a, port_b).await;
 
+    // The other node serves the job node's CRLs: a revocation reaches its
+    // /crl within seconds (it polls the stored numbers, and fetches a CRL
+    // only when a newer one is stored).
+    assert!(
+        node_b
+            .log_text()
+            .contains("another node runs the background jobs")
+    );
+    let id = issuer_in_log(&a);
+    // What it holds in memory (its metrics say), once it holds one.
+    let held = |port: u16| -> Option<u64> {
+        let (_, body) = http_get(port, "/metrics").ok()?;
+        let want = format!("sigil_crl_number{{issuer=\"{id}\"}} ");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(want.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        if let Some(n) = held(node_b.port) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "{}", node_b.log_text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (account, _) = a.account().await;
+    let chain = a
+        .issue(&account, &NewOrder::new(&[dns("follower-crl.localhost")]))
+        .await;
+    let serial = first_serial(&chain);
+    ok(sigil(&[
+        "revoke",
+        "--config",
+        &cfg,
+        "--serial",
+        &serial,
+        "--reason",
+        "superseded",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(held(node_b.port).is_some_and(|n| n > before) && crl_lists(node_b.port, &id, &serial)) {
+        assert!(
+            Instant::now() < deadline,
+            "the other node does not serve a CRL listing {serial}\n{}",
+            node_b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     // One OCSP responder for both nodes: made by the job node, its key
     // sealed in the database, opened by the other.
     let audit = ok(sigil(&[
@@ -2819,15 +2870,7 @@ async fn node_killed_mid_run_loses_nothing_acknowledged() {
     );
     let roots = std::fs::read_to_string(&a.root).unwrap();
     let crl_before = {
-        let issuer = a.server.log_text();
-        let id = issuer
-            .lines()
-            .find_map(|l| l.strip_prefix("issuer:"))
-            .and_then(|l| {
-                l.rsplit_once('(')
-                    .map(|(_, id)| id.trim_end_matches(')').to_string())
-            })
-            .unwrap();
+        let id = issuer_in_log(&a);
         (id.clone(), crl_number_at(node_b.port, &id))
     };
     let raw = Raw::register(&a).await;
@@ -2960,6 +3003,19 @@ async fn node_killed_mid_run_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     node_b.stop();
+}
+
+/// The id of the issuer a server's log names at start.
+fn issuer_in_log(ca: &Acme) -> String {
+    ca.server
+        .log_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("issuer:"))
+        .and_then(|l| {
+            l.rsplit_once('(')
+                .map(|(_, id)| id.trim_end_matches(')').to_string())
+        })
+        .unwrap()
 }
 
 fn crl_der_at(port: u16, issuer: &str) -> Vec<u8> {

@@ -1375,9 +1375,10 @@ impl Authority {
         Ok(self.store.shard_crl(issuer_id, shard).await?)
     }
 
-    /// The newest stored CRL of every time shard of an issuer.
-    pub async fn shard_crls(&self, issuer_id: &str) -> Result<Vec<CrlRow>, Error> {
-        Ok(self.store.shard_crls(issuer_id).await?)
+    /// The numbers of an issuer's newest stored CRLs (`None`: the full
+    /// CRL, `Some(k)`: shard `k`), without their DER.
+    pub async fn crl_versions(&self, issuer_id: &str) -> Result<Vec<(Option<i64>, i64)>, Error> {
+        Ok(self.store.crl_versions(issuer_id).await?)
     }
 
     /// Signs and stores fresh CRLs for a loaded issuer, valid for

@@ -201,29 +201,42 @@ impl Revocation {
     }
 
     /// Caches the newest stored CRLs (full and shards) of every serving
-    /// issuer (published by the node holding the job lock).
+    /// issuer (published by the node holding the job lock). Only the numbers
+    /// are read each time; a CRL's DER only when a newer one is stored.
     async fn load_stored(&self) {
         self.forget_retired();
         for issuer in self.authority.serving_issuers() {
             let id = issuer.info().id.to_string();
-            let rows = match self.authority.latest_crl(&id).await {
-                Ok(full) => match self.authority.shard_crls(&id).await {
-                    Ok(shards) => full.into_iter().chain(shards),
-                    Err(e) => {
-                        tracing::warn!(issuer = %id, error = %e, "reading the stored CRLs failed");
-                        continue;
-                    }
-                },
+            let versions = match self.authority.crl_versions(&id).await {
+                Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(issuer = %id, error = %e, "reading the stored CRL failed");
+                    tracing::warn!(issuer = %id, error = %e, "reading the stored CRLs failed");
                     continue;
                 }
             };
-            let mut crls = write(&self.crls);
-            for row in rows {
-                let key = (row.issuer_id.clone(), row.shard);
-                if crls.get(&key).is_none_or(|p| p.number < row.number) {
-                    crls.insert(key, Published::from_row(row));
+            for (shard, number) in versions {
+                let key = (id.clone(), shard);
+                if read(&self.crls)
+                    .get(&key)
+                    .is_some_and(|p| p.number >= number)
+                {
+                    continue;
+                }
+                let row = match shard {
+                    Some(k) => self.authority.shard_crl(&id, k).await,
+                    None => self.authority.latest_crl(&id).await,
+                };
+                match row {
+                    Ok(Some(row)) => {
+                        let mut crls = write(&self.crls);
+                        if crls.get(&key).is_none_or(|p| p.number < row.number) {
+                            crls.insert(key, Published::from_row(row));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(issuer = %id, ?shard, error = %e, "reading a stored CRL failed");
+                    }
                 }
             }
         }

@@ -786,6 +786,28 @@ impl Store {
         row.map(|r| crl_from_row(&r, Some(shard))).transpose()
     }
 
+    /// The numbers of an issuer's newest stored CRLs, without their DER:
+    /// `(None, n)` for the full CRL, `(Some(k), n)` for shard `k`.
+    pub async fn crl_versions(&self, issuer_id: &str) -> Result<Vec<(Option<i64>, i64)>, Error> {
+        let mut out = Vec::new();
+        if let Some(r) = sqlx::query("SELECT number FROM crls WHERE issuer_id = $1")
+            .bind(issuer_id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            out.push((None, r.try_get("number")?));
+        }
+        let shards =
+            sqlx::query("SELECT shard, number FROM crl_shards WHERE issuer_id = $1 ORDER BY shard")
+                .bind(issuer_id)
+                .fetch_all(&self.pool)
+                .await?;
+        for r in shards {
+            out.push((Some(r.try_get("shard")?), r.try_get("number")?));
+        }
+        Ok(out)
+    }
+
     /// The newest stored CRL of every shard of an issuer, by shard.
     pub async fn shard_crls(&self, issuer_id: &str) -> Result<Vec<CrlRow>, Error> {
         let rows = sqlx::query(

@@ -478,6 +478,13 @@ async fn crl_numbers_only_grow_across_writers_and_the_newest_crl_wins() {
             vec![7],
             "{name}"
         );
+        // The numbers alone, for followers deciding what to fetch.
+        assert_eq!(
+            b.crl_versions(&id).await.unwrap(),
+            [(None, 7), (Some(0), 30), (Some(1), 31)],
+            "{name}"
+        );
+        assert!(b.crl_versions("other").await.unwrap().is_empty());
         a.close().await;
         b.close().await;
     }
