@@ -43,10 +43,17 @@ pub struct Protected {
     /// The account URL.
     #[serde(default)]
     pub kid: Option<String>,
-    /// Extensions the signer says must be understood (RFC 7515 §4.1.11);
-    /// this server understands none, so any is refused.
-    #[serde(default)]
-    crit: Option<Value>,
+    /// Set when the header has `crit` (whatever its value, `null` too):
+    /// extensions the signer says must be understood (RFC 7515 §4.1.11).
+    /// This server understands none, so any is refused.
+    #[serde(default, deserialize_with = "present")]
+    crit: Option<()>,
+}
+
+/// `Some(())` for a field that is there, whatever its value: serde calls
+/// this only for a field that is present (a missing one takes the default).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<()>, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| Some(()))
 }
 
 #[derive(Deserialize)]
@@ -337,10 +344,14 @@ mod tests {
         };
         let plain = serde_json::json!({"alg": "ES256", "nonce": "n", "url": "u", "kid": "k"});
         assert!(jws(plain.clone()).is_ok());
-        let mut crit = plain;
+        let mut crit = plain.clone();
         crit["crit"] = serde_json::json!(["b64"]);
         crit["b64"] = serde_json::json!(false);
         let err = jws(crit).unwrap_err();
         assert!(err.detail.contains("crit"), "{}", err.detail);
+        // Present but null is still present.
+        let mut null = plain;
+        null["crit"] = serde_json::Value::Null;
+        assert!(jws(null).unwrap_err().detail.contains("crit"));
     }
 }

@@ -343,11 +343,11 @@ impl Validator {
         let server_name = rustls_pki_types::ServerName::try_from(sni.clone())
             .map_err(|e| format!("invalid SNI {sni}: {e}"))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -550,7 +550,7 @@ fn check_alpn_cert(der: &[u8], target: &Target, want: &[u8]) -> Result<(), Strin
         .iter()
         .map(|g| match g {
             GeneralName::DnsName(d) => ("dns", d.to_string().to_ascii_lowercase()),
-            GeneralName::IpAddress(ip) => ("ip", Ipv4or6(ip.as_bytes()).to_string()),
+            GeneralName::IpAddress(ip) => ("ip", ip_text(ip.as_bytes())),
             _ => ("other", "(other name)".into()),
         })
         .collect();
@@ -569,21 +569,23 @@ fn const_oid_san() -> der::asn1::ObjectIdentifier {
     der::asn1::ObjectIdentifier::new_unwrap("2.5.29.17")
 }
 
-struct Ipv4or6<'a>(&'a [u8]);
-
-impl std::fmt::Display for Ipv4or6<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match sigil_core::Identifier::from_ip_bytes(self.0) {
-            Ok(id) => write!(f, "{id}"),
-            Err(_) => write!(f, "(bad IP)"),
-        }
+/// An iPAddress SAN as written: 4 octets as IPv4, 16 as IPv6 (an
+/// IPv4-mapped IPv6 address stays IPv6, so it does not stand for the IPv4
+/// address it maps).
+fn ip_text(octets: &[u8]) -> String {
+    if let Ok(v4) = <[u8; 4]>::try_from(octets) {
+        std::net::Ipv4Addr::from(v4).to_string()
+    } else if let Ok(v6) = <[u8; 16]>::try_from(octets) {
+        std::net::Ipv6Addr::from(v6).to_string()
+    } else {
+        "(bad IP)".into()
     }
 }
 
 /// tls-alpn-01 checks the certificate's content, not its chain (RFC 8737 §3:
 /// the certificate is self-signed by the applicant).
 #[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+struct AcceptAny;
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(
@@ -616,7 +618,9 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        // Exactly what `check_signature` verifies, so a responder is never
+        // offered a scheme it then fails with.
+        SCHEMES.to_vec()
     }
 }
 
@@ -635,6 +639,20 @@ fn verify_handshake_signature(
         .map_err(|why| rustls::Error::General(format!("challenge certificate: {why}")))?;
     Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
 }
+
+/// The handshake signature schemes tls-alpn-01 accepts.
+const SCHEMES: [rustls::SignatureScheme; 10] = [
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::ECDSA_NISTP521_SHA512,
+    rustls::SignatureScheme::ED25519,
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+    rustls::SignatureScheme::RSA_PSS_SHA384,
+    rustls::SignatureScheme::RSA_PSS_SHA512,
+    rustls::SignatureScheme::RSA_PKCS1_SHA256,
+    rustls::SignatureScheme::RSA_PKCS1_SHA384,
+    rustls::SignatureScheme::RSA_PKCS1_SHA512,
+];
 
 /// [`verify_handshake_signature`] on its parts; `Err` says what is wrong.
 fn check_signature(
@@ -684,6 +702,10 @@ fn check_signature(
         S::RSA_PSS_SHA256 => &sig::RSA_PSS_2048_8192_SHA256,
         S::RSA_PSS_SHA384 => &sig::RSA_PSS_2048_8192_SHA384,
         S::RSA_PSS_SHA512 => &sig::RSA_PSS_2048_8192_SHA512,
+        // RFC 8446 §4.4.3: not in a TLS 1.3 CertificateVerify.
+        S::RSA_PKCS1_SHA256 | S::RSA_PKCS1_SHA384 | S::RSA_PKCS1_SHA512 if tls13 => {
+            return Err("RSA PKCS#1 v1.5 signatures are not allowed in TLS 1.3");
+        }
         S::RSA_PKCS1_SHA256 => &sig::RSA_PKCS1_2048_8192_SHA256,
         S::RSA_PKCS1_SHA384 => &sig::RSA_PKCS1_2048_8192_SHA384,
         S::RSA_PKCS1_SHA512 => &sig::RSA_PKCS1_2048_8192_SHA512,
@@ -781,6 +803,12 @@ mod tests {
             kind: "dns".into(),
             value: "a.example".into(),
         };
+        // An IPv4-mapped IPv6 address is another address than the IPv4 one.
+        let mapped = self_signed(
+            &key,
+            rcgen::SanType::IpAddress("::ffff:127.0.0.1".parse().unwrap()),
+        );
+        assert!(check_alpn_cert(&mapped, &ip, &[7; 32]).is_err());
         let named = self_signed(
             &key,
             rcgen::SanType::DnsName("A.example".try_into().unwrap()),
@@ -794,6 +822,53 @@ mod tests {
         use aws_lc_rs::signature::{self as sig, EcdsaKeyPair};
         use rustls::SignatureScheme as S;
         let rng = aws_lc_rs::rand::SystemRandom::new();
+        let curves: [(&rcgen::SignatureAlgorithm, &sig::EcdsaSigningAlgorithm, S); 3] = [
+            (
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+                &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
+                S::ECDSA_NISTP256_SHA256,
+            ),
+            (
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+                &sig::ECDSA_P384_SHA384_ASN1_SIGNING,
+                S::ECDSA_NISTP384_SHA384,
+            ),
+            (
+                &rcgen::PKCS_ECDSA_P521_SHA512,
+                &sig::ECDSA_P521_SHA512_ASN1_SIGNING,
+                S::ECDSA_NISTP521_SHA512,
+            ),
+        ];
+        for (i, (rc, signing, scheme)) in curves.iter().enumerate() {
+            let key = rcgen::KeyPair::generate_for(rc).unwrap();
+            let cert = self_signed(
+                &key,
+                rcgen::SanType::DnsName("a.example".try_into().unwrap()),
+            );
+            let pair = EcdsaKeyPair::from_pkcs8(signing, &key.serialize_der()).unwrap();
+            let signature = pair.sign(&rng, b"handshake").unwrap().as_ref().to_vec();
+            for tls13 in [false, true] {
+                assert_eq!(
+                    check_signature(b"handshake", &cert, *scheme, &signature, tls13),
+                    Ok(()),
+                    "{scheme:?}"
+                );
+            }
+            // In TLS 1.3 another curve's scheme is refused.
+            let other = curves[(i + 1) % 3].2;
+            assert!(check_signature(b"handshake", &cert, other, &signature, true).is_err());
+            // RSA PKCS#1 v1.5 has no place in TLS 1.3 whatever the key.
+            assert!(
+                check_signature(b"handshake", &cert, S::RSA_PKCS1_SHA256, &signature, true)
+                    .unwrap_err()
+                    .contains("TLS 1.3")
+            );
+        }
+        assert!(
+            SCHEMES
+                .iter()
+                .all(|s| !matches!(s, S::ML_DSA_44 | S::ML_DSA_65 | S::ML_DSA_87))
+        );
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
         let cert = self_signed(
             &key,

@@ -146,7 +146,6 @@ pub struct NewRevocation {
 /// A stored revocation.
 pub type RevocationRow = NewRevocation;
 
-/// One entry for a CRL.
 /// The revocations a CRL lists: of issuer `$1`, for certificates expiring
 /// after `$2`.
 const CRL_ENTRIES: &str = "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
@@ -175,6 +174,7 @@ pub struct CrlSnapshot {
     pub entries: Vec<RevokedEntry>,
 }
 
+/// One entry for a CRL.
 #[derive(Debug, Clone)]
 pub struct RevokedEntry {
     /// Serial, lowercase hex.
@@ -644,6 +644,15 @@ impl Store {
             });
         }
         let mut tx = self.pool.begin().await?;
+        // Whatever the server's default: each statement must see what was
+        // committed before it began (below). And a node that cannot get the
+        // row in a minute gives up and retries, rather than waiting for ever.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL lock_timeout = '60s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO crl_numbers (issuer_id, last) VALUES ($1, 0) ON CONFLICT (issuer_id) DO NOTHING",
         )

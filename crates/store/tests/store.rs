@@ -1343,5 +1343,66 @@ async fn a_crl_snapshot_numbered_later_lists_what_was_revoked_meanwhile() {
         );
         assert_eq!(serials(&s), [cert(1).serial, cert(2).serial]);
         b.close().await;
+        a.close().await;
+    }
+}
+
+/// Snapshots taken while revocations commit, from two handles at once:
+/// ordered by number, each lists everything the one before it listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_crl_snapshots_never_list_less_under_a_higher_number() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        const N: usize = 120;
+        let a = seeded(&url, N).await;
+        let b = if name == "postgres" {
+            Store::open(&url).await.unwrap()
+        } else {
+            a.clone()
+        };
+        let id = issuer().id;
+        let mut tasks = Vec::new();
+        for i in 1..=N {
+            let writer = a.clone();
+            tasks.push(tokio::spawn(async move {
+                writer
+                    .commit(Change::Revoke {
+                        revocation: revocation(i),
+                        event: event(100 + i),
+                    })
+                    .await
+                    .unwrap();
+                None
+            }));
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                Some(s.crl_snapshot(&id, 0, 0, 4).await.unwrap())
+            }));
+        }
+        let mut snaps = Vec::new();
+        for t in tasks {
+            if let Some(s) = t.await.unwrap() {
+                snaps.push(s);
+            }
+        }
+        snaps.sort_by_key(|s| s.first_number);
+        let listed = |s: &sigil_store::CrlSnapshot| -> std::collections::BTreeSet<String> {
+            s.entries.iter().map(|e| e.serial.clone()).collect()
+        };
+        for w in snaps.windows(2) {
+            assert!(
+                listed(&w[0]).is_subset(&listed(&w[1])),
+                "{name}: CRL {} lists what {} does not",
+                w[0].first_number,
+                w[1].first_number
+            );
+        }
+        let last = a.crl_snapshot(&id, 0, 0, 4).await.unwrap();
+        assert_eq!(last.entries.len(), N, "{name}");
+        if name == "postgres" {
+            b.close().await;
+        }
+        a.close().await;
     }
 }
