@@ -188,6 +188,18 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The issuing intermediate's id, from the banner the server printed.
+    pub fn issuer_id(&self) -> String {
+        self.log_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("issuer:"))
+            .and_then(|l| {
+                l.rsplit_once('(')
+                    .map(|(_, id)| id.trim_end_matches(')').to_string())
+            })
+            .expect("issuer id in the server banner")
+    }
+
     /// Sends SIGTERM by PID and waits for a clean exit.
     pub fn stop(mut self) -> String {
         if let Some(mut child) = self.child.take() {

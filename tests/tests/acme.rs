@@ -2719,7 +2719,7 @@ async fn two_nodes_on_postgres_share_nonces_accounts_and_orders() {
             .log_text()
             .contains("another node runs the background jobs")
     );
-    let id = issuer_in_log(&a);
+    let id = a.server.issuer_id();
     // What it holds in memory (its metrics say), once it holds one.
     let held = |port: u16| -> Option<u64> {
         let (_, body) = http_get(port, "/metrics").ok()?;
@@ -2870,7 +2870,7 @@ async fn node_killed_mid_run_loses_nothing_acknowledged() {
     );
     let roots = std::fs::read_to_string(&a.root).unwrap();
     let crl_before = {
-        let id = issuer_in_log(&a);
+        let id = a.server.issuer_id();
         (id.clone(), crl_number_at(node_b.port, &id))
     };
     let raw = Raw::register(&a).await;
@@ -3003,19 +3003,6 @@ async fn node_killed_mid_run_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     node_b.stop();
-}
-
-/// The id of the issuer a server's log names at start.
-fn issuer_in_log(ca: &Acme) -> String {
-    ca.server
-        .log_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("issuer:"))
-        .and_then(|l| {
-            l.rsplit_once('(')
-                .map(|(_, id)| id.trim_end_matches(')').to_string())
-        })
-        .unwrap()
 }
 
 fn crl_der_at(port: u16, issuer: &str) -> Vec<u8> {

@@ -180,15 +180,7 @@ fn ceremony_issuance_and_ocsp_with_the_intermediate_key_in_softhsm() {
         .unwrap_or_else(|| panic!("no responder issued:\n{audit}"));
     assert!(row.contains("pkcs11"), "{row}");
     // The CRL, signed in the token too, passes openssl's CRL check.
-    let id = server
-        .log_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("issuer:"))
-        .and_then(|l| {
-            l.rsplit_once('(')
-                .map(|(_, id)| id.trim_end_matches(')').to_string())
-        })
-        .unwrap();
+    let id = server.issuer_id();
     let (status, der) = http_get(server.port, &format!("/crl/{id}.crl")).unwrap();
     assert_eq!(status, 200);
     std::fs::write(work.join("crl.der"), der).unwrap();

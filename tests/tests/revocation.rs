@@ -19,22 +19,9 @@ struct Fixture {
     csr: std::path::PathBuf,
 }
 
-/// The issuing intermediate's id, from the server banner.
-fn banner_issuer(server: &Server) -> String {
-    server
-        .log_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("issuer:"))
-        .and_then(|l| {
-            l.rsplit_once('(')
-                .map(|(_, id)| id.trim_end_matches(')').to_string())
-        })
-        .expect("issuer id in the banner")
-}
-
 fn dev_ca_with_leaf(work: &Path, name: &str) -> Fixture {
     let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let issuer = banner_issuer(&server);
+    let issuer = server.issuer_id();
     let config = work.join("data/sigil.toml").display().to_string();
     std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
     let csr = openssl_csr(
@@ -205,7 +192,7 @@ fn sharded_crls_name_the_shard_and_list_only_its_certificates() {
         .replace("crl_shard_width = \"6h\"", "crl_shard_width = \"1h\"");
     std::fs::write(&config, toml).unwrap();
     let server = Server::start(&args, work, &[]);
-    let issuer = banner_issuer(&server);
+    let issuer = server.issuer_id();
     std::fs::write(work.join("root.pem"), served_root(server.port)).unwrap();
 
     // Two leaves expiring 22 h apart: with 4 one-hour shards they land in
