@@ -669,12 +669,44 @@ async fn tonic_client_flow_and_every_refusal() {
     .await
     .unwrap();
 
-    // No client certificate and no token.
+    // No client certificate and no token: refused, and audited as anonymous
+    // with the caller's address. So is a malformed authorization.
     let s = call_fails(anon.renew(RenewRequest { csr: vec![] }).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     let (_, csr4) = key_and_csr(&["web.internal"]);
-    let s = call_fails(anon.sign(sign_req(csr4)).await).await;
+    let s = call_fails(anon.sign(sign_req(csr4.clone())).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let s = call_fails(
+        anon.revoke(RevokeRequest {
+            serial: renewed.serial.clone(),
+            reason: 1,
+        })
+        .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let mut basic = tonic::Request::new(sign_req(csr4));
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic d2ViOndlYg==".parse().unwrap());
+    let s = call_fails(anon.sign(basic).await).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let audit = ca.audit();
+    for call in ["Sign", "Renew", "Revoke"] {
+        assert!(
+            audit.lines().any(|l| l.contains("grpc.auth_failed")
+                && l.contains(" anonymous ")
+                && l.contains(&format!("\"call\":\"{call}\""))
+                && l.contains("\"peer\":\"127.0.0.1:")),
+            "anonymous {call} not audited:\n{audit}"
+        );
+    }
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains(" anonymous ") && l.contains("must be 'Bearer <token>'")),
+        "{audit}"
+    );
 
     // Token for other SANs.
     let t = ca.token("web2", &["web2.internal"]);
@@ -1933,9 +1965,9 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
             .await
             .unwrap_or_else(|s| panic!("sign {i}: {s:?}"));
     }
-    let token = ca.token("busy", &["busy.internal"]);
+    let token_busy = ca.token("busy", &["busy.internal"]);
     let (_, csr) = key_and_csr(&["busy.internal"]);
-    let s = call_fails(client.sign(with_token(sign_req(csr), &token)).await).await;
+    let s = call_fails(client.sign(with_token(sign_req(csr), &token_busy)).await).await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(
         s.message().contains("2 certificates per minute") && s.message().contains("retry in"),
@@ -1947,9 +1979,41 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         .sign(with_token(sign_req(csr), &token))
         .await
         .expect("another requester has its own budget");
+    // Each refusal is audited under the requester, up to a minute's audit
+    // budget; the rest are counted. (The token is not spent: the limit
+    // comes first.)
+    let (_, csr) = key_and_csr(&["busy.internal"]);
+    let budget = sigil_authority::RATE_LIMITED_AUDITS_PER_MINUTE as usize;
+    for _ in 1..budget + 5 {
+        let s = call_fails(
+            client
+                .sign(with_token(sign_req(csr.clone()), &token_busy))
+                .await,
+        )
+        .await;
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    }
+    let audit = ca.audit();
+    let limited: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("cert.rate_limited"))
+        .collect();
+    assert_eq!(limited.len(), budget, "{audit}");
+    assert!(
+        limited.iter().all(|l| l.contains("token:busy")
+            && l.contains("busy.internal")
+            && l.contains("\"retry_after\":")),
+        "{audit}"
+    );
     let metrics = String::from_utf8(http_get(port, "/metrics").unwrap().1).unwrap();
     assert!(
         metrics.contains("result=\"rate_limited\""),
         "refusal not counted:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sigil_refusals_unaudited_total{kind=\"cert.rate_limited\"} 5")),
+        "{metrics}"
     );
 }

@@ -342,6 +342,8 @@ pub struct Authority {
     settings: Settings,
     cache: Cache,
     limiter: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
+    /// Audit budget for rate-limited requests, per requester.
+    rate_limited_audits: std::sync::Mutex<sigil_core::ratelimit::RateLimiter>,
 }
 
 /// What a [`Authority::sync`] found.
@@ -354,6 +356,10 @@ pub struct Synced {
     /// Whether another issuer took over issuance.
     pub rotated: bool,
 }
+
+/// Rate-limited requests audited per requester and minute; the rest are
+/// counted only (`sigil_refusals_unaudited_total`).
+pub const RATE_LIMITED_AUDITS_PER_MINUTE: u32 = 60;
 
 /// How often a server should call [`Authority::sync`].
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -421,6 +427,9 @@ impl Authority {
             store,
             limiter: std::sync::Mutex::new(sigil_core::ratelimit::RateLimiter::new(
                 settings.rate_per_minute,
+            )),
+            rate_limited_audits: std::sync::Mutex::new(sigil_core::ratelimit::RateLimiter::new(
+                RATE_LIMITED_AUDITS_PER_MINUTE,
             )),
             settings,
             cache: Cache::default(),
@@ -736,7 +745,9 @@ impl Authority {
             return e;
         }
         if let Err(limited) = self.take_rate_token(requester) {
-            return limited;
+            return self
+                .record_rate_limited(requester, &[], "cert.rate_limited", profile, limited)
+                .await;
         }
         let detail = json!({ "profile": profile, "reason": e.to_string() });
         match self
@@ -1582,7 +1593,20 @@ impl Authority {
         let entry_point = entry_point(ask.actor);
         let result = match self.take_rate_token(ask.actor) {
             Ok(()) => self.issue_inner(applicant, ask).await,
-            Err(e) => Err(e),
+            Err(e) => {
+                let names: Vec<String> = applicant
+                    .identifiers
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect();
+                let kind = match ask.renews {
+                    Some(_) => "cert.renewal_rate_limited",
+                    None => "cert.rate_limited",
+                };
+                Err(self
+                    .record_rate_limited(ask.actor, &names, kind, profile, e)
+                    .await)
+            }
         };
         let outcome = match &result {
             Ok(_) => "issued",
@@ -1896,6 +1920,52 @@ impl Authority {
             )));
         }
         Ok(decision)
+    }
+
+    /// A request refused for going over the issuance rate: audited like any
+    /// refusal, but only [`RATE_LIMITED_AUDITS_PER_MINUTE`] a minute per
+    /// requester (a client retrying in a loop must not grow the audit table
+    /// without bound); past that it is counted
+    /// (`sigil_refusals_unaudited_total`). Returns the refusal, or the
+    /// store's error if it could not be recorded.
+    async fn record_rate_limited(
+        &self,
+        actor: &Requester,
+        names: &[String],
+        kind: &str,
+        profile: &str,
+        limited: Error,
+    ) -> Error {
+        let within = self
+            .rate_limited_audits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&actor.to_string(), unix_ms(self.clock.now()))
+            .is_ok();
+        if !within {
+            metrics::counter!("sigil_refusals_unaudited_total", "kind" => kind.to_string())
+                .increment(1);
+            return limited;
+        }
+        let mut detail = json!({ "names": names, "profile": profile });
+        add_refusal(&mut detail, &limited);
+        if let Error::RateLimited { retry_after, .. } = &limited {
+            detail["retry_after"] = json!(retry_after);
+        }
+        let recorded = self
+            .store
+            .commit(Change::Record(AuditEvent {
+                ts_ms: unix_ms(self.clock.now()),
+                kind: kind.into(),
+                actor: actor.to_string(),
+                subject: names.first().cloned().unwrap_or_default(),
+                detail,
+            }))
+            .await;
+        match recorded {
+            Ok(_) => limited,
+            Err(e) => e.into(),
+        }
     }
 
     /// Audits a refusal. Returns the store's error if it could not be recorded.

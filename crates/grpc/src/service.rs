@@ -27,6 +27,27 @@ pub const MAX_CSR_LEN: usize = 16 * 1024;
 /// garbage cannot grow the audit table without bound.
 pub const REFUSAL_AUDITS_PER_MINUTE: u32 = 60;
 
+/// The actor of a refusal whose caller presented no credential at all.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// A call being served: its name and the caller's address, for the audit
+/// of a refusal.
+struct Call {
+    name: &'static str,
+    from: String,
+}
+
+impl Call {
+    fn of(name: &'static str, req: &Request<impl Sized>) -> Call {
+        Call {
+            name,
+            from: req
+                .remote_addr()
+                .map_or_else(|| "unknown".to_string(), |a| a.to_string()),
+        }
+    }
+}
+
 /// Parsed client certificates kept (see [`PeerCache`]).
 const PEER_CACHE: usize = 1024;
 
@@ -165,17 +186,21 @@ impl CaService {
     /// The caller's client certificate, if it presented one (the TLS layer has
     /// already verified the chain and validity against Sigil's roots). A
     /// certificate this CA revoked is refused here.
-    async fn peer(&self, req: &Request<impl Sized>) -> Result<Option<Peer>, Status> {
+    async fn peer(&self, req: &Request<impl Sized>, call: &Call) -> Result<Option<Peer>, Status> {
         let Some(certs) = req.peer_certs() else {
             return Ok(None);
         };
         let Some(leaf) = certs.first() else {
             return Ok(None);
         };
-        let entry = self
-            .peers
-            .parse(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
+        let entry = match self.peers.parse(leaf.as_ref()) {
+            Ok(entry) => entry,
+            Err(e) => {
+                let reason = format!("client certificate unreadable: {e}");
+                self.audit_auth_failure(call, ANONYMOUS, &reason).await;
+                return Err(Status::unauthenticated(reason));
+            }
+        };
         let info = &entry.info;
         // Refusals are audited under the name the certificate claims.
         let claimed = Requester::Mtls(info.identity().unwrap_or_else(|| info.serial.to_hex()));
@@ -187,7 +212,8 @@ impl CaService {
                 "client certificate {} is not valid now (valid {} to {})",
                 info.serial, info.not_before, info.not_after
             );
-            self.audit_auth_failure(&claimed, &reason).await;
+            self.audit_auth_failure(call, &claimed.to_string(), &reason)
+                .await;
             return Err(Status::unauthenticated(reason));
         }
         let issuer = self
@@ -197,7 +223,8 @@ impl CaService {
             .map_err(status)?;
         let Some(issuer) = issuer else {
             let reason = "client certificate was not issued by one of this CA's intermediates";
-            self.audit_auth_failure(&claimed, reason).await;
+            self.audit_auth_failure(call, &claimed.to_string(), reason)
+                .await;
             return Err(Status::unauthenticated(reason));
         };
         let _ = entry.issuer.set(issuer);
@@ -211,8 +238,12 @@ impl CaService {
             .await
             .map_err(status)?
         {
-            self.audit_auth_failure(&requester, "client certificate is revoked")
-                .await;
+            self.audit_auth_failure(
+                call,
+                &requester.to_string(),
+                "client certificate is revoked",
+            )
+            .await;
             return Err(Status::unauthenticated(format!(
                 "client certificate {} is revoked; obtain a new one with a bootstrap token",
                 info.serial
@@ -228,27 +259,26 @@ impl CaService {
 
     /// An authenticated call refused before it reached the authority (which
     /// audits its own refusals).
-    async fn audit_refusal(&self, actor: &Requester, call: &str, reason: &str) {
-        let detail = serde_json::json!({ "call": call, "reason": reason });
-        self.audit("grpc.refused", actor, detail).await;
+    async fn audit_refusal(&self, call: &Call, actor: &str, reason: &str) {
+        self.audit("grpc.refused", call, actor, reason).await;
     }
 
-    async fn audit_auth_failure(&self, actor: &Requester, reason: &str) {
-        let detail = serde_json::json!({ "reason": reason });
-        self.audit("grpc.auth_failed", actor, detail).await;
+    /// A call refused for its credential: none, unreadable, or not good.
+    async fn audit_auth_failure(&self, call: &Call, actor: &str, reason: &str) {
+        self.audit("grpc.auth_failed", call, actor, reason).await;
     }
 
     /// Records a refusal within the caller's audit budget; a failure to
     /// record is logged, the refusal stands.
-    async fn audit(&self, kind: &str, actor: &Requester, detail: serde_json::Value) {
-        let actor_name = actor.to_string();
+    async fn audit(&self, kind: &str, call: &Call, actor_name: &str, reason: &str) {
+        let detail = serde_json::json!({ "call": call.name, "reason": reason, "peer": call.from });
         let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
         let within = self
             .refusal_audits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(&actor_name, now_ms)
+            .take(actor_name, now_ms)
             .is_ok();
         if !within {
             metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => kind.to_string())
@@ -256,24 +286,44 @@ impl CaService {
             tracing::debug!(kind, actor = %actor_name, "refusal over the audit budget; counted only");
             return;
         }
-        let r = self.authority.record(kind, &actor_name, "", detail).await;
+        let r = self.authority.record(kind, actor_name, "", detail).await;
         if let Err(e) = r {
             tracing::error!(error = %e, kind, "could not audit a refused call");
         }
     }
 
-    fn bearer(req: &Request<impl Sized>) -> Result<Option<String>, Status> {
+    /// The bearer token, if the call carries one; a malformed
+    /// `authorization` is refused (and audited).
+    async fn bearer(
+        &self,
+        req: &Request<impl Sized>,
+        call: &Call,
+    ) -> Result<Option<String>, Status> {
         let Some(v) = req.metadata().get("authorization") else {
             return Ok(None);
         };
-        let v = v
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
         let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
-        Ok(Some(token.trim().to_string()))
+            .to_str()
+            .map_err(|_| "authorization metadata is not text")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .ok_or("authorization must be 'Bearer <token>'")
+            });
+        match token {
+            Ok(t) => Ok(Some(t.trim().to_string())),
+            Err(reason) => {
+                self.audit_auth_failure(call, ANONYMOUS, reason).await;
+                Err(Status::unauthenticated(reason))
+            }
+        }
+    }
+
+    /// A call that presented no credential: refused, and audited as
+    /// [`ANONYMOUS`] with the caller's address.
+    async fn no_credential(&self, call: &Call, reason: &'static str) -> Status {
+        self.audit_auth_failure(call, ANONYMOUS, reason).await;
+        Status::unauthenticated(reason)
     }
 }
 
@@ -340,34 +390,40 @@ impl CertificateAuthority for CaService {
         &self,
         req: Request<SignRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let bearer = Self::bearer(&req)?;
+        let call = Call::of("Sign", &req);
+        let bearer = self.bearer(&req, &call).await?;
         // A token, when present, is the credential: the client certificate
         // (perhaps revoked, which is why a token is being used) is not consulted.
         let peer = match bearer {
             Some(_) => None,
-            None => self.peer(&req).await?,
+            None => self.peer(&req, &call).await?,
         };
         let body = req.into_inner();
         let (requester, token) = match (bearer, peer) {
             (Some(t), _) => match self.tokens.verify(&t) {
                 Ok(grant) => (Requester::Token(grant.subject.clone()), Some(grant)),
                 Err(e) => {
-                    self.audit_auth_failure(&Requester::Token(String::new()), &e.to_string())
-                        .await;
-                    return Err(Status::unauthenticated(e.to_string()));
+                    let reason = e.to_string();
+                    let actor = Requester::Token(String::new()).to_string();
+                    self.audit_auth_failure(&call, &actor, &reason).await;
+                    return Err(Status::unauthenticated(reason));
                 }
             },
             (None, Some(p)) if !p.identified => {
                 let reason = "client certificate has no SPIFFE URI or DNS SAN to identify it; \
                               Sign with a bootstrap token instead";
-                self.audit_auth_failure(&p.requester, reason).await;
+                self.audit_auth_failure(&call, &p.requester.to_string(), reason)
+                    .await;
                 return Err(Status::unauthenticated(reason));
             }
             (None, Some(p)) => (p.requester, None),
             (None, None) => {
-                return Err(Status::unauthenticated(
-                    "Sign needs a bootstrap token (authorization: Bearer ...) or a client certificate",
-                ));
+                return Err(self
+                    .no_credential(
+                        &call,
+                        "Sign needs a bootstrap token (authorization: Bearer ...) or a client certificate",
+                    )
+                    .await);
             }
         };
         // The credential first: an unauthenticated caller learns nothing
@@ -380,7 +436,8 @@ impl CertificateAuthority for CaService {
             check_csr_len(&body.csr).err()
         };
         if let Some(s) = csr_problem {
-            self.audit_refusal(&requester, "Sign", s.message()).await;
+            self.audit_refusal(&call, &requester.to_string(), s.message())
+                .await;
             return Err(s);
         }
         let profile = match body.profile.as_str() {
@@ -389,7 +446,8 @@ impl CertificateAuthority for CaService {
                 Ok(p) => Some(p),
                 Err(_) => {
                     let reason = format!("unknown profile '{p}': use mtls, server or client");
-                    self.audit_refusal(&requester, "Sign", &reason).await;
+                    self.audit_refusal(&call, &requester.to_string(), &reason)
+                        .await;
                     return Err(Status::invalid_argument(reason));
                 }
             },
@@ -416,14 +474,18 @@ impl CertificateAuthority for CaService {
         &self,
         req: Request<RenewRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let peer = self.peer(&req).await?.ok_or_else(|| {
-            Status::unauthenticated(
-                "Renew needs the current certificate as the TLS client certificate",
-            )
-        })?;
+        let call = Call::of("Renew", &req);
+        let Some(peer) = self.peer(&req, &call).await? else {
+            return Err(self
+                .no_credential(
+                    &call,
+                    "Renew needs the current certificate as the TLS client certificate",
+                )
+                .await);
+        };
         let body = req.into_inner();
         if let Err(s) = check_csr_len(&body.csr) {
-            self.audit_refusal(&peer.requester, "Renew", s.message())
+            self.audit_refusal(&call, &peer.requester.to_string(), s.message())
                 .await;
             return Err(s);
         }
@@ -443,21 +505,23 @@ impl CertificateAuthority for CaService {
         &self,
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        if let Some(token) = Self::bearer(&req)? {
+        let call = Call::of("Revoke", &req);
+        if let Some(token) = self.bearer(&req, &call).await? {
             // A token whose names cover the certificate's may revoke it.
             let grant = match self.tokens.verify(&token) {
                 Ok(g) => g,
                 Err(e) => {
-                    self.audit_auth_failure(&Requester::Token(String::new()), &e.to_string())
-                        .await;
-                    return Err(Status::unauthenticated(e.to_string()));
+                    let reason = e.to_string();
+                    let actor = Requester::Token(String::new()).to_string();
+                    self.audit_auth_failure(&call, &actor, &reason).await;
+                    return Err(Status::unauthenticated(reason));
                 }
             };
             let body = req.into_inner();
             let Some(serial) = Serial::parse_hex(&body.serial) else {
                 let reason = "with a token, name the certificate to revoke by its hex serial";
-                self.audit_refusal(&Requester::Token(grant.subject.clone()), "Revoke", reason)
-                    .await;
+                let actor = Requester::Token(grant.subject.clone()).to_string();
+                self.audit_refusal(&call, &actor, reason).await;
                 return Err(Status::invalid_argument(reason));
             };
             let revoked = self
@@ -470,11 +534,15 @@ impl CertificateAuthority for CaService {
                 revoked_at: revoked.revoked_at.unix_timestamp(),
             }));
         }
-        let peer = self.peer(&req).await?.ok_or_else(|| {
-            Status::unauthenticated(
-                "Revoke needs a client certificate (the one to revoke, or an operator's)",
-            )
-        })?;
+        let Some(peer) = self.peer(&req, &call).await? else {
+            return Err(self
+                .no_credential(
+                    &call,
+                    "Revoke needs a client certificate (the one to revoke, or an operator's), \
+                     or a bootstrap token whose names cover it",
+                )
+                .await);
+        };
         let body = req.into_inner();
         let serial = if body.serial.is_empty() {
             peer.serial.clone()
@@ -482,7 +550,8 @@ impl CertificateAuthority for CaService {
             s
         } else {
             let reason = format!("'{}' is not a hex serial", body.serial);
-            self.audit_refusal(&peer.requester, "Revoke", &reason).await;
+            self.audit_refusal(&call, &peer.requester.to_string(), &reason)
+                .await;
             return Err(Status::invalid_argument(reason));
         };
         // Operators are SPIFFE IDs only: a DNS name is too easy to obtain.
@@ -498,7 +567,8 @@ impl CertificateAuthority for CaService {
                 peer.requester.name(),
                 peer.serial
             );
-            self.audit_auth_failure(&peer.requester, &reason).await;
+            self.audit_auth_failure(&call, &peer.requester.to_string(), &reason)
+                .await;
             return Err(Status::permission_denied(reason));
         }
         let revoked = self
