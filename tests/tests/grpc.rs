@@ -879,6 +879,19 @@ fn agent_renews_short_lived_certificates_and_reloads() {
     let reloads = ca.work.join("reloads.log");
     let metrics_port = free_port();
     let log = ca.work.join("agent.log");
+    // A "service" that counts the SIGHUPs it gets, found by its PID file.
+    let hups = ca.work.join("hups.log");
+    let pid_file = ca.work.join("svc.pid");
+    let mut service = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; while :; do sleep 0.05; done",
+            hups.display()
+        ))
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, format!("{}\n", service.id())).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the trap is set
     let mut agent = ca.spawn_agent(
         "agent",
         &[
@@ -886,6 +899,8 @@ fn agent_renews_short_lived_certificates_and_reloads() {
             "2m",
             "--reload-cmd",
             &format!("echo reloaded >> {}", reloads.display()),
+            "--reload-signal",
+            &format!("{}:HUP", pid_file.display()),
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
         ],
@@ -895,6 +910,7 @@ fn agent_renews_short_lived_certificates_and_reloads() {
     // be a whole certificate (or key), never a partial write.
     let mut serials = std::collections::BTreeSet::new();
     let mut reads = 0u32;
+    let mut combined_reads = 0u32;
     let deadline = Instant::now() + Duration::from_secs(240);
     while serials.len() < 3 && Instant::now() < deadline {
         if let Some(status) = agent.try_wait().unwrap() {
@@ -923,6 +939,23 @@ fn agent_renews_short_lived_certificates_and_reloads() {
             serials.insert(leaf.serial.to_hex());
             reads += 1;
         }
+        // combined.pem is replaced in one step: its key always matches its
+        // certificate (key.pem and cert.pem, replaced one after the other,
+        // may briefly not).
+        if let Ok(bundle) = std::fs::read_to_string(out.join("combined.pem")) {
+            let at = bundle
+                .find("-----BEGIN CERTIFICATE-----")
+                .unwrap_or_else(|| panic!("bundle without a certificate: {bundle:.40}"));
+            let key = rcgen::KeyPair::from_pem(&bundle[..at]).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&bundle.as_bytes()[at..]).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).unwrap();
+            assert_eq!(
+                cert.public_key().raw,
+                rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
+                "combined.pem holds a key and a certificate that do not match"
+            );
+            combined_reads += 1;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -931,21 +964,35 @@ fn agent_renews_short_lived_certificates_and_reloads() {
         "expected the first certificate and two renewals, saw {serials:?}:\n{text}"
     );
     assert!(
-        reads > 100,
-        "the reader should have raced the writer many times ({reads})"
+        reads > 100 && combined_reads > 100,
+        "the reader should have raced the writer many times ({reads}, {combined_reads})"
     );
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(out.join("key.pem"))
-            .unwrap()
-            .permissions(),
-    );
-    assert_eq!(key_mode & 0o777, 0o600);
+    for secret in ["key.pem", "combined.pem"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(out.join(secret)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
     let reload_count = std::fs::read_to_string(&reloads).unwrap().lines().count();
     assert!(
         reload_count >= 3,
         "reload command ran {reload_count} times:\n{text}"
     );
     assert!(text.matches("renewed: certificate").count() >= 2, "{text}");
+    // The service named by the PID file was signalled after each install.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let count = || {
+        std::fs::read_to_string(&hups)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    while count() < reload_count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = service.kill();
+    let _ = service.wait();
+    assert!(count() >= 3, "{} SIGHUPs:\n{text}", count());
 
     let (status, body) = http_get(metrics_port, "/metrics").unwrap();
     assert_eq!(status, 200);

@@ -36,13 +36,16 @@ pub struct AgentArgs {
     /// The private key (PKCS#8 PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Where key.pem (0600), cert.pem and chain.pem are written.
+    /// Where key.pem (0600), cert.pem, chain.pem and combined.pem (the key
+    /// then the chain, 0600) are written.
     #[arg(long)]
     out_dir: PathBuf,
     /// Shell command run after each new certificate is written.
     #[arg(long)]
     reload_cmd: Option<String>,
-    /// Signal a process after each new certificate: PID:SIGNAL (e.g. 1234:HUP).
+    /// Signal a process after each new certificate: PID:SIGNAL (e.g.
+    /// 1234:HUP), or PIDFILE:SIGNAL (e.g. /run/nginx.pid:HUP; the PID is read
+    /// from the file at each reload, so it follows restarts).
     #[arg(long, value_parser = parse_reload_signal)]
     reload_signal: Option<ReloadSignal>,
     /// Serve Prometheus metrics (certificate expiry) on this address.
@@ -66,24 +69,37 @@ pub struct AgentArgs {
 /// `--reload-signal`: which process gets which signal.
 #[derive(Debug, Clone)]
 struct ReloadSignal {
-    pid: u32,
+    target: SignalTarget,
     signal: String,
+}
+
+/// The process a reload signal goes to.
+#[derive(Debug, Clone, PartialEq)]
+enum SignalTarget {
+    Pid(u32),
+    /// A file holding the PID (as daemons write it), read at each reload.
+    PidFile(PathBuf),
 }
 
 /// Signals a reload can be asked with (names as `kill -s` takes them).
 const SIGNALS: [&str; 6] = ["HUP", "USR1", "USR2", "INT", "QUIT", "TERM"];
 
-/// Parses PID:SIGNAL; refuses PIDs that name a process group or every
-/// process (0, negative), and signals other than [`SIGNALS`].
+/// Parses PID:SIGNAL or PIDFILE:SIGNAL (a path, with a `/`); refuses PIDs
+/// that name a process group or every process (0, negative), and signals
+/// other than [`SIGNALS`].
 fn parse_reload_signal(spec: &str) -> Result<ReloadSignal, String> {
-    let (pid, signal) = spec
-        .split_once(':')
-        .ok_or_else(|| format!("expected PID:SIGNAL, e.g. 1234:HUP (got '{spec}')"))?;
-    let pid = pid
-        .parse::<u32>()
-        .ok()
-        .filter(|p| *p > 0 && i32::try_from(*p).is_ok())
-        .ok_or_else(|| format!("'{pid}' is not a process id (a positive number)"))?;
+    let (pid, signal) = spec.rsplit_once(':').ok_or_else(|| {
+        format!("expected PID:SIGNAL or PIDFILE:SIGNAL, e.g. 1234:HUP (got '{spec}')")
+    })?;
+    let target = if pid.contains('/') {
+        SignalTarget::PidFile(PathBuf::from(pid))
+    } else {
+        SignalTarget::Pid(parse_pid(pid).ok_or_else(|| {
+            format!(
+                "'{pid}' is not a process id (a positive number) or a PID file's path (with a '/')"
+            )
+        })?)
+    };
     let upper = signal.to_ascii_uppercase();
     let signal = upper.strip_prefix("SIG").unwrap_or(&upper).to_string();
     if !SIGNALS.contains(&signal.as_str()) {
@@ -92,7 +108,55 @@ fn parse_reload_signal(spec: &str) -> Result<ReloadSignal, String> {
             SIGNALS.join(", ")
         ));
     }
-    Ok(ReloadSignal { pid, signal })
+    Ok(ReloadSignal { target, signal })
+}
+
+/// A PID that names one process: positive, and within `pid_t`.
+fn parse_pid(text: &str) -> Option<u32> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p > 0 && i32::try_from(*p).is_ok())
+}
+
+/// Sends the reload signal: to the fixed PID, or to the one the PID file
+/// holds now. A PID file that cannot be read or holds no PID is reported
+/// and nothing is signalled.
+async fn send_reload_signal(r: &ReloadSignal) {
+    let pid = match &r.target {
+        SignalTarget::Pid(pid) => *pid,
+        SignalTarget::PidFile(path) => {
+            let read = std::fs::read_to_string(path);
+            match read.as_deref().map(parse_pid) {
+                Ok(Some(pid)) => pid,
+                Ok(None) => {
+                    eprintln!(
+                        "warning: {} holds no process id; no {} sent",
+                        path.display(),
+                        r.signal
+                    );
+                    return;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "warning: cannot read PID file {}: {e}; no {} sent",
+                        path.display(),
+                        r.signal
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    let signal = &r.signal;
+    run_hook(
+        tokio::process::Command::new("kill")
+            .arg("-s")
+            .arg(signal)
+            .arg(pid.to_string()),
+        &format!("kill -s {signal} {pid}"),
+    )
+    .await;
 }
 
 /// What the agent currently holds.
@@ -752,22 +816,32 @@ fn load_existing(args: &AgentArgs) -> Result<Option<(Held, bool)>> {
 }
 
 /// The files the agent maintains, in the order they are replaced.
-const FILES: [&str; 3] = ["key.pem", "cert.pem", "chain.pem"];
+/// What `install` writes, in the order the new files replace the old. The
+/// first three are replaced one by one; combined.pem (key, then chain) in one
+/// rename, for readers that must never see a key and a certificate that do
+/// not match.
+const FILES: [&str; 4] = ["key.pem", "cert.pem", "chain.pem", "combined.pem"];
 /// The key of a first certificate being requested, until it is installed.
 const PENDING_KEY: &str = "key.pem.pending";
 /// How long a reload hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Writes key, leaf and chain, then runs the reload hooks. All three are first
-/// written completely as `*.new` (fsynced); only then is each renamed over
-/// its predecessor, so each file is always whole, and a crash between the
-/// renames is finished on the next start (see `finish_interrupted_install`).
+/// Writes key, leaf, chain and combined file, then runs the reload hooks. All are
+/// first written completely as `*.new` (fsynced); only then is each renamed
+/// over its predecessor, so each file is always whole, and a crash between
+/// the renames is finished on the next start (see `finish_interrupted_install`).
 async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     let leaf_pem = first_pem_block(&h.chain_pem);
-    let contents: [(&[u8], u32); 3] = [
+    let mut combined = h.key_pem.clone();
+    if !combined.ends_with('\n') {
+        combined.push('\n');
+    }
+    combined.push_str(&h.chain_pem);
+    let contents: [(&[u8], u32); 4] = [
         (h.key_pem.as_bytes(), 0o600),
         (leaf_pem.as_bytes(), 0o644),
         (h.chain_pem.as_bytes(), 0o644),
+        (combined.as_bytes(), 0o600),
     ];
     for (name, (data, mode)) in FILES.iter().zip(contents) {
         write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
@@ -783,15 +857,8 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     if let Some(cmd) = &args.reload_cmd {
         run_hook(tokio::process::Command::new("sh").arg("-c").arg(cmd), cmd).await;
     }
-    if let Some(ReloadSignal { pid, signal }) = &args.reload_signal {
-        run_hook(
-            tokio::process::Command::new("kill")
-                .arg("-s")
-                .arg(signal)
-                .arg(pid.to_string()),
-            &format!("kill -s {signal} {pid}"),
-        )
-        .await;
+    if let Some(r) = &args.reload_signal {
+        send_reload_signal(r).await;
     }
     Ok(())
 }
@@ -810,7 +877,7 @@ async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
     }
 }
 
-/// After a crash during `install`: if all three `*.new` files were written,
+/// After a crash during `install`: if all the `*.new` files were written,
 /// the install is completed; otherwise the partial `*.new` files are removed
 /// and the previous, still consistent, files stay.
 fn finish_interrupted_install(dir: &Path) -> Result<()> {
@@ -831,8 +898,8 @@ fn finish_interrupted_install(dir: &Path) -> Result<()> {
             dir.display()
         );
     } else if any {
-        // Renames go key, cert, chain: a missing key.pem.new with others
-        // present means the key was already moved; finish the rest.
+        // Renames go in `FILES` order, key first: a missing key.pem.new with
+        // others present means the key was already moved; finish the rest.
         if !new("key.pem").exists() {
             for n in &FILES[1..] {
                 if new(n).exists() {
@@ -950,19 +1017,96 @@ mod tests {
     #[test]
     fn reload_signals_name_one_process_and_a_known_signal() {
         let ok = parse_reload_signal("1234:sighup").unwrap();
-        assert_eq!((ok.pid, ok.signal.as_str()), (1234, "HUP"));
+        assert_eq!(
+            (ok.target, ok.signal.as_str()),
+            (SignalTarget::Pid(1234), "HUP")
+        );
         assert_eq!(parse_reload_signal("1:USR1").unwrap().signal, "USR1");
+        let file = parse_reload_signal("/run/a:b/nginx.pid:HUP").unwrap();
+        assert_eq!(
+            file.target,
+            SignalTarget::PidFile("/run/a:b/nginx.pid".into())
+        );
+        assert_eq!(
+            parse_reload_signal("./app.pid:USR2").unwrap().target,
+            SignalTarget::PidFile("./app.pid".into())
+        );
         for bad in [
             "1234HUP",
             "0:HUP",
             "-1:HUP",
             "x:HUP",
+            "app.pid:HUP",
             "1234:KILL",
+            "/run/app.pid:KILL",
             "1234:",
             "4294967295:HUP",
         ] {
             assert!(parse_reload_signal(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A process that appends a line to `log` at each SIGHUP; its PID.
+    fn hup_counter(log: &Path) -> std::process::Child {
+        let script = format!(
+            "trap 'echo hup >> {}' HUP; echo ready >> {0}; while :; do sleep 0.05; done",
+            log.display()
+        );
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(log).is_ok_and(|t| t.contains("ready")) {
+            assert!(std::time::Instant::now() < deadline, "trap not set");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn hups(log: &Path) -> usize {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("hup")
+            .count()
+    }
+
+    async fn wait_for_hups(log: &Path, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hups(log) < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// With a PID file, each reload signals the process the file names
+    /// then (a restarted service has a new PID); a missing file sends nothing.
+    #[tokio::test]
+    async fn a_pid_file_is_read_at_each_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("svc.pid");
+        let r = parse_reload_signal(&format!("{}:HUP", pid_file.display())).unwrap();
+        send_reload_signal(&r).await; // no file yet: nothing to signal
+        let (log1, log2) = (dir.path().join("one.log"), dir.path().join("two.log"));
+        let mut first = hup_counter(&log1);
+        std::fs::write(&pid_file, format!("{}\n", first.id())).unwrap();
+        send_reload_signal(&r).await;
+        wait_for_hups(&log1, 1).await;
+        assert_eq!(hups(&log1), 1);
+        // The service restarts with a new PID.
+        let mut second = hup_counter(&log2);
+        std::fs::write(&pid_file, format!("{}\n", second.id())).unwrap();
+        send_reload_signal(&r).await;
+        wait_for_hups(&log2, 1).await;
+        assert_eq!(hups(&log2), 1, "the new process gets the signal");
+        assert_eq!(hups(&log1), 1, "the old one does not");
+        std::fs::write(&pid_file, "not a pid\n").unwrap();
+        send_reload_signal(&r).await;
+        for c in [&mut first, &mut second] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!((hups(&log1), hups(&log2)), (1, 1));
     }
 
     #[test]
@@ -1006,6 +1150,7 @@ mod tests {
         // Crash after renaming the key: the rest follows.
         put("cert.pem.new", "newer");
         put("chain.pem.new", "newer");
+        put("combined.pem.new", "newer");
         put("key.pem", "newer");
         finish_interrupted_install(d).unwrap();
         assert!(FILES.iter().all(|n| get(n) == "newer"));
