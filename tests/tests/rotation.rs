@@ -238,6 +238,28 @@ fn intermediate_rotation_with_overlap() {
     );
     let still_old = issue(work, &config, "still-old.internal", "still-old");
     assert_eq!(still_old.trim(), first_int.trim(), "staged is not active");
+    // The staged issuer's CRL is published before it issues anything, so the
+    // CRL URL in its first certificates answers from the moment it is
+    // activated. openssl checks its signature against the staged certificate.
+    let staged_crl = wait_for("the staged issuer's CRL", 15, || {
+        let (status, body) = http_get(server.port, &format!("/crl/{second_id}.crl")).ok()?;
+        (status == 200).then_some(body)
+    });
+    std::fs::write(work.join("staged.crl"), &staged_crl).unwrap();
+    let out = run(
+        "openssl",
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            &p("staged.crl"),
+            "-CAfile",
+            &p("next.crt"),
+            "-noout",
+        ],
+    );
+    assert!(text(&out).contains("verify OK"), "{}", text(&out));
 
     // 4. activate now: new issuance moves to the new issuer.
     let out = ok(sigil(&["intermediate", "activate", "--config", &config]));

@@ -170,8 +170,8 @@ impl Revocation {
         self.wake.notify_one();
     }
 
-    /// Publishes once now (at startup), then keeps every serving issuer's
-    /// CRL fresh: after each change (debounced) and at half its validity.
+    /// Publishes once now (at startup), then keeps every publishing issuer's
+    /// CRL (staged ones included) fresh: after each change (debounced) and at half its validity.
     pub async fn run(self: Arc<Self>) {
         loop {
             if !self.leader.is_leading() {
@@ -200,12 +200,12 @@ impl Revocation {
         }
     }
 
-    /// Caches the newest stored CRLs (full and shards) of every serving
+    /// Caches the newest stored CRLs (full and shards) of every publishing
     /// issuer (published by the node holding the job lock). Only the numbers
     /// are read each time; a CRL's DER only when a newer one is stored.
     async fn load_stored(&self) {
         self.forget_retired();
-        for issuer in self.authority.serving_issuers() {
+        for issuer in self.authority.publishing_issuers() {
             let id = issuer.info().id.to_string();
             let versions = match self.authority.crl_versions(&id).await {
                 Ok(v) => v,
@@ -242,7 +242,7 @@ impl Revocation {
         }
     }
 
-    /// Signs, stores and caches a fresh CRL for every serving issuer now
+    /// Signs, stores and caches a fresh CRL for every publishing issuer now
     /// (on the job node), or loads the stored ones (on the others).
     pub async fn publish_now(&self) -> Result<(), sigil_authority::Error> {
         if !self.leader.is_leading() {
@@ -252,14 +252,14 @@ impl Revocation {
         self.publish_all().await.map(|_| ())
     }
 
-    /// Publishes for the active and previous issuers; returns the CRL that
+    /// Publishes for the active, previous and staged issuers; returns the CRL that
     /// needs refreshing soonest. An issuer that fails does not hold up the
     /// others; the first error is returned after all were tried.
     async fn publish_all(&self) -> Result<Published, sigil_authority::Error> {
         let mut soonest: Option<Published> = None;
         let mut failed = None;
         self.forget_retired();
-        for issuer in self.authority.serving_issuers() {
+        for issuer in self.authority.publishing_issuers() {
             match self.publish(issuer.info().id.as_str()).await {
                 Ok(p) => {
                     if soonest
@@ -309,7 +309,7 @@ impl Revocation {
     /// last CRL is still served from the database, but it no longer counts
     /// for freshness.
     fn forget_retired(&self) {
-        let serving = self.authority.serving_issuers();
+        let serving = self.authority.publishing_issuers();
         write(&self.crls).retain(|(id, _), _| serving.iter().any(|i| i.info().id.as_str() == id));
     }
 

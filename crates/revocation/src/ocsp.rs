@@ -229,11 +229,13 @@ impl Ocsp {
         })
     }
 
-    /// Makes sure every serving issuer has a responder certificate with at
-    /// least half its life left, and drops those of issuers no longer
-    /// serving. Quick when nothing is due: call it before serving.
+    /// Makes sure every publishing issuer (staged ones included, so the
+    /// first certificates of an activated issuer find one) has a responder
+    /// certificate with at least half its life left, and drops those of
+    /// issuers no longer publishing. Quick when nothing is due: call it
+    /// before serving.
     pub async fn ensure_signers(&self) -> Result<Vec<Arc<Current>>, sigil_authority::Error> {
-        let serving = self.authority.serving_issuers();
+        let serving = self.authority.publishing_issuers();
         let mut out = Vec::with_capacity(serving.len());
         for issuer in &serving {
             out.push(self.ensure_signer(issuer).await?);
