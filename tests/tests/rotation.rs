@@ -484,4 +484,44 @@ fn intermediate_rotation_with_overlap() {
         }
     }
     server.stop();
+
+    // The first issuer (previous, with unexpired certificates) loses its key
+    // on the node that runs the jobs. Its CRL can no longer be re-signed:
+    // the server says so, keeps serving the last one, and reports its age,
+    // so the staleness alert fires before relying parties refuse.
+    let data = work.join("data");
+    let first_key = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|f| {
+            let n = f.file_name().unwrap().to_string_lossy().to_string();
+            n.starts_with("intermediate")
+                && n.ends_with(".key")
+                && !n.contains(&second_id)
+                && !n.contains(&third_id)
+                && !n.contains("next")
+        })
+        .expect("the first issuer's key file");
+    std::fs::rename(&first_key, work.join("first.key.away")).unwrap();
+    let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
+    let (status, _) = http_get(server.port, &format!("/crl/{old_id}.crl")).unwrap();
+    assert_eq!(status, 200, "the last stored CRL is still served");
+    let metrics = wait_for("the old issuer's CRL age in the metrics", 15, || {
+        let m = String::from_utf8(http_get(server.port, "/metrics").unwrap().1).unwrap();
+        m.contains(&format!("sigil_crl_age_seconds{{issuer=\"{old_id}\"}}"))
+            .then_some(m)
+    });
+    assert!(
+        metrics.contains(&format!(
+            "sigil_crl_next_update_seconds{{issuer=\"{old_id}\"}}"
+        )),
+        "{metrics}"
+    );
+    let log = server.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&old_id) && l.contains("CRL is not re-signed")),
+        "{log}"
+    );
+    server.stop();
 }

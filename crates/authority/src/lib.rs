@@ -384,6 +384,9 @@ struct Cache {
     /// Installed cross-certificates as of the last sync (None before it),
     /// for certificate downloads' alternate chains.
     cross_certs: RwLock<Option<Arc<Vec<IssuerInfo>>>>,
+    /// Ids of the issuers not retired in the database as of the last sync,
+    /// whether or not this node holds their keys.
+    listed: RwLock<Vec<String>>,
 }
 
 pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -1519,6 +1522,11 @@ impl Authority {
         let rows = self.store.revoked_after(after).await?;
         let new: Vec<String> = rows.iter().map(|(s, _)| s.clone()).collect();
         let issuer_rows = self.store.issuers().await?;
+        let listed: Vec<String> = issuer_rows
+            .iter()
+            .filter(|r| r.state != IssuerState::Retired)
+            .map(|r| r.id.clone())
+            .collect();
         let issuers: Vec<Arc<IssuerInfo>> = issuer_rows
             .iter()
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
@@ -1554,6 +1562,7 @@ impl Authority {
             }
         }
         *write(&self.cache.issuers) = issuers;
+        *write(&self.cache.listed) = listed;
         *write(&self.cache.cross_certs) = Some(Arc::new(cross));
         if let Some(b) = blocked {
             *write(&self.cache.blocked_keys) = b.into_iter().collect();
@@ -1565,6 +1574,17 @@ impl Authority {
             issuers_changed,
             rotated,
         })
+    }
+
+    /// Issuers not retired in the database (staged, active, previous) whose
+    /// keys this node does not hold, as of the last sync: it cannot sign
+    /// their CRLs or OCSP responses.
+    pub fn unheld_issuers(&self) -> Vec<String> {
+        read(&self.cache.listed)
+            .iter()
+            .filter(|id| self.loaded_issuer(id).is_none())
+            .cloned()
+            .collect()
     }
 
     /// The certificate row for a serial, if this CA issued it.

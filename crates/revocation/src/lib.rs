@@ -200,14 +200,31 @@ impl Revocation {
         }
     }
 
-    /// Caches the newest stored CRLs (full and shards) of every publishing
-    /// issuer (published by the node holding the job lock). Only the numbers
-    /// are read each time; a CRL's DER only when a newer one is stored.
+    /// Caches the newest stored CRLs (full and shards) of every issuer not
+    /// retired (published by the node holding the job lock).
     async fn load_stored(&self) {
         self.forget_retired();
-        for issuer in self.authority.publishing_issuers() {
-            let id = issuer.info().id.to_string();
-            let versions = match self.authority.crl_versions(&id).await {
+        self.load_stored_of(&self.issuer_ids()).await;
+    }
+
+    /// Ids of the issuers whose CRLs are served and watched: the ones this
+    /// node holds keys for, then the ones it does not (their stored CRLs).
+    fn issuer_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .authority
+            .publishing_issuers()
+            .iter()
+            .map(|i| i.info().id.to_string())
+            .collect();
+        ids.extend(self.authority.unheld_issuers());
+        ids
+    }
+
+    /// Caches the newest stored CRLs of these issuers. Only the numbers are
+    /// read each time; a CRL's DER only when a newer one is stored.
+    async fn load_stored_of(&self, ids: &[String]) {
+        for id in ids {
+            let versions = match self.authority.crl_versions(id).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(issuer = %id, error = %e, "reading the stored CRLs failed");
@@ -223,8 +240,8 @@ impl Revocation {
                     continue;
                 }
                 let row = match shard {
-                    Some(k) => self.authority.shard_crl(&id, k).await,
-                    None => self.authority.latest_crl(&id).await,
+                    Some(k) => self.authority.shard_crl(id, k).await,
+                    None => self.authority.latest_crl(id).await,
                 };
                 match row {
                     Ok(Some(row)) => {
@@ -275,6 +292,21 @@ impl Revocation {
                 }
             }
         }
+        // Issuers whose keys this node does not hold: their CRLs cannot be
+        // signed here. Their last stored CRLs are cached, so they are served
+        // and their age shows in the metrics (and `SigilCrlStale` fires)
+        // before relying parties start refusing their certificates.
+        let unheld = self.authority.unheld_issuers();
+        if !unheld.is_empty() {
+            for id in &unheld {
+                tracing::error!(
+                    issuer = %id,
+                    "this node runs the CRL jobs but cannot load this issuer's key, so its CRL is not re-signed; \
+                     make the key available to every node (see `sigil status`)"
+                );
+            }
+            self.load_stored_of(&unheld).await;
+        }
         match (failed, soonest) {
             (Some(e), _) => Err(e),
             (None, Some(p)) => Ok(p),
@@ -309,8 +341,8 @@ impl Revocation {
     /// last CRL is still served from the database, but it no longer counts
     /// for freshness.
     fn forget_retired(&self) {
-        let serving = self.authority.publishing_issuers();
-        write(&self.crls).retain(|(id, _), _| serving.iter().any(|i| i.info().id.as_str() == id));
+        let ids = self.issuer_ids();
+        write(&self.crls).retain(|(id, _), _| ids.contains(id));
     }
 
     /// The CRLs this node published, per issuer.
