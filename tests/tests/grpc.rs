@@ -1537,12 +1537,26 @@ async fn agent_once_installs_a_seeded_pair_and_renews_it_when_due() {
         rcgen::PublicKeyData::subject_public_key_info(&installed_key),
         leaf.public_key.spki_der()
     );
+    let combined = std::fs::read_to_string(out.join("combined.pem")).unwrap();
+    assert_eq!(
+        combined,
+        format!(
+            "{}{chain}",
+            std::fs::read_to_string(out.join("key.pem")).unwrap()
+        )
+    );
+    // An out-dir from before combined.pem: the next start writes it.
+    std::fs::remove_file(out.join("combined.pem")).unwrap();
     let third = once();
     assert!(
         !third.contains("renewed:"),
         "the new certificate is not due: {third}"
     );
     assert_eq!(serial_in(&out).as_deref(), Some(renewed.as_str()));
+    assert_eq!(
+        std::fs::read_to_string(out.join("combined.pem")).unwrap(),
+        combined
+    );
 }
 
 /// Sign with a client certificate instead of a token: the requester is the
@@ -2014,6 +2028,7 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
     }
     let token_busy = ca.token("busy", &["busy.internal"]);
     let (_, csr) = key_and_csr(&["busy.internal"]);
+    let first_refusal = Instant::now();
     let s = call_fails(client.sign(with_token(sign_req(csr), &token_busy)).await).await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(
@@ -2027,11 +2042,12 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         .await
         .expect("another requester has its own budget");
     // Each refusal is audited under the requester, up to a minute's audit
-    // budget; the rest are counted. (The token is not spent: the limit
-    // comes first.)
+    // budget (refilled at one a second); the rest are counted. (The token
+    // is not spent: the limit comes first.)
     let (_, csr) = key_and_csr(&["busy.internal"]);
     let budget = sigil_authority::RATE_LIMITED_AUDITS_PER_MINUTE as usize;
-    for _ in 1..budget + 5 {
+    let refusals = budget + 5;
+    for _ in 1..refusals {
         let s = call_fails(
             client
                 .sign(with_token(sign_req(csr.clone()), &token_busy))
@@ -2040,12 +2056,17 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         .await;
         assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     }
+    let refill = first_refusal.elapsed().as_secs() as usize + 1;
     let audit = ca.audit();
     let limited: Vec<&str> = audit
         .lines()
         .filter(|l| l.contains("cert.rate_limited"))
         .collect();
-    assert_eq!(limited.len(), budget, "{audit}");
+    assert!(
+        (budget..=budget + refill).contains(&limited.len()),
+        "{} audited:\n{audit}",
+        limited.len()
+    );
     assert!(
         limited.iter().all(|l| l.contains("token:busy")
             && l.contains("busy.internal")
@@ -2057,10 +2078,11 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         metrics.contains("result=\"rate_limited\""),
         "refusal not counted:\n{metrics}"
     );
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sigil_refusals_unaudited_total{kind=\"cert.rate_limited\"} 5")),
-        "{metrics}"
-    );
+    let unaudited: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sigil_refusals_unaudited_total{kind=\"cert.rate_limited\"} "))
+        .unwrap_or_else(|| panic!("no unaudited count:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert_eq!(limited.len() + unaudited, refusals, "{metrics}");
 }

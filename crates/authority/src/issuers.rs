@@ -431,9 +431,17 @@ impl Authority {
         if stepped {
             rows = self.store.issuers().await?;
         }
+        // Recorded with the loaded set it goes with (a key still loading is
+        // not reported as one this node cannot hold).
+        let listed: Vec<String> = rows
+            .iter()
+            .filter(|r| r.state != IssuerState::Retired)
+            .map(|r| r.id.clone())
+            .collect();
         let want = wanted(&rows);
         let current = crate::read(&self.issuers).clone();
         if want == current.states() {
+            *crate::write(&self.cache.listed) = listed;
             return Ok((false, false));
         }
         let Some(keys) = self.keys.clone() else {
@@ -501,6 +509,7 @@ impl Authority {
         // signed again every second).
         let changed = rotated || next.states() != current.states();
         *crate::write(&self.issuers) = next;
+        *crate::write(&self.cache.listed) = listed;
         Ok((changed, rotated))
     }
 

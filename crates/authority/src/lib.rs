@@ -1522,11 +1522,6 @@ impl Authority {
         let rows = self.store.revoked_after(after).await?;
         let new: Vec<String> = rows.iter().map(|(s, _)| s.clone()).collect();
         let issuer_rows = self.store.issuers().await?;
-        let listed: Vec<String> = issuer_rows
-            .iter()
-            .filter(|r| r.state != IssuerState::Retired)
-            .map(|r| r.id.clone())
-            .collect();
         let issuers: Vec<Arc<IssuerInfo>> = issuer_rows
             .iter()
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
@@ -1562,7 +1557,6 @@ impl Authority {
             }
         }
         *write(&self.cache.issuers) = issuers;
-        *write(&self.cache.listed) = listed;
         *write(&self.cache.cross_certs) = Some(Arc::new(cross));
         if let Some(b) = blocked {
             *write(&self.cache.blocked_keys) = b.into_iter().collect();
@@ -1946,8 +1940,8 @@ impl Authority {
     /// refusal, but only [`RATE_LIMITED_AUDITS_PER_MINUTE`] a minute per
     /// requester (a client retrying in a loop must not grow the audit table
     /// without bound); past that it is counted
-    /// (`sigil_refusals_unaudited_total`). Returns the refusal, or the
-    /// store's error if it could not be recorded.
+    /// (`sigil_refusals_unaudited_total`). Returns the refusal, also when it
+    /// could not be recorded (that is logged).
     async fn record_rate_limited(
         &self,
         actor: &Requester,
@@ -1982,10 +1976,12 @@ impl Authority {
                 detail,
             }))
             .await;
-        match recorded {
-            Ok(_) => limited,
-            Err(e) => e.into(),
+        // The caller hears of its limit (with when to retry) even if the
+        // record failed.
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, kind, "could not audit a rate-limited request");
         }
+        limited
     }
 
     /// Audits a refusal. Returns the store's error if it could not be recorded.

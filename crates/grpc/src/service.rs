@@ -34,17 +34,21 @@ pub const ANONYMOUS: &str = "anonymous";
 /// of a refusal.
 struct Call {
     name: &'static str,
-    from: String,
+    from: Option<std::net::SocketAddr>,
 }
 
 impl Call {
     fn of(name: &'static str, req: &Request<impl Sized>) -> Call {
         Call {
             name,
-            from: req
-                .remote_addr()
-                .map_or_else(|| "unknown".to_string(), |a| a.to_string()),
+            from: req.remote_addr(),
         }
+    }
+
+    /// The caller's address as audited.
+    fn peer(&self) -> String {
+        self.from
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string())
     }
 }
 
@@ -197,7 +201,8 @@ impl CaService {
             Ok(entry) => entry,
             Err(e) => {
                 let reason = format!("client certificate unreadable: {e}");
-                self.audit_auth_failure(call, ANONYMOUS, &reason).await;
+                let actor = Requester::Mtls(String::new()).to_string();
+                self.audit_auth_failure(call, &actor, &reason).await;
                 return Err(Status::unauthenticated(reason));
             }
         };
@@ -271,7 +276,6 @@ impl CaService {
     /// Records a refusal within the caller's audit budget; a failure to
     /// record is logged, the refusal stands.
     async fn audit(&self, kind: &str, call: &Call, actor_name: &str, reason: &str) {
-        let detail = serde_json::json!({ "call": call.name, "reason": reason, "peer": call.from });
         let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
         let within = self
@@ -286,6 +290,8 @@ impl CaService {
             tracing::debug!(kind, actor = %actor_name, "refusal over the audit budget; counted only");
             return;
         }
+        let detail =
+            serde_json::json!({ "call": call.name, "reason": reason, "peer": call.peer() });
         let r = self.authority.record(kind, actor_name, "", detail).await;
         if let Err(e) = r {
             tracing::error!(error = %e, kind, "could not audit a refused call");

@@ -78,6 +78,9 @@ impl Leader {
     }
 }
 
+/// How soon a staged issuer's CRL is tried again after it failed.
+const STAGED_RETRY: Duration = Duration::from_secs(60);
+
 /// CRL timing.
 #[derive(Debug, Clone)]
 pub struct CrlSettings {
@@ -184,9 +187,14 @@ impl Revocation {
                 continue;
             }
             let refresh = match self.publish_all().await {
-                Ok(p) => {
+                Ok((p, staged_failed)) => {
                     let half = (p.next_update - p.this_update) / 2;
-                    Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1))
+                    let half = Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1));
+                    if staged_failed {
+                        half.min(STAGED_RETRY)
+                    } else {
+                        half
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "publishing a CRL failed; retrying in 10 s");
@@ -270,13 +278,17 @@ impl Revocation {
     }
 
     /// Publishes for the active, previous and staged issuers; returns the CRL that
-    /// needs refreshing soonest. An issuer that fails does not hold up the
-    /// others; the first error is returned after all were tried.
-    async fn publish_all(&self) -> Result<Published, sigil_authority::Error> {
+    /// needs refreshing soonest, and whether a staged issuer failed. An issuer
+    /// that fails does not hold up the others; the first error of an issuer
+    /// that serves is returned after all were tried. A staged issuer's
+    /// failure is only reported (it issues nothing yet, so it must not stop
+    /// a server from starting) and retried within [`STAGED_RETRY`].
+    async fn publish_all(&self) -> Result<(Published, bool), sigil_authority::Error> {
         let mut soonest: Option<Published> = None;
         let mut failed = None;
+        let mut staged_failed = false;
         self.forget_retired();
-        for issuer in self.authority.publishing_issuers() {
+        for (state, issuer) in self.authority.issuer_states() {
             match self.publish(issuer.info().id.as_str()).await {
                 Ok(p) => {
                     if soonest
@@ -285,6 +297,10 @@ impl Revocation {
                     {
                         soonest = Some(p);
                     }
+                }
+                Err(e) if state == sigil_authority::IssuerState::Staged => {
+                    tracing::error!(issuer = %issuer.info().id, error = %e, "publishing the first CRL of a staged issuer failed; retrying within a minute");
+                    staged_failed = true;
                 }
                 Err(e) => {
                     tracing::error!(issuer = %issuer.info().id, error = %e, "publishing a CRL failed");
@@ -309,7 +325,7 @@ impl Revocation {
         }
         match (failed, soonest) {
             (Some(e), _) => Err(e),
-            (None, Some(p)) => Ok(p),
+            (None, Some(p)) => Ok((p, staged_failed)),
             (None, None) => Err(sigil_authority::Error::Unavailable(
                 "no issuer to publish a CRL for".into(),
             )),

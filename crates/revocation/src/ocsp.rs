@@ -234,13 +234,23 @@ impl Ocsp {
     /// certificate with at least half its life left, and drops those of
     /// issuers no longer publishing. Quick when nothing is due: call it
     /// before serving.
+    /// A staged issuer whose responder cannot be made is reported and left
+    /// out (tried again at the next call): it issues nothing yet, so it must
+    /// not stop a server from starting or the others' responses.
     pub async fn ensure_signers(&self) -> Result<Vec<Arc<Current>>, sigil_authority::Error> {
-        let serving = self.authority.publishing_issuers();
-        let mut out = Vec::with_capacity(serving.len());
-        for issuer in &serving {
-            out.push(self.ensure_signer(issuer).await?);
+        let publishing = self.authority.issuer_states();
+        let mut out = Vec::with_capacity(publishing.len());
+        for (state, issuer) in &publishing {
+            match self.ensure_signer(issuer).await {
+                Ok(cur) => out.push(cur),
+                Err(e) if *state == sigil_authority::IssuerState::Staged => {
+                    tracing::error!(issuer = %issuer.info().id, error = %e, "the OCSP responder of a staged issuer could not be made; retrying later");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        write(&self.current).retain(|id, _| serving.iter().any(|i| i.info().id.as_str() == id));
+        write(&self.current)
+            .retain(|id, _| publishing.iter().any(|(_, i)| i.info().id.as_str() == id));
         Ok(out)
     }
 

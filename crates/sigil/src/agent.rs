@@ -206,6 +206,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             let _ = std::fs::remove_file(args.out_dir.join(PENDING_KEY));
             if seeded {
                 install(&args, &h).await?;
+            } else if !args.out_dir.join("combined.pem").exists() {
+                // Files written before combined.pem existed.
+                let path = args.out_dir.join("combined.pem");
+                write_synced(
+                    &path,
+                    combined_pem(&h.key_pem, &h.chain_pem).as_bytes(),
+                    0o600,
+                )?;
             }
             h
         }
@@ -832,11 +840,7 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// the renames is finished on the next start (see `finish_interrupted_install`).
 async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     let leaf_pem = first_pem_block(&h.chain_pem);
-    let mut combined = h.key_pem.clone();
-    if !combined.ends_with('\n') {
-        combined.push('\n');
-    }
-    combined.push_str(&h.chain_pem);
+    let combined = combined_pem(&h.key_pem, &h.chain_pem);
     let contents: [(&[u8], u32); 4] = [
         (h.key_pem.as_bytes(), 0o600),
         (leaf_pem.as_bytes(), 0o644),
@@ -863,6 +867,16 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     Ok(())
 }
 
+/// combined.pem: the key, then the chain.
+fn combined_pem(key_pem: &str, chain_pem: &str) -> String {
+    let mut combined = key_pem.to_string();
+    if !combined.ends_with('\n') {
+        combined.push('\n');
+    }
+    combined.push_str(chain_pem);
+    combined
+}
+
 /// Runs a reload hook with a timeout; a failing hook is reported, not fatal.
 async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
     cmd.kill_on_drop(true);
@@ -885,6 +899,16 @@ fn finish_interrupted_install(dir: &Path) -> Result<()> {
     // A `.new.tmp` was still being written: never complete, never used.
     for n in FILES {
         let _ = std::fs::remove_file(tmp_path(&new(n)));
+    }
+    // Written by a version without combined.pem: the three are the whole set.
+    if FILES[..3].iter().all(|n| new(n).exists()) && !new("combined.pem").exists() {
+        let key = std::fs::read_to_string(new("key.pem"))?;
+        let chain = std::fs::read_to_string(new("chain.pem"))?;
+        write_synced(
+            &new("combined.pem"),
+            combined_pem(&key, &chain).as_bytes(),
+            0o600,
+        )?;
     }
     let complete = FILES.iter().all(|n| new(n).exists());
     let any = FILES.iter().any(|n| new(n).exists());
@@ -1173,5 +1197,21 @@ mod tests {
             .filter(|n| n.ends_with(".new") || n.ends_with(".tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        // Written by a version without combined.pem, crash before any
+        // rename: the three are the whole set, and combined.pem follows them.
+        put("key.pem.new", "KEY\n");
+        put("cert.pem.new", "LEAF\n");
+        put("chain.pem.new", "LEAF\nCA\n");
+        finish_interrupted_install(d).unwrap();
+        assert_eq!(
+            (get("key.pem"), get("cert.pem"), get("combined.pem")),
+            ("KEY\n".into(), "LEAF\n".into(), "KEY\nLEAF\nCA\n".into())
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.join("combined.pem"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
     }
 }
