@@ -1966,16 +1966,7 @@ impl Authority {
         if let Error::RateLimited { retry_after, .. } = &limited {
             detail["retry_after"] = json!(retry_after);
         }
-        let recorded = self
-            .store
-            .commit(Change::Record(AuditEvent {
-                ts_ms: unix_ms(self.clock.now()),
-                kind: kind.into(),
-                actor: actor.to_string(),
-                subject: names.first().cloned().unwrap_or_default(),
-                detail,
-            }))
-            .await;
+        let recorded = self.record_about(actor, names, kind, detail).await;
         // The caller hears of its limit (with when to retry) even if the
         // record failed.
         if let Err(e) = recorded {
@@ -2000,6 +1991,17 @@ impl Authority {
             "key_type": key_type.to_string(),
         });
         add_refusal(&mut detail, err);
+        self.record_about(actor, names, kind, detail).await
+    }
+
+    /// Records an event about a request for `names` (its subject: the first).
+    async fn record_about(
+        &self,
+        actor: &Requester,
+        names: &[String],
+        kind: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), sigil_store::Error> {
         self.store
             .commit(Change::Record(AuditEvent {
                 ts_ms: unix_ms(self.clock.now()),
