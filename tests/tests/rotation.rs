@@ -260,6 +260,14 @@ fn intermediate_rotation_with_overlap() {
         ],
     );
     assert!(text(&out).contains("verify OK"), "{}", text(&out));
+    // `sigil status` shows it under the staged issuer.
+    let status = text(&sigil(&["status", "--config", &config]));
+    let staged_block: Vec<&str> = status
+        .lines()
+        .skip_while(|l| !(l.contains(&second_id) && l.contains("staged")))
+        .take(3)
+        .collect();
+    assert!(staged_block.iter().any(|l| l.contains("CRL #")), "{status}");
 
     // 4. activate now: new issuance moves to the new issuer.
     let out = ok(sigil(&["intermediate", "activate", "--config", &config]));

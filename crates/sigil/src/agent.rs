@@ -971,6 +971,36 @@ fn tmp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
+/// The agent's metrics at `now` (unix s), in the Prometheus text format.
+fn render_metrics(m: &Metrics, now: i64) -> String {
+    let not_after = m.not_after.load(Ordering::Relaxed);
+    // No certificate yet: no expiry to report (not a false alarm).
+    let expiry = if not_after == 0 {
+        String::new()
+    } else {
+        format!(
+            "sigil_agent_certificate_not_after_seconds {not_after}\n\
+             sigil_agent_certificate_expires_in_seconds {}\n",
+            not_after - now
+        )
+    };
+    format!(
+        "# HELP sigil_agent_certificate_not_after_seconds Expiry of the current certificate (unix time).\n\
+         # TYPE sigil_agent_certificate_not_after_seconds gauge\n\
+         # HELP sigil_agent_certificate_expires_in_seconds Seconds until the current certificate expires.\n\
+         # TYPE sigil_agent_certificate_expires_in_seconds gauge\n\
+         {expiry}\
+         # HELP sigil_agent_renewals_total Successful renewals.\n\
+         # TYPE sigil_agent_renewals_total counter\n\
+         sigil_agent_renewals_total {}\n\
+         # HELP sigil_agent_renewal_failures_total Failed renewal attempts.\n\
+         # TYPE sigil_agent_renewal_failures_total counter\n\
+         sigil_agent_renewal_failures_total {}\n",
+        m.renewals.load(Ordering::Relaxed),
+        m.failures.load(Ordering::Relaxed)
+    )
+}
+
 async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Metrics>) -> Result<()> {
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -980,35 +1010,7 @@ async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Metrics>) -> Result<()
         "/metrics",
         get(move || {
             let m = m.clone();
-            async move {
-                let not_after = m.not_after.load(Ordering::Relaxed);
-                let now = SystemClock.now().unix_timestamp();
-                // No certificate yet: no expiry to report (not a false alarm).
-                let expiry = if not_after == 0 {
-                    String::new()
-                } else {
-                    format!(
-                        "sigil_agent_certificate_not_after_seconds {not_after}\n\
-                         sigil_agent_certificate_expires_in_seconds {}\n",
-                        not_after - now
-                    )
-                };
-                format!(
-                    "# HELP sigil_agent_certificate_not_after_seconds Expiry of the current certificate (unix time).\n\
-                     # TYPE sigil_agent_certificate_not_after_seconds gauge\n\
-                     # HELP sigil_agent_certificate_expires_in_seconds Seconds until the current certificate expires.\n\
-                     # TYPE sigil_agent_certificate_expires_in_seconds gauge\n\
-                     {expiry}\
-                     # HELP sigil_agent_renewals_total Successful renewals.\n\
-                     # TYPE sigil_agent_renewals_total counter\n\
-                     sigil_agent_renewals_total {}\n\
-                     # HELP sigil_agent_renewal_failures_total Failed renewal attempts.\n\
-                     # TYPE sigil_agent_renewal_failures_total counter\n\
-                     sigil_agent_renewal_failures_total {}\n",
-                    m.renewals.load(Ordering::Relaxed),
-                    m.failures.load(Ordering::Relaxed)
-                )
-            }
+            async move { render_metrics(&m, SystemClock.now().unix_timestamp()) }
         }),
     );
     tokio::spawn(async move {
@@ -1131,6 +1133,32 @@ mod tests {
             let _ = c.wait();
         }
         assert_eq!((hups(&log1), hups(&log2)), (1, 1));
+    }
+
+    /// Before the first certificate the expiry gauges are left out (an
+    /// alert on them must not fire on a zero); after it they are there.
+    #[test]
+    fn expiry_gauges_appear_with_the_first_certificate() {
+        let m = Metrics::default();
+        m.failures.store(2, Ordering::Relaxed);
+        let before = render_metrics(&m, 1_000);
+        assert!(
+            !before
+                .lines()
+                .any(|l| l.starts_with("sigil_agent_certificate_")),
+            "{before}"
+        );
+        assert!(
+            before.contains("sigil_agent_renewal_failures_total 2\n"),
+            "{before}"
+        );
+        m.not_after.store(4_600, Ordering::Relaxed);
+        let after = render_metrics(&m, 1_000);
+        assert!(
+            after.contains("sigil_agent_certificate_not_after_seconds 4600\n")
+                && after.contains("sigil_agent_certificate_expires_in_seconds 3600\n"),
+            "{after}"
+        );
     }
 
     #[test]
