@@ -294,23 +294,9 @@ impl Authority {
         v
     }
 
-    /// Issuers whose CRLs and OCSP responders are kept ready: the serving
-    /// ones, then staged ones, which relying parties already trust and whose
-    /// first certificates must find a CRL and a responder the moment they
-    /// are activated.
-    pub fn publishing_issuers(&self) -> Vec<Arc<ActiveIssuer>> {
-        let mut v = self.serving_issuers();
-        v.extend(
-            crate::read(&self.issuers)
-                .all
-                .iter()
-                .filter(|(s, _)| *s == IssuerState::Staged)
-                .map(|(_, i)| i.clone()),
-        );
-        v
-    }
-
-    /// Loaded issuers with their states.
+    /// Loaded issuers with their states: staged, active and previous (the
+    /// ones whose CRLs and OCSP responders are kept ready; a staged one's,
+    /// so its first certificates find them the moment it is activated).
     pub fn issuer_states(&self) -> Vec<(IssuerState, Arc<ActiveIssuer>)> {
         crate::read(&self.issuers).all.clone()
     }

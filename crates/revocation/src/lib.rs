@@ -173,8 +173,8 @@ impl Revocation {
         self.wake.notify_one();
     }
 
-    /// Publishes once now (at startup), then keeps every publishing issuer's
-    /// CRL (staged ones included) fresh: after each change (debounced) and at half its validity.
+    /// Publishes once now (at startup), then keeps the CRL of every issuer
+    /// this node holds (staged ones included) fresh: after each change (debounced) and at half its validity.
     pub async fn run(self: Arc<Self>) {
         loop {
             if !self.leader.is_leading() {
@@ -220,9 +220,9 @@ impl Revocation {
     fn issuer_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .authority
-            .publishing_issuers()
+            .issuer_states()
             .iter()
-            .map(|i| i.info().id.to_string())
+            .map(|(_, i)| i.info().id.to_string())
             .collect();
         ids.extend(self.authority.unheld_issuers());
         ids
@@ -267,7 +267,7 @@ impl Revocation {
         }
     }
 
-    /// Signs, stores and caches a fresh CRL for every publishing issuer now
+    /// Signs, stores and caches a fresh CRL for every issuer it holds now
     /// (on the job node), or loads the stored ones (on the others).
     pub async fn publish_now(&self) -> Result<(), sigil_authority::Error> {
         if !self.leader.is_leading() {

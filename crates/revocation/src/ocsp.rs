@@ -229,10 +229,10 @@ impl Ocsp {
         })
     }
 
-    /// Makes sure every publishing issuer (staged ones included, so the
+    /// Makes sure every loaded issuer (staged ones included, so the
     /// first certificates of an activated issuer find one) has a responder
     /// certificate with at least half its life left, and drops those of
-    /// issuers no longer publishing. Quick when nothing is due: call it
+    /// issuers no longer loaded. Quick when nothing is due: call it
     /// before serving.
     /// A staged issuer whose responder cannot be made is reported and left
     /// out (tried again at the next call): it issues nothing yet, so it must
