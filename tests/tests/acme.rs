@@ -3261,3 +3261,104 @@ async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
         "alternate chain reaches the old root"
     );
 }
+
+/// The retention pass (default `database.keep_expired = "7d"`): on start,
+/// the job node deletes ACME orders and authorizations that expired more
+/// than a week ago, keeps the ones that expired since, and leaves the
+/// certificates and the audit chain alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_and_authorizations_expired_long_ago_are_deleted() {
+    assert!(
+        have("sqlite3"),
+        "sqlite3 is needed (./scripts/test installs it)"
+    );
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    for name in ["old.localhost", "recent.localhost"] {
+        let (order, _) = raw.ready_order(&ca, &[name]).await;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = b64(csr_der(&[name], &key));
+        let done = raw.finalize(&order, &csr).await.expect_ok().json();
+        assert_eq!(done["status"], "valid", "{done}");
+    }
+    let db = ca.data.join("sigil.db").display().to_string();
+    let sql = |q: &str| -> String {
+        let out = run("sqlite3", &[&db, q]);
+        assert!(
+            out.status.success(),
+            "sqlite3 {q}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Moved back in time: one name's order and authorization by 30 days
+    // (expired 29 days ago), the other's by 3 (expired 2 days ago).
+    for (name, days) in [("old.localhost", 30), ("recent.localhost", 3)] {
+        let shift = days * 86_400;
+        for table in ["acme_orders", "acme_authzs"] {
+            sql(&format!(
+                "UPDATE {table} SET created_at = created_at - {shift}, \
+                 expires_at = expires_at - {shift} WHERE body LIKE '%{name}%'"
+            ));
+        }
+    }
+    let count = |table: &str, name: &str| -> String {
+        sql(&format!(
+            "SELECT count(*) FROM {table} WHERE body LIKE '%{name}%'"
+        ))
+    };
+    for table in ["acme_orders", "acme_authzs"] {
+        for name in ["old.localhost", "recent.localhost"] {
+            assert_eq!(count(table, name), "1", "{table} {name} before");
+        }
+    }
+
+    let ca = ca.restart(&[]).await;
+    let port = ca.server.port;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let deleted = |body: &str, table: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "sigil_retention_deleted_total{{table=\"{table}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    loop {
+        let body = String::from_utf8(http_get(port, "/metrics").unwrap().1).unwrap();
+        let got = (deleted(&body, "acme_orders"), deleted(&body, "acme_authzs"));
+        if got == (Some(1.0), Some(1.0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retention pass within 30 s: {got:?}\n{}",
+            ca.server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for table in ["acme_orders", "acme_authzs"] {
+        assert_eq!(count(table, "old.localhost"), "0", "{table} old");
+        assert_eq!(count(table, "recent.localhost"), "1", "{table} recent");
+    }
+    assert_eq!(
+        sql(
+            "SELECT count(*) FROM certificates WHERE names LIKE '%old.localhost%' OR names LIKE '%recent.localhost%'"
+        ),
+        "2"
+    );
+    assert!(
+        ca.server
+            .log_text()
+            .contains("deleted rows expired before the retention cutoff"),
+        "{}",
+        ca.server.log_text()
+    );
+    let cfg = ca.data.join("sigil.toml").display().to_string();
+    let Acme { server, .. } = ca;
+    server.stop();
+    let out = ok(sigil(&["audit", "verify", "--config", &cfg]));
+    assert!(out.contains("audit chain OK"), "{out}");
+}

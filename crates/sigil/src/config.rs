@@ -79,7 +79,18 @@ fn idle_timeout() -> String {
 pub struct DatabaseConfig {
     /// `sqlite://PATH` (relative to this file) or `postgres://...`.
     pub url: String,
+    /// How long after they expired ACME orders and authorizations, spent
+    /// bootstrap tokens and pre-signed OCSP responses are deleted, or `off`.
+    #[serde(default = "keep_expired")]
+    pub keep_expired: String,
 }
+
+fn keep_expired() -> String {
+    "7d".into()
+}
+
+/// Shortest `database.keep_expired`: well past any expiry check's leeway.
+const MIN_KEEP_EXPIRED: Duration = Duration::from_secs(3600);
 
 /// `[ca]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -452,6 +463,7 @@ impl Config {
         self.crl_settings()?;
         self.ocsp_settings()?;
         self.crl_sharding()?;
+        self.keep_expired()?;
         let d = self.default_lifetime()?;
         let m = self.max_lifetime()?;
         if d > m {
@@ -523,6 +535,22 @@ impl Config {
             );
         }
         Ok(d)
+    }
+
+    /// `database.keep_expired`: `None` when set to `off`.
+    pub fn keep_expired(&self) -> Result<Option<Duration>> {
+        let value = self.database.keep_expired.trim();
+        if value.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let p = self.path.display();
+        let d = sigil_core::lifetime::parse_duration(value).with_context(|| {
+            format!("{p}: database.keep_expired (a duration such as 7d, or off)")
+        })?;
+        if d < MIN_KEEP_EXPIRED {
+            bail!("{p}: database.keep_expired must be at least 1h, or off (got '{value}')");
+        }
+        Ok(Some(d))
     }
 
     /// `[revocation]` CRL timing.
@@ -801,6 +829,48 @@ mod tests {
         ] {
             let e = load(from, to).unwrap_err();
             assert!(e.contains(key), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn keep_expired_is_a_duration_of_an_hour_or_more_or_off() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(
+            cfg.keep_expired().unwrap(),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sigil.toml");
+        let load = |to: &str| {
+            let from = "keep_expired = \"7d\"";
+            assert!(text.contains(from));
+            std::fs::write(&file, text.replace(from, to)).unwrap();
+            Config::load(&file).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            load("keep_expired = \"off\"")
+                .unwrap()
+                .keep_expired()
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            load("keep_expired = \"36h\"")
+                .unwrap()
+                .keep_expired()
+                .unwrap(),
+            Some(Duration::from_secs(36 * 3600))
+        );
+        // Absent: the default week.
+        assert_eq!(
+            load("").unwrap().keep_expired().unwrap(),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        for bad in ["keep_expired = \"10m\"", "keep_expired = \"forever\""] {
+            let e = load(bad).unwrap_err();
+            assert!(e.contains("database.keep_expired"), "{bad}: {e}");
         }
     }
 

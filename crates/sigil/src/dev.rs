@@ -126,6 +126,7 @@ pub async fn ensure(
         },
         database: DatabaseConfig {
             url: "sqlite://sigil.db".into(),
+            keep_expired: "7d".into(),
         },
         ca: CaConfig {
             roots: vec![PathBuf::from(ROOT_DIR).join("root.crt")],

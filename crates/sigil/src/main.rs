@@ -18,6 +18,7 @@ mod limits;
 mod passphrase;
 mod reload;
 mod request_id;
+mod retention;
 mod serve;
 mod tls_cert;
 

@@ -79,7 +79,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let lease = authority.store().try_lead().await?;
     leader.set(lease.is_some());
     if lease.is_some() {
-        tracing::info!("this node runs the background jobs (CRL publishing, OCSP pre-signing)");
+        tracing::info!(
+            "this node runs the background jobs (CRL publishing, OCSP pre-signing, retention)"
+        );
     } else {
         tracing::info!("another node runs the background jobs; this one takes over if it stops");
     }
@@ -95,6 +97,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     );
     tokio::spawn(responder.clone().run());
     tokio::spawn(hold_job_lock(authority.clone(), lease, leader.clone()));
+    if let Some(keep) = cfg.keep_expired()? {
+        tokio::spawn(crate::retention::run(
+            authority.clone(),
+            leader.clone(),
+            keep,
+        ));
+    }
     tokio::spawn(crate::reload::watch(
         authority.clone(),
         cfg.resolve(&cfg.policy.dir),
@@ -319,7 +328,7 @@ async fn hold_job_lock(
             None => match authority.store().try_lead().await {
                 Ok(Some(l)) => {
                     tracing::info!(
-                        "took over the background jobs (CRL publishing, OCSP pre-signing)"
+                        "took over the background jobs (CRL publishing, OCSP pre-signing, retention)"
                     );
                     lease = Some(l);
                     // The CRL publisher and the OCSP pre-signer wake on the

@@ -12,6 +12,7 @@ mod authz_hints;
 mod copy;
 mod error;
 mod objects;
+mod retention;
 mod rows;
 mod writer;
 
@@ -22,6 +23,7 @@ pub use audit::{
 };
 pub use copy::CopyReport;
 pub use error::Error;
+pub use retention::Expired;
 pub use rows::{
     CertificateRow, CrlRow, CrlSnapshot, IssuerRow, IssuerState, NewCertificate, NewIssuer,
     NewRevocation, OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
@@ -218,7 +220,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 11] = match backend {
+    let files: [(i64, &str, &'static str); 12] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -274,6 +276,11 @@ fn migrator(backend: Backend) -> Migrator {
                 11,
                 "authz_reuse_index",
                 include_str!("../../../migrations/sqlite/0011_authz_reuse_index.sql"),
+            ),
+            (
+                12,
+                "retention_indexes",
+                include_str!("../../../migrations/sqlite/0012_retention_indexes.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -331,6 +338,11 @@ fn migrator(backend: Backend) -> Migrator {
                 11,
                 "authz_reuse_index",
                 include_str!("../../../migrations/postgres/0011_authz_reuse_index.sql"),
+            ),
+            (
+                12,
+                "retention_indexes",
+                include_str!("../../../migrations/postgres/0012_retention_indexes.sql"),
             ),
         ],
     };

@@ -110,6 +110,13 @@ impl ObjectCache {
         }
     }
 
+    /// Drops the objects that expired before `before` (unix s): the
+    /// retention pass deleted them (or will).
+    pub(crate) fn forget_expired(&self, before: i64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(_, o)| o.expires_at >= before);
+    }
+
     /// Drops what a write whose outcome is unknown touches.
     pub(crate) fn uncertain(&self, write: &StateWrite) {
         self.hint(write);
@@ -132,6 +139,11 @@ impl<V> Generations<V> {
         // The newer copy shadows an older one in the previous generation.
         self.previous.remove(&id);
         self.current.insert(id, value);
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.current.retain(|_, v| keep(v));
+        self.previous.retain(|_, v| keep(v));
     }
 
     fn forget(&mut self, id: &str) {

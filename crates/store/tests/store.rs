@@ -1406,3 +1406,131 @@ async fn concurrent_crl_snapshots_never_list_less_under_a_higher_number() {
         a.close().await;
     }
 }
+
+/// The retention pass: only rows that expired before the cutoff go, in
+/// batches of the size asked for; certificates and the audit chain stay;
+/// a deleted order is not served from the object cache afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_go_in_batches_and_nothing_else_does() {
+    use sigil_store::{AcmeAccount, AcmeTable, AcmeWrite, Expired, SignedOcsp, SpentToken};
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 0).await;
+        store
+            .commit(Change::Acme {
+                write: AcmeWrite::NewAccount(AcmeAccount {
+                    id: "acct1".into(),
+                    thumbprint: "tp1".into(),
+                    jwk: "{}".into(),
+                    status: "valid".into(),
+                    contact: "[]".into(),
+                    requester: "acme:acct1".into(),
+                    eab_kid: None,
+                    created_at: 1,
+                }),
+                event: acme_event("acme.account.created"),
+            })
+            .await
+            .unwrap();
+        // Cutoff 500. Five orders and authorizations expired at 100; one of
+        // each made at 10 but alive until 1000 (a long reuse window), and one
+        // of each made at 600.
+        let object = |id: String, created_at: i64, expires_at: i64| sigil_store::AcmeObject {
+            created_at,
+            expires_at,
+            ..acme_object(&id, "valid", "{}")
+        };
+        let mut made = Vec::new();
+        for (i, (created, expires)) in [(10, 100); 5]
+            .into_iter()
+            .chain([(10, 1000), (600, 1000)])
+            .enumerate()
+        {
+            let authz = object(format!("a{i}"), created, expires);
+            let order = object(format!("o{i}"), created, expires);
+            store
+                .acme_insert_order(Some(&order), &[(authz, format!("dns:h{i}.internal"))])
+                .await
+                .unwrap();
+            made.push(i);
+        }
+        // Tokens spent on certificates: two expired at 100, one at 1000.
+        for (i, expires_at) in [(1, 100), (2, 100), (3, 1000)] {
+            store
+                .commit(Change::Issue {
+                    cert: cert(i),
+                    token: Some(SpentToken {
+                        expires_at,
+                        serial: Some(cert(i).serial),
+                        ..spent(&format!("jti-{i}"))
+                    }),
+                    event: event(i),
+                    completes: None,
+                })
+                .await
+                .unwrap();
+        }
+        let ocsp = |i: usize, next_update: i64| SignedOcsp {
+            serial: cert(i).serial,
+            issuer_id: issuer().id,
+            this_update: next_update - 50,
+            next_update,
+            der: vec![0x30, 0x03, 0x0a, 0x01, 0x00],
+        };
+        store
+            .save_ocsp(&[ocsp(1, 100), ocsp(2, 400), ocsp(3, 1000)])
+            .await
+            .unwrap();
+
+        // Batches of two: 5 rows take three statements, the last one short.
+        let mut drained = Vec::new();
+        for what in Expired::ALL {
+            let mut batches = Vec::new();
+            loop {
+                let n = store.delete_expired(what, 500, 2).await.unwrap();
+                batches.push(n);
+                if n < 2 {
+                    break;
+                }
+            }
+            drained.push((what.table(), batches));
+        }
+        assert_eq!(
+            drained,
+            [
+                ("acme_orders", vec![2, 2, 1]),
+                ("acme_authzs", vec![2, 2, 1]),
+                ("used_tokens", vec![2, 0]),
+                ("ocsp_responses", vec![2, 0]),
+            ],
+            "{name}"
+        );
+        for i in made {
+            for (table, id) in [
+                (AcmeTable::Orders, format!("o{i}")),
+                (AcmeTable::Authzs, format!("a{i}")),
+            ] {
+                let kept = store.acme_object(table, &id).await.unwrap().is_some();
+                assert_eq!(kept, i >= 5, "{name}: {id} kept: {kept}");
+            }
+        }
+        assert!(!store.token_spent("jti-1").await.unwrap(), "{name}");
+        assert!(!store.token_spent("jti-2").await.unwrap(), "{name}");
+        assert!(store.token_spent("jti-3").await.unwrap(), "{name}");
+        let left: Vec<String> = store
+            .stored_ocsp(&issuer().id, 0, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
+        assert_eq!(left, [cert(3).serial], "{name}");
+        // Nothing else was touched.
+        assert_eq!(store.certificate_count().await.unwrap(), 3, "{name}");
+        let report = store.verify_audit().await.unwrap();
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        assert_eq!(report.rows, 1 + 1 + 3, "{name}");
+        assert!(store.acme_account("acct1").await.unwrap().is_some());
+        store.close().await;
+    }
+}

@@ -1,0 +1,71 @@
+//! The retention pass (`database.keep_expired`): on the node that runs the
+//! background jobs, rows that expired that long ago are deleted (see
+//! [`sigil_store::Expired`]), at start, hourly, and when the node takes the
+//! jobs over. Without it these tables grow with every certificate for ever.
+
+use sigil_authority::Authority;
+use sigil_revocation::Leader;
+use sigil_store::Expired;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time between passes.
+const EVERY: Duration = Duration::from_secs(3600);
+/// Rows per delete statement: one short write transaction each.
+const BATCH: u32 = 1000;
+/// Pause between batches, so a large backlog (the first pass after an
+/// upgrade) leaves the database to issuance in between.
+const PAUSE: Duration = Duration::from_millis(20);
+
+/// Runs the passes for ever.
+pub async fn run(authority: Arc<Authority>, leader: Leader, keep: Duration) {
+    loop {
+        if leader.is_leading() {
+            pass(&authority, &leader, keep).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = leader.changed() => {}
+        }
+    }
+}
+
+/// One pass over every kind of row; returns how many rows went, per table.
+async fn pass(authority: &Authority, leader: &Leader, keep: Duration) -> Vec<(&'static str, u64)> {
+    let keep = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+    let before = authority.now().unix_timestamp().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for what in Expired::ALL {
+        let mut total = 0u64;
+        // Stops when the node hands the jobs over (another node goes on).
+        while leader.is_leading() {
+            match authority.store().delete_expired(what, before, BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    metrics::counter!("sigil_retention_deleted_total", "table" => what.table())
+                        .increment(n);
+                    if n < u64::from(BATCH) {
+                        break;
+                    }
+                    tokio::time::sleep(PAUSE).await;
+                }
+                Err(e) => {
+                    tracing::warn!(table = what.table(), error = %e, "deleting expired rows failed; trying again at the next pass");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            deleted.push((what.table(), total));
+        }
+    }
+    if !deleted.is_empty() {
+        let summary = deleted
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(deleted = %summary, before, "deleted rows expired before the retention cutoff");
+    }
+    deleted
+}

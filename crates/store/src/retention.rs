@@ -1,0 +1,97 @@
+//! Rows that outlive their use: ACME orders and authorizations, spent
+//! bootstrap tokens and pre-signed OCSP responses, deleted in small batches
+//! some time after they expired (the job node's retention pass).
+//! Certificates, revocations, CRLs, accounts and the audit table are never
+//! deleted.
+
+use crate::{Error, Store};
+
+/// A kind of row the retention pass deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Expired {
+    /// ACME orders, by their `expires`.
+    AcmeOrders,
+    /// ACME authorizations, by their `expires`. Every order lives no longer
+    /// than its authorizations, so no order still in use names one deleted.
+    AcmeAuthzs,
+    /// Spent bootstrap-token ids, by the token's expiry (an expired token
+    /// is refused before its id is looked up).
+    UsedTokens,
+    /// Pre-signed OCSP responses, by their nextUpdate. Responses are
+    /// re-signed until the certificate expires, so an old nextUpdate means
+    /// an expired certificate (or an issuer no longer served).
+    OcspResponses,
+}
+
+impl Expired {
+    /// Every kind, in the order the pass takes them (orders before the
+    /// authorizations they name).
+    pub const ALL: [Expired; 4] = [
+        Expired::AcmeOrders,
+        Expired::AcmeAuthzs,
+        Expired::UsedTokens,
+        Expired::OcspResponses,
+    ];
+
+    /// The table (also the metric label).
+    pub fn table(self) -> &'static str {
+        match self {
+            Expired::AcmeOrders => "acme_orders",
+            Expired::AcmeAuthzs => "acme_authzs",
+            Expired::UsedTokens => "used_tokens",
+            Expired::OcspResponses => "ocsp_responses",
+        }
+    }
+
+    /// Deletes up to `$2` rows that expired before `$1`. Each finds its rows
+    /// by an index: orders and authorizations by creation time (never after
+    /// their expiry), responses per issuer by nextUpdate.
+    fn sql(self) -> &'static str {
+        match self {
+            Expired::AcmeOrders => {
+                "DELETE FROM acme_orders WHERE id IN (SELECT id FROM acme_orders \
+                 WHERE created_at < $1 AND expires_at < $1 LIMIT $2)"
+            }
+            Expired::AcmeAuthzs => {
+                "DELETE FROM acme_authzs WHERE id IN (SELECT id FROM acme_authzs \
+                 WHERE created_at < $1 AND expires_at < $1 LIMIT $2)"
+            }
+            Expired::UsedTokens => {
+                "DELETE FROM used_tokens WHERE jti IN (SELECT jti FROM used_tokens \
+                 WHERE expires_at < $1 LIMIT $2)"
+            }
+            Expired::OcspResponses => {
+                // CROSS JOIN: SQLite then takes the (few) issuers first and
+                // each one's responses by index, instead of scanning them all.
+                "DELETE FROM ocsp_responses WHERE serial IN (SELECT o.serial FROM issuers i \
+                 CROSS JOIN ocsp_responses o WHERE o.issuer_id = i.id AND o.next_update < $1 LIMIT $2)"
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Deletes at most `limit` rows of one kind that expired before `before`
+    /// (unix s); returns how many went. Call again until fewer than `limit`
+    /// go: each call is one short transaction, so writers wait little.
+    pub async fn delete_expired(
+        &self,
+        what: Expired,
+        before: i64,
+        limit: u32,
+    ) -> Result<u64, Error> {
+        let deleted = sqlx::query(what.sql())
+            .bind(before)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if deleted > 0
+            && matches!(what, Expired::AcmeOrders | Expired::AcmeAuthzs)
+            && let Some(c) = &self.objects
+        {
+            c.forget_expired(before);
+        }
+        Ok(deleted)
+    }
+}
