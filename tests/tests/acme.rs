@@ -3264,23 +3264,81 @@ async fn root_rotation_cross_signs_and_acme_serves_the_alternate_chain() {
 
 /// The retention pass (default `database.keep_expired = "7d"`): on start,
 /// the job node deletes ACME orders and authorizations that expired more
-/// than a week ago, keeps the ones that expired since, and leaves the
-/// certificates and the audit chain alone.
+/// than a week ago, keeps the ones that expired since, keeps a finalized
+/// order that replaced a certificate while that certificate lives (so it
+/// is still "already replaced"), and leaves certificates and the audit
+/// chain alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_and_authorizations_expired_long_ago_are_deleted() {
+    use time::format_description::well_known::Rfc3339;
     assert!(
         have("sqlite3"),
         "sqlite3 is needed (./scripts/test installs it)"
     );
     let ca = Acme::start(&[]).await;
+    // Pinned, so the account and the JWS URLs stay valid on the restarted node.
+    let old_port = ca.server.https_port.unwrap();
+    let config = ca.data.join("sigil.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen(
+        "[acme]\n",
+        &format!("[acme]\nbase_url = \"https://127.0.0.1:{old_port}\"\n"),
+        1,
+    );
+    assert!(text.contains("base_url"), "no [acme] section:\n{text}");
+    std::fs::write(&config, text).unwrap();
+
     let raw = Raw::register(&ca).await;
+    let issue = |body: Value, name: &'static str| {
+        let raw = &raw;
+        let ca = &ca;
+        async move {
+            let order = raw
+                .post(&raw.url("newOrder"), Some(&body))
+                .await
+                .expect_ok()
+                .json();
+            raw.validate_http01(ca, order["authorizations"][0].as_str().unwrap())
+                .await;
+            let key = rcgen::KeyPair::generate().unwrap();
+            let csr = b64(csr_der(&[name], &key));
+            let done = raw.finalize(&order, &csr).await.expect_ok().json();
+            assert_eq!(done["status"], "valid", "{done}");
+            let chain = raw
+                .post(done["certificate"].as_str().unwrap(), None)
+                .await
+                .expect_ok();
+            pem_certs(&String::from_utf8_lossy(&chain.body)).remove(0)
+        }
+    };
+    let ident = |name: &str| json!([{"type": "dns", "value": name}]);
     for name in ["old.localhost", "recent.localhost"] {
-        let (order, _) = raw.ready_order(&ca, &[name]).await;
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = b64(csr_der(&[name], &key));
-        let done = raw.finalize(&order, &csr).await.expect_ok().json();
-        assert_eq!(done["status"], "valid", "{done}");
+        issue(json!({ "identifiers": ident(name) }), name).await;
     }
+    // A 20-day certificate, then an order replacing it (ARI).
+    let now = sigil_core::Clock::now(&sigil_core::SystemClock);
+    let na = (now + time::Duration::days(20))
+        .replace_nanosecond(0)
+        .unwrap();
+    let long = issue(
+        json!({ "identifiers": ident("ari.localhost"), "notAfter": na.format(&Rfc3339).unwrap() }),
+        "ari.localhost",
+    )
+    .await;
+    // A pending order whose authorization alone is moved back (as when
+    // orders live longer than authorizations): it turns invalid, not broken.
+    let pending = raw
+        .post(
+            &raw.url("newOrder"),
+            Some(&json!({ "identifiers": ident("pending.localhost") })),
+        )
+        .await
+        .expect_ok();
+    let pending_url = pending.location();
+    let long_id = cert_id(&long).to_string();
+    let replacing = json!({ "identifiers": ident("ari.localhost"), "replaces": long_id });
+    issue(replacing.clone(), "ari.localhost").await;
+
     let db = ca.data.join("sigil.db").display().to_string();
     let sql = |q: &str| -> String {
         let out = run("sqlite3", &[&db, q]);
@@ -3291,29 +3349,47 @@ async fn orders_and_authorizations_expired_long_ago_are_deleted() {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
+    const REPLACING: &str = "body LIKE '%\"replaces\"%'";
+    // The finalized replacement is kept until the replaced certificate expires.
+    let kept_until: i64 = sql(&format!(
+        "SELECT expires_at FROM acme_orders WHERE {REPLACING} AND status = 'valid'"
+    ))
+    .parse()
+    .unwrap();
+    assert_eq!(kept_until, parse(&long).validity().not_after.timestamp());
     // Moved back in time: one name's order and authorization by 30 days
-    // (expired 29 days ago), the other's by 3 (expired 2 days ago).
-    for (name, days) in [("old.localhost", 30), ("recent.localhost", 3)] {
-        let shift = days * 86_400;
+    // (expired 29 days ago), the other's by 3 (expired 2 days ago), and the
+    // replacement by 15 (a plain order would have expired 14 days ago; it
+    // expires in 5).
+    let shift = |cond: &str, days: i64| {
+        let secs = days * 86_400;
         for table in ["acme_orders", "acme_authzs"] {
             sql(&format!(
-                "UPDATE {table} SET created_at = created_at - {shift}, \
-                 expires_at = expires_at - {shift} WHERE body LIKE '%{name}%'"
+                "UPDATE {table} SET created_at = created_at - {secs}, \
+                 expires_at = expires_at - {secs} WHERE {cond}"
             ));
         }
-    }
-    let count = |table: &str, name: &str| -> String {
-        sql(&format!(
-            "SELECT count(*) FROM {table} WHERE body LIKE '%{name}%'"
-        ))
+    };
+    shift("body LIKE '%old.localhost%'", 30);
+    shift("body LIKE '%recent.localhost%'", 3);
+    sql("UPDATE acme_authzs SET created_at = created_at - 2592000, \
+         expires_at = expires_at - 2592000 WHERE body LIKE '%pending.localhost%'");
+    sql(&format!(
+        "UPDATE acme_orders SET created_at = created_at - 1296000, \
+         expires_at = expires_at - 1296000 WHERE {REPLACING}"
+    ));
+    let count = |table: &str, cond: &str| -> String {
+        sql(&format!("SELECT count(*) FROM {table} WHERE {cond}"))
     };
     for table in ["acme_orders", "acme_authzs"] {
         for name in ["old.localhost", "recent.localhost"] {
-            assert_eq!(count(table, name), "1", "{table} {name} before");
+            let cond = format!("body LIKE '%{name}%'");
+            assert_eq!(count(table, &cond), "1", "{table} {name} before");
         }
     }
 
     let ca = ca.restart(&[]).await;
+    raw.route_via(old_port, ca.server.https_port.unwrap());
     let port = ca.server.port;
     let deadline = Instant::now() + Duration::from_secs(30);
     let deleted = |body: &str, table: &str| -> Option<f64> {
@@ -3329,7 +3405,7 @@ async fn orders_and_authorizations_expired_long_ago_are_deleted() {
     loop {
         let body = String::from_utf8(http_get(port, "/metrics").unwrap().1).unwrap();
         let got = (deleted(&body, "acme_orders"), deleted(&body, "acme_authzs"));
-        if got == (Some(1.0), Some(1.0)) {
+        if got == (Some(1.0), Some(2.0)) {
             break;
         }
         assert!(
@@ -3340,14 +3416,35 @@ async fn orders_and_authorizations_expired_long_ago_are_deleted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for table in ["acme_orders", "acme_authzs"] {
-        assert_eq!(count(table, "old.localhost"), "0", "{table} old");
-        assert_eq!(count(table, "recent.localhost"), "1", "{table} recent");
+        assert_eq!(
+            count(table, "body LIKE '%old.localhost%'"),
+            "0",
+            "{table} old"
+        );
+        assert_eq!(
+            count(table, "body LIKE '%recent.localhost%'"),
+            "1",
+            "{table} recent"
+        );
     }
+    assert_eq!(count("acme_orders", REPLACING), "1");
+    let orphan = raw.post(&pending_url, None).await.expect_ok().json();
+    assert_eq!(orphan["status"], "invalid", "{orphan}");
+    assert!(
+        orphan["error"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("expired and was deleted")),
+        "{orphan}"
+    );
+    raw.post(&raw.url("newOrder"), Some(&replacing))
+        .await
+        .problem("alreadyReplaced");
     assert_eq!(
-        sql(
-            "SELECT count(*) FROM certificates WHERE names LIKE '%old.localhost%' OR names LIKE '%recent.localhost%'"
+        count(
+            "certificates",
+            "names LIKE '%old.localhost%' OR names LIKE '%recent.localhost%' OR names LIKE '%ari.localhost%'"
         ),
-        "2"
+        "4"
     );
     assert!(
         ca.server
@@ -3356,7 +3453,7 @@ async fn orders_and_authorizations_expired_long_ago_are_deleted() {
         "{}",
         ca.server.log_text()
     );
-    let cfg = ca.data.join("sigil.toml").display().to_string();
+    let cfg = config.display().to_string();
     let Acme { server, .. } = ca;
     server.stop();
     let out = ok(sigil(&["audit", "verify", "--config", &cfg]));

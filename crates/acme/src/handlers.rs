@@ -649,12 +649,12 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         )),
         None => None,
     };
-    let replaces = match payload.replaces.as_deref() {
+    let (replaces, replaced_until) = match payload.replaces.as_deref() {
         Some(r) => {
-            check_replaces(&acme, r, &account, &ids).await?;
-            Some(r.to_string())
+            let until = check_replaces(&acme, r, &account, &ids).await?;
+            (Some(r.to_string()), Some(until))
         }
-        None => None,
+        None => (None, None),
     };
     acme.authority
         .check_names(&requester, &ids, profile, lifetime)
@@ -700,6 +700,7 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
             lifetime: lifetime.map(|l| l.as_secs()),
             profile: profile.name().into(),
             replaces,
+            replaced_until,
             ..OrderBody::default()
         }),
         created_at: now,
@@ -716,13 +717,13 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
 }
 
 /// RFC 9773 §5: the replaced certificate must exist and belong to this
-/// account's requester or share a name with the order.
+/// account's requester or share a name with the order. Returns its notAfter.
 async fn check_replaces(
     acme: &Acme,
     cert_id: &str,
     account: &AcmeAccount,
     ids: &[Identifier],
-) -> Result<(), Problem> {
+) -> Result<i64, Problem> {
     let id = CertId::parse(cert_id)?;
     let row = acme
         .authority
@@ -770,7 +771,7 @@ async fn check_replaces(
             )));
         }
     }
-    Ok(())
+    Ok(row.not_after)
 }
 
 #[derive(Deserialize)]
@@ -1020,6 +1021,11 @@ pub async fn finalize(
             body.certificate = Some(serial.to_string());
             AcmeObject {
                 status: "valid".into(),
+                // Kept while the replaced certificate lives (see
+                // `OrderBody::replaced_until`).
+                expires_at: processing
+                    .expires_at
+                    .max(body.replaced_until.unwrap_or(i64::MIN)),
                 body: encode(&body),
                 ..processing.clone()
             }

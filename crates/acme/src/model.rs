@@ -89,6 +89,11 @@ pub struct OrderBody {
     /// ARI certificate ID this order replaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// notAfter (unix s) of the certificate it replaces: once finalized, the
+    /// order is kept (its expiry moved) until then, so that certificate
+    /// cannot be replaced a second time after the retention pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_until: Option<i64>,
     /// Why the order failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
@@ -342,12 +347,18 @@ impl Acme {
                     let mut all_valid = true;
                     let mut failed = None;
                     for aid in &body.authzs {
-                        let a = store
-                            .acme_object(AcmeTable::Authzs, aid)
-                            .await?
-                            .ok_or_else(|| {
-                                Problem::server_internal(format!("authorization {aid} is missing"))
-                            })?;
+                        // Gone: it expired long ago and the retention pass
+                        // deleted it (an order can outlive its authorizations
+                        // when acme.order_lifetime exceeds acme.authz_reuse).
+                        let Some(a) = store.acme_object(AcmeTable::Authzs, aid).await? else {
+                            failed = Some(
+                                Problem::unauthorized(format!(
+                                    "authorization {aid} expired and was deleted"
+                                ))
+                                .to_json(),
+                            );
+                            break;
+                        };
                         match self.authz_status(&a).as_str() {
                             "valid" => {}
                             "pending" => all_valid = false,

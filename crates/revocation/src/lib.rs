@@ -76,6 +76,13 @@ impl Leader {
     pub async fn changed(&self) {
         self.changed.notified().await;
     }
+
+    /// The next change of leadership, as a future that counts from when it
+    /// is enabled (`Notified::enable`), so a change between reading
+    /// [`Leader::is_leading`] and waiting is not missed.
+    pub fn next_change(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
 }
 
 /// How soon a staged issuer's CRL is tried again after it failed.

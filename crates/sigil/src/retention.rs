@@ -2,6 +2,7 @@
 //! background jobs, rows that expired that long ago are deleted (see
 //! [`sigil_store::Expired`]), at start, hourly, and when the node takes the
 //! jobs over. Without it these tables grow with every certificate for ever.
+//! The job node's setting is the one that counts: set it alike everywhere.
 
 use sigil_authority::Authority;
 use sigil_revocation::Leader;
@@ -20,12 +21,15 @@ const PAUSE: Duration = Duration::from_millis(20);
 /// Runs the passes for ever.
 pub async fn run(authority: Arc<Authority>, leader: Leader, keep: Duration) {
     loop {
+        let changed = leader.next_change();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         if leader.is_leading() {
             pass(&authority, &leader, keep).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
-            _ = leader.changed() => {}
+            _ = changed => {}
         }
     }
 }

@@ -9,10 +9,13 @@ use crate::{Error, Store};
 /// A kind of row the retention pass deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Expired {
-    /// ACME orders, by their `expires`.
+    /// ACME orders, by their `expires` (a finalized order that replaced a
+    /// certificate expires with that certificate, so ARI's "replaced once"
+    /// holds while it matters).
     AcmeOrders,
-    /// ACME authorizations, by their `expires`. Every order lives no longer
-    /// than its authorizations, so no order still in use names one deleted.
+    /// ACME authorizations, by their `expires`. An order still in use that
+    /// names a deleted one (only when orders live longer than reused
+    /// authorizations) becomes invalid.
     AcmeAuthzs,
     /// Spent bootstrap-token ids, by the token's expiry (an expired token
     /// is refused before its id is looked up).
@@ -44,13 +47,13 @@ impl Expired {
     }
 
     /// Deletes up to `$2` rows that expired before `$1`. Each finds its rows
-    /// by an index: orders and authorizations by creation time (never after
-    /// their expiry), responses per issuer by nextUpdate.
+    /// by an index: authorizations by creation time (never after their
+    /// expiry), responses per issuer by nextUpdate, the others by expiry.
     fn sql(self) -> &'static str {
         match self {
             Expired::AcmeOrders => {
                 "DELETE FROM acme_orders WHERE id IN (SELECT id FROM acme_orders \
-                 WHERE created_at < $1 AND expires_at < $1 LIMIT $2)"
+                 WHERE expires_at < $1 LIMIT $2)"
             }
             Expired::AcmeAuthzs => {
                 "DELETE FROM acme_authzs WHERE id IN (SELECT id FROM acme_authzs \
