@@ -716,17 +716,13 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     ))
 }
 
-/// RFC 9773 §5: the replaced certificate must exist and belong to this
-/// account's requester or share a name with the order. Returns its notAfter.
-async fn check_replaces(
+/// The certificate an ARI certificate ID names, if this CA issued it.
+async fn replaced_certificate(
     acme: &Acme,
     cert_id: &str,
-    account: &AcmeAccount,
-    ids: &[Identifier],
-) -> Result<i64, Problem> {
+) -> Result<sigil_store::CertificateRow, Problem> {
     let id = CertId::parse(cert_id)?;
-    let row = acme
-        .authority
+    acme.authority
         .store()
         .certificate(&id.serial_hex)
         .await?
@@ -735,7 +731,18 @@ async fn check_replaces(
             Problem::malformed(format!(
                 "replaces: no certificate of this CA has ID '{cert_id}'"
             ))
-        })?;
+        })
+}
+
+/// RFC 9773 §5: the replaced certificate must exist and belong to this
+/// account's requester or share a name with the order. Returns its notAfter.
+async fn check_replaces(
+    acme: &Acme,
+    cert_id: &str,
+    account: &AcmeAccount,
+    ids: &[Identifier],
+) -> Result<i64, Problem> {
+    let row = replaced_certificate(acme, cert_id).await?;
     // RFC 9773 §5: the same account (for EAB accounts: the same external
     // account), at least one shared identifier, and not replaced already.
     if row.requester != account.requester {
@@ -991,6 +998,13 @@ pub async fn finalize(
         .map(|s| parse_time("notBefore", s))
         .transpose()?;
     let lifetime = finalize_lifetime(&body, not_before, now)?;
+    // An order placed before `replaced_until` was recorded.
+    if let (Some(r), None) = (&body.replaces, body.replaced_until) {
+        body.replaced_until = replaced_certificate(&acme, r)
+            .await
+            .ok()
+            .map(|row| row.not_after);
+    }
     body.processing_since = Some(now);
     let processing = AcmeObject {
         status: "processing".into(),

@@ -52,8 +52,12 @@ impl Expired {
     fn sql(self) -> &'static str {
         match self {
             Expired::AcmeOrders => {
+                // Kept: finalized replacements from before `replaced_until`
+                // was recorded (their expiry was never moved).
                 "DELETE FROM acme_orders WHERE id IN (SELECT id FROM acme_orders \
-                 WHERE expires_at < $1 LIMIT $2)"
+                 WHERE expires_at < $1 AND NOT (status = 'valid' \
+                 AND body LIKE '%\"replaces\":%' AND body NOT LIKE '%\"replaced_until\":%') \
+                 LIMIT $2)"
             }
             Expired::AcmeAuthzs => {
                 "DELETE FROM acme_authzs WHERE id IN (SELECT id FROM acme_authzs \

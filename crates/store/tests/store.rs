@@ -511,6 +511,26 @@ fn acme_event(kind: &str) -> AuditEvent {
     }
 }
 
+/// Adds account `acct1` (no EAB), which the ACME objects of these tests name.
+async fn with_account(store: &Store) {
+    store
+        .commit(Change::Acme {
+            write: sigil_store::AcmeWrite::NewAccount(sigil_store::AcmeAccount {
+                id: "acct1".into(),
+                thumbprint: "tp1".into(),
+                jwk: "{}".into(),
+                status: "valid".into(),
+                contact: "[]".into(),
+                requester: "acme:acct1".into(),
+                eab_kid: None,
+                created_at: 1,
+            }),
+            event: acme_event("acme.account.created"),
+        })
+        .await
+        .unwrap();
+}
+
 /// ACME protocol state on every backend: nonces spent once (also when the
 /// same nonce arrives twice in one batch), compare-and-set updates, EAB keys
 /// binding one account, authorization reuse.
@@ -780,26 +800,11 @@ async fn acme_state_on_every_backend() {
 /// not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_issuance_and_the_order_it_completes_commit_together() {
-    use sigil_store::{AcmeAccount, AcmeTable, AcmeWrite, StateWrite};
+    use sigil_store::{AcmeTable, StateWrite};
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
         let store = seeded(&url, 0).await;
-        store
-            .commit(Change::Acme {
-                write: AcmeWrite::NewAccount(AcmeAccount {
-                    id: "acct1".into(),
-                    thumbprint: "tp1".into(),
-                    jwk: "{}".into(),
-                    status: "valid".into(),
-                    contact: "[]".into(),
-                    requester: "acme:acct1".into(),
-                    eab_kid: None,
-                    created_at: 1,
-                }),
-                event: acme_event("acme.account.created"),
-            })
-            .await
-            .unwrap();
+        with_account(&store).await;
         for i in 1..=8 {
             let o = acme_object(&format!("or{i}"), "processing", "{}");
             store.acme_insert_order(Some(&o), &[]).await.unwrap();
@@ -1412,26 +1417,11 @@ async fn concurrent_crl_snapshots_never_list_less_under_a_higher_number() {
 /// a deleted order is not served from the object cache afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_rows_go_in_batches_and_nothing_else_does() {
-    use sigil_store::{AcmeAccount, AcmeTable, AcmeWrite, Expired, SignedOcsp, SpentToken};
+    use sigil_store::{AcmeTable, Expired, SignedOcsp, SpentToken};
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
         let store = seeded(&url, 0).await;
-        store
-            .commit(Change::Acme {
-                write: AcmeWrite::NewAccount(AcmeAccount {
-                    id: "acct1".into(),
-                    thumbprint: "tp1".into(),
-                    jwk: "{}".into(),
-                    status: "valid".into(),
-                    contact: "[]".into(),
-                    requester: "acme:acct1".into(),
-                    eab_kid: None,
-                    created_at: 1,
-                }),
-                event: acme_event("acme.account.created"),
-            })
-            .await
-            .unwrap();
+        with_account(&store).await;
         // Cutoff 500. Five orders and authorizations expired at 100; one of
         // each made at 10 but alive until 1000 (a long reuse window), and one
         // of each made at 600.
@@ -1453,6 +1443,19 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 .await
                 .unwrap();
             made.push(i);
+        }
+        // Finalized replacements, expired at 100: one from before
+        // `replaced_until` was recorded (kept), one with it (deleted).
+        for (id, body) in [
+            ("o-legacy", r#"{"replaces":"aki.serial"}"#),
+            ("o-ari", r#"{"replaces":"aki.serial","replaced_until":100}"#),
+        ] {
+            let o = sigil_store::AcmeObject {
+                created_at: 10,
+                expires_at: 100,
+                ..acme_object(id, "valid", body)
+            };
+            store.acme_insert_order(Some(&o), &[]).await.unwrap();
         }
         // Tokens spent on certificates: two expired at 100, one at 1000.
         for (i, expires_at) in [(1, 100), (2, 100), (3, 1000)] {
@@ -1482,7 +1485,8 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             .await
             .unwrap();
 
-        // Batches of two: 5 rows take three statements, the last one short.
+        // Batches of two: 6 orders take four statements, the last one empty;
+        // 5 authorizations three, the last one short.
         let mut drained = Vec::new();
         for what in Expired::ALL {
             let mut batches = Vec::new();
@@ -1498,7 +1502,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
         assert_eq!(
             drained,
             [
-                ("acme_orders", vec![2, 2, 1]),
+                ("acme_orders", vec![2, 2, 2, 0]),
                 ("acme_authzs", vec![2, 2, 1]),
                 ("used_tokens", vec![2, 0]),
                 ("ocsp_responses", vec![2, 0]),
@@ -1513,6 +1517,10 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 let kept = store.acme_object(table, &id).await.unwrap().is_some();
                 assert_eq!(kept, i >= 5, "{name}: {id} kept: {kept}");
             }
+        }
+        for (id, kept) in [("o-legacy", true), ("o-ari", false)] {
+            let got = store.acme_object(AcmeTable::Orders, id).await.unwrap();
+            assert_eq!(got.is_some(), kept, "{name}: {id}");
         }
         assert!(!store.token_spent("jti-1").await.unwrap(), "{name}");
         assert!(!store.token_spent("jti-2").await.unwrap(), "{name}");
