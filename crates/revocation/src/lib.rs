@@ -77,9 +77,9 @@ impl Leader {
         self.changed.notified().await;
     }
 
-    /// The next change of leadership, as a future that counts from when it
-    /// is enabled (`Notified::enable`), so a change between reading
-    /// [`Leader::is_leading`] and waiting is not missed.
+    /// The next change of leadership, as a future that sees changes from
+    /// when it is made (not first polled): made before reading
+    /// [`Leader::is_leading`], no change in between is missed.
     pub fn next_change(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
     }
