@@ -203,6 +203,120 @@ struct Recorded {
     record: Option<String>,
 }
 
+impl Recorded {
+    /// The issuance row in a joined row's `a_seq` and `a_detail`, if any.
+    fn from_joined(r: &sqlx::any::AnyRow) -> Result<Option<Recorded>, Error> {
+        let Some(seq) = r.try_get::<Option<i64>, _>("a_seq")? else {
+            return Ok(None);
+        };
+        let detail: Option<String> = r.try_get("a_detail")?;
+        let detail = detail.and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok());
+        let field = |k: &str| {
+            detail
+                .as_ref()
+                .and_then(|d| d.get(k).and_then(|v| v.as_str()).map(str::to_string))
+        };
+        Ok(Some(Recorded {
+            seq,
+            sha256: field("sha256"),
+            record: field("record"),
+        }))
+    }
+}
+
+/// One certificate row and the issuance rows that name it, as the joined
+/// rows of [`Store::cross_check_records`] bring them in.
+struct CertificateRecords {
+    serial: String,
+    /// SHA-256 of the DER, hex (empty when the column is not bytes).
+    sha256: String,
+    /// [`record_digest`] of the row (empty when a column cannot be read).
+    record: String,
+    /// The latest issuance row seen so far.
+    latest: Option<Recorded>,
+}
+
+impl CertificateRecords {
+    fn start(r: &sqlx::any::AnyRow) -> Result<CertificateRecords, Error> {
+        // A value of the wrong type (an edit through another tool) is a
+        // finding, not a reason to stop checking.
+        let sha256 = r
+            .try_get::<Vec<u8>, _>("der")
+            .map(|der| hex::encode(Sha256::digest(&der)))
+            .unwrap_or_default();
+        let record = crate::rows::cert_from_row(r)
+            .map(|c| record_digest(&c))
+            .unwrap_or_default();
+        Ok(CertificateRecords {
+            serial: r.try_get("serial")?,
+            sha256,
+            record,
+            latest: None,
+        })
+    }
+
+    /// Takes in the next issuance row naming this certificate.
+    fn add(&mut self, recorded: Recorded, report: &mut RecordsReport) {
+        if let Some(earlier) = &self.latest {
+            report.problem(format!(
+                "audit rows {} and {} both record issuing certificate {}",
+                earlier.seq, recorded.seq, self.serial
+            ));
+        }
+        self.latest = Some(recorded);
+    }
+
+    /// Compares the certificate with the latest issuance row naming it.
+    fn finish(self, report: &mut RecordsReport) {
+        let serial = self.serial;
+        report.certificates += 1;
+        match self.latest {
+            None => report.problem(format!(
+                "certificate {serial} has no issuance row in the audit table (inserted outside the CA)"
+            )),
+            Some(Recorded {
+                seq,
+                sha256: Some(h),
+                ..
+            }) if h != self.sha256 => report.problem(format!(
+                "certificate {serial} is not the one audit row {seq} recorded (SHA-256 differs: edited)"
+            )),
+            Some(Recorded {
+                seq,
+                record: Some(d),
+                ..
+            }) if d != self.record => report.problem(format!(
+                "certificate {serial}'s row differs from what audit row {seq} recorded (expiry, issuer, names or CRL shard edited)"
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Every certificate row with the issuance rows naming it (none, one, or
+/// more), grouped by serial. SQLite keeps whatever type was written: the DER
+/// is read as bytes even when an edit through another tool stored it as text.
+fn certificates_with_issuance(backend: crate::Backend) -> &'static str {
+    match backend {
+        crate::Backend::Sqlite => {
+            "SELECT c.serial, c.issuer_id, c.profile, c.requester, c.names, c.key_fingerprint, \
+             c.not_before, c.not_after, c.issued_at, c.crl_shard, CAST(c.der AS BLOB) AS der, \
+             a.seq AS a_seq, a.detail AS a_detail \
+             FROM certificates c LEFT JOIN audit a \
+             ON a.subject = c.serial AND a.kind IN ('cert.issued', 'cert.renewed') \
+             ORDER BY c.serial, a.seq"
+        }
+        crate::Backend::Postgres => {
+            "SELECT c.serial, c.issuer_id, c.profile, c.requester, c.names, c.key_fingerprint, \
+             c.not_before, c.not_after, c.issued_at, c.crl_shard, c.der, \
+             a.seq AS a_seq, a.detail AS a_detail \
+             FROM certificates c LEFT JOIN audit a \
+             ON a.subject = c.serial AND a.kind IN ('cert.issued', 'cert.renewed') \
+             ORDER BY c.serial, a.seq"
+        }
+    }
+}
+
 fn put(h: &mut Sha256, field: &[u8]) {
     h.update((field.len() as u64).to_be_bytes());
     h.update(field);
@@ -239,11 +353,13 @@ impl Store {
     /// and every revocation matches its `cert.revoked` row both ways. The
     /// chain ([`Store::verify_audit`]) proves the audit rows were not edited;
     /// this finds certificates inserted, edited or deleted, and revocations
-    /// deleted, behind the CA's back. Holds one entry per certificate in memory.
+    /// deleted, behind the CA's back.
+    ///
+    /// The database joins the tables and the rows are streamed through, so
+    /// memory does not grow with the number of certificates.
     pub async fn cross_check_records(&self) -> Result<RecordsReport, Error> {
+        use tokio_stream::StreamExt;
         let mut report = RecordsReport::default();
-        let mut issued: std::collections::HashMap<String, Recorded> = Default::default();
-        let mut revoked: std::collections::HashMap<String, i64> = Default::default();
         // One snapshot of the three tables: on a CA in use, a certificate
         // committed between two of the scans would otherwise look inserted
         // outside the CA. (SQLite's read transactions are snapshots.)
@@ -253,139 +369,99 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let mut last = 0i64;
-        loop {
-            let page = sqlx::query(
-                "SELECT seq, kind, subject, detail FROM audit \
-                 WHERE seq > $1 AND kind IN ('cert.issued', 'cert.renewed', 'cert.revoked') \
-                 ORDER BY seq LIMIT 5000",
-            )
-            .bind(last)
-            .fetch_all(&mut *tx)
-            .await?;
-            if page.is_empty() {
-                break;
-            }
-            for r in &page {
-                let seq: i64 = r.try_get("seq")?;
-                let kind: String = r.try_get("kind")?;
-                let serial: String = r.try_get("subject")?;
-                last = seq;
-                if kind == "cert.revoked" {
-                    revoked.insert(serial, seq);
-                    continue;
-                }
-                let detail: String = r.try_get("detail")?;
-                let detail = serde_json::from_str::<serde_json::Value>(&detail).ok();
-                let field = |k: &str| {
-                    detail
-                        .as_ref()
-                        .and_then(|d| d.get(k).and_then(|v| v.as_str()).map(str::to_string))
-                };
-                let recorded = Recorded {
-                    seq,
-                    sha256: field("sha256"),
-                    record: field("record"),
-                };
-                if let Some(earlier) = issued.insert(serial.clone(), recorded) {
-                    report.problem(format!(
-                        "audit rows {} and {seq} both record issuing certificate {serial}",
-                        earlier.seq
-                    ));
-                }
-            }
-        }
 
-        // SQLite keeps whatever type was written: read the DER as bytes even
-        // when an edit through another tool stored it as text.
-        let sql = match self.backend {
-            crate::Backend::Sqlite => {
-                "SELECT serial, issuer_id, profile, requester, names, key_fingerprint, \
-                 not_before, not_after, issued_at, crl_shard, CAST(der AS BLOB) AS der \
-                 FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
-            }
-            crate::Backend::Postgres => {
-                "SELECT serial, issuer_id, profile, requester, names, key_fingerprint, \
-                 not_before, not_after, issued_at, crl_shard, der \
-                 FROM certificates WHERE serial > $1 ORDER BY serial LIMIT 2000"
-            }
-        };
-        let mut after = String::new();
-        loop {
-            let page = sqlx::query(sql)
-                .bind(after.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
-            if page.is_empty() {
-                break;
-            }
-            for r in &page {
+        {
+            let mut rows = sqlx::query(certificates_with_issuance(self.backend)).fetch(&mut *tx);
+            let mut current: Option<CertificateRecords> = None;
+            while let Some(r) = rows.next().await {
+                let r = r?;
                 let serial: String = r.try_get("serial")?;
-                // A value of the wrong type (an edit through another tool) is a
-                // finding, not a reason to stop checking.
-                let sha256 = r
-                    .try_get::<Vec<u8>, _>("der")
-                    .map(|der| hex::encode(Sha256::digest(&der)))
-                    .unwrap_or_default();
-                let record = crate::rows::cert_from_row(r)
-                    .map(|c| record_digest(&c))
-                    .unwrap_or_default();
-                report.certificates += 1;
-                match issued.remove(&serial) {
-                    None => report.problem(format!(
-                        "certificate {serial} has no issuance row in the audit table (inserted outside the CA)"
-                    )),
-                    Some(Recorded {
-                        seq,
-                        sha256: Some(h),
-                        ..
-                    }) if h != sha256 => {
-                        report.problem(format!(
-                            "certificate {serial} is not the one audit row {seq} recorded (SHA-256 differs: edited)"
-                        ));
+                let same = current.as_ref().is_some_and(|c| c.serial == serial);
+                if !same {
+                    if let Some(done) = current.take() {
+                        done.finish(&mut report);
                     }
-                    Some(Recorded {
-                        seq,
-                        record: Some(d),
-                        ..
-                    }) if d != record => {
-                        report.problem(format!(
-                            "certificate {serial}'s row differs from what audit row {seq} recorded (expiry, issuer, names or CRL shard edited)"
-                        ));
-                    }
-                    Some(_) => {}
+                    current = Some(CertificateRecords::start(&r)?);
                 }
-                after = serial;
+                if let (Some(c), Some(recorded)) = (current.as_mut(), Recorded::from_joined(&r)?) {
+                    c.add(recorded, &mut report);
+                }
             }
-        }
-        let mut gone: Vec<(i64, String)> = issued.into_iter().map(|(s, r)| (r.seq, s)).collect();
-        gone.sort();
-        for (seq, serial) in gone {
-            report.problem(format!(
-                "audit row {seq} records issuing certificate {serial}, which is no longer in the certificates table (deleted)"
-            ));
+            if let Some(done) = current {
+                done.finish(&mut report);
+            }
         }
 
-        let rows = sqlx::query("SELECT serial, audit_seq FROM revocations ORDER BY audit_seq")
-            .fetch_all(&mut *tx)
-            .await?;
-        for r in &rows {
-            let serial: String = r.try_get("serial")?;
-            let audit_seq: i64 = r.try_get("audit_seq")?;
-            report.revocations += 1;
-            match revoked.remove(&serial) {
-                Some(seq) if seq == audit_seq => {}
-                Some(seq) => report.problem(format!(
-                    "the revocation of {serial} points at audit row {audit_seq}, but row {seq} records it"
-                )),
-                None => report.problem(format!(
-                    "certificate {serial} is marked revoked with no cert.revoked audit row (inserted outside the CA)"
-                )),
+        {
+            let mut rows = sqlx::query(
+                "SELECT a.seq, a.subject FROM audit a \
+                 WHERE a.kind IN ('cert.issued', 'cert.renewed') \
+                 AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.serial = a.subject) \
+                 ORDER BY a.seq",
+            )
+            .fetch(&mut *tx);
+            while let Some(r) = rows.next().await {
+                let r = r?;
+                let seq: i64 = r.try_get("seq")?;
+                let serial: String = r.try_get("subject")?;
+                report.problem(format!(
+                    "audit row {seq} records issuing certificate {serial}, which is no longer in the certificates table (deleted)"
+                ));
             }
         }
-        let mut gone: Vec<(i64, String)> = revoked.into_iter().map(|(s, q)| (q, s)).collect();
-        gone.sort();
-        for (seq, serial) in gone {
+
+        {
+            // Each revocation with the cert.revoked rows naming its serial;
+            // the latest of them is the one it must point at.
+            let mut rows = sqlx::query(
+                "SELECT r.serial, r.audit_seq, a.seq AS a_seq FROM revocations r \
+                 LEFT JOIN audit a ON a.subject = r.serial AND a.kind = 'cert.revoked' \
+                 ORDER BY r.serial, a.seq",
+            )
+            .fetch(&mut *tx);
+            let mut current: Option<(String, i64, Option<i64>)> = None;
+            let finish = |(serial, audit_seq, latest): (String, i64, Option<i64>),
+                          report: &mut RecordsReport| {
+                report.revocations += 1;
+                match latest {
+                    Some(seq) if seq == audit_seq => {}
+                    Some(seq) => report.problem(format!(
+                        "the revocation of {serial} points at audit row {audit_seq}, but row {seq} records it"
+                    )),
+                    None => report.problem(format!(
+                        "certificate {serial} is marked revoked with no cert.revoked audit row (inserted outside the CA)"
+                    )),
+                }
+            };
+            while let Some(r) = rows.next().await {
+                let r = r?;
+                let serial: String = r.try_get("serial")?;
+                let seq: Option<i64> = r.try_get("a_seq")?;
+                match &mut current {
+                    Some((s, _, latest)) if *s == serial => *latest = seq.or(*latest),
+                    _ => {
+                        if let Some(done) = current.take() {
+                            finish(done, &mut report);
+                        }
+                        current = Some((serial, r.try_get("audit_seq")?, seq));
+                    }
+                }
+            }
+            if let Some(done) = current {
+                finish(done, &mut report);
+            }
+        }
+
+        let mut rows = sqlx::query(
+            "SELECT a.seq, a.subject FROM audit a WHERE a.kind = 'cert.revoked' \
+             AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = a.subject) \
+             ORDER BY a.seq",
+        )
+        .fetch(&mut *tx);
+        while let Some(r) = rows.next().await {
+            let r = r?;
+            let seq: i64 = r.try_get("seq")?;
+            let serial: String = r.try_get("subject")?;
             report.problem(format!(
                 "audit row {seq} records revoking {serial}, but the revocation row is gone (the certificate looks valid again)"
             ));

@@ -1008,8 +1008,9 @@ async fn issuer_lifecycle_steps_only_from_the_right_state() {
 }
 
 /// `cross_check_records` on every backend: a clean database passes; a
-/// certificate edited, deleted or inserted behind the CA's back, and a
-/// revocation inserted without its audit row, are each named.
+/// certificate edited, deleted or inserted behind the CA's back, a second
+/// issuance row for one certificate, and a revocation inserted, deleted or
+/// pointed at another audit row are each named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_cross_check_names_rows_changed_behind_the_ca() {
     use sha2::Digest;
@@ -1026,7 +1027,7 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
             })
             .await
             .unwrap();
-        for i in 1..=4 {
+        for i in 1..=6 {
             let c = NewCertificate {
                 der: vec![0x30, 0x01, i as u8],
                 ..cert(i)
@@ -1047,21 +1048,23 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
                 .await
                 .unwrap();
         }
-        store
-            .commit(Change::Revoke {
-                revocation: revocation(4),
-                event: AuditEvent {
-                    kind: "cert.revoked".into(),
-                    subject: cert(4).serial,
-                    ..event(5)
-                },
-            })
-            .await
-            .unwrap();
+        for i in [4, 5, 6] {
+            store
+                .commit(Change::Revoke {
+                    revocation: revocation(i),
+                    event: AuditEvent {
+                        kind: "cert.revoked".into(),
+                        subject: cert(i).serial,
+                        ..event(10 + i)
+                    },
+                })
+                .await
+                .unwrap();
+        }
         let clean = store.cross_check_records().await.unwrap();
         assert_eq!(
             (clean.certificates, clean.revocations, clean.problem_count),
-            (4, 1, 0),
+            (6, 3, 0),
             "{name}: {:?}",
             clean.problems
         );
@@ -1105,16 +1108,61 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
         .execute(pool)
         .await
         .unwrap();
+        // Whoever edits the tables directly can drop the triggers that keep
+        // revocations final.
+        let drops: &[&str] = match store.backend() {
+            sigil_store::Backend::Sqlite => &[
+                "DROP TRIGGER revocations_final_update",
+                "DROP TRIGGER revocations_final_delete",
+            ],
+            sigil_store::Backend::Postgres => &["DROP TRIGGER revocations_final ON revocations"],
+        };
+        for sql in drops {
+            sqlx::query(sqlx::AssertSqlSafe(*sql))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        // A revocation deleted, so the certificate looks valid again.
+        sqlx::query("DELETE FROM revocations WHERE serial = $1")
+            .bind(cert(5).serial)
+            .execute(pool)
+            .await
+            .unwrap();
+        // A revocation pointed at another audit row.
+        sqlx::query("UPDATE revocations SET audit_seq = 2 WHERE serial = $1")
+            .bind(cert(6).serial)
+            .execute(pool)
+            .await
+            .unwrap();
+        // A second issuance row for one certificate (its latest is the one
+        // checked: it records no digest, so only its presence counts).
+        store
+            .commit(Change::Record(AuditEvent {
+                kind: "cert.renewed".into(),
+                subject: cert(3).serial,
+                ..event(30)
+            }))
+            .await
+            .unwrap();
 
         let report = store.cross_check_records().await.unwrap();
         let text = report.problems.join("\n");
-        assert_eq!(report.problem_count, 5, "{name}:\n{text}");
+        assert_eq!(report.problem_count, 8, "{name}:\n{text}");
+        assert_eq!(
+            (report.certificates, report.revocations),
+            (6, 3),
+            "{name}:\n{text}"
+        );
         for (serial, why) in [
             (cert(1).serial, "SHA-256 differs"),
             (cert(4).serial, "expiry, issuer, names or CRL shard edited"),
             (cert(2).serial, "no longer in the certificates table"),
             (forged.serial, "no issuance row"),
             (cert(3).serial, "no cert.revoked audit row"),
+            (cert(3).serial, "both record issuing"),
+            (cert(5).serial, "the revocation row is gone"),
+            (cert(6).serial, "points at audit row 2, but row"),
         ] {
             assert!(
                 report
