@@ -1345,19 +1345,21 @@ impl Authority {
         Ok(self.store.save_ocsp(rows).await?)
     }
 
-    /// Stored OCSP responses of an issuer valid for at least `margin` more
-    /// and signed after `signed_after` (unix s; 0 for all).
-    pub async fn stored_ocsp(
+    /// Passes each stored OCSP response of an issuer valid for at least
+    /// `margin` more and signed after `signed_after` (unix s; 0 for all) to
+    /// `each`, one at a time.
+    pub async fn stored_ocsp<F: FnMut(sigil_store::SignedOcsp) + Send>(
         &self,
         issuer_id: &str,
         margin: Duration,
         signed_after: i64,
-    ) -> Result<Vec<sigil_store::SignedOcsp>, Error> {
+        each: F,
+    ) -> Result<(), Error> {
         let after =
             self.clock.now().unix_timestamp() + i64::try_from(margin.as_secs()).unwrap_or(0);
         Ok(self
             .store
-            .stored_ocsp(issuer_id, after, signed_after)
+            .stored_ocsp(issuer_id, after, signed_after, each)
             .await?)
     }
 

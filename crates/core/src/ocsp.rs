@@ -375,6 +375,24 @@ pub fn successful(tbs: &[u8], signature: &[u8], certs: &[&[u8]]) -> Result<Vec<u
         .map_err(bad)
 }
 
+/// The `certs` field of a basic response carrying `certs` (`[0] EXPLICIT
+/// SEQUENCE OF Certificate`): the bytes that end every [`successful`]
+/// response made with the same certificates.
+pub fn certs_field(certs: &[&[u8]]) -> Result<Vec<u8>, Error> {
+    let bad = |e: der_07::Error| Error::Template(format!("OCSP response certificates: {e}"));
+    let certs = certs
+        .iter()
+        .map(|c| x509_cert_02::Certificate::from_der(c).map_err(bad))
+        .collect::<Result<Vec<_>, _>>()?;
+    der_07::asn1::ContextSpecific {
+        tag_number: der_07::TagNumber::N0,
+        tag_mode: der_07::TagMode::Explicit,
+        value: certs,
+    }
+    .to_der()
+    .map_err(bad)
+}
+
 /// An unsuccessful response (no signature, per RFC 6960 section 2.3).
 pub fn refusal(r: Refusal) -> Vec<u8> {
     let status = match r {

@@ -4,6 +4,11 @@
 //! and kept in memory, so answering a plain request is a
 //! lookup; requests with a nonce or several certificates get a freshly signed
 //! answer under a concurrency bound.
+//!
+//! Every response a responder signs ends with the same two certificates
+//! (the responder's and its issuer's, most of its size): in memory each
+//! answer keeps only what precedes them, and the certificates are kept once
+//! per responder and joined back when it is sent.
 
 use crate::{read, write};
 use sigil_authority::{ActiveIssuer, Authority, OcspSigner};
@@ -27,11 +32,26 @@ pub enum NoncePolicy {
     Ignore,
 }
 
-/// A strong HTTP entity tag for a body: 128 bits of its SHA-256.
-pub(crate) fn etag_of(body: &[u8]) -> String {
+/// 128 bits of a body's SHA-256: its strong HTTP entity tag.
+fn etag_bytes(body: &[u8]) -> [u8; 16] {
     use sha2::Digest;
-    format!("\"{}\"", hex::encode(&sha2::Sha256::digest(body)[..16]))
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&sha2::Sha256::digest(body)[..16]);
+    tag
 }
+
+/// A strong HTTP entity tag for a body, quoted (see [`etag_bytes`]).
+pub(crate) fn etag_of(body: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(etag_bytes(body)))
+}
+
+/// A signed response, what it says (`good`, `revoked`, ...), and its
+/// thisUpdate and nextUpdate (unix s) when it is cacheable.
+type Signed = (Vec<u8>, &'static str, Option<(i64, i64)>);
+
+/// How many certificates a pre-signing pass signs, stores and puts in the
+/// cache at a time: a pass over millions holds one batch, not all of them.
+const PRESIGN_BATCH: usize = 1000;
 
 /// What a cached answer is for: the certificate's serial (hex) and the hash
 /// algorithm of the CertID that names it (a response echoes the request's).
@@ -50,27 +70,106 @@ const SEEN_MAX_LEN: usize = 256;
 /// How soon a failed pre-signing pass is tried again.
 const PRESIGN_RETRY: Duration = Duration::from_secs(30);
 
-/// A cached answer and the issuer whose responder signed it.
+/// `Last-Modified` and `Expires` of the cacheable answers with one window
+/// (thisUpdate, nextUpdate), made once and shared by them: a pre-signing
+/// pass gives all its answers the same window.
+#[derive(Debug)]
+struct Dates {
+    window: (i64, i64),
+    last_modified: axum::http::HeaderValue,
+    expires: axum::http::HeaderValue,
+}
+
+impl Dates {
+    fn new(window: (i64, i64)) -> Option<Dates> {
+        let value = |t| axum::http::HeaderValue::try_from(crate::http_time(t)).ok();
+        Some(Dates {
+            window,
+            last_modified: value(window.0)?,
+            expires: value(window.1)?,
+        })
+    }
+}
+
+/// A cacheable answer as kept in memory, and the issuer whose responder
+/// signed it.
 #[derive(Debug, Clone)]
 struct Cached {
     issuer: Arc<str>,
-    answer: Answer,
+    /// What it says (`good` or `revoked`).
+    status: &'static str,
+    /// The response up to `tail`.
+    head: Box<[u8]>,
+    /// The rest of the response: the certificates its responder puts in
+    /// every response, shared by all of them (empty when the response does
+    /// not end with them, and `head` is all of it).
+    tail: Arc<[u8]>,
+    /// See [`etag_bytes`].
+    etag: [u8; 16],
+    dates: Arc<Dates>,
 }
 
 impl Cached {
-    fn revoked(&self) -> bool {
-        self.answer.status == "revoked"
+    /// Keeps the response `der`, sharing `tail` if it ends with it.
+    fn new(
+        issuer: Arc<str>,
+        status: &'static str,
+        der: &[u8],
+        tail: &Arc<[u8]>,
+        dates: Arc<Dates>,
+    ) -> Cached {
+        let (head, tail) = match der.strip_suffix(&tail[..]) {
+            Some(head) if !tail.is_empty() => (head, tail.clone()),
+            _ => (der, Arc::from(&[][..])),
+        };
+        Cached {
+            issuer,
+            status,
+            head: head.into(),
+            tail,
+            etag: etag_bytes(der),
+            dates,
+        }
     }
 
-    fn this_update(&self) -> Option<i64> {
-        self.answer.window.map(|w| w.0)
+    fn revoked(&self) -> bool {
+        self.status == "revoked"
+    }
+
+    fn this_update(&self) -> i64 {
+        self.dates.window.0
     }
 
     /// Whether it is worth keeping at `now`: unexpired, and its issuer (one
     /// of `serving`) still serves.
     fn live(&self, now: i64, serving: &[String]) -> bool {
-        self.answer.window.is_some_and(|w| w.1 > now)
-            && serving.iter().any(|id| id.as_str() == &*self.issuer)
+        self.dates.window.1 > now && serving.iter().any(|id| id.as_str() == &*self.issuer)
+    }
+
+    /// The whole DER response.
+    fn der(&self) -> Vec<u8> {
+        let mut der = Vec::with_capacity(self.head.len() + self.tail.len());
+        der.extend_from_slice(&self.head);
+        der.extend_from_slice(&self.tail);
+        der
+    }
+
+    /// The answer to send.
+    fn answer(&self) -> Answer {
+        let mut tag = [b'"'; 34];
+        let etag = hex::encode_to_slice(self.etag, &mut tag[1..33])
+            .ok()
+            .and_then(|()| axum::http::HeaderValue::from_bytes(&tag).ok());
+        Answer {
+            der: self.der().into(),
+            window: Some(self.dates.window),
+            status: self.status,
+            headers: etag.map(|etag| CacheHeaders {
+                etag,
+                last_modified: self.dates.last_modified.clone(),
+                expires: self.dates.expires.clone(),
+            }),
+        }
     }
 }
 
@@ -123,13 +222,12 @@ pub struct Answer {
     /// What it says, for metrics: `good`, `revoked`, `unknown`, `multiple`,
     /// or the refusal (`malformed`, `unauthorized`, `error`, `try_later`).
     pub status: &'static str,
-    /// `ETag`, `Last-Modified` and `Expires` of a cacheable answer, made
-    /// once when it is signed (serving it formats nothing).
-    pub headers: Option<Arc<CacheHeaders>>,
+    /// `ETag`, `Last-Modified` and `Expires` of a cacheable answer.
+    pub headers: Option<CacheHeaders>,
 }
 
 /// The fixed HTTP caching headers of a cacheable answer (RFC 5019 6.2).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CacheHeaders {
     /// Strong entity tag of the body.
     pub etag: axum::http::HeaderValue,
@@ -144,11 +242,11 @@ impl Answer {
     pub fn new(status: &'static str, der: Vec<u8>, window: Option<(i64, i64)>) -> Answer {
         let headers = window.and_then(|(this_update, next_update)| {
             let value = |s: String| axum::http::HeaderValue::try_from(s).ok();
-            Some(Arc::new(CacheHeaders {
+            Some(CacheHeaders {
                 etag: value(etag_of(&der))?,
                 last_modified: value(crate::http_time(this_update))?,
                 expires: value(crate::http_time(next_update))?,
-            }))
+            })
         });
         Answer {
             der: der.into(),
@@ -163,6 +261,8 @@ impl Answer {
 pub struct Current {
     signer: OcspSigner,
     hashes: IssuerHashes,
+    /// The end of every response it signs: the certificates it includes.
+    tail: Arc<[u8]>,
 }
 
 /// The responder.
@@ -173,6 +273,8 @@ pub struct Ocsp {
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<CacheKey, Cached>>,
+    /// The dates last made for cached answers (see [`Dates`]).
+    dates: RwLock<Option<Arc<Dates>>>,
     /// Request encodings already parsed: issuer id and serial (hex) of a
     /// plain single query. Clients repeat the same bytes for a certificate,
     /// so a repeated request is answered without parsing it again.
@@ -215,6 +317,7 @@ impl Ocsp {
             settings,
             current: RwLock::new(HashMap::new()),
             cache: RwLock::new(HashMap::new()),
+            dates: RwLock::new(None),
             seen: RwLock::new(HashMap::new()),
             counters: STATUSES
                 .iter()
@@ -313,7 +416,18 @@ impl Ocsp {
 
     fn install(&self, issuer: &ActiveIssuer, signer: sigil_authority::OcspSigner) -> Arc<Current> {
         let hashes = IssuerHashes::of(issuer.info());
-        let cur = Arc::new(Current { signer, hashes });
+        // Without it answers are kept whole: bigger, never wrong.
+        let tail = ocsp::certs_field(&[&signer.cert_der, &signer.issuer_der])
+            .map(Arc::from)
+            .unwrap_or_else(|e| {
+                tracing::warn!(issuer = %signer.issuer_id, error = %e, "cannot encode the OCSP responder's certificates");
+                Arc::from(&[][..])
+            });
+        let cur = Arc::new(Current {
+            signer,
+            hashes,
+            tail,
+        });
         write(&self.current).insert(issuer.info().id.to_string(), cur.clone());
         cur
     }
@@ -344,6 +458,29 @@ impl Ocsp {
         let now = self.now();
         let serving: Vec<String> = read(&self.current).keys().cloned().collect();
         write(&self.cache).retain(|_, c| c.live(now, &serving));
+        self.report_size();
+    }
+
+    /// How many answers are kept ready, and how many bytes of response they
+    /// hold (the certificates their responder includes counted once).
+    pub fn cached_size(&self) -> (usize, usize) {
+        let cache = read(&self.cache);
+        let mut tails: Vec<*const u8> = Vec::new();
+        let mut bytes = 0;
+        for c in cache.values() {
+            bytes += c.head.len();
+            if !c.tail.is_empty() && !tails.contains(&c.tail.as_ptr()) {
+                tails.push(c.tail.as_ptr());
+                bytes += c.tail.len();
+            }
+        }
+        (cache.len(), bytes)
+    }
+
+    fn report_size(&self) {
+        let (answers, bytes) = self.cached_size();
+        metrics::gauge!("sigil_ocsp_cached_responses").set(answers as f64);
+        metrics::gauge!("sigil_ocsp_cached_bytes").set(bytes as f64);
     }
 
     /// Seconds before its nextUpdate that a cached answer stops being served
@@ -358,15 +495,39 @@ impl Ocsp {
     fn cached(&self, issuer: &str, key: &CacheKey, now: i64) -> Option<Answer> {
         let cache = read(&self.cache);
         let c = cache.get(key)?;
-        let fresh = c.answer.window.is_some_and(|w| w.1 - now > self.margin());
-        (fresh && &*c.issuer == issuer).then(|| c.answer.clone())
+        let fresh = c.dates.window.1 - now > self.margin();
+        (fresh && &*c.issuer == issuer).then(|| c.answer())
+    }
+
+    /// The dates of a pre-signed answer (which always has a window).
+    fn presigned_dates(
+        &self,
+        window: Option<(i64, i64)>,
+    ) -> Result<Arc<Dates>, sigil_authority::Error> {
+        window.and_then(|w| self.dates(w)).ok_or_else(|| {
+            sigil_authority::Error::Internal(sigil_core::Error::Template(
+                "a pre-signed OCSP answer without a validity window".into(),
+            ))
+        })
+    }
+
+    /// Shared dates for answers with `window` (the last ones made, when it
+    /// is theirs).
+    fn dates(&self, window: (i64, i64)) -> Option<Arc<Dates>> {
+        if let Some(d) = read(&self.dates).as_ref().filter(|d| d.window == window) {
+            return Some(d.clone());
+        }
+        let d = Arc::new(Dates::new(window)?);
+        *write(&self.dates) = Some(d.clone());
+        Some(d)
     }
 
     /// Signs responses for every unexpired certificate of one issuer (two
     /// queries, then one signature each), and drops the answers of its
     /// certificates that expired. Every answer carries the time of the
     /// snapshot (thisUpdate is a minute before it), so none claims to be
-    /// newer than the status it was read with.
+    /// newer than the status it was read with. Answers are stored and cached
+    /// [`PRESIGN_BATCH`] at a time.
     async fn refresh_issuer(&self, cur: &Current) -> Result<usize, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
@@ -381,37 +542,40 @@ impl Ocsp {
             .into_iter()
             .map(|e| (e.serial, (e.revoked_at, e.reason)))
             .collect();
-        let mut fresh = HashMap::with_capacity(serials.len());
-        for hex in serials {
-            let Some(serial) = Serial::parse_hex(&hex) else {
-                continue;
-            };
-            let status = match revoked.get(&hex) {
-                None => Status::Good,
-                Some((at, reason)) => Status::Revoked {
-                    at: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
-                    reason: *reason,
-                },
-            };
-            let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
-            fresh.insert(hex, self.sign(cur, &[(&q, status)], None, now)?);
-        }
-        let n = fresh.len();
-        self.persist(id, fresh.iter()).await;
-        // Keep answers signed meanwhile (new certificates, revocations) that
-        // this snapshot may predate: they are at least as new.
-        let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
         let issuer: Arc<str> = Arc::from(id.as_str());
-        let mut cache = write(&self.cache);
-        cache.retain(|(serial, _), c| {
-            *c.issuer != *issuer
-                || fresh.contains_key(serial)
-                || c.this_update().is_some_and(|t| t >= snapshot)
-        });
-        for (k, answer) in fresh {
-            let issuer = issuer.clone();
-            put(&mut cache, (k, CertIdHash::Sha1), Cached { issuer, answer });
+        let mut n = 0;
+        for batch in serials.chunks(PRESIGN_BATCH) {
+            let mut fresh = Vec::with_capacity(batch.len());
+            for hex in batch {
+                let Some(serial) = Serial::parse_hex(hex) else {
+                    continue;
+                };
+                let status = match revoked.get(hex) {
+                    None => Status::Good,
+                    Some((at, reason)) => Status::Revoked {
+                        at: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
+                        reason: *reason,
+                    },
+                };
+                let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
+                let (der, status, window) = self.sign_der(cur, &[(&q, status)], None, now)?;
+                let dates = self.presigned_dates(window)?;
+                let cached = Cached::new(issuer.clone(), status, &der, &cur.tail, dates);
+                fresh.push((hex.clone(), cached));
+            }
+            n += fresh.len();
+            self.persist(id, &fresh).await;
+            let mut cache = write(&self.cache);
+            for (k, c) in fresh {
+                put(&mut cache, (k, CertIdHash::Sha1), c);
+            }
         }
+        // Drop this issuer's answers older than the snapshot: every
+        // certificate still unexpired got a new one (or kept one signed
+        // meanwhile, for a new certificate or a revocation, which is at
+        // least as new); the others expired.
+        let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
+        write(&self.cache).retain(|_, c| *c.issuer != *issuer || c.this_update() >= snapshot);
         Ok(n)
     }
 
@@ -447,15 +611,17 @@ impl Ocsp {
                     .authority
                     .ocsp_status(&cur.signer.issuer_id, &serial)
                     .await?;
-                self.sign(&cur, &[(&q, status)], None, now)
+                let (der, status, window) = self.sign_der(&cur, &[(&q, status)], None, now)?;
+                let dates = self.presigned_dates(window)?;
+                let issuer = Arc::from(cur.signer.issuer_id.as_str());
+                Ok::<_, sigil_authority::Error>(Cached::new(issuer, status, &der, &cur.tail, dates))
             };
             match signed.await {
-                Ok(answer) => {
-                    self.persist(&cur.signer.issuer_id, [(hex, &answer)].into_iter())
-                        .await;
-                    let issuer = Arc::from(cur.signer.issuer_id.as_str());
-                    let key = (hex.clone(), CertIdHash::Sha1);
-                    put(&mut write(&self.cache), key, Cached { issuer, answer });
+                Ok(cached) => {
+                    let signed = [(hex.clone(), cached)];
+                    self.persist(&cur.signer.issuer_id, &signed).await;
+                    let [(key, cached)] = signed;
+                    put(&mut write(&self.cache), (key, CertIdHash::Sha1), cached);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, serial = %hex, "re-signing an OCSP response failed");
@@ -476,57 +642,58 @@ impl Ocsp {
     }
 
     /// Loads stored responses signed after `signed_after` (unix s), keeping
-    /// whichever of stored and in-memory is newer.
+    /// whichever of stored and in-memory is newer. They are read one at a
+    /// time, so a load holds one response beyond the cache.
     async fn load_signed_after(&self, signed_after: i64) -> Result<usize, sigil_authority::Error> {
-        let ids: Vec<String> = read(&self.current).keys().cloned().collect();
-        let mut rows = Vec::new();
-        for id in ids {
-            rows.extend(
-                self.authority
-                    .stored_ocsp(&id, self.settings.validity / 4, signed_after)
-                    .await?,
-            );
-        }
+        let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
         let mut loaded = 0;
-        for r in rows {
-            let Some(serial) = Serial::parse_hex(&r.serial) else {
-                continue;
-            };
-            let status = if self.authority.is_revoked(&serial).await? {
-                if !ocsp::summarize(&r.der).is_some_and(|s| s.revoked) {
-                    continue;
-                }
-                "revoked"
-            } else {
-                "good"
-            };
-            let answer = Answer::new(status, r.der, Some((r.this_update, r.next_update)));
-            let issuer = Arc::from(r.issuer_id.as_str());
-            let key = (r.serial, CertIdHash::Sha1);
-            if put(&mut write(&self.cache), key, Cached { issuer, answer }) {
-                loaded += 1;
-            }
+        for cur in serving {
+            let id = &cur.signer.issuer_id;
+            // Every revocation of the issuer's certificates, expired ones too.
+            let revoked: std::collections::HashSet<String> = self
+                .authority
+                .revocations_of(id, 0)
+                .await?
+                .into_iter()
+                .map(|e| e.serial)
+                .collect();
+            let issuer: Arc<str> = Arc::from(id.as_str());
+            let margin = self.settings.validity / 4;
+            self.authority
+                .stored_ocsp(id, margin, signed_after, |r| {
+                    let status = if revoked.contains(&r.serial) {
+                        if !ocsp::summarize(&r.der).is_some_and(|s| s.revoked) {
+                            return;
+                        }
+                        "revoked"
+                    } else {
+                        "good"
+                    };
+                    let Some(dates) = self.dates((r.this_update, r.next_update)) else {
+                        return;
+                    };
+                    let c = Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates);
+                    if put(&mut write(&self.cache), (r.serial, CertIdHash::Sha1), c) {
+                        loaded += 1;
+                    }
+                })
+                .await?;
         }
+        self.report_size();
         Ok(loaded)
     }
 
     /// Stores signed answers so a restarted node can serve them at once.
     /// Failures are logged: the in-memory answers stay authoritative.
-    async fn persist<'a>(
-        &self,
-        issuer_id: &str,
-        answers: impl Iterator<Item = (&'a String, &'a Answer)>,
-    ) {
+    async fn persist(&self, issuer_id: &str, answers: &[(String, Cached)]) {
         let rows: Vec<sigil_authority::SignedOcsp> = answers
-            .filter_map(|(serial, a)| {
-                a.window
-                    .map(|(this_update, next_update)| sigil_authority::SignedOcsp {
-                        serial: serial.clone(),
-                        issuer_id: issuer_id.to_string(),
-                        this_update,
-                        next_update,
-                        der: a.der.to_vec(),
-                    })
+            .iter()
+            .map(|(serial, c)| sigil_authority::SignedOcsp {
+                serial: serial.clone(),
+                issuer_id: issuer_id.to_string(),
+                this_update: c.dates.window.0,
+                next_update: c.dates.window.1,
+                der: c.der(),
             })
             .collect();
         for chunk in rows.chunks(1000) {
@@ -596,6 +763,19 @@ impl Ocsp {
         nonce: Option<&[u8]>,
         now: OffsetDateTime,
     ) -> Result<Answer, sigil_authority::Error> {
+        let (der, status, window) = self.sign_der(cur, answers, nonce, now)?;
+        Ok(Answer::new(status, der, window))
+    }
+
+    /// A signed response, what it says, and its window when cacheable
+    /// (without a nonce).
+    fn sign_der(
+        &self,
+        cur: &Current,
+        answers: &[(&Query, Status)],
+        nonce: Option<&[u8]>,
+        now: OffsetDateTime,
+    ) -> Result<Signed, sigil_authority::Error> {
         let this_update = now - Duration::from_secs(60);
         let next_update = now + self.settings.validity;
         let tbs = ocsp::response_data(
@@ -614,13 +794,10 @@ impl Ocsp {
             [(_, Status::Unknown)] => "unknown",
             _ => "multiple",
         };
-        Ok(Answer::new(
-            status,
-            der,
-            nonce
-                .is_none()
-                .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp())),
-        ))
+        let window = nonce
+            .is_none()
+            .then(|| (this_update.unix_timestamp(), next_update.unix_timestamp()));
+        Ok((der, status, window))
     }
 
     /// The delegated responder of each serving issuer: issuer id and the
@@ -736,14 +913,11 @@ impl Ocsp {
         // Cache a plain single answer for a certificate we issued.
         if let ([(q, Status::Good | Status::Revoked { .. })], None) = (answers.as_slice(), nonce)
             && let Some(hash) = q.hash()
+            && let Some(dates) = a.window.and_then(|w| self.dates(w))
         {
             let issuer = Arc::from(cur.signer.issuer_id.as_str());
-            let answer = a.clone();
-            put(
-                &mut write(&self.cache),
-                (q.serial.to_hex(), hash),
-                Cached { issuer, answer },
-            );
+            let cached = Cached::new(issuer, a.status, &a.der, &cur.tail, dates);
+            put(&mut write(&self.cache), (q.serial.to_hex(), hash), cached);
         }
         Ok(a)
     }
@@ -754,19 +928,19 @@ mod tests {
     use super::*;
 
     fn answer(status: &'static str, this_update: i64) -> Cached {
-        Cached {
-            issuer: Arc::from("issuer-a"),
-            answer: Answer::new(
-                status,
-                vec![0x30, 0x00],
-                Some((this_update, this_update + 3600)),
-            ),
-        }
+        let dates = Dates::new((this_update, this_update + 3600)).unwrap();
+        Cached::new(
+            Arc::from("issuer-a"),
+            status,
+            &[0x30, 0x00],
+            &Arc::from(&[][..]),
+            Arc::new(dates),
+        )
     }
 
-    fn stored(cache: &HashMap<CacheKey, Cached>) -> (&'static str, Option<i64>) {
+    fn stored(cache: &HashMap<CacheKey, Cached>) -> (&'static str, i64) {
         let c = &cache[&("01".to_string(), CertIdHash::Sha1)];
-        (c.answer.status, c.this_update())
+        (c.status, c.this_update())
     }
 
     #[test]
@@ -775,7 +949,7 @@ mod tests {
         let mut cache = HashMap::new();
         assert!(put(&mut cache, key(), answer("good", 100)));
         assert!(!put(&mut cache, key(), answer("good", 50)), "older good");
-        assert_eq!(stored(&cache), ("good", Some(100)));
+        assert_eq!(stored(&cache), ("good", 100));
         assert!(put(&mut cache, key(), answer("good", 100)), "same age");
         assert!(
             put(&mut cache, key(), answer("revoked", 90)),
@@ -785,7 +959,7 @@ mod tests {
             !put(&mut cache, key(), answer("good", 500)),
             "good after revoked"
         );
-        assert_eq!(stored(&cache), ("revoked", Some(90)));
+        assert_eq!(stored(&cache), ("revoked", 90));
         assert!(
             !put(&mut cache, key(), answer("revoked", 80)),
             "older revoked"
@@ -794,7 +968,7 @@ mod tests {
             put(&mut cache, key(), answer("revoked", 200)),
             "re-signed revoked"
         );
-        assert_eq!(stored(&cache), ("revoked", Some(200)));
+        assert_eq!(stored(&cache), ("revoked", 200));
     }
 
     #[test]
@@ -805,10 +979,34 @@ mod tests {
         assert!(a.live(4599, &serving));
         assert!(!a.live(4600, &serving), "at nextUpdate");
         assert!(!a.live(1000, &["issuer-b".to_string()]), "issuer retired");
-        let uncacheable = Cached {
-            answer: Answer::new("good", vec![0x30, 0x00], None),
-            ..a
-        };
-        assert!(!uncacheable.live(1000, &serving));
+    }
+
+    /// The shared certificates are kept once and the answer sent is the
+    /// response as signed, with the headers of the whole of it.
+    #[test]
+    fn answers_keep_their_own_part_and_are_sent_whole() {
+        let tail: Arc<[u8]> = Arc::from(&b"-certificates"[..]);
+        let dates = Arc::new(Dates::new((1_000, 4_600)).unwrap());
+        let issuer: Arc<str> = Arc::from("issuer-a");
+        let der = b"response-certificates";
+        let c = Cached::new(issuer.clone(), "good", der, &tail, dates.clone());
+        assert_eq!(&c.head[..], b"response");
+        assert!(Arc::ptr_eq(&c.tail, &tail), "shared, not copied");
+        let a = c.answer();
+        assert_eq!(&a.der[..], &der[..]);
+        assert_eq!((a.status, a.window), ("good", Some((1_000, 4_600))));
+        let whole = Answer::new("good", der.to_vec(), Some((1_000, 4_600)));
+        let (h, w) = (a.headers.unwrap(), whole.headers.unwrap());
+        assert_eq!(
+            (h.etag, h.last_modified, h.expires),
+            (w.etag, w.last_modified, w.expires)
+        );
+
+        // A response that does not end with them (another responder's) is
+        // kept whole.
+        let other = b"response-other-certs";
+        let c = Cached::new(issuer, "good", other, &tail, dates);
+        assert_eq!((&c.head[..], c.tail.len()), (&other[..], 0));
+        assert_eq!(&c.answer().der[..], &other[..]);
     }
 }

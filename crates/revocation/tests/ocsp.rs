@@ -39,7 +39,34 @@ struct Fixture {
     hashes: IssuerHashes,
 }
 
+/// Keys as a server node holds them; "sealing" a responder key keeps it as
+/// is (the binary encrypts it), so that every node can open it.
+struct PlainKeys(Vec<u8>);
+
+impl sigil_authority::IssuerKeys for PlainKeys {
+    fn load(
+        &self,
+        _issuer: &sigil_authority::IssuerRow,
+    ) -> Result<sigil_signer::CaKey, sigil_authority::Error> {
+        Ok(sigil_signer::SoftwareKey::from_pkcs8(&self.0, "test issuer")?.into())
+    }
+
+    fn seal(&self, pkcs8: &[u8]) -> Option<Result<Vec<u8>, sigil_authority::Error>> {
+        Some(Ok(pkcs8.to_vec()))
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<sigil_signer::CaKey, sigil_authority::Error> {
+        Ok(sigil_signer::SoftwareKey::from_pkcs8(sealed, "OCSP responder")?.into())
+    }
+}
+
 async fn fixture() -> Fixture {
+    fixture_with(false).await
+}
+
+/// `shared`: nodes can share one OCSP responder (they hold the key store
+/// its key is sealed with), as server nodes do.
+async fn fixture_with(shared: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let now = SystemClock.now();
     let clock = Arc::new(TestClock(Mutex::new(now)));
@@ -65,6 +92,11 @@ async fn fixture() -> Fixture {
             rate_per_minute: 0,
         },
     );
+    let authority = if shared {
+        authority.with_keys(Arc::new(PlainKeys(ca.intermediate_pkcs8.to_vec())))
+    } else {
+        authority
+    };
     Fixture {
         _dir: dir,
         clock,
@@ -180,4 +212,82 @@ async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
         (a.status, a.der.as_ref()),
         ("malformed", &[0x30, 0x03, 0x0a, 0x01, 0x01][..])
     );
+}
+
+/// Pre-signed answers keep the responder's certificates once, not once per
+/// answer; a restarted node loads the stored answers the same way and sends
+/// them byte for byte as signed.
+#[tokio::test]
+async fn presigned_answers_share_the_responder_certificates() {
+    let f = fixture_with(true).await;
+    let mut serials = Vec::new();
+    for i in 0..5 {
+        let issued = f
+            .authority
+            .issue(IssueRequest {
+                csr: csr(&format!("s{i}.internal")).into(),
+                requester: Requester::Operator("test".into()),
+                profile: None,
+                lifetime: None,
+                token: None,
+                not_before: None,
+                completes: None,
+            })
+            .await
+            .unwrap();
+        serials.push(issued.serial);
+    }
+    f.authority
+        .revoke(&serials[2], 1, &Requester::Operator("test".into()))
+        .await
+        .unwrap();
+
+    let ask = |ocsp: Arc<Ocsp>| {
+        let queries: Vec<_> = serials
+            .iter()
+            .map(|s| f.hashes.cert_id(s, CertIdHash::Sha1).unwrap())
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for q in &queries {
+                let a = ocsp.answer(&ocsp::request(&[q], None).unwrap()).await;
+                assert!(a.headers.is_some(), "a cacheable answer");
+                out.push(a.der.to_vec());
+            }
+            out
+        }
+    };
+
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    assert_eq!(job_node.refresh().await.unwrap(), 5);
+    let (answers, bytes) = job_node.cached_size();
+    let sent = ask(job_node.clone()).await;
+    let whole: usize = sent.iter().map(Vec::len).sum();
+    assert_eq!(answers, 5);
+    assert!(
+        bytes * 2 < whole,
+        "{bytes} bytes held for {whole} bytes of responses"
+    );
+    for (i, der) in sent.iter().enumerate() {
+        let s = ocsp::summarize(der).unwrap();
+        assert_eq!(s.revoked, i == 2, "answer {i}");
+    }
+    assert_eq!(
+        job_node.cached_size(),
+        (answers, bytes),
+        "served from the cache"
+    );
+
+    // Another node (not running the jobs) loads what the job node stored.
+    let leader = Leader::default();
+    leader.set(false);
+    let other = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
+    other.ensure_signers().await.unwrap();
+    assert_eq!(other.load_stored().await.unwrap(), 5);
+    assert_eq!(other.cached_size(), (answers, bytes));
+    assert_eq!(ask(other.clone()).await, sent);
 }

@@ -532,34 +532,37 @@ impl Store {
         Ok(())
     }
 
-    /// Stored OCSP responses of an issuer still valid after `after` (unix s).
-    /// Only responses signed after `signed_after` (unix s) are returned.
-    pub async fn stored_ocsp(
+    /// Passes each stored OCSP response of an issuer still valid after
+    /// `after` (unix s) and signed after `signed_after` (unix s) to `each`.
+    /// Streamed: an issuer may have a response for each of millions of
+    /// certificates, and they are not all held at once.
+    pub async fn stored_ocsp<F: FnMut(SignedOcsp) + Send>(
         &self,
         issuer_id: &str,
         after: i64,
         signed_after: i64,
-    ) -> Result<Vec<SignedOcsp>, Error> {
-        let rows = sqlx::query(
+        mut each: F,
+    ) -> Result<(), Error> {
+        use tokio_stream::StreamExt;
+        let mut rows = sqlx::query(
             "SELECT serial, issuer_id, this_update, next_update, der FROM ocsp_responses \
              WHERE issuer_id = $1 AND next_update > $2 AND this_update > $3",
         )
         .bind(issuer_id)
         .bind(after)
         .bind(signed_after)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SignedOcsp {
-                    serial: r.try_get("serial")?,
-                    issuer_id: r.try_get("issuer_id")?,
-                    this_update: r.try_get("this_update")?,
-                    next_update: r.try_get("next_update")?,
-                    der: r.try_get("der")?,
-                })
-            })
-            .collect()
+        .fetch(&self.pool);
+        while let Some(r) = rows.next().await {
+            let r = r?;
+            each(SignedOcsp {
+                serial: r.try_get("serial")?,
+                issuer_id: r.try_get("issuer_id")?,
+                this_update: r.try_get("this_update")?,
+                next_update: r.try_get("next_update")?,
+                der: r.try_get("der")?,
+            });
+        }
+        Ok(())
     }
 
     /// Whether a public key (SPKI SHA-256, hex) is blocked after a keyCompromise.
