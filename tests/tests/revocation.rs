@@ -600,7 +600,15 @@ fn ocsp_answers_good_then_revoked_by_post_and_get_with_and_without_nonce() {
     std::thread::sleep(Duration::from_secs(2)); // its first pre-signing pass stores them
     server.stop();
     let server = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
-    let log = server.log_text();
+    // Loaded while the server already serves.
+    let mut log = server.log_text();
+    for _ in 0..100 {
+        if log.contains("OCSP responses loaded from the database") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        log = server.log_text();
+    }
     let loaded = log
         .lines()
         .find(|l| l.contains("OCSP responses loaded from the database"))

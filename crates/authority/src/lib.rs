@@ -1021,6 +1021,14 @@ impl Authority {
         })
     }
 
+    /// Whether a certificate (serial, lowercase hex) is revoked, from this
+    /// node's view of the revocations (see [`Authority::is_revoked`]); `None`
+    /// while that view is stale, when only the database can tell.
+    pub fn revoked_in_memory(&self, serial_hex: &str) -> Option<bool> {
+        self.cache_is_fresh()
+            .then(|| read(&self.cache.revoked).contains(serial_hex))
+    }
+
     /// Whether a certificate is revoked. Answered from memory while
     /// [`Authority::sync`] runs at least every [`SYNC_INTERVAL`] (a revocation
     /// made elsewhere, by another node or the CLI, is seen within about that

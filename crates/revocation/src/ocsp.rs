@@ -544,6 +544,11 @@ impl Ocsp {
             .collect();
         let issuer: Arc<str> = Arc::from(id.as_str());
         let mut n = 0;
+        // The pass's answers share one window, so one set of dates.
+        let mut dates: Option<Arc<Dates>> = None;
+        // After a failed store the rest of the pass is kept in memory only:
+        // another try per batch would wait on the database each time.
+        let mut storing = true;
         for batch in serials.chunks(PRESIGN_BATCH) {
             let mut fresh = Vec::with_capacity(batch.len());
             for hex in batch {
@@ -559,23 +564,31 @@ impl Ocsp {
                 };
                 let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
                 let (der, status, window) = self.sign_der(cur, &[(&q, status)], None, now)?;
-                let dates = self.presigned_dates(window)?;
-                let cached = Cached::new(issuer.clone(), status, &der, &cur.tail, dates);
+                let d = match &dates {
+                    Some(d) if Some(d.window) == window => d.clone(),
+                    _ => dates.insert(self.presigned_dates(window)?).clone(),
+                };
+                let cached = Cached::new(issuer.clone(), status, &der, &cur.tail, d);
                 fresh.push((hex.clone(), cached));
             }
             n += fresh.len();
-            self.persist(id, &fresh).await;
+            if storing {
+                storing = self.persist(id, &fresh).await;
+            }
             let mut cache = write(&self.cache);
             for (k, c) in fresh {
                 put(&mut cache, (k, CertIdHash::Sha1), c);
             }
         }
-        // Drop this issuer's answers older than the snapshot: every
+        // Drop this issuer's SHA-1 answers older than the snapshot: every
         // certificate still unexpired got a new one (or kept one signed
         // meanwhile, for a new certificate or a revocation, which is at
-        // least as new); the others expired.
+        // least as new); the others expired. Answers for SHA-256 CertIDs
+        // (signed on demand, never pre-signed) stay until their nextUpdate.
         let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
-        write(&self.cache).retain(|_, c| *c.issuer != *issuer || c.this_update() >= snapshot);
+        write(&self.cache).retain(|(_, hash), c| {
+            *c.issuer != *issuer || *hash != CertIdHash::Sha1 || c.this_update() >= snapshot
+        });
         Ok(n)
     }
 
@@ -643,31 +656,31 @@ impl Ocsp {
 
     /// Loads stored responses signed after `signed_after` (unix s), keeping
     /// whichever of stored and in-memory is newer. They are read one at a
-    /// time, so a load holds one response beyond the cache.
+    /// time, so a load holds one response beyond the cache. A response is
+    /// checked against this node's view of the revocations as it is read;
+    /// while that view is stale, none is loaded (answers are then signed on
+    /// demand, with the status read from the database).
     async fn load_signed_after(&self, signed_after: i64) -> Result<usize, sigil_authority::Error> {
         let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
         let mut loaded = 0;
+        let mut unchecked = 0;
         for cur in serving {
             let id = &cur.signer.issuer_id;
-            // Every revocation of the issuer's certificates, expired ones too.
-            let revoked: std::collections::HashSet<String> = self
-                .authority
-                .revocations_of(id, 0)
-                .await?
-                .into_iter()
-                .map(|e| e.serial)
-                .collect();
             let issuer: Arc<str> = Arc::from(id.as_str());
             let margin = self.settings.validity / 4;
             self.authority
                 .stored_ocsp(id, margin, signed_after, |r| {
-                    let status = if revoked.contains(&r.serial) {
-                        if !ocsp::summarize(&r.der).is_some_and(|s| s.revoked) {
+                    let status = match self.authority.revoked_in_memory(&r.serial) {
+                        Some(false) => "good",
+                        // One signed before the revocation is left out.
+                        Some(true) if ocsp::summarize(&r.der).is_some_and(|s| s.revoked) => {
+                            "revoked"
+                        }
+                        Some(true) => return,
+                        None => {
+                            unchecked += 1;
                             return;
                         }
-                        "revoked"
-                    } else {
-                        "good"
                     };
                     let Some(dates) = self.dates((r.this_update, r.next_update)) else {
                         return;
@@ -679,13 +692,22 @@ impl Ocsp {
                 })
                 .await?;
         }
-        self.report_size();
+        if unchecked > 0 {
+            tracing::warn!(
+                responses = unchecked,
+                "stored OCSP responses left unloaded: this node's view of the revocations is stale"
+            );
+        }
+        if loaded > 0 {
+            self.report_size();
+        }
         Ok(loaded)
     }
 
     /// Stores signed answers so a restarted node can serve them at once.
     /// Failures are logged: the in-memory answers stay authoritative.
-    async fn persist(&self, issuer_id: &str, answers: &[(String, Cached)]) {
+    /// Returns whether they were stored.
+    async fn persist(&self, issuer_id: &str, answers: &[(String, Cached)]) -> bool {
         let rows: Vec<sigil_authority::SignedOcsp> = answers
             .iter()
             .map(|(serial, c)| sigil_authority::SignedOcsp {
@@ -699,9 +721,10 @@ impl Ocsp {
         for chunk in rows.chunks(1000) {
             if let Err(e) = self.authority.save_ocsp(chunk).await {
                 tracing::warn!(error = %e, "storing pre-signed OCSP responses failed");
-                return;
+                return false;
             }
         }
+        true
     }
 
     /// Pre-signs now, then keeps responses and the responder certificate

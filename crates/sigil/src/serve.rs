@@ -90,12 +90,22 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     tokio::spawn(revocation.clone().run());
     let responder = Ocsp::new(authority.clone(), cfg.ocsp_settings()?, leader.clone());
     responder.ensure_signers().await?;
-    let stored = responder.load_stored().await?;
-    tracing::info!(
-        responses = stored,
-        "OCSP responses loaded from the database"
-    );
-    tokio::spawn(responder.clone().run());
+    // The answers stored by the last run are loaded while the server already
+    // serves (a CA with millions of unexpired certificates takes a while);
+    // until then OCSP answers are signed on demand, within `max_fresh`.
+    tokio::spawn({
+        let responder = responder.clone();
+        async move {
+            match responder.load_stored().await {
+                Ok(n) => tracing::info!(responses = n, "OCSP responses loaded from the database"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "loading the stored OCSP responses failed; answers are signed on demand until the next pre-signing pass"
+                ),
+            }
+            responder.run().await
+        }
+    });
     tokio::spawn(hold_job_lock(authority.clone(), lease, leader.clone()));
     if let Some(keep) = cfg.keep_expired()? {
         tokio::spawn(crate::retention::run(

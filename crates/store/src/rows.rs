@@ -509,24 +509,32 @@ impl Store {
     }
 
     /// Stores pre-signed OCSP responses, replacing older ones of the same
-    /// certificates (one transaction).
+    /// certificates (one transaction; `rows` name each certificate once).
+    /// Several rows go in each statement, so a pre-signing pass over
+    /// millions of certificates makes few round trips to the database.
     pub async fn save_ocsp(&self, rows: &[SignedOcsp]) -> Result<(), Error> {
         let mut tx = self.pool.begin().await?;
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial) DO UPDATE SET \
+        for chunk in rows.chunks(crate::writer::ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der) VALUES ",
+            );
+            crate::writer::push_placeholders(&mut sql, chunk.len(), 5, self.backend);
+            sql.push_str(
+                " ON CONFLICT (serial) DO UPDATE SET \
                  issuer_id = excluded.issuer_id, this_update = excluded.this_update, \
                  next_update = excluded.next_update, der = excluded.der \
                  WHERE ocsp_responses.this_update <= excluded.this_update",
-            )
-            .bind(r.serial.as_str())
-            .bind(r.issuer_id.as_str())
-            .bind(r.this_update)
-            .bind(r.next_update)
-            .bind(r.der.as_slice())
-            .execute(&mut *tx)
-            .await?;
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.serial.as_str())
+                    .bind(r.issuer_id.as_str())
+                    .bind(r.this_update)
+                    .bind(r.next_update)
+                    .bind(r.der.as_slice());
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

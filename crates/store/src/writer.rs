@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_BATCH: usize = 512;
 /// Rows per multi-row INSERT statement: fixed, so a few prepared statements
 /// are reused from the cache, and as large as a gathered batch.
-const ROWS_PER_STATEMENT: usize = 32;
+pub(crate) const ROWS_PER_STATEMENT: usize = 32;
 /// Under load, the writer gathers for at most this long for a batch to grow
 /// to [`GATHER_TARGET`] changes before committing. A commit's fixed cost
 /// (lock, fsync, page reads, hand-offs to the database thread) dominates a
