@@ -1354,20 +1354,20 @@ impl Authority {
     }
 
     /// Passes each stored OCSP response of an issuer valid for at least
-    /// `margin` more and signed after `signed_after` (unix s; 0 for all) to
+    /// `margin` more and stored after `stored_after` (unix s; -1 for all) to
     /// `each`, one at a time.
     pub async fn stored_ocsp<F: FnMut(sigil_store::SignedOcsp) + Send>(
         &self,
         issuer_id: &str,
         margin: Duration,
-        signed_after: i64,
+        stored_after: i64,
         each: F,
     ) -> Result<(), Error> {
         let after =
             self.clock.now().unix_timestamp() + i64::try_from(margin.as_secs()).unwrap_or(0);
         Ok(self
             .store
-            .stored_ocsp(issuer_id, after, signed_after, each)
+            .stored_ocsp(issuer_id, after, stored_after, each)
             .await?)
     }
 

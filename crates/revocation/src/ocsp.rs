@@ -67,6 +67,22 @@ const SEEN_MAX: usize = 32_768;
 /// bytes, so padding cannot make the memo large.
 const SEEN_MAX_LEN: usize = 256;
 
+/// Seconds before the newest stored response seen that the next load of
+/// stored responses starts from, once after each load that found newer
+/// ones: a response stored (by the clock) before that one but committed
+/// after it was read is still picked up. It also absorbs clock differences
+/// when the background jobs move to another node.
+const LOAD_OVERLAP: i64 = 60;
+
+/// Where loading stored responses stands (unix s, by `stored_at`).
+#[derive(Debug, Clone, Copy)]
+struct LoadCursor {
+    /// The newest `stored_at` loaded.
+    newest: i64,
+    /// The next load reads responses stored after this.
+    from: i64,
+}
+
 /// How soon a failed pre-signing pass is tried again.
 const PRESIGN_RETRY: Duration = Duration::from_secs(30);
 
@@ -273,6 +289,8 @@ pub struct Ocsp {
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<CacheKey, Cached>>,
+    /// How far loading stored responses has come.
+    cursor: RwLock<LoadCursor>,
     /// The dates last made for cached answers (see [`Dates`]).
     dates: RwLock<Option<Arc<Dates>>>,
     /// Request encodings already parsed: issuer id and serial (hex) of a
@@ -317,6 +335,10 @@ impl Ocsp {
             settings,
             current: RwLock::new(HashMap::new()),
             cache: RwLock::new(HashMap::new()),
+            cursor: RwLock::new(LoadCursor {
+                newest: i64::MIN,
+                from: -1,
+            }),
             dates: RwLock::new(None),
             seen: RwLock::new(HashMap::new()),
             counters: STATUSES
@@ -651,25 +673,59 @@ impl Ocsp {
     /// revocation is left out; it is signed on demand).
     /// Call after the authority's first sync. Returns how many were loaded.
     pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
-        self.load_signed_after(0).await
+        self.load_from(-1).await
     }
 
-    /// Loads stored responses signed after `signed_after` (unix s), keeping
+    /// Loads the responses stored since the last load (by the node running
+    /// the background jobs). What was stored when is read from the rows
+    /// themselves, so the nodes' clocks need not agree, and a pass that
+    /// stores its answers over minutes is followed to its end. After a load
+    /// that found newer ones, the next also reads the [`LOAD_OVERLAP`]
+    /// before them again, for ones committed late.
+    pub async fn load_new(&self) -> Result<usize, sigil_authority::Error> {
+        let from = read(&self.cursor).from;
+        self.load_from(from).await
+    }
+
+    async fn load_from(&self, from: i64) -> Result<usize, sigil_authority::Error> {
+        let (loaded, newest) = self.load_stored_after(from).await?;
+        let mut cursor = write(&self.cursor);
+        *cursor = if newest > cursor.newest {
+            LoadCursor {
+                newest,
+                from: newest.saturating_sub(LOAD_OVERLAP),
+            }
+        } else {
+            LoadCursor {
+                newest: cursor.newest,
+                from: cursor.newest.max(from),
+            }
+        };
+        Ok(loaded)
+    }
+
+    /// Loads stored responses stored after `stored_after` (unix s), keeping
     /// whichever of stored and in-memory is newer. They are read one at a
     /// time, so a load holds one response beyond the cache. A response is
     /// checked against this node's view of the revocations as it is read;
     /// while that view is stale, none is loaded (answers are then signed on
     /// demand, with the status read from the database).
-    async fn load_signed_after(&self, signed_after: i64) -> Result<usize, sigil_authority::Error> {
+    /// Returns how many were loaded and the newest `stored_at` read.
+    async fn load_stored_after(
+        &self,
+        stored_after: i64,
+    ) -> Result<(usize, i64), sigil_authority::Error> {
         let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
         let mut loaded = 0;
         let mut unchecked = 0;
+        let mut newest = i64::MIN;
         for cur in serving {
             let id = &cur.signer.issuer_id;
             let issuer: Arc<str> = Arc::from(id.as_str());
             let margin = self.settings.validity / 4;
             self.authority
-                .stored_ocsp(id, margin, signed_after, |r| {
+                .stored_ocsp(id, margin, stored_after, |r| {
+                    newest = newest.max(r.stored_at);
                     let status = match self.authority.revoked_in_memory(&r.serial) {
                         Some(false) => "good",
                         // One signed before the revocation is left out.
@@ -701,13 +757,14 @@ impl Ocsp {
         if loaded > 0 {
             self.report_size();
         }
-        Ok(loaded)
+        Ok((loaded, newest))
     }
 
     /// Stores signed answers so a restarted node can serve them at once.
     /// Failures are logged: the in-memory answers stay authoritative.
     /// Returns whether they were stored.
     async fn persist(&self, issuer_id: &str, answers: &[(String, Cached)]) -> bool {
+        let stored_at = self.now();
         let rows: Vec<sigil_authority::SignedOcsp> = answers
             .iter()
             .map(|(serial, c)| sigil_authority::SignedOcsp {
@@ -716,6 +773,7 @@ impl Ocsp {
                 this_update: c.dates.window.0,
                 next_update: c.dates.window.1,
                 der: c.der(),
+                stored_at,
             })
             .collect();
         for chunk in rows.chunks(1000) {
@@ -734,7 +792,6 @@ impl Ocsp {
     /// (every [`FOLLOW_INTERVAL`]). Every node keeps its own responder
     /// certificate, for nonce requests and on-demand answers.
     pub async fn run(self: Arc<Self>) {
-        let mut signed_after = 0i64;
         let mut next_presign: Option<std::time::Instant> = None;
         let mut last_sweep = std::time::Instant::now();
         loop {
@@ -759,8 +816,7 @@ impl Ocsp {
                     self.sweep();
                     last_sweep = std::time::Instant::now();
                 }
-                let since = self.now() - 1;
-                match self.load_signed_after(signed_after).await {
+                match self.load_new().await {
                     Ok(n) if n > 0 => tracing::debug!(
                         responses = n,
                         "loaded OCSP responses signed by the job node"
@@ -768,9 +824,6 @@ impl Ocsp {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "loading stored OCSP responses failed"),
                 }
-                // Overlap a little: a response committed late with an
-                // earlier thisUpdate is still picked up.
-                signed_after = since - 120;
             }
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_INTERVAL) => {}

@@ -37,6 +37,7 @@ struct Fixture {
     clock: Arc<TestClock>,
     authority: Arc<Authority>,
     hashes: IssuerHashes,
+    issuer_id: String,
 }
 
 /// Keys as a server node holds them; "sealing" a responder key keeps it as
@@ -102,6 +103,7 @@ async fn fixture_with(shared: bool) -> Fixture {
         clock,
         authority: Arc::new(authority),
         hashes: IssuerHashes::of(&info),
+        issuer_id: info.id.to_string(),
     }
 }
 
@@ -313,4 +315,73 @@ async fn presigned_answers_share_the_responder_certificates() {
         other.cached_size().1 * 2 < whole,
         "loaded answers share the certificates too"
     );
+}
+
+/// A node not running the jobs follows what the job node stores by when it
+/// was stored, not by thisUpdate: a pass over many certificates stores its
+/// answers over minutes, all with the thisUpdate of its start.
+#[tokio::test]
+async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
+    let f = fixture_with(true).await;
+    let issue = |name: String| {
+        let authority = f.authority.clone();
+        async move {
+            authority
+                .issue(IssueRequest {
+                    csr: csr(&name).into(),
+                    requester: Requester::Operator("test".into()),
+                    profile: None,
+                    lifetime: None,
+                    token: None,
+                    not_before: None,
+                    completes: None,
+                })
+                .await
+                .unwrap()
+                .serial
+        }
+    };
+    for i in 0..3 {
+        issue(format!("f{i}.internal")).await;
+    }
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    assert_eq!(job_node.refresh().await.unwrap(), 3);
+    let start = f.authority.now();
+
+    let leader = Leader::default();
+    leader.set(false);
+    let follower = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
+    follower.ensure_signers().await.unwrap();
+    *f.clock.0.lock().unwrap() += Duration::from_secs(300);
+    f.authority.sync().await.unwrap();
+    assert_eq!(follower.load_stored().await.unwrap(), 3);
+    // The next load reads the last minute's again once, then nothing.
+    assert_eq!(follower.load_new().await.unwrap(), 3);
+    assert_eq!(follower.load_new().await.unwrap(), 0);
+
+    // Five minutes on, a last batch of that same pass is stored: a
+    // certificate's answer with the pass's thisUpdate.
+    *f.clock.0.lock().unwrap() += Duration::from_secs(300);
+    f.authority.sync().await.unwrap();
+    let late = issue("late.internal".into()).await;
+    let q = f.hashes.cert_id(&late, CertIdHash::Sha1).unwrap();
+    let signed = job_node.answer(&ocsp::request(&[&q], None).unwrap()).await;
+    let this_update = (start - Duration::from_secs(60)).unix_timestamp();
+    f.authority
+        .save_ocsp(&[sigil_store::SignedOcsp {
+            serial: late.to_hex(),
+            issuer_id: f.issuer_id.clone(),
+            this_update,
+            next_update: this_update + 3600,
+            der: signed.der.to_vec(),
+            stored_at: f.authority.now().unix_timestamp(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(follower.load_new().await.unwrap(), 1);
+    assert_eq!(follower.cached_size().0, 4);
 }

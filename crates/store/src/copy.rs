@@ -117,6 +117,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("this_update", Int),
             ("next_update", Int),
             ("der", Blob),
+            ("stored_at", Int),
         ],
     ),
     (

@@ -220,7 +220,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 12] = match backend {
+    let files: [(i64, &str, &'static str); 13] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -281,6 +281,11 @@ fn migrator(backend: Backend) -> Migrator {
                 12,
                 "retention_indexes",
                 include_str!("../../../migrations/sqlite/0012_retention_indexes.sql"),
+            ),
+            (
+                13,
+                "ocsp_stored_at",
+                include_str!("../../../migrations/sqlite/0013_ocsp_stored_at.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -343,6 +348,11 @@ fn migrator(backend: Backend) -> Migrator {
                 12,
                 "retention_indexes",
                 include_str!("../../../migrations/postgres/0012_retention_indexes.sql"),
+            ),
+            (
+                13,
+                "ocsp_stored_at",
+                include_str!("../../../migrations/postgres/0013_ocsp_stored_at.sql"),
             ),
         ],
     };

@@ -200,6 +200,9 @@ pub struct SignedOcsp {
     pub next_update: i64,
     /// The DER OCSPResponse.
     pub der: Vec<u8>,
+    /// When it was stored (unix s, by the storing node's clock; 0 for
+    /// responses stored before this was recorded).
+    pub stored_at: i64,
 }
 
 /// The shared delegated OCSP responder of an issuer.
@@ -516,13 +519,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(crate::writer::ROWS_PER_STATEMENT) {
             let mut sql = String::from(
-                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der) VALUES ",
+                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der, stored_at) VALUES ",
             );
-            crate::writer::push_placeholders(&mut sql, chunk.len(), 5, self.backend);
+            crate::writer::push_placeholders(&mut sql, chunk.len(), 6, self.backend);
             sql.push_str(
                 " ON CONFLICT (serial) DO UPDATE SET \
                  issuer_id = excluded.issuer_id, this_update = excluded.this_update, \
-                 next_update = excluded.next_update, der = excluded.der \
+                 next_update = excluded.next_update, der = excluded.der, stored_at = excluded.stored_at \
                  WHERE ocsp_responses.this_update <= excluded.this_update",
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -532,7 +535,8 @@ impl Store {
                     .bind(r.issuer_id.as_str())
                     .bind(r.this_update)
                     .bind(r.next_update)
-                    .bind(r.der.as_slice());
+                    .bind(r.der.as_slice())
+                    .bind(r.stored_at);
             }
             q.execute(&mut *tx).await?;
         }
@@ -541,24 +545,24 @@ impl Store {
     }
 
     /// Passes each stored OCSP response of an issuer still valid after
-    /// `after` (unix s) and signed after `signed_after` (unix s) to `each`.
-    /// Streamed: an issuer may have a response for each of millions of
-    /// certificates, and they are not all held at once.
+    /// `after` (unix s) and stored after `stored_after` (unix s; -1 for all)
+    /// to `each`. Streamed: an issuer may have a response for each of
+    /// millions of certificates, and they are not all held at once.
     pub async fn stored_ocsp<F: FnMut(SignedOcsp) + Send>(
         &self,
         issuer_id: &str,
         after: i64,
-        signed_after: i64,
+        stored_after: i64,
         mut each: F,
     ) -> Result<(), Error> {
         use tokio_stream::StreamExt;
         let mut rows = sqlx::query(
-            "SELECT serial, issuer_id, this_update, next_update, der FROM ocsp_responses \
-             WHERE issuer_id = $1 AND next_update > $2 AND this_update > $3",
+            "SELECT serial, issuer_id, this_update, next_update, der, stored_at FROM ocsp_responses \
+             WHERE issuer_id = $1 AND next_update > $2 AND stored_at > $3",
         )
         .bind(issuer_id)
         .bind(after)
-        .bind(signed_after)
+        .bind(stored_after)
         .fetch(&self.pool);
         while let Some(r) = rows.next().await {
             let r = r?;
@@ -568,6 +572,7 @@ impl Store {
                 this_update: r.try_get("this_update")?,
                 next_update: r.try_get("next_update")?,
                 der: r.try_get("der")?,
+                stored_at: r.try_get("stored_at")?,
             });
         }
         Ok(())

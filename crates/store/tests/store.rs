@@ -1527,6 +1527,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             this_update: next_update - 50,
             next_update,
             der: vec![0x30, 0x03, 0x0a, 0x01, 0x00],
+            stored_at: next_update - 50,
         };
         store
             .save_ocsp(&[ocsp(1, 100), ocsp(2, 400), ocsp(3, 1000)])
@@ -1590,27 +1591,34 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
 }
 
 /// Pre-signed OCSP responses on every backend: saved many to a statement,
-/// streamed back (only those valid past the cutoff and signed after the
-/// given time), and never replaced by an older response.
+/// streamed back (only those valid past the cutoff and stored after the
+/// given time, however old their thisUpdate), and never replaced by an
+/// older response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() {
     use sigil_store::SignedOcsp;
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
         let store = seeded(&url, 0).await;
-        let response = |i: usize, this_update: i64| SignedOcsp {
+        let response = |i: usize, this_update: i64, stored_at: i64| SignedOcsp {
             serial: cert(i).serial,
             issuer_id: issuer().id,
             this_update,
             next_update: this_update + 3600,
             der: vec![0x30, 0x01, u8::try_from(this_update % 250).unwrap()],
+            stored_at,
         };
         // 70 rows: two full statements and a short one.
-        let first: Vec<SignedOcsp> = (1..=70).map(|i| response(i, 1000)).collect();
+        let first: Vec<SignedOcsp> = (1..=70).map(|i| response(i, 1000, 1000)).collect();
         store.save_ocsp(&first).await.unwrap();
-        // An older response for 1, a newer one for 2 and a new certificate.
+        // An older response for 1, a newer one for 2, and a new certificate
+        // whose response was signed with the first ones and stored later.
         store
-            .save_ocsp(&[response(1, 900), response(2, 1100), response(71, 1100)])
+            .save_ocsp(&[
+                response(1, 900, 1200),
+                response(2, 1100, 1200),
+                response(71, 1000, 1200),
+            ])
             .await
             .unwrap();
         let mut all = std::collections::BTreeMap::new();
@@ -1621,6 +1629,7 @@ async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() 
             .await
             .unwrap();
         assert_eq!(all.len(), 71, "{name}");
+        assert_eq!(all[&cert(71).serial].0, 1000, "{name}");
         assert_eq!(all[&cert(1).serial], (1000, vec![0x30, 0x01, 0]), "{name}");
         assert_eq!(
             all[&cert(2).serial],
@@ -1629,20 +1638,27 @@ async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() 
         );
         assert_eq!(all[&cert(70).serial].0, 1000, "{name}");
 
-        // Only those signed after 1000, and only those valid past 4650.
+        // Only those stored after 1000 (the older response for 1 was not),
+        // and only those valid past 4650.
         let mut newer = Vec::new();
         store
-            .stored_ocsp(&issuer().id, 0, 1000, |r| newer.push(r.serial))
+            .stored_ocsp(&issuer().id, 0, 1000, |r| {
+                newer.push((r.serial, r.stored_at))
+            })
             .await
             .unwrap();
         newer.sort();
-        assert_eq!(newer, [cert(2).serial, cert(71).serial], "{name}");
+        assert_eq!(
+            newer,
+            [(cert(2).serial, 1200), (cert(71).serial, 1200)],
+            "{name}"
+        );
         let mut later = 0;
         store
-            .stored_ocsp(&issuer().id, 4650, 0, |_| later += 1)
+            .stored_ocsp(&issuer().id, 4650, -1, |_| later += 1)
             .await
             .unwrap();
-        assert_eq!(later, 2, "{name}");
+        assert_eq!(later, 1, "{name}");
         store.close().await;
     }
 }
