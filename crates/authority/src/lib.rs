@@ -1021,6 +1021,12 @@ impl Authority {
         })
     }
 
+    /// Whether this node's view of the revocations is current (synced within
+    /// a few [`SYNC_INTERVAL`]s).
+    pub fn revocations_current(&self) -> bool {
+        self.cache_is_fresh()
+    }
+
     /// Whether a certificate (serial, lowercase hex) is revoked, from this
     /// node's view of the revocations (see [`Authority::is_revoked`]); `None`
     /// while that view is stale, when only the database can tell.

@@ -67,20 +67,35 @@ const SEEN_MAX: usize = 32_768;
 /// bytes, so padding cannot make the memo large.
 const SEEN_MAX_LEN: usize = 256;
 
-/// Seconds before the newest stored response seen that the next load of
-/// stored responses starts from, once after each load that found newer
-/// ones: a response stored (by the clock) before that one but committed
-/// after it was read is still picked up. It also absorbs clock differences
-/// when the background jobs move to another node.
+/// Seconds before the newest stored response seen that loads of stored
+/// responses start from, for [`LOAD_REREAD`] after it was seen: a response
+/// stamped (by its node's clock) before that one but committed after it was
+/// read is still picked up. It also absorbs small clock differences between
+/// the nodes that store responses.
 const LOAD_OVERLAP: i64 = 60;
 
-/// Where loading stored responses stands (unix s, by `stored_at`).
+/// How long after the newest stored response seen moved loads keep reading
+/// the [`LOAD_OVERLAP`] before it; later, only what is newer.
+const LOAD_REREAD: Duration = Duration::from_secs(120);
+
+/// Where loading one issuer's stored responses stands.
 #[derive(Debug, Clone, Copy)]
 struct LoadCursor {
-    /// The newest `stored_at` loaded.
+    /// The newest `stored_at` loaded (unix s).
     newest: i64,
-    /// The next load reads responses stored after this.
-    from: i64,
+    /// When `newest` last moved.
+    moved: std::time::Instant,
+}
+
+impl LoadCursor {
+    /// The next load reads responses stored after this (unix s).
+    fn from(&self) -> i64 {
+        if self.moved.elapsed() < LOAD_REREAD {
+            self.newest.saturating_sub(LOAD_OVERLAP)
+        } else {
+            self.newest
+        }
+    }
 }
 
 /// How soon a failed pre-signing pass is tried again.
@@ -289,8 +304,8 @@ pub struct Ocsp {
     /// The delegated responder of each serving issuer, by issuer id.
     current: RwLock<HashMap<String, Arc<Current>>>,
     cache: RwLock<HashMap<CacheKey, Cached>>,
-    /// How far loading stored responses has come.
-    cursor: RwLock<LoadCursor>,
+    /// How far loading each issuer's stored responses has come.
+    cursors: RwLock<HashMap<String, LoadCursor>>,
     /// The dates last made for cached answers (see [`Dates`]).
     dates: RwLock<Option<Arc<Dates>>>,
     /// Request encodings already parsed: issuer id and serial (hex) of a
@@ -335,10 +350,7 @@ impl Ocsp {
             settings,
             current: RwLock::new(HashMap::new()),
             cache: RwLock::new(HashMap::new()),
-            cursor: RwLock::new(LoadCursor {
-                newest: i64::MIN,
-                from: -1,
-            }),
+            cursors: RwLock::new(HashMap::new()),
             dates: RwLock::new(None),
             seen: RwLock::new(HashMap::new()),
             counters: STATUSES
@@ -568,8 +580,9 @@ impl Ocsp {
         let mut n = 0;
         // The pass's answers share one window, so one set of dates.
         let mut dates: Option<Arc<Dates>> = None;
-        // After a failed store the rest of the pass is kept in memory only:
-        // another try per batch would wait on the database each time.
+        // After a failed store the rest of the pass is kept in memory only
+        // (another try per batch would wait on the database each time), and
+        // the pass fails, so it is run again soon.
         let mut storing = true;
         for batch in serials.chunks(PRESIGN_BATCH) {
             let mut fresh = Vec::with_capacity(batch.len());
@@ -611,6 +624,13 @@ impl Ocsp {
         write(&self.cache).retain(|(_, hash), c| {
             *c.issuer != *issuer || *hash != CertIdHash::Sha1 || c.this_update() >= snapshot
         });
+        if !storing {
+            // Served from memory; the pass runs again soon, so that other
+            // nodes (and a restart) get the answers too.
+            return Err(sigil_authority::Error::Unavailable(format!(
+                "{n} OCSP responses were signed but not all could be stored"
+            )));
+        }
         Ok(n)
     }
 
@@ -673,89 +693,95 @@ impl Ocsp {
     /// revocation is left out; it is signed on demand).
     /// Call after the authority's first sync. Returns how many were loaded.
     pub async fn load_stored(&self) -> Result<usize, sigil_authority::Error> {
-        self.load_from(-1).await
+        self.load(true).await
     }
 
     /// Loads the responses stored since the last load (by the node running
-    /// the background jobs). What was stored when is read from the rows
-    /// themselves, so the nodes' clocks need not agree, and a pass that
-    /// stores its answers over minutes is followed to its end. After a load
-    /// that found newer ones, the next also reads the [`LOAD_OVERLAP`]
-    /// before them again, for ones committed late.
+    /// the background jobs). Each issuer's are followed by when they were
+    /// stored, not by thisUpdate, so a pass that stores its answers over
+    /// minutes is followed to its end; see [`LOAD_OVERLAP`] for ones
+    /// committed late.
     pub async fn load_new(&self) -> Result<usize, sigil_authority::Error> {
-        let from = read(&self.cursor).from;
-        self.load_from(from).await
+        self.load(false).await
     }
 
-    async fn load_from(&self, from: i64) -> Result<usize, sigil_authority::Error> {
-        let (loaded, newest) = self.load_stored_after(from).await?;
-        let mut cursor = write(&self.cursor);
-        *cursor = if newest > cursor.newest {
-            LoadCursor {
-                newest,
-                from: newest.saturating_sub(LOAD_OVERLAP),
+    async fn load(&self, all: bool) -> Result<usize, sigil_authority::Error> {
+        let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
+        let mut loaded = 0;
+        for cur in serving {
+            let id = &cur.signer.issuer_id;
+            let from = match read(&self.cursors).get(id) {
+                Some(c) if !all => c.from(),
+                _ => -1,
+            };
+            let (n, newest) = self.load_issuer(&cur, from).await?;
+            loaded += n;
+            if let Some(newest) = newest {
+                let mut cursors = write(&self.cursors);
+                let moved = cursors.get(id).is_none_or(|c| newest > c.newest);
+                if moved {
+                    let c = LoadCursor {
+                        newest,
+                        moved: std::time::Instant::now(),
+                    };
+                    cursors.insert(id.clone(), c);
+                }
             }
-        } else {
-            LoadCursor {
-                newest: cursor.newest,
-                from: cursor.newest.max(from),
-            }
-        };
+        }
+        write(&self.cursors).retain(|id, _| read(&self.current).contains_key(id));
+        if loaded > 0 {
+            self.report_size();
+        }
         Ok(loaded)
     }
 
-    /// Loads stored responses stored after `stored_after` (unix s), keeping
-    /// whichever of stored and in-memory is newer. They are read one at a
-    /// time, so a load holds one response beyond the cache. A response is
-    /// checked against this node's view of the revocations as it is read;
-    /// while that view is stale, none is loaded (answers are then signed on
-    /// demand, with the status read from the database).
-    /// Returns how many were loaded and the newest `stored_at` read.
-    async fn load_stored_after(
+    /// Loads one issuer's responses stored after `stored_after` (unix s),
+    /// keeping whichever of stored and in-memory is newer. They are read one
+    /// at a time, so a load holds one response beyond the cache. Each is
+    /// checked against this node's view of the revocations as it is read.
+    /// Returns how many were loaded and the newest `stored_at` read, which is
+    /// `None` when some could not be checked (that view was stale): the next
+    /// load reads them again, and until then they are signed on demand, with
+    /// the status read from the database.
+    async fn load_issuer(
         &self,
+        cur: &Current,
         stored_after: i64,
-    ) -> Result<(usize, i64), sigil_authority::Error> {
-        let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
+    ) -> Result<(usize, Option<i64>), sigil_authority::Error> {
         let mut loaded = 0;
         let mut unchecked = 0;
-        let mut newest = i64::MIN;
-        for cur in serving {
-            let id = &cur.signer.issuer_id;
-            let issuer: Arc<str> = Arc::from(id.as_str());
-            let margin = self.settings.validity / 4;
-            self.authority
-                .stored_ocsp(id, margin, stored_after, |r| {
-                    newest = newest.max(r.stored_at);
-                    let status = match self.authority.revoked_in_memory(&r.serial) {
-                        Some(false) => "good",
-                        // One signed before the revocation is left out.
-                        Some(true) if ocsp::summarize(&r.der).is_some_and(|s| s.revoked) => {
-                            "revoked"
-                        }
-                        Some(true) => return,
-                        None => {
-                            unchecked += 1;
-                            return;
-                        }
-                    };
-                    let Some(dates) = self.dates((r.this_update, r.next_update)) else {
+        let mut newest = None;
+        let issuer: Arc<str> = Arc::from(cur.signer.issuer_id.as_str());
+        let margin = self.settings.validity / 4;
+        self.authority
+            .stored_ocsp(&cur.signer.issuer_id, margin, stored_after, |r| {
+                newest = newest.max(Some(r.stored_at));
+                let status = match self.authority.revoked_in_memory(&r.serial) {
+                    Some(false) => "good",
+                    // One signed before the revocation is left out.
+                    Some(true) if ocsp::summarize(&r.der).is_some_and(|s| s.revoked) => "revoked",
+                    Some(true) => return,
+                    None => {
+                        unchecked += 1;
                         return;
-                    };
-                    let c = Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates);
-                    if put(&mut write(&self.cache), (r.serial, CertIdHash::Sha1), c) {
-                        loaded += 1;
                     }
-                })
-                .await?;
-        }
+                };
+                let Some(dates) = self.dates((r.this_update, r.next_update)) else {
+                    return;
+                };
+                let c = Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates);
+                if put(&mut write(&self.cache), (r.serial, CertIdHash::Sha1), c) {
+                    loaded += 1;
+                }
+            })
+            .await?;
         if unchecked > 0 {
             tracing::warn!(
+                issuer = %cur.signer.issuer_id,
                 responses = unchecked,
-                "stored OCSP responses left unloaded: this node's view of the revocations is stale"
+                "stored OCSP responses left unloaded for now: this node's view of the revocations is stale"
             );
-        }
-        if loaded > 0 {
-            self.report_size();
+            return Ok((loaded, None));
         }
         Ok((loaded, newest))
     }
@@ -1055,6 +1081,21 @@ mod tests {
         assert!(a.live(4599, &serving));
         assert!(!a.live(4600, &serving), "at nextUpdate");
         assert!(!a.live(1000, &["issuer-b".to_string()]), "issuer retired");
+    }
+
+    #[test]
+    fn loads_read_the_overlap_again_only_for_a_while() {
+        let now = std::time::Instant::now();
+        let fresh = LoadCursor {
+            newest: 10_000,
+            moved: now,
+        };
+        assert_eq!(fresh.from(), 10_000 - LOAD_OVERLAP);
+        let settled = LoadCursor {
+            moved: now.checked_sub(LOAD_REREAD).unwrap(),
+            ..fresh
+        };
+        assert_eq!(settled.from(), 10_000);
     }
 
     /// The shared certificates are kept once and the answer sent is the

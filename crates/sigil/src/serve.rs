@@ -94,8 +94,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // serves (a CA with millions of unexpired certificates takes a while);
     // until then OCSP answers are signed on demand, within `max_fresh`.
     tokio::spawn({
-        let responder = responder.clone();
+        let (responder, authority) = (responder.clone(), authority.clone());
         async move {
+            // Stored answers are checked against the revocations as synced
+            // (below): wait for a current view, a few seconds at most.
+            for _ in 0..50 {
+                if authority.revocations_current() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             match responder.load_stored().await {
                 Ok(n) => tracing::info!(responses = n, "OCSP responses loaded from the database"),
                 Err(e) => tracing::warn!(
