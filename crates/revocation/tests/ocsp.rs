@@ -114,13 +114,11 @@ fn csr(name: &str) -> Vec<u8> {
     p.serialize_request(&key).unwrap().der().to_vec()
 }
 
-#[tokio::test]
-async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
-    let f = fixture().await;
-    let issued = f
-        .authority
+/// Issues a certificate for `name` by an operator; returns its serial.
+async fn issue(authority: &Authority, name: &str) -> sigil_core::Serial {
+    authority
         .issue(IssueRequest {
-            csr: csr("a.internal").into(),
+            csr: csr(name).into(),
             requester: Requester::Operator("test".into()),
             profile: None,
             lifetime: None,
@@ -129,7 +127,14 @@ async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
             completes: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+        .serial
+}
+
+#[tokio::test]
+async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
+    let f = fixture().await;
+    let serial = issue(&f.authority, "a.internal").await;
     // A node that does not run the background jobs: it never pre-signs,
     // it answers from what it signed on demand or was told.
     let leader = Leader::default();
@@ -139,7 +144,7 @@ async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
     let ocsp = Ocsp::new(f.authority.clone(), settings, leader);
     ocsp.ensure_signers().await.unwrap();
     let ask = |hash: CertIdHash, nonce: Option<Vec<u8>>| {
-        let q = f.hashes.cert_id(&issued.serial, hash).unwrap();
+        let q = f.hashes.cert_id(&serial, hash).unwrap();
         let der = ocsp::request(&[&q], nonce.as_deref()).unwrap();
         let ocsp = ocsp.clone();
         async move {
@@ -159,10 +164,10 @@ async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
 
     // Revoked, and told so (as the sync loop does).
     f.authority
-        .revoke(&issued.serial, 1, &Requester::Operator("test".into()))
+        .revoke(&serial, 1, &Requester::Operator("test".into()))
         .await
         .unwrap();
-    ocsp.revoked(&[issued.serial.to_hex()]).await;
+    ocsp.revoked(&[serial.to_hex()]).await;
     for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
         let s = ask(hash, None).await;
         assert_eq!((s.hash, s.revoked), (Some(hash), true));
@@ -224,20 +229,7 @@ async fn presigned_answers_share_the_responder_certificates() {
     let f = fixture_with(true).await;
     let mut serials = Vec::new();
     for i in 0..5 {
-        let issued = f
-            .authority
-            .issue(IssueRequest {
-                csr: csr(&format!("s{i}.internal")).into(),
-                requester: Requester::Operator("test".into()),
-                profile: None,
-                lifetime: None,
-                token: None,
-                not_before: None,
-                completes: None,
-            })
-            .await
-            .unwrap();
-        serials.push(issued.serial);
+        serials.push(issue(&f.authority, &format!("s{i}.internal")).await);
     }
     f.authority
         .revoke(&serials[2], 1, &Requester::Operator("test".into()))
@@ -330,26 +322,8 @@ async fn presigned_answers_share_the_responder_certificates() {
 #[tokio::test]
 async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
     let f = fixture_with(true).await;
-    let issue = |name: String| {
-        let authority = f.authority.clone();
-        async move {
-            authority
-                .issue(IssueRequest {
-                    csr: csr(&name).into(),
-                    requester: Requester::Operator("test".into()),
-                    profile: None,
-                    lifetime: None,
-                    token: None,
-                    not_before: None,
-                    completes: None,
-                })
-                .await
-                .unwrap()
-                .serial
-        }
-    };
     for i in 0..3 {
-        issue(format!("f{i}.internal")).await;
+        issue(&f.authority, &format!("f{i}.internal")).await;
     }
     let job_node = Ocsp::new(
         f.authority.clone(),
@@ -373,7 +347,7 @@ async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
     // certificate's answer with the pass's thisUpdate.
     *f.clock.0.lock().unwrap() += Duration::from_secs(300);
     f.authority.sync().await.unwrap();
-    let late = issue("late.internal".into()).await;
+    let late = issue(&f.authority, "late.internal").await;
     let q = f.hashes.cert_id(&late, CertIdHash::Sha1).unwrap();
     let signed = job_node.answer(&ocsp::request(&[&q], None).unwrap()).await;
     let this_update = (start - Duration::from_secs(60)).unix_timestamp();

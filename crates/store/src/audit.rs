@@ -392,23 +392,18 @@ impl Store {
             }
         }
 
-        {
-            let mut rows = sqlx::query(
-                "SELECT a.seq, a.subject FROM audit a \
-                 WHERE a.kind IN ('cert.issued', 'cert.renewed') \
-                 AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.serial = a.subject) \
-                 ORDER BY a.seq",
-            )
-            .fetch(&mut *tx);
-            while let Some(r) = rows.next().await {
-                let r = r?;
-                let seq: i64 = r.try_get("seq")?;
-                let serial: String = r.try_get("subject")?;
-                report.problem(format!(
+        orphaned_audit_rows(
+            &mut tx,
+            "a.kind IN ('cert.issued', 'cert.renewed') \
+             AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.serial = a.subject)",
+            &mut report,
+            |seq, serial| {
+                format!(
                     "audit row {seq} records issuing certificate {serial}, which is no longer in the certificates table (deleted)"
-                ));
-            }
-        }
+                )
+            },
+        )
+        .await?;
 
         {
             // Each revocation with the cert.revoked rows naming its serial;
@@ -452,22 +447,40 @@ impl Store {
             }
         }
 
-        let mut rows = sqlx::query(
-            "SELECT a.seq, a.subject FROM audit a WHERE a.kind = 'cert.revoked' \
-             AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = a.subject) \
-             ORDER BY a.seq",
+        orphaned_audit_rows(
+            &mut tx,
+            "a.kind = 'cert.revoked' \
+             AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = a.subject)",
+            &mut report,
+            |seq, serial| {
+                format!(
+                    "audit row {seq} records revoking {serial}, but the revocation row is gone (the certificate looks valid again)"
+                )
+            },
         )
-        .fetch(&mut *tx);
-        while let Some(r) = rows.next().await {
-            let r = r?;
-            let seq: i64 = r.try_get("seq")?;
-            let serial: String = r.try_get("subject")?;
-            report.problem(format!(
-                "audit row {seq} records revoking {serial}, but the revocation row is gone (the certificate looks valid again)"
-            ));
-        }
+        .await?;
         Ok(report)
     }
+}
+
+/// Reports each audit row matching `condition` (on `audit a`), in order, as
+/// `describe(seq, subject)`: rows recording a change whose row is gone.
+async fn orphaned_audit_rows(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    condition: &'static str,
+    report: &mut RecordsReport,
+    describe: impl Fn(i64, &str) -> String,
+) -> Result<(), Error> {
+    use tokio_stream::StreamExt;
+    let sql = format!("SELECT a.seq, a.subject FROM audit a WHERE {condition} ORDER BY a.seq");
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut **tx);
+    while let Some(r) = rows.next().await {
+        let r = r?;
+        let seq: i64 = r.try_get("seq")?;
+        let subject: String = r.try_get("subject")?;
+        report.problem(describe(seq, &subject));
+    }
+    Ok(())
 }
 
 /// Checks `row` against the chain so far; on success it becomes the head,
