@@ -67,6 +67,9 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store, Error> {
         install_default_drivers();
         let (backend, url) = normalize_url(url)?;
+        if backend == Backend::Sqlite {
+            create_private(&url)?;
+        }
         let max = match backend {
             Backend::Sqlite => 4,
             Backend::Postgres => 16,
@@ -444,6 +447,48 @@ fn pool_options(backend: Backend, max: u32, cache_kib: u32) -> AnyPoolOptions {
                 Ok(())
             })
         })
+}
+
+/// Creates a new SQLite database file readable by its owner only; SQLite
+/// gives the WAL and shared-memory files the database file's permissions.
+/// The database holds the EAB and nonce keys and every certificate, so it
+/// must not depend on the umask. An existing file keeps its permissions (a
+/// backup user may be meant to read it), with a warning when others can.
+fn create_private(url: &str) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // Only when SQLite itself would create the file (mode=rwc).
+    if !query.split('&').any(|kv| kv == "mode=rwc") {
+        return Ok(());
+    }
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| Error::Config(format!("SQLite path '{path}' is not valid UTF-8")))?;
+    let path = std::path::Path::new(path.as_ref());
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.is_file()
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "the SQLite database can be read by other users; `chmod 600` it (and its -wal and -shm files)"
+                );
+            }
+            Ok(())
+        }
+        // A missing directory and the like: SQLite's own error says more.
+        Err(_) => Ok(()),
+    }
 }
 
 fn normalize_url(url: &str) -> Result<(Backend, String), Error> {

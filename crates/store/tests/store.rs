@@ -241,6 +241,22 @@ async fn verify_names_edited_deleted_and_reordered_rows() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sqlite_database_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A space, percent-encoded in the URL, as SQLite's own URL parsing expects.
+    let db = dir.path().join("new ca.db");
+    let url = format!("sqlite://{}", dir.path().join("new%20ca.db").display());
+    let store = seeded(&url, 3).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", db.display());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{path} has mode {mode:o}");
+    }
+    assert_eq!(store.certificate_count().await.unwrap(), 3);
+}
+
 #[tokio::test]
 async fn bad_urls_are_explained() {
     let e = Store::open("mysql://x").await.unwrap_err().to_string();
