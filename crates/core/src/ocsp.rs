@@ -6,7 +6,7 @@
 
 use crate::template::IssuerInfo;
 use crate::{Error, Serial};
-use der_07::asn1::{BitString, GeneralizedTime, Null, ObjectIdentifier, OctetString};
+use der_07::asn1::{GeneralizedTime, Null, ObjectIdentifier, OctetString};
 use der_07::{Decode, Encode};
 use time::OffsetDateTime;
 use x509_cert_02::ext::Extension;
@@ -19,7 +19,10 @@ use x509_ocsp::{
 const SHA1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.14.3.2.26");
 const SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
 const NONCE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1.2");
-const ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+const ECDSA_SHA256: const_oid::ObjectIdentifier =
+    const_oid::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+const OCSP_BASIC: const_oid::ObjectIdentifier =
+    const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1.1");
 /// Largest OCSP request accepted (bytes).
 pub const MAX_REQUEST_LEN: usize = 16 * 1024;
 /// Most certificates answered in one request.
@@ -352,27 +355,61 @@ fn crl_reason(code: i32) -> Result<x509_cert_02::ext::pkix::CrlReason, Error> {
 }
 
 /// A successful response: ResponseData, its ECDSA P-256/SHA-256 signature
-/// (DER) by the responder key, and the certificates that let a client chain
-/// the responder to the root (responder certificate, then its issuer).
-pub fn successful(tbs: &[u8], signature: &[u8], certs: &[&[u8]]) -> Result<Vec<u8>, Error> {
-    let bad = |e: der_07::Error| Error::Template(format!("OCSP response: {e}"));
-    let certs = certs
-        .iter()
-        .map(|c| x509_cert_02::Certificate::from_der(c).map_err(bad))
-        .collect::<Result<Vec<_>, _>>()?;
-    let basic = BasicOcspResponse {
-        tbs_response_data: ResponseData::from_der(tbs).map_err(bad)?,
-        signature_algorithm: AlgorithmIdentifierOwned {
-            oid: ECDSA_SHA256,
-            parameters: None,
+/// (DER) by the responder key, and `certs`, the encoded certificates that
+/// let a client chain the responder to the root (from [`certs_field`]).
+/// The parts are already DER, so they are framed as they are: nothing is
+/// parsed again for each response.
+pub fn successful(tbs: &[u8], signature: &[u8], certs: &[u8]) -> Result<Vec<u8>, Error> {
+    use der::Encode as _;
+    use der::asn1::{AnyRef, BitStringRef, OctetStringRef};
+    let bad = |e: der::Error| Error::Template(format!("OCSP response: {e}"));
+    let basic = BasicRaw {
+        tbs_response_data: AnyRef::try_from(tbs).map_err(bad)?,
+        signature_algorithm: AlgorithmRaw { oid: ECDSA_SHA256 },
+        signature: BitStringRef::from_bytes(signature).map_err(bad)?,
+        certs: AnyRef::try_from(certs).map_err(bad)?,
+    }
+    .to_der()
+    .map_err(bad)?;
+    ResponseRaw {
+        status: AnyRef::new(der::Tag::Enumerated, &[0]).map_err(bad)?,
+        bytes: ResponseBytesRaw {
+            response_type: OCSP_BASIC,
+            response: OctetStringRef::new(&basic).map_err(bad)?,
         },
-        signature: BitString::from_bytes(signature).map_err(bad)?,
-        certs: Some(certs),
-    };
-    OcspResponse::successful(basic)
-        .map_err(bad)?
-        .to_der()
-        .map_err(bad)
+    }
+    .to_der()
+    .map_err(bad)
+}
+
+/// OCSPResponse (RFC 6960 4.2.1) with status `successful`.
+#[derive(der::Sequence)]
+struct ResponseRaw<'a> {
+    status: der::asn1::AnyRef<'a>,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT")]
+    bytes: ResponseBytesRaw<'a>,
+}
+
+/// ResponseBytes: `id-pkix-ocsp-basic` and the BasicOCSPResponse.
+#[derive(der::Sequence)]
+struct ResponseBytesRaw<'a> {
+    response_type: const_oid::ObjectIdentifier,
+    response: &'a der::asn1::OctetStringRef,
+}
+
+/// BasicOCSPResponse with its ResponseData and `certs` field pre-encoded.
+#[derive(der::Sequence)]
+struct BasicRaw<'a> {
+    tbs_response_data: der::asn1::AnyRef<'a>,
+    signature_algorithm: AlgorithmRaw,
+    signature: der::asn1::BitStringRef<'a>,
+    certs: der::asn1::AnyRef<'a>,
+}
+
+/// An AlgorithmIdentifier without parameters (ECDSA, RFC 5758).
+#[derive(der::Sequence)]
+struct AlgorithmRaw {
+    oid: const_oid::ObjectIdentifier,
 }
 
 /// The `certs` field of a basic response carrying `certs` (`[0] EXPLICIT
@@ -422,6 +459,56 @@ pub fn key_hash(public_key: &crate::PublicKey) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Framing the pre-encoded parts gives, byte for byte, the response the
+    /// `x509-ocsp` types encode from the parsed parts, and it reads back.
+    #[test]
+    fn successful_frames_the_parts_as_x509_ocsp_encodes_them() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "OCSP test CA");
+        let ca_der = ca.self_signed(&key).unwrap().der().to_vec();
+        let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der.clone().into(), &key).unwrap();
+        let responder_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let responder = rcgen::CertificateParams::new(vec!["ocsp.test".to_string()])
+            .unwrap()
+            .signed_by(&responder_key, &issuer)
+            .unwrap()
+            .der()
+            .to_vec();
+        let info = IssuerInfo::from_der(&ca_der).unwrap();
+        let serial = Serial::parse_hex(&"8f".repeat(16)).unwrap();
+        let q = IssuerHashes::of(&info)
+            .cert_id(&serial, CertIdHash::Sha1)
+            .unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap();
+        let later = now + std::time::Duration::from_secs(3600);
+        let tbs = response_data(&[7; 20], now, &[(&q, Status::Good)], now, later, None).unwrap();
+        let signature = [0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x02];
+        let certs = [&responder[..], &ca_der[..]];
+        let ours = successful(&tbs, &signature, &certs_field(&certs).unwrap()).unwrap();
+
+        let basic = BasicOcspResponse {
+            tbs_response_data: ResponseData::from_der(&tbs).unwrap(),
+            signature_algorithm: AlgorithmIdentifierOwned {
+                oid: ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2"),
+                parameters: None,
+            },
+            signature: der_07::asn1::BitString::from_bytes(&signature).unwrap(),
+            certs: Some(
+                certs
+                    .iter()
+                    .map(|c| x509_cert_02::Certificate::from_der(c).unwrap())
+                    .collect(),
+            ),
+        };
+        let theirs = OcspResponse::successful(basic).unwrap().to_der().unwrap();
+        assert_eq!(ours, theirs);
+        let read = summarize(&ours).unwrap();
+        assert_eq!((read.revoked, read.this_update), (false, 1_790_000_000));
+    }
 
     #[test]
     fn refusals_encode() {

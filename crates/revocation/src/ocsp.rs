@@ -889,7 +889,7 @@ impl Ocsp {
             nonce,
         )?;
         let sig = cur.signer.sign(&tbs)?;
-        let der = ocsp::successful(&tbs, &sig, &[&cur.signer.cert_der, &cur.signer.issuer_der])?;
+        let der = ocsp::successful(&tbs, &sig, &cur.tail)?;
         let status = match answers {
             [(_, Status::Good)] => "good",
             [(_, Status::Revoked { .. })] => "revoked",
