@@ -10,7 +10,7 @@ pub mod issuers;
 pub use error::Error;
 pub use issuers::IssuerKeys;
 pub use sigil_store::{
-    CrlRow, IssuerRow, IssuerState, SignedOcsp, current_request_id, with_request_id,
+    CrlRow, IssuerRow, IssuerState, OcspCerts, SignedOcsp, current_request_id, with_request_id,
 };
 
 use serde_json::json;
@@ -1355,8 +1355,17 @@ impl Authority {
     }
 
     /// Keeps pre-signed OCSP responses in the database.
-    pub async fn save_ocsp(&self, rows: &[sigil_store::SignedOcsp]) -> Result<(), Error> {
-        Ok(self.store.save_ocsp(rows).await?)
+    pub async fn save_ocsp(
+        &self,
+        rows: &[sigil_store::SignedOcsp],
+        certs: &[sigil_store::OcspCerts],
+    ) -> Result<(), Error> {
+        Ok(self.store.save_ocsp(rows, certs).await?)
+    }
+
+    /// Every stored responder `certs` field that OCSP responses name.
+    pub async fn ocsp_certs(&self) -> Result<Vec<sigil_store::OcspCerts>, Error> {
+        Ok(self.store.ocsp_certs().await?)
     }
 
     /// Passes each stored OCSP response of an issuer valid for at least

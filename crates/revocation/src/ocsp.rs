@@ -34,9 +34,17 @@ pub enum NoncePolicy {
 
 /// 128 bits of a body's SHA-256: its strong HTTP entity tag.
 fn etag_bytes(body: &[u8]) -> [u8; 16] {
+    etag_of_parts(body, &[])
+}
+
+/// [`etag_bytes`] of `head` followed by `tail`, without joining them.
+fn etag_of_parts(head: &[u8], tail: &[u8]) -> [u8; 16] {
     use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(head);
+    h.update(tail);
     let mut tag = [0u8; 16];
-    tag.copy_from_slice(&sha2::Sha256::digest(body)[..16]);
+    tag.copy_from_slice(&h.finalize()[..16]);
     tag
 }
 
@@ -153,12 +161,23 @@ impl Cached {
             Some(head) if !tail.is_empty() => (head, tail.clone()),
             _ => (der, Arc::from(&[][..])),
         };
+        Cached::from_parts(issuer, status, head, tail, dates)
+    }
+
+    /// The response that is `head` then `tail`.
+    fn from_parts(
+        issuer: Arc<str>,
+        status: &'static str,
+        head: &[u8],
+        tail: Arc<[u8]>,
+        dates: Arc<Dates>,
+    ) -> Cached {
         Cached {
             issuer,
             status,
+            etag: etag_of_parts(head, &tail),
             head: head.into(),
             tail,
-            etag: etag_bytes(der),
             dates,
         }
     }
@@ -294,6 +313,9 @@ pub struct Current {
     hashes: IssuerHashes,
     /// The end of every response it signs: the certificates it includes.
     tail: Arc<[u8]>,
+    /// [`sigil_authority::OcspCerts`] digest of `tail`, which stored
+    /// responses name instead of repeating it.
+    tail_digest: String,
 }
 
 /// The responder.
@@ -425,7 +447,7 @@ impl Ocsp {
             match self.authority.open_ocsp_signer(id).await {
                 Ok(Some(signer)) => {
                     tracing::info!(issuer = %id, serial = %signer.serial, "using the shared OCSP responder");
-                    return Ok(self.install(issuer, signer));
+                    return self.install(issuer, signer);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -445,25 +467,27 @@ impl Ocsp {
             .authority
             .new_ocsp_signer(id, self.settings.signer_lifetime, leading)
             .await?;
-        Ok(self.install(issuer, signer))
+        self.install(issuer, signer)
     }
 
-    fn install(&self, issuer: &ActiveIssuer, signer: sigil_authority::OcspSigner) -> Arc<Current> {
+    fn install(
+        &self,
+        issuer: &ActiveIssuer,
+        signer: sigil_authority::OcspSigner,
+    ) -> Result<Arc<Current>, sigil_authority::Error> {
         let hashes = IssuerHashes::of(issuer.info());
-        // Without it answers are kept whole: bigger, never wrong.
-        let tail = ocsp::certs_field(&[&signer.cert_der, &signer.issuer_der])
-            .map(Arc::from)
-            .unwrap_or_else(|e| {
-                tracing::warn!(issuer = %signer.issuer_id, error = %e, "cannot encode the OCSP responder's certificates");
-                Arc::from(&[][..])
-            });
+        let certs = sigil_authority::OcspCerts::new(ocsp::certs_field(&[
+            &signer.cert_der,
+            &signer.issuer_der,
+        ])?);
         let cur = Arc::new(Current {
             signer,
             hashes,
-            tail,
+            tail: Arc::from(certs.der),
+            tail_digest: certs.digest,
         });
         write(&self.current).insert(issuer.info().id.to_string(), cur.clone());
-        cur
+        Ok(cur)
     }
 
     /// Signs responses for every unexpired certificate of every serving
@@ -565,10 +589,13 @@ impl Ocsp {
     async fn refresh_issuer(&self, cur: &Current) -> Result<usize, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
-        let serials = self
+        let mut serials = self
             .authority
             .unexpired_serials(id, now.unix_timestamp())
             .await?;
+        // In key order, each batch of stored answers changes a run of
+        // neighbouring index pages instead of one page per answer.
+        serials.sort_unstable();
         let revoked: HashMap<String, (i64, i32)> = self
             .authority
             .revocations_of(id, now.unix_timestamp())
@@ -608,7 +635,7 @@ impl Ocsp {
             }
             n += fresh.len();
             if storing {
-                storing = self.persist(id, &fresh).await;
+                storing = self.persist(cur, &fresh).await;
             }
             let mut cache = write(&self.cache);
             for (k, c) in fresh {
@@ -674,7 +701,7 @@ impl Ocsp {
             match signed.await {
                 Ok(cached) => {
                     let signed = [(hex.clone(), cached)];
-                    self.persist(&cur.signer.issuer_id, &signed).await;
+                    self.persist(&cur, &signed).await;
                     let [(key, cached)] = signed;
                     put(&mut write(&self.cache), (key, CertIdHash::Sha1), cached);
                 }
@@ -753,14 +780,47 @@ impl Ocsp {
         let mut newest = None;
         let issuer: Arc<str> = Arc::from(cur.signer.issuer_id.as_str());
         let margin = self.settings.validity / 4;
+        // The certificates the stored responses end with, by digest: this
+        // responder's shared with the answers it signs.
+        let tails: HashMap<String, Arc<[u8]>> = self
+            .authority
+            .ocsp_certs()
+            .await?
+            .into_iter()
+            .map(|c| {
+                let tail = if c.digest == cur.tail_digest {
+                    cur.tail.clone()
+                } else {
+                    Arc::from(c.der)
+                };
+                (c.digest, tail)
+            })
+            .collect();
         self.authority
             .stored_ocsp(&cur.signer.issuer_id, margin, stored_after, |r| {
                 newest = newest.max(Some(r.stored_at));
+                let tail = match &r.certs {
+                    None => None,
+                    Some(digest) => match tails.get(digest) {
+                        Some(t) => Some(t.clone()),
+                        // Stored (with its certificates) after they were
+                        // read: read again at the next load.
+                        None => {
+                            unchecked += 1;
+                            return;
+                        }
+                    },
+                };
                 let status = match self.authority.revoked_in_memory(&r.serial) {
                     Some(false) => "good",
                     // One signed before the revocation is left out.
-                    Some(true) if ocsp::summarize(&r.der).is_some_and(|s| s.revoked) => "revoked",
-                    Some(true) => return,
+                    Some(true) => {
+                        let whole = [&r.der[..], tail.as_deref().unwrap_or_default()].concat();
+                        if !ocsp::summarize(&whole).is_some_and(|s| s.revoked) {
+                            return;
+                        }
+                        "revoked"
+                    }
                     None => {
                         unchecked += 1;
                         return;
@@ -769,7 +829,10 @@ impl Ocsp {
                 let Some(dates) = self.dates((r.this_update, r.next_update)) else {
                     return;
                 };
-                let c = Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates);
+                let c = match tail {
+                    Some(tail) => Cached::from_parts(issuer.clone(), status, &r.der, tail, dates),
+                    None => Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates),
+                };
                 if put(&mut write(&self.cache), (r.serial, CertIdHash::Sha1), c) {
                     loaded += 1;
                 }
@@ -779,7 +842,7 @@ impl Ocsp {
             tracing::warn!(
                 issuer = %cur.signer.issuer_id,
                 responses = unchecked,
-                "stored OCSP responses left unloaded for now: this node's view of the revocations is stale"
+                "stored OCSP responses left unloaded for now: this node's view of the revocations is stale, or they were stored during the load"
             );
             return Ok((loaded, None));
         }
@@ -789,21 +852,42 @@ impl Ocsp {
     /// Stores signed answers so a restarted node can serve them at once.
     /// Failures are logged: the in-memory answers stay authoritative.
     /// Returns whether they were stored.
-    async fn persist(&self, issuer_id: &str, answers: &[(String, Cached)]) -> bool {
+    async fn persist(&self, cur: &Current, answers: &[(String, Cached)]) -> bool {
         let stored_at = self.now();
+        let mut named = false;
         let rows: Vec<sigil_authority::SignedOcsp> = answers
             .iter()
-            .map(|(serial, c)| sigil_authority::SignedOcsp {
-                serial: serial.clone(),
-                issuer_id: issuer_id.to_string(),
-                this_update: c.dates.window.0,
-                next_update: c.dates.window.1,
-                der: c.der(),
-                stored_at,
+            .map(|(serial, c)| {
+                // Ending with the responder's certificates: stored without
+                // them, naming them instead. Otherwise (none, or another
+                // responder's): stored whole.
+                let (der, certs) = if Arc::ptr_eq(&c.tail, &cur.tail) {
+                    named = true;
+                    (c.head.to_vec(), Some(cur.tail_digest.clone()))
+                } else {
+                    (c.der(), None)
+                };
+                sigil_authority::SignedOcsp {
+                    serial: serial.clone(),
+                    issuer_id: cur.signer.issuer_id.clone(),
+                    this_update: c.dates.window.0,
+                    next_update: c.dates.window.1,
+                    der,
+                    certs,
+                    stored_at,
+                }
             })
             .collect();
+        let certs = if named {
+            vec![sigil_authority::OcspCerts {
+                digest: cur.tail_digest.clone(),
+                der: cur.tail.to_vec(),
+            }]
+        } else {
+            Vec::new()
+        };
         for chunk in rows.chunks(1000) {
-            if let Err(e) = self.authority.save_ocsp(chunk).await {
+            if let Err(e) = self.authority.save_ocsp(chunk, &certs).await {
                 tracing::warn!(error = %e, "storing pre-signed OCSP responses failed");
                 return false;
             }

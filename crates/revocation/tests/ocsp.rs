@@ -352,17 +352,128 @@ async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
     let signed = job_node.answer(&ocsp::request(&[&q], None).unwrap()).await;
     let this_update = (start - Duration::from_secs(60)).unix_timestamp();
     f.authority
-        .save_ocsp(&[sigil_store::SignedOcsp {
-            serial: late.to_hex(),
-            issuer_id: f.issuer_id.clone(),
-            this_update,
-            next_update: this_update + 3600,
-            der: signed.der.to_vec(),
-            stored_at: f.authority.now().unix_timestamp(),
-        }])
+        .save_ocsp(
+            &[sigil_store::SignedOcsp {
+                serial: late.to_hex(),
+                issuer_id: f.issuer_id.clone(),
+                this_update,
+                next_update: this_update + 3600,
+                der: signed.der.to_vec(),
+                certs: None,
+                stored_at: f.authority.now().unix_timestamp(),
+            }],
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(follower.cached_size().0, 3);
     assert!(follower.load_new().await.unwrap() >= 1);
     assert_eq!(follower.cached_size().0, 4, "the late answer is loaded");
+}
+
+/// Stored answers name their responder's certificates, which are stored
+/// once: each row holds only the bytes before them. A follower joins them
+/// back into byte for byte what the job node serves, and an answer naming
+/// certificates it has not read is left for a later load.
+#[tokio::test]
+async fn stored_answers_name_their_responder_certificates_once() {
+    let f = fixture_with(true).await;
+    let mut serials = Vec::new();
+    for i in 0..3 {
+        serials.push(issue(&f.authority, &format!("c{i}.internal")).await);
+    }
+    let ask = |ocsp: Arc<Ocsp>, serial: sigil_core::Serial| {
+        let q = f.hashes.cert_id(&serial, CertIdHash::Sha1).unwrap();
+        async move {
+            let a = ocsp.answer(&ocsp::request(&[&q], None).unwrap()).await;
+            assert!(a.headers.is_some(), "a cacheable answer");
+            a.der.to_vec()
+        }
+    };
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    assert_eq!(job_node.refresh().await.unwrap(), 3);
+    let certs = f.authority.ocsp_certs().await.unwrap();
+    assert_eq!(
+        certs.len(),
+        1,
+        "one responder, its certificates stored once"
+    );
+    assert_eq!(
+        certs[0],
+        sigil_authority::OcspCerts::new(certs[0].der.clone()),
+        "named by their digest"
+    );
+    let mut rows = Vec::new();
+    f.authority
+        .stored_ocsp(&f.issuer_id, Duration::ZERO, -1, |r| rows.push(r))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    let mut sent = Vec::new();
+    for serial in &serials {
+        let row = rows.iter().find(|r| r.serial == serial.to_hex()).unwrap();
+        let der = ask(job_node.clone(), serial.clone()).await;
+        assert_eq!(row.certs.as_deref(), Some(certs[0].digest.as_str()));
+        assert_eq!([&row.der[..], &certs[0].der[..]].concat(), der);
+        assert!(
+            row.der.len() * 3 < der.len(),
+            "{} of {} bytes stored",
+            row.der.len(),
+            der.len()
+        );
+        sent.push(der);
+    }
+
+    let leader = Leader::default();
+    leader.set(false);
+    let follower = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
+    follower.ensure_signers().await.unwrap();
+    f.authority.sync().await.unwrap();
+    assert_eq!(follower.load_stored().await.unwrap(), 3);
+    for (serial, der) in serials.iter().zip(&sent) {
+        assert_eq!(&ask(follower.clone(), serial.clone()).await, der);
+    }
+
+    // An answer stored naming certificates not yet there (as when they are
+    // stored between a follower's two reads) is not loaded; once they are,
+    // the next load reads it.
+    let late = issue(&f.authority, "late.internal").await;
+    let whole = ask(job_node.clone(), late.clone()).await;
+    let unknown = "ab".repeat(32);
+    let stored_at = f.authority.now().unix_timestamp();
+    let now = f.authority.now().unix_timestamp();
+    f.authority
+        .save_ocsp(
+            &[sigil_store::SignedOcsp {
+                serial: late.to_hex(),
+                issuer_id: f.issuer_id.clone(),
+                this_update: now - 60,
+                next_update: now + 3600,
+                der: whole[..whole.len() - certs[0].der.len()].to_vec(),
+                certs: Some(unknown.clone()),
+                stored_at,
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    follower.load_new().await.unwrap();
+    assert_eq!(follower.cached_size().0, 3, "the late answer is not loaded");
+    f.authority
+        .save_ocsp(
+            &[],
+            &[sigil_authority::OcspCerts {
+                digest: unknown,
+                der: certs[0].der.clone(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(follower.load_new().await.unwrap() >= 1);
+    assert_eq!(follower.cached_size().0, 4, "the late answer is loaded");
+    assert_eq!(ask(follower.clone(), late).await, whole);
 }

@@ -110,6 +110,10 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         &[("fingerprint", Text), ("serial", Text), ("blocked_at", Int)],
     ),
     (
+        "ocsp_certs",
+        &[("digest", Text), ("der", Blob), ("used_at", Int)],
+    ),
+    (
         "ocsp_responses",
         &[
             ("serial", Text),
@@ -117,6 +121,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("this_update", Int),
             ("next_update", Int),
             ("der", Blob),
+            ("certs", Text),
             ("stored_at", Int),
         ],
     ),

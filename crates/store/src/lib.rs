@@ -26,7 +26,7 @@ pub use error::Error;
 pub use retention::Expired;
 pub use rows::{
     CertificateRow, CrlRow, CrlSnapshot, IssuerRow, IssuerState, NewCertificate, NewIssuer,
-    NewRevocation, OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
+    NewRevocation, OcspCerts, OcspSignerRow, RevocationRow, RevokedEntry, SignedOcsp, SpentToken,
 };
 pub use writer::{Change, IssuerChange};
 
@@ -223,7 +223,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 13] = match backend {
+    let files: [(i64, &str, &'static str); 14] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -289,6 +289,11 @@ fn migrator(backend: Backend) -> Migrator {
                 13,
                 "ocsp_stored_at",
                 include_str!("../../../migrations/sqlite/0013_ocsp_stored_at.sql"),
+            ),
+            (
+                14,
+                "ocsp_compact",
+                include_str!("../../../migrations/sqlite/0014_ocsp_compact.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -356,6 +361,11 @@ fn migrator(backend: Backend) -> Migrator {
                 13,
                 "ocsp_stored_at",
                 include_str!("../../../migrations/postgres/0013_ocsp_stored_at.sql"),
+            ),
+            (
+                14,
+                "ocsp_compact",
+                include_str!("../../../migrations/postgres/0014_ocsp_compact.sql"),
             ),
         ],
     };

@@ -198,11 +198,35 @@ pub struct SignedOcsp {
     pub this_update: i64,
     /// nextUpdate (unix s).
     pub next_update: i64,
-    /// The DER OCSPResponse.
+    /// The DER OCSPResponse, or with `certs` its bytes before them.
     pub der: Vec<u8>,
+    /// The [`OcspCerts`] (by digest) that end the response, stored once for
+    /// all the responses of a responder; `None` when `der` is all of it.
+    pub certs: Option<String>,
     /// When it was stored (unix s, by the storing node's clock; 0 for
     /// responses stored before this was recorded).
     pub stored_at: i64,
+}
+
+/// The end of a responder's OCSP responses: the `certs` field carrying its
+/// certificate and its issuer's, the same in every response it signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OcspCerts {
+    /// Hex SHA-256 of `der` (see [`OcspCerts::new`]).
+    pub digest: String,
+    /// The encoded field.
+    pub der: Vec<u8>,
+}
+
+impl OcspCerts {
+    /// The field and its digest.
+    pub fn new(der: Vec<u8>) -> OcspCerts {
+        use sha2::Digest;
+        OcspCerts {
+            digest: hex::encode(sha2::Sha256::digest(&der)),
+            der,
+        }
+    }
 }
 
 /// The shared delegated OCSP responder of an issuer.
@@ -512,20 +536,36 @@ impl Store {
     }
 
     /// Stores pre-signed OCSP responses, replacing older ones of the same
-    /// certificates (one transaction; `rows` name each certificate once).
+    /// certificates (one transaction; `rows` name each certificate once),
+    /// with the [`OcspCerts`] they name (each stored once, and marked used).
     /// Several rows go in each statement, so a pre-signing pass over
-    /// millions of certificates makes few round trips to the database.
-    pub async fn save_ocsp(&self, rows: &[SignedOcsp]) -> Result<(), Error> {
+    /// millions of certificates makes few round trips to the database; in
+    /// serial order, a batch rewrites few pages.
+    pub async fn save_ocsp(&self, rows: &[SignedOcsp], certs: &[OcspCerts]) -> Result<(), Error> {
         let mut tx = self.pool.begin().await?;
+        let used_at = rows.iter().map(|r| r.stored_at).max().unwrap_or(0);
+        for c in certs {
+            sqlx::query(
+                "INSERT INTO ocsp_certs (digest, der, used_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (digest) DO UPDATE SET used_at = excluded.used_at \
+                 WHERE ocsp_certs.used_at < excluded.used_at",
+            )
+            .bind(c.digest.as_str())
+            .bind(c.der.as_slice())
+            .bind(used_at)
+            .execute(&mut *tx)
+            .await?;
+        }
         for chunk in rows.chunks(crate::writer::ROWS_PER_STATEMENT) {
             let mut sql = String::from(
-                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der, stored_at) VALUES ",
+                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der, certs, stored_at) VALUES ",
             );
-            crate::writer::push_placeholders(&mut sql, chunk.len(), 6, self.backend);
+            crate::writer::push_placeholders(&mut sql, chunk.len(), 7, self.backend);
             sql.push_str(
                 " ON CONFLICT (serial) DO UPDATE SET \
                  issuer_id = excluded.issuer_id, this_update = excluded.this_update, \
-                 next_update = excluded.next_update, der = excluded.der, stored_at = excluded.stored_at \
+                 next_update = excluded.next_update, der = excluded.der, certs = excluded.certs, \
+                 stored_at = excluded.stored_at \
                  WHERE ocsp_responses.this_update <= excluded.this_update",
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -536,6 +576,7 @@ impl Store {
                     .bind(r.this_update)
                     .bind(r.next_update)
                     .bind(r.der.as_slice())
+                    .bind(r.certs.as_deref())
                     .bind(r.stored_at);
             }
             q.execute(&mut *tx).await?;
@@ -557,7 +598,7 @@ impl Store {
     ) -> Result<(), Error> {
         use tokio_stream::StreamExt;
         let mut rows = sqlx::query(
-            "SELECT serial, issuer_id, this_update, next_update, der, stored_at FROM ocsp_responses \
+            "SELECT serial, issuer_id, this_update, next_update, der, certs, stored_at FROM ocsp_responses \
              WHERE issuer_id = $1 AND next_update > $2 AND stored_at > $3",
         )
         .bind(issuer_id)
@@ -572,10 +613,27 @@ impl Store {
                 this_update: r.try_get("this_update")?,
                 next_update: r.try_get("next_update")?,
                 der: r.try_get("der")?,
+                certs: r.try_get("certs")?,
                 stored_at: r.try_get("stored_at")?,
             });
         }
         Ok(())
+    }
+
+    /// Every stored [`OcspCerts`]: a few per responder certificate, kept
+    /// until the retention pass finds them unused.
+    pub async fn ocsp_certs(&self) -> Result<Vec<OcspCerts>, Error> {
+        let rows = sqlx::query("SELECT digest, der FROM ocsp_certs")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OcspCerts {
+                    digest: r.try_get("digest")?,
+                    der: r.try_get("der")?,
+                })
+            })
+            .collect()
     }
 
     /// Whether a public key (SPKI SHA-256, hex) is blocked after a keyCompromise.

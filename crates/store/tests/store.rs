@@ -1537,16 +1537,32 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 .await
                 .unwrap();
         }
-        let ocsp = |i: usize, next_update: i64| SignedOcsp {
+        let ocsp = |i: usize, next_update: i64, certs: &str| SignedOcsp {
             serial: cert(i).serial,
             issuer_id: issuer().id,
             this_update: next_update - 50,
             next_update,
             der: vec![0x30, 0x03, 0x0a, 0x01, 0x00],
+            certs: Some(certs.to_string()),
             stored_at: next_update - 50,
         };
+        let certs = |digest: &str| sigil_store::OcspCerts {
+            digest: digest.to_string(),
+            der: vec![0xa0, 0x00],
+        };
+        // Responder certificates: "a" last used at 350 by responses that
+        // expire, "b" at 950, "c" never, and "d" unused since 0 but named by
+        // a response still valid.
         store
-            .save_ocsp(&[ocsp(1, 100), ocsp(2, 400), ocsp(3, 1000)])
+            .save_ocsp(&[ocsp(1, 100, "a"), ocsp(2, 400, "a")], &[certs("a")])
+            .await
+            .unwrap();
+        store
+            .save_ocsp(&[ocsp(3, 1000, "d")], &[certs("b")])
+            .await
+            .unwrap();
+        store
+            .save_ocsp(&[], &[certs("c"), certs("d")])
             .await
             .unwrap();
 
@@ -1571,6 +1587,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 ("acme_authzs", vec![2, 2, 1]),
                 ("used_tokens", vec![2, 0]),
                 ("ocsp_responses", vec![2, 0]),
+                ("ocsp_certs", vec![2, 0]),
             ],
             "{name}"
         );
@@ -1596,6 +1613,12 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             .await
             .unwrap();
         assert_eq!(left, [cert(3).serial], "{name}");
+        let mut kept: Vec<String> = (store.ocsp_certs().await.unwrap())
+            .into_iter()
+            .map(|c| c.digest)
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["b", "d"], "{name}");
         // Nothing else was touched.
         assert_eq!(store.certificate_count().await.unwrap(), 3, "{name}");
         let report = store.verify_audit().await.unwrap();
@@ -1622,24 +1645,48 @@ async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() 
             this_update,
             next_update: this_update + 3600,
             der: vec![0x30, 0x01, u8::try_from(this_update % 250).unwrap()],
+            certs: i.is_multiple_of(2).then(|| {
+                "3348d235677271cdc737f6786340c5c4d735c352ba3b52ea8f5a518bb14ed051".to_string()
+            }),
             stored_at,
         };
+        let certs = sigil_store::OcspCerts::new(vec![0xa0, 0x02, 0x30, 0x00]);
+        assert_eq!(
+            certs.digest,
+            "3348d235677271cdc737f6786340c5c4d735c352ba3b52ea8f5a518bb14ed051"
+        );
         // 70 rows: two full statements and a short one.
         let first: Vec<SignedOcsp> = (1..=70).map(|i| response(i, 1000, 1000)).collect();
-        store.save_ocsp(&first).await.unwrap();
+        store
+            .save_ocsp(&first, std::slice::from_ref(&certs))
+            .await
+            .unwrap();
         // An older response for 1, a newer one for 2, and a new certificate
         // whose response was signed with the first ones and stored later.
         store
-            .save_ocsp(&[
-                response(1, 900, 1200),
-                response(2, 1100, 1200),
-                response(71, 1000, 1200),
-            ])
+            .save_ocsp(
+                &[
+                    response(1, 900, 1200),
+                    response(2, 1100, 1200),
+                    response(71, 1000, 1200),
+                ],
+                &[],
+            )
             .await
             .unwrap();
+        assert_eq!(
+            store.ocsp_certs().await.unwrap(),
+            std::slice::from_ref(&certs),
+            "{name}"
+        );
         let mut all = std::collections::BTreeMap::new();
         store
             .stored_ocsp(&issuer().id, 0, 0, |r| {
+                assert_eq!(
+                    r.certs.is_some(),
+                    usize::from_str_radix(&r.serial, 16).unwrap() % 2 == 0,
+                    "{name}"
+                );
                 all.insert(r.serial.clone(), (r.this_update, r.der));
             })
             .await
