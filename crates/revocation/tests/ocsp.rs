@@ -131,6 +131,33 @@ async fn issue(authority: &Authority, name: &str) -> sigil_core::Serial {
         .serial
 }
 
+/// A node not running the background jobs, with its responder.
+async fn follower(authority: &Arc<Authority>) -> Arc<Ocsp> {
+    let leader = Leader::default();
+    leader.set(false);
+    let ocsp = Ocsp::new(authority.clone(), OcspSettings::default(), leader);
+    ocsp.ensure_signers().await.unwrap();
+    ocsp
+}
+
+/// Issues `n` certificates, `{prefix}0.internal` and on.
+async fn issue_n(authority: &Authority, prefix: &str, n: usize) -> Vec<sigil_core::Serial> {
+    let mut serials = Vec::new();
+    for i in 0..n {
+        serials.push(issue(authority, &format!("{prefix}{i}.internal")).await);
+    }
+    serials
+}
+
+/// The answer `ocsp` sends about `serial` (SHA-1 CertID, no nonce), which
+/// must be cacheable.
+async fn cacheable(ocsp: &Ocsp, hashes: &IssuerHashes, serial: &sigil_core::Serial) -> Vec<u8> {
+    let q = hashes.cert_id(serial, CertIdHash::Sha1).unwrap();
+    let a = ocsp.answer(&ocsp::request(&[&q], None).unwrap()).await;
+    assert!(a.headers.is_some(), "a cacheable answer");
+    a.der.to_vec()
+}
+
 #[tokio::test]
 async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
     let f = fixture().await;
@@ -227,26 +254,18 @@ async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
 #[tokio::test]
 async fn presigned_answers_share_the_responder_certificates() {
     let f = fixture_with(true).await;
-    let mut serials = Vec::new();
-    for i in 0..5 {
-        serials.push(issue(&f.authority, &format!("s{i}.internal")).await);
-    }
+    let serials = issue_n(&f.authority, "s", 5).await;
     f.authority
         .revoke(&serials[2], 1, &Requester::Operator("test".into()))
         .await
         .unwrap();
 
     let ask = |ocsp: Arc<Ocsp>| {
-        let queries: Vec<_> = serials
-            .iter()
-            .map(|s| f.hashes.cert_id(s, CertIdHash::Sha1).unwrap())
-            .collect();
+        let (serials, hashes) = (&serials, &f.hashes);
         async move {
             let mut out = Vec::new();
-            for q in &queries {
-                let a = ocsp.answer(&ocsp::request(&[q], None).unwrap()).await;
-                assert!(a.headers.is_some(), "a cacheable answer");
-                out.push(a.der.to_vec());
+            for s in serials {
+                out.push(cacheable(&ocsp, hashes, s).await);
             }
             out
         }
@@ -289,10 +308,7 @@ async fn presigned_answers_share_the_responder_certificates() {
     job_node.revoked(&[serials[3].to_hex()]).await;
 
     // Another node (not running the jobs) loads what the job node stored.
-    let leader = Leader::default();
-    leader.set(false);
-    let other = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
-    other.ensure_signers().await.unwrap();
+    let other = follower(&f.authority).await;
     // Until this node's view of the revocations is current, nothing is
     // loaded (a stored `good` might predate a revocation), and the next load
     // reads all of them again, not only the newest.
@@ -322,9 +338,7 @@ async fn presigned_answers_share_the_responder_certificates() {
 #[tokio::test]
 async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
     let f = fixture_with(true).await;
-    for i in 0..3 {
-        issue(&f.authority, &format!("f{i}.internal")).await;
-    }
+    issue_n(&f.authority, "f", 3).await;
     let job_node = Ocsp::new(
         f.authority.clone(),
         OcspSettings::default(),
@@ -333,10 +347,7 @@ async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
     assert_eq!(job_node.refresh().await.unwrap(), 3);
     let start = f.authority.now();
 
-    let leader = Leader::default();
-    leader.set(false);
-    let follower = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
-    follower.ensure_signers().await.unwrap();
+    let follower = follower(&f.authority).await;
     *f.clock.0.lock().unwrap() += Duration::from_secs(300);
     f.authority.sync().await.unwrap();
     assert_eq!(follower.load_stored().await.unwrap(), 3);
@@ -378,17 +389,10 @@ async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
 #[tokio::test]
 async fn stored_answers_name_their_responder_certificates_once() {
     let f = fixture_with(true).await;
-    let mut serials = Vec::new();
-    for i in 0..3 {
-        serials.push(issue(&f.authority, &format!("c{i}.internal")).await);
-    }
+    let serials = issue_n(&f.authority, "c", 3).await;
     let ask = |ocsp: Arc<Ocsp>, serial: sigil_core::Serial| {
-        let q = f.hashes.cert_id(&serial, CertIdHash::Sha1).unwrap();
-        async move {
-            let a = ocsp.answer(&ocsp::request(&[&q], None).unwrap()).await;
-            assert!(a.headers.is_some(), "a cacheable answer");
-            a.der.to_vec()
-        }
+        let hashes = &f.hashes;
+        async move { cacheable(&ocsp, hashes, &serial).await }
     };
     let job_node = Ocsp::new(
         f.authority.clone(),
@@ -428,10 +432,7 @@ async fn stored_answers_name_their_responder_certificates_once() {
         sent.push(der);
     }
 
-    let leader = Leader::default();
-    leader.set(false);
-    let follower = Ocsp::new(f.authority.clone(), OcspSettings::default(), leader);
-    follower.ensure_signers().await.unwrap();
+    let follower = follower(&f.authority).await;
     f.authority.sync().await.unwrap();
     assert_eq!(follower.load_stored().await.unwrap(), 3);
     for (serial, der) in serials.iter().zip(&sent) {
