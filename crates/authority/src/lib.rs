@@ -1363,9 +1363,12 @@ impl Authority {
         Ok(self.store.save_ocsp(rows, certs).await?)
     }
 
-    /// Every stored responder `certs` field that OCSP responses name.
-    pub async fn ocsp_certs(&self) -> Result<Vec<sigil_store::OcspCerts>, Error> {
-        Ok(self.store.ocsp_certs().await?)
+    /// The stored responder `certs` fields that OCSP answers stored within
+    /// the last `within` name.
+    pub async fn ocsp_certs(&self, within: Duration) -> Result<Vec<sigil_store::OcspCerts>, Error> {
+        let after = (self.clock.now().unix_timestamp())
+            .saturating_sub(i64::try_from(within.as_secs()).unwrap_or(i64::MAX));
+        Ok(self.store.ocsp_certs(after).await?)
     }
 
     /// Passes each stored OCSP response of an issuer valid for at least

@@ -430,6 +430,23 @@ pub fn certs_field(certs: &[&[u8]]) -> Result<Vec<u8>, Error> {
     .map_err(bad)
 }
 
+/// Whether `head` followed by `tail_len` more bytes is exactly one DER
+/// value: what the header `head` starts with says, so a stored head joined
+/// to the wrong certificates (or none) is caught before it is served.
+pub fn joins(head: &[u8], tail_len: usize) -> bool {
+    use der::{Decode, Encode};
+    let Ok(header) = der::Header::from_der_partial(head).map(|(h, _)| h) else {
+        return false;
+    };
+    let (Ok(header_len), Ok(body_len)) = (
+        header.encoded_len().and_then(usize::try_from),
+        usize::try_from(header.length()),
+    ) else {
+        return false;
+    };
+    header_len.checked_add(body_len) == head.len().checked_add(tail_len)
+}
+
 /// An unsuccessful response (no signature, per RFC 6960 section 2.3).
 pub fn refusal(r: Refusal) -> Vec<u8> {
     let status = match r {
@@ -508,6 +525,13 @@ mod tests {
         assert_eq!(ours, theirs);
         let read = summarize(&ours).unwrap();
         assert_eq!((read.revoked, read.this_update), (false, 1_790_000_000));
+        let field = certs_field(&certs).unwrap();
+        let head = &ours[..ours.len() - field.len()];
+        assert!(joins(head, field.len()));
+        assert!(joins(&ours, 0));
+        assert!(!joins(head, field.len() - 1));
+        assert!(!joins(head, 0));
+        assert!(!joins(&[], 0));
     }
 
     #[test]

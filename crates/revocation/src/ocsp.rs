@@ -734,6 +734,18 @@ impl Ocsp {
 
     async fn load(&self, all: bool) -> Result<usize, sigil_authority::Error> {
         let serving: Vec<Arc<Current>> = read(&self.current).values().cloned().collect();
+        if serving.is_empty() {
+            return Ok(0);
+        }
+        // The certificates the stored answers end with, by digest (a minute
+        // more than the validity: the rows are read after these).
+        let tails: HashMap<String, Arc<[u8]>> = self
+            .authority
+            .ocsp_certs(self.settings.validity + Duration::from_secs(60))
+            .await?
+            .into_iter()
+            .map(|c| (c.digest, Arc::from(c.der)))
+            .collect();
         let mut loaded = 0;
         for cur in serving {
             let id = &cur.signer.issuer_id;
@@ -741,7 +753,7 @@ impl Ocsp {
                 Some(c) if !all => c.from(),
                 _ => -1,
             };
-            let (n, newest) = self.load_issuer(&cur, from).await?;
+            let (n, newest) = self.load_issuer(&cur, from, &tails).await?;
             loaded += n;
             if let Some(newest) = newest {
                 let mut cursors = write(&self.cursors);
@@ -774,33 +786,20 @@ impl Ocsp {
         &self,
         cur: &Current,
         stored_after: i64,
+        tails: &HashMap<String, Arc<[u8]>>,
     ) -> Result<(usize, Option<i64>), sigil_authority::Error> {
         let mut loaded = 0;
         let mut unchecked = 0;
         let mut newest = None;
         let issuer: Arc<str> = Arc::from(cur.signer.issuer_id.as_str());
         let margin = self.settings.validity / 4;
-        // The certificates the stored responses end with, by digest: this
-        // responder's shared with the answers it signs.
-        let tails: HashMap<String, Arc<[u8]>> = self
-            .authority
-            .ocsp_certs()
-            .await?
-            .into_iter()
-            .map(|c| {
-                let tail = if c.digest == cur.tail_digest {
-                    cur.tail.clone()
-                } else {
-                    Arc::from(c.der)
-                };
-                (c.digest, tail)
-            })
-            .collect();
         self.authority
             .stored_ocsp(&cur.signer.issuer_id, margin, stored_after, |r| {
                 newest = newest.max(Some(r.stored_at));
                 let tail = match &r.certs {
                     None => None,
+                    // This responder's, shared with the answers it signs.
+                    Some(digest) if *digest == cur.tail_digest => Some(cur.tail.clone()),
                     Some(digest) => match tails.get(digest) {
                         Some(t) => Some(t.clone()),
                         // Stored (with its certificates) after they were
@@ -811,6 +810,10 @@ impl Ocsp {
                         }
                     },
                 };
+                // Not one whole response once joined: never served.
+                if !ocsp::joins(&r.der, tail.as_ref().map_or(0, |t| t.len())) {
+                    return;
+                }
                 let status = match self.authority.revoked_in_memory(&r.serial) {
                     Some(false) => "good",
                     // One signed before the revocation is left out.

@@ -400,7 +400,11 @@ async fn stored_answers_name_their_responder_certificates_once() {
         Leader::default(),
     );
     assert_eq!(job_node.refresh().await.unwrap(), 3);
-    let certs = f.authority.ocsp_certs().await.unwrap();
+    let certs = f
+        .authority
+        .ocsp_certs(Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(
         certs.len(),
         1,
@@ -447,26 +451,36 @@ async fn stored_answers_name_their_responder_certificates_once() {
     let unknown = "ab".repeat(32);
     let stored_at = f.authority.now().unix_timestamp();
     let now = f.authority.now().unix_timestamp();
+    let row = sigil_store::SignedOcsp {
+        serial: late.to_hex(),
+        issuer_id: f.issuer_id.clone(),
+        this_update: now - 60,
+        next_update: now + 3600,
+        der: whole[..whole.len() - certs[0].der.len()].to_vec(),
+        certs: Some(unknown.clone()),
+        stored_at,
+    };
     f.authority
-        .save_ocsp(
-            &[sigil_store::SignedOcsp {
-                serial: late.to_hex(),
-                issuer_id: f.issuer_id.clone(),
-                this_update: now - 60,
-                next_update: now + 3600,
-                der: whole[..whole.len() - certs[0].der.len()].to_vec(),
-                certs: Some(unknown.clone()),
-                stored_at,
-            }],
-            &[],
-        )
+        .save_ocsp(std::slice::from_ref(&row), &[])
         .await
         .unwrap();
     follower.load_new().await.unwrap();
     assert_eq!(follower.cached_size().0, 3, "the late answer is not loaded");
+    // Named certificates that do not complete it: not loaded either.
+    let short = sigil_authority::OcspCerts {
+        digest: "cd".repeat(32),
+        der: certs[0].der[1..].to_vec(),
+    };
+    let wrong = sigil_store::SignedOcsp {
+        certs: Some(short.digest.clone()),
+        ..row.clone()
+    };
+    f.authority.save_ocsp(&[wrong], &[short]).await.unwrap();
+    follower.load_new().await.unwrap();
+    assert_eq!(follower.cached_size().0, 3, "a wrong join is not loaded");
     f.authority
         .save_ocsp(
-            &[],
+            &[row],
             &[sigil_authority::OcspCerts {
                 digest: unknown,
                 der: certs[0].der.clone(),

@@ -19,12 +19,19 @@ const BATCH: u32 = 1000;
 const PAUSE: Duration = Duration::from_millis(20);
 
 /// Runs the passes for ever.
-pub async fn run(authority: Arc<Authority>, leader: Leader, keep: Duration) {
+/// `ocsp_validity` (the OCSP response validity) keeps the responder
+/// certificates of every stored answer still valid.
+pub async fn run(
+    authority: Arc<Authority>,
+    leader: Leader,
+    keep: Duration,
+    ocsp_validity: Duration,
+) {
     loop {
         // Made before leadership is read: a change in between still wakes it.
         let changed = leader.next_change();
         if leader.is_leading() {
-            pass(&authority, &leader, keep).await;
+            pass(&authority, &leader, keep, ocsp_validity).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
@@ -34,11 +41,21 @@ pub async fn run(authority: Arc<Authority>, leader: Leader, keep: Duration) {
 }
 
 /// One pass over every kind of row.
-async fn pass(authority: &Authority, leader: &Leader, keep: Duration) {
-    let keep = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
-    let before = authority.now().unix_timestamp().saturating_sub(keep);
+async fn pass(authority: &Authority, leader: &Leader, keep: Duration, ocsp_validity: Duration) {
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let now = authority.now().unix_timestamp();
+    let before = now.saturating_sub(secs(keep));
+    // An answer still valid was stored, marking its responder's certificates
+    // used, within the response validity (as it is now: answers signed
+    // before it was shortened may outlive theirs, and are signed on demand).
+    let certs_before = before.min(now.saturating_sub(secs(ocsp_validity)));
     let mut deleted = Vec::new();
     for what in Expired::ALL {
+        let before = if what == Expired::OcspCerts {
+            certs_before
+        } else {
+            before
+        };
         let mut total = 0u64;
         // Stops when the node hands the jobs over (another node goes on).
         while leader.is_leading() {

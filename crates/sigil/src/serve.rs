@@ -120,6 +120,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             authority.clone(),
             leader.clone(),
             keep,
+            cfg.ocsp_settings()?.validity,
         ));
     }
     tokio::spawn(crate::reload::watch(

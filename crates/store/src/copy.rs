@@ -121,6 +121,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("this_update", Int),
             ("next_update", Int),
             ("der", Blob),
+            ("stored_at", Int),
+        ],
+    ),
+    (
+        "ocsp_answers",
+        &[
+            ("serial", Text),
+            ("issuer_id", Text),
+            ("this_update", Int),
+            ("next_update", Int),
+            ("der", Blob),
             ("certs", Text),
             ("stored_at", Int),
         ],

@@ -491,7 +491,7 @@ fn create_private(url: &str) -> Result<(), Error> {
                 tracing::warn!(
                     path = %path.display(),
                     mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                    "the SQLite database can be read by other users; `chmod 600` it (and its -wal and -shm files)"
+                    "other users can read or write the SQLite database; `chmod 600` it (and its -wal and -shm files)"
                 );
             }
             Ok(())

@@ -21,24 +21,28 @@ pub enum Expired {
     /// Spent bootstrap-token ids, by the token's expiry (an expired token
     /// is refused before its id is looked up).
     UsedTokens,
-    /// Pre-signed OCSP responses, by their nextUpdate. Responses are
-    /// re-signed until the certificate expires, so an old nextUpdate means
-    /// an expired certificate (or an issuer no longer served).
+    /// Pre-signed OCSP responses stored whole, as versions before
+    /// `ocsp_answers` did (no longer written), by their nextUpdate.
     OcspResponses,
-    /// The responder certificates of stored OCSP responses, by when
-    /// responses naming them were last stored, once no stored response
-    /// names them.
+    /// Pre-signed OCSP answers, by their nextUpdate. Answers are re-signed
+    /// until the certificate expires, so an old nextUpdate means an expired
+    /// certificate (or an issuer no longer served).
+    OcspAnswers,
+    /// The responder certificates stored answers name, by when answers
+    /// naming them were last stored. Pass a cutoff at least the response
+    /// validity back: every answer still valid was stored since.
     OcspCerts,
 }
 
 impl Expired {
     /// Every kind, in the order the pass takes them (orders before the
     /// authorizations they name).
-    pub const ALL: [Expired; 5] = [
+    pub const ALL: [Expired; 6] = [
         Expired::AcmeOrders,
         Expired::AcmeAuthzs,
         Expired::UsedTokens,
         Expired::OcspResponses,
+        Expired::OcspAnswers,
         Expired::OcspCerts,
     ];
 
@@ -49,6 +53,7 @@ impl Expired {
             Expired::AcmeAuthzs => "acme_authzs",
             Expired::UsedTokens => "used_tokens",
             Expired::OcspResponses => "ocsp_responses",
+            Expired::OcspAnswers => "ocsp_answers",
             Expired::OcspCerts => "ocsp_certs",
         }
     }
@@ -80,13 +85,16 @@ impl Expired {
                 "DELETE FROM ocsp_responses WHERE serial IN (SELECT o.serial FROM issuers i \
                  CROSS JOIN ocsp_responses o WHERE o.issuer_id = i.id AND o.next_update < $1 LIMIT $2)"
             }
+            Expired::OcspAnswers => {
+                "DELETE FROM ocsp_answers WHERE serial IN (SELECT o.serial FROM issuers i \
+                 CROSS JOIN ocsp_answers o WHERE o.issuer_id = i.id AND o.next_update < $1 LIMIT $2)"
+            }
             Expired::OcspCerts => {
-                // Still named by a stored response (one valid for longer
-                // than the retention time): kept. Few rows qualify at all,
-                // so the unindexed look at the responses is rare.
-                "DELETE FROM ocsp_certs WHERE digest IN (SELECT c.digest FROM ocsp_certs c \
-                 WHERE c.used_at < $1 AND NOT EXISTS \
-                 (SELECT 1 FROM ocsp_responses o WHERE o.certs = c.digest) LIMIT $2)"
+                // `used_at` again outside the subquery: on PostgreSQL a row
+                // that answers stored meanwhile marked used (and locked) is
+                // checked again after the wait, and kept.
+                "DELETE FROM ocsp_certs WHERE used_at < $1 AND digest IN \
+                 (SELECT digest FROM ocsp_certs WHERE used_at < $1 LIMIT $2)"
             }
         }
     }

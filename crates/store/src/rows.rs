@@ -558,7 +558,7 @@ impl Store {
         }
         for chunk in rows.chunks(crate::writer::ROWS_PER_STATEMENT) {
             let mut sql = String::from(
-                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der, certs, stored_at) VALUES ",
+                "INSERT INTO ocsp_answers (serial, issuer_id, this_update, next_update, der, certs, stored_at) VALUES ",
             );
             crate::writer::push_placeholders(&mut sql, chunk.len(), 7, self.backend);
             sql.push_str(
@@ -566,7 +566,7 @@ impl Store {
                  issuer_id = excluded.issuer_id, this_update = excluded.this_update, \
                  next_update = excluded.next_update, der = excluded.der, certs = excluded.certs, \
                  stored_at = excluded.stored_at \
-                 WHERE ocsp_responses.this_update <= excluded.this_update",
+                 WHERE ocsp_answers.this_update <= excluded.this_update",
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
@@ -598,7 +598,7 @@ impl Store {
     ) -> Result<(), Error> {
         use tokio_stream::StreamExt;
         let mut rows = sqlx::query(
-            "SELECT serial, issuer_id, this_update, next_update, der, certs, stored_at FROM ocsp_responses \
+            "SELECT serial, issuer_id, this_update, next_update, der, certs, stored_at FROM ocsp_answers \
              WHERE issuer_id = $1 AND next_update > $2 AND stored_at > $3",
         )
         .bind(issuer_id)
@@ -620,10 +620,12 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored [`OcspCerts`]: a few per responder certificate, kept
-    /// until the retention pass finds them unused.
-    pub async fn ocsp_certs(&self) -> Result<Vec<OcspCerts>, Error> {
-        let rows = sqlx::query("SELECT digest, der FROM ocsp_certs")
+    /// The stored [`OcspCerts`] that answers stored after `used_after`
+    /// (unix s) name: those of every answer still valid, with `used_after`
+    /// the response validity back.
+    pub async fn ocsp_certs(&self, used_after: i64) -> Result<Vec<OcspCerts>, Error> {
+        let rows = sqlx::query("SELECT digest, der FROM ocsp_certs WHERE used_at > $1")
+            .bind(used_after)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
