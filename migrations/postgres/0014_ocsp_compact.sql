@@ -3,11 +3,12 @@
 -- responder's and its issuer's, about four fifths of the bytes), so they are
 -- stored once, in ocsp_certs, and an answer row keeps the bytes before them
 -- and names them by digest.
--- ocsp_responses is no longer written or read by this version. Nodes still
--- on the previous one (a rolling upgrade) keep using it, so neither kind
--- reads bytes in the other's form; until every node runs this version, each
--- signs on demand what the other stored. Its rows expire within the response
--- validity and the retention pass deletes them.
+-- ocsp_responses is no longer written or loaded by this version (nor copied
+-- by `sigil db migrate`). Nodes still on the previous one (a rolling
+-- upgrade) keep using it, so neither kind reads bytes in the other's form;
+-- until every node runs this version, each signs on demand what the other
+-- stored. Its rows expire within the response validity, and the retention
+-- pass deletes them keep_expired later.
 CREATE TABLE ocsp_certs (
     digest  TEXT PRIMARY KEY,   -- hex SHA-256 of der
     der     BYTEA NOT NULL,     -- the certs field: [0] EXPLICIT SEQUENCE OF Certificate

@@ -5,9 +5,10 @@
 -- and names them by digest. A pass stores answers in serial order; keyed by
 -- serial alone (WITHOUT ROWID), each batch then rewrites a run of
 -- neighbouring pages instead of a page per answer.
--- ocsp_responses is no longer written or read: copying a large CA's rows
--- would hold up the start for minutes, and they are only a cache. Its rows
--- expire within the response validity and the retention pass deletes them.
+-- ocsp_responses is no longer written or loaded (nor copied by `sigil db
+-- migrate`): copying a large CA's rows would hold up the start for minutes,
+-- and they are only a cache. Its rows expire within the response validity,
+-- and the retention pass deletes them keep_expired later.
 CREATE TABLE ocsp_certs (
     digest  TEXT PRIMARY KEY,   -- hex SHA-256 of der
     der     BLOB NOT NULL,      -- the certs field: [0] EXPLICIT SEQUENCE OF Certificate

@@ -109,6 +109,9 @@ impl LoadCursor {
 /// How soon a failed pre-signing pass is tried again.
 const PRESIGN_RETRY: Duration = Duration::from_secs(30);
 
+/// How far back a load reads responder certificates at least.
+const TAILS_FLOOR: Duration = Duration::from_secs(7 * 86_400);
+
 /// `Last-Modified` and `Expires` of the cacheable answers with one window
 /// (thisUpdate, nextUpdate), made once and shared by them: a pre-signing
 /// pass gives all its answers the same window.
@@ -737,11 +740,14 @@ impl Ocsp {
         if serving.is_empty() {
             return Ok(0);
         }
-        // The certificates the stored answers end with, by digest (a minute
-        // more than the validity: the rows are read after these).
+        // The certificates the stored answers end with, by digest: those used
+        // within the validity, with a minute's margin (the rows are read
+        // after these), and at least a week back, for answers signed with a
+        // longer validity than this node's.
+        let within = self.settings.validity.max(TAILS_FLOOR) + Duration::from_secs(60);
         let tails: HashMap<String, Arc<[u8]>> = self
             .authority
-            .ocsp_certs(self.settings.validity + Duration::from_secs(60))
+            .ocsp_certs(within)
             .await?
             .into_iter()
             .map(|c| (c.digest, Arc::from(c.der)))
@@ -845,7 +851,7 @@ impl Ocsp {
             tracing::warn!(
                 issuer = %cur.signer.issuer_id,
                 responses = unchecked,
-                "stored OCSP responses left unloaded for now: this node's view of the revocations is stale, or they were stored during the load"
+                "stored OCSP responses left unloaded for now: this node's view of the revocations is stale, or they name responder certificates it has not read"
             );
             return Ok((loaded, None));
         }

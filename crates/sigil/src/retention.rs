@@ -40,22 +40,27 @@ pub async fn run(
     }
 }
 
+/// Rows of kind `what` that expired before this (unix s) go at `now`:
+/// `keep` back, and for responder certificates at least the OCSP response
+/// validity back, since an answer still valid was stored (marking its
+/// responder's certificates used) within it. Answers signed before the
+/// validity was shortened may outlive theirs; followers sign those on demand.
+fn cutoff(what: Expired, now: i64, keep: Duration, ocsp_validity: Duration) -> i64 {
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let before = now.saturating_sub(secs(keep));
+    if what == Expired::OcspCerts {
+        before.min(now.saturating_sub(secs(ocsp_validity)))
+    } else {
+        before
+    }
+}
+
 /// One pass over every kind of row.
 async fn pass(authority: &Authority, leader: &Leader, keep: Duration, ocsp_validity: Duration) {
-    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     let now = authority.now().unix_timestamp();
-    let before = now.saturating_sub(secs(keep));
-    // An answer still valid was stored, marking its responder's certificates
-    // used, within the response validity (as it is now: answers signed
-    // before it was shortened may outlive theirs, and are signed on demand).
-    let certs_before = before.min(now.saturating_sub(secs(ocsp_validity)));
     let mut deleted = Vec::new();
     for what in Expired::ALL {
-        let before = if what == Expired::OcspCerts {
-            certs_before
-        } else {
-            before
-        };
+        let before = cutoff(what, now, keep, ocsp_validity);
         let mut total = 0u64;
         // Stops when the node hands the jobs over (another node goes on).
         while leader.is_leading() {
@@ -85,6 +90,38 @@ async fn pass(authority: &Authority, leader: &Leader, keep: Duration, ocsp_valid
             .map(|(t, n)| format!("{t}={n}"))
             .collect::<Vec<_>>()
             .join(" ");
-        tracing::info!(deleted = %summary, before, "deleted rows expired before the retention cutoff");
+        tracing::info!(
+            deleted = %summary,
+            before = cutoff(Expired::AcmeOrders, now, keep, ocsp_validity),
+            "deleted rows expired before the retention cutoff"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responder_certificates_stay_at_least_the_ocsp_validity() {
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000;
+        for what in Expired::ALL {
+            let longer = if what == Expired::OcspCerts { 24 } else { 1 };
+            assert_eq!(
+                cutoff(what, now, hour, 24 * hour),
+                now - longer * 3600,
+                "{what:?}"
+            );
+            assert_eq!(
+                cutoff(what, now, 48 * hour, hour),
+                now - 48 * 3600,
+                "{what:?}"
+            );
+        }
+        assert_eq!(
+            cutoff(Expired::OcspCerts, now, Duration::MAX, Duration::MAX),
+            now.saturating_sub(i64::MAX)
+        );
     }
 }

@@ -114,17 +114,6 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         &[("digest", Text), ("der", Blob), ("used_at", Int)],
     ),
     (
-        "ocsp_responses",
-        &[
-            ("serial", Text),
-            ("issuer_id", Text),
-            ("this_update", Int),
-            ("next_update", Int),
-            ("der", Blob),
-            ("stored_at", Int),
-        ],
-    ),
-    (
         "ocsp_answers",
         &[
             ("serial", Text),

@@ -1718,6 +1718,18 @@ async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() 
             .await
             .unwrap();
         assert_eq!(later, 1, "{name}");
+        // Named again later: marked used then (and never back).
+        assert!(store.ocsp_certs(1000).await.unwrap().is_empty(), "{name}");
+        store
+            .save_ocsp(&[response(4, 1300, 1300)], std::slice::from_ref(&certs))
+            .await
+            .unwrap();
+        store
+            .save_ocsp(&[response(6, 1300, 1250)], std::slice::from_ref(&certs))
+            .await
+            .unwrap();
+        assert_eq!(store.ocsp_certs(1299).await.unwrap().len(), 1, "{name}");
+        assert!(store.ocsp_certs(1300).await.unwrap().is_empty(), "{name}");
         store.close().await;
     }
 }
