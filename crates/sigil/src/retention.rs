@@ -92,6 +92,8 @@ async fn pass(authority: &Authority, leader: &Leader, keep: Duration, ocsp_valid
             .join(" ");
         tracing::info!(
             deleted = %summary,
+            // The `keep_expired` cutoff, which every kind but responder
+            // certificates (possibly earlier) uses.
             before = cutoff(Expired::AcmeOrders, now, keep, ocsp_validity),
             "deleted rows expired before the retention cutoff"
         );
