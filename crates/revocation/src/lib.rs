@@ -7,7 +7,7 @@
 
 pub mod ocsp;
 
-pub use ocsp::{FOLLOW_INTERVAL, NoncePolicy, Ocsp, OcspSettings};
+pub use ocsp::{FOLLOW_INTERVAL, NoncePolicy, Ocsp, OcspSettings, Presigned};
 
 use axum::Router;
 use axum::body::Bytes;

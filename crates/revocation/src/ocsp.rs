@@ -106,6 +106,14 @@ impl LoadCursor {
     }
 }
 
+/// What a pre-signing pass did: answers signed (and stored), and fresh
+/// stored answers it kept as they were.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Presigned {
+    pub signed: usize,
+    pub kept: usize,
+}
+
 /// How soon a failed pre-signing pass is tried again.
 const PRESIGN_RETRY: Duration = Duration::from_secs(30);
 
@@ -149,6 +157,9 @@ struct Cached {
     /// See [`etag_bytes`].
     etag: [u8; 16],
     dates: Arc<Dates>,
+    /// Whether it is in the database (pre-signed and stored, or loaded from
+    /// there), so other nodes and a restart can serve it too.
+    stored: bool,
 }
 
 impl Cached {
@@ -182,7 +193,14 @@ impl Cached {
             head: head.into(),
             tail,
             dates,
+            stored: false,
         }
+    }
+
+    /// The same answer, known to be in the database.
+    fn in_store(mut self) -> Cached {
+        self.stored = true;
+        self
     }
 
     fn revoked(&self) -> bool {
@@ -494,16 +512,20 @@ impl Ocsp {
     }
 
     /// Signs responses for every unexpired certificate of every serving
-    /// issuer again. Until it completes, requests are answered by fresh
-    /// signatures.
+    /// issuer again, but for stored answers signed moments ago (a restart,
+    /// or a new job node, right after a pass), which stay. Until it
+    /// completes, requests are answered by fresh signatures.
     /// An issuer that fails does not hold up the others; the first failure
     /// is returned after all were tried.
-    pub async fn refresh(&self) -> Result<usize, sigil_authority::Error> {
-        let mut n = 0;
+    pub async fn refresh(&self) -> Result<Presigned, sigil_authority::Error> {
+        let mut n = Presigned::default();
         let mut failed = None;
         for cur in self.ensure_signers().await? {
             match self.refresh_issuer(&cur).await {
-                Ok(k) => n += k,
+                Ok(k) => {
+                    n.signed += k.signed;
+                    n.kept += k.kept;
+                }
                 Err(e) => {
                     tracing::error!(issuer = %cur.signer.issuer_id, error = %e, "pre-signing OCSP responses failed");
                     failed.get_or_insert(e);
@@ -584,12 +606,13 @@ impl Ocsp {
     }
 
     /// Signs responses for every unexpired certificate of one issuer (two
-    /// queries, then one signature each), and drops the answers of its
+    /// queries, then one signature each) that has no fresh stored `good`
+    /// answer from the current responder, and drops the answers of its
     /// certificates that expired. Every answer carries the time of the
     /// snapshot (thisUpdate is a minute before it), so none claims to be
     /// newer than the status it was read with. Answers are stored and cached
     /// [`PRESIGN_BATCH`] at a time.
-    async fn refresh_issuer(&self, cur: &Current) -> Result<usize, sigil_authority::Error> {
+    async fn refresh_issuer(&self, cur: &Current) -> Result<Presigned, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
         let mut serials = self
@@ -607,7 +630,13 @@ impl Ocsp {
             .map(|e| (e.serial, (e.revoked_at, e.reason)))
             .collect();
         let issuer: Arc<str> = Arc::from(id.as_str());
-        let mut n = 0;
+        let mut done = Presigned::default();
+        // A stored `good` answer from this responder signed moments ago (a
+        // pass just before a restart, or by the job node before this one took
+        // over) stays: at the next pass, half the validity from now, it still
+        // has more than the serving margin (a quarter) left, and an eighth
+        // for that pass to reach it.
+        let keep_after = (now + self.settings.validity * 7 / 8).unix_timestamp();
         // The pass's answers share one window, so one set of dates.
         let mut dates: Option<Arc<Dates>> = None;
         // After a failed store the rest of the pass is kept in memory only
@@ -615,8 +644,30 @@ impl Ocsp {
         // the pass fails, so it is run again soon.
         let mut storing = true;
         for batch in serials.chunks(PRESIGN_BATCH) {
+            let keep: Vec<bool> = {
+                let cache = read(&self.cache);
+                batch
+                    .iter()
+                    .map(|hex| {
+                        !revoked.contains_key(hex)
+                            && cache
+                                .get(&(hex.clone(), CertIdHash::Sha1))
+                                .is_some_and(|c| {
+                                    c.stored
+                                        && !c.revoked()
+                                        && *c.issuer == *issuer
+                                        && Arc::ptr_eq(&c.tail, &cur.tail)
+                                        && c.dates.window.1 > keep_after
+                                })
+                    })
+                    .collect()
+            };
             let mut fresh = Vec::with_capacity(batch.len());
-            for hex in batch {
+            for (hex, keep) in batch.iter().zip(keep) {
+                if keep {
+                    done.kept += 1;
+                    continue;
+                }
                 let Some(serial) = Serial::parse_hex(hex) else {
                     continue;
                 };
@@ -636,32 +687,38 @@ impl Ocsp {
                 let cached = Cached::new(issuer.clone(), status, &der, &cur.tail, d);
                 fresh.push((hex.clone(), cached));
             }
-            n += fresh.len();
-            if storing {
+            done.signed += fresh.len();
+            if storing && !fresh.is_empty() {
                 storing = self.persist(cur, &fresh).await;
             }
             let mut cache = write(&self.cache);
             for (k, c) in fresh {
+                let c = if storing { c.in_store() } else { c };
                 put(&mut cache, (k, CertIdHash::Sha1), c);
             }
         }
-        // Drop this issuer's SHA-1 answers older than the snapshot: every
-        // certificate still unexpired got a new one (or kept one signed
-        // meanwhile, for a new certificate or a revocation, which is at
-        // least as new); the others expired. Answers for SHA-256 CertIDs
-        // (signed on demand, never pre-signed) stay until their nextUpdate.
+        // Drop this issuer's SHA-1 answers for certificates that expired:
+        // older than the snapshot and not among the unexpired ones (each of
+        // which got a new answer or kept a fresh one; one signed meanwhile,
+        // for a new certificate or a revocation, is newer than the
+        // snapshot). Answers for SHA-256 CertIDs (signed on demand, never
+        // pre-signed) stay until their nextUpdate.
         let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
-        write(&self.cache).retain(|(_, hash), c| {
-            *c.issuer != *issuer || *hash != CertIdHash::Sha1 || c.this_update() >= snapshot
+        write(&self.cache).retain(|(serial, hash), c| {
+            *c.issuer != *issuer
+                || *hash != CertIdHash::Sha1
+                || c.this_update() >= snapshot
+                || serials.binary_search(serial).is_ok()
         });
         if !storing {
             // Served from memory; the pass runs again soon, so that other
             // nodes (and a restart) get the answers too.
             return Err(sigil_authority::Error::Unavailable(format!(
-                "{n} OCSP responses were signed but not all could be stored"
+                "{} OCSP responses were signed but not all could be stored",
+                done.signed
             )));
         }
-        Ok(n)
+        Ok(done)
     }
 
     /// Re-signs the responses of newly revoked certificates at once.
@@ -704,8 +761,9 @@ impl Ocsp {
             match signed.await {
                 Ok(cached) => {
                     let signed = [(hex.clone(), cached)];
-                    self.persist(&cur, &signed).await;
-                    let [(key, cached)] = signed;
+                    let stored = self.persist(&cur, &signed).await;
+                    let [(key, mut cached)] = signed;
+                    cached.stored = stored;
                     put(&mut write(&self.cache), (key, CertIdHash::Sha1), cached);
                 }
                 Err(e) => {
@@ -841,7 +899,8 @@ impl Ocsp {
                 let c = match tail {
                     Some(tail) => Cached::from_parts(issuer.clone(), status, &r.der, tail, dates),
                     None => Cached::new(issuer.clone(), status, &r.der, &cur.tail, dates),
-                };
+                }
+                .in_store();
                 if put(&mut write(&self.cache), (r.serial, CertIdHash::Sha1), c) {
                     loaded += 1;
                 }
@@ -923,7 +982,11 @@ impl Ocsp {
                 // have replaced expire at the next regular pass.
                 let wait = match self.refresh().await {
                     Ok(n) => {
-                        tracing::info!(responses = n, "pre-signed OCSP responses");
+                        tracing::info!(
+                            responses = n.signed,
+                            kept = n.kept,
+                            "pre-signed OCSP responses"
+                        );
                         self.settings.validity / 2
                     }
                     Err(_) => PRESIGN_RETRY,

@@ -9,7 +9,7 @@ use sigil_authority::{ActiveIssuer, Authority, IssueRequest, Settings};
 use sigil_core::ocsp::{self, CertIdHash, IssuerHashes};
 use sigil_core::{CaUrls, Clock, IssuerInfo, Requester, SystemClock};
 use sigil_policy::Policy;
-use sigil_revocation::{Leader, Ocsp, OcspSettings};
+use sigil_revocation::{Leader, Ocsp, OcspSettings, Presigned};
 use sigil_signer::testing::TestCa;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -276,7 +276,7 @@ async fn presigned_answers_share_the_responder_certificates() {
         OcspSettings::default(),
         Leader::default(),
     );
-    assert_eq!(job_node.refresh().await.unwrap(), 5);
+    assert_eq!(job_node.refresh().await.unwrap().signed, 5);
     let (answers, bytes) = job_node.cached_size();
     let sent = ask(job_node.clone()).await;
     let whole: usize = sent.iter().map(Vec::len).sum();
@@ -332,6 +332,75 @@ async fn presigned_answers_share_the_responder_certificates() {
     );
 }
 
+/// A node taking over the jobs right after a pass (or the job node
+/// restarting) keeps the stored answers that are still fresh and signs the
+/// rest: a certificate revoked since, one issued since (answered on demand
+/// meanwhile, not stored), and all of them once they have aged.
+#[tokio::test]
+async fn a_new_job_node_keeps_the_fresh_stored_answers() {
+    let f = fixture_with(true).await;
+    let serials = issue_n(&f.authority, "k", 4).await;
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    let all_signed = Presigned { signed: 4, kept: 0 };
+    assert_eq!(job_node.refresh().await.unwrap(), all_signed);
+    let mut sent = Vec::new();
+    for s in &serials {
+        sent.push(cacheable(&job_node, &f.hashes, s).await);
+    }
+    // Another pass at once (as after an issuer change) signs nothing.
+    assert_eq!(
+        job_node.refresh().await.unwrap(),
+        Presigned { signed: 0, kept: 4 }
+    );
+
+    // Five minutes on, another node has loaded the stored answers; one
+    // certificate is revoked and one more issued (its answer signed on
+    // demand), and that node takes over the jobs.
+    *f.clock.0.lock().unwrap() += Duration::from_secs(300);
+    let next = follower(&f.authority).await;
+    f.authority.sync().await.unwrap();
+    assert_eq!(next.load_stored().await.unwrap(), 4);
+    f.authority
+        .revoke(&serials[1], 1, &Requester::Operator("test".into()))
+        .await
+        .unwrap();
+    let new = issue(&f.authority, "k4.internal").await;
+    let on_demand = cacheable(&next, &f.hashes, &new).await;
+    assert_eq!(
+        next.refresh().await.unwrap(),
+        Presigned { signed: 2, kept: 3 }
+    );
+    for i in [0, 2, 3] {
+        let der = cacheable(&next, &f.hashes, &serials[i]).await;
+        assert_eq!(der, sent[i], "answer {i} kept as stored");
+    }
+    let revoked = cacheable(&next, &f.hashes, &serials[1]).await;
+    assert!(ocsp::summarize(&revoked).unwrap().revoked);
+    let signed = cacheable(&next, &f.hashes, &new).await;
+    assert_ne!(signed, on_demand, "signed again by the pass");
+    let mut stored = Vec::new();
+    f.authority
+        .stored_ocsp(&f.issuer_id, Duration::ZERO, -1, |r| stored.push(r.serial))
+        .await
+        .unwrap();
+    stored.sort();
+    let mut all: Vec<String> = serials.iter().chain([&new]).map(|s| s.to_hex()).collect();
+    all.sort();
+    assert_eq!(stored, all, "the new certificate's answer is stored too");
+
+    // Ten minutes later none is fresh enough to last past the next pass
+    // with time to spare: all are signed again.
+    *f.clock.0.lock().unwrap() += Duration::from_secs(600);
+    assert_eq!(
+        next.refresh().await.unwrap(),
+        Presigned { signed: 5, kept: 0 }
+    );
+}
+
 /// A node not running the jobs follows what the job node stores by when it
 /// was stored, not by thisUpdate: a pass over many certificates stores its
 /// answers over minutes, all with the thisUpdate of its start.
@@ -344,7 +413,7 @@ async fn a_follower_loads_answers_stored_late_in_a_long_pass() {
         OcspSettings::default(),
         Leader::default(),
     );
-    assert_eq!(job_node.refresh().await.unwrap(), 3);
+    assert_eq!(job_node.refresh().await.unwrap().signed, 3);
     let start = f.authority.now();
 
     let follower = follower(&f.authority).await;
@@ -399,7 +468,7 @@ async fn stored_answers_name_their_responder_certificates_once() {
         OcspSettings::default(),
         Leader::default(),
     );
-    assert_eq!(job_node.refresh().await.unwrap(), 3);
+    assert_eq!(job_node.refresh().await.unwrap().signed, 3);
     let certs = f
         .authority
         .ocsp_certs(Duration::from_secs(60))
