@@ -1482,6 +1482,7 @@ async fn concurrent_crl_snapshots_never_list_less_under_a_higher_number() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_rows_go_in_batches_and_nothing_else_does() {
     use sigil_store::{AcmeTable, Expired, SignedOcsp, SpentToken};
+    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
         let store = seeded(&url, 0).await;
@@ -1561,6 +1562,25 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             .await
             .unwrap();
         store.save_ocsp(&[], &[certs("c")]).await.unwrap();
+        // Whole answers left in the legacy table by an earlier version: two
+        // expired, one not.
+        sqlx::any::install_default_drivers();
+        let mut raw = sqlx::AnyConnection::connect(&url).await.unwrap();
+        for (i, next_update) in [(1, 100), (2, 400), (3, 1000)] {
+            sqlx::query(
+                "INSERT INTO ocsp_responses (serial, issuer_id, this_update, next_update, der, stored_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(cert(i).serial)
+            .bind(issuer().id)
+            .bind(next_update - 50)
+            .bind(next_update)
+            .bind(vec![0x30_u8, 0x03, 0x0a, 0x01, 0x00])
+            .bind(next_update - 50)
+            .execute(&mut raw)
+            .await
+            .unwrap();
+        }
 
         // Batches of two: 6 orders take four statements, the last one empty;
         // 5 authorizations three, the last one short.
@@ -1582,7 +1602,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 ("acme_orders", vec![2, 2, 2, 0]),
                 ("acme_authzs", vec![2, 2, 1]),
                 ("used_tokens", vec![2, 0]),
-                ("ocsp_responses", vec![0]),
+                ("ocsp_responses", vec![2, 0]),
                 ("ocsp_answers", vec![2, 0]),
                 ("ocsp_certs", vec![2, 0]),
             ],
@@ -1615,6 +1635,12 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             .map(|c| c.digest)
             .collect();
         assert_eq!(kept, ["b"], "{name}");
+        let legacy_left: Vec<String> = sqlx::query_scalar("SELECT serial FROM ocsp_responses")
+            .fetch_all(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(legacy_left, [cert(3).serial], "{name}");
+        raw.close().await.unwrap();
         // Nothing else was touched.
         assert_eq!(store.certificate_count().await.unwrap(), 3, "{name}");
         let report = store.verify_audit().await.unwrap();
