@@ -14,7 +14,7 @@ use crate::{read, write};
 use sigil_authority::{ActiveIssuer, Authority, OcspSigner};
 use sigil_core::Serial;
 use sigil_core::ocsp::{self, CertIdHash, IssuerHashes, Query, Refusal, Status};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -637,6 +637,7 @@ impl Ocsp {
         // has more than the serving margin (a quarter) left, and an eighth
         // for that pass to reach it.
         let keep_after = (now + self.settings.validity * 7 / 8).unix_timestamp();
+        let mut kept: HashSet<&str> = HashSet::new();
         // The pass's answers share one window, so one set of dates.
         let mut dates: Option<Arc<Dates>> = None;
         // After a failed store the rest of the pass is kept in memory only
@@ -665,7 +666,7 @@ impl Ocsp {
             let mut fresh = Vec::with_capacity(batch.len());
             for (hex, keep) in batch.iter().zip(keep) {
                 if keep {
-                    done.kept += 1;
+                    kept.insert(hex);
                     continue;
                 }
                 let Some(serial) = Serial::parse_hex(hex) else {
@@ -697,18 +698,19 @@ impl Ocsp {
                 put(&mut cache, (k, CertIdHash::Sha1), c);
             }
         }
-        // Drop this issuer's SHA-1 answers for certificates that expired:
-        // older than the snapshot and not among the unexpired ones (each of
-        // which got a new answer or kept a fresh one; one signed meanwhile,
-        // for a new certificate or a revocation, is newer than the
-        // snapshot). Answers for SHA-256 CertIDs (signed on demand, never
-        // pre-signed) stay until their nextUpdate.
+        done.kept = kept.len();
+        // Drop this issuer's SHA-1 answers older than the snapshot and not
+        // kept: every certificate still unexpired got a new answer or kept a
+        // fresh one (or has one signed meanwhile, for a new certificate or a
+        // revocation, which is newer); the others expired. Answers for
+        // SHA-256 CertIDs (signed on demand, never pre-signed) stay until
+        // their nextUpdate.
         let snapshot = (now - Duration::from_secs(60)).unix_timestamp();
         write(&self.cache).retain(|(serial, hash), c| {
             *c.issuer != *issuer
                 || *hash != CertIdHash::Sha1
                 || c.this_update() >= snapshot
-                || serials.binary_search(serial).is_ok()
+                || kept.contains(serial.as_str())
         });
         if !storing {
             // Served from memory; the pass runs again soon, so that other
