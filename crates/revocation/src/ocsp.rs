@@ -114,6 +114,13 @@ pub struct Presigned {
     pub kept: usize,
 }
 
+/// The least time, an eighth of the response validity, that a pass keeping
+/// fresh stored answers leaves the next pass to replace them and the other
+/// nodes to load the replacements, before they come within the serving
+/// margin ([`Ocsp::margin`]): two follow intervals. With a shorter validity
+/// (under 8 minutes) every pass signs everything.
+const KEEP_SLACK_MIN: Duration = Duration::from_secs(2 * FOLLOW_INTERVAL.as_secs());
+
 /// How soon a failed pre-signing pass is tried again.
 const PRESIGN_RETRY: Duration = Duration::from_secs(30);
 
@@ -635,8 +642,14 @@ impl Ocsp {
         // pass just before a restart, or by the job node before this one took
         // over) stays: at the next pass, half the validity from now, it still
         // has more than the serving margin (a quarter) left, and an eighth
-        // for that pass to reach it.
-        let keep_after = (now + self.settings.validity * 7 / 8).unix_timestamp();
+        // for that pass to reach it and for the other nodes to load what it
+        // signs. Only with this node's validity (an answer signed with a
+        // longer one before the setting was shortened is replaced), and only
+        // when an eighth is time enough for that.
+        let validity = self.settings.validity;
+        let keep_after = (now + validity * 7 / 8).unix_timestamp();
+        let span = i64::try_from(validity.as_secs()).unwrap_or(i64::MAX) + 60;
+        let keeping = validity / 8 >= KEEP_SLACK_MIN;
         let mut kept: HashSet<&str> = HashSet::new();
         // The pass's answers share one window, so one set of dates.
         let mut dates: Option<Arc<Dates>> = None;
@@ -650,7 +663,8 @@ impl Ocsp {
                 batch
                     .iter()
                     .map(|hex| {
-                        !revoked.contains_key(hex)
+                        keeping
+                            && !revoked.contains_key(hex)
                             && cache
                                 .get(&(hex.clone(), CertIdHash::Sha1))
                                 .is_some_and(|c| {
@@ -659,6 +673,7 @@ impl Ocsp {
                                         && *c.issuer == *issuer
                                         && Arc::ptr_eq(&c.tail, &cur.tail)
                                         && c.dates.window.1 > keep_after
+                                        && c.dates.window.1 - c.dates.window.0 <= span
                                 })
                     })
                     .collect()

@@ -357,11 +357,16 @@ async fn a_new_job_node_keeps_the_fresh_stored_answers() {
         Presigned { signed: 0, kept: 4 }
     );
 
-    // Five minutes on, another node has loaded the stored answers; one
-    // certificate is revoked and one more issued (its answer signed on
-    // demand), and that node takes over the jobs.
+    // Five minutes on, the job node restarts: it loads the stored answers,
+    // one certificate is revoked and one more issued (its answer signed on
+    // demand), and then it runs a pass.
     *f.clock.0.lock().unwrap() += Duration::from_secs(300);
-    let next = follower(&f.authority).await;
+    let next = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    next.ensure_signers().await.unwrap();
     f.authority.sync().await.unwrap();
     assert_eq!(next.load_stored().await.unwrap(), 4);
     f.authority
@@ -369,7 +374,7 @@ async fn a_new_job_node_keeps_the_fresh_stored_answers() {
         .await
         .unwrap();
     let new = issue(&f.authority, "k4.internal").await;
-    let on_demand = cacheable(&next, &f.hashes, &new).await;
+    cacheable(&next, &f.hashes, &new).await;
     assert_eq!(
         next.refresh().await.unwrap(),
         Presigned { signed: 2, kept: 3 }
@@ -380,17 +385,46 @@ async fn a_new_job_node_keeps_the_fresh_stored_answers() {
     }
     let revoked = cacheable(&next, &f.hashes, &serials[1]).await;
     assert!(ocsp::summarize(&revoked).unwrap().revoked);
-    let signed = cacheable(&next, &f.hashes, &new).await;
-    assert_ne!(signed, on_demand, "signed again by the pass");
-    let mut stored = Vec::new();
+    let mut rows = Vec::new();
     f.authority
-        .stored_ocsp(&f.issuer_id, Duration::ZERO, -1, |r| stored.push(r.serial))
+        .stored_ocsp(&f.issuer_id, Duration::ZERO, -1, |r| rows.push(r))
         .await
         .unwrap();
+    let mut stored: Vec<String> = rows.iter().map(|r| r.serial.clone()).collect();
     stored.sort();
     let mut all: Vec<String> = serials.iter().chain([&new]).map(|s| s.to_hex()).collect();
     all.sort();
     assert_eq!(stored, all, "the new certificate's answer is stored too");
+    let row = rows.iter().find(|r| r.serial == new.to_hex()).unwrap();
+    let tail = &f
+        .authority
+        .ocsp_certs(Duration::from_secs(60))
+        .await
+        .unwrap()[0]
+        .der;
+    let served = cacheable(&next, &f.hashes, &new).await;
+    assert_eq!(
+        [&row.der[..], &tail[..]].concat(),
+        served,
+        "the pass's answer"
+    );
+
+    // A node whose validity setting was shortened keeps none of them:
+    // they were signed with the longer one.
+    let shorter = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings {
+            validity: Duration::from_secs(1800),
+            ..OcspSettings::default()
+        },
+        Leader::default(),
+    );
+    shorter.ensure_signers().await.unwrap();
+    assert_eq!(shorter.load_stored().await.unwrap(), 5);
+    assert_eq!(
+        shorter.refresh().await.unwrap(),
+        Presigned { signed: 5, kept: 0 }
+    );
 
     // Ten minutes later none is fresh enough to last past the next pass
     // with time to spare: all are signed again.
