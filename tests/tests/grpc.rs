@@ -458,6 +458,11 @@ async fn call_fails<T: std::fmt::Debug>(
     r.expect_err("the call should have been refused")
 }
 
+/// The `sigil-refusal` metadata of a refusal, if any.
+fn refusal(s: &tonic::Status) -> Option<&str> {
+    s.metadata().get("sigil-refusal")?.to_str().ok()
+}
+
 /// The operator replaces a leaked token-signing key by removing it: the next
 /// `sigil token create` makes a new key and its public half, and after a
 /// restart the server accepts tokens of the new key only.
@@ -585,6 +590,7 @@ async fn tonic_client_flow_and_every_refusal() {
     let (_, csr_other) = key_and_csr(&["db.internal"]);
     let s = call_fails(as_first.renew(RenewRequest { csr: csr_other }).await).await;
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(refusal(&s), None, "the certificate itself is fine: {s:?}");
 
     // Revoking somebody else's certificate is refused; one's own works.
     let mut as_rekeyed = ca.client(Some((&rekeyed.chain_pem, &key2))).await;
@@ -638,6 +644,7 @@ async fn tonic_client_flow_and_every_refusal() {
     let s = call_fails(revoked.renew(RenewRequest { csr: vec![] }).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     assert!(s.message().contains("revoked"), "{s:?}");
+    assert_eq!(refusal(&s), Some("certificate"), "{s:?}");
     let (_, csr3) = key_and_csr(&["web.internal"]);
     let s = call_fails(revoked.sign(sign_req(csr3)).await).await;
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
@@ -1071,6 +1078,49 @@ fn agent_cert(
     }
 }
 
+/// A refusal that does not concern the certificate itself (here a policy
+/// change denying its names for a while) is retried while the certificate is
+/// valid: the agent neither stops nor spends its token after a few, and
+/// renews once the policy allows it again.
+#[test]
+fn agent_rides_out_a_passing_policy_refusal() {
+    let ca = Ca::start();
+    let out = ca.work.join("out");
+    let log = ca.work.join("agent.log");
+    let mut agent = ca.spawn_agent("passing", &["--lifetime", "2m"]);
+    let first = agent_cert(&out, None, &mut agent, &log);
+    let freeze = ca.work.join("data/policies/freeze.toml");
+    std::fs::write(
+        &freeze,
+        "[[rule]]\nname = \"freeze\"\neffect = \"deny\"\nrequesters = [\"*\"]\ndns = [\"passing.internal\"]\n",
+    )
+    .unwrap();
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The renewal is due about a minute in. Three refusals in a row are
+    // more than a blip.
+    let deadline = Instant::now() + Duration::from_secs(110);
+    while agent_log()
+        .matches("renewal failed (PermissionDenied")
+        .count()
+        < 3
+    {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!("agent exited with {status}:\n{}", agent_log());
+        }
+        assert!(Instant::now() < deadline, "no refusals:\n{}", agent_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(serial_in(&out), Some(first.clone()), "the files stay");
+    std::fs::remove_file(&freeze).unwrap();
+    let second = agent_cert(&out, Some(&first), &mut agent, &log);
+    let text = agent_log();
+    assert!(text.contains("renewed: certificate"), "{text}");
+    assert!(!text.contains("refuses to renew"), "{text}");
+    assert_ne!(second, first);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 /// A revoked certificate is not renewed by asking again and again: with a
 /// new bootstrap token in `--token-file` the agent obtains a new certificate
 /// by it; with no token it exits non-zero, says what to do, and leaves the
@@ -1441,15 +1491,21 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
     ]));
     assert!(audit.contains("token.repeated"), "{audit}");
 
-    // A pending key left by a crash right after an install is dropped on
+    // A pending key left by a crash right after its install is dropped on
     // the next start: the installed pair supersedes it.
-    write_secret(
-        &out.join("key.pem.pending"),
-        &key_and_csr(&["x.internal"]).0,
-    );
+    write_secret(&out.join("key.pem.pending"), &key);
     let again = agent_once(&[]);
     assert!(again.contains(&spent.serial), "{again}");
     assert!(!out.join("key.pem.pending").exists());
+    // Another one (a replacement for a revoked certificate, cut short after
+    // the CA may have spent its token) is kept for the next attempt.
+    let other = key_and_csr(&["x.internal"]).0;
+    write_secret(&out.join("key.pem.pending"), &other);
+    agent_once(&[]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("key.pem.pending")).unwrap(),
+        other
+    );
 }
 
 /// `--cert`/`--key` seed the agent: `--once` installs that pair into

@@ -28,9 +28,13 @@ pub enum Error {
     /// The bootstrap token was already spent.
     #[error("{0}")]
     TokenReplayed(String),
-    /// The certificate cannot be renewed (revoked, expired, not ours, names changed).
+    /// The certificate cannot be renewed, whatever is asked (revoked,
+    /// expired, not ours, unreadable).
     #[error("{0}")]
     NotRenewable(String),
+    /// A renewal's CSR names other identifiers than the certificate.
+    #[error("{0}")]
+    NamesChanged(String),
     /// A revocation request that cannot be carried out as asked.
     #[error("{0}")]
     InvalidRevocation(String),

@@ -10,7 +10,8 @@ pub mod issuers;
 pub use error::Error;
 pub use issuers::IssuerKeys;
 pub use sigil_store::{
-    CrlRow, IssuerRow, IssuerState, OcspCerts, SignedOcsp, current_request_id, with_request_id,
+    CrlRow, Error as StoreError, IssuerRow, IssuerState, OcspCerts, SignedOcsp, current_request_id,
+    with_request_id,
 };
 
 use serde_json::json;
@@ -835,7 +836,7 @@ impl Authority {
             want.sort();
             got.sort();
             if want != got {
-                let e = Error::NotRenewable(format!(
+                let e = Error::NamesChanged(format!(
                     "a renewal keeps the certificate's names ({}); the CSR asks for {}",
                     want.join(", "),
                     got.join(", ")
@@ -1663,6 +1664,7 @@ impl Authority {
                 | Error::TokenScope(_)
                 | Error::TokenReplayed(_)
                 | Error::NotRenewable(_)
+                | Error::NamesChanged(_)
                 | Error::KeyCompromised(_),
             ) => "refused",
             Err(Error::RateLimited { .. }) => "rate_limited",

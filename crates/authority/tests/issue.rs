@@ -524,7 +524,7 @@ async fn renewal_keeps_names_and_refuses_revoked_certificates() {
             })
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::NotRenewable(_)), "{name}: {e}");
+        assert!(matches!(e, Error::NamesChanged(_)), "{name}: {e}");
         // Revoke, then renewal is refused; revoking twice is refused too.
         ca.revoke(&rekeyed.serial, 1, &caller).await.unwrap();
         assert!(ca.is_revoked(&rekeyed.serial).await.unwrap());

@@ -9,7 +9,8 @@ mod service;
 pub mod tokens;
 
 pub use service::{
-    CaService, MAX_CSR_LEN, Notice, Notifier, REFUSAL_AUDITS_PER_MINUTE, ServiceConfig, server,
+    CaService, MAX_CSR_LEN, Notice, Notifier, REFUSAL_AUDITS_PER_MINUTE, REFUSAL_CERTIFICATE,
+    REFUSAL_KEY, ServiceConfig, server,
 };
 
 /// Generated protobuf and tonic code for `proto/sigil/v1`.

@@ -21,6 +21,34 @@ use tonic::{Request, Response, Status};
 /// Largest CSR accepted (bytes); larger requests get `ResourceExhausted`.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
 
+/// Metadata key of a refusal that concerns the presented certificate
+/// itself, with the value [`REFUSAL_CERTIFICATE`]: revoked, expired, not
+/// this CA's, or otherwise never renewable. Asking again with it cannot
+/// help; a new certificate (by bootstrap token) can. Other refusals (policy,
+/// or an HTTP proxy's 401/403 that gRPC clients also see as such codes) may
+/// pass.
+pub const REFUSAL_KEY: &str = "sigil-refusal";
+/// See [`REFUSAL_KEY`].
+pub const REFUSAL_CERTIFICATE: &str = "certificate";
+
+/// A refusal of the presented certificate itself (see [`REFUSAL_KEY`]).
+fn certificate_refused(code: tonic::Code, message: String) -> Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert(
+        REFUSAL_KEY,
+        tonic::metadata::MetadataValue::from_static(REFUSAL_CERTIFICATE),
+    );
+    Status::with_metadata(code, message, md)
+}
+
+/// At most 64 characters of caller input, for messages and audit rows.
+fn shown(input: &str) -> String {
+    match input.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &input[..cut], input.len()),
+        None => input.to_string(),
+    }
+}
+
 /// Refused calls audited per claimed caller and minute. Anyone who can reach
 /// the port can present a bad token or certificate; past this budget a
 /// refusal is only counted (`sigil_grpc_refusals_unaudited_total`), so
@@ -203,7 +231,7 @@ impl CaService {
                 let reason = format!("client certificate unreadable: {e}");
                 let actor = Requester::Mtls(String::new()).to_string();
                 self.audit_auth_failure(call, &actor, &reason).await;
-                return Err(Status::unauthenticated(reason));
+                return Err(certificate_refused(tonic::Code::Unauthenticated, reason));
             }
         };
         let info = &entry.info;
@@ -219,7 +247,7 @@ impl CaService {
             );
             self.audit_auth_failure(call, &claimed.to_string(), &reason)
                 .await;
-            return Err(Status::unauthenticated(reason));
+            return Err(certificate_refused(tonic::Code::Unauthenticated, reason));
         }
         let issuer = self
             .authority
@@ -230,7 +258,10 @@ impl CaService {
             let reason = "client certificate was not issued by one of this CA's intermediates";
             self.audit_auth_failure(call, &claimed.to_string(), reason)
                 .await;
-            return Err(Status::unauthenticated(reason));
+            return Err(certificate_refused(
+                tonic::Code::Unauthenticated,
+                reason.into(),
+            ));
         };
         let _ = entry.issuer.set(issuer);
         // A certificate with neither (IP or email names only) may still renew
@@ -249,10 +280,13 @@ impl CaService {
                 "client certificate is revoked",
             )
             .await;
-            return Err(Status::unauthenticated(format!(
-                "client certificate {} is revoked; obtain a new one with a bootstrap token",
-                info.serial
-            )));
+            return Err(certificate_refused(
+                tonic::Code::Unauthenticated,
+                format!(
+                    "client certificate {} is revoked; obtain a new one with a bootstrap token",
+                    info.serial
+                ),
+            ));
         }
         Ok(Some(Peer {
             requester,
@@ -360,9 +394,10 @@ fn status(e: Error) -> Status {
     match e {
         Error::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
         Error::Denied { reason, .. } => Status::permission_denied(format!("policy: {reason}")),
+        Error::NotRenewable(m) => certificate_refused(tonic::Code::PermissionDenied, m),
         Error::OutsideConstraints(m)
         | Error::TokenScope(m)
-        | Error::NotRenewable(m)
+        | Error::NamesChanged(m)
         | Error::KeyCompromised(m) => Status::permission_denied(m),
         Error::TokenReplayed(m) => Status::unauthenticated(m),
         Error::Lifetime(m) | Error::InvalidRevocation(m) => Status::invalid_argument(m),
@@ -371,6 +406,11 @@ fn status(e: Error) -> Status {
         Error::Unavailable(m) => Status::unavailable(m),
         Error::RateLimited { message, .. } => Status::resource_exhausted(message),
         e if e.is_shutting_down() => Status::unavailable("the CA is shutting down; retry"),
+        Error::Store(sigil_authority::StoreError::Uncertain(m)) => Status::unavailable(m),
+        Error::Store(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("the CA's database is unavailable; retry shortly")
+        }
         other => {
             tracing::error!(error = %other, "internal error");
             Status::internal("internal error; the CA's log has details")
@@ -451,7 +491,8 @@ impl CertificateAuthority for CaService {
             p => match p.parse::<Profile>() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    let reason = format!("unknown profile '{p}': use mtls, server or client");
+                    let reason =
+                        format!("unknown profile '{}': use mtls, server or client", shown(p));
                     self.audit_refusal(&call, &requester.to_string(), &reason)
                         .await;
                     return Err(Status::invalid_argument(reason));
@@ -555,7 +596,7 @@ impl CertificateAuthority for CaService {
         } else if let Some(s) = Serial::parse_hex(&body.serial) {
             s
         } else {
-            let reason = format!("'{}' is not a hex serial", body.serial);
+            let reason = format!("'{}' is not a hex serial", shown(&body.serial));
             self.audit_refusal(&call, &peer.requester.to_string(), &reason)
                 .await;
             return Err(Status::invalid_argument(reason));
@@ -615,7 +656,11 @@ impl CertificateAuthority for CaService {
         &self,
         req: Request<WatchRotationRequest>,
     ) -> Result<Response<NoticeStream>, Status> {
-        let mine = req.into_inner().serial.to_ascii_lowercase();
+        // In the form revocation notices carry (any form `parse_hex` takes);
+        // none for an unreadable one.
+        let mine = Serial::parse_hex(&req.into_inner().serial)
+            .map(|s| s.to_hex())
+            .unwrap_or_default();
         let active = self.authority.active_issuer().info().id.to_string();
         let first = RotationNotice {
             kind: Kind::Current as i32,

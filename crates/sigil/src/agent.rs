@@ -202,8 +202,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     let mut held = match load_existing(&args)? {
         Some((h, seeded)) => {
             // A first attempt's key left behind by a crash right after its
-            // install: the installed pair supersedes it.
-            let _ = std::fs::remove_file(args.out_dir.join(PENDING_KEY));
+            // install: the installed pair supersedes it. Another one (a
+            // replacement for a revoked certificate, interrupted after the
+            // CA spent the token) is kept, so the next attempt with that
+            // token gets the certificate issued to it.
+            let pending = args.out_dir.join(PENDING_KEY);
+            if std::fs::read_to_string(&pending).is_ok_and(|k| k.trim() == h.key_pem.trim()) {
+                let _ = std::fs::remove_file(&pending);
+            }
             if seeded {
                 install(&args, &h).await?;
             } else if !args.out_dir.join("combined.pem").exists() {
@@ -232,7 +238,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     if args.once {
         if SystemClock.now().unix_timestamp() >= held.renew_after {
             let h = match client.renew(&held).await {
-                Err(e) if is_final(&e) => after_refusal(&args, &client, &held, e).await?,
+                Err(e) if refused_for_good(&e) => after_refusal(&args, &client, &held, e).await?,
                 r => {
                     let h = r.context("renewing the certificate failed")?;
                     install(&args, &h).await?;
@@ -254,10 +260,6 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Not before this (unix s): a certificate just obtained is not renewed at
     // once even when this host's clock says it is due.
     let mut earliest = 0i64;
-    // Refusals in a row that asking again cannot change, as far as the
-    // status code tells: acted on only when they repeat, since a node with
-    // a skewed clock or a proxy being redeployed can refuse once.
-    let mut refusals = 0u32;
     loop {
         let (renewed, installed) = match unsaved.take() {
             Some(h) => (Ok(h), false),
@@ -267,20 +269,16 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 if now < due {
                     wait_until_due(&client, &held, due).await;
                 }
+                // The CA refusing this certificate itself (revoked,
+                // expired, not its own) is acted on at once. Any other
+                // failure, refusals included (a policy being changed, a
+                // proxy in front of the CA being redeployed), is retried
+                // while the certificate is valid.
                 match client.renew(&held).await {
-                    Err(e) if is_final(&e) => {
-                        refusals += 1;
-                        if refusals < FINAL_REFUSALS {
-                            (Err(e), false)
-                        } else {
-                            refusals = 0;
-                            (Ok(after_refusal(&args, &client, &held, e).await?), true)
-                        }
+                    Err(e) if refused_for_good(&e) => {
+                        (Ok(after_refusal(&args, &client, &held, e).await?), true)
                     }
-                    r => {
-                        refusals = 0;
-                        (r, false)
-                    }
+                    r => (r, false),
                 }
             }
         };
@@ -390,8 +388,8 @@ async fn bootstrap(args: &AgentArgs, client: &Client) -> Result<Held> {
     Ok(h)
 }
 
-/// When the CA refuses for good to renew `held` (it was revoked, or policy
-/// no longer allows it): a new certificate by `--token-file` when one was
+/// When the CA refuses `held` itself for good (it was revoked, expired or
+/// is not the CA's): a new certificate by `--token-file` when one was
 /// given, else an error that ends the agent. The files stay either way.
 async fn after_refusal(
     args: &AgentArgs,
@@ -629,7 +627,7 @@ impl Client {
 fn is_transient(e: &anyhow::Error) -> bool {
     if let Some(s) = e.downcast_ref::<Refused>() {
         return matches!(
-            s.0,
+            s.code,
             tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::ResourceExhausted
@@ -640,38 +638,40 @@ fn is_transient(e: &anyhow::Error) -> bool {
     true
 }
 
-/// Final refusals in a row before the agent stops asking (see [`is_final`]).
-const FINAL_REFUSALS: u32 = 3;
-
-/// The CA refused and will refuse again: asking once more cannot help.
-fn is_final(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<Refused>().is_some_and(|r| {
-        matches!(
-            r.0,
-            tonic::Code::Unauthenticated
-                | tonic::Code::PermissionDenied
-                | tonic::Code::InvalidArgument
-                | tonic::Code::FailedPrecondition
-                | tonic::Code::NotFound
-                | tonic::Code::Unimplemented
-        )
-    })
+/// The CA refused the presented certificate itself (it says so in the
+/// `sigil-refusal` metadata): asking again with it cannot help.
+fn refused_for_good(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>().is_some_and(|r| r.certificate)
 }
 
 /// A gRPC refusal, kept typed so the caller can tell transient from final.
 #[derive(Debug)]
-struct Refused(tonic::Code, String);
+struct Refused {
+    code: tonic::Code,
+    message: String,
+    /// Of the presented certificate itself (see [`refused_for_good`]).
+    certificate: bool,
+}
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.0, self.1)
+        write!(f, "{:?}: {}", self.code, self.message)
     }
 }
 
 impl std::error::Error for Refused {}
 
 fn refused(s: tonic::Status) -> anyhow::Error {
-    Refused(s.code(), s.message().to_string()).into()
+    let certificate = s
+        .metadata()
+        .get(sigil_grpc::REFUSAL_KEY)
+        .is_some_and(|v| v == sigil_grpc::REFUSAL_CERTIFICATE);
+    Refused {
+        code: s.code(),
+        message: s.message().to_string(),
+        certificate,
+    }
+    .into()
 }
 
 /// The names a token grants (read, not verified: the CA verifies it).

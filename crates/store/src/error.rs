@@ -35,3 +35,22 @@ pub enum Error {
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
+
+impl Error {
+    /// The database could not be reached, or did not confirm a write, for
+    /// now (connection lost, pool exhausted, shutting down): the same
+    /// request may succeed shortly, here or on another node.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Connect(..) | Error::Closed | Error::Uncertain(_) => true,
+            Error::Db(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::WorkerCrashed
+            ),
+            _ => false,
+        }
+    }
+}
