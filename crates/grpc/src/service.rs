@@ -791,3 +791,38 @@ pub fn server(
     pb::certificate_authority_server::CertificateAuthorityServer::new(svc)
         .max_decoding_message_size(1024 * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_authority::StoreError;
+
+    #[test]
+    fn echoed_input_is_cut_to_64_characters() {
+        assert_eq!(shown("abc"), "abc");
+        let long = "é".repeat(100);
+        let s = shown(&long);
+        assert!(s.starts_with(&"é".repeat(64)), "{s}");
+        assert!(s.ends_with("… (200 bytes)"), "{s}");
+    }
+
+    #[test]
+    fn database_outages_are_unavailable_and_certificate_refusals_marked() {
+        let unavailable = [
+            Error::Store(StoreError::Uncertain("commit unconfirmed".into())),
+            Error::Store(StoreError::Closed),
+        ];
+        for e in unavailable {
+            assert_eq!(status(e).code(), tonic::Code::Unavailable);
+        }
+        let corrupt = status(Error::Store(StoreError::Corrupt("x".into())));
+        assert_eq!(corrupt.code(), tonic::Code::Internal);
+        let marked = |s: &Status| s.metadata().get(REFUSAL_KEY).is_some();
+        let gone = status(Error::NotRenewable("revoked".into()));
+        assert_eq!(gone.code(), tonic::Code::PermissionDenied);
+        assert!(marked(&gone));
+        let renamed = status(Error::NamesChanged("other names".into()));
+        assert_eq!(renamed.code(), tonic::Code::PermissionDenied);
+        assert!(!marked(&renamed));
+    }
+}

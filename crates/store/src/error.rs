@@ -54,3 +54,27 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn lost_connections_are_unavailable_and_data_errors_are_not() {
+        for e in [
+            Error::Db(sqlx::Error::PoolTimedOut),
+            Error::Db(sqlx::Error::Io(std::io::Error::other("reset"))),
+            Error::Uncertain("no reply".into()),
+            Error::Closed,
+        ] {
+            assert!(e.is_unavailable(), "{e}");
+        }
+        for e in [
+            Error::Db(sqlx::Error::RowNotFound),
+            Error::Conflict("serial".into()),
+            Error::Corrupt("row".into()),
+        ] {
+            assert!(!e.is_unavailable(), "{e}");
+        }
+    }
+}
