@@ -456,6 +456,11 @@ impl Acme {
     }
 
     async fn start(extra: &[&str]) -> Acme {
+        Acme::start_env(extra, &[]).await
+    }
+
+    /// [`Acme::start`] with `env` (e.g. `SIGIL_ACME_*` settings) for the server.
+    async fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Acme {
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().to_path_buf();
         let (http_port, tokens) = start_http01().await;
@@ -478,7 +483,7 @@ impl Acme {
             &resolver,
         ];
         args.extend_from_slice(extra);
-        let server = tokio::task::block_in_place(|| Server::start(&args, &work, &[]));
+        let server = tokio::task::block_in_place(|| Server::start(&args, &work, env));
         let https_port = server.https_port.expect("dev server HTTPS port");
         let data = work.join("data");
         let root = data.join("DEV-ONLY-root/root.crt");
@@ -1556,7 +1561,8 @@ async fn tls_alpn01_for_an_ip_identifier() {
 }
 
 /// revokeCert by an account that did not obtain the certificate (RFC 8555
-/// §7.6): refused until it holds valid authorizations for every name in it.
+/// §7.6): refused until it holds valid authorizations for every name in it,
+/// and then not for keyCompromise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
     let ca = Acme::start(&[]).await;
@@ -1595,9 +1601,47 @@ async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
         "names what is missing: {p}"
     );
     pre_authorize("rv2.localhost").await;
+    // Holding the names is no proof about the key: keyCompromise, which
+    // blocks the key for good, is not this account's to claim.
+    let compromised = json!({"certificate": b64(&der), "reason": 1});
+    let p = other
+        .post(&revoke_url, Some(&compromised))
+        .await
+        .problem("badRevocationReason");
+    assert!(
+        p["detail"].as_str().unwrap().contains("certificate's key"),
+        "says what to do: {p}"
+    );
     let rsp = revoke().await.expect_ok();
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.show());
     revoke().await.problem("alreadyRevoked");
+}
+
+/// A valid authorization close to its end is not reused in an order that
+/// also needs new challenges: that order would end with it, minutes away,
+/// while the client works on the others. An order it alone completes still
+/// reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_expired_authorization_is_reused_only_where_it_completes_the_order() {
+    use time::format_description::well_known::Rfc3339;
+    let ca = Acme::start_env(&[], &[("SIGIL_ACME_AUTHZ_REUSE", "20m")]).await;
+    let a = Raw::register(&ca).await;
+    a.ready_order(&ca, &["soon.localhost"]).await;
+    let alone = a.new_order(&["soon.localhost"]).await.expect_ok().json();
+    assert_eq!(alone["status"], "ready", "{alone}");
+    let both = a
+        .new_order(&["soon.localhost", "new.localhost"])
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(both["status"], "pending", "{both}");
+    let expires = time::OffsetDateTime::parse(both["expires"].as_str().unwrap(), &Rfc3339).unwrap();
+    let left = expires - sigil_core::Clock::now(&sigil_core::SystemClock);
+    assert!(left > time::Duration::hours(1), "expires in {left}: {both}");
+    for url in both["authorizations"].as_array().unwrap() {
+        let z = a.post(url.as_str().unwrap(), None).await.expect_ok().json();
+        assert_eq!(z["status"], "pending", "{z}");
+    }
 }
 
 /// keyChange (RFC 8555 §7.3.5) refuses an inner JWS that does not match the

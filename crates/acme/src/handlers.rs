@@ -32,6 +32,11 @@ const MAX_CONTACTS: usize = 10;
 /// (seconds, or the order lifetime if shorter) left, so that an order
 /// built on it can still be finalized.
 const REUSE_MARGIN: i64 = 300;
+/// In an order that also needs new challenges, a valid authorization is
+/// reused only while it has at least this long (seconds, or the order
+/// lifetime if shorter) left: the order ends with it, and a client may take
+/// minutes to pass the others (dns-01 waits for DNS to propagate).
+const REUSE_MARGIN_PENDING: i64 = 3600;
 
 fn json_reply(status: StatusCode, v: &Value, location: Option<&str>) -> Response {
     let mut resp = (status, v.to_string()).into_response();
@@ -670,11 +675,24 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     // (RFC 8555 §7.1.3: `expires` is when the server considers it invalid).
     let mut expires = now + life;
     let reusable_until = now + REUSE_MARGIN.min(life);
+    let mut reusable = Vec::with_capacity(wire.len());
     for w in &wire {
-        match store
-            .acme_valid_authz(&account.id, &w.key(), reusable_until)
-            .await?
-        {
+        reusable.push(
+            store
+                .acme_valid_authz(&account.id, &w.key(), reusable_until)
+                .await?,
+        );
+    }
+    if reusable.iter().any(Option::is_none) {
+        let until = now + REUSE_MARGIN_PENDING.min(life);
+        for r in &mut reusable {
+            if r.as_ref().is_some_and(|a| a.expires_at < until) {
+                *r = None;
+            }
+        }
+    }
+    for (w, found) in wire.iter().zip(reusable) {
+        match found {
             Some(a) => {
                 expires = expires.min(a.expires_at);
                 authz_ids.push(a.id);
@@ -1383,6 +1401,9 @@ fn pem_chain(chain: String) -> Response {
     resp
 }
 
+/// RFC 5280 CRLReason keyCompromise.
+const KEY_COMPROMISE: i32 = 1;
+
 #[derive(Deserialize)]
 struct RevokeCert {
     certificate: String,
@@ -1409,6 +1430,7 @@ pub async fn revoke_cert(State(acme): St, headers: HeaderMap, body: Body) -> Rep
         .await?
         .filter(|r| r.der == der)
         .ok_or_else(|| Problem::not_found("this certificate was not issued by this CA"))?;
+    let reason = payload.reason.unwrap_or(0);
     let by = match &req.account {
         None => {
             if leaf.public_key.raw() != req.key.raw.as_slice() {
@@ -1439,11 +1461,17 @@ pub async fn revoke_cert(State(acme): St, headers: HeaderMap, body: Body) -> Rep
                         "this account neither obtained the certificate nor holds valid authorizations for {lacking:?}"
                     )));
                 }
+                // Controlling the names says nothing about the key, and a
+                // keyCompromise revocation blocks the key for good.
+                if reason == KEY_COMPROMISE {
+                    return Err(Problem::bad_revocation_reason(
+                        "an account that did not obtain the certificate may not claim keyCompromise: sign the request with the certificate's key instead, or give another reason",
+                    ));
+                }
             }
             Acme::requester(account)?
         }
     };
-    let reason = payload.reason.unwrap_or(0);
     acme.authority
         .revoke(&leaf.serial, reason, &by)
         .await
