@@ -417,8 +417,8 @@ fn silent_and_trickling_connections_are_closed_after_the_idle_timeout() {
 
 /// `server.request_timeout` (here 1s, from SIGIL_SERVER_REQUEST_TIMEOUT):
 /// an ACME request whose body never finishes arriving is answered 503 with
-/// `Retry-After` after the timeout instead of holding its handler, and the
-/// server keeps serving.
+/// `Retry-After` after the timeout instead of holding its handler, as an
+/// ACME problem document with a fresh nonce, and the server keeps serving.
 #[test]
 fn a_request_that_takes_too_long_is_answered_503() {
     if !have("openssl") {
@@ -446,6 +446,16 @@ fn a_request_that_takes_too_long_is_answered_503() {
         "{answer}"
     );
     assert!(answer.contains("request timed out"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(lower.contains("replay-nonce: "), "{answer}");
+    assert!(
+        answer.contains("urn:ietf:params:acme:error:serverInternal"),
+        "{answer}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(
         server.log_text().contains("request timed out"),

@@ -411,8 +411,28 @@ async fn common_headers(State(acme): State<Arc<Acme>>, req: Request, next: Next)
     resp
 }
 
-/// The ACME routes under `/acme`.
-pub fn router(acme: Arc<Acme>) -> Router {
+/// A request that takes longer than `limit` once its headers are in (a body
+/// that never finishes arriving, a stuck database) is answered 503 with a
+/// problem document and `Retry-After`, inside [`common_headers`], so the
+/// answer still carries a fresh nonce.
+async fn request_timeout(limit: Duration, req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!(seconds = limit.as_secs(), "request timed out");
+            Problem::unavailable(format!(
+                "request timed out after {} s; retry",
+                limit.as_secs()
+            ))
+            .into_response()
+        }
+    }
+}
+
+/// The ACME routes under `/acme`; each request may take up to
+/// `request_timeout` (see [`request_timeout`]).
+pub fn router(acme: Arc<Acme>, request_timeout: Duration) -> Router {
     use handlers as h;
     Router::new()
         .route("/acme/directory", get(h::directory))
@@ -437,6 +457,9 @@ pub fn router(acme: Arc<Acme>) -> Router {
         )
         .route("/acme/revoke-cert", post(h::revoke_cert))
         .route("/acme/renewal-info/{id}", get(h::renewal_info))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            self::request_timeout(request_timeout, req, next)
+        }))
         .layer(axum::middleware::from_fn_with_state(
             acme.clone(),
             common_headers,

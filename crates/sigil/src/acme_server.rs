@@ -102,10 +102,7 @@ impl AcmeListener {
             })
         };
         let timeouts = self.timeouts;
-        let app = sigil_acme::router(self.acme)
-            .layer(axum::middleware::from_fn(move |req, next| {
-                crate::limits::request_timeout(timeouts.request, req, next)
-            }))
+        let app = sigil_acme::router(self.acme, timeouts.request)
             .layer(axum::middleware::from_fn(crate::request_id::http));
         let incoming = TlsIncoming {
             rx,
