@@ -1375,6 +1375,44 @@ async fn http01_follows_a_redirect_to_https_on_the_same_name() {
     );
 }
 
+/// A policy that refuses the CSR's key type (not the names, which the order
+/// already passed) is a `badCSR` at finalize, and the order stays ready for
+/// a CSR with another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_type_is_a_bad_csr_and_the_order_stays_ready() {
+    let ca = Acme::start(&[]).await;
+    std::fs::write(
+        ca.data.join("policies/keys.toml"),
+        "[[rule]]\nname = \"no-p384\"\neffect = \"deny\"\nrequesters = [\"*\"]\ndns = [\"keyed.localhost\"]\nkey_types = [\"ecdsa-p384\"]\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ca.server.log_text().contains("policy reloaded") {
+        assert!(Instant::now() < deadline, "{}", ca.server.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let raw = Raw::register(&ca).await;
+    let (order, url) = raw.ready_order(&ca, &["keyed.localhost"]).await;
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let p = raw
+        .finalize(&order, &b64(csr_der(&["keyed.localhost"], &p384)))
+        .await
+        .problem("badCSR");
+    assert!(
+        p["detail"].as_str().unwrap().contains("no-p384"),
+        "names the rule: {p}"
+    );
+    let still = raw.post(&url, None).await.expect_ok().json();
+    assert_eq!(still["status"], "ready", "{still}");
+    let p256 = rcgen::KeyPair::generate().unwrap();
+    let done = raw
+        .finalize(&order, &b64(csr_der(&["keyed.localhost"], &p256)))
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(done["status"], "valid", "{done}");
+}
+
 /// A pre-authorization is not tied to a profile: a name the policy allows
 /// only under `server` can still be pre-authorized (and then ordered with
 /// that profile).

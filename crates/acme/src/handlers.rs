@@ -1071,11 +1071,12 @@ pub async fn finalize(
             to: valid(serial),
         })
     };
+    let order_ids = csr.identifiers().to_vec();
     let issued = acme
         .authority
         .issue(IssueRequest {
             csr: csr.into(),
-            requester,
+            requester: requester.clone(),
             profile: Some(profile),
             lifetime,
             token: None,
@@ -1094,12 +1095,25 @@ pub async fn finalize(
                         "the order changed while it was being finalized ({m}); place a new order"
                     ))
                 }
+                // The names pass without a key: the CSR's key is what the
+                // policy refuses (RFC 8555 §7.4: badCSR), and another may do.
+                AuthorityError::Denied { reason, .. }
+                    if acme
+                        .authority
+                        .policy_allows_names(&requester, &order_ids, profile, lifetime) =>
+                {
+                    Problem::bad_csr(format!(
+                        "the CA's policy refuses this CSR's key ({reason}); finalize again with a CSR for another key"
+                    ))
+                }
                 e => authority_problem(e),
             };
-            // A refusal ends the order; a transient failure, or the
-            // requester's issuance rate, lets the client retry (after
-            // Retry-After).
-            let transient = p.status.is_server_error() || p.status == StatusCode::TOO_MANY_REQUESTS;
+            // A refusal ends the order; a transient failure, the
+            // requester's issuance rate, or a refused key lets the client
+            // retry (after Retry-After, or with another key).
+            let transient = p.status.is_server_error()
+                || p.status == StatusCode::TOO_MANY_REQUESTS
+                || p.kind == "badCSR";
             body.processing_since = None;
             if !transient {
                 body.error = Some(p.to_json());

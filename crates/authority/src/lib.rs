@@ -534,6 +534,27 @@ impl Authority {
         })
     }
 
+    /// Whether the policy alone (nothing audited) lets `requester` have these
+    /// names with some key: when a request with a particular key was denied
+    /// but this holds, the key (its type) is what the policy refused.
+    pub fn policy_allows_names(
+        &self,
+        requester: &Requester,
+        identifiers: &[Identifier],
+        profile: Profile,
+        lifetime: Option<Duration>,
+    ) -> bool {
+        self.policy()
+            .evaluate(&Request {
+                requester,
+                identifiers,
+                profile,
+                key_type: None,
+                lifetime,
+            })
+            .allowed
+    }
+
     /// Decides whether `requester` may have these names before any key is known
     /// (an ACME order or pre-authorization): the policy as far as it does not
     /// depend on the key, and the issuer's name constraints. A refusal is
