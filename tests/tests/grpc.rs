@@ -1508,6 +1508,62 @@ async fn a_restarted_agent_gets_the_certificate_its_lost_reply_carried() {
     );
 }
 
+/// Reload hooks that fail stay owed: the agent runs them again (every 30 s
+/// while it waits, and at its next start) until they succeed, so a service
+/// that missed a reload does not serve the previous certificate until it
+/// expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reload_hooks_run_again_at_the_next_start() {
+    let ca = Ca::start();
+    let token_file = ca.work.join("hooked-token");
+    write_secret(&token_file, &ca.token("hooked", &["hooked.internal"]));
+    let out = ca.work.join("out-hooked");
+    let ready = ca.work.join("service-ready");
+    let runs = ca.work.join("hook-runs");
+    let cmd = format!(
+        "echo run >> {}; test -e {}",
+        runs.display(),
+        ready.display()
+    );
+    let grpc = format!("localhost:{}", ca.grpc);
+    let bundle = ca.work.join("roots.pem").display().to_string();
+    let (token_arg, out_arg) = (token_file.display().to_string(), out.display().to_string());
+    let once = || {
+        ok(sigil(&[
+            "agent",
+            "--server",
+            &grpc,
+            "--ca-bundle",
+            &bundle,
+            "--token-file",
+            &token_arg,
+            "--out-dir",
+            &out_arg,
+            "--reload-cmd",
+            &cmd,
+            "--once",
+        ]))
+    };
+    let hook_runs = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    once();
+    assert!(out.join("cert.pem").exists());
+    assert_eq!(hook_runs(), 1);
+    assert!(out.join(".reload-pending").exists(), "the reload is owed");
+    // The service is back; the next start (nothing due) runs the hook.
+    std::fs::write(&ready, "").unwrap();
+    once();
+    assert_eq!(hook_runs(), 2);
+    assert!(!out.join(".reload-pending").exists());
+    // Nothing owed: no hook.
+    once();
+    assert_eq!(hook_runs(), 2);
+}
+
 /// `--cert`/`--key` seed the agent: `--once` installs that pair into
 /// `--out-dir` as it is, and, once the certificate is due, renews it (from
 /// the installed files, which win over the seed from then on).

@@ -122,7 +122,7 @@ fn parse_pid(text: &str) -> Option<u32> {
 /// Sends the reload signal: to the fixed PID, or to the one the PID file
 /// holds now. A PID file that cannot be read or holds no PID is reported
 /// and nothing is signalled.
-async fn send_reload_signal(r: &ReloadSignal) {
+async fn send_reload_signal(r: &ReloadSignal) -> bool {
     let pid = match &r.target {
         SignalTarget::Pid(pid) => *pid,
         SignalTarget::PidFile(path) => {
@@ -135,7 +135,7 @@ async fn send_reload_signal(r: &ReloadSignal) {
                         path.display(),
                         r.signal
                     );
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     eprintln!(
@@ -143,7 +143,7 @@ async fn send_reload_signal(r: &ReloadSignal) {
                         path.display(),
                         r.signal
                     );
-                    return;
+                    return false;
                 }
             }
         }
@@ -156,7 +156,7 @@ async fn send_reload_signal(r: &ReloadSignal) {
             .arg(pid.to_string()),
         &format!("kill -s {signal} {pid}"),
     )
-    .await;
+    .await
 }
 
 /// What the agent currently holds.
@@ -172,6 +172,8 @@ struct Metrics {
     not_after: AtomicI64,
     renewals: AtomicU64,
     failures: AtomicU64,
+    /// The out-dir's [`RELOAD_PENDING`] marker, reported as a gauge.
+    reload_marker: Option<PathBuf>,
 }
 
 /// Runs the agent.
@@ -193,11 +195,17 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         host,
         bundle,
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics {
+        reload_marker: Some(args.out_dir.join(RELOAD_PENDING)),
+        ..Metrics::default()
+    });
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr, metrics.clone()).await?;
     }
 
+    // Reload hooks a previous run owed (they failed, or it stopped before
+    // running them).
+    let owed = reload_pending(&args);
     // Start from: files already in out-dir (a restart), --cert/--key, or a token.
     let mut held = match load_existing(&args)? {
         Some((h, seeded)) => {
@@ -225,6 +233,9 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         }
         None => bootstrap(&args, &client).await?,
     };
+    if owed && reload_pending(&args) {
+        reload(&args).await;
+    }
     metrics
         .not_after
         .store(held.leaf.not_after.unix_timestamp(), Ordering::Relaxed);
@@ -267,7 +278,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 let due = jittered(&held).max(earliest);
                 let now = SystemClock.now().unix_timestamp();
                 if now < due {
-                    wait_until_due(&client, &held, due).await;
+                    wait_until_due(&args, &client, &held, due).await;
                 }
                 // The CA refusing this certificate itself (revoked,
                 // expired, not its own) is acted on at once. Any other
@@ -473,7 +484,8 @@ struct Early {
 /// CA's deadline, so a whole fleet does not renew in the same second. Keeps
 /// listening while it waits: a later, more urgent notice (the operator's
 /// deadline after a rotation, a revocation) moves the renewal earlier.
-async fn wait_until_due(client: &Client, held: &Held, due: i64) {
+/// Meanwhile runs owed reload hooks again every [`RELOAD_RETRY`].
+async fn wait_until_due(args: &AgentArgs, client: &Client, held: &Held, due: i64) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Early>(4);
     let watcher = async {
         loop {
@@ -485,14 +497,23 @@ async fn wait_until_due(client: &Client, held: &Held, due: i64) {
     };
     tokio::pin!(watcher);
     let mut at = due;
+    let mut last_reload = std::time::Instant::now();
     loop {
+        let pending = reload_pending(args);
+        if pending && last_reload.elapsed() >= RELOAD_RETRY {
+            reload(args).await;
+            last_reload = std::time::Instant::now();
+        }
         let now = SystemClock.now().unix_timestamp();
         if at <= now {
             return;
         }
         // In steps of at most a minute, each checked against the wall clock:
         // the monotonic clock stops while the host is suspended.
-        let step = u64::try_from((at - now).min(WALL_CLOCK_STEP)).unwrap_or(0);
+        let mut step = u64::try_from((at - now).min(WALL_CLOCK_STEP)).unwrap_or(0);
+        if pending {
+            step = step.min(RELOAD_RETRY.as_secs());
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(step)) => {}
             _ = &mut watcher => return,
@@ -850,6 +871,9 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     for (name, (data, mode)) in FILES.iter().zip(contents) {
         write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
     }
+    if args.reload_cmd.is_some() || args.reload_signal.is_some() {
+        write_synced(&args.out_dir.join(RELOAD_PENDING), b"", 0o600)?;
+    }
     for name in FILES {
         let dir = &args.out_dir;
         std::fs::rename(dir.join(format!("{name}.new")), dir.join(name))
@@ -858,12 +882,7 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
     if let Ok(d) = std::fs::File::open(&args.out_dir) {
         let _ = d.sync_all();
     }
-    if let Some(cmd) = &args.reload_cmd {
-        run_hook(tokio::process::Command::new("sh").arg("-c").arg(cmd), cmd).await;
-    }
-    if let Some(r) = &args.reload_signal {
-        send_reload_signal(r).await;
-    }
+    reload(args).await;
     Ok(())
 }
 
@@ -878,10 +897,10 @@ fn combined_pem(key_pem: &str, chain_pem: &str) -> String {
 }
 
 /// Runs a reload hook with a timeout; a failing hook is reported, not fatal.
-async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
+async fn run_hook(cmd: &mut tokio::process::Command, what: &str) -> bool {
     cmd.kill_on_drop(true);
     match tokio::time::timeout(HOOK_TIMEOUT, cmd.status()).await {
-        Ok(Ok(s)) if s.success() => {}
+        Ok(Ok(s)) if s.success() => return true,
         Ok(Ok(s)) => eprintln!("warning: reload hook '{what}' exited with {s}"),
         Ok(Err(e)) => eprintln!("warning: cannot run reload hook '{what}': {e}"),
         Err(_) => eprintln!(
@@ -889,6 +908,48 @@ async fn run_hook(cmd: &mut tokio::process::Command, what: &str) {
             HOOK_TIMEOUT.as_secs()
         ),
     }
+    false
+}
+
+/// Marker in `--out-dir`: the files changed and the reload hooks have not
+/// all succeeded since. Written before the files are replaced, removed once
+/// the hooks succeed; while it is there they are run again every
+/// [`RELOAD_RETRY`], also after a restart, so a service that missed a reload
+/// does not keep serving the previous certificate until it expires.
+const RELOAD_PENDING: &str = ".reload-pending";
+
+/// How often failed reload hooks are run again.
+const RELOAD_RETRY: Duration = Duration::from_secs(30);
+
+/// Runs the reload hooks (command, then signal); once all succeed (or none
+/// are set), clears [`RELOAD_PENDING`]. Returns whether it is clear.
+async fn reload(args: &AgentArgs) -> bool {
+    let mut ok = true;
+    if let Some(cmd) = &args.reload_cmd {
+        ok &= run_hook(tokio::process::Command::new("sh").arg("-c").arg(cmd), cmd).await;
+    }
+    if let Some(r) = &args.reload_signal {
+        ok &= send_reload_signal(r).await;
+    }
+    let marker = args.out_dir.join(RELOAD_PENDING);
+    if ok {
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: cannot remove {} ({e})", marker.display()),
+        }
+    } else {
+        eprintln!(
+            "reload hooks failed; trying again every {} s",
+            RELOAD_RETRY.as_secs()
+        );
+    }
+    ok
+}
+
+/// Whether reload hooks are owed (see [`RELOAD_PENDING`]).
+fn reload_pending(args: &AgentArgs) -> bool {
+    args.out_dir.join(RELOAD_PENDING).exists()
 }
 
 /// After a crash during `install`: if all the `*.new` files were written,
@@ -995,9 +1056,13 @@ fn render_metrics(m: &Metrics, now: i64) -> String {
          sigil_agent_renewals_total {}\n\
          # HELP sigil_agent_renewal_failures_total Failed renewal attempts.\n\
          # TYPE sigil_agent_renewal_failures_total counter\n\
-         sigil_agent_renewal_failures_total {}\n",
+         sigil_agent_renewal_failures_total {}\n\
+         # HELP sigil_agent_reload_pending 1 while the reload hooks have not succeeded since the files last changed.\n\
+         # TYPE sigil_agent_reload_pending gauge\n\
+         sigil_agent_reload_pending {}\n",
         m.renewals.load(Ordering::Relaxed),
-        m.failures.load(Ordering::Relaxed)
+        m.failures.load(Ordering::Relaxed),
+        u8::from(m.reload_marker.as_ref().is_some_and(|p| p.exists()))
     )
 }
 
@@ -1070,6 +1135,56 @@ mod tests {
         ] {
             assert!(parse_reload_signal(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Agent arguments as clap parses them from `argv`.
+    fn agent_args(argv: &[&str]) -> AgentArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let mut all = vec!["agent"];
+        all.extend_from_slice(argv);
+        <Cli as clap::Parser>::parse_from(all).agent
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_stays_owed_until_the_hooks_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ready, runs) = (dir.path().join("ready"), dir.path().join("runs"));
+        let cmd = format!(
+            "echo run >> {}; test -e {}",
+            runs.display(),
+            ready.display()
+        );
+        let out = dir.path().display().to_string();
+        let base = [
+            "--server",
+            "ca:9443",
+            "--ca-bundle",
+            "roots.pem",
+            "--out-dir",
+            &out,
+        ];
+        let args = agent_args(&[&base[..], &["--reload-cmd", &cmd]].concat());
+        std::fs::write(dir.path().join(RELOAD_PENDING), b"").unwrap();
+        let metrics = Metrics {
+            reload_marker: Some(dir.path().join(RELOAD_PENDING)),
+            ..Metrics::default()
+        };
+        assert!(!reload(&args).await, "the hook fails");
+        assert!(reload_pending(&args));
+        assert!(render_metrics(&metrics, 0).contains("sigil_agent_reload_pending 1\n"));
+        std::fs::write(&ready, b"").unwrap();
+        assert!(reload(&args).await);
+        assert!(!reload_pending(&args));
+        assert!(render_metrics(&metrics, 0).contains("sigil_agent_reload_pending 0\n"));
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+        // Owed by a run that had hooks, cleared by one that has none.
+        std::fs::write(dir.path().join(RELOAD_PENDING), b"").unwrap();
+        assert!(reload(&agent_args(&base)).await);
+        assert!(!reload_pending(&args));
     }
 
     /// A process that appends a line to `log` at each SIGHUP; its PID.
