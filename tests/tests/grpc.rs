@@ -1820,6 +1820,38 @@ async fn refused_credentials_are_audited_within_a_budget() {
             .any(|l| l.contains("grpc.refused") && l.contains("token:web")),
         "{audit}"
     );
+    // Revocations asked with a (valid, perhaps spent) token, each refused
+    // and audited by the authority (no such certificate): a minute's budget
+    // per token subject, then ResourceExhausted, unaudited.
+    let revoker = ca.token("revoker", &["rev.internal"]);
+    let mut refused = 0;
+    let mut exhausted = 0;
+    for i in 0..budget + 5 {
+        let s = call_fails(
+            client
+                .revoke(with_token(
+                    RevokeRequest {
+                        serial: format!("{:x}", 0xdead_0000_u64 + i as u64),
+                        reason: 0,
+                    },
+                    &revoker,
+                ))
+                .await,
+        )
+        .await;
+        match s.code() {
+            Code::NotFound => refused += 1,
+            Code::ResourceExhausted => exhausted += 1,
+            other => panic!("{other:?}: {s:?}"),
+        }
+    }
+    assert_eq!((refused, exhausted), (budget, 5));
+    let denied = ca
+        .audit()
+        .lines()
+        .filter(|l| l.contains("cert.revoke_denied") && l.contains("token:revoker"))
+        .count();
+    assert_eq!(denied, budget);
 }
 
 /// Policies reload on file change and on SIGHUP, with no restart and no

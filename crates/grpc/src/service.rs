@@ -192,6 +192,10 @@ pub struct CaService {
     notifier: Notifier,
     /// Audit budget for refused calls, per claimed caller.
     refusal_audits: Arc<std::sync::Mutex<RateLimiter>>,
+    /// Revocations asked with a bootstrap token, per token subject: each
+    /// one refused (an unknown serial, names the token does not cover) is
+    /// audited by the authority, so they are bounded here.
+    token_revocations: Arc<std::sync::Mutex<RateLimiter>>,
     peers: Arc<PeerCache>,
 }
 
@@ -209,6 +213,9 @@ impl CaService {
             config: Arc::new(config),
             notifier,
             refusal_audits: Arc::new(std::sync::Mutex::new(RateLimiter::new(
+                REFUSAL_AUDITS_PER_MINUTE,
+            ))),
+            token_revocations: Arc::new(std::sync::Mutex::new(RateLimiter::new(
                 REFUSAL_AUDITS_PER_MINUTE,
             ))),
             peers: Arc::default(),
@@ -571,6 +578,21 @@ impl CertificateAuthority for CaService {
                 self.audit_refusal(&call, &actor, reason).await;
                 return Err(Status::invalid_argument(reason));
             };
+            let actor = Requester::Token(grant.subject.clone()).to_string();
+            let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
+                .unwrap_or(i64::MAX);
+            let budget = self
+                .token_revocations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(&actor, now_ms);
+            if let Err(wait) = budget {
+                metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
+                    .increment(1);
+                return Err(Status::resource_exhausted(format!(
+                    "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
+                )));
+            }
             let revoked = self
                 .authority
                 .revoke_with_token(&serial, body.reason, &grant)
