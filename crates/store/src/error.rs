@@ -31,6 +31,10 @@ pub enum Error {
         "the database did not confirm the write and could not be asked whether it landed ({0}); check the certificate or audit log before retrying"
     )]
     Uncertain(String),
+    /// The database could not be reached for a write that was batched with
+    /// one that failed so (the same failure, reported once per write).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// Stored data that cannot be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -42,7 +46,10 @@ impl Error {
     /// request may succeed shortly, here or on another node.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Connect(..) | Error::Closed | Error::Uncertain(_) => true,
+            Error::Connect(..) | Error::Closed | Error::Uncertain(_) | Error::Unavailable(_) => {
+                true
+            }
+            Error::Db(sqlx::Error::Database(d)) => d.code().is_some_and(|c| transient(&c)),
             Error::Db(e) => matches!(
                 e,
                 sqlx::Error::PoolTimedOut
@@ -55,9 +62,38 @@ impl Error {
     }
 }
 
+/// Whether a database error code says "not now" rather than "not this":
+/// PostgreSQL's connection errors (class 08), a server shutting down or
+/// starting (57P01–57P03), too many connections (53300), a standby that
+/// refuses writes during a failover (25006), and a serialization failure or
+/// deadlock (40001, 40P01); SQLite's busy database (5 and its extended
+/// codes), which outlasted the busy timeout.
+fn transient(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "25006" | "40001" | "40P01"
+        )
+        || matches!(code, "5" | "261" | "517" | "773")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Error;
+    use super::{Error, transient};
+
+    #[test]
+    fn passing_database_states_are_transient() {
+        for c in [
+            "08006", "08003", "57P01", "53300", "25006", "40P01", "5", "517",
+        ] {
+            assert!(transient(c), "{c}");
+        }
+        // Unique and foreign-key violations, a syntax error, SQLite's
+        // constraint and corruption codes: the request itself is at fault.
+        for c in ["23505", "23503", "42601", "19", "2067", "11"] {
+            assert!(!transient(c), "{c}");
+        }
+    }
 
     #[test]
     fn lost_connections_are_unavailable_and_data_errors_are_not() {

@@ -272,30 +272,29 @@ async fn process(
         let _ = job.reply.send(r);
     };
     let changes: Vec<&Change> = batch.iter().map(|j| &j.change).collect();
-    let cached = head.is_some();
     let started = std::time::Instant::now();
-    let mut result = write(pool, backend, &changes, head).await;
+    let result = write_fresh(pool, backend, &changes, head).await;
     metrics::histogram!("sigil_db_query_seconds", "op" => "commit")
         .record(started.elapsed().as_secs_f64());
-    if result.as_ref().is_err_and(retryable) && cached {
-        // Another process may have appended since: retry once from the stored head.
-        result = write(pool, backend, &changes, head).await;
-    }
     match result {
         Ok(receipts) => {
             for (job, r) in batch.drain(..).zip(receipts) {
                 settle(job, Ok(r));
             }
         }
-        Err(e) if batch.len() == 1 || !retryable(&e) => {
+        Err(e) if batch.len() == 1 || !retryable(&e) || e.is_unavailable() => {
             // Whether an unconfirmed commit landed is unknown: running its
-            // changes again could store or audit them twice.
+            // changes again could store or audit them twice. A database out
+            // of reach fails them all alike: writing them one by one would
+            // wait out the pool's connect timeout once per change.
             let message = e.to_string();
+            let unavailable = e.is_unavailable() && !matches!(e, Error::Uncertain(_));
             let mut first = Some(e);
             for job in batch.drain(..) {
-                let e = first
-                    .take()
-                    .unwrap_or_else(|| Error::Uncertain(message.clone()));
+                let e = first.take().unwrap_or_else(|| match unavailable {
+                    true => Error::Unavailable(message.clone()),
+                    false => Error::Uncertain(message.clone()),
+                });
                 settle(job, Err(e));
             }
         }
@@ -303,10 +302,27 @@ async fn process(
             // One bad change (e.g. a duplicate serial) must not fail its
             // neighbours: retry each alone so only the culprit gets the error.
             for job in batch.drain(..) {
-                let r = write(pool, backend, &[&job.change], head).await;
+                let r = write_fresh(pool, backend, &[&job.change], head).await;
                 settle(job, r.and_then(|mut v| v.pop().ok_or(Error::Closed)));
             }
         }
+    }
+}
+
+/// [`write`], once more from the database's own chain head when it failed
+/// from a cached one: another process (a node on the same PostgreSQL, the
+/// CLI beside a SQLite server) may have appended since.
+async fn write_fresh(
+    pool: &AnyPool,
+    backend: Backend,
+    changes: &[&Change],
+    head: &mut Option<Head>,
+) -> Result<Vec<Applied>, Error> {
+    let cached = head.is_some();
+    let result = write(pool, backend, changes, head).await;
+    match result {
+        Err(e) if cached && retryable(&e) => write(pool, backend, changes, head).await,
+        r => r,
     }
 }
 
@@ -403,12 +419,23 @@ async fn write_batch(
         // IMMEDIATE takes the write lock up front, so reading the chain head and
         // appending cannot race another process.
         Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        // The head is read after the chain's lock is granted, so it must be
+        // read in a fresh snapshot: READ COMMITTED whatever the database's
+        // default. A session left open by a node that vanished mid-batch
+        // would hold the lock (and stop every node's writes) until the
+        // server noticed; it is ended after a minute instead. Commits wait
+        // for the WAL flush even where the server is tuned not to.
         Backend::Postgres => {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(AUDIT_LOCK_KEY)
-                .execute(&mut *tx)
+            let mut tx = pool
+                .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
                 .await?;
+            sqlx::query(
+                "SELECT set_config('idle_in_transaction_session_timeout', '60s', true), \
+                 set_config('synchronous_commit', 'on', true), pg_advisory_xact_lock($1)",
+            )
+            .bind(AUDIT_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
             tx
         }
     };

@@ -276,12 +276,32 @@ async fn bad_urls_are_explained() {
     );
 }
 
+/// On PostgreSQL, makes REPEATABLE READ the database's default for new
+/// sessions: the writer must not depend on the server's default isolation.
+async fn strict_default_isolation(store: &Store, name: &str) {
+    if name != "postgres" {
+        return;
+    }
+    let pool = store.dangerous_raw_pool();
+    let db: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {db} SET default_transaction_isolation = 'repeatable read'"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_on_one_database_keep_one_chain() {
     // Like the CLI beside a running server, or two nodes on one PostgreSQL:
     // each writer's cached chain head goes stale and must be refreshed.
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {
+        strict_default_isolation(&Store::open(&url).await.unwrap(), name).await;
         let a = seeded(&url, 1).await;
         let b = Store::open(&url).await.unwrap();
         for i in 10..30 {
@@ -316,6 +336,70 @@ async fn two_writers_on_one_database_keep_one_chain() {
         let report = a.verify_audit().await.unwrap();
         assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
         assert_eq!(report.rows, 2 + 20 + 60, "{name}");
+        a.close().await;
+        b.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_written_change_by_change_follows_another_writer() {
+    // A batch holding one bad change is written again one change at a time;
+    // another writer appending meanwhile must not fail the good ones.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        strict_default_isolation(&Store::open(&url).await.unwrap(), name).await;
+        let a = seeded(&url, 1).await;
+        let b = Store::open(&url).await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let appender = {
+            let (b, stop) = (b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.commit(Change::Record(event(50_000 + n))).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut good = 0;
+        for round in 0..20 {
+            let mut tasks = Vec::new();
+            for i in 0..6 {
+                // cert(1) is stored already: that one must fail, alone.
+                let serial = if i == 3 { 1 } else { 1000 + round * 10 + i };
+                let s = a.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = s
+                        .commit(Change::Issue {
+                            cert: cert(serial),
+                            token: None,
+                            event: event(serial),
+                            completes: None,
+                        })
+                        .await;
+                    (serial, r)
+                }));
+            }
+            for t in tasks {
+                match t.await.unwrap() {
+                    (1, r) => assert!(
+                        matches!(r, Err(sigil_store::Error::Conflict(_))),
+                        "{name}: {r:?}"
+                    ),
+                    (serial, r) => {
+                        assert!(r.is_ok(), "{name}: {serial}: {r:?}");
+                        good += 1;
+                    }
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let appended = appender.await.unwrap();
+        assert!(appended > 0, "{name}");
+        let report = a.verify_audit().await.unwrap();
+        assert!(report.first_bad.is_none(), "{name}: {:?}", report.first_bad);
+        assert_eq!(report.rows, (2 + good + appended) as u64, "{name}");
         a.close().await;
         b.close().await;
     }
