@@ -61,6 +61,15 @@ pub struct Query {
 }
 
 impl Query {
+    /// Whether the CertID's hash algorithm carries NULL parameters, the form
+    /// this responder pre-signs (and OpenSSL, Go and Java send). RFC 5754
+    /// lets SHA-2 CertIDs omit them; a client compares the CertID echoed in
+    /// the answer with its own, parameters included, so an answer made for
+    /// one form does not serve the other.
+    pub fn canonical(&self) -> bool {
+        self.cert_id.hash_algorithm.parameters == Some(Null.into())
+    }
+
     /// The CertID's hash algorithm, if one this responder knows.
     pub fn hash(&self) -> Option<CertIdHash> {
         match self.cert_id.hash_algorithm.oid {
@@ -136,6 +145,19 @@ impl IssuerHashes {
             serial: serial.clone(),
         })
     }
+
+    /// The CertID for one of this issuer's serials as a client that leaves
+    /// out the hash algorithm's (NULL) parameters sends it, which RFC 5754
+    /// allows for SHA-2.
+    pub fn cert_id_without_parameters(
+        &self,
+        serial: &Serial,
+        hash: CertIdHash,
+    ) -> Result<Query, Error> {
+        let mut q = self.cert_id(serial, hash)?;
+        q.cert_id.hash_algorithm.parameters = None;
+        Ok(q)
+    }
 }
 
 /// Parses a DER OCSP request; unsigned requests only need be honoured.
@@ -192,6 +214,9 @@ fn nonce_value(value: &[u8]) -> Result<Vec<u8>, Refusal> {
 pub struct Summary {
     /// The hash algorithm of the CertID naming it.
     pub hash: Option<CertIdHash>,
+    /// Whether that CertID's hash algorithm has NULL parameters (see
+    /// [`Query::canonical`]).
+    pub canonical: bool,
     /// Whether it says revoked.
     pub revoked: bool,
     /// thisUpdate (unix s).
@@ -217,6 +242,7 @@ pub fn summarize(der: &[u8]) -> Option<Summary> {
     };
     Some(Summary {
         hash: query.hash(),
+        canonical: query.canonical(),
         revoked: matches!(first.cert_status, CertStatus::Revoked(_)),
         this_update: unix(&first.this_update)?,
         next_update: match &first.next_update {

@@ -425,20 +425,31 @@ impl Ocsp {
     /// out (tried again at the next call): it issues nothing yet, so it must
     /// not stop a server from starting or the others' responses.
     pub async fn ensure_signers(&self) -> Result<Vec<Arc<Current>>, sigil_authority::Error> {
+        let (out, failed) = self.ensure_each_signer().await;
+        failed.map_or(Ok(out), Err)
+    }
+
+    /// [`Ocsp::ensure_signers`], going on past an issuer that fails: the
+    /// responders made, and the first failure.
+    async fn ensure_each_signer(&self) -> (Vec<Arc<Current>>, Option<sigil_authority::Error>) {
         let publishing = self.authority.issuer_states();
         let mut out = Vec::with_capacity(publishing.len());
+        let mut failed = None;
         for (state, issuer) in &publishing {
             match self.ensure_signer(issuer).await {
                 Ok(cur) => out.push(cur),
                 Err(e) if *state == sigil_authority::IssuerState::Staged => {
                     tracing::error!(issuer = %issuer.info().id, error = %e, "the OCSP responder of a staged issuer could not be made; retrying later");
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(issuer = %issuer.info().id, error = %e, "the OCSP responder could not be made; retrying later");
+                    failed.get_or_insert(e);
+                }
             }
         }
         write(&self.current)
             .retain(|id, _| publishing.iter().any(|(_, i)| i.info().id.as_str() == id));
-        Ok(out)
+        (out, failed)
     }
 
     /// The responder of one issuer. Every node uses the one stored in the
@@ -526,8 +537,8 @@ impl Ocsp {
     /// is returned after all were tried.
     pub async fn refresh(&self) -> Result<Presigned, sigil_authority::Error> {
         let mut n = Presigned::default();
-        let mut failed = None;
-        for cur in self.ensure_signers().await? {
+        let (serving, mut failed) = self.ensure_each_signer().await;
+        for cur in serving {
             match self.refresh_issuer(&cur).await {
                 Ok(k) => {
                     n.signed += k.signed;
@@ -586,6 +597,11 @@ impl Ocsp {
         let cache = read(&self.cache);
         let c = cache.get(key)?;
         let fresh = c.dates.window.1 - now > self.margin();
+        // A revocation this node knows of but whose answer is not re-signed
+        // yet (a long list in progress, or a failed signature): signed anew.
+        if c.status == "good" && self.authority.revoked_in_memory(&key.0) == Some(true) {
+            return None;
+        }
         (fresh && &*c.issuer == issuer).then(|| c.answer())
     }
 
@@ -738,21 +754,29 @@ impl Ocsp {
         Ok(done)
     }
 
-    /// Re-signs the responses of newly revoked certificates at once.
+    /// Re-signs the responses of newly revoked certificates at once. Every
+    /// cached answer about them goes first, in one step, so none is served
+    /// as `good` while a long list (a mass revocation) is worked through;
+    /// the new answers are stored [`PRESIGN_BATCH`] at a time.
     pub async fn revoked(&self, serials: &[String]) {
         let now = self.authority.now();
-        for hex in serials {
-            let Some(serial) = Serial::parse_hex(hex) else {
-                continue;
-            };
-            // Answers naming it with another hash are signed again on demand.
-            let forget = || {
-                let mut cache = write(&self.cache);
+        let serials: Vec<(&String, Serial)> = serials
+            .iter()
+            .filter_map(|hex| Serial::parse_hex(hex).map(|s| (hex, s)))
+            .collect();
+        // Answers naming them with another hash are signed again on demand.
+        let forget = |hexes: &mut dyn Iterator<Item = &String>| {
+            let mut cache = write(&self.cache);
+            for hex in hexes {
                 cache.remove(&(hex.clone(), CertIdHash::Sha1));
                 cache.remove(&(hex.clone(), CertIdHash::Sha256));
-            };
-            forget();
-            let issuer = match self.authority.certificate(&serial).await {
+            }
+        };
+        forget(&mut serials.iter().map(|(hex, _)| *hex));
+        let mut signed: Vec<(String, Cached)> = Vec::new();
+        let mut signed_by: Option<Arc<Current>> = None;
+        for (hex, serial) in &serials {
+            let issuer = match self.authority.certificate(serial).await {
                 Ok(Some(row)) => row.issuer_id,
                 Ok(None) => continue,
                 Err(e) => {
@@ -764,31 +788,49 @@ impl Ocsp {
                 // Not serving (yet) on this node: answered by a fresh signature.
                 continue;
             };
-            let signed = async {
-                let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
+            // Stored per responder: a list of another issuer's goes first.
+            if (signed.len() >= PRESIGN_BATCH
+                || signed_by.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &cur)))
+                && let Some(by) = signed_by.take()
+            {
+                self.keep_revoked(&by, std::mem::take(&mut signed)).await;
+            }
+            let one = async {
+                let q = cur.hashes.cert_id(serial, CertIdHash::Sha1)?;
                 let status = self
                     .authority
-                    .ocsp_status(&cur.signer.issuer_id, &serial)
+                    .ocsp_status(&cur.signer.issuer_id, serial)
                     .await?;
                 let (der, status, window) = self.sign_der(&cur, &[(&q, status)], None, now)?;
                 let dates = self.presigned_dates(window)?;
                 let issuer = Arc::from(cur.signer.issuer_id.as_str());
                 Ok::<_, sigil_authority::Error>(Cached::new(issuer, status, &der, &cur.tail, dates))
             };
-            match signed.await {
+            match one.await {
                 Ok(cached) => {
-                    let signed = [(hex.clone(), cached)];
-                    let stored = self.persist(&cur, &signed).await;
-                    let [(key, mut cached)] = signed;
-                    cached.stored = stored;
-                    put(&mut write(&self.cache), (key, CertIdHash::Sha1), cached);
+                    signed.push(((*hex).clone(), cached));
+                    signed_by = Some(cur);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, serial = %hex, "re-signing an OCSP response failed");
-                    // Never keep serving `good` for a revoked certificate.
-                    forget();
+                    // Never keep serving `good` for a revoked certificate
+                    // (a pass may have cached one meanwhile).
+                    forget(&mut std::iter::once(*hex));
                 }
             }
+        }
+        if let Some(by) = signed_by {
+            self.keep_revoked(&by, signed).await;
+        }
+    }
+
+    /// Stores re-signed answers of revoked certificates, then serves them.
+    async fn keep_revoked(&self, cur: &Current, mut signed: Vec<(String, Cached)>) {
+        let stored = self.persist(cur, &signed).await;
+        let mut cache = write(&self.cache);
+        for (key, mut cached) in signed.drain(..) {
+            cached.stored = stored;
+            put(&mut cache, (key, CertIdHash::Sha1), cached);
         }
     }
 
@@ -1162,7 +1204,9 @@ impl Ocsp {
             NoncePolicy::Honour => req.nonce.as_deref(),
             NoncePolicy::Ignore => None,
         };
-        if let ([q], None) = (req.queries.as_slice(), nonce) {
+        if let ([q], None) = (req.queries.as_slice(), nonce)
+            && q.canonical()
+        {
             let key = (q.serial.to_hex(), q.hash().ok_or(Refusal::Unauthorized)?);
             if let Some(a) = self.cached(&cur.signer.issuer_id, &key, now) {
                 self.remember(request, &cur.signer.issuer_id, key);
@@ -1185,8 +1229,10 @@ impl Ocsp {
         let a = self
             .sign(&cur, &answers, nonce, now)
             .map_err(|_| Refusal::Internal)?;
-        // Cache a plain single answer for a certificate we issued.
+        // Cache a plain single answer for a certificate we issued, its CertID
+        // in the form answers are pre-signed in.
         if let ([(q, Status::Good | Status::Revoked { .. })], None) = (answers.as_slice(), nonce)
+            && q.canonical()
             && let Some(hash) = q.hash()
             && let Some(dates) = a.window.and_then(|w| self.dates(w))
         {

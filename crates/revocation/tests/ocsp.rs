@@ -215,6 +215,71 @@ async fn answers_echo_the_hash_and_never_serve_a_stale_revocation() {
     }
 }
 
+/// A client compares the CertID echoed with its own, parameters included:
+/// one leaving out the hash algorithm's NULL parameters (RFC 5754 allows it)
+/// must not get the answer cached for the usual form, nor the other way round.
+#[tokio::test]
+async fn answers_echo_the_hash_parameters_as_sent() {
+    let f = fixture().await;
+    let serial = issue(&f.authority, "p.internal").await;
+    let ocsp = follower(&f.authority).await;
+    for hash in [CertIdHash::Sha1, CertIdHash::Sha256] {
+        for absent in [true, false, true, false, true] {
+            let q = match absent {
+                true => f.hashes.cert_id_without_parameters(&serial, hash),
+                false => f.hashes.cert_id(&serial, hash),
+            }
+            .unwrap();
+            let a = ocsp.answer(&ocsp::request(&[&q], None).unwrap()).await;
+            let s = ocsp::summarize(&a.der).unwrap();
+            assert_eq!((s.hash, s.canonical), (Some(hash), !absent), "{hash:?}");
+        }
+    }
+}
+
+/// Once this node knows of a revocation, a cached `good` answer is not
+/// served, even before the answer is re-signed (a long list of revocations
+/// is worked through one by one); then every answer says revoked, stored
+/// for the other nodes.
+#[tokio::test]
+async fn a_known_revocation_is_never_answered_from_a_good_answer() {
+    let f = fixture().await;
+    let serials = issue_n(&f.authority, "m", 6).await;
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    assert_eq!(job_node.refresh().await.unwrap().signed, 6);
+    for s in &serials {
+        assert!(
+            !ocsp::summarize(&cacheable(&job_node, &f.hashes, s).await)
+                .unwrap()
+                .revoked
+        );
+    }
+    for s in &serials[..4] {
+        f.authority
+            .revoke(s, 1, &Requester::Operator("test".into()))
+            .await
+            .unwrap();
+    }
+    f.authority.sync().await.unwrap();
+    for (i, s) in serials.iter().enumerate() {
+        let der = cacheable(&job_node, &f.hashes, s).await;
+        assert_eq!(ocsp::summarize(&der).unwrap().revoked, i < 4, "answer {i}");
+    }
+    let hexes: Vec<String> = serials[..4].iter().map(|s| s.to_hex()).collect();
+    job_node.revoked(&hexes).await;
+    let other = follower(&f.authority).await;
+    f.authority.sync().await.unwrap();
+    assert_eq!(other.load_stored().await.unwrap(), 6);
+    for (i, s) in serials.iter().enumerate() {
+        let der = cacheable(&other, &f.hashes, s).await;
+        assert_eq!(ocsp::summarize(&der).unwrap().revoked, i < 4, "answer {i}");
+    }
+}
+
 #[tokio::test]
 async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
     let f = fixture().await;

@@ -153,14 +153,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                             .await;
                         }
                         // New revocations (here, on another node, or by the CLI).
+                        // The CRL job and watchers first: re-signing a long
+                        // list of OCSP answers takes a while.
                         if !synced.revoked.is_empty() {
-                            responder.revoked(&synced.revoked).await;
                             revocation.revocations_changed();
                             for serial in &synced.revoked {
                                 notifier.send(Notice::Revoked {
                                     serial: serial.clone(),
                                 });
                             }
+                            responder.revoked(&synced.revoked).await;
                         }
                     }
                     Err(e) => {
