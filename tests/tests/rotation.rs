@@ -462,6 +462,75 @@ fn intermediate_rotation_with_overlap() {
     assert!(out.contains("before.pem: good"), "{out}");
     assert!(third_id != second_id);
 
+    // A fourth key. Its certificate cannot be signed for 3m (minutes, not
+    // months) nor written over the root's own certificate; one signed for
+    // 30 hours is staged, but would expire within a day of taking over in
+    // 10 hours, so it is not activated. While it is staged no other
+    // rotation starts; withdrawn, it leaves the trust bundle.
+    ok(sigil(&["intermediate", "rotate", "--config", &config]));
+    let root_sign = |out: &str, validity: &str| {
+        sigil(&[
+            "root",
+            "sign",
+            "--dir",
+            &root_dir,
+            "--csr",
+            &csr.display().to_string(),
+            "--out",
+            out,
+            "--validity",
+            validity,
+            "--passphrase-file",
+            &root_pass,
+        ])
+    };
+    let err = fails(root_sign(&p("short.crt"), "3m"));
+    assert!(err.contains("at least a day"), "{err}");
+    let root_crt = format!("{root_dir}/root.crt");
+    let root_before = std::fs::read(&root_crt).unwrap();
+    let err = fails(root_sign(&root_crt, "30h"));
+    assert!(err.contains("the root's root.crt"), "{err}");
+    assert_eq!(std::fs::read(&root_crt).unwrap(), root_before);
+    ok(root_sign(&p("short.crt"), "30h"));
+    let out = ok(sigil(&[
+        "intermediate",
+        "install",
+        "--config",
+        &config,
+        "--stage",
+        "--cert",
+        &p("short.crt"),
+    ]));
+    let short_id = printed_id(&out, "staged issuer ");
+    let err = fails(sigil(&["intermediate", "rotate", "--config", &config]));
+    assert!(
+        err.contains(&short_id) && err.contains("sigil intermediate unstage"),
+        "{err}"
+    );
+    let err = fails(sigil(&[
+        "intermediate",
+        "activate",
+        "--config",
+        &config,
+        "--at",
+        "10h",
+    ]));
+    assert!(err.contains("expires at"), "{err}");
+    let out = ok(sigil(&["intermediate", "unstage", "--config", &config]));
+    assert!(
+        out.contains(&short_id) && out.contains("withdrawn"),
+        "{out}"
+    );
+    let short_pem = std::fs::read_to_string(work.join("short.crt")).unwrap();
+    wait_for("the withdrawn issuer leaves the bundle", 15, || {
+        let b = String::from_utf8(http_get(server.port, "/bundle.pem").unwrap().1).unwrap();
+        (!b.contains(short_pem.trim()) && b.contains(third_pem.trim())).then_some(())
+    });
+    let err = fails(sigil(&["intermediate", "unstage", "--config", &config]));
+    assert!(err.contains("nothing to withdraw"), "{err}");
+    let after_unstage = issue(work, &config, "still-third.internal", "still-third");
+    assert_eq!(after_unstage.trim(), third_pem.trim());
+
     // Every step is in the audit chain, which still verifies.
     let out = ok(sigil(&["audit", "verify", "--config", &config]));
     assert!(
@@ -487,6 +556,7 @@ fn intermediate_rotation_with_overlap() {
             "issuer.activated operator:",
             "issuer.activation_scheduled operator:",
             "issuer.activated system:scheduler",
+            "issuer.unstaged operator:",
         ] {
             assert!(kinds.contains(k), "{k} missing from:\n{kinds}");
         }
@@ -507,6 +577,7 @@ fn intermediate_rotation_with_overlap() {
                 && n.ends_with(".key")
                 && !n.contains(&second_id)
                 && !n.contains(&third_id)
+                && !n.contains(&short_id)
                 && !n.contains("next")
         })
         .expect("the first issuer's key file");

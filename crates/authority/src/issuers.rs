@@ -178,6 +178,26 @@ pub async fn stage(
         })
 }
 
+/// Withdraws the staged issuer `id`: it leaves the trust bundle and never
+/// issues. Audited `issuer.unstaged`.
+pub async fn unstage(
+    store: &Store,
+    id: &str,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<AuditReceipt, Error> {
+    store
+        .commit(Change::Issuer {
+            change: IssuerChange::Unstage {
+                id: id.to_string(),
+                at: now.unix_timestamp(),
+            },
+            event: event("issuer.unstaged", actor, id, now, json!({})),
+        })
+        .await
+        .map_err(|e| out_of_order(e, format!("issuer {id} is not staged (any more)")))
+}
+
 /// Records a cross-certificate between two roots (audited
 /// `root.cross_cert_installed`); the caller has checked it against the
 /// configured roots.

@@ -48,6 +48,14 @@ impl Profile {
         }
     }
 
+    /// Whether a certificate of this profile can do all that one of `other`
+    /// can (`mtls` covers `server` and `client`). A deny rule naming a
+    /// profile denies every profile that covers it.
+    pub fn covers(&self, other: Profile) -> bool {
+        let mine = self.extended_key_usages();
+        other.extended_key_usages().iter().all(|u| mine.contains(u))
+    }
+
     /// Key usages for a subject key of `key_type` under this profile. RSA server
     /// keys also get keyEncipherment for TLS 1.2 RSA key exchange.
     pub fn key_usages(&self, key_type: KeyType) -> Vec<Ku> {

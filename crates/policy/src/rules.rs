@@ -240,6 +240,15 @@ impl Rule {
         self.profiles.as_ref().is_none_or(|ps| ps.contains(&p))
     }
 
+    /// For deny rules: whether a certificate of profile `p` could do what a
+    /// listed profile's could (a rule denying `server` denies `mtls`, whose
+    /// certificates are server certificates too).
+    fn profile_denied(&self, p: Profile) -> bool {
+        self.profiles
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|d| p.covers(*d)))
+    }
+
     fn key_ok(&self, k: KeyType) -> bool {
         self.key_types
             .as_ref()
@@ -468,7 +477,7 @@ impl Policy {
         for rule in self.rules.iter().filter(|r| r.effect == Effect::Deny) {
             if rule.selects(req.requester)
                 && rule.touches(id)
-                && rule.profile_ok(req.profile)
+                && rule.profile_denied(req.profile)
                 && req
                     .key_type
                     .map_or(rule.key_types.is_none(), |k| rule.key_ok(k))

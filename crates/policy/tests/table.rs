@@ -306,3 +306,50 @@ fn the_digest_names_the_files_that_decided() {
     });
     assert_eq!(&*d.policy, edited.digest());
 }
+
+/// A deny rule naming a profile also denies the profiles whose
+/// certificates can do the same: `mtls` certificates are server and client
+/// certificates too.
+#[test]
+fn a_denied_profile_is_denied_inside_a_wider_one() {
+    let policy = Policy::from_sources([(
+        "p.toml",
+        r#"
+[[rule]]
+name = "web"
+effect = "allow"
+requesters = ["token"]
+dns = [".corp.internal"]
+
+[[rule]]
+name = "no-server-certs"
+effect = "deny"
+requesters = ["token"]
+dns = [".corp.internal"]
+profiles = ["server"]
+"#,
+    )])
+    .unwrap();
+    let requester = Requester::Token("web".into());
+    let identifiers = [Identifier::parse_any("a.corp.internal").unwrap()];
+    for (profile, allowed) in [
+        (Profile::Server, false),
+        (Profile::Mtls, false),
+        (Profile::Client, true),
+    ] {
+        let d = policy.evaluate(&Request {
+            requester: &requester,
+            identifiers: &identifiers,
+            profile,
+            key_type: Some(KeyType::EcdsaP256),
+            lifetime: None,
+        });
+        assert_eq!(d.allowed, allowed, "{profile:?}: {:?}", d.findings);
+        if !allowed {
+            assert!(
+                d.denial_reason().unwrap().contains("no-server-certs"),
+                "{profile:?}"
+            );
+        }
+    }
+}

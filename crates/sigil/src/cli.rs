@@ -258,6 +258,17 @@ pub enum IntermediateCmd {
         #[arg(long)]
         operator: Option<String>,
     },
+    /// Withdraw the staged intermediate (one signed by mistake, or with the
+    /// wrong subject or lifetime): it leaves the trust bundle and never
+    /// issues, and a new rotation can start.
+    Unstage {
+        /// Path to sigil.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Operator name for the audit log (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
 }
 
 /// `sigil db ...`

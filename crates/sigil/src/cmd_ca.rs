@@ -31,7 +31,7 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
         } => {
             let spec: KeySpec = key_type.parse()?;
             let subject = parse_subject(&subject)?;
-            let validity = parse_duration(&validity)?;
+            let validity = ca_validity(&validity)?;
             if dir.join("root.key").exists() {
                 bail!(
                     "{} already exists; a root is created once (use another --dir)",
@@ -62,7 +62,8 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
             passphrase_file,
             crl_url,
         } => {
-            let validity = parse_duration(&validity)?;
+            let validity = ca_validity(&validity)?;
+            not_a_root_file(&dir, &out)?;
             let permitted_ip = permitted_ip
                 .iter()
                 .map(|s| {
@@ -96,10 +97,11 @@ pub fn root(cmd: RootCmd) -> Result<ExitCode> {
             validity,
             passphrase_file,
         } => {
+            not_a_root_file(&dir, &out)?;
             let other =
                 std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
             let pass = passphrase::obtain(passphrase_file.as_deref(), ROOT_ENV, "root key")?;
-            let der = cross_sign(&dir, &other, parse_duration(&validity)?, &pass)?;
+            let der = cross_sign(&dir, &other, ca_validity(&validity)?, &pass)?;
             write_public(&out, &pem("CERTIFICATE", &der))?;
             let info = IssuerInfo::from_der(&der)?;
             println!("cross-certificate: {}", out.display());
@@ -545,6 +547,9 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
             renew_all_by,
             operator,
         } => crate::cmd_rotate::activate(&config, at, renew_all_by, operator.as_deref()).await,
+        IntermediateCmd::Unstage { config, operator } => {
+            crate::cmd_rotate::unstage(&config, operator.as_deref()).await
+        }
         IntermediateCmd::Install {
             config,
             cert,
@@ -599,6 +604,37 @@ pub async fn install(cfg: &Config, cert: &[u8], actor: &str) -> Result<IssuerInf
     Ok(info)
 }
 
+/// A CA certificate's `--validity`: at least a day. (`m` is minutes, `M`
+/// months: `3m` is a typo worth stopping.)
+fn ca_validity(text: &str) -> Result<Duration> {
+    let validity = parse_duration(text)?;
+    if validity < Duration::from_secs(86_400) {
+        bail!(
+            "--validity {text} is {}; a CA certificate needs at least a day \
+             (months are written M or months: 3M, 3months; years y)",
+            sigil_core::lifetime::format_duration(validity)
+        );
+    }
+    Ok(validity)
+}
+
+/// Refuses an `--out` that is the root's own key or certificate.
+fn not_a_root_file(dir: &Path, out: &Path) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    for name in ["root.key", "root.crt", "arl.json"] {
+        if same(&dir.join(name), out) {
+            bail!(
+                "--out {} is the root's {name}: write the new certificate to another file",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `cert` is a currently valid CA certificate, chains to a
 /// configured root and certifies the key in `key_path`. Returns it and its root.
 pub fn check_intermediate(
@@ -641,6 +677,15 @@ pub fn check_intermediate(
             "certificate is not currently valid ({} to {})",
             info.not_before,
             info.not_after
+        );
+    }
+    let least = crate::cmd_rotate::MIN_ISSUER_LEFT;
+    if info.not_after - now < least {
+        bail!(
+            "certificate expires at {}, in less than {}: an issuer must outlive the certificates it signs; \
+             have the root sign it again with a longer --validity",
+            info.not_after,
+            sigil_core::lifetime::format_duration(least.unsigned_abs())
         );
     }
     if key.public_key() != &info.public_key {

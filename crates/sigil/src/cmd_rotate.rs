@@ -55,6 +55,70 @@ async fn active_issuer(store: &Store) -> Result<Option<IssuerRow>> {
         .find(|r| r.state == IssuerState::Active))
 }
 
+/// The least validity an intermediate must have left when it is installed
+/// or takes over issuance: one about to expire would leave the CA without
+/// an issuer (leaf certificates are cut to their issuer's notAfter).
+pub const MIN_ISSUER_LEFT: time::Duration = time::Duration::days(1);
+
+/// Refuses while an issuer is staged: one rotation at a time, and two staged
+/// issuers could not be activated.
+async fn refuse_while_staged(store: &Store, what: &str) -> Result<()> {
+    if let Some(r) = store
+        .issuers()
+        .await?
+        .into_iter()
+        .find(|r| r.state == IssuerState::Staged)
+    {
+        bail!(
+            "issuer {} ({}) is staged and not yet active: activate it (`sigil intermediate activate`) \
+             or withdraw it (`sigil intermediate unstage`) before you {what}",
+            r.id,
+            r.subject
+        );
+    }
+    Ok(())
+}
+
+/// `sigil intermediate unstage`: withdraws the staged issuer (it leaves the
+/// trust bundle; it never issued). Its key stays where it is.
+pub async fn unstage(config: &Path, operator: Option<&str>) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = Store::open(&cfg.database_url()).await?;
+    let result = unstage_in(&store, operator).await;
+    store.close().await;
+    for (id, key_ref) in result? {
+        println!(
+            "issuer {id} is withdrawn: it leaves the trust bundle within seconds and will not issue"
+        );
+        if let Some(k) = key_ref {
+            println!("its key ({k}) was left in place; delete it once you no longer need it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn unstage_in(
+    store: &Store,
+    operator: Option<&str>,
+) -> Result<Vec<(String, Option<String>)>> {
+    let staged: Vec<IssuerRow> = store
+        .issuers()
+        .await?
+        .into_iter()
+        .filter(|r| r.state == IssuerState::Staged)
+        .collect();
+    if staged.is_empty() {
+        bail!("no intermediate is staged; nothing to withdraw");
+    }
+    let actor = format!("operator:{}", operator_name(operator));
+    let mut out = Vec::new();
+    for r in staged {
+        sigil_authority::issuers::unstage(store, &r.id, &actor, SystemClock.now()).await?;
+        out.push((r.id, r.key_ref));
+    }
+    Ok(out)
+}
+
 /// `sigil intermediate rotate`: the next key and its CSR.
 pub async fn rotate(
     config: &Path,
@@ -122,6 +186,7 @@ async fn rotate_in(
     subject: Option<String>,
     out: &Path,
 ) -> Result<()> {
+    refuse_while_staged(store, "start another rotation").await?;
     let current = active_issuer(store).await?;
     let current_info = current
         .as_ref()
@@ -194,6 +259,10 @@ pub async fn install_staged(config: &Path, cert: &Path) -> Result<ExitCode> {
     {
         store.close().await;
         bail!("issuer {} is already installed", info.id);
+    }
+    if let Err(e) = refuse_while_staged(&store, "stage another").await {
+        store.close().await;
+        return Err(e);
     }
     let now = SystemClock.now();
     let actor = format!("operator:{}", operator_name(None));
@@ -301,7 +370,17 @@ async fn activate_in(
                 .join(", ")
         ),
     };
-    if target.not_before > at.unwrap_or(now).unix_timestamp() {
+    let takes_over = at.unwrap_or(now);
+    if target.not_after - takes_over.unix_timestamp() < MIN_ISSUER_LEFT.whole_seconds() {
+        bail!(
+            "issuer {} expires at {}, less than {} after it would take over: have the root sign a longer-lived certificate for its key, or withdraw it (`sigil intermediate unstage`)",
+            target.id,
+            time::OffsetDateTime::from_unix_timestamp(target.not_after)
+                .map_or_else(|_| target.not_after.to_string(), |t| t.to_string()),
+            sigil_core::lifetime::format_duration(MIN_ISSUER_LEFT.unsigned_abs()),
+        );
+    }
+    if target.not_before > takes_over.unix_timestamp() {
         bail!(
             "issuer {} is not valid until {}: activate it at or after that time",
             target.id,

@@ -128,6 +128,13 @@ pub enum IssuerChange {
         /// Now (unix s).
         at: i64,
     },
+    /// A staged issuer is withdrawn (retired without having issued).
+    Unstage {
+        /// Issuer id.
+        id: String,
+        /// Now (unix s).
+        at: i64,
+    },
     /// A previous issuer whose certificates all expired is retired.
     Retire {
         /// Issuer id.
@@ -734,6 +741,17 @@ async fn issuer_change(
             .execute(&mut **tx)
             .await?;
             Ok(())
+        }
+        IssuerChange::Unstage { id, at } => {
+            issuer_step(
+                tx,
+                "UPDATE issuers SET status = 'retired', activate_at = NULL, changed_at = $2 \
+                 WHERE id = $1 AND status = 'staged'",
+                id,
+                *at,
+                "staged",
+            )
+            .await
         }
         IssuerChange::Retire { id, at } => {
             issuer_step(
