@@ -227,7 +227,9 @@ impl RequesterSelector {
         match (&self.kind, &self.glob) {
             (None, _) => true,
             (Some(k), None) => k == r.kind(),
-            (Some(k), Some(g)) => k == r.kind() && glob_match(g, r.name()),
+            (Some(k), Some(g)) => {
+                k == r.kind() && same_identity_kind(k, g, r.name()) && glob_match(g, r.name())
+            }
         }
     }
 }
@@ -256,6 +258,15 @@ fn canonical_mtls_glob(glob: &str) -> String {
         }
         _ => glob.to_ascii_lowercase(),
     }
+}
+
+/// An `mtls:` glob written for a SPIFFE ID selects only SPIFFE IDs, and one
+/// written for a DNS name only DNS names (`*` alone selects both): otherwise
+/// `mtls:*.corp.internal` would select `spiffe://corp/ns/x/y.corp.internal`,
+/// an ID whose path its holder chose.
+fn same_identity_kind(kind: &str, glob: &str, name: &str) -> bool {
+    const SPIFFE: &str = "spiffe://";
+    kind != "mtls" || glob == "*" || glob.starts_with(SPIFFE) == name.starts_with(SPIFFE)
 }
 
 /// Glob with `*` matching any run of characters (iterative, no backtracking blowup).
@@ -314,6 +325,17 @@ mod tests {
             ),
             ("mtls:GW.Internal", "gw.internal", true),
             ("mtls:*.Internal", "api.internal", true),
+            // A DNS glob does not select a SPIFFE ID ending like a DNS name,
+            // nor a SPIFFE glob a DNS name; `*` selects any identity.
+            (
+                "mtls:*.corp.internal",
+                "spiffe://corp/ns/team/x.corp.internal",
+                false,
+            ),
+            ("mtls:*internal", "spiffe://corp/ns/internal", false),
+            ("mtls:spiffe://*", "spiffe://corp/ns/a", true),
+            ("mtls:*", "spiffe://corp/ns/a", true),
+            ("mtls:*", "gw.internal", true),
             ("token:Team-A", "team-a", false),
         ] {
             let s = RequesterSelector::parse(selector).unwrap();
