@@ -239,6 +239,21 @@ fn online_backup_restores_and_db_migrate_moves_the_ca_to_postgres() {
         .block_on(sigil_store::testing::fresh_postgres(&admin))
         .unwrap();
     let from = format!("sqlite://{}", db.display());
+    // A mistyped source path is refused, and no empty database is made there.
+    let typo = work.join("data/sigil-typo.db");
+    let err = fails(sigil(&[
+        "db",
+        "migrate",
+        "--from",
+        &format!("sqlite://{}", typo.display()),
+        "--to",
+        &pg,
+    ]));
+    assert!(err.contains("cannot open --from"), "{err}");
+    assert!(
+        !typo.exists(),
+        "no database was created at the mistyped path"
+    );
     // Not while a server still writes to the source.
     let running = Server::start(&["--dev", "--data-dir", "data"], work, &[]);
     let err = fails(sigil(&["db", "migrate", "--from", &from, "--to", &pg]));

@@ -237,11 +237,37 @@ pub async fn backup(config: &Path, out: &Path) -> Result<ExitCode> {
 /// `sigil db migrate`.
 pub async fn migrate(from: &str, to: &str) -> Result<ExitCode> {
     use anyhow::Context;
-    // A SQLite source must not change while it is copied: no server on it.
-    let _no_server = sigil_store::ServerLock::take(from)?;
-    let source = Store::open(from)
+    // A SQLite source must exist (not be created by a mistyped path).
+    let existing = match from.strip_prefix("sqlite:") {
+        Some(_) if !from.contains("mode=") => {
+            let sep = if from.contains('?') { '&' } else { '?' };
+            format!("{from}{sep}mode=rw")
+        }
+        _ => from.to_string(),
+    };
+    let source = Store::open(&existing)
         .await
-        .with_context(|| "cannot open --from".to_string())?;
+        .with_context(|| "cannot open --from (is the path right?)".to_string())?;
+    // A SQLite source must not change while it is copied: no server on it.
+    let _no_server = match sigil_store::ServerLock::take(from) {
+        Ok(l) => l,
+        Err(e) => {
+            source.close().await;
+            return Err(e.into());
+        }
+    };
+    if source
+        .issuers()
+        .await
+        .map(|i| i.is_empty())
+        .unwrap_or(false)
+    {
+        source.close().await;
+        anyhow::bail!(
+            "--from {} holds no CA (no intermediate was ever installed): check the path",
+            sigil_store::redact(from)
+        );
+    }
     let target = match Store::open(to).await {
         Ok(t) => t,
         Err(e) => {
