@@ -466,7 +466,18 @@ fn intermediate_rotation_with_overlap() {
     // months) nor written over the root's own certificate; one signed for
     // 30 hours is staged, but would expire within a day of taking over in
     // 10 hours, so it is not activated. While it is staged no other
-    // rotation starts; withdrawn, it leaves the trust bundle.
+    // rotation starts; withdrawn, it leaves the trust bundle. (First, a
+    // CSR that cannot be written leaves no key behind to block the rotation.)
+    let err = fails(sigil(&[
+        "intermediate",
+        "rotate",
+        "--config",
+        &config,
+        "--out",
+        &p("no-such-dir/next.csr"),
+    ]));
+    assert!(err.contains("was removed"), "{err}");
+    assert!(!key.exists(), "{err}");
     ok(sigil(&["intermediate", "rotate", "--config", &config]));
     let root_sign = |out: &str, validity: &str| {
         sigil(&[

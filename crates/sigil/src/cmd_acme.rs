@@ -90,11 +90,14 @@ pub(crate) fn parse_when(
     s: &str,
     now: time::OffsetDateTime,
 ) -> Result<time::OffsetDateTime> {
+    if s.eq_ignore_ascii_case("now") {
+        return Ok(now);
+    }
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
         return Ok(t);
     }
     let d = sigil_core::lifetime::parse_duration(s).with_context(|| {
-        format!("{flag} '{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration from now (6h)")
+        format!("{flag} '{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z), a duration from now (6h), nor `now`")
     })?;
     Ok(now + d)
 }
@@ -111,7 +114,7 @@ async fn ari(
     let when = parse_when("--renew-by", renew_by, now)?;
     if when < now - time::Duration::minutes(1) {
         bail!(
-            "--renew-by {renew_by} is in the past (it is now {now}); give a later time, or 0s to ask for renewal at once"
+            "--renew-by {renew_by} is in the past (it is now {now}); give a later time, or `now` to ask for renewal at once"
         );
     }
     let store = Store::open(&cfg.database_url()).await?;
@@ -155,4 +158,26 @@ async fn ari(
     result?;
     println!("ACME clients using ARI will be asked to renew {scope} by {when}");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed expectation is a failure
+    use super::parse_when;
+
+    #[test]
+    fn times_are_rfc3339_durations_or_now() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_795_521_600).unwrap();
+        assert_eq!(parse_when("--at", "now", now).unwrap(), now);
+        assert_eq!(
+            parse_when("--at", "6h", now).unwrap(),
+            now + time::Duration::hours(6)
+        );
+        assert_eq!(
+            parse_when("--at", "2026-12-01T00:00:00Z", now).unwrap(),
+            time::OffsetDateTime::from_unix_timestamp(1_796_083_200).unwrap()
+        );
+        let e = parse_when("--at", "soon", now).unwrap_err().to_string();
+        assert!(e.contains("`now`"), "{e}");
+    }
 }

@@ -511,7 +511,9 @@ pub async fn intermediate(cmd: IntermediateCmd) -> Result<ExitCode> {
             let subject = parse_subject(&subject)?;
             let key = crate::keys::KeyStore::new(&cfg)?.generate(&location, spec)?;
             let csr = intermediate_csr(&key, subject)?;
-            write_public(&out, &pem("CERTIFICATE REQUEST", &csr))?;
+            if let Err(e) = write_public(&out, &pem("CERTIFICATE REQUEST", &csr)) {
+                return Err(drop_unused_key(&location, e));
+            }
             match &location {
                 crate::keys::KeyLocation::File(p) => {
                     println!("intermediate key (encrypted, 0600): {}", p.display())
@@ -602,6 +604,24 @@ pub async fn install(cfg: &Config, cert: &[u8], actor: &str) -> Result<IssuerInf
     write_public(&dest, &pem("CERTIFICATE", &info.der))?;
     tracing::info!(issuer = %info.id, root = %root.subject, "intermediate installed");
     Ok(info)
+}
+
+/// After the CSR for a key just made could not be written: removes a key
+/// file (nothing else knows of it; run again to make another), so that the
+/// next run does not find a key without a CSR. A key in a token stays.
+pub(crate) fn drop_unused_key(
+    location: &crate::keys::KeyLocation,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    match location {
+        crate::keys::KeyLocation::File(p) if std::fs::remove_file(p).is_ok() => e.context(format!(
+            "the CSR could not be written, so the new key {} was removed: give a writable --out and run again",
+            p.display()
+        )),
+        _ => e.context(format!(
+            "the CSR could not be written; the new key ({location}) stays: remove it, then run again with a writable --out"
+        )),
+    }
 }
 
 /// A CA certificate's `--validity`: at least a day. (`m` is minutes, `M`

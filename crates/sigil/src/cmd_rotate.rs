@@ -219,7 +219,9 @@ async fn rotate_in(
     }
     let new_key = keys.generate(location, spec)?;
     let csr = sigil_signer::intermediate_csr(&new_key, dn)?;
-    write_public(out, &pem("CERTIFICATE REQUEST", &csr))?;
+    if let Err(e) = write_public(out, &pem("CERTIFICATE REQUEST", &csr)) {
+        return Err(crate::cmd_ca::drop_unused_key(location, e));
+    }
     let now = SystemClock.now();
     store
         .commit(Change::Record(AuditEvent {
@@ -392,6 +394,9 @@ async fn activate_in(
     keys.open(&keys.location(target)?)
         .context("the staged issuer's key cannot be loaded")?;
     let actor = format!("operator:{}", operator_name(operator));
+    sigil_authority::issuers::activate(store, &target.id, at, &actor, now).await?;
+    // The renewal hint once the new issuer is (scheduled to be) active: a
+    // failed activation must not push clients to renew onto the old one.
     let replaced = rows.iter().find(|r| r.state == IssuerState::Active);
     if let (Some(by), Some(old)) = (renew_by, replaced) {
         let scope = format!("issuer:{}", old.id);
@@ -412,7 +417,6 @@ async fn activate_in(
             })
             .await?;
     }
-    sigil_authority::issuers::activate(store, &target.id, at, &actor, now).await?;
     match at {
         Some(t) if t > now => println!(
             "issuer {} takes over issuance at {t} (running servers switch within seconds of it)",
