@@ -203,19 +203,25 @@ fn intermediate_rotation_with_overlap() {
     );
 
     // 2. the offline root signs it; 3. it is staged.
-    let sign_and_stage = |name: &str| {
-        ok(sigil(&[
+    let csr_path = csr.display().to_string();
+    let root_sign = |out: &str, extra: &[&str]| {
+        let mut args = vec![
             "root",
             "sign",
             "--dir",
             &root_dir,
             "--csr",
-            &csr.display().to_string(),
+            &csr_path,
             "--out",
-            &p(name),
+            out,
             "--passphrase-file",
             &root_pass,
-        ]));
+        ];
+        args.extend_from_slice(extra);
+        sigil(&args)
+    };
+    let sign_and_stage = |name: &str| {
+        ok(root_sign(&p(name), &[]));
         ok(sigil(&[
             "intermediate",
             "install",
@@ -479,30 +485,14 @@ fn intermediate_rotation_with_overlap() {
     assert!(err.contains("was removed"), "{err}");
     assert!(!key.exists(), "{err}");
     ok(sigil(&["intermediate", "rotate", "--config", &config]));
-    let root_sign = |out: &str, validity: &str| {
-        sigil(&[
-            "root",
-            "sign",
-            "--dir",
-            &root_dir,
-            "--csr",
-            &csr.display().to_string(),
-            "--out",
-            out,
-            "--validity",
-            validity,
-            "--passphrase-file",
-            &root_pass,
-        ])
-    };
-    let err = fails(root_sign(&p("short.crt"), "3m"));
+    let err = fails(root_sign(&p("short.crt"), &["--validity", "3m"]));
     assert!(err.contains("at least a day"), "{err}");
     let root_crt = format!("{root_dir}/root.crt");
     let root_before = std::fs::read(&root_crt).unwrap();
-    let err = fails(root_sign(&root_crt, "30h"));
+    let err = fails(root_sign(&root_crt, &["--validity", "30h"]));
     assert!(err.contains("the root's root.crt"), "{err}");
     assert_eq!(std::fs::read(&root_crt).unwrap(), root_before);
-    ok(root_sign(&p("short.crt"), "30h"));
+    ok(root_sign(&p("short.crt"), &["--validity", "30h"]));
     let out = ok(sigil(&[
         "intermediate",
         "install",
