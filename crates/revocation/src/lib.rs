@@ -434,6 +434,17 @@ async fn ocsp_get(State(o): State<Arc<Ocsp>>, Path(request): Path<String>) -> Re
     ocsp_response(&o, o.answer(&der).await)
 }
 
+/// Whether an `If-None-Match` value names `etag`: weak comparison (RFC 9110
+/// §13.1.2), so a tag a proxy marked weak (`W/"…"`, as compressing proxies
+/// do) still matches, and `*` matches any.
+fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    let etag = etag.trim_start_matches("W/");
+    if_none_match
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
 pub(crate) fn http_time(t: i64) -> String {
     httpdate::fmt_http_date(
         std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
@@ -522,9 +533,29 @@ async fn serve_crl(s: &Revocation, id: &str, shard: Option<i64>, headers: &Heade
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == p.etag))
+        .is_some_and(|v| etag_matches(v, &p.etag))
     {
         return (StatusCode::NOT_MODIFIED, h).into_response();
     }
     (StatusCode::OK, h, p.der).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::etag_matches;
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let tag = "\"abc\"";
+        for (header, hit) in [
+            ("\"abc\"", true),
+            ("W/\"abc\"", true),
+            ("\"x\", W/\"abc\"", true),
+            ("*", true),
+            ("\"abd\"", false),
+            ("abc", false),
+        ] {
+            assert_eq!(etag_matches(header, tag), hit, "{header}");
+        }
+    }
 }
