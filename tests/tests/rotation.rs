@@ -116,17 +116,20 @@ fn intermediate_rotation_with_overlap() {
     let first_int = issue(work, &config, "old.internal", "old");
 
     // Out of order: nothing to activate, nothing to stage.
+    let install_staged = |name: &str| {
+        sigil(&[
+            "intermediate",
+            "install",
+            "--config",
+            &config,
+            "--stage",
+            "--cert",
+            &p(name),
+        ])
+    };
     let err = fails(sigil(&["intermediate", "activate", "--config", &config]));
     assert!(err.contains("no intermediate is staged"), "{err}");
-    let err = fails(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("old-int.pem"),
-    ]));
+    let err = fails(install_staged("old-int.pem"));
     assert!(err.contains("sigil intermediate rotate"), "{err}");
 
     // 1. rotate: the next key and CSR; nothing changes for clients.
@@ -152,15 +155,7 @@ fn intermediate_rotation_with_overlap() {
     assert!(err.contains("has no certificate yet"), "{err}");
 
     // A certificate for another key is refused by --stage.
-    let err = fails(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("old-int.pem"),
-    ]));
+    let err = fails(install_staged("old-int.pem"));
     assert!(err.contains("does not match the key"), "{err}");
     // So is one that chains to an unknown root.
     let other_root = work.join("other-root");
@@ -188,15 +183,7 @@ fn intermediate_rotation_with_overlap() {
         ],
         &[("SIGIL_ROOT_PASSPHRASE", "another root passphrase")],
     ));
-    let err = fails(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("stray.crt"),
-    ]));
+    let err = fails(install_staged("stray.crt"));
     assert!(
         err.contains("does not chain to any configured root"),
         "{err}"
@@ -222,15 +209,7 @@ fn intermediate_rotation_with_overlap() {
     };
     let sign_and_stage = |name: &str| {
         ok(root_sign(&p(name), &[]));
-        ok(sigil(&[
-            "intermediate",
-            "install",
-            "--config",
-            &config,
-            "--stage",
-            "--cert",
-            &p(name),
-        ]))
+        ok(install_staged(name))
     };
     let out = sign_and_stage("next.crt");
     let second_id = printed_id(&out, "staged issuer ");
@@ -493,15 +472,7 @@ fn intermediate_rotation_with_overlap() {
     assert!(err.contains("the root's root.crt"), "{err}");
     assert_eq!(std::fs::read(&root_crt).unwrap(), root_before);
     ok(root_sign(&p("short.crt"), &["--validity", "30h"]));
-    let out = ok(sigil(&[
-        "intermediate",
-        "install",
-        "--config",
-        &config,
-        "--stage",
-        "--cert",
-        &p("short.crt"),
-    ]));
+    let out = ok(install_staged("short.crt"));
     let short_id = printed_id(&out, "staged issuer ");
     let err = fails(sigil(&["intermediate", "rotate", "--config", &config]));
     assert!(

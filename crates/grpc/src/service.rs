@@ -314,18 +314,20 @@ impl CaService {
         self.audit("grpc.auth_failed", call, actor, reason).await;
     }
 
+    /// One from `key`'s budget in `limiter`; `Err` holds the seconds to wait.
+    fn take(&self, limiter: &std::sync::Mutex<RateLimiter>, key: &str) -> Result<(), u64> {
+        let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(key, now_ms)
+    }
+
     /// Records a refusal within the caller's audit budget; a failure to
     /// record is logged, the refusal stands.
     async fn audit(&self, kind: &str, call: &Call, actor_name: &str, reason: &str) {
-        let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
-            .unwrap_or(i64::MAX);
-        let within = self
-            .refusal_audits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(actor_name, now_ms)
-            .is_ok();
-        if !within {
+        if self.take(&self.refusal_audits, actor_name).is_err() {
             metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => kind.to_string())
                 .increment(1);
             tracing::debug!(kind, actor = %actor_name, "refusal over the audit budget; counted only");
@@ -579,14 +581,7 @@ impl CertificateAuthority for CaService {
                 return Err(Status::invalid_argument(reason));
             };
             let actor = Requester::Token(grant.subject.clone()).to_string();
-            let now_ms = i64::try_from(self.authority.now().unix_timestamp_nanos() / 1_000_000)
-                .unwrap_or(i64::MAX);
-            let budget = self
-                .token_revocations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(&actor, now_ms);
-            if let Err(wait) = budget {
+            if let Err(wait) = self.take(&self.token_revocations, &actor) {
                 metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
                     .increment(1);
                 return Err(Status::resource_exhausted(format!(
