@@ -683,6 +683,15 @@ fn dns(name: &str) -> Identifier {
 }
 
 /// The ACME problem name (`urn:ietf:params:acme:error:` stripped) of a client error.
+/// RFC 8555 §7.3.6: a deactivated account's requests get 401 unauthorized.
+fn assert_unauthorized_401(err: &instant_acme::Error) {
+    assert_eq!(problem_name(err), "unauthorized", "{err}");
+    match err {
+        instant_acme::Error::Api(p) => assert_eq!(p.status, Some(401), "{err}"),
+        other => panic!("{other}"),
+    }
+}
+
 fn problem_name(e: &instant_acme::Error) -> String {
     match e {
         instant_acme::Error::Api(p) => p
@@ -1271,11 +1280,7 @@ async fn deactivated_account_is_refused() {
         .await
         .err()
         .expect("a deactivated account must be refused");
-    assert_eq!(problem_name(&err), "unauthorized", "{err}");
-    match &err {
-        instant_acme::Error::Api(p) => assert_eq!(p.status, Some(401), "{err}"),
-        other => panic!("{other}"),
-    }
+    assert_unauthorized_401(&err);
 
     // newAccount with its key does not hand the account back either.
     let err = ca
@@ -1283,7 +1288,7 @@ async fn deactivated_account_is_refused() {
         .await
         .err()
         .expect("newAccount with a deactivated account's key must be refused");
-    assert_eq!(problem_name(&err), "unauthorized", "{err}");
+    assert_unauthorized_401(&err);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1494,6 +1499,89 @@ async fn an_abandoned_validation_still_settles_the_authorization() {
     // The validator gives up on the silent responder and records it.
     let settled = raw.settle(&authz_url).await;
     assert_eq!(settled["status"], "invalid", "{settled}");
+}
+
+/// A validation with a short `acme.authz_reuse` keeps its authorization
+/// valid as long as the order it was made for: the order is finalized after
+/// the reuse window has passed, while a new order no longer reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_reuse_window_does_not_end_the_order() {
+    let ca = Acme::start_env(&[], &[("SIGIL_ACME_AUTHZ_REUSE", "2s")]).await;
+    let raw = Raw::register(&ca).await;
+    let (order, url) = raw.ready_order(&ca, &["brief.localhost"]).await;
+    let authz_url = order["authorizations"][0].as_str().unwrap();
+    let authz = raw.post(authz_url, None).await.expect_ok().json();
+    assert_eq!(authz["status"], "valid", "{authz}");
+    assert!(
+        authz["expires"].as_str() >= order["expires"].as_str(),
+        "the authorization outlives its order: {authz} {order}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past the reuse window, a new order validates the name again.
+    let next = raw.new_order(&["brief.localhost"]).await.expect_ok().json();
+    assert_eq!(next["status"], "pending", "{next}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let done = raw
+        .finalize(&order, &b64(csr_der(&["brief.localhost"], &key)))
+        .await
+        .expect_ok()
+        .json();
+    assert_eq!(done["status"], "valid", "{done}");
+    let again = raw.post(&url, None).await.expect_ok().json();
+    assert!(again["certificate"].is_string(), "{again}");
+}
+
+/// A finalization whose request times out (the database is busy meanwhile)
+/// still issues: the order does not stay processing with nobody issuing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_finalization_still_issues() {
+    let first = Acme::start(&[]).await;
+    let ca = first
+        .restart(&[("SIGIL_SERVER_REQUEST_TIMEOUT", "3s")])
+        .await;
+    let raw = Raw::register(&ca).await;
+    let (order, url) = raw.ready_order(&ca, &["slow.localhost"]).await;
+    // Another process holds SQLite's write lock for 6 s.
+    let mut lock = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys,time\n\
+             c=sqlite3.connect(sys.argv[1],isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\nprint('locked',flush=True)\n\
+             time.sleep(6)\nc.execute('ROLLBACK')",
+        ])
+        .arg(ca.data.join("sigil.db"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let answered = raw
+        .finalize(&order, &b64(csr_der(&["slow.localhost"], &key)))
+        .await;
+    assert_eq!(
+        answered.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answered.show()
+    );
+    assert!(lock.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let order = loop {
+        let o = raw.post(&url, None).await.expect_ok().json();
+        if o["status"] == "valid" || Instant::now() > deadline {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(order["status"], "valid", "{order}");
+    assert!(order["certificate"].is_string(), "{order}");
 }
 
 /// A TLS server certificate given as is, for every client.

@@ -153,7 +153,7 @@ pub async fn new_account(State(acme): St, headers: HeaderMap, body: Body) -> Rep
         let url = acme.account_url(&existing.id);
         // RFC 8555 §7.3.6: a deactivated account's key is refused everywhere.
         if existing.status != "valid" {
-            return Err(Problem::unauthorized(format!(
+            return Err(Problem::account_not_valid(format!(
                 "the account of this key ({url}) is {}; register a new account with a new key",
                 existing.status
             )));
@@ -677,16 +677,14 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     let reusable_until = now + REUSE_MARGIN.min(life);
     let mut reusable = Vec::with_capacity(wire.len());
     for w in &wire {
-        reusable.push(
-            store
-                .acme_valid_authz(&account.id, &w.key(), reusable_until)
-                .await?,
-        );
+        reusable.push(reusable_authz(&acme, &account.id, &w.key(), reusable_until).await?);
     }
     if reusable.iter().any(Option::is_none) {
         let until = now + REUSE_MARGIN_PENDING.min(life);
         for r in &mut reusable {
-            if r.as_ref().is_some_and(|a| a.expires_at < until) {
+            if r.as_ref()
+                .is_some_and(|a| AuthzBody::reusable_until(a) < until)
+            {
                 *r = None;
             }
         }
@@ -846,9 +844,13 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     let now = acme.now();
     let store = acme.authority.store();
     let life = i64::try_from(acme.settings.order_lifetime.as_secs()).unwrap_or(86400);
-    if let Some(a) = store
-        .acme_valid_authz(&account.id, &wire.key(), now + REUSE_MARGIN.min(life))
-        .await?
+    if let Some(a) = reusable_authz(
+        &acme,
+        &account.id,
+        &wire.key(),
+        now + REUSE_MARGIN.min(life),
+    )
+    .await?
     {
         let url = acme.authz_url(&a.id);
         return Ok(json_reply(
@@ -1024,6 +1026,60 @@ pub async fn finalize(
             .map(|row| row.not_after);
     }
     body.processing_since = Some(now);
+    // From here on the order is processing: run apart from the request, so a
+    // client that goes away (or a request timeout) cannot leave it
+    // processing with no issuance under way.
+    let work = settle_order(
+        acme.clone(),
+        order,
+        body,
+        Settle {
+            csr,
+            requester,
+            profile,
+            lifetime,
+            not_before,
+        },
+    );
+    let settle = match sigil_store::current_request_id() {
+        Some(id) => tokio::spawn(sigil_store::with_request_id(id, work)),
+        None => tokio::spawn(work),
+    };
+    let done = settle
+        .await
+        .map_err(|_| Problem::server_internal("the finalization task failed"))??;
+    let url = acme.order_url(&id);
+    Ok(json_reply(
+        StatusCode::OK,
+        &acme.order_json(&done)?,
+        Some(&url),
+    ))
+}
+
+/// What a finalization issues.
+struct Settle {
+    csr: sigil_core::Csr,
+    requester: Requester,
+    profile: Profile,
+    lifetime: Option<Duration>,
+    not_before: Option<OffsetDateTime>,
+}
+
+/// Moves `order` to processing, issues, and records the outcome; returns the
+/// order as it stands afterwards.
+async fn settle_order(
+    acme: Arc<Acme>,
+    order: AcmeObject,
+    mut body: OrderBody,
+    ask: Settle,
+) -> Result<AcmeObject, Problem> {
+    let Settle {
+        csr,
+        requester,
+        profile,
+        lifetime,
+        not_before,
+    } = ask;
     let processing = AcmeObject {
         status: "processing".into(),
         body: encode(&body),
@@ -1132,12 +1188,7 @@ pub async fn finalize(
         }
     };
     metrics::counter!("sigil_acme_orders_total", "status" => "valid").increment(1);
-    let url = acme.order_url(&id);
-    Ok(json_reply(
-        StatusCode::OK,
-        &acme.order_json(&done)?,
-        Some(&url),
-    ))
+    Ok(done)
 }
 
 #[derive(Deserialize)]
@@ -1258,6 +1309,22 @@ pub async fn challenge(
     reply(&settled)
 }
 
+/// A valid authorization of the account for `identifier` that later orders
+/// may still reuse at `until` (unix s).
+async fn reusable_authz(
+    acme: &Acme,
+    account_id: &str,
+    identifier: &str,
+    until: i64,
+) -> Result<Option<AcmeObject>, Problem> {
+    let found = acme
+        .authority
+        .store()
+        .acme_valid_authz(account_id, identifier, until)
+        .await?;
+    Ok(found.filter(|a| AuthzBody::reusable_until(a) > until))
+}
+
 /// Validates challenge `idx` of authorization `a` and records the outcome;
 /// returns the authorization as stored afterwards.
 async fn validate_and_record(
@@ -1285,11 +1352,13 @@ async fn validate_and_record(
         .validate(ctype, &target, &c.token, &key_auth)
         .await;
     let now = acme.now();
+    let reuse = i64::try_from(acme.settings.authz_reuse.as_secs()).unwrap_or(86400);
     let mut next_body = ab.clone();
     let next_status = match &outcome {
         Ok(()) => {
             next_body.challenges[idx].status = "valid".into();
             next_body.challenges[idx].validated = Some(now);
+            next_body.reuse_until = Some(now + reuse);
             "valid"
         }
         Err(p) => {
@@ -1305,11 +1374,14 @@ async fn validate_and_record(
         "status" => next_status
     )
     .increment(1);
-    let reuse = i64::try_from(acme.settings.authz_reuse.as_secs()).unwrap_or(86400);
     let next = AcmeObject {
         status: next_status.into(),
+        // Valid for acme.authz_reuse (reused by later orders that long),
+        // and at least as long as it was offered for: a short reuse window
+        // must not end it inside the order it was made for (which would
+        // then turn invalid).
         expires_at: if next_status == "valid" {
-            now + reuse
+            (now + reuse).max(a.expires_at)
         } else {
             a.expires_at
         },

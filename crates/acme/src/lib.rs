@@ -371,14 +371,10 @@ impl Acme {
             .ok_or_else(|| Problem::account_does_not_exist(format!("no account at '{kid}'")))?;
         if account.status != "valid" {
             // RFC 8555 §7.3.6: 401 with type unauthorized.
-            return Err(Problem::new(
-                "unauthorized",
-                axum::http::StatusCode::UNAUTHORIZED,
-                format!(
-                    "account {kid} is {}; register a new account",
-                    account.status
-                ),
-            ));
+            return Err(Problem::account_not_valid(format!(
+                "account {kid} is {}; register a new account",
+                account.status
+            )));
         }
         Ok(account)
     }

@@ -130,6 +130,24 @@ pub struct AuthzBody {
     pub identifier: WireIdentifier,
     /// Offered challenges.
     pub challenges: Vec<Challenge>,
+    /// Until when later orders may reuse it (unix s): `acme.authz_reuse`
+    /// after its validation, which may end before the authorization does
+    /// (it stays valid as long as the order it was made for). None: until
+    /// it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse_until: Option<i64>,
+}
+
+impl AuthzBody {
+    /// Until when a valid authorization may complete orders other than its
+    /// own (unix s).
+    pub fn reusable_until(a: &AcmeObject) -> i64 {
+        let reuse = decode::<AuthzBody>(a)
+            .ok()
+            .and_then(|b| b.reuse_until)
+            .unwrap_or(i64::MAX);
+        a.expires_at.min(reuse)
+    }
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(o: &AcmeObject) -> Result<T, Problem> {
@@ -223,6 +241,7 @@ pub fn pending_authz(
         body: encode(&AuthzBody {
             identifier: id.clone(),
             challenges,
+            reuse_until: None,
         }),
         created_at: now_ms.div_euclid(1000),
     })

@@ -73,6 +73,12 @@ problems! {
 }
 
 impl Problem {
+    /// `unauthorized` with 401: a request from a deactivated (or revoked)
+    /// account (RFC 8555 §7.3.6).
+    pub fn account_not_valid(detail: impl Into<String>) -> Problem {
+        Problem::new("unauthorized", StatusCode::UNAUTHORIZED, detail)
+    }
+
     /// A problem of any type.
     pub fn new(kind: &'static str, status: StatusCode, detail: impl Into<String>) -> Problem {
         Problem {

@@ -256,7 +256,7 @@ impl Validator {
                 .header(hyper::header::USER_AGENT, "Sigil-ACME-validator")
                 .header(hyper::header::ACCEPT, "*/*")
                 .body(Empty::<hyper::body::Bytes>::new())
-                .map_err(|e| fail(Problem::server_internal, e.to_string()))?;
+                .map_err(|e| fail(Problem::connection, format!("unusable request: {e}")))?;
             let resp = tokio::time::timeout(self.settings.timeout, sender.send_request(req))
                 .await
                 .map_err(|_| fail(Problem::connection, "no response within the timeout".into()))?
@@ -270,7 +270,7 @@ impl Validator {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                hop = follow(&location, &host, hop.https, ports).map_err(|why| {
+                hop = follow(&location, &hop.path, &host, hop.https, ports).map_err(|why| {
                     fail(
                         Problem::connection,
                         format!("redirect ({status}) to '{location}' not followed: {why}"),
@@ -447,17 +447,28 @@ struct Hop {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// The redirect rules of http-01 validation: a relative path, or an absolute
-/// URL to the same name, by `http://` on the http-01 port or `https://` on
-/// the TLS validation port (`ports`); anything else is refused with why.
-fn follow(location: &str, host: &str, https: bool, ports: (u16, u16)) -> Result<Hop, String> {
-    if location.starts_with('/') && !location.starts_with("//") {
+/// The redirect rules of http-01 validation: a relative reference (resolved
+/// against `from`, the path it answers), or an absolute URL to the same
+/// name, by `http://` on the http-01 port or `https://` on the TLS
+/// validation port (`ports`); anything else is refused with why.
+fn follow(
+    location: &str,
+    from: &str,
+    host: &str,
+    https: bool,
+    ports: (u16, u16),
+) -> Result<Hop, String> {
+    let lower = location.get(..8).unwrap_or(location).to_ascii_lowercase();
+    let absolute = lower.starts_with("http://") || lower.starts_with("https://");
+    let scheme = location
+        .find([':', '/', '?', '#'])
+        .is_some_and(|i| location[i..].starts_with(':'));
+    if !absolute && !scheme && !location.starts_with("//") && !location.is_empty() {
         return Ok(Hop {
             https,
-            path: location.to_string(),
+            path: resolve(from, location)?,
         });
     }
-    let lower = location.get(..8).unwrap_or(location).to_ascii_lowercase();
     let (https, rest, port, default) = if lower.starts_with("http://") {
         (false, &location[7..], ports.0, 80)
     } else if lower.starts_with("https://") {
@@ -484,9 +495,28 @@ fn follow(location: &str, host: &str, https: bool, ports: (u16, u16)) -> Result<
         https,
         path: match path {
             "" => "/".into(),
-            p if p.starts_with('?') => format!("/{p}"),
-            p => p.into(),
+            p if p.starts_with('?') => resolve("/", &format!("/{p}"))?,
+            p => resolve("/", p)?,
         },
+    })
+}
+
+/// `reference` resolved against the path `from` (RFC 3986 §5.2): the path
+/// and query to request, with characters a request line cannot hold
+/// percent-encoded.
+fn resolve(from: &str, reference: &str) -> Result<String, String> {
+    const BASE: &str = "http://validation.invalid/";
+    let unusable = |e: url::ParseError| format!("not a usable URL ({e})");
+    let url = url::Url::parse(BASE)
+        .and_then(|b| b.join(from))
+        .and_then(|b| b.join(reference))
+        .map_err(unusable)?;
+    if url.host_str() != Some("validation.invalid") || url.scheme() != "http" {
+        return Err("a relative redirect must stay on the name being validated".into());
+    }
+    Ok(match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
     })
 }
 
@@ -748,14 +778,32 @@ mod tests {
 
     #[test]
     fn redirects_stay_on_the_name_and_the_validation_ports() {
-        let f = |loc: &str| follow(loc, "a.internal", false, PORTS);
+        let f = |loc: &str| {
+            follow(
+                loc,
+                "/.well-known/acme-challenge/t",
+                "a.internal",
+                false,
+                PORTS,
+            )
+        };
         assert_eq!(f("/elsewhere?x=1"), hop(false, "/elsewhere?x=1"));
+        // Relative references resolve against the path they answer, and
+        // what a request line cannot hold is percent-encoded.
+        assert_eq!(f("t2"), hop(false, "/.well-known/acme-challenge/t2"));
+        assert_eq!(f("../x#frag"), hop(false, "/.well-known/x"));
+        assert_eq!(f("/a b"), hop(false, "/a%20b"));
+        assert_eq!(f("?q=1"), hop(false, "/.well-known/acme-challenge/t?q=1"));
+        assert_eq!(f("https://a.internal:5001/p q"), hop(true, "/p%20q"));
         assert_eq!(f("http://a.internal:5002/p"), hop(false, "/p"));
         assert_eq!(f("HTTPS://A.internal:5001/p"), hop(true, "/p"));
         assert_eq!(f("https://a.internal:5001"), hop(true, "/"));
         assert_eq!(f("https://a.internal:5001?q"), hop(true, "/?q"));
         // A relative path keeps the scheme of the request it answers.
-        assert_eq!(follow("/x", "a.internal", true, PORTS), hop(true, "/x"));
+        assert_eq!(
+            follow("/x", "/", "a.internal", true, PORTS),
+            hop(true, "/x")
+        );
         for bad in [
             "https://b.internal:5001/p",
             "https://a.internal/p",
@@ -763,12 +811,13 @@ mod tests {
             "https://a.internal:5001@evil.internal/p",
             "//a.internal:5002/p",
             "ftp://a.internal/p",
+            "mailto:x@a.internal",
             "",
         ] {
             assert!(f(bad).is_err(), "{bad}");
         }
         // On the standard ports the port may be left out.
-        let std = |loc: &str| follow(loc, "a.internal", false, (80, 443));
+        let std = |loc: &str| follow(loc, "/", "a.internal", false, (80, 443));
         assert_eq!(std("https://a.internal/p"), hop(true, "/p"));
         assert_eq!(std("http://a.internal:80/p"), hop(false, "/p"));
     }
