@@ -271,11 +271,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Not before this (unix s): a certificate just obtained is not renewed at
     // once even when this host's clock says it is due.
     let mut earliest = 0i64;
+    // Drawn once per certificate: a failed attempt is retried after its
+    // backoff, not at another random time.
+    let mut planned = jittered(&held);
     loop {
         let (renewed, installed) = match unsaved.take() {
             Some(h) => (Ok(h), false),
             None => {
-                let due = jittered(&held).max(earliest);
+                let due = planned.max(earliest);
                 let now = SystemClock.now().unix_timestamp();
                 if now < due {
                     wait_until_due(&args, &client, &held, due).await;
@@ -328,17 +331,21 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     );
                 }
                 earliest = now + min_gap(&h.leaf);
+                planned = jittered(&h);
                 held = h;
             }
             Err(e) => {
                 failures += 1;
                 metrics.failures.fetch_add(1, Ordering::Relaxed);
                 let now = SystemClock.now().unix_timestamp();
-                let left = held.leaf.not_after.unix_timestamp() - now;
+                // A renewed certificate not yet written is the one to keep
+                // trying with, even after the installed one has expired.
+                let newest = unsaved.as_ref().unwrap_or(&held);
+                let left = newest.leaf.not_after.unix_timestamp() - now;
                 if left <= 0 {
                     bail!(
                         "certificate {} expired and renewal keeps failing ({e:#}); obtain a new one with a bootstrap token",
-                        held.leaf.serial
+                        newest.leaf.serial
                     );
                 }
                 let backoff = (1u64 << failures.min(6))
@@ -361,6 +368,16 @@ async fn bootstrap(args: &AgentArgs, client: &Client) -> Result<Held> {
     )?;
     let token = std::fs::read_to_string(token_file)
         .with_context(|| format!("cannot read --token-file {}", token_file.display()))?;
+    // Not refused: secret volumes are often group-readable, and the token is
+    // spent once used. Until then it obtains certificates (and may revoke
+    // them), so say so.
+    if let Ok(Some(mode)) = crate::passphrase::readable_by_others(token_file) {
+        eprintln!(
+            "warning: --token-file {} is readable by group or others (mode {mode:o}); until it is used, whoever reads it can obtain this certificate: chmod 600 {}",
+            token_file.display(),
+            token_file.display()
+        );
+    }
     let lifetime = match &args.lifetime {
         Some(l) => sigil_core::lifetime::parse_duration(l)
             .context("--lifetime")?
@@ -488,11 +505,27 @@ struct Early {
 async fn wait_until_due(args: &AgentArgs, client: &Client, held: &Held, due: i64) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Early>(4);
     let watcher = async {
+        let mut failures = 0u32;
         loop {
-            if let Err(e) = client.watch(held, &tx).await {
-                tracing::debug!(error = %format!("{e:#}"), "rotation watch ended; reconnecting");
+            let started = std::time::Instant::now();
+            let ended = client.watch(held, &tx).await;
+            // A watch that lasted is a fresh start; quick ends back off, so
+            // a fleet does not reconnect in step to a CA that keeps failing.
+            if started.elapsed() >= WATCH_HEALTHY {
+                failures = 0;
             }
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            failures += 1;
+            let wait = watch_backoff(failures);
+            match ended {
+                Err(e) if failures == WATCH_WARN_AFTER => eprintln!(
+                    "warning: the rotation watch keeps failing ({e:#}); early renewals may be missed until it reconnects (retrying every few minutes)"
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "rotation watch ended; reconnecting")
+                }
+                Ok(()) => tracing::debug!("rotation watch closed by the CA; reconnecting"),
+            }
+            tokio::time::sleep(wait).await;
         }
     };
     tokio::pin!(watcher);
@@ -533,6 +566,21 @@ async fn wait_until_due(args: &AgentArgs, client: &Client, held: &Held, due: i64
     }
 }
 
+/// A rotation watch that lasted this long resets the reconnect backoff.
+const WATCH_HEALTHY: Duration = Duration::from_secs(60);
+/// Consecutive quick watch failures after which a warning is printed.
+const WATCH_WARN_AFTER: u32 = 4;
+
+/// The wait before reconnecting the rotation watch after `failures` quick
+/// ends in a row: 5 s doubling to at most 5 minutes, the latter half of it
+/// random (a CA restart ends every watch at once).
+fn watch_backoff(failures: u32) -> Duration {
+    let ceiling = (5u64 << failures.saturating_sub(1).min(6)).min(300);
+    let half = ceiling / 2;
+    let jitter = u64::try_from(random_below(i64::try_from(half).unwrap_or(0) + 1)).unwrap_or(0);
+    Duration::from_secs(ceiling - half + jitter)
+}
+
 /// Longest sleep (s) before the wall clock is read again.
 const WALL_CLOCK_STEP: i64 = 60;
 
@@ -540,6 +588,10 @@ const WALL_CLOCK_STEP: i64 = 60;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the answer to one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an idle connection to the CA is checked.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Longest wait for the answer to a keepalive ping.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct Client {
     url: String,
@@ -555,10 +607,17 @@ impl Client {
         if let Some(h) = identity {
             tls = tls.identity(Identity::from_pem(&h.chain_pem, &h.key_pem));
         }
+        // Keepalive pings: a CA that vanishes without closing the
+        // connection (power loss, a dropped flow) ends the rotation watch
+        // within a minute instead of leaving it waiting for ever.
         let endpoint = Endpoint::from_shared(self.url.clone())?
             .tls_config(tls)?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
+            .timeout(CALL_TIMEOUT)
+            .tcp_keepalive(Some(KEEPALIVE))
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         // The connect timeout covers TCP only: a CA that accepts connections
         // but never completes the TLS handshake must not hang the agent.
         match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
@@ -868,11 +927,13 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
         (h.chain_pem.as_bytes(), 0o644),
         (combined.as_bytes(), 0o600),
     ];
-    for (name, (data, mode)) in FILES.iter().zip(contents) {
-        write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
-    }
+    // The marker first: a crash after the `*.new` files are complete is
+    // finished on the next start, which must then reload too.
     if args.reload_cmd.is_some() || args.reload_signal.is_some() {
         write_synced(&args.out_dir.join(RELOAD_PENDING), b"", 0o600)?;
+    }
+    for (name, (data, mode)) in FILES.iter().zip(contents) {
+        write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
     }
     for name in FILES {
         let dir = &args.out_dir;
@@ -1103,6 +1164,22 @@ mod tests {
         let mut kinds: Vec<&str> = parsed.identifiers().iter().map(|i| i.kind()).collect();
         kinds.sort();
         assert_eq!(kinds, ["dns", "ip", "uri"]);
+    }
+
+    #[test]
+    fn watch_reconnects_back_off_to_five_minutes_with_jitter() {
+        let range = |n: u32| {
+            let waits: Vec<u64> = (0..200).map(|_| watch_backoff(n).as_secs()).collect();
+            (*waits.iter().min().unwrap(), *waits.iter().max().unwrap())
+        };
+        let (lo, hi) = range(1);
+        assert!(lo >= 3 && hi <= 5, "{lo}..{hi}");
+        let (lo, hi) = range(3);
+        assert!(lo >= 10 && hi <= 20 && lo < hi, "{lo}..{hi}");
+        for n in [7, 8, 1000] {
+            let (lo, hi) = range(n);
+            assert!(lo >= 150 && hi <= 300 && lo < hi, "{n}: {lo}..{hi}");
+        }
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub idle_timeout: String,
 }
 
+/// Largest count setting accepted (connections, concurrent signings).
+const MAX_COUNT: usize = 1_000_000;
+
 fn max_connections() -> usize {
     10_000
 }
@@ -367,6 +370,12 @@ impl Config {
         let mut table: toml::Table = toml::from_str(&text)
             .with_context(|| format!("config {} is invalid", path.display()))?;
         let applied = apply_env(&mut table, std::env::vars())?;
+        for name in unmatched_env(std::env::vars()) {
+            eprintln!(
+                "warning: {name} is not a setting and was ignored (settings are SIGIL_<SECTION>_<KEY>, section one of {})",
+                SECTIONS.join(", ")
+            );
+        }
         let mut cfg: Config = table.try_into().with_context(|| {
             if applied.is_empty() {
                 format!("config {} is invalid", path.display())
@@ -407,11 +416,13 @@ impl Config {
         Ok(d)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the settings as a whole; run again after command-line flags
+    /// change them.
+    pub fn validate(&self) -> Result<()> {
         let p = self.path.display();
         self.timeouts()?;
-        if self.server.max_connections == 0 {
-            bail!("{p}: server.max_connections must be at least 1");
+        if !(1..=MAX_COUNT).contains(&self.server.max_connections) {
+            bail!("{p}: server.max_connections must be from 1 to {MAX_COUNT}");
         }
         if self.ca.roots.is_empty() {
             bail!("{p}: ca.roots is empty: list the root certificate(s) issuers must chain to");
@@ -450,6 +461,13 @@ impl Config {
             }
             if let Some(u) = a.base_url.as_ref().filter(|u| !u.starts_with("https://")) {
                 bail!("{p}: acme.base_url must be an https:// URL (got '{u}')");
+            }
+            if a.base_url.is_none() && a.https_addr.ip().is_unspecified() {
+                bail!(
+                    "{p}: acme.https_addr listens on {} (every address), which ACME clients cannot use in URLs: set acme.base_url to the URL they use (https://NAME:{})",
+                    a.https_addr.ip(),
+                    a.https_addr.port()
+                );
             }
             for (key, value) in [
                 ("acme.server_cert_lifetime", &a.server_cert_lifetime),
@@ -594,8 +612,8 @@ impl Config {
                 bail!("{p}: revocation.ocsp_nonces must be \"sign\" or \"ignore\" (got '{other}')")
             }
         };
-        if r.ocsp_max_fresh == 0 {
-            bail!("{p}: revocation.ocsp_max_fresh must be at least 1");
+        if !(1..=MAX_COUNT).contains(&r.ocsp_max_fresh) {
+            bail!("{p}: revocation.ocsp_max_fresh must be from 1 to {MAX_COUNT}");
         }
         let validity =
             self.revocation_duration("ocsp_validity", &r.ocsp_validity, Duration::from_secs(60))?;
@@ -692,6 +710,38 @@ pub fn apply_env(
     Ok(applied)
 }
 
+/// `SIGIL_*` variables Sigil reads that are not config settings (secrets,
+/// the HSM module, logging, test switches), by prefix after `SIGIL_`.
+const NOT_CONFIG: [&str; 6] = [
+    "KEY_PASSPHRASE",
+    "ROOT_PASSPHRASE",
+    "PKCS11_",
+    "LOG",
+    "TEST_",
+    "REQUIRE_EXTERNAL",
+];
+
+/// `SIGIL_*` variables that are neither a setting's section nor one Sigil
+/// reads otherwise: most likely a misspelt section (`SIGIL_DATABSE_URL`),
+/// which would otherwise be ignored without a word.
+pub fn unmatched_env(vars: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut names: Vec<String> = vars
+        .map(|(name, _)| name)
+        .filter(|name| {
+            let Some(rest) = name.strip_prefix("SIGIL_") else {
+                return false;
+            };
+            let lower = rest.to_ascii_lowercase();
+            let section = SECTIONS
+                .iter()
+                .any(|s| lower.strip_prefix(s).is_some_and(|k| k.starts_with('_')));
+            !section && !NOT_CONFIG.iter().any(|p| rest.starts_with(p))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// A TOML value from an environment string; bare words are strings.
 fn parse_value(text: &str) -> Result<toml::Value> {
     let doc: Result<toml::Table, _> = toml::from_str(&format!("v = {text}"));
@@ -733,8 +783,14 @@ mod tests {
             ("HOME", "/root"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let applied = apply_env(&mut table, vars.into_iter()).unwrap();
+        let applied = apply_env(&mut table, vars.clone().into_iter()).unwrap();
         assert_eq!(applied.len(), 4, "{applied:?}");
+        // A misspelt section is reported; what Sigil reads otherwise is not.
+        let mut more = vars.to_vec();
+        more.push(("SIGIL_DATABSE_URL".into(), "postgres://x".into()));
+        more.push(("SIGIL_PKCS11_PIN_FILE".into(), "/run/pin".into()));
+        more.push(("SIGIL_LOG".into(), "debug".into()));
+        assert_eq!(unmatched_env(more.into_iter()), ["SIGIL_DATABSE_URL"]);
         let cfg: Config = table.try_into().unwrap();
         assert_eq!(cfg.database.url, "postgres://sigil@db.internal/sigil");
         assert_eq!(cfg.server.http_addr.to_string(), "0.0.0.0:8080");
@@ -932,5 +988,50 @@ mod tests {
         std::fs::write(&bad, text).unwrap();
         let e = Config::load(&bad).unwrap_err().to_string();
         assert!(e.contains("acme.base_url must be an https:// URL"), "{e}");
+        // Listening on every address, the URL clients use must be given.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("base_url = \"https://", "# base_url = \"https://");
+        std::fs::write(&bad, text).unwrap();
+        let e = Config::load(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("0.0.0.0") && e.contains("set acme.base_url"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sigil.example.toml");
+        let base = std::fs::read_to_string(&path).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sigil.toml");
+        for key in ["max_connections", "ocsp_max_fresh"] {
+            for (value, ok) in [
+                ("1", true),
+                ("1000000", true),
+                ("0", false),
+                ("9223372036854775807", false),
+            ] {
+                let text: Vec<String> = base
+                    .lines()
+                    .map(|l| match l.starts_with(&format!("{key} = ")) {
+                        true => format!("{key} = {value}"),
+                        false => l.to_string(),
+                    })
+                    .collect();
+                let text = text.join("\n");
+                assert!(
+                    text.contains(&format!("\n{key} = {value}\n")),
+                    "{key} is in the example"
+                );
+                std::fs::write(&file, text).unwrap();
+                let got = Config::load(&file);
+                assert_eq!(got.is_ok(), ok, "{key} = {value}: {got:?}");
+                if let Err(e) = got {
+                    assert!(e.to_string().contains(key), "{e}");
+                }
+            }
+        }
     }
 }

@@ -21,6 +21,18 @@ pub fn obtain_new(file: Option<&Path>, env: &str, what: &str) -> Result<Passphra
     get(file, env, what, true)
 }
 
+/// The permission bits of secret file `f` when group or others may read it.
+/// Under systemd's credentials directory, which is private to the service
+/// and grants access by ACL (shown as group bits), only others count.
+pub fn readable_by_others(f: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(f)?.permissions().mode() & 0o777;
+    let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .is_some_and(|d| !d.is_empty() && f.starts_with(Path::new(&d)));
+    let loose = if in_credentials { 0o007 } else { 0o077 };
+    Ok((mode & loose != 0).then_some(mode))
+}
+
 fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Passphrase> {
     // `<ENV>_FILE` names a file, e.g. a systemd credential
     // (`Environment=SIGIL_KEY_PASSPHRASE_FILE=%d/intermediate-passphrase`).
@@ -29,18 +41,9 @@ fn get(file: Option<&Path>, env: &str, what: &str, confirm: bool) -> Result<Pass
         .map(std::path::PathBuf::from);
     if let Some(f) = file.map(Path::to_path_buf).or(from_env) {
         let f = f.as_path();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(f)
-            .with_context(|| format!("cannot read passphrase file {}", f.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
-        // systemd grants credential access by ACL, which shows as group bits;
-        // the credentials directory itself is private to the service.
-        let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
-            .is_some_and(|d| !d.is_empty() && f.starts_with(Path::new(&d)));
-        let loose = if in_credentials { 0o007 } else { 0o077 };
-        if mode & loose != 0 {
+        let loose = readable_by_others(f)
+            .with_context(|| format!("cannot read passphrase file {}", f.display()))?;
+        if let Some(mode) = loose {
             bail!(
                 "passphrase file {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
                 f.display(),

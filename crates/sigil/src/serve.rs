@@ -69,6 +69,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         ),
         None => {}
     }
+    // Flags may have added listeners or changed ports: checked as a whole.
+    cfg.validate()?;
     // Held until this function returns: one server per SQLite database.
     let _one_server = sigil_store::ServerLock::take(&cfg.database_url())?;
     let metrics_handle = install_metrics();
