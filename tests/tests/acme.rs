@@ -433,6 +433,30 @@ struct Acme {
 impl Acme {
     /// The same CA (data, validation servers) served by a new node with
     /// `env`, after this one stops: one server per SQLite database.
+    /// A new EAB key (id, HMAC key) from `sigil acme eab create` for `requester`.
+    fn eab_key(&self, requester: &str) -> (String, Vec<u8>) {
+        let config = self.data.join("sigil.toml").display().to_string();
+        let out = tokio::task::block_in_place(|| {
+            ok(sigil(&[
+                "acme",
+                "eab",
+                "create",
+                "--config",
+                &config,
+                "--requester",
+                requester,
+            ]))
+        });
+        let field = |label: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(label))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no '{label}' in:\n{out}"))
+        };
+        let hmac = URL_SAFE_NO_PAD.decode(field("EAB HMAC key:")).unwrap();
+        (field("EAB key id:"), hmac)
+    }
+
     async fn restart(self, env: &[(&str, &str)]) -> Acme {
         let data = self.data.to_string_lossy().into_owned();
         let work = self.data.parent().unwrap().join("restarted");
@@ -1126,26 +1150,7 @@ async fn eab_required() {
     assert_eq!(problem_name(&err), "externalAccountRequired", "{err}");
 
     // With a key made by the CLI: the account works.
-    let config = ca.data.join("sigil.toml").display().to_string();
-    let out = tokio::task::block_in_place(|| {
-        ok(sigil(&[
-            "acme",
-            "eab",
-            "create",
-            "--config",
-            &config,
-            "--requester",
-            "team-web",
-        ]))
-    });
-    let field = |label: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(label))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|| panic!("no '{label}' in:\n{out}"))
-    };
-    let kid = field("EAB key id:");
-    let hmac_key = URL_SAFE_NO_PAD.decode(field("EAB HMAC key:")).unwrap();
+    let (kid, hmac_key) = ca.eab_key("team-web");
 
     // A binding made with the wrong HMAC key is refused too.
     let wrong = ExternalAccountKey::new(kid.clone(), b"not the key that was issued......");
@@ -1166,10 +1171,34 @@ async fn eab_required() {
         .create(&new_account(), ca.dir_url.clone(), Some(&eab))
         .await
         .unwrap_or_else(|e| panic!("newAccount with EAB: {e}\n{}", ca.server.log_text()));
-    let chain = ca
-        .issue(&account, &NewOrder::new(&[dns("eab.localhost")]))
-        .await;
+    let ids = [dns("eab.localhost")];
+    let chain = ca.issue(&account, &NewOrder::new(&ids)).await;
     assert_eq!(sans(&pem_certs(&chain)[0]), ["eab.localhost"]);
+
+    // Another account bound to the same team may replace the certificate
+    // (RFC 9773 §5: the same external account); once it has, the first
+    // account cannot replace it again.
+    let (kid2, hmac2) = ca.eab_key("team-web");
+    let (teammate, _) = ca
+        .builder()
+        .create(
+            &new_account(),
+            ca.dir_url.clone(),
+            Some(&ExternalAccountKey::new(kid2, &hmac2)),
+        )
+        .await
+        .unwrap();
+    let id = cert_id(&pem_certs(&chain)[0]);
+    teammate
+        .new_order(&NewOrder::new(&ids).replaces(id.clone()))
+        .await
+        .expect("a teammate's account replaces the certificate");
+    let again = account
+        .new_order(&NewOrder::new(&ids).replaces(id))
+        .await
+        .err()
+        .expect("already replaced by the teammate's order");
+    assert_eq!(problem_name(&again), "alreadyReplaced", "{again}");
 
     // Each team's accounts act as that team in the naming policy: its own
     // names only.
@@ -1179,28 +1208,8 @@ async fn eab_required() {
          [[rule]]\nname = \"db\"\neffect = \"allow\"\nrequesters = [\"eab:team-db\"]\ndns = [\".db.example\"]\n",
     )
     .unwrap();
-    let db_out = tokio::task::block_in_place(|| {
-        ok(sigil(&[
-            "acme",
-            "eab",
-            "create",
-            "--config",
-            &config,
-            "--requester",
-            "team-db",
-        ]))
-    });
-    let db_field = |label: &str| {
-        db_out
-            .lines()
-            .find_map(|l| l.strip_prefix(label))
-            .map(|v| v.trim().to_owned())
-            .unwrap()
-    };
-    let db_eab = ExternalAccountKey::new(
-        db_field("EAB key id:"),
-        &URL_SAFE_NO_PAD.decode(db_field("EAB HMAC key:")).unwrap(),
-    );
+    let (db_kid, db_hmac) = ca.eab_key("team-db");
+    let db_eab = ExternalAccountKey::new(db_kid, &db_hmac);
     let (db_account, _) = ca
         .builder()
         .create(&new_account(), ca.dir_url.clone(), Some(&db_eab))

@@ -778,7 +778,7 @@ async fn check_replaces(
     let candidates = acme
         .authority
         .store()
-        .acme_orders_replacing(&account.id, cert_id, acme.now())
+        .acme_orders_replacing(&account.requester, cert_id, acme.now())
         .await?;
     for id in candidates {
         // An order whose authorization failed is invalid (RFC 8555 7.1.6)

@@ -605,13 +605,14 @@ impl Store {
             .collect()
     }
 
-    /// The account's orders, finalized or stored as live at `now`, that
-    /// name `cert_id` (an ARI certificate ID) in `replaces`. A stored
+    /// The orders of every account of `requester` (several accounts share
+    /// one external account binding), finalized or stored as live at `now`,
+    /// that name `cert_id` (an ARI certificate ID) in `replaces`. A stored
     /// `pending` order may have failed since (its status is brought up to
     /// date when it is read).
     pub async fn acme_orders_replacing(
         &self,
-        account_id: &str,
+        requester: &str,
         cert_id: &str,
         now: i64,
     ) -> Result<Vec<String>, Error> {
@@ -623,11 +624,12 @@ impl Store {
             .replace('_', "\\_");
         let member = format!("\"replaces\":\"{cert_id}\"");
         let rows = sqlx::query(
-            "SELECT id, body FROM acme_orders WHERE account_id = $1 \
+            "SELECT id, body FROM acme_orders \
+             WHERE account_id IN (SELECT id FROM acme_accounts WHERE requester = $1) \
              AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $2)) \
              AND body LIKE $3 ESCAPE '\\'",
         )
-        .bind(account_id)
+        .bind(requester)
         .bind(now)
         .bind(format!("%\"replaces\":\"{escaped}\"%"))
         .fetch_all(&self.pool)
