@@ -1510,6 +1510,52 @@ async fn an_abandoned_validation_still_settles_the_authorization() {
     assert_eq!(settled["status"], "invalid", "{settled}");
 }
 
+/// The orders list (RFC 8555 §7.1.2.1) comes in pages of 1,000, newest
+/// first, each linking to the next; a cursor it did not make is malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orders_list_is_paged() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let mut made = Vec::new();
+    for i in 0..1001 {
+        let name = format!("o{i}.localhost");
+        made.push(raw.new_order(&[&name]).await.expect_ok().location());
+    }
+    let account = raw.post(&raw.kid, None).await.expect_ok().json();
+    let list = account["orders"].as_str().unwrap().to_owned();
+    let next_of = |r: &Resp| -> Option<String> {
+        r.headers
+            .get_all("link")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.ends_with("rel=\"next\""))
+            .map(|v| v[1..v.find('>').unwrap()].to_owned())
+    };
+    let urls = |r: &Resp| -> Vec<String> {
+        r.json()["orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = raw.post(&list, None).await.expect_ok();
+    let page1 = urls(&first);
+    assert_eq!(page1.len(), 1000);
+    assert_eq!(page1[0], made[1000], "newest first");
+    let next = next_of(&first).expect("a Link to the next page");
+    let second = raw.post(&next, None).await.expect_ok();
+    assert_eq!(next_of(&second), None, "the last page links to none");
+    let mut all: Vec<String> = page1.into_iter().chain(urls(&second)).collect();
+    assert_eq!(all.len(), 1001);
+    all.sort();
+    made.sort();
+    assert_eq!(all, made);
+    raw.post(&format!("{list}?cursor=a%27b"), None)
+        .await
+        .problem("malformed");
+}
+
 /// A validation with a short `acme.authz_reuse` keeps its authorization
 /// valid as long as the order it was made for: the order is finalized after
 /// the reuse window has passed, while a new order no longer reuses it.

@@ -10,7 +10,7 @@ use crate::problem::{Problem, Subproblem};
 use crate::validate::{ChallengeType, Target};
 use crate::{Acme, Signer};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -381,20 +381,68 @@ pub async fn account(
     ))
 }
 
+/// Orders listed per page of an account's orders list.
+const ORDERS_PAGE: usize = 1000;
+
+/// The account's orders list (RFC 8555 §7.1.2.1), newest first, a page at a
+/// time: `?cursor=ID` continues after order ID, and a page with more after
+/// it links to the next (`Link: rel="next"`).
 pub async fn account_orders(
     State(acme): St,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Reply {
-    let path = format!("/acme/account/{id}/orders");
+    let mut path = format!("/acme/account/{id}/orders");
+    if let Some(q) = &query {
+        path = format!("{path}?{q}");
+    }
     let req = acme
         .authenticate(&path, &headers, body, Signer::Account)
         .await?;
     same_account(&acme, req.account()?, &id)?;
-    let ids = acme.authority.store().acme_order_ids(&id, 1000).await?;
+    let cursor = match query.as_deref() {
+        None => None,
+        Some(q) => match q.strip_prefix("cursor=") {
+            Some(c)
+                if !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                Some(c)
+            }
+            _ => {
+                return Err(Problem::malformed(format!(
+                    "the orders list takes only ?cursor=ORDER-ID (from its Link rel=\"next\"), not ?{}",
+                    shown_query(q)
+                )));
+            }
+        },
+    };
+    let page = i64::try_from(ORDERS_PAGE + 1).unwrap_or(i64::MAX);
+    let mut ids = acme
+        .authority
+        .store()
+        .acme_order_ids(&id, cursor, page)
+        .await?;
+    let more = ids.len() > ORDERS_PAGE;
+    ids.truncate(ORDERS_PAGE);
     let urls: Vec<String> = ids.iter().map(|o| acme.order_url(o)).collect();
-    Ok(json_reply(StatusCode::OK, &json!({"orders": urls}), None))
+    let mut resp = json_reply(StatusCode::OK, &json!({"orders": urls}), None);
+    if let (true, Some(last)) = (more, ids.last()) {
+        let next = acme.url(&format!("/acme/account/{id}/orders?cursor={last}"));
+        link(&mut resp, &next, "next");
+    }
+    Ok(resp)
+}
+
+/// At most 64 characters of a query string, for a problem's detail.
+fn shown_query(q: &str) -> &str {
+    match q.char_indices().nth(64) {
+        Some((cut, _)) => &q[..cut],
+        None => q,
+    }
 }
 
 #[derive(Deserialize)]

@@ -645,12 +645,21 @@ impl Store {
         Ok(ids)
     }
 
-    /// The ids of an account's orders, newest first (at most `limit`).
-    pub async fn acme_order_ids(&self, account_id: &str, limit: i64) -> Result<Vec<String>, Error> {
+    /// The ids of an account's orders, newest first (ids begin with their
+    /// creation time), from the first one that sorts before `before` (all
+    /// when None); at most `limit`.
+    pub async fn acme_order_ids(
+        &self,
+        account_id: &str,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<String>, Error> {
         let rows = sqlx::query(
-            "SELECT id FROM acme_orders WHERE account_id = $1 ORDER BY created_at DESC, id LIMIT $2",
+            "SELECT id FROM acme_orders WHERE account_id = $1 AND ($2 IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
         )
         .bind(account_id)
+        .bind(before)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;

@@ -812,7 +812,20 @@ async fn acme_state_on_every_backend() {
             vec!["dns:a.internal".to_string()]
         );
         assert_eq!(
-            store.acme_order_ids("acct1", 10).await.unwrap(),
+            store.acme_order_ids("acct1", None, 10).await.unwrap(),
+            vec!["or1"]
+        );
+        // Paged newest (greatest id) first, continuing before a cursor.
+        for id in ["or2", "or3"] {
+            let o = acme_object(id, "pending", "{}");
+            store.acme_insert_order(Some(&o), &[]).await.unwrap();
+        }
+        assert_eq!(
+            store.acme_order_ids("acct1", None, 2).await.unwrap(),
+            vec!["or3", "or2"]
+        );
+        assert_eq!(
+            store.acme_order_ids("acct1", Some("or2"), 2).await.unwrap(),
             vec!["or1"]
         );
 
