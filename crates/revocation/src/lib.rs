@@ -87,6 +87,34 @@ impl Leader {
 
 /// How soon a staged issuer's CRL is tried again after it failed.
 const STAGED_RETRY: Duration = Duration::from_secs(60);
+/// How soon a serving issuer's CRL is tried again after it failed.
+const FAILED_RETRY: Duration = Duration::from_secs(10);
+
+/// When each issuer's CRL is next to be signed. An issuer that fails is
+/// retried on its own, soon; the others keep their own times.
+#[derive(Debug, Default)]
+struct Schedule(HashMap<String, tokio::time::Instant>);
+
+impl Schedule {
+    /// Whether `id` is to be signed at `now` (never scheduled: yes).
+    fn is_due(&self, id: &str, now: tokio::time::Instant) -> bool {
+        self.0.get(id).is_none_or(|at| *at <= now)
+    }
+
+    fn set(&mut self, id: String, at: tokio::time::Instant) {
+        self.0.insert(id, at);
+    }
+
+    /// Forgets issuers not in `ids` (retired meanwhile).
+    fn keep(&mut self, ids: &[String]) {
+        self.0.retain(|id, _| ids.contains(id));
+    }
+
+    /// The soonest time any issuer is due.
+    fn next(&self) -> Option<tokio::time::Instant> {
+        self.0.values().min().copied()
+    }
+}
 
 /// CRL timing.
 #[derive(Debug, Clone)]
@@ -183,34 +211,34 @@ impl Revocation {
     /// Publishes once now (at startup), then keeps the CRL of every issuer
     /// this node holds (staged ones included) fresh: after each change (debounced) and at half its validity.
     pub async fn run(self: Arc<Self>) {
+        let mut schedule = Schedule::default();
+        // Every issuer at first and after a change; otherwise those due.
+        let mut every = true;
         loop {
             if !self.leader.is_leading() {
                 // Another node publishes: serve what it stored.
                 self.load_stored().await;
+                schedule = Schedule::default();
+                every = true;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = self.leader.changed() => {}
                 }
                 continue;
             }
-            let refresh = match self.publish_all().await {
-                Ok((p, staged_failed)) => {
-                    let half = (p.next_update - p.this_update) / 2;
-                    let half = Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1));
-                    if staged_failed {
-                        half.min(STAGED_RETRY)
-                    } else {
-                        half
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "publishing a CRL failed; retrying in 10 s");
-                    Duration::from_secs(10)
-                }
-            };
+            if let Err(e) = self.publish_all(&mut schedule, every).await {
+                tracing::error!(error = %e, "CRL publication incomplete; failed issuers are tried again in {} s", FAILED_RETRY.as_secs());
+            }
+            every = false;
+            let next = schedule
+                .next()
+                .unwrap_or_else(|| tokio::time::Instant::now() + FAILED_RETRY);
             tokio::select! {
-                _ = tokio::time::sleep(refresh) => {}
-                _ = self.wake.notified() => tokio::time::sleep(self.settings.debounce).await,
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep(self.settings.debounce).await;
+                    every = true;
+                }
             }
         }
     }
@@ -281,39 +309,51 @@ impl Revocation {
             self.load_stored().await;
             return Ok(());
         }
-        self.publish_all().await.map(|_| ())
+        self.publish_all(&mut Schedule::default(), true).await
     }
 
-    /// Publishes for the active, previous and staged issuers; returns the CRL that
-    /// needs refreshing soonest, and whether a staged issuer failed. An issuer
-    /// that fails does not hold up the others; the first error of an issuer
-    /// that serves is returned after all were tried. A staged issuer's
-    /// failure is only reported (it issues nothing yet, so it must not stop
-    /// a server from starting) and retried within [`STAGED_RETRY`].
-    async fn publish_all(&self) -> Result<(Published, bool), sigil_authority::Error> {
-        let mut soonest: Option<Published> = None;
+    /// Publishes for the active, previous and staged issuers: all of them
+    /// (`every`), or those `schedule` says are due; sets when each is due
+    /// next (at half its CRL's validity). An issuer that fails does not hold
+    /// up the others, and is retried on its own within [`FAILED_RETRY`]; the
+    /// first error of an issuer that serves is returned after all were
+    /// tried. A staged issuer's failure is only reported (it issues nothing
+    /// yet, so it must not stop a server from starting) and retried within
+    /// [`STAGED_RETRY`].
+    async fn publish_all(
+        &self,
+        schedule: &mut Schedule,
+        every: bool,
+    ) -> Result<(), sigil_authority::Error> {
         let mut failed = None;
-        let mut staged_failed = false;
         self.forget_retired();
-        for (state, issuer) in self.authority.issuer_states() {
-            match self.publish(issuer.info().id.as_str()).await {
+        let states = self.authority.issuer_states();
+        let ids: Vec<String> = states
+            .iter()
+            .map(|(_, i)| i.info().id.to_string())
+            .collect();
+        schedule.keep(&ids);
+        for ((state, _), id) in states.iter().zip(ids) {
+            let now = tokio::time::Instant::now();
+            if !every && !schedule.is_due(&id, now) {
+                continue;
+            }
+            let next = match self.publish(&id).await {
                 Ok(p) => {
-                    if soonest
-                        .as_ref()
-                        .is_none_or(|s| p.next_update < s.next_update)
-                    {
-                        soonest = Some(p);
-                    }
+                    let half = (p.next_update - p.this_update) / 2;
+                    Duration::from_secs(u64::try_from(half).unwrap_or(60).max(1))
                 }
-                Err(e) if state == sigil_authority::IssuerState::Staged => {
-                    tracing::error!(issuer = %issuer.info().id, error = %e, "publishing the first CRL of a staged issuer failed; retrying within a minute");
-                    staged_failed = true;
+                Err(e) if *state == sigil_authority::IssuerState::Staged => {
+                    tracing::error!(issuer = %id, error = %e, "publishing the first CRL of a staged issuer failed; retrying within a minute");
+                    STAGED_RETRY
                 }
                 Err(e) => {
-                    tracing::error!(issuer = %issuer.info().id, error = %e, "publishing a CRL failed");
+                    tracing::error!(issuer = %id, error = %e, "publishing a CRL failed; retrying in {} s", FAILED_RETRY.as_secs());
                     failed.get_or_insert(e);
+                    FAILED_RETRY
                 }
-            }
+            };
+            schedule.set(id, now + next);
         }
         // Issuers whose keys this node does not hold: their CRLs cannot be
         // signed here. Their last stored CRLs are cached, so they are served
@@ -330,12 +370,12 @@ impl Revocation {
             }
             self.load_stored_of(&unheld).await;
         }
-        match (failed, soonest) {
-            (Some(e), _) => Err(e),
-            (None, Some(p)) => Ok((p, staged_failed)),
-            (None, None) => Err(sigil_authority::Error::Unavailable(
+        match failed {
+            Some(e) => Err(e),
+            None if states.is_empty() => Err(sigil_authority::Error::Unavailable(
                 "no issuer to publish a CRL for".into(),
             )),
+            None => Ok(()),
         }
     }
 
@@ -542,7 +582,26 @@ async fn serve_crl(s: &Revocation, id: &str, shard: Option<i64>, headers: &Heade
 
 #[cfg(test)]
 mod tests {
-    use super::etag_matches;
+    use super::{Schedule, etag_matches};
+    use std::time::Duration;
+
+    /// A failing issuer is retried on its own: the others stay at their own
+    /// times, and retired issuers drop out.
+    #[test]
+    fn each_issuer_keeps_its_own_time() {
+        let t0 = tokio::time::Instant::now();
+        let mut s = Schedule::default();
+        assert!(s.is_due("a", t0), "never published: due");
+        s.set("a".into(), t0 + Duration::from_secs(3600));
+        s.set("b".into(), t0 + Duration::from_secs(10));
+        assert_eq!(s.next(), Some(t0 + Duration::from_secs(10)));
+        let later = t0 + Duration::from_secs(10);
+        assert!(s.is_due("b", later));
+        assert!(!s.is_due("a", later));
+        s.keep(&["a".to_string()]);
+        assert_eq!(s.next(), Some(t0 + Duration::from_secs(3600)));
+        assert!(s.is_due("b", t0), "forgotten: due again");
+    }
 
     #[test]
     fn if_none_match_compares_weakly() {
