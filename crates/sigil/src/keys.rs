@@ -100,14 +100,40 @@ impl KeyStore {
         })
     }
 
+    /// Whether `module` is a PKCS#11 module this host was configured with:
+    /// the configured key's, or `$SIGIL_PKCS11_MODULE`.
+    fn allowed_module(&self, module: &Path) -> bool {
+        let same = |a: &Path, b: &Path| {
+            a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+        };
+        let configured = match &self.configured {
+            KeyLocation::Token(u) => same(&u.module, module),
+            KeyLocation::File(_) => false,
+        };
+        configured
+            || std::env::var_os("SIGIL_PKCS11_MODULE").is_some_and(|m| same(Path::new(&m), module))
+    }
+
     /// Where the key of a stored issuer is: its recorded reference (a file
     /// name in the key directory, or a URI), else the configured key.
     pub fn location(&self, issuer: &IssuerRow) -> Result<KeyLocation, AuthorityError> {
         match &issuer.key_ref {
             None => Ok(self.configured.clone()),
-            Some(r) if Pkcs11Uri::is_uri(r) => Pkcs11Uri::parse(r)
-                .map(KeyLocation::Token)
-                .map_err(|e| AuthorityError::Config(format!("key of issuer {}: {e}", issuer.id))),
+            Some(r) if Pkcs11Uri::is_uri(r) => {
+                let uri = Pkcs11Uri::parse(r).map_err(|e| {
+                    AuthorityError::Config(format!("key of issuer {}: {e}", issuer.id))
+                })?;
+                // The database names the key, not the code loaded to reach
+                // it (and given the PIN): only modules this host configured.
+                if !self.allowed_module(&uri.module) {
+                    return Err(AuthorityError::Config(format!(
+                        "key of issuer {} is in PKCS#11 module {}, which is neither the configured key's module nor SIGIL_PKCS11_MODULE; set SIGIL_PKCS11_MODULE to it if this host should load it",
+                        issuer.id,
+                        uri.module.display()
+                    )));
+                }
+                Ok(KeyLocation::Token(uri))
+            }
             Some(name) if valid_key_name(name) => Ok(KeyLocation::File(self.dir.join(name))),
             Some(name) => Err(AuthorityError::Config(format!(
                 "issuer {} names key '{name}', which is neither a file name in the key directory {} nor a pkcs11: URI",
@@ -127,10 +153,23 @@ impl KeyStore {
         if guard.is_none() {
             *guard = Some(obtain()?);
         }
-        match guard.as_ref() {
+        let out = match guard.as_ref() {
             Some(s) => use_it(s),
             None => anyhow::bail!("no secret available"),
+        };
+        // A secret that did not decrypt is forgotten and read afresh next
+        // time, so a corrected passphrase file is picked up.
+        if let Err(e) = &out
+            && e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<sigil_signer::Error>(),
+                    Some(sigil_signer::Error::Decrypt(_))
+                )
+            })
+        {
+            *guard = None;
         }
+        out
     }
 
     /// Runs `use_it` with the PIN of `uri`'s token: read from its PIN source
@@ -282,14 +321,73 @@ mod tests {
     use super::*;
 
     fn store() -> KeyStore {
+        store_with(None)
+    }
+
+    fn store_with(passphrase_file: Option<PathBuf>) -> KeyStore {
         KeyStore {
             configured: KeyLocation::File(PathBuf::from("unused.key")),
             dir: PathBuf::from("."),
-            passphrase_file: None,
+            passphrase_file,
             pass: Mutex::new(None),
             pins: Mutex::new(HashMap::new()),
             refused_pins: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// A key reference from the database may not load a PKCS#11 module
+    /// this host was not configured with.
+    #[test]
+    fn stored_key_uris_load_only_configured_modules() {
+        let row = |key_ref: &str| IssuerRow {
+            id: "i1".into(),
+            cert_der: Vec::new(),
+            subject: String::new(),
+            not_before: 0,
+            not_after: 0,
+            installed_at: 0,
+            state: sigil_store::IssuerState::Staged,
+            key_ref: Some(key_ref.into()),
+            activate_at: None,
+            changed_at: None,
+        };
+        let mut keys = store();
+        keys.configured = KeyLocation::Token(
+            Pkcs11Uri::parse("pkcs11:token=t;object=a?module-path=/opt/hsm/ok.so").unwrap(),
+        );
+        let ok = row("pkcs11:token=t;object=b?module-path=/opt/hsm/ok.so");
+        assert!(matches!(keys.location(&ok), Ok(KeyLocation::Token(_))));
+        let evil = row("pkcs11:token=t;object=b?module-path=/var/tmp/x.so");
+        let e = keys.location(&evil).err().unwrap().to_string();
+        assert!(
+            e.contains("/var/tmp/x.so") && e.contains("SIGIL_PKCS11_MODULE"),
+            "{e}"
+        );
+        // A host whose own key is a file loads none named by the database.
+        assert!(store().location(&ok).is_err());
+    }
+
+    /// A passphrase that does not open the key file is not kept: once the
+    /// passphrase file is corrected, the key opens without a restart.
+    #[test]
+    fn a_wrong_passphrase_is_read_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let pass_file = tmp.path().join("passphrase");
+        let write_pass = |text: &str| {
+            std::fs::write(&pass_file, text).unwrap();
+            std::fs::set_permissions(&pass_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let key = KeyLocation::File(tmp.path().join("int.key"));
+        write_pass("the right passphrase");
+        store_with(Some(pass_file.clone()))
+            .generate(&key, KeySpec::EcdsaP256)
+            .unwrap();
+        let keys = store_with(Some(pass_file.clone()));
+        write_pass("a wrong passphrase!!");
+        assert!(keys.open(&key).is_err());
+        write_pass("the right passphrase");
+        keys.open(&key).unwrap();
     }
 
     /// Two tokens with their own PINs serve one key store; a PIN a token

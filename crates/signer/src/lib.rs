@@ -69,14 +69,22 @@ impl CaKey {
     /// Signs a probe message and verifies the signature under the public
     /// key: proves the key (and its token) works before it is relied on.
     pub fn self_test(&self) -> Result<(), Error> {
-        use aws_lc_rs::signature as sig;
         let msg = b"sigil key self-test";
         let signature = self.sign_bytes(msg)?;
-        let public = self.public_key();
-        sig::UnparsedPublicKey::new(verification_alg(public.key_type()), public.raw())
-            .verify(msg, &signature)
-            .map_err(|_| Error::Crypto("the key's signature does not verify under its public key"))
+        verify(self.public_key(), msg, &signature)
     }
+}
+
+/// Checks `signature` over `msg` under `public` (as this crate's keys sign).
+pub(crate) fn verify(
+    public: &sigil_core::PublicKey,
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<(), Error> {
+    use aws_lc_rs::signature as sig;
+    sig::UnparsedPublicKey::new(verification_alg(public.key_type()), public.raw())
+        .verify(msg, signature)
+        .map_err(|_| Error::Crypto("the key's signature does not verify under its public key"))
 }
 
 impl rcgen::PublicKeyData for CaKey {

@@ -16,7 +16,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use sigil_core::{KeySpec, PublicKey};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// DER of the P-256 curve OID (CKA_EC_PARAMS).
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -40,7 +40,8 @@ pub struct Pkcs11Uri {
 }
 
 fn pct_decode(s: &str) -> Result<String, Error> {
-    let bad = || Error::Pkcs11(format!("bad percent-encoding in '{s}'"));
+    // The value is not shown: it may be a secret (a pin-value, refused).
+    let bad = || Error::Pkcs11("bad percent-encoding in a pkcs11: URI value".into());
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -66,15 +67,21 @@ impl Pkcs11Uri {
     /// Parses `pkcs11:token=T;object=O[?module-path=M][&pin-source=file:P]`.
     /// The module defaults to `$SIGIL_PKCS11_MODULE`.
     pub fn parse(s: &str) -> Result<Pkcs11Uri, Error> {
+        // Messages show the URI without its query: a pin-value there is a
+        // secret (and refused).
+        let shown = match s.split_once('?') {
+            Some((path, _)) => format!("{path}?…"),
+            None => s.to_string(),
+        };
         let rest = s
             .strip_prefix("pkcs11:")
-            .ok_or_else(|| Error::Pkcs11(format!("'{s}' is not a pkcs11: URI (RFC 7512)")))?;
+            .ok_or_else(|| Error::Pkcs11(format!("'{shown}' is not a pkcs11: URI (RFC 7512)")))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (mut token, mut object, mut module, mut pin_source) = (None, None, None, None);
         for attr in path.split(';').filter(|a| !a.is_empty()) {
             let (k, v) = attr
                 .split_once('=')
-                .ok_or_else(|| Error::Pkcs11(format!("'{attr}' in '{s}' is not name=value")))?;
+                .ok_or_else(|| Error::Pkcs11(format!("'{attr}' in '{shown}' is not name=value")))?;
             let v = pct_decode(v)?;
             match k {
                 "token" => token = Some(v),
@@ -92,20 +99,20 @@ impl Pkcs11Uri {
                 | "slot-id"
                 | "id" => {
                     return Err(Error::Pkcs11(format!(
-                        "'{k}' in '{s}' is not supported: name the key by token and object"
+                        "'{k}' in '{shown}' is not supported: name the key by token and object"
                     )));
                 }
                 other => {
                     return Err(Error::Pkcs11(format!(
-                        "unknown attribute '{other}' in '{s}'"
+                        "unknown attribute '{other}' in '{shown}'"
                     )));
                 }
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (k, v) = attr
-                .split_once('=')
-                .ok_or_else(|| Error::Pkcs11(format!("'{attr}' in '{s}' is not name=value")))?;
+            let (k, v) = attr.split_once('=').ok_or_else(|| {
+                Error::Pkcs11(format!("a query attribute of '{shown}' is not name=value"))
+            })?;
             let v = pct_decode(v)?;
             match k {
                 "module-path" => module = Some(PathBuf::from(v)),
@@ -123,7 +130,7 @@ impl Pkcs11Uri {
                 }
                 other => {
                     return Err(Error::Pkcs11(format!(
-                        "unknown query attribute '{other}' in '{s}'"
+                        "unknown query attribute '{other}' in '{shown}'"
                     )));
                 }
             }
@@ -132,12 +139,12 @@ impl Pkcs11Uri {
             .or_else(|| std::env::var_os("SIGIL_PKCS11_MODULE").map(PathBuf::from))
             .ok_or_else(|| {
                 Error::Pkcs11(format!(
-                    "'{s}' names no module: add ?module-path=/path/to/module.so or set SIGIL_PKCS11_MODULE"
+                    "'{shown}' names no module: add ?module-path=/path/to/module.so or set SIGIL_PKCS11_MODULE"
                 ))
             })?;
         Ok(Pkcs11Uri {
-            token: token.ok_or_else(|| Error::Pkcs11(format!("'{s}' has no token=")))?,
-            object: object.ok_or_else(|| Error::Pkcs11(format!("'{s}' has no object=")))?,
+            token: token.ok_or_else(|| Error::Pkcs11(format!("'{shown}' has no token=")))?,
+            object: object.ok_or_else(|| Error::Pkcs11(format!("'{shown}' has no object=")))?,
             module,
             pin_source,
         })
@@ -155,15 +162,51 @@ enum Kind {
 /// A private key in a PKCS#11 token. Signing takes a session lock: one
 /// token session signs at a time.
 pub struct Pkcs11Key {
-    session: Mutex<Session>,
-    key: ObjectHandle,
+    live: Mutex<Live>,
+    /// How to get the session back when the token loses it (None: a session
+    /// object, which is lost with its session).
+    relogin: Option<Arc<Relogin>>,
     kind: Kind,
     public: PublicKey,
     raw_public: Vec<u8>,
     label: String,
-    slot: cryptoki::slot::Slot,
     // Keeps the module loaded for the session's lifetime.
     context: Pkcs11,
+}
+
+/// A key's session and its handle in it.
+struct Live {
+    session: Session,
+    key: ObjectHandle,
+    slot: cryptoki::slot::Slot,
+}
+
+/// What reopens a token key's session after the token lost it (an HSM
+/// restart or failover, a logout elsewhere in the process): the token's
+/// label and the PIN, kept like the key store keeps it.
+struct Relogin {
+    token: String,
+    pin: zeroize::Zeroizing<String>,
+}
+
+/// Token errors after which the session, or the login, is gone while the
+/// token may be back: worth reopening the session and logging in again.
+fn session_lost(e: &cryptoki::error::Error) -> bool {
+    use cryptoki::error::RvError as Rv;
+    matches!(
+        e,
+        cryptoki::error::Error::Pkcs11(
+            Rv::SessionHandleInvalid
+                | Rv::SessionClosed
+                | Rv::UserNotLoggedIn
+                | Rv::DeviceRemoved
+                | Rv::DeviceError
+                | Rv::TokenNotPresent
+                | Rv::KeyHandleInvalid
+                | Rv::ObjectHandleInvalid,
+            _
+        )
+    )
 }
 
 impl std::fmt::Debug for Pkcs11Key {
@@ -244,6 +287,7 @@ fn generate_pair(
 pub struct TokenHandle {
     context: Pkcs11,
     slot: cryptoki::slot::Slot,
+    relogin: Option<Arc<Relogin>>,
 }
 
 impl std::fmt::Debug for TokenHandle {
@@ -266,13 +310,24 @@ impl TokenHandle {
             .context
             .open_rw_session(self.slot)
             .map_err(ck("opening a PKCS#11 session"))?;
-        if find(&session, ObjectClass::PRIVATE_KEY, label)?.is_some() {
+        if label_taken(&session, label)? {
             return Err(Error::Exists(format!(
                 "a key labelled '{label}' in the token"
             )));
         }
         let (key, public) = generate_pair(&session, spec, label, true)?;
-        Pkcs11Key::assemble(self.context.clone(), session, self.slot, key, public, label)
+        let live = Live {
+            session,
+            key,
+            slot: self.slot,
+        };
+        Pkcs11Key::assemble(
+            self.context.clone(),
+            live,
+            public,
+            label,
+            self.relogin.clone(),
+        )
     }
 
     /// Opens a key stored in the token under `label`.
@@ -284,7 +339,18 @@ impl TokenHandle {
         let missing = || Error::Pkcs11(format!("the token has no key pair labelled '{label}'"));
         let key = find(&session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
         let public = find(&session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
-        Pkcs11Key::assemble(self.context.clone(), session, self.slot, key, public, label)
+        let live = Live {
+            session,
+            key,
+            slot: self.slot,
+        };
+        Pkcs11Key::assemble(
+            self.context.clone(),
+            live,
+            public,
+            label,
+            self.relogin.clone(),
+        )
     }
 
     /// Destroys the key pair stored under `label`, if there is one.
@@ -355,19 +421,22 @@ impl TokenHandle {
             tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let (key, public) = generate_pair(&session, spec, &label, false)?;
-        Pkcs11Key::assemble(
-            self.context.clone(),
+        let live = Live {
             session,
-            self.slot,
             key,
-            public,
-            &label,
-        )
+            slot: self.slot,
+        };
+        // A session object is gone with its session: nothing to reopen.
+        Pkcs11Key::assemble(self.context.clone(), live, public, &label, None)
     }
 }
 
-/// Loads the module, finds the token by label and logs in.
-fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session, cryptoki::slot::Slot), Error> {
+/// Loads the module, finds the token by label and logs in; returns what
+/// logs in again too.
+fn login(
+    uri: &Pkcs11Uri,
+    pin: &str,
+) -> Result<(Pkcs11, Session, cryptoki::slot::Slot, Arc<Relogin>), Error> {
     let context = Pkcs11::new(&uri.module).map_err(ck(&format!(
         "cannot load PKCS#11 module {}",
         uri.module.display()
@@ -381,29 +450,61 @@ fn login(uri: &Pkcs11Uri, pin: &str) -> Result<(Pkcs11, Session, cryptoki::slot:
         )) => {}
         Err(e) => return Err(ck("initializing the PKCS#11 module")(e)),
     }
-    let slot = context
-        .get_slots_with_token()
-        .map_err(ck("listing PKCS#11 slots"))?
-        .into_iter()
-        .find(|s| {
-            context
-                .get_token_info(*s)
-                .is_ok_and(|t| t.label().trim_end() == uri.token)
-        })
-        .ok_or_else(|| Error::Pkcs11(format!("no PKCS#11 token labelled '{}'", uri.token)))?;
-    let session = context
-        .open_rw_session(slot)
-        .map_err(ck("opening a PKCS#11 session"))?;
-    match session.login(UserType::User, Some(&AuthPin::from(pin.to_string()))) {
-        Ok(()) => {}
-        // Login is per token and process: another key's session did it.
-        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _)) => {
-            return Err(Error::WrongPin(uri.token.clone()));
+    let relogin = Arc::new(Relogin {
+        token: uri.token.clone(),
+        pin: zeroize::Zeroizing::new(pin.to_string()),
+    });
+    let (session, slot) = relogin.session(&context)?;
+    Ok((context, session, slot, relogin))
+}
+
+impl Relogin {
+    /// Finds the token by label and opens a session logged in to it.
+    fn session(&self, context: &Pkcs11) -> Result<(Session, cryptoki::slot::Slot), Error> {
+        let slot = context
+            .get_slots_with_token()
+            .map_err(ck("listing PKCS#11 slots"))?
+            .into_iter()
+            .find(|s| {
+                context
+                    .get_token_info(*s)
+                    .is_ok_and(|t| t.label().trim_end() == self.token)
+            })
+            .ok_or_else(|| Error::Pkcs11(format!("no PKCS#11 token labelled '{}'", self.token)))?;
+        let session = context
+            .open_rw_session(slot)
+            .map_err(ck("opening a PKCS#11 session"))?;
+        match session.login(UserType::User, Some(&AuthPin::from(self.pin.to_string()))) {
+            Ok(()) => {}
+            // Login is per token and process: another key's session did it.
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _)) => {
+                return Err(Error::WrongPin(self.token.clone()));
+            }
+            Err(e) => return Err(ck("logging in to the token")(e)),
         }
-        Err(e) => return Err(ck("logging in to the token")(e)),
+        Ok((session, slot))
     }
-    Ok((context, session, slot))
+}
+
+/// Whether a private or a public key in the token has `label`: a new pair
+/// under it could not be opened by label afterwards.
+fn label_taken(session: &Session, label: &str) -> Result<bool, Error> {
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(ck("searching the token"))?;
+        if !found.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn find(session: &Session, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>, Error> {
@@ -495,7 +596,7 @@ fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
 impl Pkcs11Key {
     /// Opens an existing key.
     pub fn open(uri: &Pkcs11Uri, pin: &str) -> Result<Pkcs11Key, Error> {
-        let (context, session, slot) = login(uri, pin)?;
+        let (context, session, slot, relogin) = login(uri, pin)?;
         let key = find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.ok_or_else(|| {
             Error::Pkcs11(format!(
                 "token '{}' has no private key labelled '{}'",
@@ -508,40 +609,47 @@ impl Pkcs11Key {
                 uri.token, uri.object
             ))
         })?;
-        Pkcs11Key::assemble(context, session, slot, key, public, &uri.object)
+        let live = Live { session, key, slot };
+        Pkcs11Key::assemble(context, live, public, &uri.object, Some(relogin))
     }
 
     /// Generates a key in the token (sensitive, never extractable); refuses
     /// if the label is taken.
     pub fn generate(uri: &Pkcs11Uri, spec: KeySpec, pin: &str) -> Result<Pkcs11Key, Error> {
-        let (context, session, slot) = login(uri, pin)?;
-        if find(&session, ObjectClass::PRIVATE_KEY, &uri.object)?.is_some() {
+        let (context, session, slot, relogin) = login(uri, pin)?;
+        if label_taken(&session, &uri.object)? {
             return Err(Error::Exists(format!(
                 "a key labelled '{}' in token '{}'",
                 uri.object, uri.token
             )));
         }
         let (key, public) = generate_pair(&session, spec, &uri.object, true)?;
-        Pkcs11Key::assemble(context, session, slot, key, public, &uri.object)
+        let live = Live { session, key, slot };
+        Pkcs11Key::assemble(context, live, public, &uri.object, Some(relogin))
     }
 
     /// A handle on this key's token, to make more keys there.
     pub fn token(&self) -> TokenHandle {
         TokenHandle {
             context: self.context.clone(),
-            slot: self.slot,
+            slot: self.live().slot,
+            relogin: self.relogin.clone(),
         }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn assemble(
         context: Pkcs11,
-        session: Session,
-        slot: cryptoki::slot::Slot,
-        key: ObjectHandle,
+        live: Live,
         public_handle: ObjectHandle,
         label: &str,
+        relogin: Option<Arc<Relogin>>,
     ) -> Result<Pkcs11Key, Error> {
-        let attrs = session
+        let attrs = live
+            .session
             .get_attributes(
                 public_handle,
                 &[
@@ -597,13 +705,12 @@ impl Pkcs11Key {
         let public = PublicKey::from_spki_der(&spki_der)
             .map_err(|e| Error::Pkcs11(format!("the token's public key is unusable: {e}")))?;
         Ok(Pkcs11Key {
-            session: Mutex::new(session),
-            key,
+            live: Mutex::new(live),
+            relogin,
             kind,
             public,
             raw_public,
             label: label.to_string(),
-            slot,
             context,
         })
     }
@@ -615,9 +722,43 @@ impl Pkcs11Key {
 
     /// Signs `msg` in the token (ECDSA: DER signature over SHA-256/384;
     /// RSA: PKCS#1 v1.5 SHA-256).
+    ///
+    /// When the token has lost the session or the login (an HSM restart or
+    /// failover), the session is opened again, logged in, the key found
+    /// again by its label and checked with a test signature, and the
+    /// signature made once more.
     pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut live = self.live();
+        let first = match self.sign_in(&live, msg) {
+            Err(e) if session_lost(&e) => e,
+            other => return self.finish(other.map_err(ck("signing in the token"))?),
+        };
+        let Some(relogin) = &self.relogin else {
+            return Err(ck("signing in the token")(first));
+        };
+        let fresh = self.reopen(relogin).map_err(|e| {
+            Error::Pkcs11(format!(
+                "signing in the token: {first}; opening a new session failed: {e}"
+            ))
+        })?;
+        *live = fresh;
+        let raw = self
+            .sign_in(&live, msg)
+            .map_err(ck("signing in the token (in a new session)"))?;
+        self.finish(raw)
+    }
+
+    /// A signature as X.509 carries it: ECDSA's r||s from the token as DER.
+    fn finish(&self, raw: Vec<u8>) -> Result<Vec<u8>, Error> {
+        match self.kind {
+            Kind::P256 | Kind::P384 => ecdsa_der(&raw),
+            Kind::Rsa | Kind::Ed25519 => Ok(raw),
+        }
+    }
+
+    /// One signature in `live`'s session, as the token returns it.
+    fn sign_in(&self, live: &Live, msg: &[u8]) -> Result<Vec<u8>, cryptoki::error::Error> {
         use aws_lc_rs::digest;
-        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         match self.kind {
             Kind::P256 | Kind::P384 => {
                 let alg = if matches!(self.kind, Kind::P256) {
@@ -626,23 +767,42 @@ impl Pkcs11Key {
                     &digest::SHA384
                 };
                 let hash = digest::digest(alg, msg);
-                let raw = session
-                    .sign(&Mechanism::Ecdsa, self.key, hash.as_ref())
-                    .map_err(ck("signing in the token"))?;
-                ecdsa_der(&raw)
+                live.session
+                    .sign(&Mechanism::Ecdsa, live.key, hash.as_ref())
             }
-            Kind::Rsa => session
-                .sign(&Mechanism::Sha256RsaPkcs, self.key, msg)
-                .map_err(ck("signing in the token")),
+            Kind::Rsa => live.session.sign(&Mechanism::Sha256RsaPkcs, live.key, msg),
             Kind::Ed25519 => {
                 let params = cryptoki::mechanism::eddsa::EddsaParams::new(
                     cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
                 );
-                session
-                    .sign(&Mechanism::Eddsa(params), self.key, msg)
-                    .map_err(ck("signing in the token"))
+                live.session.sign(&Mechanism::Eddsa(params), live.key, msg)
             }
         }
+    }
+
+    /// A new logged-in session with this key found again by its label,
+    /// proven to be the same key by a test signature.
+    fn reopen(&self, relogin: &Relogin) -> Result<Live, Error> {
+        let (session, slot) = relogin.session(&self.context)?;
+        let key = find(&session, ObjectClass::PRIVATE_KEY, &self.label)?.ok_or_else(|| {
+            Error::Pkcs11(format!(
+                "token '{}' no longer has a private key labelled '{}'",
+                relogin.token, self.label
+            ))
+        })?;
+        let live = Live { session, key, slot };
+        let probe = b"sigil key reopened";
+        let raw = self
+            .sign_in(&live, probe)
+            .map_err(ck("signing a test message in the new session"))?;
+        let signature = self.finish(raw)?;
+        crate::verify(&self.public, probe, &signature).map_err(|_| {
+            Error::Pkcs11(format!(
+                "the key labelled '{}' in token '{}' is no longer the key this issuer was opened with",
+                self.label, relogin.token
+            ))
+        })?;
+        Ok(live)
     }
 }
 
@@ -697,9 +857,17 @@ mod tests {
                 "unknown attribute",
             ),
             ("pkcs11:token=t%zz;object=o?module-path=/m.so", "percent"),
+            // A PIN in the query never shows in a message.
+            (
+                "pkcs11:token=t;object=o;colour=x?pin-value=1234",
+                "unknown attribute",
+            ),
+            ("pkcs11:token=t;object=o?pin-value=12%z4", "percent"),
+            ("pkcs11:token=t;object=o?x&pin-value=1234", "not name=value"),
         ] {
             let e = Pkcs11Uri::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains("1234") && !e.contains("12%z4"), "{bad}: {e}");
         }
     }
 
@@ -736,6 +904,33 @@ mod tests {
         let missing = Pkcs11Uri::parse(&uri_template.replace("OBJ", "nothing")).unwrap();
         let e = Pkcs11Key::open(&missing, &pin).unwrap_err().to_string();
         assert!(e.contains("no private key labelled 'nothing'"), "{e}");
+    }
+
+    /// A key whose token lost the login (here: a logout through another
+    /// session of the process, as after an HSM restart) logs in again and
+    /// signs; its token handle makes keys that do so too.
+    #[test]
+    fn a_lost_login_is_recovered() {
+        let Some((uri_template, pin)) = crate::testing::softhsm_token("relogin", "1234-5678")
+        else {
+            return;
+        };
+        let uri = Pkcs11Uri::parse(&uri_template.replace("OBJ", "issuer")).unwrap();
+        let key = Pkcs11Key::generate(&uri, KeySpec::EcdsaP256, &pin).unwrap();
+        let other = key.token().token_key(KeySpec::EcdsaP256, "other").unwrap();
+        for (n, k) in [&key, &other, &key].into_iter().enumerate() {
+            let msg = format!("after logout {n}");
+            let probe = Pkcs11Key::open(&uri, &pin).unwrap();
+            probe.live().session.logout().unwrap();
+            let e = probe.sign_in(&probe.live(), b"x").unwrap_err();
+            assert!(session_lost(&e), "{e}");
+            let signature = k.sign_bytes(msg.as_bytes()).unwrap();
+            crate::verify(k.public_key(), msg.as_bytes(), &signature).unwrap();
+        }
+        // A session key has nothing to log in again with.
+        let brief = key.token().session_key(KeySpec::EcdsaP256).unwrap();
+        key.live().session.logout().unwrap();
+        assert!(brief.sign_bytes(b"y").is_err());
     }
 
     #[test]
