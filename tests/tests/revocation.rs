@@ -731,6 +731,24 @@ fn root_arl_signed_offline_is_published_and_checked_by_openssl() {
         )
     };
 
+    // The ARL is never written over the root's own files.
+    for name in ["root.key", "root.crt", "arl.json"] {
+        let own = format!("{root_dir}/{name}");
+        let before = std::fs::read(&own).unwrap();
+        let e = fails(sigil(&[
+            "root",
+            "crl",
+            "--dir",
+            &root_dir,
+            "--out",
+            &own,
+            "--passphrase-file",
+            &root_pass,
+        ]));
+        assert!(e.contains(&format!("the root's {name}")), "{e}");
+        assert_eq!(std::fs::read(&own).unwrap(), before, "{name} unchanged");
+    }
+
     // An empty ARL: the whole chain checks out with -crl_check_all.
     let (out, url) = arl(&[]);
     // The dev CA installed number 1 at setup; this is the next.

@@ -1093,7 +1093,17 @@ impl Ocsp {
         nonce: Option<&[u8]>,
         now: OffsetDateTime,
     ) -> Result<Signed, sigil_authority::Error> {
-        let this_update = now - Duration::from_secs(60);
+        // Backdated a minute for relying parties whose clocks are a little
+        // behind, but never to before a revocation it reports (as CRLs).
+        let revoked_at = answers
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Status::Revoked { at, .. } => Some(*at),
+                _ => None,
+            })
+            .max();
+        let floor = now - Duration::from_secs(60);
+        let this_update = revoked_at.map_or(floor, |t| t.max(floor)).min(now);
         let next_update = now + self.settings.validity;
         let tbs = ocsp::response_data(
             &cur.signer.key_hash,

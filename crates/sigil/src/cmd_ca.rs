@@ -156,6 +156,7 @@ pub fn root_crl(
     passphrase_file: Option<&Path>,
 ) -> Result<ExitCode> {
     use sigil_core::Clock as _;
+    not_a_root_file(dir, out)?;
     let validity = parse_duration(validity)?;
     let root_der = std::fs::read(dir.join("root.crt"))
         .with_context(|| format!("no root certificate in {}", dir.display()))?;
@@ -647,7 +648,7 @@ fn not_a_root_file(dir: &Path, out: &Path) -> Result<()> {
     for name in ["root.key", "root.crt", "arl.json"] {
         if same(&dir.join(name), out) {
             bail!(
-                "--out {} is the root's {name}: write the new certificate to another file",
+                "--out {} is the root's {name}: write to another file",
                 out.display()
             );
         }
