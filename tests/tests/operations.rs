@@ -110,7 +110,7 @@ fn metrics_readiness_and_status_describe_the_ca() {
         body.contains("sigil_db_query_seconds_bucket{op=\"commit\""),
         "{body}"
     );
-    for kind in ["root", "issuer", "ocsp_signer"] {
+    for kind in ["root", "issuer", "ocsp_signer", "listener"] {
         let v = metric(
             &body,
             &format!("sigil_certificate_expiry_seconds{{kind=\"{kind}\""),
@@ -427,6 +427,58 @@ fn silent_and_trickling_connections_are_closed_after_the_idle_timeout() {
         }
     }
     assert_eq!(http_get(server.port, "/healthz").unwrap().0, 200);
+    server.stop();
+}
+
+/// A client that sends requests and never reads the answers loses its
+/// connection once the server's writes have waited `server.idle_timeout`
+/// (here 2s), so it cannot hold the only connection slot; a waiting client
+/// is then answered.
+#[test]
+fn a_peer_that_stops_reading_loses_its_connection_slot() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &["--dev", "--data-dir", "data"],
+        tmp.path(),
+        &[
+            ("SIGIL_SERVER_MAX_CONNECTIONS", "1"),
+            ("SIGIL_SERVER_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    let addr = format!("127.0.0.1:{}", server.port);
+    // Megabytes of answers the client never reads fill both sockets'
+    // buffers; the writer thread may block too, which is fine.
+    let hog = std::net::TcpStream::connect(&addr).unwrap();
+    let mut writer = hog.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let requests = b"GET /roots.pem HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+        let _ = writer.write_all(&requests);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut waiting = std::net::TcpStream::connect(&addr).unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut text = String::new();
+    let read = waiting.read_to_string(&mut text);
+    assert!(
+        read.is_ok() && text.starts_with("HTTP/1.1 200"),
+        "not answered while the slot was held: {read:?} {text}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    drop(hog);
     server.stop();
 }
 

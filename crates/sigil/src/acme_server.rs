@@ -22,6 +22,7 @@ pub struct AcmeListener {
     acme: Arc<Acme>,
     limit: crate::limits::ConnectionLimit,
     timeouts: crate::limits::Timeouts,
+    certificate: Arc<ServerCert>,
 }
 
 /// ACME settings from the `[acme]` section.
@@ -61,7 +62,7 @@ impl AcmeListener {
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_cert_resolver(cert);
+            .with_cert_resolver(cert.clone());
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acme = Acme::new(authority, settings(cfg)?)
             .await
@@ -78,7 +79,13 @@ impl AcmeListener {
             acme,
             limit,
             timeouts,
+            certificate: cert,
         })
+    }
+
+    /// Its TLS certificate (renewed in place).
+    pub fn certificate(&self) -> Arc<ServerCert> {
+        self.certificate.clone()
     }
 
     /// The bound address.
@@ -91,6 +98,13 @@ impl AcmeListener {
         let addr = self.listener.local_addr()?;
         let (tx, rx) = mpsc::channel(128);
         let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx, "HTTPS"));
+        // New connections stop as soon as the shutdown starts, not after
+        // the open ones drained.
+        let stop_accepting = accept.abort_handle();
+        let shutdown = async move {
+            shutdown.await;
+            stop_accepting.abort();
+        };
         let pruner = {
             let acme = self.acme.clone();
             tokio::spawn(async move {
@@ -109,7 +123,7 @@ impl AcmeListener {
             addr,
             limit: self.limit,
         };
-        crate::limits::serve(incoming, app, timeouts.idle, shutdown).await;
+        crate::limits::serve(incoming, app, timeouts, shutdown).await;
         accept.abort();
         pruner.abort();
         Ok(())

@@ -22,6 +22,8 @@ pub struct GrpcListener {
     service: CaService,
     notifier: Notifier,
     timeout: Duration,
+    limit: crate::limits::ConnectionLimit,
+    certificate: Arc<crate::tls_cert::ServerCert>,
 }
 
 impl GrpcListener {
@@ -33,6 +35,7 @@ impl GrpcListener {
         tokens: TokenVerifier,
         notifier: Notifier,
         timeout: Duration,
+        limit: crate::limits::ConnectionLimit,
     ) -> Result<GrpcListener> {
         let lifetime = sigil_core::lifetime::parse_duration(&grpc.server_cert_lifetime)?;
         let resolver =
@@ -53,7 +56,7 @@ impl GrpcListener {
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(resolver);
+            .with_cert_resolver(resolver.clone());
         tls.alpn_protocols = vec![b"h2".to_vec()];
 
         let listener = TcpListener::bind(grpc.addr).await.with_context(|| {
@@ -80,7 +83,14 @@ impl GrpcListener {
             // A unary call's deadline; a WatchRotation stream is not cut by
             // it (the timeout covers producing the response headers).
             timeout,
+            limit,
+            certificate: resolver,
         })
+    }
+
+    /// Its TLS certificate (renewed in place).
+    pub fn certificate(&self) -> Arc<crate::tls_cert::ServerCert> {
+        self.certificate.clone()
     }
 
     /// The bound address.
@@ -97,12 +107,36 @@ impl GrpcListener {
             shutdown.await;
             notifier.close();
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(128);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(128);
         let accept = tokio::spawn(accept_loop(self.listener, self.acceptor, tx, "gRPC"));
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            |(tls, _peer)| Ok::<_, std::io::Error>(tls),
-        );
+        // New connections stop as soon as the shutdown starts.
+        let stop_accepting = accept.abort_handle();
+        let shutdown = async move {
+            shutdown.await;
+            stop_accepting.abort();
+        };
+        // Open connections are bounded like the other listeners'; over the
+        // limit, handshaken connections wait here (and then the handshake
+        // slots run out, and the accept loop waits).
+        let (admitted_tx, admitted_rx) = tokio::sync::mpsc::channel(1);
+        let limit = self.limit;
+        let gate = tokio::spawn(async move {
+            loop {
+                let next = limit
+                    .admit(async { rx.recv().await.map(|(tls, _peer)| tls) })
+                    .await
+                    .and_then(crate::limits::Limited::transpose);
+                let Some(conn) = next else { return };
+                if admitted_tx
+                    .send(Ok::<_, std::io::Error>(conn))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(admitted_rx);
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(256)
@@ -113,6 +147,7 @@ impl GrpcListener {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         accept.abort();
+        gate.abort();
         result.context("gRPC server failed")
     }
 }

@@ -24,6 +24,8 @@ pub struct HttpState {
     pub responder: Arc<Ocsp>,
     /// The Prometheus recorder's handle; `None` serves no /metrics.
     pub metrics: Option<PrometheusHandle>,
+    /// The TLS listeners' own certificates (gRPC, HTTPS).
+    pub listeners: Vec<Arc<crate::tls_cert::ServerCert>>,
 }
 
 /// Builds the router.
@@ -75,6 +77,14 @@ async fn not_ready(s: &HttpState) -> Vec<String> {
         ));
     }
     let t = now.unix_timestamp();
+    for l in &s.listeners {
+        if l.not_after() <= t {
+            why.push(format!(
+                "the {} listener's certificate expired (its renewal keeps failing; see the log)",
+                l.label()
+            ));
+        }
+    }
     let crls = s.revocation.published();
     let signers = s.responder.signers();
     for i in s.authority.serving_issuers() {
@@ -149,6 +159,14 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
             } else {
                 0.0
             },
+        );
+    }
+    for l in &s.listeners {
+        expiry(
+            "listener",
+            l.label().to_string(),
+            format!("{} listener", l.label()),
+            l.not_after(),
         );
     }
     for (issuer, until) in s.responder.signers() {

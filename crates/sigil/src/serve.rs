@@ -209,6 +209,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                     tokens,
                     notifier.clone(),
                     cfg.request_timeout()?,
+                    crate::limits::ConnectionLimit::new(
+                        cfg.server.max_connections,
+                        cfg.timeouts()?.idle,
+                    ),
                 )
                 .await?,
             )
@@ -220,7 +224,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             AcmeListener::start(
                 a,
                 authority.clone(),
-                crate::limits::ConnectionLimit::new(cfg.server.max_connections),
+                crate::limits::ConnectionLimit::new(
+                    cfg.server.max_connections,
+                    cfg.timeouts()?.idle,
+                ),
                 cfg.timeouts()?,
             )
             .await?,
@@ -285,6 +292,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         revocation: revocation.clone(),
         responder: responder.clone(),
         metrics: metrics_handle,
+        listeners: grpc
+            .iter()
+            .map(GrpcListener::certificate)
+            .chain(acme.iter().map(AcmeListener::certificate))
+            .collect(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -306,20 +318,27 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
     let listener = crate::limits::LimitedTcp {
         listener,
-        limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections),
+        limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections, timeouts.idle),
     };
-    let http = crate::limits::serve(listener, app, timeouts.idle, stopped(stop_rx.clone()));
+    let http = crate::limits::serve(listener, app, timeouts, stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
     let http_task = tokio::spawn(http);
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     http_task.await?;
-    if let Some(t) = grpc_task {
-        t.await??;
-    }
-    if let Some(t) = acme_task {
-        t.await??;
+    // Listeners drain within their request and idle timeouts; a stream that
+    // would hold one past that is left to the process's exit.
+    let grace = timeouts.request + timeouts.idle;
+    for (name, task) in [("gRPC", grpc_task), ("HTTPS", acme_task)] {
+        let Some(task) = task else { continue };
+        match tokio::time::timeout(grace, task).await {
+            Ok(done) => done??,
+            Err(_) => tracing::warn!(
+                listener = name,
+                "connections still open after the shutdown grace period; closing them with the process"
+            ),
+        }
     }
     authority.store().close().await;
     tracing::info!("stopped");

@@ -29,11 +29,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// A listener certificate, swapped in place when renewed.
 #[derive(Debug)]
-pub struct ServerCert(RwLock<Arc<CertifiedKey>>);
+pub struct ServerCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The current certificate's notAfter (unix s).
+    not_after: std::sync::atomic::AtomicI64,
+    /// Which listener it serves ("gRPC", "HTTPS").
+    label: &'static str,
+}
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(match self.0.read() {
+        Some(match self.current.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         })
@@ -49,8 +55,12 @@ impl ServerCert {
         lifetime: Duration,
         label: &'static str,
     ) -> Result<Arc<ServerCert>> {
-        let (cert, renew_at) = issue(&authority, names, lifetime, label).await?;
-        let me = Arc::new(ServerCert(RwLock::new(cert)));
+        let (cert, renew_at, not_after) = issue(&authority, names, lifetime, label).await?;
+        let me = Arc::new(ServerCert {
+            current: RwLock::new(cert),
+            not_after: std::sync::atomic::AtomicI64::new(not_after),
+            label,
+        });
         tokio::spawn(renew_loop(
             authority,
             names.to_vec(),
@@ -62,22 +72,35 @@ impl ServerCert {
         Ok(me)
     }
 
-    fn set(&self, cert: Arc<CertifiedKey>) {
-        match self.0.write() {
+    fn set(&self, cert: Arc<CertifiedKey>, not_after: i64) {
+        match self.current.write() {
             Ok(mut g) => *g = cert,
             Err(p) => *p.into_inner() = cert,
         }
+        self.not_after
+            .store(not_after, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The listener it serves ("gRPC", "HTTPS").
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    /// The current certificate's notAfter (unix s): watched by /metrics and
+    /// /readyz, since a renewal that keeps failing is otherwise only logged.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
-/// Issues a listener certificate; returns the TLS key with its chain and the
-/// renewal time (unix s).
+/// Issues a listener certificate; returns the TLS key with its chain, the
+/// renewal time and its notAfter (unix s).
 async fn issue(
     authority: &Authority,
     names: &[String],
     lifetime: Duration,
     label: &str,
-) -> Result<(Arc<CertifiedKey>, i64)> {
+) -> Result<(Arc<CertifiedKey>, i64, i64)> {
     let key =
         KeyPair::generate().with_context(|| format!("generating the {label} listener key"))?;
     let mut params = CertificateParams::new(names.to_vec())
@@ -115,7 +138,11 @@ async fn issue(
         issued.not_before.unix_timestamp(),
         issued.not_after.unix_timestamp(),
     );
-    Ok((Arc::new(CertifiedKey::new(chain, signing)), renew_at))
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signing)),
+        renew_at,
+        issued.not_after.unix_timestamp(),
+    ))
 }
 
 async fn renew_loop(
@@ -131,8 +158,8 @@ async fn renew_loop(
         let wait = u64::try_from(renew_at - now).unwrap_or(0);
         tokio::time::sleep(Duration::from_secs(wait)).await;
         match issue(&authority, &names, lifetime, label).await {
-            Ok((next, at)) => {
-                cert.set(next);
+            Ok((next, at, not_after)) => {
+                cert.set(next, not_after);
                 renew_at = at;
                 tracing::info!("renewed the {label} listener certificate");
             }
