@@ -936,6 +936,12 @@ impl Raw {
         self.post(url, Some(&json!({ "csr": csr }))).await
     }
 
+    /// Finalizes `order` with a CSR for `names` under a new P-256 key.
+    async fn finalize_new_key(&self, order: &Value, names: &[&str]) -> Resp {
+        let key = rcgen::KeyPair::generate().unwrap();
+        self.finalize(order, &b64(csr_der(names, &key))).await
+    }
+
     async fn post(&self, url: &str, payload: Option<&Value>) -> Resp {
         let body = self.sign(&self.header(url).await, payload);
         self.send(url, &body).await
@@ -1418,9 +1424,8 @@ async fn a_refused_key_type_is_a_bad_csr_and_the_order_stays_ready() {
     );
     let still = raw.post(&url, None).await.expect_ok().json();
     assert_eq!(still["status"], "ready", "{still}");
-    let p256 = rcgen::KeyPair::generate().unwrap();
     let done = raw
-        .finalize(&order, &b64(csr_der(&["keyed.localhost"], &p256)))
+        .finalize_new_key(&order, &["keyed.localhost"])
         .await
         .expect_ok()
         .json();
@@ -1575,9 +1580,8 @@ async fn a_short_reuse_window_does_not_end_the_order() {
     // Past the reuse window, a new order validates the name again.
     let next = raw.new_order(&["brief.localhost"]).await.expect_ok().json();
     assert_eq!(next["status"], "pending", "{next}");
-    let key = rcgen::KeyPair::generate().unwrap();
     let done = raw
-        .finalize(&order, &b64(csr_der(&["brief.localhost"], &key)))
+        .finalize_new_key(&order, &["brief.localhost"])
         .await
         .expect_ok()
         .json();
@@ -1616,10 +1620,7 @@ async fn an_abandoned_finalization_still_issues() {
     )
     .unwrap();
     assert_eq!(line.trim(), "locked");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let answered = raw
-        .finalize(&order, &b64(csr_der(&["slow.localhost"], &key)))
-        .await;
+    let answered = raw.finalize_new_key(&order, &["slow.localhost"]).await;
     assert_eq!(
         answered.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1750,9 +1751,8 @@ async fn revoke_cert_by_another_account_needs_authorizations_for_every_name() {
     let owner = Raw::register(&ca).await;
     let names = ["rv1.localhost", "rv2.localhost"];
     let (order, _) = owner.ready_order(&ca, &names).await;
-    let key = rcgen::KeyPair::generate().unwrap();
     let done = owner
-        .finalize(&order, &b64(csr_der(&names, &key)))
+        .finalize_new_key(&order, &names)
         .await
         .expect_ok()
         .json();

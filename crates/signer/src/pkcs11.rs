@@ -316,6 +316,17 @@ impl TokenHandle {
             )));
         }
         let (key, public) = generate_pair(&session, spec, label, true)?;
+        self.stored_key(session, key, public, label)
+    }
+
+    /// A key stored in this token, found or made in `session`.
+    fn stored_key(
+        &self,
+        session: Session,
+        key: ObjectHandle,
+        public: ObjectHandle,
+        label: &str,
+    ) -> Result<Pkcs11Key, Error> {
         let live = Live {
             session,
             key,
@@ -339,18 +350,7 @@ impl TokenHandle {
         let missing = || Error::Pkcs11(format!("the token has no key pair labelled '{label}'"));
         let key = find(&session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
         let public = find(&session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
-        let live = Live {
-            session,
-            key,
-            slot: self.slot,
-        };
-        Pkcs11Key::assemble(
-            self.context.clone(),
-            live,
-            public,
-            label,
-            self.relogin.clone(),
-        )
+        self.stored_key(session, key, public, label)
     }
 
     /// Destroys the key pair stored under `label`, if there is one.
