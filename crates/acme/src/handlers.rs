@@ -1089,13 +1089,7 @@ pub async fn finalize(
             not_before,
         },
     );
-    let settle = match sigil_store::current_request_id() {
-        Some(id) => tokio::spawn(sigil_store::with_request_id(id, work)),
-        None => tokio::spawn(work),
-    };
-    let done = settle
-        .await
-        .map_err(|_| Problem::server_internal("the finalization task failed"))??;
+    let done = detached(work, "finalization").await?;
     let url = acme.order_url(&id);
     Ok(json_reply(
         StatusCode::OK,
@@ -1347,14 +1341,22 @@ pub async fn challenge(
     // client could abandon every attempt that was going to fail, and retry
     // the challenge for ever.
     let work = validate_and_record(acme.clone(), a, ab, idx, ctype, key_auth, validating);
-    let settle = match sigil_store::current_request_id() {
+    let settled = detached(work, "validation").await?;
+    reply(&settled)
+}
+
+/// Runs `work` as its own task (keeping the request id for its audit rows)
+/// and waits for it: dropping the request then no longer cancels it.
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Problem>> + Send + 'static,
+    what: &str,
+) -> Result<T, Problem> {
+    let task = match sigil_store::current_request_id() {
         Some(id) => tokio::spawn(sigil_store::with_request_id(id, work)),
         None => tokio::spawn(work),
     };
-    let settled = settle
-        .await
-        .map_err(|_| Problem::server_internal("the validation task failed"))??;
-    reply(&settled)
+    task.await
+        .map_err(|_| Problem::server_internal(format!("the {what} task failed")))?
 }
 
 /// A valid authorization of the account for `identifier` that later orders

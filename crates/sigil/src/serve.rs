@@ -198,6 +198,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let timeouts = cfg.timeouts()?;
+    // Each listener counts its own connections.
+    let connection_limit =
+        || crate::limits::ConnectionLimit::new(cfg.server.max_connections, timeouts.idle);
     let grpc = match &cfg.grpc {
         Some(g) => {
             let tokens = server_verifier(&cfg, g, || key_passphrase(&cfg))?;
@@ -209,10 +213,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                     tokens,
                     notifier.clone(),
                     cfg.request_timeout()?,
-                    crate::limits::ConnectionLimit::new(
-                        cfg.server.max_connections,
-                        cfg.timeouts()?.idle,
-                    ),
+                    connection_limit(),
                 )
                 .await?,
             )
@@ -220,18 +221,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => None,
     };
     let acme = match &cfg.acme {
-        Some(a) => Some(
-            AcmeListener::start(
-                a,
-                authority.clone(),
-                crate::limits::ConnectionLimit::new(
-                    cfg.server.max_connections,
-                    cfg.timeouts()?.idle,
-                ),
-                cfg.timeouts()?,
-            )
-            .await?,
-        ),
+        Some(a) => {
+            Some(AcmeListener::start(a, authority.clone(), connection_limit(), timeouts).await?)
+        }
         None => None,
     };
     let config_abs = config_path.canonicalize().unwrap_or(config_path.clone());
@@ -302,7 +294,6 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let timeouts = cfg.timeouts()?;
     let timeout = timeouts.request;
     // OCSP and CRL routes are merged after the request-id layer, so the hot
     // path skips it (they write no audit rows); the responder bounds its own
@@ -318,7 +309,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
     let listener = crate::limits::LimitedTcp {
         listener,
-        limit: crate::limits::ConnectionLimit::new(cfg.server.max_connections, timeouts.idle),
+        limit: connection_limit(),
     };
     let http = crate::limits::serve(listener, app, timeouts, stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
