@@ -1529,7 +1529,7 @@ async fn failed_reload_hooks_run_again_at_the_next_start() {
     let bundle = ca.work.join("roots.pem").display().to_string();
     let (token_arg, out_arg) = (token_file.display().to_string(), out.display().to_string());
     let once = || {
-        ok(sigil(&[
+        sigil(&[
             "agent",
             "--server",
             &grpc,
@@ -1542,7 +1542,7 @@ async fn failed_reload_hooks_run_again_at_the_next_start() {
             "--reload-cmd",
             &cmd,
             "--once",
-        ]))
+        ])
     };
     let hook_runs = || {
         std::fs::read_to_string(&runs)
@@ -1550,17 +1550,22 @@ async fn failed_reload_hooks_run_again_at_the_next_start() {
             .lines()
             .count()
     };
-    once();
+    // The files are written, but a run from cron must see that the
+    // service did not reload: status 3.
+    let first = once();
+    assert_eq!(first.status.code(), Some(3), "{first:?}");
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(said.contains("reload hooks failed"), "{said}");
     assert!(out.join("cert.pem").exists());
     assert_eq!(hook_runs(), 1);
     assert!(out.join(".reload-pending").exists(), "the reload is owed");
     // The service is back; the next start (nothing due) runs the hook.
     std::fs::write(&ready, "").unwrap();
-    once();
+    ok(once());
     assert_eq!(hook_runs(), 2);
     assert!(!out.join(".reload-pending").exists());
     // Nothing owed: no hook.
-    once();
+    ok(once());
     assert_eq!(hook_runs(), 2);
 }
 

@@ -261,6 +261,14 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 h.leaf.serial, h.leaf.not_after
             );
         }
+        // The files are in place but the service may still use the old
+        // ones: a run from cron or a timer must see that.
+        if reload_pending(&args) {
+            eprintln!(
+                "error: the reload hooks failed; the service may still use the previous certificate. The next agent run tries them again"
+            );
+            return Ok(ExitCode::from(3));
+        }
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -831,6 +839,15 @@ fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
         .first()
         .context("the CA returned an empty chain")?;
     let leaf = LeafInfo::from_der(leaf_der).context("the CA returned an unreadable certificate")?;
+    // Installing a certificate for another key would break the service at
+    // its next reload; the current files stay instead.
+    let key = rcgen::KeyPair::from_pem(&key_pem).context("reading the private key")?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.public_key.spki_der() {
+        bail!(
+            "the CA returned certificate {} for another key than the one this agent sent; nothing was written",
+            leaf.serial
+        );
+    }
     Ok(Held {
         chain_pem: resp.chain_pem,
         key_pem,
@@ -1363,6 +1380,23 @@ mod tests {
         assert_eq!(min_gap(&leaf(120)), 30);
         assert_eq!(min_gap(&leaf(40)), 20, "at most half the lifetime");
         assert_eq!(min_gap(&leaf(86_400)), 4_320);
+    }
+
+    #[test]
+    fn a_certificate_for_another_key_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.internal".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let reply = || CertificateResponse {
+            chain_pem: cert.pem(),
+            chain_der: vec![cert.der().to_vec()],
+            ..CertificateResponse::default()
+        };
+        let held = held_from(reply(), key.serialize_pem()).unwrap();
+        assert_eq!(held.leaf.identifiers.len(), 1);
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let e = held_from(reply(), other).err().unwrap();
+        assert!(format!("{e:#}").contains("for another key"), "{e:#}");
     }
 
     /// Any certificate, to derive `LeafInfo`s from.
