@@ -94,6 +94,28 @@ fn bad_csrs_and_policy_explanations() {
         "a.internal",
     ]));
     assert!(e.contains("KIND:NAME"), "{e}");
+
+    // A mistyped database path is refused, not created empty and reported
+    // on (an audit chain of nothing "verifies").
+    let typo = work.join("d/sigil.sqlite3-typo");
+    let url = format!("sqlite://{}", typo.display());
+    for args in [
+        &["audit", "verify", "--config", &config][..],
+        &["status", "--config", &config],
+        &["cert", "list", "--config", &config],
+        &["revoke", "--config", &config, "--serial", "01"],
+    ] {
+        let e = fails(sigil_env(args, &[("SIGIL_DATABASE_URL", &url)]));
+        assert!(
+            e.contains("does not exist") && e.contains("sigil.sqlite3-typo"),
+            "{args:?}: {e}"
+        );
+        assert!(!typo.exists(), "{args:?} created the database");
+    }
+    let into = format!("sqlite://{}", work.join("copy.sqlite3").display());
+    let e = fails(sigil(&["db", "migrate", "--from", &url, "--to", &into]));
+    assert!(e.contains("does not exist"), "{e}");
+    assert!(!typo.exists());
     let e = fails(sigil(&[
         "policy",
         "check",

@@ -54,7 +54,7 @@ async fn eab_create(
         );
     }
     let now = sigil_core::SystemClock.now();
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let result = store
         .commit(Change::Acme {
             write: AcmeWrite::NewEabKey(EabKey {
@@ -117,7 +117,7 @@ async fn ari(
             "--renew-by {renew_by} is in the past (it is now {now}); give a later time, or `now` to ask for renewal at once"
         );
     }
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let scope = match (serial, issuer) {
         (Some(s), None) => {
             let serial = sigil_core::Serial::parse_hex(&s)

@@ -254,7 +254,7 @@ pub async fn publish_root_crl(cfg: &Config, bytes: &[u8]) -> Result<String> {
                 continue;
             }
         };
-        let store = Store::open(&cfg.database_url()).await?;
+        let store = Store::open_existing(&cfg.database_url()).await?;
         let id = root.id.to_string();
         let current = store.latest_crl(&id).await?;
         if let Some(cur) = current
@@ -439,7 +439,7 @@ pub async fn install_cross(config: &Path, cert: &Path) -> Result<ExitCode> {
     if info.not_after <= now {
         bail!("the cross-certificate expired at {}", info.not_after);
     }
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let done = sigil_authority::issuers::install_cross(
         &store,
         &info,

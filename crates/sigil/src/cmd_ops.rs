@@ -12,19 +12,26 @@ use sigil_store::Store;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Builds the authority from a config: store, policy, issuer key and certificate.
-pub async fn build_authority(cfg: &Config) -> Result<Authority> {
-    let policy_dir = cfg.resolve(&cfg.policy.dir);
-    let policy = Policy::load_dir(&policy_dir)?;
-    let urls = CaUrls::new(&cfg.server.public_url).with_crl_sharding(cfg.crl_sharding()?);
-    let store = Store::open(&cfg.database_url()).await?;
-    let settings = Settings {
-        default_lifetime: cfg.default_lifetime()?,
-        max_lifetime: cfg.max_lifetime()?,
-        urls,
-        rate_per_minute: cfg.issuance.rate_per_minute,
+/// Builds the authority from a config and its store: policy, issuer key and certificate.
+pub async fn build_authority(cfg: &Config, store: Store) -> Result<Authority> {
+    let prepared = (|| -> Result<_> {
+        let policy = Policy::load_dir(&cfg.resolve(&cfg.policy.dir))?;
+        let urls = CaUrls::new(&cfg.server.public_url).with_crl_sharding(cfg.crl_sharding()?);
+        let settings = Settings {
+            default_lifetime: cfg.default_lifetime()?,
+            max_lifetime: cfg.max_lifetime()?,
+            urls,
+            rate_per_minute: cfg.issuance.rate_per_minute,
+        };
+        Ok((policy, settings, Arc::new(crate::keys::KeyStore::new(cfg)?)))
+    })();
+    let (policy, settings, keys) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
     };
-    let keys = Arc::new(crate::keys::KeyStore::new(cfg)?);
     let opened =
         Authority::open(Arc::new(SystemClock), policy, store.clone(), settings, keys).await;
     match opened {
@@ -55,7 +62,8 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
                 std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
             let profile = profile.map(|p| p.parse::<Profile>()).transpose()?;
             let lifetime = lifetime.map(|l| parse_duration(&l)).transpose()?;
-            let authority = build_authority(&cfg).await?;
+            let authority =
+                build_authority(&cfg, Store::open_existing(&cfg.database_url()).await?).await?;
             let issued = authority
                 .issue(IssueRequest {
                     csr: csr_bytes.into(),
@@ -93,7 +101,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
             limit,
         } => {
             let cfg = Config::load(&config)?;
-            let store = Store::open(&cfg.database_url()).await?;
+            let store = Store::open_existing(&cfg.database_url()).await?;
             let name = name
                 .map(|n| Identifier::parse_any(&n).with_context(|| format!("--name '{n}'")))
                 .transpose()?
@@ -124,7 +132,7 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
             let cfg = Config::load(&config)?;
             let s = sigil_core::Serial::parse_hex(&serial)
                 .with_context(|| format!("'{serial}' is not a hex serial"))?;
-            let store = Store::open(&cfg.database_url()).await?;
+            let store = Store::open_existing(&cfg.database_url()).await?;
             let row = store.certificate(&s.to_hex()).await?;
             store.close().await;
             let Some(r) = row else {
@@ -160,7 +168,7 @@ pub async fn revoke(
     let code = sigil_core::revocation::parse_reason(reason).with_context(|| {
         format!("--reason '{reason}' is not an RFC 5280 reason (e.g. keyCompromise, superseded, cessationOfOperation)")
     })?;
-    let authority = build_authority(&cfg).await?;
+    let authority = build_authority(&cfg, Store::open_existing(&cfg.database_url()).await?).await?;
     let by = Requester::Operator(operator_name(operator));
     let result = authority.revoke(&serial, code, &by).await;
     authority.store().close().await;
@@ -214,7 +222,7 @@ pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
                 .map(|a| parse_anchor(a))
                 .collect::<Result<Vec<_>>>()?;
             let cfg = Config::load(&config)?;
-            let store = Store::open(&cfg.database_url()).await?;
+            let store = Store::open_existing(&cfg.database_url()).await?;
             let report = store.verify_audit().await?;
             let mut missing = Vec::new();
             if report.first_bad.is_none() {
@@ -283,7 +291,7 @@ pub async fn audit(cmd: AuditCmd) -> Result<ExitCode> {
         }
         AuditCmd::List { config, limit } => {
             let cfg = Config::load(&config)?;
-            let store = Store::open(&cfg.database_url()).await?;
+            let store = Store::open_existing(&cfg.database_url()).await?;
             for r in store.audit_tail(limit).await? {
                 println!(
                     "{:>6} {} {:<18} {:<28} {} {}",

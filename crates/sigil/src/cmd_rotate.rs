@@ -83,7 +83,7 @@ async fn refuse_while_staged(store: &Store, what: &str) -> Result<()> {
 /// trust bundle; it never issued). Its key stays where it is.
 pub async fn unstage(config: &Path, operator: Option<&str>) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let result = unstage_in(&store, operator).await;
     store.close().await;
     for (id, key_ref) in result? {
@@ -150,7 +150,7 @@ pub async fn rotate(
         },
         None => KeyLocation::File(next_key_path(&cfg)),
     };
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let result = rotate_in(&cfg, &store, &location, key_type, subject, &out).await;
     store.close().await;
     result?;
@@ -253,7 +253,7 @@ pub async fn install_staged(config: &Path, cert: &Path) -> Result<ExitCode> {
     let key = KeyStore::new(&cfg)?.open(&pending)?;
     let (info, root) = check_intermediate(&cfg, &bytes, &key, &pending.to_string())?;
     drop(key);
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     if store
         .issuer(info.id.as_str())
         .await?
@@ -336,7 +336,7 @@ pub async fn activate(
             "--renew-all-by ({by}) is before --at ({at}): clients cannot renew onto an issuer that is not active yet"
         );
     }
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let result = activate_in(&cfg, &store, at, renew_by, operator, now).await;
     store.close().await;
     result

@@ -65,7 +65,7 @@ pub async fn status(config: &Path, warn_within: &str) -> Result<ExitCode> {
         due(format!("root {} expires", r.subject), t, &mut warnings);
     }
 
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let result = report(&store, now, &mut warnings, &mut due).await;
     store.close().await;
     result?;
@@ -197,7 +197,7 @@ pub async fn backup(config: &Path, out: &Path) -> Result<ExitCode> {
     use anyhow::bail;
     use std::os::unix::fs::OpenOptionsExt;
     let cfg = Config::load(config)?;
-    let store = Store::open(&cfg.database_url()).await?;
+    let store = Store::open_existing(&cfg.database_url()).await?;
     // ACME secrets (EAB HMAC keys, the nonce key) are in the database: the
     // file is made 0600 before anything is written to it.
     let created = std::fs::OpenOptions::new()
@@ -238,14 +238,7 @@ pub async fn backup(config: &Path, out: &Path) -> Result<ExitCode> {
 pub async fn migrate(from: &str, to: &str) -> Result<ExitCode> {
     use anyhow::Context;
     // A SQLite source must exist (not be created by a mistyped path).
-    let existing = match from.strip_prefix("sqlite:") {
-        Some(_) if !from.contains("mode=") => {
-            let sep = if from.contains('?') { '&' } else { '?' };
-            format!("{from}{sep}mode=rw")
-        }
-        _ => from.to_string(),
-    };
-    let source = Store::open(&existing)
+    let source = Store::open_existing(from)
         .await
         .with_context(|| "cannot open --from (is the path right?)".to_string())?;
     // A SQLite source must not change while it is copied: no server on it.

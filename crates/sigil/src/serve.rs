@@ -74,7 +74,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // Held until this function returns: one server per SQLite database.
     let _one_server = sigil_store::ServerLock::take(&cfg.database_url())?;
     let metrics_handle = install_metrics();
-    let authority = Arc::new(build_authority(&cfg).await?);
+    let authority = Arc::new(
+        build_authority(&cfg, sigil_store::Store::open(&cfg.database_url()).await?).await?,
+    );
     let roots = load_roots(&cfg)?;
     authority.sync().await?;
     let leader = Leader::default();

@@ -108,6 +108,23 @@ impl Store {
         })
     }
 
+    /// Like [`Store::open`], but a SQLite file must already exist: for
+    /// commands that read or change a CA's records, where a mistyped path
+    /// would otherwise create an empty database and report on that.
+    pub async fn open_existing(url: &str) -> Result<Store, Error> {
+        let (backend, normalized) = normalize_url(url)?;
+        if backend == Backend::Sqlite {
+            let path = sqlite_path(&normalized)?.0;
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "SQLite database {} does not exist: check database.url (or SIGIL_DATABASE_URL); `sigil serve` with this configuration creates it",
+                    path.display()
+                )));
+            }
+        }
+        Store::open(url).await
+    }
+
     /// The engine in use.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -466,16 +483,12 @@ fn pool_options(backend: Backend, max: u32, cache_kib: u32) -> AnyPoolOptions {
 /// backup user may be meant to read it), with a warning when others can.
 fn create_private(url: &str) -> Result<(), Error> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (path, query) = sqlite_path(url)?;
     // Only when SQLite itself would create the file (mode=rwc).
     if !query.split('&').any(|kv| kv == "mode=rwc") {
         return Ok(());
     }
-    let path = percent_encoding::percent_decode_str(path)
-        .decode_utf8()
-        .map_err(|_| Error::Config(format!("SQLite path '{path}' is not valid UTF-8")))?;
-    let path = std::path::Path::new(path.as_ref());
+    let path = path.as_path();
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -499,6 +512,16 @@ fn create_private(url: &str) -> Result<(), Error> {
         // A missing directory and the like: SQLite's own error says more.
         Err(_) => Ok(()),
     }
+}
+
+/// The file of a normalized SQLite URL, and its query.
+fn sqlite_path(url: &str) -> Result<(std::path::PathBuf, &str), Error> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| Error::Config(format!("SQLite path '{path}' is not valid UTF-8")))?;
+    Ok((std::path::PathBuf::from(path.as_ref()), query))
 }
 
 fn normalize_url(url: &str) -> Result<(Backend, String), Error> {
