@@ -135,6 +135,17 @@ fn config_errors_name_the_problem() {
     let missing = tmp.path().join("nope.toml").display().to_string();
     let e = fails(sigil(&["serve", "--config", &missing]));
     assert!(e.contains("nope.toml") && e.contains("--dev"), "{e}");
+    // --dev with --config would serve a dev CA in place of the configured
+    // one; --data-dir belongs to --dev.
+    for args in [
+        &["serve", "--config", &missing, "--dev"][..],
+        &["serve", "--config", &missing, "--data-dir", "x"],
+    ] {
+        let out = sigil(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("cannot be used with"), "{args:?}: {e}");
+    }
     let bad = tmp.path().join("bad.toml");
     std::fs::write(
         &bad,

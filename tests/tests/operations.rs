@@ -157,6 +157,12 @@ fn metrics_readiness_and_status_describe_the_ca() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("due soon: active issuer"), "{t}");
+    // The root's ARL (365 days in the dev CA) is renewed only offline: shown,
+    // and due within a year.
+    assert!(t.contains("ARL #1"), "{t}");
+    let out = sigil(&["status", "--config", &config, "--warn-within", "400d"]);
+    let t = text(&out);
+    assert!(t.contains("due soon: the ARL of root"), "{t}");
     server.stop();
 }
 

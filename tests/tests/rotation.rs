@@ -254,6 +254,17 @@ fn intermediate_rotation_with_overlap() {
         .collect();
     assert!(staged_block.iter().any(|l| l.contains("CRL #")), "{status}");
 
+    // A renewal deadline in the past (a mistyped year) would send every
+    // client to renew at once: refused, and nothing is activated.
+    let err = fails(sigil(&[
+        "intermediate",
+        "activate",
+        "--config",
+        &config,
+        "--renew-all-by",
+        "2020-01-01T00:00:00Z",
+    ]));
+    assert!(err.contains("is in the past"), "{err}");
     // 4. activate now: new issuance moves to the new issuer.
     let out = ok(sigil(&["intermediate", "activate", "--config", &config]));
     assert!(out.contains(&second_id), "{out}");

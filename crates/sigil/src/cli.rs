@@ -287,17 +287,26 @@ pub enum DbCmd {
     },
 }
 
+impl ServeArgs {
+    /// The dev CA's directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./sigil-data"))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Path to sigil.toml.
-    #[arg(long, required_unless_present = "dev")]
+    #[arg(long, required_unless_present = "dev", conflicts_with = "dev")]
     pub config: Option<PathBuf>,
     /// Create (or reuse) a development CA in --data-dir and serve it.
     #[arg(long)]
     pub dev: bool,
-    /// Data directory for --dev.
-    #[arg(long, default_value = "./sigil-data")]
-    pub data_dir: PathBuf,
+    /// Data directory for --dev [default: ./sigil-data].
+    #[arg(long, conflicts_with = "config")]
+    pub data_dir: Option<PathBuf>,
     /// Override server.http_addr.
     #[arg(long)]
     pub http_addr: Option<std::net::SocketAddr>,

@@ -102,6 +102,23 @@ pub(crate) fn parse_when(
     Ok(now + d)
 }
 
+/// A renewal deadline (`--renew-by`, `--renew-all-by`): as [`parse_when`],
+/// but not in the past (a mistyped year would ask every client to renew at
+/// once).
+pub(crate) fn parse_deadline(
+    flag: &str,
+    s: &str,
+    now: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime> {
+    let when = parse_when(flag, s, now)?;
+    if when < now - time::Duration::minutes(1) {
+        bail!(
+            "{flag} {s} is in the past (it is now {now}); give a later time, or `now` to ask for renewal at once"
+        );
+    }
+    Ok(when)
+}
+
 async fn ari(
     config: &std::path::Path,
     serial: Option<String>,
@@ -111,12 +128,7 @@ async fn ari(
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let now = sigil_core::SystemClock.now();
-    let when = parse_when("--renew-by", renew_by, now)?;
-    if when < now - time::Duration::minutes(1) {
-        bail!(
-            "--renew-by {renew_by} is in the past (it is now {now}); give a later time, or `now` to ask for renewal at once"
-        );
-    }
+    let when = parse_deadline("--renew-by", renew_by, now)?;
     let store = Store::open_existing(&cfg.database_url()).await?;
     let scope = match (serial, issuer) {
         (Some(s), None) => {

@@ -78,7 +78,12 @@ pub async fn cert(cmd: CertCmd) -> Result<ExitCode> {
             authority.store().close().await;
             let issued = issued?;
             match out {
-                Some(path) => write_public(&path, &issued.chain_pem)?,
+                Some(path) => write_public(&path, &issued.chain_pem).with_context(|| {
+                    format!(
+                        "certificate {} was issued, but not saved: get it with `sigil cert show --serial {} --pem`",
+                        issued.serial, issued.serial
+                    )
+                })?,
                 None => print!("{}", issued.chain_pem),
             }
             eprintln!(

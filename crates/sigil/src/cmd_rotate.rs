@@ -327,7 +327,7 @@ pub async fn activate(
     let now = SystemClock.now();
     let at = at.map(|s| parse_when("--at", &s, now)).transpose()?;
     let renew_by = renew_all_by
-        .map(|s| parse_when("--renew-all-by", &s, now))
+        .map(|s| crate::cmd_acme::parse_deadline("--renew-all-by", &s, now))
         .transpose()?;
     if let (Some(by), Some(at)) = (renew_by, at)
         && by < at
@@ -398,6 +398,11 @@ async fn activate_in(
     // The renewal hint once the new issuer is (scheduled to be) active: a
     // failed activation must not push clients to renew onto the old one.
     let replaced = rows.iter().find(|r| r.state == IssuerState::Active);
+    if let (Some(_), None) = (renew_by, replaced) {
+        eprintln!(
+            "note: no issuer was active, so --renew-all-by has no certificates to move and was not recorded"
+        );
+    }
     if let (Some(by), Some(old)) = (renew_by, replaced) {
         let scope = format!("issuer:{}", old.id);
         store
@@ -415,7 +420,17 @@ async fn activate_in(
                     detail: json!({"renew_by": by.unix_timestamp(), "rotation_to": target.id}),
                 },
             })
-            .await?;
+            .await
+            .with_context(|| {
+                format!(
+                    "issuer {} is activated, but its renewal deadline was not recorded: \
+                     set it with `sigil acme ari --issuer {} --renew-by {}`",
+                    target.id,
+                    old.id,
+                    by.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_else(|_| by.unix_timestamp().to_string())
+                )
+            })?;
     }
     match at {
         Some(t) if t > now => println!(

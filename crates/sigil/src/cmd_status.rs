@@ -53,7 +53,8 @@ pub async fn status(config: &Path, warn_within: &str) -> Result<ExitCode> {
     };
 
     println!("roots");
-    for r in load_roots(&cfg)? {
+    let roots = load_roots(&cfg)?;
+    for r in &roots {
         let t = r.not_after.unix_timestamp();
         println!(
             "  {}  {}  expires {} ({})",
@@ -66,7 +67,10 @@ pub async fn status(config: &Path, warn_within: &str) -> Result<ExitCode> {
     }
 
     let store = Store::open_existing(&cfg.database_url()).await?;
-    let result = report(&store, now, &mut warnings, &mut due).await;
+    let result = match root_crls(&store, &roots, now, &mut warnings, &mut due).await {
+        Ok(()) => report(&store, now, &mut warnings, &mut due).await,
+        Err(e) => Err(e),
+    };
     store.close().await;
     result?;
 
@@ -80,6 +84,62 @@ pub async fn status(config: &Path, warn_within: &str) -> Result<ExitCode> {
         }
         Ok(ExitCode::from(1))
     }
+}
+
+/// The roots' ARLs and the cross-certificates: both are renewed only by an
+/// offline signing, so they are due well before they lapse.
+async fn root_crls(
+    store: &Store,
+    roots: &[IssuerInfo],
+    now: i64,
+    warnings: &mut Vec<String>,
+    due: &mut impl FnMut(String, i64, &mut Vec<String>),
+) -> Result<()> {
+    for r in roots {
+        // A root whose intermediates name no CRL needs no ARL.
+        let Some(c) = store.latest_crl(r.id.as_str()).await? else {
+            continue;
+        };
+        println!(
+            "  {}  ARL #{} thisUpdate {} nextUpdate {} ({})",
+            r.id,
+            c.number,
+            when(c.this_update),
+            when(c.next_update),
+            relative(c.next_update - now)
+        );
+        due(
+            format!(
+                "the ARL of root {} reaches its nextUpdate: sign a new one offline (`sigil root crl`) and install it (`sigil crl install`)",
+                r.subject
+            ),
+            c.next_update,
+            warnings,
+        );
+    }
+    let cross = store.cross_certs(now).await?;
+    if !cross.is_empty() {
+        println!("\ncross-certificates");
+    }
+    for der in cross {
+        let Ok(x) = IssuerInfo::from_der(&der) else {
+            warnings.push("a stored cross-certificate cannot be read".into());
+            continue;
+        };
+        let t = x.not_after.unix_timestamp();
+        println!(
+            "  {}  expires {} ({})",
+            x.subject,
+            when(t),
+            relative(t - now)
+        );
+        due(
+            format!("the cross-certificate for {} expires", x.subject),
+            t,
+            warnings,
+        );
+    }
+    Ok(())
 }
 
 async fn report(

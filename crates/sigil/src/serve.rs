@@ -21,7 +21,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config_path = match (&args.config, args.dev) {
         (_, true) => {
             dev::ensure(
-                &args.data_dir,
+                &args.data_dir(),
                 args.http_addr,
                 args.grpc_addr,
                 args.https_addr,
@@ -232,7 +232,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     if args.dev {
         println!(
             "Sigil development CA (DEV ONLY: its root key is in {})",
-            args.data_dir.display()
+            args.data_dir().display()
         );
     } else {
         println!("Sigil CA");
