@@ -260,6 +260,22 @@ pub struct Revoked {
     pub revoked_at: OffsetDateTime,
     /// Where it sits in the audit chain.
     pub receipt: AuditReceipt,
+    /// For keyCompromise: the other unexpired certificates of the same key,
+    /// revoked with it (serials, hex).
+    pub same_key: Vec<String>,
+}
+
+/// ", and N other certificates of it were revoked: A, B" (or nothing).
+fn listed(others: &[String]) -> String {
+    match others {
+        [] => String::new(),
+        [one] => format!(", and certificate {one} of the same key was revoked"),
+        many => format!(
+            ", and {} other certificates of the same key were revoked: {}",
+            many.len(),
+            many.join(", ")
+        ),
+    }
 }
 
 /// What the shared issuance path needs besides the subject.
@@ -1025,22 +1041,111 @@ impl Authority {
                     }),
                 },
             })
-            .await
-            .map_err(|e| match e {
-                sigil_store::Error::Conflict(_) => {
-                    Error::AlreadyRevoked(format!("certificate {hex} is already revoked"))
-                }
-                other => other.into(),
-            })?;
+            .await;
+        let receipt = match receipt {
+            Ok(r) => r,
+            Err(sigil_store::Error::Conflict(_)) if reason == 1 => {
+                // Revoked before for another reason: the key is blocked and
+                // its other certificates revoked all the same.
+                let others = self.compromised(&row, by, now).await?;
+                return Err(Error::AlreadyRevoked(format!(
+                    "certificate {hex} is already revoked (its reason stays); its key is now blocked{}",
+                    listed(&others)
+                )));
+            }
+            Err(sigil_store::Error::Conflict(_)) => {
+                return Err(Error::AlreadyRevoked(format!(
+                    "certificate {hex} is already revoked"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         write(&self.cache.revoked).insert(hex.clone());
-        if reason == 1 {
+        let same_key = if reason == 1 {
             write(&self.cache.blocked_keys).insert(row.key_fingerprint.clone());
-        }
+            self.compromised(&row, by, now).await?
+        } else {
+            Vec::new()
+        };
         Ok(Revoked {
             serial: serial.clone(),
             revoked_at: now,
             receipt,
+            same_key,
         })
+    }
+
+    /// After a keyCompromise naming `row`: blocks its key (if not yet) and
+    /// revokes every other unexpired certificate of that key, each with its
+    /// own audit record. A compromised key is compromised in all of them:
+    /// renewals that kept the key, or a request that reused it. Returns the
+    /// serials revoked here.
+    async fn compromised(
+        &self,
+        row: &CertificateRow,
+        by: &Requester,
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, Error> {
+        let fp = &row.key_fingerprint;
+        if !self.store.key_blocked(fp).await? {
+            self.store
+                .commit(Change::BlockKey {
+                    fingerprint: fp.clone(),
+                    serial: row.serial.clone(),
+                    at: now.unix_timestamp(),
+                    event: AuditEvent {
+                        ts_ms: unix_ms(now),
+                        kind: "key.blocked".into(),
+                        actor: by.to_string(),
+                        subject: row.serial.clone(),
+                        detail: json!({ "key": fp, "reason": "keyCompromise" }),
+                    },
+                })
+                .await?;
+        }
+        write(&self.cache.blocked_keys).insert(fp.clone());
+        let mut revoked = Vec::new();
+        for c in self
+            .store
+            .unrevoked_of_key(fp, now.unix_timestamp())
+            .await?
+        {
+            let committed = self
+                .store
+                .commit(Change::Revoke {
+                    revocation: NewRevocation {
+                        serial: c.serial.clone(),
+                        issuer_id: c.issuer_id.clone(),
+                        reason: 1,
+                        revoked_at: now.unix_timestamp(),
+                        revoked_by: by.to_string(),
+                        block_key: None,
+                    },
+                    event: AuditEvent {
+                        ts_ms: unix_ms(now),
+                        kind: "cert.revoked".into(),
+                        actor: by.to_string(),
+                        subject: c.serial.clone(),
+                        detail: json!({
+                            "issuer": c.issuer_id,
+                            "names": c.names,
+                            "reason": "keyCompromise",
+                            "same_key_as": row.serial,
+                        }),
+                    },
+                })
+                .await;
+            match committed {
+                Ok(_) => {
+                    write(&self.cache.revoked).insert(c.serial.clone());
+                    revoked.push(c.serial);
+                }
+                // Revoked meanwhile by someone else.
+                Err(sigil_store::Error::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(revoked)
     }
 
     /// Whether this node's view of the revocations is current (synced within

@@ -471,6 +471,94 @@ async fn tokens_are_scoped_and_spent_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_compromise_revokes_every_certificate_of_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let ca = authority(&url).await;
+        let caller = Requester::Mtls("api.svc.internal".into());
+        let key = KeyPair::generate().unwrap();
+        let first = ca
+            .issue(req(
+                csr_with(&key, None, &["api.svc.internal"], vec![]),
+                Requester::Token("api".into()),
+            ))
+            .await
+            .unwrap();
+        // A renewal that kept the key: two live certificates of one key.
+        let renewed = ca
+            .renew(sigil_authority::RenewRequest {
+                current: first.der.clone(),
+                caller: caller.clone(),
+                csr: None,
+            })
+            .await
+            .unwrap();
+        let other_key = KeyPair::generate().unwrap();
+        let unrelated = ca
+            .issue(req(
+                csr_with(&other_key, None, &["api.svc.internal"], vec![]),
+                Requester::Token("api".into()),
+            ))
+            .await
+            .unwrap();
+        let done = ca.revoke(&renewed.serial, 1, &caller).await.unwrap();
+        assert_eq!(done.same_key, vec![first.serial.to_hex()], "{name}");
+        assert!(ca.is_revoked(&first.serial).await.unwrap(), "{name}");
+        assert!(!ca.is_revoked(&unrelated.serial).await.unwrap(), "{name}");
+        let row = ca.store().revocation(&first.serial.to_hex()).await.unwrap();
+        assert_eq!(row.map(|r| r.reason), Some(1), "{name}");
+
+        // Revoked first for another reason, found compromised later: the
+        // revocation stays as it was, but the key is blocked and its other
+        // certificates are revoked.
+        let key2 = KeyPair::generate().unwrap();
+        let a = ca
+            .issue(req(
+                csr_with(&key2, None, &["b.svc.internal"], vec![]),
+                Requester::Token("b".into()),
+            ))
+            .await
+            .unwrap();
+        let b = ca
+            .issue(req(
+                csr_with(&key2, None, &["b.svc.internal"], vec![]),
+                Requester::Token("b".into()),
+            ))
+            .await
+            .unwrap();
+        ca.revoke(&a.serial, 4, &caller).await.unwrap();
+        let pk = sigil_core::LeafInfo::from_der(&a.der).unwrap().public_key;
+        assert!(!ca.key_blocked(&pk).await.unwrap(), "{name}");
+        let e = ca.revoke(&a.serial, 1, &caller).await.unwrap_err();
+        assert!(matches!(e, Error::AlreadyRevoked(_)), "{name}: {e}");
+        assert!(
+            e.to_string().contains("key is now blocked")
+                && e.to_string().contains(&b.serial.to_hex()),
+            "{name}: {e}"
+        );
+        assert!(ca.key_blocked(&pk).await.unwrap(), "{name}");
+        assert!(ca.is_revoked(&b.serial).await.unwrap(), "{name}");
+        let row = ca.store().revocation(&a.serial.to_hex()).await.unwrap();
+        assert_eq!(
+            row.map(|r| r.reason),
+            Some(4),
+            "{name}: the first reason stays"
+        );
+        let e = ca
+            .issue(req(
+                csr_with(&key2, None, &["b.svc.internal"], vec![]),
+                Requester::Token("b".into()),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::KeyCompromised(_)), "{name}: {e}");
+        let kinds = audit_kinds(&ca).await;
+        assert!(kinds.contains(&"key.blocked".to_string()), "{name}");
+        assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_keeps_names_and_refuses_revoked_certificates() {
     let dir = tempfile::tempdir().unwrap();
     for (name, url) in testing::backends(dir.path()).await {

@@ -295,6 +295,25 @@ impl CaService {
                 ),
             ));
         }
+        // A keyCompromise revokes every certificate of the key; this also
+        // covers one issued while that revocation was being made.
+        if self
+            .authority
+            .key_blocked(&info.public_key)
+            .await
+            .map_err(status)?
+        {
+            let reason = "client certificate's key was revoked as compromised";
+            self.audit_auth_failure(call, &requester.to_string(), reason)
+                .await;
+            return Err(certificate_refused(
+                tonic::Code::Unauthenticated,
+                format!(
+                    "the key of client certificate {} was revoked as compromised; obtain a certificate for a new key with a bootstrap token",
+                    info.serial
+                ),
+            ));
+        }
         Ok(Some(Peer {
             requester,
             identified,

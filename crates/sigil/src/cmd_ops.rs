@@ -186,6 +186,9 @@ pub async fn revoke(
     );
     if code == 1 {
         println!("its public key is blocked: no certificate will be issued for it again");
+        for other in &revoked.same_key {
+            println!("revoked {other} too (keyCompromise): it has the same key");
+        }
     }
     println!("a running server publishes the change in its CRL within seconds");
     Ok(ExitCode::SUCCESS)

@@ -240,7 +240,7 @@ impl Leadership {
 }
 
 fn migrator(backend: Backend) -> Migrator {
-    let files: [(i64, &str, &'static str); 14] = match backend {
+    let files: [(i64, &str, &'static str); 15] = match backend {
         Backend::Sqlite => [
             (
                 1,
@@ -311,6 +311,11 @@ fn migrator(backend: Backend) -> Migrator {
                 14,
                 "ocsp_compact",
                 include_str!("../../../migrations/sqlite/0014_ocsp_compact.sql"),
+            ),
+            (
+                15,
+                "key_compromise",
+                include_str!("../../../migrations/sqlite/0015_key_compromise.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -383,6 +388,11 @@ fn migrator(backend: Backend) -> Migrator {
                 14,
                 "ocsp_compact",
                 include_str!("../../../migrations/postgres/0014_ocsp_compact.sql"),
+            ),
+            (
+                15,
+                "key_compromise",
+                include_str!("../../../migrations/postgres/0015_key_compromise.sql"),
             ),
         ],
     };

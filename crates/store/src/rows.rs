@@ -387,6 +387,24 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// The certificates of a key (by fingerprint) valid after `after` (unix
+    /// s) and not revoked: what a keyCompromise revokes with the one named.
+    pub async fn unrevoked_of_key(
+        &self,
+        fingerprint: &str,
+        after: i64,
+    ) -> Result<Vec<CertificateRow>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CERT_COLS} FROM certificates c WHERE key_fingerprint = $1 AND not_after > $2 \
+             AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = c.serial) ORDER BY serial"
+        )))
+        .bind(fingerprint)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(cert_from_row).collect()
+    }
+
     /// How many of an issuer's certificates are valid after `after` (unix s).
     pub async fn count_unexpired(&self, issuer_id: &str, after: i64) -> Result<i64, Error> {
         let row = sqlx::query(

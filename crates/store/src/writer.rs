@@ -62,6 +62,19 @@ pub enum Change {
         /// Its audit event.
         event: AuditEvent,
     },
+    /// A key blocked from being certified again, after its certificate was
+    /// revoked for another reason than keyCompromise (already blocked: no
+    /// change).
+    BlockKey {
+        /// Key fingerprint.
+        fingerprint: String,
+        /// The revoked certificate it was found compromised through.
+        serial: String,
+        /// When (unix s).
+        at: i64,
+        /// Its audit event.
+        event: AuditEvent,
+    },
     /// An issuing CA's lifecycle step (fails with `Error::Conflict` when the
     /// issuer is not in the state the step starts from).
     Issuer {
@@ -149,6 +162,7 @@ impl Change {
         match self {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
+            | Change::BlockKey { event, .. }
             | Change::Issuer { event, .. }
             | Change::OcspSigner { event, .. }
             | Change::Acme { event, .. }
@@ -172,6 +186,7 @@ impl Change {
         match self {
             Change::Issue { event, .. }
             | Change::Revoke { event, .. }
+            | Change::BlockKey { event, .. }
             | Change::Issuer { event, .. }
             | Change::OcspSigner { event, .. }
             | Change::Acme { event, .. }
@@ -467,6 +482,12 @@ async fn write_batch(
         match change {
             Change::Issuer { change, .. } => issuer_change(&mut tx, change).await?,
             Change::OcspSigner { row, .. } => save_ocsp_signer(&mut tx, row).await?,
+            Change::BlockKey {
+                fingerprint,
+                serial,
+                at,
+                ..
+            } => block_key(&mut tx, fingerprint, serial, *at).await?,
             Change::Acme { write, .. } => crate::acme::apply(&mut tx, write).await?,
             Change::Issue {
                 token: Some(token), ..
@@ -801,16 +822,26 @@ async fn revoke(
     .execute(&mut **tx)
     .await?;
     if let Some(fp) = &r.block_key {
-        sqlx::query(
-            "INSERT INTO blocked_keys (fingerprint, serial, blocked_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (fingerprint) DO NOTHING",
-        )
-        .bind(fp.as_str())
-        .bind(r.serial.as_str())
-        .bind(r.revoked_at)
-        .execute(&mut **tx)
-        .await?;
+        block_key(tx, fp, &r.serial, r.revoked_at).await?;
     }
+    Ok(())
+}
+
+async fn block_key(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    fingerprint: &str,
+    serial: &str,
+    at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO blocked_keys (fingerprint, serial, blocked_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (fingerprint) DO NOTHING",
+    )
+    .bind(fingerprint)
+    .bind(serial)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
