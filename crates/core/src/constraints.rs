@@ -54,13 +54,17 @@ impl NameConstraints {
     /// Whether `id` is inside the permitted subtrees of its type (if any are
     /// listed) and outside every excluded subtree.
     pub fn permits(&self, id: &Identifier) -> bool {
-        if self.excluded.iter().any(|s| matches(s, id) == Some(true)) {
+        if self
+            .excluded
+            .iter()
+            .any(|s| matches(s, id, Side::Excluded) == Some(true))
+        {
             return false;
         }
         let relevant: Vec<bool> = self
             .permitted
             .iter()
-            .filter_map(|s| matches(s, id))
+            .filter_map(|s| matches(s, id, Side::Permitted))
             .collect();
         relevant.is_empty() || relevant.contains(&true)
     }
@@ -83,10 +87,21 @@ fn ip_subtree(b: &[u8]) -> Option<Subtree> {
     Some(Subtree::Ip(net))
 }
 
+/// Which list a subtree is in: a wildcard is permitted when every name it
+/// stands for is inside, and excluded when any one is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Permitted,
+    Excluded,
+}
+
 /// `Some(matched)` when the subtree is of the identifier's type, else `None`.
-fn matches(s: &Subtree, id: &Identifier) -> Option<bool> {
+fn matches(s: &Subtree, id: &Identifier, side: Side) -> Option<bool> {
     match (s, id) {
-        (Subtree::Dns(c), Identifier::Dns(d)) => Some(host_in(d.base(), c)),
+        (Subtree::Dns(c), Identifier::Dns(d)) if d.is_wildcard() => {
+            Some(wildcard_in(d.base(), c, side))
+        }
+        (Subtree::Dns(c), Identifier::Dns(d)) => Some(host_in(d.as_str(), c)),
         (Subtree::Ip(net), Identifier::Ip(ip)) => Some(net.contains(ip)),
         (Subtree::UriHost(c), Identifier::Uri(u)) => {
             let rest = &u.as_str()["spiffe://".len()..];
@@ -112,6 +127,21 @@ fn matches(s: &Subtree, id: &Identifier) -> Option<bool> {
         (Subtree::Other, _) => None,
         _ => None,
     }
+}
+
+/// For `*.base`: every name it covers (`x.base`, one label) is in subtree
+/// `c` when `base` is the subtree's domain or below it; one of them is when,
+/// besides, `c` (without a leading dot) is itself one label below `base`.
+fn wildcard_in(base: &str, c: &str, side: Side) -> bool {
+    if c.is_empty() {
+        return true;
+    }
+    let dotted = c.starts_with('.');
+    let domain = c.trim_start_matches('.');
+    let all = base == domain || crate::DnsName::is_strictly_under(base, domain);
+    let one_label_below = crate::DnsName::is_strictly_under(domain, base)
+        && !domain[..domain.len() - base.len() - 1].contains('.');
+    all || (side == Side::Excluded && !dotted && one_label_below)
 }
 
 /// dNSName semantics: `c` matches itself and names below; `.c` only names below.
@@ -141,7 +171,10 @@ mod tests {
         let id = |s: &str| Identifier::parse_any(s).unwrap();
         assert!(nc.permits(&id("corp.internal")));
         assert!(nc.permits(&id("a.b.corp.internal")));
-        assert!(nc.permits(&id("*.corp.internal")));
+        // It stands for secret.corp.internal too, which is excluded.
+        assert!(!nc.permits(&id("*.corp.internal")));
+        assert!(nc.permits(&id("*.a.corp.internal")));
+        assert!(!nc.permits(&id("*.secret.corp.internal")));
         assert!(!nc.permits(&id("evilcorp.internal")));
         assert!(!nc.permits(&id("x.secret.corp.internal")));
         assert!(nc.permits(&id("10.1.2.3")));
@@ -152,6 +185,22 @@ mod tests {
             ip_subtree(&[10, 0, 0, 0, 255, 0, 0, 0]),
             Some(Subtree::Ip("10.0.0.0/8".parse().unwrap()))
         );
+    }
+
+    #[test]
+    fn a_wildcard_directly_under_a_dotted_subtree_is_inside_it() {
+        let id = |s: &str| Identifier::parse_any(s).unwrap();
+        let nc = NameConstraints {
+            permitted: vec![Subtree::Dns(".corp.internal".into())],
+            excluded: vec![Subtree::Dns(".x.corp.internal".into())],
+        };
+        assert!(nc.permits(&id("*.corp.internal")));
+        assert!(!nc.permits(&id("corp.internal")));
+        assert!(!nc.permits(&id("*.internal")));
+        // `.x.corp.internal` holds the names below x, none of which
+        // *.corp.internal stands for; *.x.corp.internal is all inside it.
+        assert!(nc.permits(&id("x.corp.internal")));
+        assert!(!nc.permits(&id("*.x.corp.internal")));
     }
 
     #[test]

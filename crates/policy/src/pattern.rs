@@ -157,6 +157,13 @@ pub struct EmailPattern(String);
 impl EmailPattern {
     /// Parses and normalizes.
     pub fn parse(s: &str) -> Result<EmailPattern, String> {
+        // Patterns are an exact address or `@domain`; a glob would be taken
+        // literally and match nothing (a deny rule that never denies).
+        if s.contains('*') {
+            return Err(format!(
+                "email pattern '{s}': '*' is not a wildcard here; write '@domain' for every address at a domain, or an exact address"
+            ));
+        }
         if let Some(domain) = s.strip_prefix('@') {
             let d = DnsName::parse(domain).map_err(|e| e.to_string())?;
             return Ok(EmailPattern(format!("@{d}")));
@@ -216,6 +223,17 @@ impl RequesterSelector {
             Some(g) if kind == "mtls" => Some(canonical_mtls_glob(&g)),
             g => g,
         };
+        // A DNS-name glob with a path or a scheme selects nobody: mTLS
+        // identities are DNS names or SPIFFE IDs (`spiffe://*/...`).
+        if let Some(g) = glob.as_deref()
+            && kind == "mtls"
+            && !g.starts_with("spiffe://")
+            && g.contains(['/', ':'])
+        {
+            return Err(format!(
+                "requester selector '{s}': an mTLS identity is a DNS name or a SPIFFE ID; for SPIFFE IDs write mtls:spiffe://TRUST-DOMAIN/... (a '*' may stand for the trust domain)"
+            ));
+        }
         Ok(RequesterSelector {
             kind: Some(kind.to_string()),
             glob,

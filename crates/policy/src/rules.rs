@@ -177,6 +177,18 @@ impl Rule {
             })
             .transpose()
             .map_err(err)?;
+        // An empty list would select nothing: a deny rule with it never
+        // denies, an allow rule never allows. Omitting the key means any.
+        if profiles.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err(
+                "profiles is empty: omit it for any profile, or list some".into(),
+            ));
+        }
+        if key_types.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err(
+                "key_types is empty: omit it for any key type, or list some".into(),
+            ));
+        }
         let rule = Rule {
             name: raw.name.clone(),
             description: raw.description,
@@ -333,9 +345,11 @@ pub struct Decision {
 impl Decision {
     /// The first refusal, as one sentence for an error message.
     pub fn denial_reason(&self) -> Option<String> {
+        // A deny rule that decided is named before a name no rule allowed.
         self.findings
             .iter()
-            .find(|f| f.outcome != Outcome::Allowed)
+            .find(|f| f.outcome == Outcome::Denied)
+            .or_else(|| self.findings.iter().find(|f| f.outcome != Outcome::Allowed))
             .map(|f| format!("{}: {}", f.identifier, f.reason))
     }
 

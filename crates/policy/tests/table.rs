@@ -260,6 +260,28 @@ fn bad_policies_name_the_problem() {
             "[[rule]]\nname='x'\neffect='allow'\nrequesters=['*']\ndns=['a']\n[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\n",
             "already used",
         ),
+        // Lists that would select nothing, which makes a deny rule inert.
+        (
+            "[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\ndns=['vault.internal']\nprofiles=[]\n",
+            "profiles is empty",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\ndns=['vault.internal']\nkey_types=[]\n",
+            "key_types is empty",
+        ),
+        // Globs where none are matched.
+        (
+            "[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\nemail=['*@corp.example']\n",
+            "not a wildcard here",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='deny'\nrequesters=['*']\nemail=['@*.corp.example']\n",
+            "not a wildcard here",
+        ),
+        (
+            "[[rule]]\nname='x'\neffect='deny'\nrequesters=['mtls:*/ns/admin/*']\ndns=['x']\n",
+            "mtls:spiffe://",
+        ),
     ];
     for (text, want) in bad {
         let e = Policy::from_sources([("bad.toml", text)])
@@ -352,4 +374,29 @@ profiles = ["server"]
             );
         }
     }
+}
+
+/// The one-line reason names the deny rule that decided, even when another
+/// name (sorted first) was merely not allowed.
+#[test]
+fn the_reason_names_the_deny_rule_first() {
+    let p = Policy::from_sources([(
+        "p.toml",
+        "[[rule]]\nname='a'\neffect='allow'\nrequesters=['token']\ndns=['.corp.internal']\n\
+         [[rule]]\nname='no-vault'\neffect='deny'\nrequesters=['*']\ndns=['vault.corp.internal']\n",
+    )])
+    .unwrap();
+    let names = [
+        Identifier::parse_any("a.elsewhere.internal").unwrap(),
+        Identifier::parse_any("vault.corp.internal").unwrap(),
+    ];
+    let d = p.evaluate(&Request {
+        requester: &Requester::Token("t".into()),
+        identifiers: &names,
+        profile: Profile::Mtls,
+        key_type: Some(KeyType::EcdsaP256),
+        lifetime: None,
+    });
+    let reason = d.denial_reason().unwrap();
+    assert!(reason.contains("no-vault"), "{reason}");
 }
