@@ -777,6 +777,15 @@ async fn tonic_client_flow_and_every_refusal() {
     )
     .await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // A message far beyond any CSR is not even decoded (tonic's code for
+    // its message limit).
+    let s = call_fails(
+        anon.sign(with_token(sign_req(vec![0x30; 100 * 1024]), &t))
+            .await,
+    )
+    .await;
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(s.message().contains("65536"), "{s:?}");
     // The credential is checked first: with a bad token, the same CSR is
     // an authentication failure.
     let s = call_fails(
@@ -1855,6 +1864,36 @@ async fn refused_credentials_are_audited_within_a_budget() {
         .audit()
         .lines()
         .filter(|l| l.contains("cert.revoke_denied") && l.contains("token:revoker"))
+        .count();
+    assert_eq!(denied, budget);
+
+    // A certificate holder revoking what it may not (another certificate):
+    // the same budget, audited as a refusal of that serial.
+    let (key, mine) = ca.first_certificate("holder", "holder.internal").await;
+    let mut holder = ca.client(Some((&mine.chain_pem, &key))).await;
+    let mut refused = 0;
+    let mut exhausted = 0;
+    for _ in 0..budget + 5 {
+        let s = call_fails(
+            holder
+                .revoke(RevokeRequest {
+                    serial: "dead0001".into(),
+                    reason: 0,
+                })
+                .await,
+        )
+        .await;
+        match s.code() {
+            Code::PermissionDenied => refused += 1,
+            Code::ResourceExhausted => exhausted += 1,
+            other => panic!("{other:?}: {s:?}"),
+        }
+    }
+    assert_eq!((refused, exhausted), (budget, 5));
+    let denied = ca
+        .audit()
+        .lines()
+        .filter(|l| l.contains("grpc.refused") && l.contains("mtls:holder.internal"))
         .count();
     assert_eq!(denied, budget);
 }

@@ -860,10 +860,15 @@ impl Authority {
             ));
             return Err(refuse(e).await);
         }
+        // A refused CSR is audited, so it takes from the caller's issuance
+        // budget (as on Sign): repeating it cannot flood the audit log.
         let csr = match &req.csr {
             Some(bytes) => match Csr::parse(bytes) {
                 Ok(csr) => Some(csr),
-                Err(e) => return Err(refuse(Error::Csr(e)).await),
+                Err(e) => {
+                    self.take_rate_token(&req.caller)?;
+                    return Err(refuse(Error::Csr(e)).await);
+                }
             },
             None => None,
         };
@@ -878,6 +883,7 @@ impl Authority {
                     want.join(", "),
                     got.join(", ")
                 ));
+                self.take_rate_token(&req.caller)?;
                 return Err(refuse(e).await);
             }
         }

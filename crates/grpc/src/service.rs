@@ -195,7 +195,7 @@ pub struct CaService {
     /// Revocations asked with a bootstrap token, per token subject: each
     /// one refused (an unknown serial, names the token does not cover) is
     /// audited by the authority, so they are bounded here.
-    token_revocations: Arc<std::sync::Mutex<RateLimiter>>,
+    revocations: Arc<std::sync::Mutex<RateLimiter>>,
     peers: Arc<PeerCache>,
 }
 
@@ -215,7 +215,7 @@ impl CaService {
             refusal_audits: Arc::new(std::sync::Mutex::new(RateLimiter::new(
                 REFUSAL_AUDITS_PER_MINUTE,
             ))),
-            token_revocations: Arc::new(std::sync::Mutex::new(RateLimiter::new(
+            revocations: Arc::new(std::sync::Mutex::new(RateLimiter::new(
                 REFUSAL_AUDITS_PER_MINUTE,
             ))),
             peers: Arc::default(),
@@ -600,7 +600,7 @@ impl CertificateAuthority for CaService {
                 return Err(Status::invalid_argument(reason));
             };
             let actor = Requester::Token(grant.subject.clone()).to_string();
-            if let Err(wait) = self.take(&self.token_revocations, &actor) {
+            if let Err(wait) = self.take(&self.revocations, &actor) {
                 metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
                     .increment(1);
                 return Err(Status::resource_exhausted(format!(
@@ -644,14 +644,23 @@ impl CertificateAuthority for CaService {
                 .operators
                 .iter()
                 .any(|o| o == peer.requester.name());
+        // Refusals are audited, so a caller's revocations are budgeted as
+        // with a token.
+        let actor = peer.requester.to_string();
+        if let Err(wait) = self.take(&self.revocations, &actor) {
+            metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
+            )));
+        }
         if serial != peer.serial && !is_operator {
             let reason = format!(
-                "{} may revoke only its own certificate ({})",
+                "{} may revoke only its own certificate ({}), not {serial}",
                 peer.requester.name(),
                 peer.serial
             );
-            self.audit_auth_failure(&call, &peer.requester.to_string(), &reason)
-                .await;
+            self.audit_refusal(&call, &actor, &reason).await;
             return Err(Status::permission_denied(reason));
         }
         let revoked = self
@@ -820,12 +829,17 @@ impl CaService {
     }
 }
 
+/// The largest request message decoded: a request is a CSR (at most
+/// [`MAX_CSR_LEN`]) and a few short fields, and messages are decoded before
+/// the caller is authenticated.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+
 /// The tonic server for the service, with Sigil's message-size limit.
 pub fn server(
     svc: CaService,
 ) -> pb::certificate_authority_server::CertificateAuthorityServer<CaService> {
     pb::certificate_authority_server::CertificateAuthorityServer::new(svc)
-        .max_decoding_message_size(1024 * 1024)
+        .max_decoding_message_size(MAX_MESSAGE_LEN)
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ pub struct GrpcConfig {
     /// passphrase; created on first use).
     #[serde(default = "default_token_key")]
     pub token_key: PathBuf,
-    /// mTLS identities (SPIFFE URI or DNS name) that may revoke any certificate.
+    /// mTLS identities (SPIFFE IDs only) that may revoke any certificate.
     #[serde(default)]
     pub operators: Vec<String>,
 }

@@ -12,6 +12,9 @@ use sigil_core::IssuerInfo;
 use sigil_grpc::{CaService, Notifier, ServiceConfig, tokens::TokenVerifier};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// HTTP/2 streams one gRPC connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -71,7 +74,15 @@ impl GrpcListener {
             tokens,
             ServiceConfig {
                 roots_pem,
-                operators: grpc.operators.clone(),
+                // In the form client identities take (the trust domain
+                // lowercased), so `SPIFFE://Corp.Example/ops` still matches.
+                operators: grpc
+                    .operators
+                    .iter()
+                    .map(|o| {
+                        sigil_core::SpiffeId::parse(o).map_or_else(|_| o.clone(), |s| s.to_string())
+                    })
+                    .collect(),
             },
             notifier.clone(),
         );
@@ -140,6 +151,10 @@ impl GrpcListener {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(256)
+            // Open streams per connection (tonic would leave them
+            // unlimited): a watch stream holds its slot while it lasts,
+            // which the concurrency limit above does not count.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .timeout(self.timeout)
             .layer(crate::request_id::GrpcLayer)
             .add_service(sigil_grpc::reflection_service()?)
