@@ -346,6 +346,19 @@ pub(crate) fn record_digest(c: &crate::NewCertificate) -> String {
     hex::encode(h.finalize())
 }
 
+/// SHA-256 (hex) of a revocation row, recorded as `record` in its
+/// `cert.revoked` row: an edit of its issuer (which decides the CRL that
+/// lists it), reason or time shows.
+pub(crate) fn revocation_digest(r: &crate::NewRevocation) -> String {
+    let mut h = Sha256::new();
+    for text in [&r.serial, &r.issuer_id, &r.revoked_by] {
+        put(&mut h, text.as_bytes());
+    }
+    put(&mut h, &i64::from(r.reason).to_be_bytes());
+    put(&mut h, &r.revoked_at.to_be_bytes());
+    hex::encode(h.finalize())
+}
+
 impl Store {
     /// Checks the tables the audit chain vouches for: every certificate row
     /// has its issuance row (`cert.issued` / `cert.renewed`, subject = serial)
@@ -409,20 +422,27 @@ impl Store {
             // Each revocation with the cert.revoked rows naming its serial;
             // the latest of them is the one it must point at.
             let mut rows = sqlx::query(
-                "SELECT r.serial, r.audit_seq, a.seq AS a_seq FROM revocations r \
+                "SELECT r.serial, r.issuer_id, r.reason, r.revoked_at, r.revoked_by, r.audit_seq, \
+                 a.seq AS a_seq, a.detail AS a_detail FROM revocations r \
                  LEFT JOIN audit a ON a.subject = r.serial AND a.kind = 'cert.revoked' \
                  ORDER BY r.serial, a.seq",
             )
             .fetch(&mut *tx);
-            let mut current: Option<(String, i64, Option<i64>)> = None;
-            let finish = |(serial, audit_seq, latest): (String, i64, Option<i64>),
-                          report: &mut RecordsReport| {
+            // A revocation, its digest, and the latest cert.revoked row
+            // naming it (seq, recorded digest).
+            type Seen = (String, i64, String, Option<(i64, Option<String>)>);
+            let mut current: Option<Seen> = None;
+            let finish = |(serial, audit_seq, digest, latest): Seen, report: &mut RecordsReport| {
                 report.revocations += 1;
                 match latest {
-                    Some(seq) if seq == audit_seq => {}
-                    Some(seq) => report.problem(format!(
+                    Some((seq, _)) if seq != audit_seq => report.problem(format!(
                         "the revocation of {serial} points at audit row {audit_seq}, but row {seq} records it"
                     )),
+                    // Rows written before revocations carried a digest have none.
+                    Some((seq, Some(recorded))) if recorded != digest => report.problem(format!(
+                        "the revocation of {serial} differs from what audit row {seq} recorded (issuer, reason, time or revoker edited)"
+                    )),
+                    Some(_) => {}
                     None => report.problem(format!(
                         "certificate {serial} is marked revoked with no cert.revoked audit row (inserted outside the CA)"
                     )),
@@ -432,18 +452,59 @@ impl Store {
                 let r = r?;
                 let serial: String = r.try_get("serial")?;
                 let seq: Option<i64> = r.try_get("a_seq")?;
+                let detail: Option<String> = r.try_get("a_detail")?;
+                let recorded = detail.and_then(|d| {
+                    serde_json::from_str::<serde_json::Value>(&d)
+                        .ok()?
+                        .get("record")?
+                        .as_str()
+                        .map(str::to_string)
+                });
+                let row = seq.map(|s| (s, recorded));
                 match &mut current {
-                    Some((s, _, latest)) if *s == serial => *latest = seq.or(*latest),
+                    Some((s, _, _, latest)) if *s == serial => {
+                        if row.is_some() {
+                            *latest = row;
+                        }
+                    }
                     _ => {
                         if let Some(done) = current.take() {
                             finish(done, &mut report);
                         }
-                        current = Some((serial, r.try_get("audit_seq")?, seq));
+                        let reason: i64 = r.try_get("reason")?;
+                        let revocation = crate::NewRevocation {
+                            serial: serial.clone(),
+                            issuer_id: r.try_get("issuer_id")?,
+                            reason: i32::try_from(reason)
+                                .map_err(|e| Error::Corrupt(e.to_string()))?,
+                            revoked_at: r.try_get("revoked_at")?,
+                            revoked_by: r.try_get("revoked_by")?,
+                            block_key: None,
+                        };
+                        let digest = revocation_digest(&revocation);
+                        current = Some((serial, r.try_get("audit_seq")?, digest, row));
                     }
                 }
             }
             if let Some(done) = current {
                 finish(done, &mut report);
+            }
+        }
+
+        {
+            // A key revoked as compromised stays blocked.
+            let mut rows = sqlx::query(
+                "SELECT r.serial FROM revocations r JOIN certificates c ON c.serial = r.serial \
+                 WHERE r.reason = 1 AND NOT EXISTS \
+                 (SELECT 1 FROM blocked_keys b WHERE b.fingerprint = c.key_fingerprint) \
+                 ORDER BY r.serial",
+            )
+            .fetch(&mut *tx);
+            while let Some(r) = rows.next().await {
+                let serial: String = r?.try_get("serial")?;
+                report.problem(format!(
+                    "certificate {serial} was revoked as keyCompromise, but its key is not blocked (the block was deleted)"
+                ));
             }
         }
 

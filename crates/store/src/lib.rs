@@ -144,6 +144,12 @@ impl Store {
             let digest = audit::record_digest(cert);
             detail.insert("record".into(), serde_json::Value::String(digest));
         }
+        if let Change::Revoke { revocation, event } = &mut change
+            && let Some(detail) = event.detail.as_object_mut()
+        {
+            let digest = audit::revocation_digest(revocation);
+            detail.insert("record".into(), serde_json::Value::String(digest));
+        }
         writer::submit(&self.writer, change)
             .await?
             .receipt

@@ -146,11 +146,12 @@ pub struct NewRevocation {
 /// A stored revocation.
 pub type RevocationRow = NewRevocation;
 
-/// The revocations a CRL lists: of issuer `$1`, for certificates expiring
+/// The revocations a CRL lists: of certificates issued by `$1` (the
+/// certificate row's issuer, which its audit record vouches for), expiring
 /// after `$2`.
 const CRL_ENTRIES: &str = "SELECT r.serial, r.revoked_at, r.reason, c.crl_shard FROM revocations r \
      JOIN certificates c ON c.serial = r.serial \
-     WHERE r.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial";
+     WHERE c.issuer_id = $1 AND c.not_after > $2 ORDER BY r.serial";
 
 fn revoked_entry(r: &sqlx::any::AnyRow) -> Result<RevokedEntry, Error> {
     let reason: i64 = r.try_get("reason")?;

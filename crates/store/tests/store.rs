@@ -52,7 +52,7 @@ fn revocation(i: usize) -> sigil_store::NewRevocation {
         reason: 1,
         revoked_at: 99,
         revoked_by: "operator:test".into(),
-        block_key: None,
+        block_key: Some(cert(i).key_fingerprint),
     }
 }
 
@@ -1227,8 +1227,12 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
             sigil_store::Backend::Sqlite => &[
                 "DROP TRIGGER revocations_final_update",
                 "DROP TRIGGER revocations_final_delete",
+                "DROP TRIGGER blocked_keys_final_delete",
             ],
-            sigil_store::Backend::Postgres => &["DROP TRIGGER revocations_final ON revocations"],
+            sigil_store::Backend::Postgres => &[
+                "DROP TRIGGER revocations_final ON revocations",
+                "DROP TRIGGER blocked_keys_final ON blocked_keys",
+            ],
         };
         for sql in drops {
             sqlx::query(sqlx::AssertSqlSafe(*sql))
@@ -1248,6 +1252,19 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
             .execute(pool)
             .await
             .unwrap();
+        // A revocation's reason and time edited (keyCompromise made a
+        // routine supersession).
+        sqlx::query("UPDATE revocations SET reason = 4, revoked_at = 98 WHERE serial = $1")
+            .bind(cert(4).serial)
+            .execute(pool)
+            .await
+            .unwrap();
+        // A compromised key's block deleted: it could be certified again.
+        sqlx::query("DELETE FROM blocked_keys WHERE fingerprint = $1")
+            .bind(cert(6).key_fingerprint)
+            .execute(pool)
+            .await
+            .unwrap();
         // A second issuance row for one certificate (its latest is the one
         // checked: it records no digest, so only its presence counts).
         store
@@ -1261,7 +1278,7 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
 
         let report = store.cross_check_records().await.unwrap();
         let text = report.problems.join("\n");
-        assert_eq!(report.problem_count, 8, "{name}:\n{text}");
+        assert_eq!(report.problem_count, 11, "{name}:\n{text}");
         assert_eq!(
             (report.certificates, report.revocations),
             (6, 3),
@@ -1276,6 +1293,10 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
             (cert(3).serial, "both record issuing"),
             (cert(5).serial, "the revocation row is gone"),
             (cert(6).serial, "points at audit row 2, but row"),
+            (cert(4).serial, "reason, time or revoker edited"),
+            (cert(6).serial, "its key is not blocked"),
+            // The forged keyCompromise revocation blocked nothing either.
+            (cert(3).serial, "its key is not blocked"),
         ] {
             assert!(
                 report
