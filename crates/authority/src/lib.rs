@@ -1244,6 +1244,17 @@ impl Authority {
     ) -> Result<OcspSigner, Error> {
         let issuer = self.held_issuer(issuer_id)?;
         let info = issuer.info();
+        // Not beyond the issuer's own expiry (RFC 5280 §6.1.3: a path is
+        // valid only within every certificate's validity).
+        let now = self.clock.now();
+        let left = Duration::try_from(info.not_after - now).unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            return Err(Error::Unavailable(format!(
+                "issuer {} has expired; it cannot certify an OCSP responder",
+                info.id
+            )));
+        }
+        let lifetime = lifetime.min(left);
         let serial = sigil_signer::random_serial()?;
         let keys = self.keys.clone().filter(|_| share);
         let label = format!("{}{}", ocsp_key_prefix(&info.id), serial.to_hex());
@@ -1285,7 +1296,6 @@ impl Authority {
                     }
                 }
             };
-        let now = self.clock.now();
         let params = sigil_core::template::ocsp_signer_params(
             &info.subject,
             key.public_key(),

@@ -1119,3 +1119,35 @@ async fn a_staged_issuer_without_its_key_is_not_a_change_on_every_sync() {
     assert!(!authority.sync().await.unwrap().issuers_changed);
     assert_eq!(authority.serving_issuers().len(), 1);
 }
+
+/// An OCSP responder certificate made in its issuer's last day ends with
+/// the issuer, not after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocsp_responder_does_not_outlive_its_issuer() {
+    let r = rotation(false).await;
+    let id = r.first.id.to_string();
+    let fresh = r
+        .authority
+        .new_ocsp_signer(&id, Duration::from_secs(2 * 86400), false)
+        .await
+        .unwrap();
+    let two_days = r.clock.now() + Duration::from_secs(2 * 86400);
+    assert!(fresh.not_after >= two_days - Duration::from_secs(1));
+    let end = r.first.not_after;
+    r.clock
+        .advance(Duration::try_from(end - r.clock.now() - time::Duration::hours(12)).unwrap());
+    let late = r
+        .authority
+        .new_ocsp_signer(&id, Duration::from_secs(2 * 86400), false)
+        .await
+        .unwrap();
+    assert_eq!(late.not_after, end);
+    r.clock.advance(Duration::from_secs(86400));
+    let e = r
+        .authority
+        .new_ocsp_signer(&id, Duration::from_secs(2 * 86400), false)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("has expired"), "{e}");
+}

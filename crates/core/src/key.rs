@@ -170,6 +170,18 @@ impl PublicKey {
             }
             KeyType::Ed25519
         } else if alg == RSA_ENCRYPTION {
+            // RFC 3279 §2.3.1: the parameters are NULL. Without them the same
+            // key would have another SubjectPublicKeyInfo (and fingerprint).
+            if !spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .is_some_and(|p| der::Tagged::tag(p) == der::Tag::Null && p.value().is_empty())
+            {
+                return Err(CsrError::UnsupportedKey(
+                    "RSA key whose algorithm parameters are not NULL (RFC 3279)".into(),
+                ));
+            }
             let key = RsaPublicKeyAsn1::from_der(&raw)
                 .map_err(|e| CsrError::UnsupportedKey(format!("malformed RSA key ({e})")))?;
             let m = key.modulus.as_bytes();
@@ -248,5 +260,30 @@ mod tests {
             assert!(bad.parse::<KeyType>().is_err(), "{bad}");
         }
         assert_eq!("ed25519".parse::<KeyType>().ok(), Some(KeyType::Ed25519));
+    }
+
+    #[test]
+    fn an_rsa_key_needs_null_parameters() {
+        // A 2048-bit modulus (its value does not matter here).
+        let mut modulus = vec![0u8; 257];
+        modulus[1] = 0xc1;
+        modulus[256] = 0x01;
+        let rsa = RsaPublicKeyAsn1 {
+            modulus: der::asn1::UintRef::new(&modulus[1..]).unwrap(),
+            public_exponent: der::asn1::UintRef::new(&[1, 0, 1]).unwrap(),
+        }
+        .to_der()
+        .unwrap();
+        let spki = |parameters: Option<der::Any>| SubjectPublicKeyInfoOwned {
+            algorithm: x509_cert::spki::AlgorithmIdentifierOwned {
+                oid: RSA_ENCRYPTION,
+                parameters,
+            },
+            subject_public_key: der::asn1::BitString::from_bytes(&rsa).unwrap(),
+        };
+        let with_null = PublicKey::from_spki(&spki(Some(der::Any::from(der::asn1::Null))));
+        assert_eq!(with_null.unwrap().key_type(), KeyType::Rsa(2048));
+        let e = PublicKey::from_spki(&spki(None)).err().unwrap();
+        assert!(e.to_string().contains("NULL"), "{e}");
     }
 }

@@ -473,10 +473,14 @@ impl Ocsp {
         } else {
             self.settings.validity
         };
+        // A responder certificate lasts at most as long as its issuer: one
+        // that does is as fresh as any new one could be.
+        let issuer_end = issuer.info().not_after;
         let stored = self.authority.stored_ocsp_signer(id).await?;
         if let Some((serial, not_after)) = &stored
-            && *not_after - now.unix_timestamp()
+            && (*not_after - now.unix_timestamp()
                 >= i64::try_from(enough.as_secs()).unwrap_or(i64::MAX)
+                || *not_after >= issuer_end.unix_timestamp())
         {
             if let Some(c) = &current
                 && c.signer.serial == *serial
@@ -496,7 +500,10 @@ impl Ocsp {
         }
         // This node's own responder, while fresh: kept by a follower when
         // nothing usable is stored, and by the job node when it cannot share.
-        let own = current.filter(|c| !c.signer.shared && c.signer.not_after - now >= half);
+        let own = current.filter(|c| {
+            !c.signer.shared
+                && (c.signer.not_after - now >= half || c.signer.not_after >= issuer_end)
+        });
         if let Some(c) = own
             && (!leading || !self.authority.shares_ocsp_signers())
         {
