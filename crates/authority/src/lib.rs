@@ -890,7 +890,13 @@ impl Authority {
         let applicant = Applicant {
             identifiers: &current.identifiers,
             public_key: csr.as_ref().map_or(&current.public_key, |c| c.public_key()),
-            common_name: None,
+            // The subject stays what it was (services that identify peers by
+            // CN or by the whole subject keep working), unless the renewal
+            // CSR names another of the certificate's DNS names.
+            common_name: csr
+                .as_ref()
+                .and_then(|c| c.common_name())
+                .or(current.common_name.as_deref()),
         };
         let original = Requester::parse(&row.requester).ok_or_else(|| {
             Error::NotRenewable(format!(

@@ -1151,3 +1151,54 @@ async fn an_ocsp_responder_does_not_outlive_its_issuer() {
         .unwrap();
     assert!(e.to_string().contains("has expired"), "{e}");
 }
+
+/// A renewal keeps the subject: the CN the first request chose (one of the
+/// certificate's DNS names), not the first DNS name in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_keeps_the_common_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cn.db").display());
+    let ca = authority(&url).await;
+    let key = KeyPair::generate().unwrap();
+    let names = ["api.svc.internal", "www.svc.internal"];
+    let first = ca
+        .issue(req(
+            csr_with(&key, Some("www.svc.internal"), &names, vec![]),
+            Requester::Token("web".into()),
+        ))
+        .await
+        .unwrap();
+    let cn = |der: &[u8]| sigil_core::LeafInfo::from_der(der).unwrap().common_name;
+    assert_eq!(cn(&first.der).as_deref(), Some("www.svc.internal"));
+    let caller = Requester::Mtls("api.svc.internal".into());
+    let renewed = ca
+        .renew(sigil_authority::RenewRequest {
+            current: first.der.clone(),
+            caller: caller.clone(),
+            csr: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(cn(&renewed.der).as_deref(), Some("www.svc.internal"));
+    // A re-key CSR without a CN keeps it too; one naming the other name
+    // moves it.
+    let key2 = KeyPair::generate().unwrap();
+    let rekeyed = ca
+        .renew(sigil_authority::RenewRequest {
+            current: renewed.der.clone(),
+            caller: caller.clone(),
+            csr: Some(csr_with(&key2, None, &names, vec![])),
+        })
+        .await
+        .unwrap();
+    assert_eq!(cn(&rekeyed.der).as_deref(), Some("www.svc.internal"));
+    let moved = ca
+        .renew(sigil_authority::RenewRequest {
+            current: rekeyed.der.clone(),
+            caller,
+            csr: Some(csr_with(&key2, Some("api.svc.internal"), &names, vec![])),
+        })
+        .await
+        .unwrap();
+    assert_eq!(cn(&moved.der).as_deref(), Some("api.svc.internal"));
+}

@@ -276,7 +276,9 @@ pub(crate) fn verify_signature(
         .map_err(|_| CsrError::BadSignature)
 }
 
-fn subject_common_name(name: &x509_cert::name::Name) -> Result<Option<String>, CsrError> {
+pub(crate) fn subject_common_name(
+    name: &x509_cert::name::Name,
+) -> Result<Option<String>, CsrError> {
     let mut cn = None;
     {
         for atv in name.iter() {

@@ -25,6 +25,8 @@ pub struct LeafInfo {
     pub not_after: OffsetDateTime,
     /// The issuer name, DER.
     pub issuer_der: Vec<u8>,
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
 }
 
 impl LeafInfo {
@@ -62,7 +64,11 @@ impl LeafInfo {
             OffsetDateTime::from_unix_timestamp(t.to_unix_duration().as_secs() as i64)
                 .map_err(|e| bad(&e))
         };
+        let common_name = crate::csr::subject_common_name(tbs.subject())
+            .ok()
+            .flatten();
         Ok(LeafInfo {
+            common_name,
             serial,
             public_key,
             identifiers,
