@@ -1720,7 +1720,13 @@ impl Authority {
             .iter()
             .filter_map(|der| IssuerInfo::from_der(der).ok())
             .collect();
-        let blocked = if !new.is_empty() || self.cache.synced_at_ms.load(Ordering::Acquire) == 0 {
+        // A key may also be blocked without a new revocation (a certificate
+        // revoked earlier, found compromised later).
+        let known = i64::try_from(read(&self.cache.blocked_keys).len()).unwrap_or(i64::MAX);
+        let blocked = if !new.is_empty()
+            || self.cache.synced_at_ms.load(Ordering::Acquire) == 0
+            || self.store.blocked_key_count().await? != known
+        {
             Some(self.store.blocked_keys().await?)
         } else {
             None

@@ -754,6 +754,45 @@ async fn revocations_made_elsewhere_are_seen_after_a_sync() {
             .await
             .unwrap();
         assert!(here.is_revoked(&other.serial).await.unwrap(), "{name}");
+        // A key blocked elsewhere with no new revocation (a certificate
+        // revoked before, found compromised later) is refused after a sync.
+        let later = KeyPair::generate().unwrap();
+        let c = here
+            .issue(req(
+                csr_with(&later, None, &["c.internal"], vec![]),
+                Requester::Token("c".into()),
+            ))
+            .await
+            .unwrap();
+        let fp = sigil_core::LeafInfo::from_der(&c.der)
+            .unwrap()
+            .public_key
+            .fingerprint();
+        here.sync().await.unwrap();
+        elsewhere
+            .commit(sigil_store::Change::BlockKey {
+                fingerprint: fp,
+                serial: c.serial.to_hex(),
+                at: 1,
+                event: sigil_store::AuditEvent {
+                    ts_ms: 1,
+                    kind: "key.blocked".into(),
+                    actor: "operator:elsewhere".into(),
+                    subject: c.serial.to_hex(),
+                    detail: serde_json::json!({}),
+                },
+            })
+            .await
+            .unwrap();
+        here.sync().await.unwrap();
+        let e = here
+            .issue(req(
+                csr_with(&later, None, &["c.internal"], vec![]),
+                Requester::Token("c".into()),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::KeyCompromised(_)), "{name}: {e}");
         elsewhere.close().await;
     }
 }

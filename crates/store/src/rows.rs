@@ -668,6 +668,14 @@ impl Store {
         )
     }
 
+    /// How many keys are blocked (the table only grows).
+    pub async fn blocked_key_count(&self) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM blocked_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// Every blocked key fingerprint.
     pub async fn blocked_keys(&self) -> Result<Vec<String>, Error> {
         let rows = sqlx::query("SELECT fingerprint FROM blocked_keys")
