@@ -6,6 +6,7 @@
 
 mod error;
 pub mod issuers;
+pub mod revoke;
 
 pub use error::Error;
 pub use issuers::IssuerKeys;
@@ -23,8 +24,7 @@ use sigil_core::{
 use sigil_policy::{Decision, Policy, Request};
 use sigil_signer::{CaKey, CaSigner, SoftwareKey};
 use sigil_store::{
-    AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, NewRevocation, SpentToken,
-    StateWrite, Store,
+    AuditEvent, AuditReceipt, CertificateRow, Change, NewCertificate, SpentToken, StateWrite, Store,
 };
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -263,19 +263,8 @@ pub struct Revoked {
     /// For keyCompromise: the other unexpired certificates of the same key,
     /// revoked with it (serials, hex).
     pub same_key: Vec<String>,
-}
-
-/// ", and N other certificates of it were revoked: A, B" (or nothing).
-fn listed(others: &[String]) -> String {
-    match others {
-        [] => String::new(),
-        [one] => format!(", and certificate {one} of the same key was revoked"),
-        many => format!(
-            ", and {} other certificates of the same key were revoked: {}",
-            many.len(),
-            many.join(", ")
-        ),
-    }
+    /// For keyCompromise: the fingerprint of the key now blocked.
+    pub blocked_key: Option<String>,
 }
 
 /// What the shared issuance path needs besides the subject.
@@ -940,224 +929,44 @@ impl Authority {
         self.issue_for(&applicant, ask).await
     }
 
-    /// Revokes a certificate. `by` is who asks; the entry point has already
-    /// established that they may (their own certificate, or an operator).
+    /// Revokes a certificate (see [`revoke::revoke`]); this node knows of it
+    /// at once.
     pub async fn revoke(
         &self,
         serial: &Serial,
         reason: i32,
         by: &Requester,
     ) -> Result<Revoked, Error> {
-        let result = self.revoke_unaudited_refusal(serial, reason, by).await;
-        self.audit_revoke_refusal(result, serial, by).await
+        let r = revoke::revoke(&self.store, self.clock.now(), serial, reason, by).await;
+        self.remember(r)
     }
 
-    /// Revokes a certificate on the strength of an unspent bootstrap token whose
-    /// names cover every name in the certificate. The token is not spent, so
-    /// the holder can still obtain a replacement with it.
+    /// Revokes a certificate with a bootstrap token (see
+    /// [`revoke::revoke_with_token`]); this node knows of it at once.
     pub async fn revoke_with_token(
         &self,
         serial: &Serial,
         reason: i32,
         grant: &TokenGrant,
     ) -> Result<Revoked, Error> {
-        let by = Requester::Token(grant.subject.clone());
-        let result = match self.store.certificate(&serial.to_hex()).await? {
-            None => Err(Error::NotFound(format!(
-                "no certificate with serial {serial}"
-            ))),
-            Some(_) if self.store.token_spent(&grant.jti).await? => {
-                Err(Error::TokenReplayed(format!(
-                    "token {} was already used; bootstrap tokens are accepted once",
-                    grant.jti
-                )))
-            }
-            Some(row) => {
-                let allowed: Vec<String> = grant.sans.iter().map(|i| i.to_string()).collect();
-                match row.names.iter().find(|n| !allowed.contains(n)) {
-                    Some(n) => Err(Error::TokenScope(format!(
-                        "the token for '{}' does not cover {n}, a name in certificate {serial}",
-                        grant.subject
-                    ))),
-                    None => self.revoke_unaudited_refusal(serial, reason, &by).await,
-                }
-            }
-        };
-        self.audit_revoke_refusal(result, serial, &by).await
+        let r =
+            revoke::revoke_with_token(&self.store, self.clock.now(), serial, reason, grant).await;
+        self.remember(r)
     }
 
-    async fn audit_revoke_refusal(
-        &self,
-        result: Result<Revoked, Error>,
-        serial: &Serial,
-        by: &Requester,
-    ) -> Result<Revoked, Error> {
-        let e = match result {
-            Ok(r) => return Ok(r),
-            Err(e @ (Error::Store(_) | Error::Internal(_) | Error::Signer(_))) => return Err(e),
-            Err(e) => e,
-        };
-        let recorded = self
-            .record(
-                "cert.revoke_denied",
-                &by.to_string(),
-                &serial.to_hex(),
-                json!({ "reason": e.to_string() }),
-            )
-            .await;
-        match recorded {
-            Ok(_) => Err(e),
-            Err(store) => Err(store),
-        }
-    }
-
-    async fn revoke_unaudited_refusal(
-        &self,
-        serial: &Serial,
-        reason: i32,
-        by: &Requester,
-    ) -> Result<Revoked, Error> {
-        let hex = serial.to_hex();
-        if !sigil_core::revocation::is_valid_reason(reason) {
-            return Err(Error::InvalidRevocation(format!(
-                "reason code {reason} is not a CRLReason Sigil accepts (0-5, 9, 10)"
-            )));
-        }
-        let row = self
-            .store
-            .certificate(&hex)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no certificate with serial {hex}")))?;
-        let now = self.clock.now();
-        let receipt = self
-            .store
-            .commit(Change::Revoke {
-                revocation: NewRevocation {
-                    serial: hex.clone(),
-                    issuer_id: row.issuer_id.clone(),
-                    reason,
-                    revoked_at: now.unix_timestamp(),
-                    revoked_by: by.to_string(),
-                    // keyCompromise: that key is never certified again.
-                    block_key: (reason == 1).then(|| row.key_fingerprint.clone()),
-                },
-                event: AuditEvent {
-                    ts_ms: unix_ms(now),
-                    kind: "cert.revoked".into(),
-                    actor: by.to_string(),
-                    subject: hex.clone(),
-                    detail: json!({
-                        "issuer": row.issuer_id,
-                        "names": row.names,
-                        "reason": sigil_core::revocation::reason_name(reason),
-                    }),
-                },
-            })
-            .await;
-        let receipt = match receipt {
-            Ok(r) => r,
-            Err(sigil_store::Error::Conflict(_)) if reason == 1 => {
-                // Revoked before for another reason: the key is blocked and
-                // its other certificates revoked all the same.
-                let others = self.compromised(&row, by, now).await?;
-                return Err(Error::AlreadyRevoked(format!(
-                    "certificate {hex} is already revoked (its reason stays); its key is now blocked{}",
-                    listed(&others)
-                )));
-            }
-            Err(sigil_store::Error::Conflict(_)) => {
-                return Err(Error::AlreadyRevoked(format!(
-                    "certificate {hex} is already revoked"
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        write(&self.cache.revoked).insert(hex.clone());
-        let same_key = if reason == 1 {
-            write(&self.cache.blocked_keys).insert(row.key_fingerprint.clone());
-            self.compromised(&row, by, now).await?
-        } else {
-            Vec::new()
-        };
-        Ok(Revoked {
-            serial: serial.clone(),
-            revoked_at: now,
-            receipt,
-            same_key,
-        })
-    }
-
-    /// After a keyCompromise naming `row`: blocks its key (if not yet) and
-    /// revokes every other unexpired certificate of that key, each with its
-    /// own audit record. A compromised key is compromised in all of them:
-    /// renewals that kept the key, or a request that reused it. Returns the
-    /// serials revoked here.
-    async fn compromised(
-        &self,
-        row: &CertificateRow,
-        by: &Requester,
-        now: OffsetDateTime,
-    ) -> Result<Vec<String>, Error> {
-        let fp = &row.key_fingerprint;
-        if !self.store.key_blocked(fp).await? {
-            self.store
-                .commit(Change::BlockKey {
-                    fingerprint: fp.clone(),
-                    serial: row.serial.clone(),
-                    at: now.unix_timestamp(),
-                    event: AuditEvent {
-                        ts_ms: unix_ms(now),
-                        kind: "key.blocked".into(),
-                        actor: by.to_string(),
-                        subject: row.serial.clone(),
-                        detail: json!({ "key": fp, "reason": "keyCompromise" }),
-                    },
-                })
-                .await?;
-        }
-        write(&self.cache.blocked_keys).insert(fp.clone());
-        let mut revoked = Vec::new();
-        for c in self
-            .store
-            .unrevoked_of_key(fp, now.unix_timestamp())
-            .await?
-        {
-            let committed = self
-                .store
-                .commit(Change::Revoke {
-                    revocation: NewRevocation {
-                        serial: c.serial.clone(),
-                        issuer_id: c.issuer_id.clone(),
-                        reason: 1,
-                        revoked_at: now.unix_timestamp(),
-                        revoked_by: by.to_string(),
-                        block_key: None,
-                    },
-                    event: AuditEvent {
-                        ts_ms: unix_ms(now),
-                        kind: "cert.revoked".into(),
-                        actor: by.to_string(),
-                        subject: c.serial.clone(),
-                        detail: json!({
-                            "issuer": c.issuer_id,
-                            "names": c.names,
-                            "reason": "keyCompromise",
-                            "same_key_as": row.serial,
-                        }),
-                    },
-                })
-                .await;
-            match committed {
-                Ok(_) => {
-                    write(&self.cache.revoked).insert(c.serial.clone());
-                    revoked.push(c.serial);
-                }
-                // Revoked meanwhile by someone else.
-                Err(sigil_store::Error::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
+    /// Adds a revocation made here to the in-memory view (others arrive
+    /// with the next sync).
+    fn remember(&self, r: Result<Revoked, Error>) -> Result<Revoked, Error> {
+        if let Ok(done) = &r {
+            let mut revoked = write(&self.cache.revoked);
+            revoked.insert(done.serial.to_hex());
+            revoked.extend(done.same_key.iter().cloned());
+            drop(revoked);
+            if let Some(fp) = &done.blocked_key {
+                write(&self.cache.blocked_keys).insert(fp.clone());
             }
         }
-        Ok(revoked)
+        r
     }
 
     /// Whether this node's view of the revocations is current (synced within

@@ -173,10 +173,18 @@ pub async fn revoke(
     let code = sigil_core::revocation::parse_reason(reason).with_context(|| {
         format!("--reason '{reason}' is not an RFC 5280 reason (e.g. keyCompromise, superseded, cessationOfOperation)")
     })?;
-    let authority = build_authority(&cfg, Store::open_existing(&cfg.database_url()).await?).await?;
+    // The records alone: no issuer key, HSM or policy is needed to revoke.
+    let store = Store::open_existing(&cfg.database_url()).await?;
     let by = Requester::Operator(operator_name(operator));
-    let result = authority.revoke(&serial, code, &by).await;
-    authority.store().close().await;
+    let result = sigil_authority::revoke::revoke(
+        &store,
+        sigil_core::Clock::now(&SystemClock),
+        &serial,
+        code,
+        &by,
+    )
+    .await;
+    store.close().await;
     let revoked = result?;
     println!(
         "revoked {} ({}) at {}",
