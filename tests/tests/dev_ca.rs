@@ -366,8 +366,7 @@ fn audit_verify_finds_rows_changed_outside_the_ca() {
     // gone and a broken policy file (an incident), it still works.
     let data = work.join("data");
     std::fs::rename(data.join("intermediate.pass"), work.join("pass.aside")).unwrap();
-    std::fs::write(data.join("policies/broken.toml"), "[[rule]
-").unwrap();
+    std::fs::write(data.join("policies/broken.toml"), "[[rule]\n").unwrap();
     ok(sigil_env(
         &[
             "revoke",
