@@ -132,6 +132,29 @@ fn intermediate_rotation_with_overlap() {
     let err = fails(install_staged("old-int.pem"));
     assert!(err.contains("sigil intermediate rotate"), "{err}");
 
+    // A key the audit log cannot record is not kept (a database refusing
+    // the write, here by a trigger): nothing is left for a re-run to trip on.
+    if have("sqlite3") {
+        let db = work.join("data/sigil.db").display().to_string();
+        ok(run(
+            "sqlite3",
+            &[
+                "-cmd",
+                ".timeout 10000",
+                &db,
+                "CREATE TRIGGER refuse_key BEFORE INSERT ON audit \
+                 WHEN NEW.kind = 'issuer.key_generated' BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            ],
+        ));
+        let err = fails(sigil(&["intermediate", "rotate", "--config", &config]));
+        assert!(err.contains("could not be recorded"), "{err}");
+        assert!(!work.join("data/intermediate-next.key").exists());
+        assert!(!work.join("data/intermediate-next.csr").exists());
+        ok(run(
+            "sqlite3",
+            &["-cmd", ".timeout 10000", &db, "DROP TRIGGER refuse_key;"],
+        ));
+    }
     // 1. rotate: the next key and CSR; nothing changes for clients.
     let out = ok(sigil(&["intermediate", "rotate", "--config", &config]));
     assert!(out.contains("not active"), "{out}");
@@ -211,7 +234,19 @@ fn intermediate_rotation_with_overlap() {
         ok(root_sign(&p(name), &[]));
         ok(install_staged(name))
     };
-    let out = sign_and_stage("next.crt");
+    ok(root_sign(&p("next.crt"), &[]));
+    // Installed without --stage, as if it were the first intermediate: the
+    // error says to add --stage.
+    let err = fails(sigil(&[
+        "intermediate",
+        "install",
+        "--config",
+        &config,
+        "--cert",
+        &p("next.crt"),
+    ]));
+    assert!(err.contains("--stage") && err.contains("next key"), "{err}");
+    let out = ok(install_staged("next.crt"));
     let second_id = printed_id(&out, "staged issuer ");
     assert!(!key.exists(), "the next key took its final name");
     let next_pem = std::fs::read_to_string(work.join("next.crt")).unwrap();

@@ -91,9 +91,23 @@ async fn revoke_unaudited_refusal(
     by: &Requester,
 ) -> Result<Revoked, Error> {
     let hex = serial.to_hex();
+    if matches!(reason, 6 | 8) {
+        return Err(Error::InvalidRevocation(format!(
+            "reason {} is not accepted: a revocation here is final (no holds)",
+            sigil_core::revocation::reason_name(reason)
+        )));
+    }
     if !sigil_core::revocation::is_valid_reason(reason) {
         return Err(Error::InvalidRevocation(format!(
             "reason code {reason} is not a CRLReason Sigil accepts (0-5, 9, 10)"
+        )));
+    }
+    // These say a CA or an attribute authority was compromised: an
+    // operator's finding, not one a certificate's holder can make.
+    if matches!(reason, 2 | 10) && !matches!(by, Requester::Operator(_)) {
+        return Err(Error::InvalidRevocation(format!(
+            "reason {} is for operators; give unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation or privilegeWithdrawn",
+            sigil_core::revocation::reason_name(reason)
         )));
     }
     let row = store

@@ -1241,3 +1241,33 @@ async fn a_renewal_keeps_the_common_name() {
         .unwrap();
     assert_eq!(cn(&moved.der).as_deref(), Some("api.svc.internal"));
 }
+
+/// cACompromise and aACompromise are an operator's finding; holds do not
+/// exist (a revocation is final).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_compromise_reasons_are_for_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("reasons.db").display());
+    let ca = authority(&url).await;
+    let key = KeyPair::generate().unwrap();
+    let cert = ca
+        .issue(req(
+            csr_with(&key, None, &["r.svc.internal"], vec![]),
+            Requester::Token("r".into()),
+        ))
+        .await
+        .unwrap();
+    let holder = Requester::Mtls("r.svc.internal".into());
+    for reason in [2, 10] {
+        let e = ca.revoke(&cert.serial, reason, &holder).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidRevocation(_)), "{e}");
+        assert!(e.to_string().contains("for operators"), "{e}");
+    }
+    let e = ca.revoke(&cert.serial, 6, &holder).await.unwrap_err();
+    assert!(e.to_string().contains("final"), "{e}");
+    assert!(!ca.is_revoked(&cert.serial).await.unwrap());
+    ca.revoke(&cert.serial, 2, &Requester::Operator("o".into()))
+        .await
+        .unwrap();
+    assert!(ca.is_revoked(&cert.serial).await.unwrap());
+}

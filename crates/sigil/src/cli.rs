@@ -79,8 +79,9 @@ pub enum Command {
     #[command(subcommand)]
     Db(DbCmd),
     /// What needs attention: issuers (state, expiry, certificates
-    /// outstanding), CRL freshness, OCSP responder expiry. Exits 1 when
-    /// something is due within 30 days or already overdue.
+    /// outstanding), CRL and ARL freshness, OCSP responder and
+    /// cross-certificate expiry. Exits 1 when something is due within 30
+    /// days or already overdue, 3 when it cannot tell (an error).
     Status {
         /// Path to sigil.toml.
         #[arg(long)]
@@ -554,7 +555,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status {
             config,
             warn_within,
-        } => crate::cmd_status::status(&config, &warn_within).await,
+        } => match crate::cmd_status::status(&config, &warn_within).await {
+            Ok(code) => Ok(code),
+            // A monitoring check must tell "cannot tell" from "due".
+            Err(e) => {
+                eprintln!("error: {}", crate::describe(&e));
+                Ok(ExitCode::from(3))
+            }
+        },
         Command::Acme(c) => crate::cmd_acme::acme(c).await,
     }
 }

@@ -593,7 +593,22 @@ pub fn new_intermediate_key(
 /// the configured key, currently valid), stores it and records the install.
 pub async fn install(cfg: &Config, cert: &[u8], actor: &str) -> Result<IssuerInfo> {
     let location = crate::keys::configured(cfg)?;
-    let key = crate::keys::KeyStore::new(cfg)?.open(&location)?;
+    let keys = crate::keys::KeyStore::new(cfg)?;
+    let key = keys.open(&location)?;
+    // The certificate for a rotation's next key, installed as if it were the
+    // first intermediate: say what to run rather than "does not match".
+    if let (Ok(info), Some(next)) = (
+        IssuerInfo::parse(cert),
+        crate::cmd_rotate::pending_key(cfg)?,
+    ) && key.public_key() != &info.public_key
+        && keys
+            .open(&next)
+            .is_ok_and(|k| k.public_key() == &info.public_key)
+    {
+        bail!(
+            "this certificate is for the rotation's next key ({next}): install it with `sigil intermediate install --stage`"
+        );
+    }
     let (info, root) = check_intermediate(cfg, cert, &key, &location.to_string())?;
     // Database first: a certificate file never names an issuer the database lacks.
     let store = Store::open(&cfg.database_url()).await?;

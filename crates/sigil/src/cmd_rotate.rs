@@ -33,7 +33,7 @@ fn next_ref_path(cfg: &Config) -> PathBuf {
 }
 
 /// The key a rotation made that no certificate has claimed yet.
-fn pending_key(cfg: &Config) -> Result<Option<KeyLocation>> {
+pub(crate) fn pending_key(cfg: &Config) -> Result<Option<KeyLocation>> {
     let file = next_key_path(cfg);
     if file.exists() {
         return Ok(Some(KeyLocation::File(file)));
@@ -151,11 +151,27 @@ pub async fn rotate(
         None => KeyLocation::File(next_key_path(&cfg)),
     };
     let store = Store::open_existing(&cfg.database_url()).await?;
+    // A token key is found again through this marker: written first, so a
+    // key is never made that nothing points at (and removed if the rotation
+    // does not start).
+    let marker = match (&location, &key) {
+        (KeyLocation::Token(_), Some(uri)) => {
+            let path = next_ref_path(&cfg);
+            if let Err(e) = write_public(&path, &format!("{uri}\n")) {
+                store.close().await;
+                return Err(e);
+            }
+            Some(path)
+        }
+        _ => None,
+    };
     let result = rotate_in(&cfg, &store, &location, key_type, subject, &out).await;
     store.close().await;
-    result?;
-    if let (KeyLocation::Token(_), Some(uri)) = (&location, &key) {
-        write_public(&next_ref_path(&cfg), &format!("{uri}\n"))?;
+    if let Err(e) = result {
+        if let Some(m) = &marker {
+            let _ = std::fs::remove_file(m);
+        }
+        return Err(e);
     }
     match &location {
         KeyLocation::File(p) => {
@@ -223,7 +239,7 @@ async fn rotate_in(
         return Err(crate::cmd_ca::drop_unused_key(location, e));
     }
     let now = SystemClock.now();
-    store
+    let recorded = store
         .commit(Change::Record(AuditEvent {
             ts_ms: now.unix_timestamp() * 1000,
             kind: "issuer.key_generated".into(),
@@ -235,7 +251,21 @@ async fn rotate_in(
                 "csr_sha256": sigil_core::sha256_hex(&csr),
             }),
         }))
-        .await?;
+        .await;
+    if let Err(e) = recorded {
+        // No rotation goes ahead with a key the audit log does not know.
+        let _ = std::fs::remove_file(out);
+        let e = anyhow::Error::new(e);
+        return Err(match location {
+            KeyLocation::File(p) if std::fs::remove_file(p).is_ok() => e.context(format!(
+                "the new key could not be recorded in the audit log, so it ({}) and its CSR were removed: run again once the database accepts writes",
+                p.display()
+            )),
+            _ => e.context(format!(
+                "the new key ({location}) could not be recorded in the audit log; its CSR was removed: delete the key, then run again"
+            )),
+        });
+    }
     Ok(())
 }
 

@@ -51,7 +51,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The error and its causes, skipping causes whose text a wrapper already shows.
-fn describe(e: &anyhow::Error) -> String {
+pub(crate) fn describe(e: &anyhow::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
