@@ -1,8 +1,3 @@
--- keyCompromise: every unexpired certificate of the compromised key is
--- revoked with it, so certificates are found by key. (Builds while writes
--- to certificates wait, as the other index migrations.)
-CREATE INDEX certificates_key ON certificates (key_fingerprint);
-
 -- A blocked key stays blocked, like the revocation that blocked it.
 CREATE FUNCTION blocked_keys_final() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

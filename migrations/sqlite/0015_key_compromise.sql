@@ -1,7 +1,3 @@
--- keyCompromise: every unexpired certificate of the compromised key is
--- revoked with it, so certificates are found by key.
-CREATE INDEX certificates_key ON certificates (key_fingerprint);
-
 -- A blocked key stays blocked, like the revocation that blocked it.
 CREATE TRIGGER blocked_keys_final_update BEFORE UPDATE ON blocked_keys
 BEGIN
