@@ -833,6 +833,11 @@ fn csr_for(key_pem: &str, sans: Vec<String>) -> Result<Vec<u8>> {
     Ok(params.serialize_request(&key)?.der().to_vec())
 }
 
+/// Whether `leaf` is a certificate for `key`.
+fn certifies(leaf: &LeafInfo, key: &rcgen::KeyPair) -> bool {
+    rcgen::PublicKeyData::subject_public_key_info(key) == leaf.public_key.spki_der()
+}
+
 fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
     let leaf_der = resp
         .chain_der
@@ -842,7 +847,7 @@ fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
     // Installing a certificate for another key would break the service at
     // its next reload; the current files stay instead.
     let key = rcgen::KeyPair::from_pem(&key_pem).context("reading the private key")?;
-    if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.public_key.spki_der() {
+    if !certifies(&leaf, &key) {
         bail!(
             "the CA returned certificate {} for another key than the one this agent sent; nothing was written",
             leaf.serial
@@ -886,7 +891,7 @@ fn load_existing(args: &AgentArgs) -> Result<Option<(Held, bool)>> {
         .with_context(|| format!("{} is not a readable certificate", chain_path.display()))?;
     let key = rcgen::KeyPair::from_pem(&key_pem)
         .with_context(|| format!("{} is not a readable PKCS#8 key", key_path.display()))?;
-    if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.public_key.spki_der() {
+    if !certifies(&leaf, &key) {
         bail!(
             "{} does not belong to the certificate in {}; restore the matching pair, or move both aside and start over with --token-file",
             key_path.display(),
