@@ -1782,6 +1782,7 @@ impl Authority {
                     expires_at: t.expires_at,
                     serial: Some(hex.clone()),
                 }),
+                renews: ask.renews.map(str::to_string),
                 completes: ask.completes.map(|c| Box::new((c.0)(&hex))),
                 event: AuditEvent {
                     ts_ms: unix_ms(now),
@@ -1811,6 +1812,21 @@ impl Authority {
                     .err()
                     .map_or(e, Error::from));
             }
+            // Revoked while this request was being made (it was checked on
+            // arrival): refused, as it would have been a moment later.
+            (Err(sigil_store::Error::KeyBlocked(fp)), _) => {
+                write(&self.cache.blocked_keys).insert(fp.clone());
+                let e = Error::KeyCompromised(format!(
+                    "this public key (SHA-256 {fp}) was found compromised (a certificate of it was revoked for keyCompromise) while this request was being made; generate a new key"
+                ));
+                return Err(self.refused_at_commit(&ask, &names, key_type, e).await);
+            }
+            (Err(sigil_store::Error::Revoked(old)), _) => {
+                let e = Error::NotRenewable(format!(
+                    "certificate {old} was revoked while its renewal was being made; request a new one with a bootstrap token"
+                ));
+                return Err(self.refused_at_commit(&ask, &names, key_type, e).await);
+            }
             (Err(e), _) => return Err(e.into()),
         };
         let (chain_pem, chain_der) = issuer.chain_of(&der);
@@ -1825,6 +1841,24 @@ impl Authority {
             issuer_id: info.id.to_string(),
             receipt,
         })
+    }
+
+    /// Audits a request the records refused when it was stored.
+    async fn refused_at_commit(
+        &self,
+        ask: &Ask<'_>,
+        names: &[String],
+        key_type: KeyType,
+        e: Error,
+    ) -> Error {
+        let kind = match ask.renews {
+            Some(_) => "cert.renewal_denied",
+            None => "cert.denied",
+        };
+        self.record_refusal(ask.actor, names, kind, key_type, ask.profile.name(), &e)
+            .await
+            .err()
+            .map_or(e, Error::from)
     }
 
     /// The checks that may refuse a well-formed request; returns the policy decision.

@@ -554,6 +554,39 @@ async fn a_key_compromise_revokes_every_certificate_of_the_key() {
         assert!(matches!(e, Error::KeyCompromised(_)), "{name}: {e}");
         let kinds = audit_kinds(&ca).await;
         assert!(kinds.contains(&"key.blocked".to_string()), "{name}");
+
+        // Found compromised by another process (the CLI, another node)
+        // after this one last read the records: its in-memory view still
+        // lets the request through, and storing it refuses it.
+        let key3 = KeyPair::generate().unwrap();
+        let c = ca
+            .issue(req(
+                csr_with(&key3, None, &["c.svc.internal"], vec![]),
+                Requester::Token("c".into()),
+            ))
+            .await
+            .unwrap();
+        ca.sync().await.unwrap();
+        let ops = Requester::Operator("ops".into());
+        sigil_authority::revoke::revoke(ca.store(), SystemClock.now(), &c.serial, 1, &ops)
+            .await
+            .unwrap();
+        let e = ca
+            .issue(req(
+                csr_with(&key3, None, &["c.svc.internal"], vec![]),
+                Requester::Token("c".into()),
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::KeyCompromised(m) if m.contains("while this request was being made")),
+            "{name}: {e}"
+        );
+        assert_eq!(
+            audit_kinds(&ca).await.last().map(String::as_str),
+            Some("cert.denied"),
+            "{name}"
+        );
         assert!(ca.store().verify_audit().await.unwrap().first_bad.is_none());
     }
 }

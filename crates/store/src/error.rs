@@ -19,6 +19,14 @@ pub enum Error {
     /// A uniqueness conflict (e.g. a serial already used).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A certificate for a key that a keyCompromise revocation blocked
+    /// (committed after the request was checked); the key's fingerprint.
+    #[error("key {0} is blocked: a certificate of it was revoked for keyCompromise")]
+    KeyBlocked(String),
+    /// A renewal of a certificate revoked after the request was checked;
+    /// the revoked serial.
+    #[error("certificate {0} was revoked before its renewal was stored")]
+    Revoked(String),
     /// A compare-and-set missed: the row changed since it was read.
     #[error("changed concurrently: {0}")]
     Stale(String),

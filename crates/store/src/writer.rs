@@ -47,6 +47,10 @@ pub enum Change {
         /// The one-time bootstrap token this issuance spends, if any: a token
         /// already spent fails the change with `Error::Conflict`.
         token: Option<SpentToken>,
+        /// For a renewal, the serial of the certificate it replaces: if that
+        /// one was revoked before this commits, the change fails with
+        /// `Error::Revoked`.
+        renews: Option<String>,
         /// Its audit event.
         event: AuditEvent,
         /// A protocol-state write that finishes with this issuance (an ACME
@@ -524,6 +528,11 @@ async fn write_batch(
             _ => None,
         })
         .collect();
+    // The requests were checked against blocked keys and revocations when
+    // they arrived; a keyCompromise or a revocation committed since then
+    // must still stop them. Every write holds the chain's lock, so nothing
+    // commits between these reads and this transaction's commit.
+    refuse_revoked_since(&mut tx, changes, &certs, backend).await?;
     for chunk in certs.chunks(ROWS_PER_STATEMENT) {
         insert_certificates(&mut tx, chunk, backend)
             .await
@@ -865,6 +874,57 @@ async fn save_ocsp_signer(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Fails with `Error::KeyBlocked` when a certificate in the batch is for a
+/// key blocked by a keyCompromise revocation, and with `Error::Revoked`
+/// when a renewal's predecessor has been revoked.
+async fn refuse_revoked_since(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    changes: &[&Change],
+    certs: &[&NewCertificate],
+    backend: Backend,
+) -> Result<(), Error> {
+    let keys: Vec<&str> = certs.iter().map(|c| c.key_fingerprint.as_str()).collect();
+    if let Some(fp) = first_present(tx, "blocked_keys", "fingerprint", &keys, backend).await? {
+        return Err(Error::KeyBlocked(fp));
+    }
+    let renewed: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Issue {
+                renews: Some(s), ..
+            } => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    if let Some(serial) = first_present(tx, "revocations", "serial", &renewed, backend).await? {
+        return Err(Error::Revoked(serial));
+    }
+    Ok(())
+}
+
+/// The first of `values` found in `table.column` (a fixed, trusted name).
+async fn first_present(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    table: &str,
+    column: &str,
+    values: &[&str],
+    backend: Backend,
+) -> Result<Option<String>, Error> {
+    for chunk in values.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = format!("SELECT {column} FROM {table} WHERE {column} IN ");
+        push_placeholders(&mut sql, 1, chunk.len(), backend);
+        sql.push_str(" LIMIT 1");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for v in chunk {
+            q = q.bind(*v);
+        }
+        if let Some(row) = q.fetch_optional(&mut **tx).await? {
+            return Ok(Some(row.try_get(0)?));
+        }
+    }
+    Ok(None)
 }
 
 async fn insert_certificates(

@@ -72,6 +72,7 @@ async fn seeded(url: &str, n: usize) -> Store {
             s.commit(Change::Issue {
                 cert: cert(i),
                 token: None,
+                renews: None,
                 event: event(i),
                 completes: None,
             })
@@ -110,6 +111,7 @@ async fn concurrent_commits_keep_chain_and_rows() {
             .commit(Change::Issue {
                 cert: cert(7),
                 token: None,
+                renews: None,
                 event: event(999),
                 completes: None,
             })
@@ -309,6 +311,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
             s.commit(Change::Issue {
                 cert: cert(i),
                 token: None,
+                renews: None,
                 event: event(i),
                 completes: None,
             })
@@ -324,6 +327,7 @@ async fn two_writers_on_one_database_keep_one_chain() {
                 s.commit(Change::Issue {
                     cert: cert(i),
                     token: None,
+                    renews: None,
                     event: event(i),
                     completes: None,
                 })
@@ -374,6 +378,7 @@ async fn a_batch_written_change_by_change_follows_another_writer() {
                         .commit(Change::Issue {
                             cert: cert(serial),
                             token: None,
+                            renews: None,
                             event: event(serial),
                             completes: None,
                         })
@@ -429,6 +434,7 @@ async fn a_token_is_spent_once_even_in_one_batch() {
                 s.commit(Change::Issue {
                     cert: cert(i),
                     token: Some(spent("jti-1")),
+                    renews: None,
                     event: event(i),
                     completes: None,
                 })
@@ -944,6 +950,7 @@ async fn an_issuance_and_the_order_it_completes_commit_together() {
                         .commit(Change::Issue {
                             cert: c,
                             token: None,
+                            renews: None,
                             event: event(i),
                             completes: Some(Box::new(StateWrite::Update {
                                 table: AcmeTable::Orders,
@@ -1156,6 +1163,7 @@ async fn records_cross_check_names_rows_changed_behind_the_ca() {
                     },
                     cert: c,
                     token: None,
+                    renews: None,
                     completes: None,
                 })
                 .await
@@ -1438,6 +1446,7 @@ async fn a_commit_whose_reply_is_lost_is_neither_repeated_nor_reported_failed() 
         .commit(Change::Issue {
             cert: cert(1),
             token: None,
+            renews: None,
             event: event(1),
             completes: None,
         })
@@ -1650,6 +1659,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                         serial: Some(cert(i).serial),
                         ..spent(&format!("jti-{i}"))
                     }),
+                    renews: None,
                     event: event(i),
                     completes: None,
                 })
@@ -1874,6 +1884,86 @@ async fn ocsp_responses_are_saved_in_batches_and_only_newer_ones_replace_them() 
             .unwrap();
         assert_eq!(store.ocsp_certs(1299).await.unwrap().len(), 1, "{name}");
         assert!(store.ocsp_certs(1300).await.unwrap().is_empty(), "{name}");
+        store.close().await;
+    }
+}
+
+/// Requests are checked against revocations when they arrive; one committed
+/// between that check and the issuance's own commit still stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_committed_since_the_request_was_checked_stops_its_issuance() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, url) in testing::backends(dir.path()).await {
+        let store = seeded(&url, 2).await;
+        store
+            .commit(Change::Revoke {
+                revocation: revocation(1),
+                event: event(50),
+            })
+            .await
+            .unwrap();
+        store
+            .commit(Change::Revoke {
+                revocation: sigil_store::NewRevocation {
+                    reason: 4,
+                    block_key: None,
+                    ..revocation(2)
+                },
+                event: event(51),
+            })
+            .await
+            .unwrap();
+        let issue = |i: usize, key: &str, renews: Option<usize>| Change::Issue {
+            cert: NewCertificate {
+                key_fingerprint: key.into(),
+                ..cert(i)
+            },
+            token: None,
+            renews: renews.map(|r| cert(r).serial),
+            event: event(i),
+            completes: None,
+        };
+        // Alone, and batched with issuances that go through.
+        let mut handles = Vec::new();
+        for change in [
+            issue(3, "fp1", None),
+            issue(4, "fp4", None),
+            issue(5, "fp2", Some(2)),
+            issue(6, "fp6", Some(1)),
+            issue(7, "fp7", None),
+        ] {
+            let s = store.clone();
+            handles.push(tokio::spawn(async move { s.commit(change).await }));
+        }
+        let mut results = Vec::new();
+        for h in handles {
+            results.push(h.await.unwrap());
+        }
+        assert!(
+            matches!(&results[0], Err(sigil_store::Error::KeyBlocked(fp)) if fp == "fp1"),
+            "{name}: {:?}",
+            results[0]
+        );
+        assert!(results[1].is_ok(), "{name}: {:?}", results[1]);
+        for (i, r) in [(5, 2), (6, 1)] {
+            let got = &results[i - 3];
+            assert!(
+                matches!(got, Err(sigil_store::Error::Revoked(s)) if *s == cert(r).serial),
+                "{name}: {got:?}"
+            );
+        }
+        assert!(results[4].is_ok(), "{name}: {:?}", results[4]);
+        // Only the two that went through are stored, with their audit rows.
+        assert_eq!(store.certificate_count().await.unwrap(), 4, "{name}");
+        for i in [3, 5, 6] {
+            assert!(
+                store.certificate(&cert(i).serial).await.unwrap().is_none(),
+                "{name}: {i}"
+            );
+        }
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!(report.rows, 1 + 2 + 2 + 2, "{name}");
+        assert!(report.first_bad.is_none(), "{name}");
         store.close().await;
     }
 }
