@@ -154,6 +154,12 @@ impl OcspSigner {
     pub fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, Error> {
         Ok(self.key.sign_bytes(tbs)?)
     }
+
+    /// Whether its key is in a token: each signature is then a blocking
+    /// round trip to the HSM, to be made off the async runtime.
+    pub fn in_token(&self) -> bool {
+        self.key.token().is_some()
+    }
 }
 
 /// Everything a caller supplies to get a certificate.
@@ -1513,15 +1519,6 @@ impl Authority {
             .filter_map(|i| IssuerInfo::from_der(&i.cert_der).ok())
             .map(Arc::new)
             .collect();
-        // A staged key this node cannot open must not stop it from seeing
-        // revocations: report, keep the issuers it has, retry next time.
-        let (issuers_changed, rotated) = match self.sync_issuers(issuer_rows).await {
-            Ok(changed) => changed,
-            Err(e) => {
-                tracing::error!(error = %e, "following the issuers in the database failed; retrying");
-                (false, false)
-            }
-        };
         let cross: Vec<IssuerInfo> = self
             .store
             .cross_certs(self.clock.now().unix_timestamp())
@@ -1539,6 +1536,17 @@ impl Authority {
             Some(self.store.blocked_keys().await?)
         } else {
             None
+        };
+        // Last of the fallible steps: once it has swapped in a new issuer
+        // set, this sync must report it (a later one sees nothing changed).
+        // A staged key this node cannot open must not stop it from seeing
+        // revocations: report, keep the issuers it has, retry next time.
+        let (issuers_changed, rotated) = match self.sync_issuers(issuer_rows).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::error!(error = %e, "following the issuers in the database failed; retrying");
+                (false, false)
+            }
         };
         let mut upto = after;
         {

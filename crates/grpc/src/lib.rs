@@ -29,9 +29,12 @@ pub fn reflection_service() -> Result<
     >,
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
+    // Unauthenticated, like the API's own messages it is held to their size
+    // limit (tonic's default would allow 4 MiB).
+    Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
+        .build_v1()?
+        .max_decoding_message_size(service::MAX_MESSAGE_LEN))
 }
 
 /// When a client should renew: two thirds into the lifetime.

@@ -349,7 +349,11 @@ impl Revocation {
                 }
                 Err(e) => {
                     tracing::error!(issuer = %id, error = %e, "publishing a CRL failed; retrying in {} s", FAILED_RETRY.as_secs());
-                    failed.get_or_insert(e);
+                    // A replaced issuer's failure is reported and retried, but
+                    // does not stop a server from starting for its successor.
+                    if *state == sigil_authority::IssuerState::Active {
+                        failed.get_or_insert(e);
+                    }
                     FAILED_RETRY
                 }
             };

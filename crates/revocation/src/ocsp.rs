@@ -443,7 +443,11 @@ impl Ocsp {
                 }
                 Err(e) => {
                     tracing::error!(issuer = %issuer.info().id, error = %e, "the OCSP responder could not be made; retrying later");
-                    failed.get_or_insert(e);
+                    // Only the active issuer's failure stops a server from
+                    // starting: a replaced one's is retried meanwhile.
+                    if *state == sigil_authority::IssuerState::Active {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -599,17 +603,34 @@ impl Ocsp {
     }
 
     /// The cached answer for `key` from `issuer`'s responder, while it has
-    /// more than [`Ocsp::margin`] left.
-    fn cached(&self, issuer: &str, key: &CacheKey, now: i64) -> Option<Answer> {
-        let cache = read(&self.cache);
-        let c = cache.get(key)?;
-        let fresh = c.dates.window.1 - now > self.margin();
-        // A revocation this node knows of but whose answer is not re-signed
-        // yet (a long list in progress, or a failed signature): signed anew.
-        if c.status == "good" && self.authority.revoked_in_memory(&key.0) == Some(true) {
-            return None;
+    /// more than [`Ocsp::margin`] left. A `good` answer is served only while
+    /// this node's view of the revocations is current and does not list the
+    /// certificate; otherwise the database is asked first.
+    async fn cached(&self, issuer: &str, key: &CacheKey, now: i64) -> Option<Answer> {
+        let (answer, good) = {
+            let cache = read(&self.cache);
+            let c = cache.get(key)?;
+            let fresh = c.dates.window.1 - now > self.margin();
+            if !fresh || &*c.issuer != issuer {
+                return None;
+            }
+            (c.answer(), c.status == "good")
+        };
+        if !good {
+            return Some(answer);
         }
-        (fresh && &*c.issuer == issuer).then(|| c.answer())
+        match self.authority.revoked_in_memory(&key.0) {
+            Some(false) => Some(answer),
+            // Revoked, its answer not re-signed yet (a long list in progress,
+            // or a failed signature): signed anew.
+            Some(true) => None,
+            // The view is stale (sync has not run for a while): a revocation
+            // made since, here or on another node, is in the database only.
+            None => {
+                let serial = Serial::parse_hex(&key.0)?;
+                matches!(self.authority.is_revoked(&serial).await, Ok(false)).then_some(answer)
+            }
+        }
     }
 
     /// The dates of a pre-signed answer (which always has a window).
@@ -642,7 +663,10 @@ impl Ocsp {
     /// snapshot (thisUpdate is a minute before it), so none claims to be
     /// newer than the status it was read with. Answers are stored and cached
     /// [`PRESIGN_BATCH`] at a time.
-    async fn refresh_issuer(&self, cur: &Current) -> Result<Presigned, sigil_authority::Error> {
+    async fn refresh_issuer(
+        &self,
+        cur: &Arc<Current>,
+    ) -> Result<Presigned, sigil_authority::Error> {
         let now = self.authority.now();
         let id = &cur.signer.issuer_id;
         let mut serials = self
@@ -718,7 +742,7 @@ impl Ocsp {
                     },
                 };
                 let q = cur.hashes.cert_id(&serial, CertIdHash::Sha1)?;
-                let (der, status, window) = self.sign_der(cur, &[(&q, status)], None, now)?;
+                let (der, status, window) = self.sign_der(cur, &[(&q, status)], None, now).await?;
                 let d = match &dates {
                     Some(d) if Some(d.window) == window => d.clone(),
                     _ => dates.insert(self.presigned_dates(window)?).clone(),
@@ -808,7 +832,7 @@ impl Ocsp {
                     .authority
                     .ocsp_status(&cur.signer.issuer_id, serial)
                     .await?;
-                let (der, status, window) = self.sign_der(&cur, &[(&q, status)], None, now)?;
+                let (der, status, window) = self.sign_der(&cur, &[(&q, status)], None, now).await?;
                 let dates = self.presigned_dates(window)?;
                 let issuer = Arc::from(cur.signer.issuer_id.as_str());
                 Ok::<_, sigil_authority::Error>(Cached::new(issuer, status, &der, &cur.tail, dates))
@@ -1080,22 +1104,22 @@ impl Ocsp {
         }
     }
 
-    fn sign(
+    async fn sign(
         &self,
-        cur: &Current,
+        cur: &Arc<Current>,
         answers: &[(&Query, Status)],
         nonce: Option<&[u8]>,
         now: OffsetDateTime,
     ) -> Result<Answer, sigil_authority::Error> {
-        let (der, status, window) = self.sign_der(cur, answers, nonce, now)?;
+        let (der, status, window) = self.sign_der(cur, answers, nonce, now).await?;
         Ok(Answer::new(status, der, window))
     }
 
     /// A signed response, what it says, and its window when cacheable
     /// (without a nonce).
-    fn sign_der(
+    async fn sign_der(
         &self,
-        cur: &Current,
+        cur: &Arc<Current>,
         answers: &[(&Query, Status)],
         nonce: Option<&[u8]>,
         now: OffsetDateTime,
@@ -1120,8 +1144,21 @@ impl Ocsp {
             next_update,
             nonce,
         )?;
-        let sig = cur.signer.sign(&tbs)?;
-        let der = ocsp::successful(&tbs, &sig, &cur.tail)?;
+        let (tbs, sig) = if cur.signer.in_token() {
+            let c = cur.clone();
+            tokio::task::spawn_blocking(move || {
+                let sig = c.signer.sign(&tbs);
+                (tbs, sig)
+            })
+            .await
+            .map_err(|_| {
+                sigil_authority::Error::Unavailable("the OCSP signing task failed".into())
+            })?
+        } else {
+            let sig = cur.signer.sign(&tbs);
+            (tbs, sig)
+        };
+        let der = ocsp::successful(&tbs, &sig?, &cur.tail)?;
         let status = match answers {
             [(_, Status::Good)] => "good",
             [(_, Status::Revoked { .. })] => "revoked",
@@ -1176,13 +1213,12 @@ impl Ocsp {
     }
 
     /// The pre-signed answer for a request seen before, if any.
-    fn seen(&self, request: &[u8], now: i64) -> Option<Answer> {
-        let seen = read(&self.seen);
-        let (issuer, key) = seen.get(request)?;
-        if !read(&self.current).contains_key(issuer) {
+    async fn seen(&self, request: &[u8], now: i64) -> Option<Answer> {
+        let (issuer, key) = read(&self.seen).get(request).cloned()?;
+        if !read(&self.current).contains_key(&issuer) {
             return None;
         }
-        self.cached(issuer, key, now)
+        self.cached(&issuer, &key, now).await
     }
 
     /// Remembers what a short plain single-query request asks for.
@@ -1199,7 +1235,7 @@ impl Ocsp {
 
     async fn try_answer(&self, request: &[u8]) -> Result<Answer, Refusal> {
         let now = self.now();
-        if let Some(a) = self.seen(request, now) {
+        if let Some(a) = self.seen(request, now).await {
             return Ok(a);
         }
         let req = ocsp::parse_request(request)?;
@@ -1225,7 +1261,7 @@ impl Ocsp {
             && q.canonical()
         {
             let key = (q.serial.to_hex(), q.hash().ok_or(Refusal::Unauthorized)?);
-            if let Some(a) = self.cached(&cur.signer.issuer_id, &key, now) {
+            if let Some(a) = self.cached(&cur.signer.issuer_id, &key, now).await {
                 self.remember(request, &cur.signer.issuer_id, key);
                 return Ok(a);
             }
@@ -1245,6 +1281,7 @@ impl Ocsp {
         let now = self.authority.now();
         let a = self
             .sign(&cur, &answers, nonce, now)
+            .await
             .map_err(|_| Refusal::Internal)?;
         // Cache a plain single answer for a certificate we issued, its CertID
         // in the form answers are pre-signed in.

@@ -288,6 +288,46 @@ async fn a_known_revocation_is_never_answered_from_a_good_answer() {
     }
 }
 
+/// While this node's view of the revocations is stale (its sync stopped),
+/// a pre-signed `good` answer is served only once the database confirms it:
+/// a revocation made elsewhere meanwhile is not hidden.
+#[tokio::test]
+async fn a_stale_view_does_not_hide_a_revocation_made_elsewhere() {
+    let f = fixture().await;
+    let serials = issue_n(&f.authority, "s", 2).await;
+    let job_node = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings::default(),
+        Leader::default(),
+    );
+    assert_eq!(job_node.refresh().await.unwrap().signed, 2);
+    f.authority.sync().await.unwrap();
+    for s in &serials {
+        let der = cacheable(&job_node, &f.hashes, s).await;
+        assert!(!ocsp::summarize(&der).unwrap().revoked);
+    }
+    // Revoked through the database alone (the CLI, another node), and this
+    // node's last sync is now 10 s old.
+    let now = f.clock.now();
+    sigil_authority::revoke::revoke(
+        f.authority.store(),
+        now,
+        &serials[0],
+        4,
+        &Requester::Operator("test".into()),
+    )
+    .await
+    .unwrap();
+    *f.clock.0.lock().unwrap() = now + time::Duration::seconds(10);
+    for (i, s) in serials.iter().enumerate() {
+        // Asked twice: the second request is the one remembered.
+        for _ in 0..2 {
+            let der = cacheable(&job_node, &f.hashes, s).await;
+            assert_eq!(ocsp::summarize(&der).unwrap().revoked, i == 0, "answer {i}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
     let f = fixture().await;

@@ -15,6 +15,10 @@ use std::time::Duration;
 
 /// HTTP/2 streams one gRPC connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// How long a gRPC connection may last before the server asks the client
+/// to reconnect (GOAWAY), and how long its open calls then have to finish.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(60);
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -155,6 +159,11 @@ impl GrpcListener {
             // unlimited): a watch stream holds its slot while it lasts,
             // which the concurrency limit above does not count.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Every connection ends after a while (clients reconnect; watch
+            // streams resume with what they missed), so connections that
+            // stay open doing nothing cannot hold the listener's slots for good.
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
             .timeout(self.timeout)
             .layer(crate::request_id::GrpcLayer)
             .add_service(sigil_grpc::reflection_service()?)

@@ -105,8 +105,10 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Limited<Io> {
         self.bounded(cx, r)
     }
 
+    // Closing TLS writes an alert, which waits on the peer as any write.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.bounded(cx, r)
     }
 
     fn poll_write_vectored(

@@ -139,6 +139,17 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             responder.clone(),
             notifier.clone(),
         );
+        // Re-signing the answers of a long list of revocations takes a
+        // while: it runs beside the sync loop, which must keep the view of
+        // revocations current (until their answers are re-signed, cached
+        // `good` answers for them are not served).
+        let (resign, mut lists) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let signer = responder.clone();
+        tokio::spawn(async move {
+            while let Some(list) = lists.recv().await {
+                signer.revoked(&list).await;
+            }
+        });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sigil_authority::SYNC_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,8 +168,6 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                             .await;
                         }
                         // New revocations (here, on another node, or by the CLI).
-                        // The CRL job and watchers first: re-signing a long
-                        // list of OCSP answers takes a while.
                         if !synced.revoked.is_empty() {
                             revocation.revocations_changed();
                             for serial in &synced.revoked {
@@ -166,7 +175,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
                                     serial: serial.clone(),
                                 });
                             }
-                            responder.revoked(&synced.revoked).await;
+                            let _ = resign.send(synced.revoked);
                         }
                     }
                     Err(e) => {
@@ -360,7 +369,13 @@ async fn hold_job_lock(
                     leader.set(false);
                 }
             }
-            None => match authority.store().try_lead().await {
+            None => match tokio::time::timeout(
+                sigil_store::LEASE_CHECK_TIMEOUT,
+                authority.store().try_lead(),
+            )
+            .await
+            .unwrap_or(Ok(None))
+            {
                 Ok(Some(l)) => {
                     tracing::info!(
                         "took over the background jobs (CRL publishing, OCSP pre-signing, retention)"

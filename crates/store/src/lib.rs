@@ -186,6 +186,20 @@ impl Store {
             .await?
             .try_get("got")?;
         if got {
+            // If this node vanishes without closing the connection (a crash
+            // of its host, a partition), the server notices within about a
+            // minute and drops the lock, instead of at its keepalive
+            // default (two hours). Ignored on Unix sockets.
+            if let Err(e) = sqlx::query(
+                "SELECT set_config('tcp_keepalives_idle', '30', false), \
+                 set_config('tcp_keepalives_interval', '10', false), \
+                 set_config('tcp_keepalives_count', '3', false)",
+            )
+            .execute(&mut conn)
+            .await
+            {
+                tracing::warn!(error = %e, "could not shorten the job lock connection's keepalive");
+            }
             Ok(Some(Leadership { conn: Some(conn) }))
         } else {
             // Dropping the detached connection closes it.
@@ -223,6 +237,9 @@ pub fn current_request_id() -> Option<String> {
 /// Advisory-lock key of the background jobs (distinct from the audit lock).
 const JOBS_LOCK_KEY: i64 = 0x5349_474c_4a4f_4253; // "SIGLJOBS"
 
+/// How long the job lock's connection has to answer a check.
+pub const LEASE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The background-job lock, held until dropped (its connection closes) or
 /// lost (the connection broke).
 pub struct Leadership {
@@ -236,11 +253,21 @@ impl std::fmt::Debug for Leadership {
 }
 
 impl Leadership {
-    /// Whether the lock is still held (its connection still answers).
+    /// Whether the lock is still held (its connection answers within
+    /// [`LEASE_CHECK_TIMEOUT`]). A connection that does not answer in time
+    /// counts as lost: the caller drops it and stops the jobs, rather than
+    /// run them while another node may have taken over.
     pub async fn still_held(&mut self) -> bool {
         match self.conn.as_mut() {
             None => true,
-            Some(c) => sqlx::query("SELECT 1").execute(&mut *c).await.is_ok(),
+            Some(c) => matches!(
+                tokio::time::timeout(
+                    LEASE_CHECK_TIMEOUT,
+                    sqlx::query("SELECT 1").execute(&mut *c)
+                )
+                .await,
+                Ok(Ok(_))
+            ),
         }
     }
 }
