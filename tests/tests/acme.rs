@@ -2197,6 +2197,33 @@ async fn oversized_body_is_refused() {
     rsp.problem("malformed");
 }
 
+/// Unknown paths, a method a resource does not take and a malformed path
+/// get problem documents too, not the framework's plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_are_problem_documents() {
+    let ca = Acme::start(&[]).await;
+    let raw = Raw::register(&ca).await;
+    let new_order = raw.url("newOrder");
+    let base = new_order.trim_end_matches("/acme/new-order");
+    let rsp = ca.https.get(&format!("{base}/acme/no-such-thing")).await;
+    assert_eq!(rsp.status, StatusCode::NOT_FOUND, "{}", rsp.show());
+    let v = rsp.problem("malformed");
+    assert!(
+        v["detail"].as_str().unwrap().contains("/acme/directory"),
+        "{v}"
+    );
+    let rsp = ca.https.get(&new_order).await;
+    assert_eq!(rsp.status, StatusCode::METHOD_NOT_ALLOWED, "{}", rsp.show());
+    rsp.problem("malformed");
+    let alt = format!("{base}/acme/cert/01/alt/first");
+    let body = raw.sign(&raw.header(&alt).await, None);
+    let rsp = raw
+        .send_bytes(&alt, JOSE, serde_json::to_vec(&body).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::NOT_FOUND, "{}", rsp.show());
+    rsp.problem("malformed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_content_type_is_415() {
     let ca = Acme::start(&[]).await;

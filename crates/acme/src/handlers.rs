@@ -1489,11 +1489,16 @@ pub async fn certificate(
 /// An alternate chain of a certificate (see [`certificate`]).
 pub async fn alternate_certificate(
     State(acme): St,
-    Path((serial, n)): Path<(String, usize)>,
+    Path((serial, n)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Reply {
     let path = format!("/acme/cert/{serial}/alt/{n}");
+    let n: usize = n.parse().map_err(|_| {
+        Problem::not_found(format!(
+            "no ACME resource at {path}: alternate chains are numbered from 0"
+        ))
+    })?;
     let row = owned_certificate(&acme, &path, &serial, &headers, body).await?;
     let chain = acme
         .authority
@@ -1654,4 +1659,25 @@ pub async fn renewal_info(State(acme): St, Path(id): Path<String>) -> Reply {
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry));
     Ok(resp)
+}
+
+/// A path that is not an ACME resource: a problem document, as every error
+/// here is (RFC 8555 §6.7), rather than the framework's plain text.
+pub async fn no_such_resource(uri: axum::http::Uri) -> Problem {
+    Problem::not_found(format!(
+        "no ACME resource at {}; the directory is at /acme/directory",
+        uri.path()
+    ))
+}
+
+/// A resource asked with a method it does not take.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Problem {
+    Problem::new(
+        "malformed",
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not take {method}: ACME resources take POST (the directory, new-nonce and renewal-info take GET)",
+            uri.path()
+        ),
+    )
 }

@@ -453,6 +453,8 @@ pub fn router(acme: Arc<Acme>, request_timeout: Duration) -> Router {
         )
         .route("/acme/revoke-cert", post(h::revoke_cert))
         .route("/acme/renewal-info/{id}", get(h::renewal_info))
+        .fallback(h::no_such_resource)
+        .method_not_allowed_fallback(h::wrong_method)
         .layer(axum::middleware::from_fn(move |req, next| {
             self::request_timeout(request_timeout, req, next)
         }))

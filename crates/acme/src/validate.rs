@@ -96,6 +96,20 @@ impl std::fmt::Debug for Validator {
     }
 }
 
+/// Whether validation may contact `ip`: not link-local (where cloud
+/// metadata services answer), multicast, broadcast or unspecified.
+fn contactable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_link_local() || v4.is_multicast() || v4.is_broadcast() || v4.is_unspecified())
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => contactable(IpAddr::V4(v4)),
+            None => !(v6.is_unicast_link_local() || v6.is_multicast() || v6.is_unspecified()),
+        },
+    }
+}
+
 const MAX_BODY: usize = 8 * 1024;
 const MAX_REDIRECTS: usize = 10;
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -162,13 +176,15 @@ impl Validator {
     /// The addresses to contact for `target`.
     async fn addresses(&self, target: &Target) -> Result<Vec<IpAddr>, Problem> {
         if target.kind == "ip" {
-            return target
-                .value
-                .parse::<IpAddr>()
-                .map(|ip| vec![ip])
-                .map_err(|_| {
-                    Problem::malformed(format!("'{}' is not an IP address", target.value))
-                });
+            let ip = target.value.parse::<IpAddr>().map_err(|_| {
+                Problem::malformed(format!("'{}' is not an IP address", target.value))
+            })?;
+            if !contactable(ip) {
+                return Err(Problem::connection(format!(
+                    "{ip} is not an address validation contacts (link-local, multicast or unspecified)"
+                )));
+            }
+            return Ok(vec![ip]);
         }
         let name = target.value.as_str();
         if self.settings.localhost_loopback && (name == "localhost" || name.ends_with(".localhost"))
@@ -184,16 +200,30 @@ impl Validator {
         if ips.is_empty() {
             return Err(Problem::dns(format!("{name} has no A or AAAA records")));
         }
-        Ok(ips)
+        let (ok, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+            ips.into_iter().partition(|ip| contactable(*ip));
+        if ok.is_empty() {
+            return Err(Problem::connection(format!(
+                "{name} resolves only to addresses validation does not contact (link-local, multicast or unspecified): {}",
+                refused
+                    .iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(ok)
     }
 
+    /// Connects to the first of `ips` that answers on `port`.
     async fn connect(
         &self,
         target: &Target,
+        ips: &[IpAddr],
         port: u16,
     ) -> Result<(tokio::net::TcpStream, SocketAddr), Problem> {
         let mut errors = Vec::new();
-        for ip in self.addresses(target).await? {
+        for &ip in ips {
             let addr = SocketAddr::new(ip, port);
             match tokio::time::timeout(self.settings.timeout, tokio::net::TcpStream::connect(addr))
                 .await
@@ -221,6 +251,11 @@ impl Validator {
             https: false,
             path: format!("/.well-known/acme-challenge/{token}"),
         };
+        // Every hop goes to the address the first one reached: a redirect
+        // may change the path and scheme, never the machine (a name that
+        // resolves differently on the next lookup cannot steer validation
+        // to another host).
+        let mut ips = self.addresses(target).await?;
         for _ in 0..=MAX_REDIRECTS {
             let (scheme, port, default_port) = if hop.https {
                 ("https", ports.1, 443)
@@ -233,7 +268,8 @@ impl Validator {
                 format!("{host}:{port}")
             };
             let url = format!("{scheme}://{authority}{}", hop.path);
-            let (tcp, addr) = self.connect(target, port).await?;
+            let (tcp, addr) = self.connect(target, &ips, port).await?;
+            ips = vec![addr.ip()];
             let fail = |kind: fn(String) -> Problem, what: String| {
                 kind(format!("http-01: GET {url} (at {addr}): {what}"))
             };
@@ -404,7 +440,8 @@ impl Validator {
 
     async fn tls_alpn01(&self, target: &Target, key_auth: &str) -> Result<(), Problem> {
         let port = self.settings.tls_port;
-        let (tcp, addr) = self.connect(target, port).await?;
+        let ips = self.addresses(target).await?;
+        let (tcp, addr) = self.connect(target, &ips, port).await?;
         let fail = |kind: fn(String) -> Problem, what: String| {
             kind(format!("tls-alpn-01: {} (at {addr}): {what}", target.value))
         };
@@ -774,6 +811,137 @@ mod tests {
             https,
             path: path.into(),
         })
+    }
+
+    /// A DNS server on 127.0.0.1 answering every A query with `ips`
+    /// (TTL 0) and AAAA queries with nothing.
+    async fn dns_answering(ips: Vec<Ipv4Addr>) -> SocketAddr {
+        use hickory_resolver::proto::op::Message;
+        use hickory_resolver::proto::rr::{Record, RecordType, rdata::A};
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.metadata.authoritative = true;
+                r.metadata.recursion_desired = q.metadata.recursion_desired;
+                r.add_queries(q.queries.iter().cloned());
+                if let Some(query) = q.queries.first()
+                    && query.query_type() == RecordType::A
+                {
+                    for ip in &ips {
+                        r.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            0,
+                            RData::A(A(*ip)),
+                        ));
+                    }
+                }
+                let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+            }
+        });
+        addr
+    }
+
+    /// Serves one HTTP connection on `listener`, then stops listening: the
+    /// key authorization at `/next`, a redirect there for any other path.
+    async fn serve_once(
+        listener: tokio::net::TcpListener,
+        key_auth: &'static str,
+    ) -> tokio::task::JoinHandle<usize> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return 0;
+            };
+            drop(listener);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return 1,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = if req.starts_with(b"GET /next ") {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{key_auth}",
+                    key_auth.len()
+                )
+            } else {
+                "HTTP/1.1 302 Found\r\nLocation: /next\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+            1
+        })
+    }
+
+    /// A name with two addresses: the one that answered the first request
+    /// stops listening after redirecting, and the other would serve the
+    /// redirect's target. Validation stays on the first machine, so it
+    /// fails, and the second is never asked.
+    #[tokio::test]
+    async fn redirects_stay_on_the_address_the_first_request_reached() {
+        const KEY_AUTH: &str = "tok.thumbprint";
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let second = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        let served = [
+            serve_once(first, KEY_AUTH).await,
+            serve_once(second, KEY_AUTH).await,
+        ];
+        let dns = dns_answering(vec![
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(127, 0, 0, 2),
+        ])
+        .await;
+        let v = Validator::new(ValidationSettings {
+            http_port: port,
+            tls_port: port,
+            resolver: Some(dns),
+            localhost_loopback: false,
+            timeout: Duration::from_secs(3),
+        })
+        .unwrap();
+        let target = Target {
+            kind: "dns".into(),
+            value: "two.internal".into(),
+        };
+        let e = v
+            .validate(ChallengeType::Http01, &target, "tok", KEY_AUTH)
+            .await
+            .unwrap_err();
+        assert!(e.detail.contains("cannot connect"), "{}", e.detail);
+        let mut asked = 0;
+        for s in served {
+            s.abort();
+            asked += s.await.unwrap_or(0);
+        }
+        assert_eq!(asked, 1, "only the first address was contacted");
+    }
+
+    #[test]
+    fn link_local_and_unspecified_addresses_are_not_contacted() {
+        for ip in [
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "fe80::1",
+            "::",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!contactable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "fd00::1", "::1"] {
+            assert!(contactable(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]
