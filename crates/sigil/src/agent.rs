@@ -190,6 +190,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         .to_string();
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+    // Held until the agent exits (the lock goes with the open file).
+    let _lock = lock_out_dir(&args.out_dir)?;
     let client = Client {
         url: format!("https://{}", args.server),
         host,
@@ -853,8 +855,15 @@ fn held_from(resp: CertificateResponse, key_pem: String) -> Result<Held> {
             leaf.serial
         );
     }
+    // The files are written from the DER the check above read (the PEM
+    // field of the same answer is not trusted to say the same).
+    let chain_pem: String = resp
+        .chain_der
+        .iter()
+        .map(|der| sigil_authority::pem("CERTIFICATE", der))
+        .collect();
     Ok(Held {
-        chain_pem: resp.chain_pem,
+        chain_pem,
         key_pem,
         leaf,
         renew_after: resp.renew_after,
@@ -962,11 +971,36 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
         std::fs::rename(dir.join(format!("{name}.new")), dir.join(name))
             .with_context(|| format!("cannot replace {}", dir.join(name).display()))?;
     }
-    if let Ok(d) = std::fs::File::open(&args.out_dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir_of(&args.out_dir.join(FILES[0]))?;
     reload(args).await;
     Ok(())
+}
+
+/// Lock file in `--out-dir`: one agent at a time writes a directory.
+const LOCK_FILE: &str = ".lock";
+
+/// Takes the directory's lock: two agents on one directory would interleave
+/// their writes (one's key beside the other's certificate) and both renew.
+fn lock_out_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another sigil agent is using --out-dir {} (it holds {}); stop it, or give this one its own directory",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// combined.pem: the key, then the chain.
@@ -1061,6 +1095,7 @@ fn finish_interrupted_install(dir: &Path) -> Result<()> {
             std::fs::rename(new(n), dir.join(n))
                 .with_context(|| format!("cannot finish replacing {}", dir.join(n).display()))?;
         }
+        sync_dir_of(&dir.join(FILES[0]))?;
         eprintln!(
             "finished an interrupted certificate update in {}",
             dir.display()
@@ -1106,7 +1141,19 @@ fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    sync_dir_of(path)
+}
+
+/// Makes the renames in `path`'s directory durable: until then a crash can
+/// bring back the directory's previous entries.
+fn sync_dir_of(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
@@ -1402,6 +1449,31 @@ mod tests {
         let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
         let e = held_from(reply(), other).err().unwrap();
         assert!(format!("{e:#}").contains("for another key"), "{e:#}");
+        // What is written comes from the DER that was checked, whatever the
+        // answer's PEM field says.
+        let other_cert = params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let mismatched = CertificateResponse {
+            chain_pem: other_cert.pem(),
+            ..reply()
+        };
+        let held = held_from(mismatched, key.serialize_pem()).unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let written = rustls_pki_types::CertificateDer::pem_slice_iter(held.chain_pem.as_bytes())
+            .map(|c| c.unwrap().to_vec())
+            .collect::<Vec<_>>();
+        assert_eq!(written, vec![cert.der().to_vec()]);
+    }
+
+    #[test]
+    fn one_agent_at_a_time_writes_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_out_dir(dir.path()).unwrap();
+        let e = lock_out_dir(dir.path()).err().unwrap();
+        assert!(format!("{e:#}").contains("another sigil agent"), "{e:#}");
+        drop(first);
+        lock_out_dir(dir.path()).unwrap();
     }
 
     /// Any certificate, to derive `LeafInfo`s from.
