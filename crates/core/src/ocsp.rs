@@ -85,8 +85,9 @@ impl Query {
 pub struct Request {
     /// The certificates asked about (at least one).
     pub queries: Vec<Query>,
-    /// The nonce extension value, if any (RFC 8954).
-    pub nonce: Option<Vec<u8>>,
+    /// The nonce extension value, if any (RFC 8954), or why it cannot be
+    /// echoed: refused only by a responder that honours nonces.
+    pub nonce: Option<Result<Vec<u8>, Refusal>>,
 }
 
 /// How an issuer is named in CertIDs, with SHA-1 and SHA-256.
@@ -185,7 +186,7 @@ pub fn parse_request(der: &[u8]) -> Result<Request, Refusal> {
         .into_iter()
         .find(|e| e.extn_id == NONCE)
     {
-        Some(e) => Some(nonce_value(e.extn_value.as_bytes())?),
+        Some(e) => Some(nonce_value(e.extn_value.as_bytes())),
         None => None,
     };
     Ok(Request { queries, nonce })
@@ -592,6 +593,9 @@ mod tests {
                 .to_der()
                 .unwrap();
             parse_request(&request(&[&q], Some(&value)).unwrap())
+                .unwrap()
+                .nonce
+                .unwrap()
         };
         let parsed = parse_request(&request(&[&q], None).unwrap()).unwrap();
         assert_eq!(parsed.queries[0].hash(), Some(CertIdHash::Sha256));
@@ -602,12 +606,17 @@ mod tests {
         assert_eq!(with(129).unwrap_err(), Refusal::Malformed);
         for n in [1, 16, 32, 33, 128] {
             let value = OctetString::new(vec![7; n]).unwrap().to_der().unwrap();
-            assert_eq!(with(n).unwrap().nonce, Some(value), "{n} bytes");
+            assert_eq!(with(n), Ok(value), "{n} bytes");
         }
         // Raw bytes (no inner OCTET STRING) get the same limits.
-        let raw = |n: usize| parse_request(&request(&[&q], Some(&vec![0xff; n])).unwrap());
+        let raw = |n: usize| {
+            parse_request(&request(&[&q], Some(&vec![0xff; n])).unwrap())
+                .unwrap()
+                .nonce
+                .unwrap()
+        };
         assert_eq!(raw(0).unwrap_err(), Refusal::Malformed);
-        assert_eq!(raw(20).unwrap().nonce, Some(vec![0xff; 20]));
+        assert_eq!(raw(20), Ok(vec![0xff; 20]));
     }
 
     proptest! {

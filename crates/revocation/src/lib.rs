@@ -468,14 +468,28 @@ async fn ocsp_post(State(o): State<Arc<Ocsp>>, body: Bytes) -> Response {
 }
 
 async fn ocsp_get(State(o): State<Arc<Ocsp>>, Path(request): Path<String>) -> Response {
+    ocsp_response(&o, o.answer(&get_request_der(&request)).await)
+}
+
+/// The DER of a GET request's path (RFC 6960 appendix A.1: base64, then
+/// URL-encoded, which the router has undone): the standard or URL-safe
+/// alphabet, padded or not, line breaks ignored. Anything else is empty,
+/// which the responder answers as `malformedRequest`.
+fn get_request_der(path: &str) -> Vec<u8> {
     use base64::Engine;
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    let trimmed = request.trim_start_matches('/');
-    let der = STANDARD
-        .decode(trimmed)
-        .or_else(|_| URL_SAFE_NO_PAD.decode(trimmed.trim_end_matches('=')))
-        .unwrap_or_default();
-    ocsp_response(&o, o.answer(&der).await)
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const EITHER: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let text: String = path
+        .trim_start_matches('/')
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    GeneralPurpose::new(&STANDARD, EITHER)
+        .decode(&text)
+        .or_else(|_| GeneralPurpose::new(&URL_SAFE, EITHER).decode(&text))
+        .unwrap_or_default()
 }
 
 /// Whether an `If-None-Match` value names `etag`: weak comparison (RFC 9110
@@ -586,8 +600,26 @@ async fn serve_crl(s: &Revocation, id: &str, shard: Option<i64>, headers: &Heade
 
 #[cfg(test)]
 mod tests {
-    use super::{Schedule, etag_matches};
+    use super::{Schedule, etag_matches, get_request_der};
     use std::time::Duration;
+
+    /// Both alphabets, padded or not, with line breaks: one request.
+    #[test]
+    fn get_requests_decode_in_every_base64_form() {
+        // 0xfb 0xff 0xbf encodes with '+' and '/' (or '-' and '_').
+        let der = vec![0x30, 0x03, 0xfb, 0xff, 0xbf];
+        for form in [
+            "MAP7/78=",
+            "MAP7/78",
+            "MAP7_78=",
+            "MAP7_78",
+            "/MAP7/78=",
+            "MAP7\n/78=",
+        ] {
+            assert_eq!(get_request_der(form), der, "{form}");
+        }
+        assert!(get_request_der("MAP7*78").is_empty());
+    }
 
     /// A failing issuer is retried on its own: the others stay at their own
     /// times, and retired issuers drop out.

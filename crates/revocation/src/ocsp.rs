@@ -1254,7 +1254,13 @@ impl Ocsp {
             return Err(Refusal::Unauthorized);
         }
         let nonce = match self.settings.nonce {
-            NoncePolicy::Honour => req.nonce.as_deref(),
+            // A nonce that cannot be echoed is refused only when nonces are
+            // honoured; otherwise it is ignored like any other.
+            NoncePolicy::Honour => req
+                .nonce
+                .as_ref()
+                .map(|n| n.as_deref().map_err(|e| *e))
+                .transpose()?,
             NoncePolicy::Ignore => None,
         };
         if let ([q], None) = (req.queries.as_slice(), nonce)

@@ -359,6 +359,21 @@ async fn nonces_of_1_to_128_bytes_are_echoed_and_empty_ones_refused() {
         (a.status, a.der.as_ref()),
         ("malformed", &[0x30, 0x03, 0x0a, 0x01, 0x01][..])
     );
+    // A responder that ignores nonces ignores a malformed one too.
+    let ignoring = Ocsp::new(
+        f.authority.clone(),
+        OcspSettings {
+            nonce: sigil_revocation::NoncePolicy::Ignore,
+            ..OcspSettings::default()
+        },
+        Leader::default(),
+    );
+    ignoring.ensure_signers().await.unwrap();
+    let a = ignoring
+        .answer(&ocsp::request(&[&q], Some(&octets(0))).unwrap())
+        .await;
+    assert_eq!(a.status, "unknown");
+    assert_eq!(ocsp::summarize(&a.der).unwrap().nonce, None);
 }
 
 /// Pre-signed answers keep the responder's certificates once, not once per
