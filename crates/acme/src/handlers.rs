@@ -1332,7 +1332,7 @@ pub async fn challenge(
         .ok_or_else(|| Problem::malformed(format!("unknown challenge type {kind}")))?;
     // One validation at a time per authorization (on this node): a repeated
     // response while it runs gets the authorization as it stands.
-    let Some(validating) = acme.start_validating(&authz_id) else {
+    let Some(validating) = acme.start_validating(&authz_id)? else {
         return reply(&a);
     };
     let key_auth = req.key.key_authorization(&ab.challenges[idx].token);

@@ -109,6 +109,34 @@ impl Drop for Validating {
     }
 }
 
+/// [`Acme::start_validating`] with `set` holding the authorizations being
+/// validated, at most `max`.
+fn start_validating(
+    set: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    id: &str,
+    max: usize,
+) -> Result<Option<Validating>, Problem> {
+    let mut running = set.lock().unwrap_or_else(|p| p.into_inner());
+    if running.contains(id) {
+        return Ok(None);
+    }
+    if running.len() >= max {
+        return Err(Problem::unavailable(format!(
+            "this server is running {max} validations at once; respond to the challenge again in a few seconds"
+        )));
+    }
+    running.insert(id.to_string());
+    Ok(Some(Validating {
+        set: set.clone(),
+        id: id.to_string(),
+    }))
+}
+
+/// Validations one node runs at once. Each holds an outbound connection
+/// for up to three timeouts and goes on after its client leaves, so without
+/// a ceiling a client could start any number.
+pub const MAX_VALIDATIONS: usize = 512;
+
 /// How long a cached account is trusted. Changes made on this node replace
 /// the entry at once; another node's deactivation or key change is seen
 /// within this time.
@@ -179,13 +207,10 @@ impl Acme {
         }))
     }
 
-    /// Marks authorization `id` as being validated, unless it already is.
-    pub(crate) fn start_validating(&self, id: &str) -> Option<Validating> {
-        let mut set = self.validating.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(id.to_string()).then(|| Validating {
-            set: self.validating.clone(),
-            id: id.to_string(),
-        })
+    /// Marks authorization `id` as being validated, unless it already is
+    /// (`None`). Refused while [`MAX_VALIDATIONS`] run on this node.
+    pub(crate) fn start_validating(&self, id: &str) -> Result<Option<Validating>, Problem> {
+        start_validating(&self.validating, id, MAX_VALIDATIONS)
     }
 
     fn now(&self) -> i64 {
@@ -463,4 +488,25 @@ pub fn router(acme: Arc<Acme>, request_timeout: Duration) -> Router {
             common_headers,
         ))
         .with_state(acme)
+}
+
+#[cfg(test)]
+mod validating_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::start_validating;
+
+    #[test]
+    fn validations_run_once_per_authorization_and_up_to_a_ceiling() {
+        let set = std::sync::Arc::default();
+        let a = start_validating(&set, "a", 2).unwrap().unwrap();
+        assert!(start_validating(&set, "a", 2).unwrap().is_none(), "a runs");
+        let b = start_validating(&set, "b", 2).unwrap().unwrap();
+        let full = start_validating(&set, "c", 2).err().unwrap();
+        assert_eq!(full.status.as_u16(), 503);
+        assert_eq!(full.retry_after, Some(5));
+        drop(a);
+        let _c = start_validating(&set, "c", 2).unwrap().unwrap();
+        drop(b);
+        assert!(start_validating(&set, "a", 2).unwrap().is_some());
+    }
 }

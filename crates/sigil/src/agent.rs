@@ -362,9 +362,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     .min(60)
                     .min(u64::try_from(left / 4).unwrap_or(1).max(1));
                 eprintln!(
-                    "renewal failed ({e:#}); certificate still valid for {left} s; retrying in {backoff} s"
+                    "renewal failed ({e:#}); certificate still valid for {left} s; retrying within {backoff} s"
                 );
-                tokio::time::sleep(Duration::from_secs(backoff)).await;
+                // The latter half at random, to the millisecond: agents that
+                // failed together (a CA restart) do not retry together.
+                tokio::time::sleep(spread(Duration::from_secs(backoff))).await;
             }
         }
     }
@@ -586,9 +588,19 @@ const WATCH_WARN_AFTER: u32 = 4;
 /// random (a CA restart ends every watch at once).
 fn watch_backoff(failures: u32) -> Duration {
     let ceiling = (5u64 << failures.saturating_sub(1).min(6)).min(300);
-    let half = ceiling / 2;
-    let jitter = u64::try_from(random_below(i64::try_from(half).unwrap_or(0) + 1)).unwrap_or(0);
-    Duration::from_secs(ceiling - half + jitter)
+    let half = Duration::from_secs(ceiling / 2);
+    Duration::from_secs(ceiling) - half + random_duration(half)
+}
+
+/// `d` with its latter half random (to the millisecond).
+fn spread(d: Duration) -> Duration {
+    d - d / 2 + random_duration(d / 2)
+}
+
+/// A random duration from zero to `max`, in milliseconds.
+fn random_duration(max: Duration) -> Duration {
+    let ms = i64::try_from(max.as_millis()).unwrap_or(i64::MAX - 1);
+    Duration::from_millis(u64::try_from(random_below(ms + 1)).unwrap_or(0))
 }
 
 /// Longest sleep (s) before the wall clock is read again.
@@ -971,7 +983,7 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
         std::fs::rename(dir.join(format!("{name}.new")), dir.join(name))
             .with_context(|| format!("cannot replace {}", dir.join(name).display()))?;
     }
-    sync_dir_of(&args.out_dir.join(FILES[0]))?;
+    crate::cmd_ca::sync_dir_of(&args.out_dir.join(FILES[0]))?;
     reload(args).await;
     Ok(())
 }
@@ -1095,7 +1107,7 @@ fn finish_interrupted_install(dir: &Path) -> Result<()> {
             std::fs::rename(new(n), dir.join(n))
                 .with_context(|| format!("cannot finish replacing {}", dir.join(n).display()))?;
         }
-        sync_dir_of(&dir.join(FILES[0]))?;
+        crate::cmd_ca::sync_dir_of(&dir.join(FILES[0]))?;
         eprintln!(
             "finished an interrupted certificate update in {}",
             dir.display()
@@ -1141,19 +1153,7 @@ fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    sync_dir_of(path)
-}
-
-/// Makes the renames in `path`'s directory durable: until then a crash can
-/// bring back the directory's previous entries.
-fn sync_dir_of(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync directory {}", dir.display()))
+    crate::cmd_ca::sync_dir_of(path)
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
@@ -1248,6 +1248,15 @@ mod tests {
         for n in [7, 8, 1000] {
             let (lo, hi) = range(n);
             assert!(lo >= 150 && hi <= 300 && lo < hi, "{n}: {lo}..{hi}");
+        }
+        // To the millisecond, not in whole seconds.
+        let ms: std::collections::HashSet<u32> =
+            (0..50).map(|_| watch_backoff(1).subsec_millis()).collect();
+        assert!(ms.len() > 10, "{ms:?}");
+        let d = Duration::from_secs(8);
+        for _ in 0..100 {
+            let s = spread(d);
+            assert!(s >= d / 2 && s <= d, "{s:?}");
         }
     }
 

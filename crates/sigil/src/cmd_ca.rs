@@ -316,7 +316,12 @@ pub fn create_root(
         validity,
     )?;
     write_encrypted_key(&dir.join("root.key"), &pkcs8, pass)?;
-    write_public(&dir.join("root.crt"), &pem("CERTIFICATE", &der))?;
+    if let Err(e) = write_public(&dir.join("root.crt"), &pem("CERTIFICATE", &der)) {
+        // A key without its certificate is of no use, and would make the
+        // next `root init` in this directory refuse: it goes.
+        let _ = std::fs::remove_file(dir.join("root.key"));
+        return Err(e);
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -460,20 +465,41 @@ pub async fn install_cross(config: &Path, cert: &Path) -> Result<ExitCode> {
 /// Writes a public file (certificate, CSR) atomically: temp file, then rename.
 pub fn write_public(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp~");
-    {
+    // A fresh name, created exclusively: nothing already at that path (a
+    // symlink planted in a shared directory) is written through.
+    let mut r = [0u8; 8];
+    sigil_signer::random_bytes(&mut r)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{:016x}.tmp~", u64::from_le_bytes(r)));
+    let tmp = path.with_file_name(name);
+    let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
             .open(&tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    written?;
+    sync_dir_of(path)
+}
+
+/// Makes the renames in `path`'s directory durable: until then a crash can
+/// bring back the directory's previous entries.
+pub fn sync_dir_of(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 /// Loads the configured roots.
@@ -740,4 +766,34 @@ pub fn operator_name(explicit: Option<&str>) -> String {
         .or_else(|| std::env::var("SUDO_USER").ok())
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A root whose certificate cannot be written leaves nothing behind:
+    /// no key (which would make the next attempt refuse) and no temporary
+    /// file.
+    #[test]
+    fn a_root_whose_certificate_cannot_be_written_leaves_no_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        // A directory where the certificate goes: the rename over it fails.
+        std::fs::create_dir_all(dir.join("root.crt")).unwrap();
+        let e = create_root(
+            &dir,
+            KeySpec::EcdsaP256,
+            parse_subject("CN=Test Root").unwrap(),
+            Duration::from_secs(365 * 86_400),
+            &Passphrase::new("a long enough passphrase".into()),
+        );
+        assert!(e.is_err());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("root.crt")]);
+    }
 }

@@ -26,6 +26,27 @@ pub struct HttpState {
     pub metrics: Option<PrometheusHandle>,
     /// The TLS listeners' own certificates (gRPC, HTTPS).
     pub listeners: Vec<Arc<crate::tls_cert::ServerCert>>,
+    /// The last readiness check and when it ran (see [`readiness`]).
+    pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Vec<String>>)>>,
+}
+
+/// How long a readiness check's result is reused.
+const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`not_ready`], run at most once per [`READINESS_TTL`]: the routes are
+/// public and unauthenticated, and each check takes database connections
+/// that issuance and OCSP share. Requests arriving while one runs wait for
+/// its result rather than start their own.
+async fn readiness(s: &HttpState) -> Arc<Vec<String>> {
+    let mut last = s.readiness.lock().await;
+    if let Some((at, why)) = last.as_ref()
+        && at.elapsed() < READINESS_TTL
+    {
+        return why.clone();
+    }
+    let why = Arc::new(not_ready(s).await);
+    *last = Some((std::time::Instant::now(), why.clone()));
+    why
 }
 
 /// Builds the router.
@@ -108,7 +129,7 @@ async fn not_ready(s: &HttpState) -> Vec<String> {
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
-    let why = not_ready(&s).await;
+    let why = readiness(&s).await;
     if why.is_empty() {
         return "ready\n".into_response();
     }
@@ -195,7 +216,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
     metrics::gauge!("sigil_db_pool_connections", "state" => "idle").set(idle as f64);
     metrics::gauge!("sigil_db_pool_connections", "state" => "in_use")
         .set(f64::from(open).max(idle as f64) - idle as f64);
-    let ready = not_ready(&s).await.is_empty();
+    let ready = readiness(&s).await.is_empty();
     metrics::gauge!("sigil_ready").set(if ready { 1.0 } else { 0.0 });
     (
         [(

@@ -79,6 +79,10 @@ pub struct KeyStore {
     dir: PathBuf,
     passphrase_file: Option<PathBuf>,
     pass: Mutex<Option<Passphrase>>,
+    /// Whether the passphrase held has opened a key: then one file it does
+    /// not open (corrupt, or sealed with another passphrase) says nothing
+    /// against it, and it is kept for the keys it does open.
+    pass_opened: std::sync::atomic::AtomicBool,
     /// Token PINs, by module and token label: each token has its own.
     pins: Mutex<HashMap<(PathBuf, String), Passphrase>>,
     /// Digests of PINs a token refused: never tried on it again, since a
@@ -95,6 +99,7 @@ impl KeyStore {
             dir: key_dir(cfg),
             passphrase_file: cfg.ca.passphrase_file.as_ref().map(|p| cfg.resolve(p)),
             pass: Mutex::new(None),
+            pass_opened: std::sync::atomic::AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
             refused_pins: Mutex::new(HashSet::new()),
         })
@@ -157,17 +162,25 @@ impl KeyStore {
             Some(s) => use_it(s),
             None => anyhow::bail!("no secret available"),
         };
-        // A secret that did not decrypt is forgotten and read afresh next
-        // time, so a corrected passphrase file is picked up.
-        if let Err(e) = &out
-            && e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<sigil_signer::Error>(),
-                    Some(sigil_signer::Error::Decrypt(_))
-                )
-            })
-        {
-            *guard = None;
+        // A secret that never decrypted anything is forgotten and read
+        // afresh next time, so a corrected passphrase file is picked up.
+        // One that did is kept: forgetting it would prompt again, from a
+        // blocking task, for every key it still opens.
+        use std::sync::atomic::Ordering;
+        match &out {
+            Ok(_) => self.pass_opened.store(true, Ordering::Release),
+            Err(e)
+                if !self.pass_opened.load(Ordering::Acquire)
+                    && e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<sigil_signer::Error>(),
+                            Some(sigil_signer::Error::Decrypt(_))
+                        )
+                    }) =>
+            {
+                *guard = None;
+            }
+            Err(_) => {}
         }
         out
     }
@@ -330,6 +343,7 @@ mod tests {
             dir: PathBuf::from("."),
             passphrase_file,
             pass: Mutex::new(None),
+            pass_opened: std::sync::atomic::AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
             refused_pins: Mutex::new(HashSet::new()),
         }
@@ -387,6 +401,17 @@ mod tests {
         write_pass("a wrong passphrase!!");
         assert!(keys.open(&key).is_err());
         write_pass("the right passphrase");
+        keys.open(&key).unwrap();
+        // Once it has opened a key, a file it cannot open (corrupt, or
+        // sealed with another passphrase) does not make it forgotten: it is
+        // not read again (here it would now be wrong) for the keys it opens.
+        let corrupt = KeyLocation::File(tmp.path().join("corrupt.key"));
+        if let KeyLocation::File(p) = &corrupt {
+            std::fs::write(p, "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert!(keys.open(&corrupt).is_err());
+        write_pass("a wrong passphrase!!");
         keys.open(&key).unwrap();
     }
 

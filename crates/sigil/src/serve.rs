@@ -300,6 +300,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             .map(GrpcListener::certificate)
             .chain(acme.iter().map(AcmeListener::certificate))
             .collect(),
+        readiness: tokio::sync::Mutex::new(None),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -325,27 +326,52 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let http = crate::limits::serve(listener, app, timeouts, stopped(stop_rx.clone()));
     let grpc_task = grpc.map(|g| tokio::spawn(g.serve(stopped(stop_rx.clone()))));
     let acme_task = acme.map(|a| tokio::spawn(a.serve(stopped(stop_rx.clone()))));
-    let http_task = tokio::spawn(http);
+    let http_task = tokio::spawn(async move {
+        http.await;
+        Ok(())
+    });
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    http_task.await?;
-    // Listeners drain within their request and idle timeouts; a stream that
-    // would hold one past that is left to the process's exit.
-    let grace = timeouts.request + timeouts.idle;
-    for (name, task) in [("gRPC", grpc_task), ("HTTPS", acme_task)] {
+    // The listeners drain together, within their request and idle timeouts
+    // and one deadline short of the usual 30 s stop timeouts (systemd,
+    // Kubernetes), so the store is always closed cleanly before the process
+    // would be killed; connections still open then end with the process.
+    let deadline =
+        tokio::time::Instant::now() + (timeouts.request + timeouts.idle).min(SHUTDOWN_GRACE);
+    let mut failed = None;
+    let tasks: [(&str, Option<tokio::task::JoinHandle<Result<()>>>); 3] = [
+        ("HTTP", Some(http_task)),
+        ("gRPC", grpc_task),
+        ("HTTPS", acme_task),
+    ];
+    for (name, task) in tasks {
         let Some(task) = task else { continue };
-        match tokio::time::timeout(grace, task).await {
-            Ok(done) => done??,
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::error!(listener = name, error = %e, "listener failed");
+                failed.get_or_insert(e);
+            }
+            Ok(Err(e)) => {
+                tracing::error!(listener = name, error = %e, "listener task failed");
+                failed.get_or_insert(anyhow::anyhow!("{name} listener task failed: {e}"));
+            }
             Err(_) => tracing::warn!(
                 listener = name,
-                "connections still open after the shutdown grace period; closing them with the process"
+                "connections still open at the shutdown deadline; closing them with the process"
             ),
         }
     }
     authority.store().close().await;
     tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
+
+/// The longest a stopping server waits for its connections to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Keeps or takes the background-job lock: checks it every 2 s, and when
 /// another node's lock goes away (that node stopped or died), takes over
