@@ -490,6 +490,27 @@ pub fn write_public(path: &Path, text: &str) -> Result<()> {
     sync_dir_of(path)
 }
 
+/// Reads a file that decides whom this CA trusts (a root, the public key
+/// that verifies bootstrap tokens). Refused when any user may change it; a
+/// group that may is reported.
+pub fn read_trusted(path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o002 != 0 {
+        bail!(
+            "{} may be changed by any user (mode {mode:o}), and it decides whom this CA trusts; run `chmod o-w {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    if mode & 0o020 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "a file that decides whom this CA trusts may be changed by its group");
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 /// Makes the renames in `path`'s directory durable: until then a crash can
 /// bring back the directory's previous entries.
 pub fn sync_dir_of(path: &Path) -> Result<()> {
@@ -509,8 +530,7 @@ pub fn load_roots(cfg: &Config) -> Result<Vec<IssuerInfo>> {
         .iter()
         .map(|p| {
             let p = cfg.resolve(p);
-            let bytes =
-                std::fs::read(&p).with_context(|| format!("cannot read root {}", p.display()))?;
+            let bytes = read_trusted(&p).with_context(|| format!("root {}", p.display()))?;
             IssuerInfo::parse(&bytes).with_context(|| format!("root {}", p.display()))
         })
         .collect()
@@ -795,5 +815,27 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("root.crt")]);
+    }
+
+    #[test]
+    fn a_trust_file_anyone_may_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("root.crt");
+        std::fs::write(&p, "x").unwrap();
+        for (mode, ok) in [
+            (0o644, true),
+            (0o664, true),
+            (0o600, true),
+            (0o666, false),
+            (0o646, false),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = read_trusted(&p);
+            assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("chmod o-w"), "{e}");
+            }
+        }
     }
 }

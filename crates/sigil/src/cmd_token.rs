@@ -56,7 +56,7 @@ pub fn token_key(cfg: &Config, grpc: &GrpcConfig, pass: &Passphrase) -> Result<S
 
 /// The Ed25519 public key in a `.pub` file.
 fn read_public(path: &std::path::Path) -> Result<sigil_core::PublicKey> {
-    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::cmd_ca::read_trusted(path)?;
     let der = sigil_core::csr::decode_pem_or_der(&text)
         .with_context(|| format!("{} is not a PEM public key", path.display()))?;
     let key = sigil_core::PublicKey::from_spki_der(&der)
