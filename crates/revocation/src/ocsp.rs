@@ -106,6 +106,10 @@ impl LoadCursor {
     }
 }
 
+/// How long a request waits for the database to confirm a cached `good`
+/// answer while this node's view of revocations is stale.
+const STALE_VIEW_CHECK: Duration = Duration::from_millis(500);
+
 /// What a pre-signing pass did: answers signed (and stored), and fresh
 /// stored answers it kept as they were.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -626,9 +630,19 @@ impl Ocsp {
             Some(true) => None,
             // The view is stale (sync has not run for a while): a revocation
             // made since, here or on another node, is in the database only.
+            // If the database does not answer promptly, nothing newer can be
+            // learnt from it, and the answer stands until its nextUpdate (as
+            // a CRL would): served rather than make the responder fail with it.
             None => {
                 let serial = Serial::parse_hex(&key.0)?;
-                matches!(self.authority.is_revoked(&serial).await, Ok(false)).then_some(answer)
+                let asked =
+                    tokio::time::timeout(STALE_VIEW_CHECK, self.authority.is_revoked(&serial))
+                        .await;
+                match asked {
+                    Ok(Ok(true)) => None,
+                    Ok(Ok(false)) => Some(answer),
+                    Ok(Err(_)) | Err(_) => Some(answer),
+                }
             }
         }
     }

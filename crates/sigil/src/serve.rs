@@ -362,7 +362,16 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
             ),
         }
     }
-    authority.store().close().await;
+    // Closing waits for connections still in use (a background pass's long
+    // read): bounded too, so the process still stops before it is killed.
+    if tokio::time::timeout(STORE_CLOSE_GRACE, authority.store().close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "database connections still in use at shutdown; closing them with the process"
+        );
+    }
     tracing::info!("stopped");
     match failed {
         Some(e) => Err(e),
@@ -372,6 +381,8 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
 
 /// The longest a stopping server waits for its connections to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
+/// The longest it then waits for the database pool to close.
+const STORE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Keeps or takes the background-job lock: checks it every 2 s, and when
 /// another node's lock goes away (that node stopped or died), takes over
