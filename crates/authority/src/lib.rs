@@ -1681,18 +1681,7 @@ impl Authority {
         let issuer = self.active_issuer();
         let decision = match self.admit(applicant, &ask, &issuer).await {
             Ok(d) => d,
-            Err(e) => {
-                let kind = match (&e, ask.renews) {
-                    (Error::TokenReplayed(_), _) => "token.replayed",
-                    (_, Some(_)) => "cert.renewal_denied",
-                    _ => "cert.denied",
-                };
-                return Err(self
-                    .record_refusal(ask.actor, &names, kind, key_type, ask.profile.name(), &e)
-                    .await
-                    .err()
-                    .map_or(e, Error::from));
-            }
+            Err(e) => return Err(self.refused(&ask, &names, key_type, e).await),
         };
         let profile = ask.profile;
         let info = issuer.info();
@@ -1807,18 +1796,7 @@ impl Authority {
             // random bits): another request spent it first.
             (Err(sigil_store::Error::Conflict(_)), Some(t)) => {
                 let e = Error::TokenReplayed(format!("token {} was already used", t.jti));
-                return Err(self
-                    .record_refusal(
-                        ask.actor,
-                        &names,
-                        "token.replayed",
-                        key_type,
-                        profile.name(),
-                        &e,
-                    )
-                    .await
-                    .err()
-                    .map_or(e, Error::from));
+                return Err(self.refused(&ask, &names, key_type, e).await);
             }
             // Revoked while this request was being made (it was checked on
             // arrival): refused, as it would have been a moment later.
@@ -1827,13 +1805,13 @@ impl Authority {
                 let e = Error::KeyCompromised(format!(
                     "this public key (SHA-256 {fp}) was found compromised (a certificate of it was revoked for keyCompromise) while this request was being made; generate a new key"
                 ));
-                return Err(self.refused_at_commit(&ask, &names, key_type, e).await);
+                return Err(self.refused(&ask, &names, key_type, e).await);
             }
             (Err(sigil_store::Error::Revoked(old)), _) => {
                 let e = Error::NotRenewable(format!(
                     "certificate {old} was revoked while its renewal was being made; request a new one with a bootstrap token"
                 ));
-                return Err(self.refused_at_commit(&ask, &names, key_type, e).await);
+                return Err(self.refused(&ask, &names, key_type, e).await);
             }
             (Err(e), _) => return Err(e.into()),
         };
@@ -1851,17 +1829,13 @@ impl Authority {
         })
     }
 
-    /// Audits a request the records refused when it was stored.
-    async fn refused_at_commit(
-        &self,
-        ask: &Ask<'_>,
-        names: &[String],
-        key_type: KeyType,
-        e: Error,
-    ) -> Error {
-        let kind = match ask.renews {
-            Some(_) => "cert.renewal_denied",
-            None => "cert.denied",
+    /// Audits a refused request (on arrival, or when it was stored) and
+    /// returns its error (or the audit's, if that failed).
+    async fn refused(&self, ask: &Ask<'_>, names: &[String], key_type: KeyType, e: Error) -> Error {
+        let kind = match (&e, ask.renews) {
+            (Error::TokenReplayed(_), _) => "token.replayed",
+            (_, Some(_)) => "cert.renewal_denied",
+            _ => "cert.denied",
         };
         self.record_refusal(ask.actor, names, kind, key_type, ask.profile.name(), &e)
             .await
