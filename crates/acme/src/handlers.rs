@@ -702,10 +702,16 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
         )),
         None => None,
     };
-    let (replaces, replaced_until) = match payload.replaces.as_deref() {
+    let (replaced, replacing) = match payload.replaces.as_deref() {
         Some(r) => {
-            let until = check_replaces(&acme, r, &account, &ids).await?;
-            (Some(r.to_string()), Some(until))
+            let (row, failed) = check_replaces(&acme, r, &account, &ids).await?;
+            let claim = sigil_store::Replacing {
+                requester: account.requester.clone(),
+                cert_id: r.to_string(),
+                now,
+                failed,
+            };
+            (Some(row), Some(claim))
         }
         None => (None, None),
     };
@@ -763,13 +769,23 @@ pub async fn new_order(State(acme): St, headers: HeaderMap, body: Body) -> Reply
             not_after: payload.not_after.clone(),
             lifetime: lifetime.map(|l| l.as_secs()),
             profile: profile.name().into(),
-            replaces,
-            replaced_until,
+            replaces: replacing.as_ref().map(|r| r.cert_id.clone()),
+            replaced_until: replaced.as_ref().map(|r| r.not_after),
             ..OrderBody::default()
         }),
         created_at: now,
     };
-    store.acme_insert_order(Some(&order), &fresh).await?;
+    if !store
+        .acme_insert_order(Some(&order), &fresh, replacing)
+        .await?
+    {
+        // Another order for the same certificate was stored between the
+        // check above and this one's insert.
+        return Err(Problem::already_replaced(format!(
+            "certificate {} is already replaced by an order made meanwhile",
+            replaced.map_or_else(String::new, |r| r.serial)
+        )));
+    }
     metrics::counter!("sigil_acme_orders_total", "status" => if all_valid { "ready" } else { "pending" })
         .increment(1);
     let url = acme.order_url(&order.id);
@@ -799,13 +815,14 @@ async fn replaced_certificate(
 }
 
 /// RFC 9773 §5: the replaced certificate must exist and belong to this
-/// account's requester or share a name with the order. Returns its notAfter.
+/// account's requester or share a name with the order. Returns it, and the
+/// orders that named it but have failed since they were stored.
 async fn check_replaces(
     acme: &Acme,
     cert_id: &str,
     account: &AcmeAccount,
     ids: &[Identifier],
-) -> Result<i64, Problem> {
+) -> Result<(sigil_store::CertificateRow, Vec<String>), Problem> {
     let row = replaced_certificate(acme, cert_id).await?;
     // RFC 9773 §5: the same account (for EAB accounts: the same external
     // account), at least one shared identifier, and not replaced already.
@@ -828,13 +845,16 @@ async fn check_replaces(
         .store()
         .acme_orders_replacing(&account.requester, cert_id, acme.now())
         .await?;
+    let mut failed = Vec::new();
     for id in candidates {
         // An order whose authorization failed is invalid (RFC 8555 7.1.6)
         // even while stored as pending: it replaces nothing.
         let Some(order) = acme.current_order(&id).await? else {
             continue;
         };
-        if order.status != "invalid" {
+        if order.status == "invalid" {
+            failed.push(id);
+        } else {
             return Err(Problem::already_replaced(format!(
                 "certificate {} is already replaced by order {}",
                 row.serial,
@@ -842,7 +862,7 @@ async fn check_replaces(
             )));
         }
     }
-    Ok(row.not_after)
+    Ok((row, failed))
 }
 
 #[derive(Deserialize)]
@@ -909,7 +929,7 @@ pub async fn new_authz(State(acme): St, headers: HeaderMap, body: Body) -> Reply
     }
     let a = pending_authz(&account.id, &wire, acme.now_ms(), now + life)?;
     store
-        .acme_insert_order(None, &[(a.clone(), wire.key())])
+        .acme_insert_order(None, &[(a.clone(), wire.key())], None)
         .await?;
     let url = acme.authz_url(&a.id);
     Ok(json_reply(

@@ -91,6 +91,22 @@ pub struct AcmeObject {
     pub created_at: i64,
 }
 
+/// An order's claim to replace a certificate (ARI `replaces`), checked in
+/// the transaction that stores the order: of concurrent orders naming one
+/// certificate, on one node or several, one is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replacing {
+    /// The requester whose accounts' orders count.
+    pub requester: String,
+    /// The ARI certificate ID.
+    pub cert_id: String,
+    /// Orders stored as live at this time (unix s) count.
+    pub now: i64,
+    /// Orders naming it that have failed since they were stored (their
+    /// current status is `invalid`): they replace nothing.
+    pub failed: Vec<String>,
+}
+
 /// Which object table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcmeTable {
@@ -119,12 +135,16 @@ pub enum StateWrite {
         /// When it would have expired anyway (unix s).
         expires_at: i64,
     },
-    /// New authorizations and, optionally, the order that uses them.
+    /// New authorizations and, optionally, the order that uses them. With
+    /// `replacing`, nothing is written (false) if another order replacing
+    /// the same certificate is stored by then.
     Insert {
         /// The order, if any (pre-authorization has none).
         order: Option<AcmeObject>,
         /// New authorizations with their lookup identifier (`dns:name`).
         authzs: Vec<(AcmeObject, String)>,
+        /// The certificate the order replaces (RFC 9773 §5).
+        replacing: Option<Replacing>,
     },
     /// Replaces an object if its stored status is still `from`; no effect
     /// (false) if another request changed it first.
@@ -174,6 +194,46 @@ fn pow2_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// The orders of `requester`'s accounts, finalized or stored as live at
+/// `now`, that name `cert_id` in `replaces`.
+async fn orders_replacing<'e, E>(
+    ex: E,
+    requester: &str,
+    cert_id: &str,
+    now: i64,
+) -> Result<Vec<String>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    // The body is compact JSON written by serde, so the member appears
+    // exactly like this; LIKE's wildcards in the id are escaped.
+    let escaped = cert_id
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    let member = format!("\"replaces\":\"{cert_id}\"");
+    let rows = sqlx::query(
+        "SELECT id, body FROM acme_orders \
+         WHERE account_id IN (SELECT id FROM acme_accounts WHERE requester = $1) \
+         AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $2)) \
+         AND body LIKE $3 ESCAPE '\\'",
+    )
+    .bind(requester)
+    .bind(now)
+    .bind(format!("%\"replaces\":\"{escaped}\"%"))
+    .fetch_all(ex)
+    .await?;
+    // SQLite's LIKE ignores ASCII case; the ids are case-sensitive.
+    let mut ids = Vec::new();
+    for r in rows {
+        let body: String = r.try_get("body")?;
+        if body.contains(&member) {
+            ids.push(r.try_get("id")?);
+        }
+    }
+    Ok(ids)
+}
+
 /// Applies a batch's protocol-state writes inside the writer's transaction,
 /// in a few multi-row statements instead of one per write: every insert
 /// first, then the compare-and-sets, one statement per table and chunk.
@@ -202,47 +262,34 @@ async fn apply_states_sql(
 ) -> Result<(), sqlx::Error> {
     let mut authzs: Vec<(&AcmeObject, &str)> = Vec::new();
     let mut orders: Vec<&AcmeObject> = Vec::new();
-    for (_, w) in writes {
-        if let StateWrite::Insert { order, authzs: a } = w {
+    for (i, w) in writes {
+        if let StateWrite::Insert {
+            order,
+            authzs: a,
+            replacing,
+        } = w
+        {
+            // Checked one at a time, in batch order and before the batched
+            // inserts: the first of two orders replacing one certificate
+            // is stored, and the second sees it.
+            if let Some(r) = replacing {
+                let mut others =
+                    orders_replacing(&mut **tx, &r.requester, &r.cert_id, r.now).await?;
+                others.retain(|id| !r.failed.contains(id));
+                if !others.is_empty() {
+                    changed[*i] = false;
+                    continue;
+                }
+                let one: Vec<(&AcmeObject, &str)> =
+                    a.iter().map(|(o, ident)| (o, ident.as_str())).collect();
+                insert_objects(tx, &one, &order.iter().collect::<Vec<_>>(), backend).await?;
+                continue;
+            }
             authzs.extend(a.iter().map(|(o, ident)| (o, ident.as_str())));
             orders.extend(order.iter());
         }
     }
-    for chunk in pow2_chunks(&authzs) {
-        let mut sql = String::from(
-            "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) VALUES ",
-        );
-        crate::writer::push_placeholders(&mut sql, chunk.len(), 7, backend);
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (a, identifier) in chunk {
-            q = q
-                .bind(a.id.as_str())
-                .bind(a.account_id.as_str())
-                .bind(*identifier)
-                .bind(a.status.as_str())
-                .bind(a.expires_at)
-                .bind(a.body.as_str())
-                .bind(a.created_at);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    for chunk in pow2_chunks(&orders) {
-        let mut sql = String::from(
-            "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) VALUES ",
-        );
-        crate::writer::push_placeholders(&mut sql, chunk.len(), 6, backend);
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for o in chunk {
-            q = q
-                .bind(o.id.as_str())
-                .bind(o.account_id.as_str())
-                .bind(o.status.as_str())
-                .bind(o.expires_at)
-                .bind(o.body.as_str())
-                .bind(o.created_at);
-        }
-        q.execute(&mut **tx).await?;
-    }
+    insert_objects(tx, &authzs, &orders, backend).await?;
     for table in [AcmeTable::Authzs, AcmeTable::Orders] {
         // (change index, expected status, new row), first per object batched.
         let mut batched: Vec<(usize, &str, &AcmeObject)> = Vec::new();
@@ -299,6 +346,51 @@ async fn apply_states_sql(
                 .await?;
             changed[i] = r.rows_affected() == 1;
         }
+    }
+    Ok(())
+}
+
+/// Inserts authorizations and orders, in a few multi-row statements.
+async fn insert_objects(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    authzs: &[(&AcmeObject, &str)],
+    orders: &[&AcmeObject],
+    backend: crate::Backend,
+) -> Result<(), sqlx::Error> {
+    for chunk in pow2_chunks(authzs) {
+        let mut sql = String::from(
+            "INSERT INTO acme_authzs (id, account_id, identifier, status, expires_at, body, created_at) VALUES ",
+        );
+        crate::writer::push_placeholders(&mut sql, chunk.len(), 7, backend);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (a, identifier) in chunk {
+            q = q
+                .bind(a.id.as_str())
+                .bind(a.account_id.as_str())
+                .bind(*identifier)
+                .bind(a.status.as_str())
+                .bind(a.expires_at)
+                .bind(a.body.as_str())
+                .bind(a.created_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for chunk in pow2_chunks(orders) {
+        let mut sql = String::from(
+            "INSERT INTO acme_orders (id, account_id, status, expires_at, body, created_at) VALUES ",
+        );
+        crate::writer::push_placeholders(&mut sql, chunk.len(), 6, backend);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for o in chunk {
+            q = q
+                .bind(o.id.as_str())
+                .bind(o.account_id.as_str())
+                .bind(o.status.as_str())
+                .bind(o.expires_at)
+                .bind(o.body.as_str())
+                .bind(o.created_at);
+        }
+        q.execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -511,17 +603,21 @@ impl Store {
     }
 
     /// Inserts new authorizations and the order that uses them (if any) atomically.
+    /// Stores an order (if any) and its new authorizations. False, with
+    /// nothing stored, if `replacing` names a certificate that another
+    /// order replaces by then.
     pub async fn acme_insert_order(
         &self,
         order: Option<&AcmeObject>,
         new_authzs: &[(AcmeObject, String)],
-    ) -> Result<(), Error> {
+        replacing: Option<Replacing>,
+    ) -> Result<bool, Error> {
         self.apply(StateWrite::Insert {
             order: order.cloned(),
             authzs: new_authzs.to_vec(),
+            replacing,
         })
         .await
-        .map(|_| ())
     }
 
     /// One order or authorization.
@@ -616,33 +712,7 @@ impl Store {
         cert_id: &str,
         now: i64,
     ) -> Result<Vec<String>, Error> {
-        // The body is compact JSON written by serde, so the member appears
-        // exactly like this; LIKE's wildcards in the id are escaped.
-        let escaped = cert_id
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        let member = format!("\"replaces\":\"{cert_id}\"");
-        let rows = sqlx::query(
-            "SELECT id, body FROM acme_orders \
-             WHERE account_id IN (SELECT id FROM acme_accounts WHERE requester = $1) \
-             AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $2)) \
-             AND body LIKE $3 ESCAPE '\\'",
-        )
-        .bind(requester)
-        .bind(now)
-        .bind(format!("%\"replaces\":\"{escaped}\"%"))
-        .fetch_all(&self.pool)
-        .await?;
-        // SQLite's LIKE ignores ASCII case; the ids are case-sensitive.
-        let mut ids = Vec::new();
-        for r in rows {
-            let body: String = r.try_get("body")?;
-            if body.contains(&member) {
-                ids.push(r.try_get("id")?);
-            }
-        }
-        Ok(ids)
+        Ok(orders_replacing(&self.pool, requester, cert_id, now).await?)
     }
 
     /// The ids of an account's orders, newest first (ids begin with their

@@ -336,6 +336,7 @@ mod tests {
                     (authz("live", 5_000_000), "dns:live.example".into()),
                     (authz("old", 1_000), "dns:old.example".into()),
                 ],
+                None,
             )
             .await
             .unwrap();

@@ -16,7 +16,7 @@ mod retention;
 mod rows;
 mod writer;
 
-pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, StateWrite};
+pub use acme::{AcmeAccount, AcmeObject, AcmeTable, AcmeWrite, EabKey, Replacing, StateWrite};
 pub use audit::{
     AuditEvent, AuditReceipt, AuditRow, ChainReport, GENESIS_HASH, MAX_LISTED_PROBLEMS,
     RecordsReport, row_hash,

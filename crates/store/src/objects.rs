@@ -57,7 +57,7 @@ impl<V> Default for Generations<V> {
 fn touched(write: &StateWrite) -> Vec<(AcmeTable, &AcmeObject)> {
     match write {
         StateWrite::SpendNonce { .. } => Vec::new(),
-        StateWrite::Insert { order, authzs } => authzs
+        StateWrite::Insert { order, authzs, .. } => authzs
             .iter()
             .map(|(a, _)| (AcmeTable::Authzs, a))
             .chain(order.iter().map(|o| (AcmeTable::Orders, o)))
@@ -182,6 +182,7 @@ mod tests {
             &StateWrite::Insert {
                 order: Some(object("o1", "pending")),
                 authzs: vec![(object("a1", "pending"), "dns:x".into())],
+                replacing: None,
             },
             true,
         );

@@ -773,7 +773,11 @@ async fn acme_state_on_every_backend() {
         let authz = acme_object("az1", "pending", r#"{"a":1}"#);
         let order = acme_object("or1", "pending", r#"{"o":1}"#);
         store
-            .acme_insert_order(Some(&order), &[(authz.clone(), "dns:a.internal".into())])
+            .acme_insert_order(
+                Some(&order),
+                &[(authz.clone(), "dns:a.internal".into())],
+                None,
+            )
             .await
             .unwrap();
         let valid = acme_object("az1", "valid", r#"{"a":2}"#);
@@ -824,7 +828,7 @@ async fn acme_state_on_every_backend() {
         // Paged newest (greatest id) first, continuing before a cursor.
         for id in ["or2", "or3"] {
             let o = acme_object(id, "pending", "{}");
-            store.acme_insert_order(Some(&o), &[]).await.unwrap();
+            store.acme_insert_order(Some(&o), &[], None).await.unwrap();
         }
         assert_eq!(
             store.acme_order_ids("acct1", None, 2).await.unwrap(),
@@ -844,7 +848,7 @@ async fn acme_state_on_every_backend() {
                     let a = acme_object(&format!("b-az{i}"), "pending", "{}");
                     let o = acme_object(&format!("b-or{i}"), "pending", "{}");
                     store
-                        .acme_insert_order(Some(&o), &[(a, format!("dns:b{i}.internal"))])
+                        .acme_insert_order(Some(&o), &[(a, format!("dns:b{i}.internal"))], None)
                         .await
                         .unwrap();
                 })
@@ -903,6 +907,97 @@ async fn acme_state_on_every_backend() {
                 "{name}: order b-or{n}"
             );
         }
+
+        // Of orders racing to replace one certificate (ARI), on this handle
+        // and a second one as another node, exactly one is stored.
+        let claim = |failed: Vec<String>| sigil_store::Replacing {
+            requester: "eab:team-a".into(),
+            cert_id: "AAA.Ab_1".into(),
+            now: 500,
+            failed,
+        };
+        let body = r#"{"replaces":"AAA.Ab_1"}"#;
+        let racing: Vec<_> = (0..8)
+            .map(|i| {
+                let s = if i % 2 == 0 {
+                    store.clone()
+                } else {
+                    fresh.clone()
+                };
+                tokio::spawn(async move {
+                    let a = acme_object(&format!("r-az{i}"), "pending", "{}");
+                    let o = acme_object(&format!("r-or{i}"), "pending", body);
+                    let stored = s
+                        .acme_insert_order(
+                            Some(&o),
+                            &[(a, format!("dns:r{i}.internal"))],
+                            Some(claim(Vec::new())),
+                        )
+                        .await
+                        .unwrap();
+                    (i, stored)
+                })
+            })
+            .collect();
+        let mut stored = Vec::new();
+        for t in racing {
+            let (i, ok) = t.await.unwrap();
+            if ok {
+                stored.push(i);
+            }
+        }
+        assert_eq!(stored.len(), 1, "{name}: stored {stored:?}");
+        let winner = format!("r-or{}", stored[0]);
+        for i in 0..8 {
+            let id = format!("r-or{i}");
+            let found = fresh.acme_object(AcmeTable::Orders, &id).await.unwrap();
+            assert_eq!(found.is_some(), id == winner, "{name}: {id}");
+            // A refused order's authorizations are not stored either.
+            let authz = fresh
+                .acme_object(AcmeTable::Authzs, &format!("r-az{i}"))
+                .await
+                .unwrap();
+            assert_eq!(authz.is_some(), id == winner, "{name}: r-az{i}");
+        }
+        // Other ids and other requesters' orders do not count; an order the
+        // caller found failed does not either.
+        let other = |id: &str, cert_id: &str, requester: &str| {
+            (
+                acme_object(id, "pending", &format!(r#"{{"replaces":"{cert_id}"}}"#)),
+                sigil_store::Replacing {
+                    requester: requester.into(),
+                    cert_id: cert_id.into(),
+                    now: 500,
+                    failed: Vec::new(),
+                },
+            )
+        };
+        for (id, cert_id, requester, want) in [
+            ("r-x1", "AAA.Ab_1", "eab:team-a", false),
+            ("r-x2", "AAA.ab_1", "eab:team-a", true),
+            ("r-x3", "AAA.Ab%1", "eab:team-a", true),
+            ("r-x4", "AAA.Ab_1", "eab:team-b", true),
+        ] {
+            let (o, c) = other(id, cert_id, requester);
+            let got = store
+                .acme_insert_order(Some(&o), &[], Some(c))
+                .await
+                .unwrap();
+            assert_eq!(got, want, "{name}: {id}");
+        }
+        let (o, _) = other("r-x5", "AAA.Ab_1", "eab:team-a");
+        assert!(
+            store
+                .acme_insert_order(
+                    Some(&o),
+                    &[],
+                    // r-x4 is an order of acct1 too, stored as live.
+                    Some(claim(vec![winner.clone(), "r-x4".into()]))
+                )
+                .await
+                .unwrap(),
+            "{name}: after the stored order failed"
+        );
         fresh.close().await;
 
         // The audit chain holds the EAB, account and deactivation rows (not
@@ -926,7 +1021,7 @@ async fn an_issuance_and_the_order_it_completes_commit_together() {
         with_account(&store).await;
         for i in 1..=8 {
             let o = acme_object(&format!("or{i}"), "processing", "{}");
-            store.acme_insert_order(Some(&o), &[]).await.unwrap();
+            store.acme_insert_order(Some(&o), &[], None).await.unwrap();
         }
         // Order 3 timed out before its issuance landed.
         let timed_out = acme_object("or3", "invalid", r#"{"error":"late"}"#);
@@ -1631,7 +1726,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
             let authz = object(format!("a{i}"), created, expires);
             let order = object(format!("o{i}"), created, expires);
             store
-                .acme_insert_order(Some(&order), &[(authz, format!("dns:h{i}.internal"))])
+                .acme_insert_order(Some(&order), &[(authz, format!("dns:h{i}.internal"))], None)
                 .await
                 .unwrap();
             made.push(i);
@@ -1647,7 +1742,7 @@ async fn expired_rows_go_in_batches_and_nothing_else_does() {
                 expires_at: 100,
                 ..acme_object(id, "valid", body)
             };
-            store.acme_insert_order(Some(&o), &[]).await.unwrap();
+            store.acme_insert_order(Some(&o), &[], None).await.unwrap();
         }
         // Tokens spent on certificates: two expired at 100, one at 1000.
         for (i, expires_at) in [(1, 100), (2, 100), (3, 1000)] {
