@@ -420,7 +420,9 @@ fn cert_from_lookalike_intermediate(ca: &Ca, name: &str) -> (String, String) {
     )
 }
 
-/// A certificate from a CA that has nothing to do with Sigil.
+/// A certificate from a CA that has nothing to do with Sigil, valid from
+/// three hours ago for another hour (past two thirds of its lifetime, so
+/// due for renewal).
 fn cert_from_other_ca(name: &str) -> (String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -428,7 +430,10 @@ fn cert_from_other_ca(name: &str) -> (String, String) {
     let ca_cert = ca_p.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_p, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let now = sigil_core::SystemClock.now();
+    p.not_before = now - time::Duration::hours(3);
+    p.not_after = now + time::Duration::hours(1);
     let cert = p.signed_by(&key, &issuer).unwrap();
     (
         format!("{}{}", cert.pem(), ca_cert.pem()),
@@ -1057,6 +1062,15 @@ fn serial_in(dir: &Path) -> Option<String> {
     Some(sigil_core::LeafInfo::from_der(&der).ok()?.serial.to_hex())
 }
 
+/// The serial (hex) of the first certificate in `pem`.
+fn serial_of(pem: &str) -> String {
+    let der = sigil_core::csr::decode_pem_or_der(pem.as_bytes()).unwrap();
+    sigil_core::LeafInfo::from_der(&der)
+        .unwrap()
+        .serial
+        .to_hex()
+}
+
 /// The serial of the certificate in `dir/cert.pem` once there is one that is
 /// not `not`; fails if `agent` exits first or none comes within 60 s.
 fn agent_cert(
@@ -1451,6 +1465,60 @@ fn agent_fails_clearly_without_a_server_or_with_a_bad_token() {
     let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(e.contains("cannot reach the CA"), "{e}");
     assert!(!out.join("cert.pem").exists());
+}
+
+/// A certificate the CA refuses in the TLS handshake (here: not from it;
+/// in practice one from an intermediate retired while its host was off, or
+/// expired by the CA's clock) is a refusal of that certificate, as when the
+/// CA refuses it in its answer: the agent turns to its token, or without
+/// one stops and says what to do, instead of retrying until it expires.
+#[test]
+fn agent_takes_a_handshake_refusal_as_a_refusal_of_its_certificate() {
+    let ca = Ca::start();
+    let out = ca.work.join("out");
+    let (chain, key) = cert_from_other_ca("drifted.internal");
+    let (cert_file, key_file) = (ca.work.join("seed.crt"), ca.work.join("seed.key"));
+    std::fs::write(&cert_file, &chain).unwrap();
+    write_secret(&key_file, &key);
+    let foreign = serial_of(&chain);
+    let token_file = ca.work.join("token");
+    let args = |token: bool| {
+        let mut a = vec![
+            "agent".to_string(),
+            "--once".into(),
+            "--server".into(),
+            format!("localhost:{}", ca.grpc),
+            "--ca-bundle".into(),
+            ca.work.join("roots.pem").display().to_string(),
+            "--out-dir".into(),
+            out.display().to_string(),
+        ];
+        // Seeded the first time; the second run starts from what the
+        // first installed in --out-dir.
+        if token {
+            a.extend(["--token-file".into(), token_file.display().to_string()]);
+        } else {
+            a.extend(["--cert".into(), cert_file.display().to_string()]);
+            a.extend(["--key".into(), key_file.display().to_string()]);
+        }
+        a
+    };
+    let started = Instant::now();
+    let a = args(false);
+    let e = fails(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(started.elapsed() < Duration::from_secs(30), "{e}");
+    assert!(
+        e.contains("refuses to renew") && e.contains("TLS handshake") && e.contains("--token-file"),
+        "{e}"
+    );
+    assert_eq!(serial_in(&out), Some(foreign.clone()), "the files stay");
+
+    write_secret(&token_file, &ca.token("drifted", &["drifted.internal"]));
+    let a = args(true);
+    let o = ok(sigil(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let now = serial_in(&out).unwrap();
+    assert_ne!(now, foreign, "{o}");
+    assert!(ca.audit().contains(&now), "issued by this CA: {now}");
 }
 
 /// The first Sign's reply was lost after the CA spent the token, and the

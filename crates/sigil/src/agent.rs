@@ -685,9 +685,73 @@ impl Client {
             .map(|i| i.to_string())
             .collect();
         let (key_pem, csr) = new_key_and_csr(sans)?;
-        let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
-        let resp = client.renew(RenewRequest { csr }).await.map_err(refused)?;
-        held_from(resp.into_inner(), key_pem)
+        let renewed = async {
+            let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
+            let resp = client.renew(RenewRequest { csr }).await.map_err(refused)?;
+            held_from(resp.into_inner(), key_pem)
+        };
+        match renewed.await.map_err(refused_in_handshake) {
+            // The connection failed without an answer from the CA: ask
+            // whether it refuses the certificate itself.
+            Err(e) if lost_connection(&e) => match self.handshake_refuses(current).await {
+                Some(alert) => Err(handshake_refusal(alert)),
+                None => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// The alert by which the CA refuses `held` as a client certificate, if
+    /// it does, asked in a TLS connection of its own. Over TLS 1.3 the CA
+    /// judges the certificate after the client has finished its handshake,
+    /// and a gRPC call on that connection may only see that the connection
+    /// went away; here the alert is what the first read returns.
+    async fn handshake_refuses(&self, held: &Held) -> Option<rustls::AlertDescription> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let attempt = async {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(self.bundle.as_bytes()) {
+                roots.add(c.ok()?).ok()?;
+            }
+            let chain = CertificateDer::pem_slice_iter(held.chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_slice(held.key_pem.as_bytes()).ok()?;
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(crate::tls_cert::provider())
+                    .with_safe_default_protocol_versions()
+                    .ok()?
+                    .with_root_certificates(roots)
+                    .with_client_auth_cert(chain, key)
+                    .ok()?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let name = ServerName::try_from(self.host.clone()).ok()?;
+            let addr = self.url.trim_start_matches("https://");
+            let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let mut tls = match connector.connect(name, tcp).await {
+                Ok(t) => t,
+                Err(e) => return handshake_alert(&e),
+            };
+            // The HTTP/2 preface and an empty SETTINGS frame: a CA that
+            // accepts the certificate answers with its own SETTINGS.
+            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            if let Err(e) = tls.write_all(&hello).await {
+                return handshake_alert(&e);
+            }
+            let mut buf = [0u8; 64];
+            match tls.read(&mut buf).await {
+                Err(e) => handshake_alert(&e),
+                Ok(_) => None,
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Passes on each request of the CA's to renew this holder early, until
@@ -764,6 +828,9 @@ impl std::fmt::Display for Refused {
 impl std::error::Error for Refused {}
 
 fn refused(s: tonic::Status) -> anyhow::Error {
+    if let Some(alert) = handshake_alert(&s) {
+        return handshake_refusal(alert);
+    }
     let certificate = s
         .metadata()
         .get(sigil_grpc::REFUSAL_KEY)
@@ -774,6 +841,86 @@ fn refused(s: tonic::Status) -> anyhow::Error {
         certificate,
     }
     .into()
+}
+
+/// A CA that does not accept the presented certificate at all (expired by
+/// its clock, from an intermediate it no longer trusts, not from it) says
+/// so with a TLS alert, during the handshake (TLS 1.2) or as the first
+/// thing it sends (TLS 1.3): that is a refusal of the certificate itself,
+/// like the one the CA makes in its answer. Other errors pass unchanged.
+fn refused_in_handshake(e: anyhow::Error) -> anyhow::Error {
+    match handshake_alert(e.as_ref()) {
+        Some(alert) => handshake_refusal(alert),
+        None => e,
+    }
+}
+
+/// The call failed without an answer from the CA: no connection, or one
+/// that ended under it.
+fn lost_connection(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<Refused>() {
+        Some(r) => {
+            matches!(
+                r.code,
+                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+            ) && !r.certificate
+        }
+        None => true,
+    }
+}
+
+fn handshake_refusal(alert: rustls::AlertDescription) -> anyhow::Error {
+    Refused {
+        code: tonic::Code::Unauthenticated,
+        message: format!(
+            "the CA does not accept this certificate: it ended the TLS handshake with alert {alert:?}"
+        ),
+        certificate: true,
+    }
+    .into()
+}
+
+/// Alerts by which a TLS peer refuses the certificate presented to it.
+const CERTIFICATE_ALERTS: [rustls::AlertDescription; 7] = [
+    rustls::AlertDescription::BadCertificate,
+    rustls::AlertDescription::UnsupportedCertificate,
+    rustls::AlertDescription::CertificateRevoked,
+    rustls::AlertDescription::CertificateExpired,
+    rustls::AlertDescription::CertificateUnknown,
+    rustls::AlertDescription::UnknownCA,
+    rustls::AlertDescription::CertificateRequired,
+];
+
+/// The alert, if a TLS peer refused the certificate presented to it,
+/// somewhere in `e`'s chain of causes. The TLS stream under the gRPC
+/// client reports an alert received after the handshake as an I/O error
+/// carrying rustls' text ("received fatal alert: UnknownCA"), not the
+/// typed error, so both are read.
+fn handshake_alert(e: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref::<rustls::Error>()
+            && CERTIFICATE_ALERTS.contains(alert)
+        {
+            return Some(*alert);
+        }
+        let text = e.to_string();
+        if let Some(name) = text.strip_prefix("received fatal alert: ") {
+            let name = name.trim();
+            if let Some(alert) = CERTIFICATE_ALERTS.iter().find(|a| format!("{a:?}") == name) {
+                return Some(*alert);
+            }
+        }
+        // An io::Error's `source` skips the error it wraps.
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 /// The names a token grants (read, not verified: the CA verifies it).
@@ -1233,6 +1380,43 @@ mod tests {
         let mut kinds: Vec<&str> = parsed.identifiers().iter().map(|i| i.kind()).collect();
         kinds.sort();
         assert_eq!(kinds, ["dns", "ip", "uri"]);
+    }
+
+    #[test]
+    fn certificate_alerts_are_found_typed_or_as_text_and_others_are_not() {
+        use rustls::AlertDescription as A;
+        let typed = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(A::CertificateExpired),
+        );
+        assert_eq!(handshake_alert(&typed), Some(A::CertificateExpired));
+        let text = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: UnknownCA",
+        );
+        let status = tonic::Status::from_error(Box::new(text));
+        assert_eq!(handshake_alert(&status), Some(A::UnknownCA));
+        let wrapped = anyhow::Error::new(typed).context("cannot reach the CA");
+        assert_eq!(
+            handshake_alert(wrapped.as_ref()),
+            Some(A::CertificateExpired)
+        );
+        for other in [
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(A::HandshakeFailure),
+            ),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "received fatal alert: ProtocolVersion",
+            ),
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        ] {
+            assert_eq!(handshake_alert(&other), None, "{other}");
+        }
+        let e = refused_in_handshake(wrapped);
+        assert!(refused_for_good(&e), "{e:#}");
+        assert!(e.to_string().contains("CertificateExpired"), "{e:#}");
     }
 
     #[test]
