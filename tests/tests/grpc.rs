@@ -932,6 +932,7 @@ fn agent_renews_short_lived_certificates_and_reloads() {
     let mut serials = std::collections::BTreeSet::new();
     let mut reads = 0u32;
     let mut combined_reads = 0u32;
+    let mut set_reads = 0u32;
     let deadline = Instant::now() + Duration::from_secs(240);
     while serials.len() < 3 && Instant::now() < deadline {
         if let Some(status) = agent.try_wait().unwrap() {
@@ -960,22 +961,26 @@ fn agent_renews_short_lived_certificates_and_reloads() {
             serials.insert(leaf.serial.to_hex());
             reads += 1;
         }
-        // combined.pem is replaced in one step: its key always matches its
-        // certificate (key.pem and cert.pem, replaced one after the other,
-        // may briefly not).
+        // combined.pem holds a key that matches its certificate.
         if let Ok(bundle) = std::fs::read_to_string(out.join("combined.pem")) {
             let at = bundle
                 .find("-----BEGIN CERTIFICATE-----")
                 .unwrap_or_else(|| panic!("bundle without a certificate: {bundle:.40}"));
-            let key = rcgen::KeyPair::from_pem(&bundle[..at]).unwrap();
-            let (_, pem) = x509_parser::pem::parse_x509_pem(&bundle.as_bytes()[at..]).unwrap();
-            let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).unwrap();
-            assert_eq!(
-                cert.public_key().raw,
-                rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
-                "combined.pem holds a key and a certificate that do not match"
-            );
+            assert_same_key(&bundle[..at], &bundle[at..], "combined.pem");
             combined_reads += 1;
+        }
+        // The files change as one set: read through `..data` resolved once,
+        // key.pem and cert.pem always match (a set is removed once the next
+        // is in force, so a read may find it gone).
+        if let Ok(set) = std::fs::read_link(out.join("..data")) {
+            let set = out.join(set);
+            if let (Ok(key), Ok(cert)) = (
+                std::fs::read_to_string(set.join("key.pem")),
+                std::fs::read_to_string(set.join("cert.pem")),
+            ) {
+                assert_same_key(&key, &cert, "one set");
+                set_reads += 1;
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -985,9 +990,13 @@ fn agent_renews_short_lived_certificates_and_reloads() {
         "expected the first certificate and two renewals, saw {serials:?}:\n{text}"
     );
     assert!(
-        reads > 100 && combined_reads > 100,
-        "the reader should have raced the writer many times ({reads}, {combined_reads})"
+        reads > 100 && combined_reads > 100 && set_reads > 100,
+        "the reader should have raced the writer many times ({reads}, {combined_reads}, {set_reads})"
     );
+    for name in ["key.pem", "cert.pem", "chain.pem", "combined.pem"] {
+        let link = std::fs::read_link(out.join(name)).unwrap();
+        assert_eq!(link, Path::new("..data").join(name));
+    }
     for secret in ["key.pem", "combined.pem"] {
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(out.join(secret)).unwrap().permissions(),
@@ -1056,6 +1065,18 @@ fn agent_renews_short_lived_certificates_and_reloads() {
 }
 
 /// The serial of the certificate in `dir/cert.pem`, if it holds one.
+/// Panics unless the PEM key and the PEM certificate share a public key.
+fn assert_same_key(key_pem: &str, cert_pem: &str, what: &str) {
+    let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).unwrap();
+    assert_eq!(
+        cert.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
+        "{what}: a key and a certificate that do not match"
+    );
+}
+
 fn serial_in(dir: &Path) -> Option<String> {
     let pem = std::fs::read_to_string(dir.join("cert.pem")).ok()?;
     let der = sigil_core::csr::decode_pem_or_der(pem.as_bytes()).ok()?;

@@ -37,7 +37,8 @@ pub struct AgentArgs {
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
     /// Where key.pem (0600), cert.pem, chain.pem and combined.pem (the key
-    /// then the chain, 0600) are written.
+    /// then the chain, 0600) are written, as links into `..data`, which
+    /// changes to a new set of files in one step.
     #[arg(long)]
     out_dir: PathBuf,
     /// Shell command run after each new certificate is written.
@@ -222,14 +223,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             }
             if seeded {
                 install(&args, &h).await?;
-            } else if !args.out_dir.join("combined.pem").exists() {
-                // Files written before combined.pem existed.
-                let path = args.out_dir.join("combined.pem");
-                write_synced(
-                    &path,
-                    combined_pem(&h.key_pem, &h.chain_pem).as_bytes(),
-                    0o600,
-                )?;
+            } else if current_set(&args.out_dir).is_none() {
+                // Files written before `..data` (and perhaps before
+                // combined.pem): the same contents, as a set. Nothing
+                // changes for the service, so nothing is reloaded.
+                write_set(&args.out_dir, &h)?;
             }
             h
         }
@@ -1093,22 +1091,42 @@ fn load_existing(args: &AgentArgs) -> Result<Option<(Held, bool)>> {
     Ok(Some((held, seeded)))
 }
 
-/// The files the agent maintains, in the order they are replaced.
-/// What `install` writes, in the order the new files replace the old. The
-/// first three are replaced one by one; combined.pem (key, then chain) in one
-/// rename, for readers that must never see a key and a certificate that do
-/// not match.
+/// What `install` writes. Each is a link in `--out-dir`, `NAME ->
+/// ..data/NAME`, and `..data` links to the directory holding the current
+/// set, so the set changes in one rename: a reader that opens the files
+/// after the change sees the new key with the new certificate, and a
+/// watcher of the directory (Envoy's `watched_directory`, inotify) sees one
+/// event once all of them are in place. combined.pem holds the key, then
+/// the chain, for readers that want both from one open.
 const FILES: [&str; 4] = ["key.pem", "cert.pem", "chain.pem", "combined.pem"];
+/// The link to the directory holding the current set.
+const DATA_LINK: &str = "..data";
+/// Prefix of the directories that hold one set each.
+const SET_PREFIX: &str = "..set-";
 /// The key of a first certificate being requested, until it is installed.
 const PENDING_KEY: &str = "key.pem.pending";
 /// How long a reload hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Writes key, leaf, chain and combined file, then runs the reload hooks. All are
-/// first written completely as `*.new` (fsynced); only then is each renamed
-/// over its predecessor, so each file is always whole, and a crash between
-/// the renames is finished on the next start (see `finish_interrupted_install`).
+/// Writes the set for `h` (see [`write_set`]), then runs the reload hooks.
 async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
+    // The marker first: a crash once the new set is in place must still
+    // reload on the next start.
+    if args.reload_cmd.is_some() || args.reload_signal.is_some() {
+        write_synced(&args.out_dir.join(RELOAD_PENDING), b"", 0o600)?;
+    }
+    write_set(&args.out_dir, h)?;
+    reload(args).await;
+    Ok(())
+}
+
+/// Writes key, leaf, chain and combined file into a new directory in
+/// `dir`, each whole and fsynced, then points `..data` at it in one rename
+/// and removes the previous set. A crash before that rename leaves the
+/// previous set in force (the new directory is removed on the next start,
+/// see `finish_interrupted_install`); after it, the new one.
+fn write_set(dir: &Path, h: &Held) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let leaf_pem = first_pem_block(&h.chain_pem);
     let combined = combined_pem(&h.key_pem, &h.chain_pem);
     let contents: [(&[u8], u32); 4] = [
@@ -1117,22 +1135,94 @@ async fn install(args: &AgentArgs, h: &Held) -> Result<()> {
         (h.chain_pem.as_bytes(), 0o644),
         (combined.as_bytes(), 0o600),
     ];
-    // The marker first: a crash after the `*.new` files are complete is
-    // finished on the next start, which must then reload too.
-    if args.reload_cmd.is_some() || args.reload_signal.is_some() {
-        write_synced(&args.out_dir.join(RELOAD_PENDING), b"", 0o600)?;
+    let ms = SystemClock.now().unix_timestamp_nanos() / 1_000_000;
+    let (name, set) = (0..)
+        .map(|n| {
+            let name = format!("{SET_PREFIX}{ms}-{n}");
+            let path = dir.join(&name);
+            (name, path)
+        })
+        .find(|(_, path)| !path.exists())
+        .context("no free name for a new set of files")?;
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&set)
+        .with_context(|| format!("cannot create {}", set.display()))?;
+    for (file, (data, mode)) in FILES.iter().zip(contents) {
+        let path = set.join(file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    for (name, (data, mode)) in FILES.iter().zip(contents) {
-        write_synced(&args.out_dir.join(format!("{name}.new")), data, mode)?;
-    }
-    for name in FILES {
-        let dir = &args.out_dir;
-        std::fs::rename(dir.join(format!("{name}.new")), dir.join(name))
-            .with_context(|| format!("cannot replace {}", dir.join(name).display()))?;
-    }
-    crate::cmd_ca::sync_dir_of(&args.out_dir.join(FILES[0]))?;
-    reload(args).await;
+    crate::cmd_ca::sync_dir_of(&set.join(FILES[0]))?;
+    let link = dir.join(DATA_LINK);
+    replace_link(&link, Path::new(&name))?;
+    crate::cmd_ca::sync_dir_of(&link)?;
+    link_names(dir)?;
+    remove_sets_but(dir, Some(&name));
     Ok(())
+}
+
+/// Points the link `path` at `target`, replacing what is there in one
+/// rename.
+fn replace_link(path: &Path, target: &Path) -> Result<()> {
+    let tmp = tmp_path(path);
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot link {} to {}", path.display(), target.display()))
+}
+
+/// Makes each name in [`FILES`] the link `NAME -> ..data/NAME` (files of
+/// the layout before `..data` are replaced, each in one rename).
+fn link_names(dir: &Path) -> Result<()> {
+    let mut changed = false;
+    for n in FILES {
+        let path = dir.join(n);
+        let target = Path::new(DATA_LINK).join(n);
+        if std::fs::read_link(&path).is_ok_and(|t| t == target) {
+            continue;
+        }
+        replace_link(&path, &target)?;
+        changed = true;
+    }
+    if changed {
+        crate::cmd_ca::sync_dir_of(&dir.join(FILES[0]))?;
+    }
+    Ok(())
+}
+
+/// Removes the set directories in `dir` other than `keep`: previous sets,
+/// and one a crash left before it was put in force.
+fn remove_sets_but(dir: &Path, keep: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(SET_PREFIX)
+            && Some(name) != keep
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            eprintln!(
+                "warning: cannot remove {} ({err}); remove it by hand",
+                e.path().display()
+            );
+        }
+    }
+}
+
+/// The set directory `..data` points at, if any.
+fn current_set(dir: &Path) -> Option<String> {
+    let target = std::fs::read_link(dir.join(DATA_LINK)).ok()?;
+    target.to_str().map(str::to_string)
 }
 
 /// Lock file in `--out-dir`: one agent at a time writes a directory.
@@ -1228,10 +1318,26 @@ fn reload_pending(args: &AgentArgs) -> bool {
     args.out_dir.join(RELOAD_PENDING).exists()
 }
 
-/// After a crash during `install`: if all the `*.new` files were written,
-/// the install is completed; otherwise the partial `*.new` files are removed
-/// and the previous, still consistent, files stay.
+/// After a crash during `install`: a set directory not yet in force is
+/// removed (the previous set stays), and one in force is completed.
 fn finish_interrupted_install(dir: &Path) -> Result<()> {
+    finish_legacy_install(dir)?;
+    let _ = std::fs::remove_file(tmp_path(&dir.join(DATA_LINK)));
+    match current_set(dir) {
+        // A crash after the switch, while the names were being linked
+        // (the first install over files of the previous layout).
+        Some(set) => {
+            link_names(dir)?;
+            remove_sets_but(dir, Some(&set));
+        }
+        None => remove_sets_but(dir, None),
+    }
+    Ok(())
+}
+
+/// The same for an install by a version that renamed `*.new` files over
+/// the old ones one by one.
+fn finish_legacy_install(dir: &Path) -> Result<()> {
     let new = |n: &str| dir.join(format!("{n}.new"));
     // A `.new.tmp` was still being written: never complete, never used.
     for n in FILES {
@@ -1674,6 +1780,107 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let params = rcgen::CertificateParams::new(vec!["a.internal".to_string()]).unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// A key and a self-signed certificate for it, as the agent holds them.
+    fn held(name: &str) -> Held {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Held {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            leaf: LeafInfo::from_der(cert.der()).unwrap(),
+            renew_after: 0,
+        }
+    }
+
+    #[test]
+    fn the_files_change_as_one_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sets = || {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with(SET_PREFIX))
+                .collect();
+            v.sort();
+            v
+        };
+        let read = |n: &str| std::fs::read_to_string(d.join(n)).unwrap();
+        let is_link = |n: &str| {
+            std::fs::symlink_metadata(d.join(n))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        };
+        let mode = |n: &str| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(d.join(n)).unwrap().permissions(),
+            ) & 0o777
+        };
+        // Files of the layout before `..data`: replaced by links to a set
+        // with the same contents.
+        let a = held("a.internal");
+        for (n, text) in FILES
+            .iter()
+            .zip(["old key", "old leaf", "old chain", "old both"])
+        {
+            std::fs::write(d.join(n), text).unwrap();
+        }
+        write_set(d, &a).unwrap();
+        assert!(FILES.iter().all(|n| is_link(n)));
+        assert_eq!(read("key.pem"), a.key_pem);
+        assert_eq!(read("chain.pem"), a.chain_pem);
+        assert_eq!(read("cert.pem"), a.chain_pem);
+        assert_eq!(read("combined.pem"), combined_pem(&a.key_pem, &a.chain_pem));
+        assert_eq!((mode("key.pem"), mode("combined.pem")), (0o600, 0o600));
+        assert_eq!(mode("cert.pem"), 0o644);
+        let first = sets();
+        assert_eq!(first.len(), 1);
+        assert_eq!(current_set(d).as_deref(), Some(first[0].as_str()));
+
+        // The next set replaces it, and the previous one is removed.
+        let b = held("b.internal");
+        write_set(d, &b).unwrap();
+        assert_eq!(read("key.pem"), b.key_pem);
+        assert_eq!(read("cert.pem"), b.chain_pem);
+        let second = sets();
+        assert_eq!(second.len(), 1);
+        assert_ne!(second, first);
+
+        // A crash while a set was being written, before the switch: the
+        // partial set and the half-made link go, the current set stays.
+        std::fs::create_dir(d.join(format!("{SET_PREFIX}1-0"))).unwrap();
+        std::fs::write(d.join(format!("{SET_PREFIX}1-0/key.pem")), "partial").unwrap();
+        std::os::unix::fs::symlink(format!("{SET_PREFIX}1-0"), tmp_path(&d.join(DATA_LINK)))
+            .unwrap();
+        finish_interrupted_install(d).unwrap();
+        assert_eq!(sets(), second);
+        assert!(!tmp_path(&d.join(DATA_LINK)).exists());
+        assert_eq!(read("key.pem"), b.key_pem);
+
+        // A crash after the switch, before a file of the previous layout
+        // was made a link: it is made one.
+        std::fs::remove_file(d.join("chain.pem")).unwrap();
+        std::fs::write(d.join("chain.pem"), "old chain").unwrap();
+        finish_interrupted_install(d).unwrap();
+        assert!(is_link("chain.pem"));
+        assert_eq!(read("chain.pem"), b.chain_pem);
+
+        // A set never switched to, with no `..data` at all: removed, the
+        // files of the previous layout stay.
+        let fresh = tempfile::tempdir().unwrap();
+        let f = fresh.path();
+        std::fs::write(f.join("key.pem"), "old key").unwrap();
+        std::fs::create_dir(f.join(format!("{SET_PREFIX}2-0"))).unwrap();
+        finish_interrupted_install(f).unwrap();
+        assert!(!f.join(format!("{SET_PREFIX}2-0")).exists());
+        assert_eq!(
+            std::fs::read_to_string(f.join("key.pem")).unwrap(),
+            "old key"
+        );
     }
 
     #[test]
