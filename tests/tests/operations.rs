@@ -436,6 +436,67 @@ fn silent_and_trickling_connections_are_closed_after_the_idle_timeout() {
     server.stop();
 }
 
+/// One client address cannot take every TLS handshake slot: past 64
+/// handshakes in progress from one address, its new connections are closed
+/// at once while other addresses are served, and a connection that sends
+/// nothing is dropped after 3 s, giving its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_handshake_slot() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--dev", "--data-dir", "data"], tmp.path(), &[]);
+    let https: std::net::SocketAddr = format!("127.0.0.1:{}", server.https_port.unwrap())
+        .parse()
+        .unwrap();
+    let connect_from = |src: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(https).await.unwrap()
+    };
+    // Closed by the server within `wait` (read returns end of file), or
+    // still open then.
+    let closed_within = |mut c: tokio::net::TcpStream, wait: Duration| async move {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(wait, c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(n)) => panic!("{n} bytes from a connection that sent nothing"),
+            Err(_) => false,
+        }
+    };
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(connect_from("127.0.0.1").await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = connect_from("127.0.0.1").await;
+    assert!(
+        closed_within(extra, Duration::from_secs(2)).await,
+        "a 65th silent connection from one address is closed at once"
+    );
+    let other = connect_from("127.0.0.2").await;
+    assert!(
+        !closed_within(other, Duration::from_millis(1500)).await,
+        "another address still gets a handshake slot"
+    );
+    // Sending nothing, each is dropped after 3 s, not the 10 s a
+    // handshake may take.
+    for c in silent {
+        assert!(closed_within(c, Duration::from_secs(8)).await);
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(8),
+        "silent connections closed after {waited:?}"
+    );
+    let again = connect_from("127.0.0.1").await;
+    assert!(
+        !closed_within(again, Duration::from_millis(1500)).await,
+        "the address's slots came back"
+    );
+    server.stop();
+}
+
 /// A client that sends requests and never reads the answers loses its
 /// connection once the server's writes have waited `server.idle_timeout`
 /// (here 2s), so it cannot hold the only connection slot; a waiting client

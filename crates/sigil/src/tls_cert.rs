@@ -173,12 +173,20 @@ async fn renew_loop(
 
 /// TLS handshakes slower than this are dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has sent nothing this long after connecting is dropped,
+/// freeing its handshake slot well before [`HANDSHAKE_TIMEOUT`].
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections handshaking at once; more wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 512;
+/// Handshakes at once from one client address (an IPv6 /64 counts as one):
+/// one client cannot take every slot.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = MAX_HANDSHAKES / 8;
 
 /// Accepts TCP connections and hands completed TLS handshakes to `tx`.
 /// Handshakes run off the accept loop (a slow client cannot stall it), at
-/// most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`].
+/// most [`MAX_HANDSHAKES`] at once and [`MAX_HANDSHAKES_PER_ADDRESS`] per
+/// client address, each within [`HANDSHAKE_TIMEOUT`] (the first byte within
+/// [`FIRST_BYTE_TIMEOUT`]).
 pub async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -186,6 +194,7 @@ pub async fn accept_loop(
     label: &'static str,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_address = Arc::new(PerAddress::new(MAX_HANDSHAKES_PER_ADDRESS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -198,20 +207,133 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let Some(slot) = per_address.take(peer.ip()) else {
+            tracing::debug!(%peer, listener = label, "too many handshakes from this address; connection closed");
+            metrics::counter!("sigil_tls_handshakes_refused_total", "listener" => label, "reason" => "per_address")
+                .increment(1);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::debug!(%peer, "nothing sent after connecting; connection closed");
+                    return;
+                }
+            }
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    // The slot is kept until the server takes the
+                    // The slots are kept until the server takes the
                     // connection, so connections waiting for it are bounded.
                     let _ = tx.send((tls, peer)).await;
-                    drop(permit);
+                    drop((permit, slot));
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Handshakes in flight per client address.
+#[derive(Debug)]
+struct PerAddress {
+    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    max: usize,
+}
+
+/// One handshake's place in [`PerAddress`], given back when dropped.
+#[derive(Debug)]
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    key: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn new(max: usize) -> PerAddress {
+        PerAddress {
+            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            max,
+        }
+    }
+
+    /// A place for a handshake from `ip`, unless its address has `max`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let key = address_key(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The address a client is counted under: IPv4 as is (also when mapped
+/// into IPv6), IPv6 by its /64, the usual size of one site's network.
+fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn each_address_gets_its_share_of_handshakes() {
+        let t = Arc::new(PerAddress::new(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = t.take(a).unwrap();
+        let s2 = t.take(a).unwrap();
+        assert!(t.take(a).is_none(), "a third from one address");
+        // Mapped into IPv6, the same address.
+        assert!(t.take("::ffff:192.0.2.1".parse().unwrap()).is_none());
+        let _other = t.take(b).unwrap();
+        drop(s1);
+        let s3 = t.take(a).unwrap();
+        drop((s2, s3));
+        assert!(
+            !t.counts.lock().unwrap().contains_key(&a),
+            "emptied entries go"
+        );
+        // One IPv6 /64 is one client; the next /64 is another.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _x = t.take(v6("2001:db8:0:1::1")).unwrap();
+        let _y = t.take(v6("2001:db8:0:1:ffff::2")).unwrap();
+        assert!(t.take(v6("2001:db8:0:1::3")).is_none());
+        assert!(t.take(v6("2001:db8:0:2::1")).is_some());
     }
 }
