@@ -2328,6 +2328,14 @@ async fn issuance_rate_limit_is_resource_exhausted_per_requester() {
         s.message().contains("2 certificates per minute") && s.message().contains("retry in"),
         "{s:?}"
     );
+    // When to come back, also for programs (the agent waits that long).
+    let retry_after: u64 = s
+        .metadata()
+        .get(sigil_grpc::RETRY_AFTER_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after: {s:?}"));
+    assert!((1..=60).contains(&retry_after), "{s:?}");
     let token = ca.token("other", &["other.internal"]);
     let (_, csr) = key_and_csr(&["other.internal"]);
     client

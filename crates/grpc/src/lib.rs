@@ -10,7 +10,7 @@ pub mod tokens;
 
 pub use service::{
     CaService, MAX_CSR_LEN, Notice, Notifier, REFUSAL_AUDITS_PER_MINUTE, REFUSAL_CERTIFICATE,
-    REFUSAL_KEY, ServiceConfig, server,
+    REFUSAL_KEY, RETRY_AFTER_KEY, ServiceConfig, server,
 };
 
 /// Generated protobuf and tonic code for `proto/sigil/v1`.

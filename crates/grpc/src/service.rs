@@ -30,6 +30,19 @@ pub const MAX_CSR_LEN: usize = 16 * 1024;
 pub const REFUSAL_KEY: &str = "sigil-refusal";
 /// See [`REFUSAL_KEY`].
 pub const REFUSAL_CERTIFICATE: &str = "certificate";
+/// Metadata on a `ResourceExhausted` rate-limit answer: the seconds until
+/// the call may succeed, as HTTP's `Retry-After`.
+pub const RETRY_AFTER_KEY: &str = "retry-after";
+
+/// A rate-limit refusal that says when to come back ([`RETRY_AFTER_KEY`]).
+fn exhausted(message: String, retry_after: u64) -> Status {
+    let mut s = Status::resource_exhausted(message);
+    s.metadata_mut().insert(
+        RETRY_AFTER_KEY,
+        tonic::metadata::MetadataValue::from(retry_after),
+    );
+    s
+}
 
 /// A refusal of the presented certificate itself (see [`REFUSAL_KEY`]).
 fn certificate_refused(code: tonic::Code, message: String) -> Status {
@@ -432,7 +445,10 @@ fn status(e: Error) -> Status {
         Error::AlreadyRevoked(m) => Status::failed_precondition(m),
         Error::NotFound(m) => Status::not_found(m),
         Error::Unavailable(m) => Status::unavailable(m),
-        Error::RateLimited { message, .. } => Status::resource_exhausted(message),
+        Error::RateLimited {
+            message,
+            retry_after,
+        } => exhausted(message, retry_after),
         e if e.is_shutting_down() => Status::unavailable("the CA is shutting down; retry"),
         Error::Store(sigil_authority::StoreError::Uncertain(m)) => Status::unavailable(m),
         Error::Store(e) if e.is_unavailable() => {
@@ -603,9 +619,12 @@ impl CertificateAuthority for CaService {
             if let Err(wait) = self.take(&self.revocations, &actor) {
                 metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
                     .increment(1);
-                return Err(Status::resource_exhausted(format!(
-                    "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
-                )));
+                return Err(exhausted(
+                    format!(
+                        "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
+                    ),
+                    wait,
+                ));
             }
             let revoked = self
                 .authority
@@ -650,9 +669,12 @@ impl CertificateAuthority for CaService {
         if let Err(wait) = self.take(&self.revocations, &actor) {
             metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
                 .increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
-            )));
+            return Err(exhausted(
+                format!(
+                    "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
+                ),
+                wait,
+            ));
         }
         if serial != peer.serial && !is_operator {
             let reason = format!(

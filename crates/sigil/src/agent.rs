@@ -356,15 +356,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                         newest.leaf.serial
                     );
                 }
-                let backoff = (1u64 << failures.min(6))
-                    .min(60)
-                    .min(u64::try_from(left / 4).unwrap_or(1).max(1));
+                let wait = renewal_backoff(failures, left, retry_hint(&e));
                 eprintln!(
-                    "renewal failed ({e:#}); certificate still valid for {left} s; retrying within {backoff} s"
+                    "renewal failed ({e:#}); certificate still valid for {left} s; retrying within {} s",
+                    wait.as_secs_f64().ceil()
                 );
-                // The latter half at random, to the millisecond: agents that
-                // failed together (a CA restart) do not retry together.
-                tokio::time::sleep(spread(Duration::from_secs(backoff))).await;
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -407,7 +404,8 @@ async fn bootstrap(args: &AgentArgs, client: &Client) -> Result<Held> {
         match sent {
             Ok(h) => break h,
             Err(e) if attempt < args.first_attempts && is_transient(&e) => {
-                let wait = 1u64 << (attempt - 1).min(5);
+                // As the CA asks when it is a rate limit (up to a minute).
+                let wait = (1u64 << (attempt - 1).min(5)).max(retry_hint(&e).unwrap_or(0).min(60));
                 eprintln!("first certificate: {e:#}; retrying in {wait} s");
                 tokio::time::sleep(Duration::from_secs(wait)).await;
                 attempt += 1;
@@ -787,6 +785,29 @@ impl Client {
     }
 }
 
+/// The seconds a rate-limited CA asked the caller to wait, if it did.
+fn retry_hint(e: &anyhow::Error) -> Option<u64> {
+    e.downcast_ref::<Refused>().and_then(|r| r.retry_after)
+}
+
+/// How long to wait after the `failures`-th failed renewal in a row, with
+/// `left` seconds of validity: doubling from 2 s to a minute, the latter
+/// half at random (to the millisecond: agents that failed together, at a
+/// CA restart, do not retry together); not before the CA's `hint` when it
+/// gave one; and always within a quarter of the time left, so attempts
+/// continue until the certificate expires.
+fn renewal_backoff(failures: u32, left: i64, hint: Option<u64>) -> Duration {
+    let quarter = u64::try_from(left / 4).unwrap_or(1).max(1);
+    let backoff = (1u64 << failures.min(6)).min(60).min(quarter);
+    match hint {
+        Some(h) if h > backoff / 2 => {
+            let h = h.min(quarter);
+            Duration::from_secs(h) + random_duration(Duration::from_secs(h / 4 + 1))
+        }
+        _ => spread(Duration::from_secs(backoff)),
+    }
+}
+
 /// Worth retrying: the server was unreachable or briefly unable to answer.
 fn is_transient(e: &anyhow::Error) -> bool {
     if let Some(s) = e.downcast_ref::<Refused>() {
@@ -815,6 +836,8 @@ struct Refused {
     message: String,
     /// Of the presented certificate itself (see [`refused_for_good`]).
     certificate: bool,
+    /// Seconds until the CA expects to accept the call (a rate limit).
+    retry_after: Option<u64>,
 }
 
 impl std::fmt::Display for Refused {
@@ -833,10 +856,16 @@ fn refused(s: tonic::Status) -> anyhow::Error {
         .metadata()
         .get(sigil_grpc::REFUSAL_KEY)
         .is_some_and(|v| v == sigil_grpc::REFUSAL_CERTIFICATE);
+    let retry_after = s
+        .metadata()
+        .get(sigil_grpc::RETRY_AFTER_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
     Refused {
         code: s.code(),
         message: s.message().to_string(),
         certificate,
+        retry_after,
     }
     .into()
 }
@@ -874,6 +903,7 @@ fn handshake_refusal(alert: rustls::AlertDescription) -> anyhow::Error {
             "the CA does not accept this certificate: it ended the TLS handshake with alert {alert:?}"
         ),
         certificate: true,
+        retry_after: None,
     }
     .into()
 }
@@ -1523,6 +1553,40 @@ mod tests {
         let e = refused_in_handshake(wrapped);
         assert!(refused_for_good(&e), "{e:#}");
         assert!(e.to_string().contains("CertificateExpired"), "{e:#}");
+    }
+
+    #[test]
+    fn renewal_retries_back_off_and_wait_as_long_as_the_ca_asks() {
+        let secs = |d: Duration| d.as_secs_f64();
+        for _ in 0..50 {
+            // Doubling to a minute, the latter half at random.
+            let w = secs(renewal_backoff(1, 86_400, None));
+            assert!((1.0..=2.0).contains(&w), "{w}");
+            let w = secs(renewal_backoff(9, 86_400, None));
+            assert!((30.0..=60.0).contains(&w), "{w}");
+            // A rate limit's hint: not before it, a little after at most.
+            let w = secs(renewal_backoff(1, 86_400, Some(40)));
+            assert!((40.0..=51.0).contains(&w), "{w}");
+            // A hint shorter than the backoff changes nothing.
+            let w = secs(renewal_backoff(9, 86_400, Some(3)));
+            assert!((30.0..=60.0).contains(&w), "{w}");
+            // Near expiry, within a quarter of what is left, hint or not.
+            let w = secs(renewal_backoff(9, 40, Some(300)));
+            assert!((10.0..=13.0).contains(&w), "{w}");
+            let w = secs(renewal_backoff(9, 40, None));
+            assert!((5.0..=10.0).contains(&w), "{w}");
+        }
+        let limited = refused({
+            let mut s = tonic::Status::resource_exhausted("slow down");
+            s.metadata_mut()
+                .insert(sigil_grpc::RETRY_AFTER_KEY, "17".parse().unwrap());
+            s
+        });
+        assert_eq!(retry_hint(&limited), Some(17));
+        assert_eq!(
+            retry_hint(&refused(tonic::Status::unavailable("down"))),
+            None
+        );
     }
 
     #[test]
