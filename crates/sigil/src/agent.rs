@@ -228,6 +228,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                 // combined.pem): the same contents, as a set. Nothing
                 // changes for the service, so nothing is reloaded.
                 write_set(&args.out_dir, &h)?;
+                eprintln!(
+                    "note: the files in {} are now links into {}/..data, which changes in one step at each renewal; a watcher of the files themselves should watch the directory",
+                    args.out_dir.display(),
+                    args.out_dir.display()
+                );
             }
             h
         }
@@ -248,8 +253,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     );
     if args.once {
         if SystemClock.now().unix_timestamp() >= held.renew_after {
+            // One run has no history to weigh a handshake refusal against:
+            // it is acted on as the CA's own refusal is.
             let h = match client.renew(&held).await {
-                Err(e) if refused_for_good(&e) => after_refusal(&args, &client, &held, e).await?,
+                Err(e) if refused_for_good(&e) || refused_in_tls(&e) => {
+                    after_refusal(&args, &client, &held, e).await?
+                }
                 r => {
                     let h = r.context("renewing the certificate failed")?;
                     install(&args, &h).await?;
@@ -282,6 +291,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Drawn once per certificate: a failed attempt is retried after its
     // backoff, not at another random time.
     let mut planned = jittered(&held);
+    let mut tls_refusals = Persisting::default();
     loop {
         let (renewed, installed) = match unsaved.take() {
             Some(h) => (Ok(h), false),
@@ -292,15 +302,34 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
                     wait_until_due(&args, &client, &held, due).await;
                 }
                 // The CA refusing this certificate itself (revoked,
-                // expired, not its own) is acted on at once. Any other
-                // failure, refusals included (a policy being changed, a
-                // proxy in front of the CA being redeployed), is retried
-                // while the certificate is valid.
-                match client.renew(&held).await {
+                // expired, not its own) is acted on at once; refusing it in
+                // the TLS handshake, once that has lasted (one node with a
+                // wrong clock or configuration must not make a fleet spend
+                // its tokens or stop). Any other failure, refusals included
+                // (a policy being changed, a proxy in front of the CA being
+                // redeployed), is retried while the certificate is valid.
+                let result = client.renew(&held).await;
+                let now = SystemClock.now().unix_timestamp();
+                let left = held.leaf.not_after.unix_timestamp() - now;
+                match result {
                     Err(e) if refused_for_good(&e) => {
                         (Ok(after_refusal(&args, &client, &held, e).await?), true)
                     }
-                    r => (r, false),
+                    Err(e) if refused_in_tls(&e) && tls_refusals.lasted(now, left) => {
+                        (Ok(after_refusal(&args, &client, &held, e).await?), true)
+                    }
+                    Err(e) if refused_in_tls(&e) => {
+                        eprintln!(
+                            "warning: the CA refuses certificate {} in the TLS handshake; if it still does after {} s, the agent acts on it as a refusal (a new certificate with --token-file, or it stops)",
+                            held.leaf.serial,
+                            tls_refusals.span(left)
+                        );
+                        (Err(e), false)
+                    }
+                    r => {
+                        tls_refusals = Persisting::default();
+                        (r, false)
+                    }
                 }
             }
         };
@@ -407,7 +436,10 @@ async fn bootstrap(args: &AgentArgs, client: &Client) -> Result<Held> {
                 // As the CA asks when it is a rate limit (up to a minute).
                 let wait = (1u64 << (attempt - 1).min(5)).max(retry_hint(&e).unwrap_or(0).min(60));
                 eprintln!("first certificate: {e:#}; retrying in {wait} s");
-                tokio::time::sleep(Duration::from_secs(wait)).await;
+                // Up to a quarter more at random: agents refused together
+                // (a rate limit) do not come back together.
+                let wait = Duration::from_secs(wait);
+                tokio::time::sleep(wait + random_duration(wait / 4)).await;
                 attempt += 1;
             }
             Err(e) => return Err(e.context("obtaining a certificate with --token-file failed")),
@@ -681,19 +713,19 @@ impl Client {
             .map(|i| i.to_string())
             .collect();
         let (key_pem, csr) = new_key_and_csr(sans)?;
-        let renewed = async {
+        let answer = async {
             let mut client = CertificateAuthorityClient::new(self.channel(Some(current)).await?);
-            let resp = client.renew(RenewRequest { csr }).await.map_err(refused)?;
-            held_from(resp.into_inner(), key_pem)
+            client.renew(RenewRequest { csr }).await.map_err(refused)
         };
-        match renewed.await.map_err(refused_in_handshake) {
+        match answer.await.map_err(refused_in_handshake) {
+            Ok(resp) => held_from(resp.into_inner(), key_pem),
             // The connection failed without an answer from the CA: ask
             // whether it refuses the certificate itself.
             Err(e) if lost_connection(&e) => match self.handshake_refuses(current).await {
                 Some(alert) => Err(handshake_refusal(alert)),
                 None => Err(e),
             },
-            r => r,
+            Err(e) => Err(e),
         }
     }
 
@@ -801,8 +833,8 @@ fn renewal_backoff(failures: u32, left: i64, hint: Option<u64>) -> Duration {
     let backoff = (1u64 << failures.min(6)).min(60).min(quarter);
     match hint {
         Some(h) if h > backoff / 2 => {
-            let h = h.min(quarter);
-            Duration::from_secs(h) + random_duration(Duration::from_secs(h / 4 + 1))
+            let waited = Duration::from_secs(h) + random_duration(Duration::from_secs(h / 4 + 1));
+            waited.min(Duration::from_secs(quarter))
         }
         _ => spread(Duration::from_secs(backoff)),
     }
@@ -836,8 +868,13 @@ struct Refused {
     message: String,
     /// Of the presented certificate itself (see [`refused_for_good`]).
     certificate: bool,
+    /// Refused in the TLS handshake (an alert, not an answer): see
+    /// [`refused_in_handshake`].
+    in_tls: bool,
     /// Seconds until the CA expects to accept the call (a rate limit).
     retry_after: Option<u64>,
+    /// No answer came from the CA: the connection failed under the call.
+    transport: bool,
 }
 
 impl std::fmt::Display for Refused {
@@ -861,11 +898,18 @@ fn refused(s: tonic::Status) -> anyhow::Error {
         .get(sigil_grpc::RETRY_AFTER_KEY)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
+    // The CA answers with a status of its own; tonic makes one (with the
+    // failure as its source, or as Cancelled/Unknown) when the connection
+    // failed under the call.
+    let transport = std::error::Error::source(&s).is_some()
+        || matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown);
     Refused {
         code: s.code(),
         message: s.message().to_string(),
         certificate,
+        in_tls: false,
         retry_after,
+        transport,
     }
     .into()
 }
@@ -886,13 +930,43 @@ fn refused_in_handshake(e: anyhow::Error) -> anyhow::Error {
 /// that ended under it.
 fn lost_connection(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<Refused>() {
-        Some(r) => {
-            matches!(
-                r.code,
-                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
-            ) && !r.certificate
-        }
+        Some(r) => r.transport && !r.certificate && !r.in_tls,
+        // Connecting failed.
         None => true,
+    }
+}
+
+/// The CA refused the certificate in the TLS handshake (see
+/// [`refused_in_handshake`]).
+fn refused_in_tls(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>().is_some_and(|r| r.in_tls)
+}
+
+/// Least time a refusal in the TLS handshake must last before it is acted
+/// on (s), unless a quarter of the certificate's validity is less.
+const TLS_REFUSAL_LASTS: i64 = 600;
+
+/// Consecutive refusals in the TLS handshake: when the first came, and how
+/// many.
+#[derive(Debug, Default)]
+struct Persisting {
+    first: Option<i64>,
+    count: u32,
+}
+
+impl Persisting {
+    /// Counts one at `now` with `left` s of validity; true once there have
+    /// been three over at least [`Persisting::span`].
+    fn lasted(&mut self, now: i64, left: i64) -> bool {
+        let first = *self.first.get_or_insert(now);
+        self.count += 1;
+        self.count >= 3 && now - first >= self.span(left)
+    }
+
+    /// How long they must last: [`TLS_REFUSAL_LASTS`], or a quarter of the
+    /// time left when that is less.
+    fn span(&self, left: i64) -> i64 {
+        TLS_REFUSAL_LASTS.min(left.max(0) / 4)
     }
 }
 
@@ -902,8 +976,10 @@ fn handshake_refusal(alert: rustls::AlertDescription) -> anyhow::Error {
         message: format!(
             "the CA does not accept this certificate: it ended the TLS handshake with alert {alert:?}"
         ),
-        certificate: true,
+        certificate: false,
+        in_tls: true,
         retry_after: None,
+        transport: false,
     }
     .into()
 }
@@ -1551,8 +1627,29 @@ mod tests {
             assert_eq!(handshake_alert(&other), None, "{other}");
         }
         let e = refused_in_handshake(wrapped);
-        assert!(refused_for_good(&e), "{e:#}");
+        assert!(refused_in_tls(&e) && !refused_for_good(&e), "{e:#}");
+        assert!(!lost_connection(&e), "no second probe");
+        // A lost connection is probed; the CA's own answers are not.
+        let lost = refused(tonic::Status::cancelled("operation was canceled"));
+        assert!(lost_connection(&lost));
+        let answered = refused(tonic::Status::unavailable("the CA is shutting down; retry"));
+        assert!(!lost_connection(&answered));
         assert!(e.to_string().contains("CertificateExpired"), "{e:#}");
+    }
+
+    #[test]
+    fn a_refusal_in_the_handshake_is_acted_on_once_it_has_lasted() {
+        let mut p = Persisting::default();
+        // A day left: three refusals over ten minutes.
+        assert!(!p.lasted(1_000, 86_400));
+        assert!(!p.lasted(1_002, 86_400));
+        assert!(!p.lasted(1_100, 86_400), "three, but not ten minutes yet");
+        assert!(p.lasted(1_600, 86_400));
+        // Ten minutes left: a quarter of it (150 s) is enough.
+        let mut p = Persisting::default();
+        assert!(!p.lasted(0, 600));
+        assert!(!p.lasted(100, 500));
+        assert!(p.lasted(150, 450));
     }
 
     #[test]
@@ -1572,7 +1669,7 @@ mod tests {
             assert!((30.0..=60.0).contains(&w), "{w}");
             // Near expiry, within a quarter of what is left, hint or not.
             let w = secs(renewal_backoff(9, 40, Some(300)));
-            assert!((10.0..=13.0).contains(&w), "{w}");
+            assert!(w == 10.0, "{w}");
             let w = secs(renewal_backoff(9, 40, None));
             assert!((5.0..=10.0).contains(&w), "{w}");
         }

@@ -291,18 +291,23 @@ impl Drop for AddressSlot {
 }
 
 /// The address a client is counted under: IPv4 as is (also when mapped
-/// into IPv6), IPv6 by its /64, the usual size of one site's network.
+/// into IPv6, or translated by NAT64's well-known prefix 64:ff9b::/96),
+/// other IPv6 by its /64, the usual size of one site's network.
 fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    use std::net::{IpAddr, Ipv6Addr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    const NAT64: u128 = 0x0064_ff9b_0000_0000_0000_0000_0000_0000;
     match ip {
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(bits))
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else if bits >> 32 == NAT64 >> 32 {
+                IpAddr::V4(Ipv4Addr::from((bits & 0xffff_ffff) as u32))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(bits & !((1u128 << 64) - 1)))
             }
-        },
+        }
     }
 }
 
@@ -335,5 +340,12 @@ mod tests {
         let _y = t.take(v6("2001:db8:0:1:ffff::2")).unwrap();
         assert!(t.take(v6("2001:db8:0:1::3")).is_none());
         assert!(t.take(v6("2001:db8:0:2::1")).is_some());
+        // IPv4 clients behind NAT64 are told apart by their IPv4 address.
+        let _n1 = t.take(v6("64:ff9b::c000:201")).unwrap();
+        let _n2 = t.take(v6("64:ff9b::c000:202")).unwrap();
+        assert!(
+            t.take(v6("64:ff9b::c000:202")).is_none(),
+            "192.0.2.2 twice already"
+        );
     }
 }

@@ -102,6 +102,10 @@ pub struct Replacing {
     pub cert_id: String,
     /// Orders stored as live at this time (unix s) count.
     pub now: i64,
+    /// Only orders made since this time (unix s) are looked for: the caller
+    /// checked the older ones before asking, and an order's creation time
+    /// never changes. It bounds the search made under the write lock.
+    pub since: i64,
     /// Orders naming it that have failed since they were stored (their
     /// current status is `invalid`): they replace nothing.
     pub failed: Vec<String>,
@@ -201,6 +205,7 @@ async fn orders_replacing<'e, E>(
     requester: &str,
     cert_id: &str,
     now: i64,
+    since: i64,
 ) -> Result<Vec<String>, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
@@ -215,10 +220,12 @@ where
     let rows = sqlx::query(
         "SELECT id, body FROM acme_orders \
          WHERE account_id IN (SELECT id FROM acme_accounts WHERE requester = $1) \
-         AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $2)) \
-         AND body LIKE $3 ESCAPE '\\'",
+         AND created_at >= $2 \
+         AND (status = 'valid' OR (status <> 'invalid' AND expires_at > $3)) \
+         AND body LIKE $4 ESCAPE '\\'",
     )
     .bind(requester)
+    .bind(since)
     .bind(now)
     .bind(format!("%\"replaces\":\"{escaped}\"%"))
     .fetch_all(ex)
@@ -274,7 +281,7 @@ async fn apply_states_sql(
             // is stored, and the second sees it.
             if let Some(r) = replacing {
                 let mut others =
-                    orders_replacing(&mut **tx, &r.requester, &r.cert_id, r.now).await?;
+                    orders_replacing(&mut **tx, &r.requester, &r.cert_id, r.now, r.since).await?;
                 others.retain(|id| !r.failed.contains(id));
                 if !others.is_empty() {
                     changed[*i] = false;
@@ -712,7 +719,7 @@ impl Store {
         cert_id: &str,
         now: i64,
     ) -> Result<Vec<String>, Error> {
-        Ok(orders_replacing(&self.pool, requester, cert_id, now).await?)
+        Ok(orders_replacing(&self.pool, requester, cert_id, now, i64::MIN).await?)
     }
 
     /// The ids of an account's orders, newest first (ids begin with their

@@ -914,6 +914,7 @@ async fn acme_state_on_every_backend() {
             requester: "eab:team-a".into(),
             cert_id: "AAA.Ab_1".into(),
             now: 500,
+            since: 0,
             failed,
         };
         let body = r#"{"replaces":"AAA.Ab_1"}"#;
@@ -968,6 +969,7 @@ async fn acme_state_on_every_backend() {
                     requester: requester.into(),
                     cert_id: cert_id.into(),
                     now: 500,
+                    since: 0,
                     failed: Vec::new(),
                 },
             )
@@ -997,6 +999,17 @@ async fn acme_state_on_every_backend() {
                 .await
                 .unwrap(),
             "{name}: after the stored order failed"
+        );
+        // Only orders made since `since` are looked at again (the caller
+        // checked the older ones itself).
+        let (o, mut c) = other("r-x6", "AAA.Ab_1", "eab:team-a");
+        c.since = 2;
+        assert!(
+            store
+                .acme_insert_order(Some(&o), &[], Some(c))
+                .await
+                .unwrap(),
+            "{name}: older orders are the caller's to check"
         );
         fresh.close().await;
 
