@@ -356,6 +356,21 @@ impl CaService {
             .take(key, now_ms)
     }
 
+    /// One of `actor`'s revocation requests for this minute (each may end
+    /// in an audited refusal), or `ResourceExhausted` saying when to retry.
+    fn take_revocation(&self, actor: &str) -> Result<(), Status> {
+        self.take(&self.revocations, actor).map_err(|wait| {
+            metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
+                .increment(1);
+            exhausted(
+                format!(
+                    "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
+                ),
+                wait,
+            )
+        })
+    }
+
     /// Records a refusal within the caller's audit budget; a failure to
     /// record is logged, the refusal stands.
     async fn audit(&self, kind: &str, call: &Call, actor_name: &str, reason: &str) {
@@ -616,16 +631,7 @@ impl CertificateAuthority for CaService {
                 return Err(Status::invalid_argument(reason));
             };
             let actor = Requester::Token(grant.subject.clone()).to_string();
-            if let Err(wait) = self.take(&self.revocations, &actor) {
-                metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
-                    .increment(1);
-                return Err(exhausted(
-                    format!(
-                        "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
-                    ),
-                    wait,
-                ));
-            }
+            self.take_revocation(&actor)?;
             let revoked = self
                 .authority
                 .revoke_with_token(&serial, body.reason, &grant)
@@ -666,16 +672,7 @@ impl CertificateAuthority for CaService {
         // Refusals are audited, so a caller's revocations are budgeted as
         // with a token.
         let actor = peer.requester.to_string();
-        if let Err(wait) = self.take(&self.revocations, &actor) {
-            metrics::counter!("sigil_grpc_refusals_unaudited_total", "kind" => "cert.revoke_denied")
-                .increment(1);
-            return Err(exhausted(
-                format!(
-                    "{actor} asked for more than {REFUSAL_AUDITS_PER_MINUTE} revocations a minute; retry in {wait} s"
-                ),
-                wait,
-            ));
-        }
+        self.take_revocation(&actor)?;
         if serial != peer.serial && !is_operator {
             let reason = format!(
                 "{} may revoke only its own certificate ({}), not {serial}",
